@@ -1,0 +1,206 @@
+//! The framed channel between launcher and guest init.
+//!
+//! Each frame is `kind: u8`, `len: u32` (little endian), then `len` bytes of
+//! payload. One channel carries everything, so stdout and stderr stay apart
+//! and the exit status cannot be confused with program output.
+
+/// The virtio-serial port name both sides use (`/dev/virtio-ports/<name>`).
+pub const PORT_NAME: &str = "org.agentvm.ctl";
+
+/// Largest payload accepted; bigger lengths mean a corrupt stream.
+pub const MAX_PAYLOAD: usize = 1 << 20;
+
+const HEADER_LEN: usize = 5;
+
+/// One message on the channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    // host -> guest
+    /// Bytes for the program's stdin (or the terminal's input).
+    Stdin(Vec<u8>),
+    /// The host's stdin reached end of file.
+    StdinEof,
+    /// The terminal was resized to (rows, columns).
+    Resize { rows: u16, cols: u16 },
+    /// Deliver this signal to the program's process group.
+    Signal(u8),
+
+    // guest -> host
+    /// The program is about to start (the guest booted).
+    Started,
+    /// Bytes from the program's stdout (or the terminal's output).
+    Stdout(Vec<u8>),
+    /// Bytes from the program's stderr.
+    Stderr(Vec<u8>),
+    /// The program ended: its exit code, or 128+N when killed by signal N.
+    Exit(i32),
+    /// The guest init failed before or while starting the program.
+    InitError(String),
+}
+
+/// A byte stream that is not a valid frame sequence.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("frame of {0} bytes exceeds the {MAX_PAYLOAD} byte limit")]
+    TooLong(usize),
+    #[error("frame kind {kind} has a malformed payload of {len} bytes")]
+    BadPayload { kind: u8, len: usize },
+}
+
+mod kind {
+    pub const STDIN: u8 = 1;
+    pub const STDIN_EOF: u8 = 2;
+    pub const RESIZE: u8 = 3;
+    pub const SIGNAL: u8 = 4;
+    pub const STARTED: u8 = 16;
+    pub const STDOUT: u8 = 17;
+    pub const STDERR: u8 = 18;
+    pub const EXIT: u8 = 19;
+    pub const INIT_ERROR: u8 = 20;
+}
+
+impl Frame {
+    /// Appends the encoded frame to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let (k, payload): (u8, std::borrow::Cow<[u8]>) = match self {
+            Frame::Stdin(d) => (kind::STDIN, d.into()),
+            Frame::StdinEof => (kind::STDIN_EOF, (&[][..]).into()),
+            Frame::Resize { rows, cols } => {
+                let mut p = rows.to_le_bytes().to_vec();
+                p.extend_from_slice(&cols.to_le_bytes());
+                (kind::RESIZE, p.into())
+            }
+            Frame::Signal(s) => (kind::SIGNAL, vec![*s].into()),
+            Frame::Started => (kind::STARTED, (&[][..]).into()),
+            Frame::Stdout(d) => (kind::STDOUT, d.into()),
+            Frame::Stderr(d) => (kind::STDERR, d.into()),
+            Frame::Exit(code) => (kind::EXIT, code.to_le_bytes().to_vec().into()),
+            Frame::InitError(msg) => (kind::INIT_ERROR, msg.as_bytes().into()),
+        };
+        out.push(k);
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&payload);
+    }
+
+    /// The encoded frame as a new buffer.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        self.encode(&mut v);
+        v
+    }
+
+    fn decode(k: u8, p: &[u8]) -> Result<Frame, FrameError> {
+        let bad = || FrameError::BadPayload { kind: k, len: p.len() };
+        Ok(match k {
+            kind::STDIN => Frame::Stdin(p.to_vec()),
+            kind::STDIN_EOF => Frame::StdinEof,
+            kind::RESIZE => {
+                let b: [u8; 4] = p.try_into().map_err(|_| bad())?;
+                Frame::Resize {
+                    rows: u16::from_le_bytes([b[0], b[1]]),
+                    cols: u16::from_le_bytes([b[2], b[3]]),
+                }
+            }
+            kind::SIGNAL => Frame::Signal(*p.first().filter(|_| p.len() == 1).ok_or_else(bad)?),
+            kind::STARTED => Frame::Started,
+            kind::STDOUT => Frame::Stdout(p.to_vec()),
+            kind::STDERR => Frame::Stderr(p.to_vec()),
+            kind::EXIT => Frame::Exit(i32::from_le_bytes(p.try_into().map_err(|_| bad())?)),
+            kind::INIT_ERROR => Frame::InitError(String::from_utf8_lossy(p).into_owned()),
+            other => return Err(FrameError::UnknownKind(other)),
+        })
+    }
+}
+
+/// Incremental decoder: feed it bytes as they arrive, take whole frames out.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds bytes read from the channel.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(self.buf[1..HEADER_LEN].try_into().unwrap()) as usize;
+        if len > MAX_PAYLOAD {
+            return Err(FrameError::TooLong(len));
+        }
+        if self.buf.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let frame = Frame::decode(self.buf[0], &self.buf[HEADER_LEN..HEADER_LEN + len]);
+        self.buf.drain(..HEADER_LEN + len);
+        frame.map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_frames() -> Vec<Frame> {
+        vec![
+            Frame::Stdin(b"hello".to_vec()),
+            Frame::StdinEof,
+            Frame::Resize { rows: 40, cols: 120 },
+            Frame::Signal(15),
+            Frame::Started,
+            Frame::Stdout(vec![0, 255, 10]),
+            Frame::Stderr(Vec::new()),
+            Frame::Exit(-3),
+            Frame::InitError("mount failed: /work".into()),
+        ]
+    }
+
+    #[test]
+    fn frames_roundtrip_when_fed_one_byte_at_a_time() {
+        let mut bytes = Vec::new();
+        for f in all_frames() {
+            f.encode(&mut bytes);
+        }
+        let mut r = FrameReader::new();
+        let mut got = Vec::new();
+        for b in bytes {
+            r.push(&[b]);
+            while let Some(f) = r.next_frame().unwrap() {
+                got.push(f);
+            }
+        }
+        assert_eq!(got, all_frames());
+    }
+
+    #[test]
+    fn unknown_kind_is_an_error() {
+        let mut r = FrameReader::new();
+        r.push(&[99, 0, 0, 0, 0]);
+        assert_eq!(r.next_frame(), Err(FrameError::UnknownKind(99)));
+    }
+
+    #[test]
+    fn oversized_length_is_rejected_before_buffering() {
+        let mut r = FrameReader::new();
+        r.push(&[1, 0xff, 0xff, 0xff, 0xff]);
+        assert!(matches!(r.next_frame(), Err(FrameError::TooLong(_))));
+    }
+
+    #[test]
+    fn malformed_resize_payload_is_an_error() {
+        let mut r = FrameReader::new();
+        r.push(&[3, 1, 0, 0, 0, 7]);
+        assert!(matches!(r.next_frame(), Err(FrameError::BadPayload { kind: 3, .. })));
+    }
+}

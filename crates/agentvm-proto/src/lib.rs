@@ -1,0 +1,13 @@
+//! The contract between the agentvm launcher (host) and its guest init (PID 1).
+//!
+//! * [`spec`]: the launch spec, written by the launcher into the per-launch
+//!   initramfs at [`spec::SPEC_PATH`] and read by the guest init at boot.
+//! * [`frame`]: the framed byte protocol both sides speak over one
+//!   virtio-serial port named [`frame::PORT_NAME`]: the program's stdin,
+//!   stdout, stderr, terminal size, signals and exit status.
+
+pub mod frame;
+pub mod spec;
+
+pub use frame::{Frame, FrameError, FrameReader, PORT_NAME};
+pub use spec::{LaunchSpec, Mount, SpecError, User, MODULES_DIR, SPEC_PATH};

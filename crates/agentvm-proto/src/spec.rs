@@ -1,0 +1,114 @@
+//! The launch spec: everything the guest init needs to know about one launch.
+
+use serde::{Deserialize, Serialize};
+
+/// Where the spec lives inside the initramfs (and so in the guest's initial root).
+pub const SPEC_PATH: &str = "/agentvm/spec.json";
+
+/// Directory in the initramfs holding the kernel modules listed in
+/// [`LaunchSpec::modules`].
+pub const MODULES_DIR: &str = "/agentvm/modules";
+
+/// One launch of a program in a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    /// The guest's hostname.
+    pub hostname: String,
+    /// Kernel module file names under [`MODULES_DIR`], in load order.
+    pub modules: Vec<String>,
+    /// The root image's block device in the guest, e.g. `/dev/vda`.
+    pub root_device: String,
+    /// The root image's file system type, e.g. `squashfs`.
+    pub root_fstype: String,
+    /// virtiofs shares to mount, in order.
+    pub mounts: Vec<Mount>,
+    /// The unprivileged user the program runs as.
+    pub user: User,
+    /// Working directory of the program (normally `/work`).
+    pub cwd: String,
+    /// The program and its arguments. Empty: the user's login shell.
+    pub argv: Vec<String>,
+    /// Environment of the program, on top of HOME, USER, LOGNAME, SHELL, PATH.
+    /// May hold secrets: the guest must never log it.
+    pub env: Vec<(String, String)>,
+    /// Run the program on a pseudo-terminal (interactive) instead of pipes.
+    pub tty: bool,
+    /// Initial terminal size as (rows, columns), when `tty`.
+    pub winsize: Option<(u16, u16)>,
+    /// Print the guest init's progress on the console (for debugging boots).
+    pub verbose: bool,
+}
+
+/// A virtiofs share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    /// virtiofs tag, as given to QEMU's vhost-user-fs device.
+    pub tag: String,
+    /// Mount point in the guest.
+    pub path: String,
+    /// Mount read-only.
+    pub read_only: bool,
+}
+
+/// The guest user the program runs as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// Login name, normally `agent`.
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Home directory, normally `/home/agent` (a share).
+    pub home: String,
+}
+
+/// A spec that cannot be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("launch spec is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl LaunchSpec {
+    /// Encodes the spec for the initramfs.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, SpecError> {
+        Ok(serde_json::to_vec(self)?)
+    }
+
+    /// Decodes a spec read from the initramfs.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, SpecError> {
+        Ok(serde_json::from_slice(bytes)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> LaunchSpec {
+        LaunchSpec {
+            hostname: "agentvm".into(),
+            modules: vec!["virtio.ko".into()],
+            root_device: "/dev/vda".into(),
+            root_fstype: "squashfs".into(),
+            mounts: vec![Mount { tag: "work".into(), path: "/work".into(), read_only: false }],
+            user: User { name: "agent".into(), uid: 1000, gid: 1000, home: "/home/agent".into() },
+            cwd: "/work".into(),
+            argv: vec!["sh".into(), "-c".into(), "exit 7".into()],
+            env: vec![("TERM".into(), "xterm".into())],
+            tty: false,
+            winsize: None,
+            verbose: false,
+        }
+    }
+
+    #[test]
+    fn spec_roundtrip_preserves_every_field() {
+        let spec = sample();
+        assert_eq!(LaunchSpec::from_bytes(&spec.to_bytes().unwrap()).unwrap(), spec);
+    }
+
+    #[test]
+    fn spec_garbage_is_an_error() {
+        assert!(LaunchSpec::from_bytes(b"{not json").is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! Root images: built with mmdebstrap, cached by recipe hash. (Being written.)

@@ -1,0 +1,5 @@
+//! agentvm: run AI coding agents in fast, isolated KVM microVMs.
+//!
+//! The `agentvm` binary is a thin CLI over this library.
+
+pub mod image;
