@@ -3,3 +3,7 @@
 //! The `agentvm` binary is a thin CLI over this library.
 
 pub mod image;
+pub mod initramfs;
+pub mod vm;
+pub mod paths;
+pub mod settings;

@@ -1,0 +1,403 @@
+//! Resolving one launch's settings.
+//!
+//! Layers, later wins: built-in defaults < `~/.config/agentvm/config.toml` <
+//! `<project>/.agentvm.toml` < environment (`WORK_DIR`, `AGENT_HOME`,
+//! `AGENTVM_MEMORY`, `AGENTVM_CPUS`, `AGENTVM_ACCEL`) < command-line flags.
+//! The result is validated once, here, before anything starts.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::paths;
+use crate::vm::AccelChoice;
+
+/// Default guest memory.
+pub const DEFAULT_MEMORY_MIB: u64 = 4096;
+/// Smallest guest memory that boots our image with room for a program.
+pub const MIN_MEMORY_MIB: u64 = 256;
+/// Default vCPUs: the smaller of this and the host's cores.
+pub const DEFAULT_MAX_CPUS: u32 = 4;
+/// The project config file's name, in the work dir.
+pub const PROJECT_CONFIG: &str = ".agentvm.toml";
+
+/// One layer of settings, as found in a config file or the environment.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    /// Guest memory: `4G`, `4096M`, `4096` (MiB).
+    pub memory: Option<String>,
+    pub cpus: Option<u32>,
+    pub accel: Option<AccelChoice>,
+    /// Agent home directory (absolute, or relative to the file's directory).
+    pub home: Option<PathBuf>,
+}
+
+impl Layer {
+    /// Lays `over` on top of `self`.
+    pub fn merge(self, over: Layer) -> Layer {
+        Layer {
+            memory: over.memory.or(self.memory),
+            cpus: over.cpus.or(self.cpus),
+            accel: over.accel.or(self.accel),
+            home: over.home.or(self.home),
+        }
+    }
+}
+
+/// What the command line asked for (`None`: not given).
+#[derive(Debug, Default, Clone)]
+pub struct Request {
+    pub work_dir: Option<PathBuf>,
+    pub home: Option<PathBuf>,
+    pub memory: Option<String>,
+    pub cpus: Option<u32>,
+    pub accel: Option<AccelChoice>,
+    pub flavor: Option<String>,
+    pub args: Vec<String>,
+    pub verbose: bool,
+}
+
+/// The resolved, validated settings of one launch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// The project directory (real path), shared at /work.
+    pub work_dir: PathBuf,
+    /// The persistent agent home, shared at /home/agent.
+    pub home_dir: PathBuf,
+    pub flavor: String,
+    /// The program and arguments to run; empty: a login shell.
+    pub argv: Vec<String>,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub accel: AccelChoice,
+    pub verbose: bool,
+}
+
+/// Settings that cannot be used, with what to do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("work dir {path}: {why}; pass an existing directory with --work-dir or WORK_DIR")]
+    WorkDir { path: PathBuf, why: String },
+    #[error("cannot read config {path}: {why}")]
+    ReadConfig { path: PathBuf, why: String },
+    #[error("config {path} is invalid: {why}")]
+    ParseConfig { path: PathBuf, why: String },
+    #[error("memory {0:?} is not a size: use e.g. 4G, 2048M or 2048 (MiB)")]
+    MemoryFormat(String),
+    #[error("memory {value:?} is below the minimum of {MIN_MEMORY_MIB} MiB")]
+    MemoryTooSmall { value: String },
+    #[error("memory {value:?} exceeds the host's {host_mib} MiB of RAM")]
+    MemoryTooLarge { value: String, host_mib: u64 },
+    #[error("cpus {value} is not allowed: use 1 to {max} (this host's cores)")]
+    Cpus { value: u32, max: u32 },
+    #[error("{var}={value:?} is invalid: {why}")]
+    Env { var: &'static str, value: String, why: String },
+    #[error("unknown flavor {0:?}: available flavors are: shell")]
+    UnknownFlavor(String),
+    #[error("agent home {path}: {why}; pass a directory with --home or AGENT_HOME")]
+    Home { path: PathBuf, why: String },
+    #[error(transparent)]
+    Paths(#[from] paths::PathsError),
+}
+
+/// Facts about the host that bound the settings.
+#[derive(Debug, Clone, Copy)]
+pub struct HostLimits {
+    pub cores: u32,
+    pub memory_mib: u64,
+}
+
+impl HostLimits {
+    pub fn detect() -> HostLimits {
+        let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        let memory_mib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+            .map(|kb| kb / 1024)
+            .unwrap_or(u64::MAX);
+        HostLimits { cores, memory_mib }
+    }
+}
+
+/// The environment variables agentvm reads, as a layer plus work dir.
+fn env_layer(
+    get: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Layer, Option<PathBuf>), SettingsError> {
+    let cpus = match get("AGENTVM_CPUS") {
+        Some(v) => Some(v.parse().map_err(|_| SettingsError::Env {
+            var: "AGENTVM_CPUS",
+            value: v.clone(),
+            why: "not a number".into(),
+        })?),
+        None => None,
+    };
+    let accel = match get("AGENTVM_ACCEL") {
+        Some(v) => Some(<AccelChoice as clap::ValueEnum>::from_str(&v, true).map_err(|_| {
+            SettingsError::Env { var: "AGENTVM_ACCEL", value: v.clone(), why: "use auto, kvm or tcg".into() }
+        })?),
+        None => None,
+    };
+    let layer = Layer {
+        memory: get("AGENTVM_MEMORY"),
+        cpus,
+        accel,
+        home: get("AGENT_HOME").filter(|s| !s.is_empty()).map(PathBuf::from),
+    };
+    Ok((layer, get("WORK_DIR").filter(|s| !s.is_empty()).map(PathBuf::from)))
+}
+
+/// Reads a config file; a missing file is an empty layer. Relative `home`
+/// paths are taken relative to the file's directory.
+pub fn read_layer(path: &Path) -> Result<Layer, SettingsError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Layer::default()),
+        Err(e) => return Err(SettingsError::ReadConfig { path: path.into(), why: e.to_string() }),
+    };
+    let mut layer: Layer = toml::from_str(&text)
+        .map_err(|e| SettingsError::ParseConfig { path: path.into(), why: e.to_string() })?;
+    if let (Some(home), Some(dir)) = (&layer.home, path.parent()) {
+        layer.home = Some(dir.join(home));
+    }
+    Ok(layer)
+}
+
+/// Parses a memory size into MiB: `4G`, `4GiB`, `512M`, `512MiB`, `2048`.
+pub fn parse_memory_mib(s: &str) -> Result<u64, SettingsError> {
+    let err = || SettingsError::MemoryFormat(s.to_string());
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let factor = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 1,
+        "g" | "gb" | "gib" => 1024,
+        _ => return Err(err()),
+    };
+    n.checked_mul(factor).ok_or_else(err)
+}
+
+/// Resolves everything for one `run`, reading the real environment and files.
+pub fn resolve(req: Request) -> Result<Settings, SettingsError> {
+    let get = |k: &str| std::env::var(k).ok();
+    let user_file = paths::user_config_file()?;
+    resolve_with(req, &get, &user_file, HostLimits::detect())
+}
+
+/// [`resolve`] with its inputs passed in, for tests.
+pub fn resolve_with(
+    req: Request,
+    get_env: &dyn Fn(&str) -> Option<String>,
+    user_config: &Path,
+    host: HostLimits,
+) -> Result<Settings, SettingsError> {
+    let (env, env_work_dir) = env_layer(get_env)?;
+    let work_dir = real_work_dir(
+        req.work_dir.or(env_work_dir).unwrap_or_else(|| PathBuf::from(".")),
+    )?;
+    let flags = Layer { memory: req.memory, cpus: req.cpus, accel: req.accel, home: req.home };
+    let layer = Layer::default()
+        .merge(read_layer(user_config)?)
+        .merge(read_layer(&work_dir.join(PROJECT_CONFIG))?)
+        .merge(env)
+        .merge(flags);
+
+    let memory_mib = match &layer.memory {
+        None => DEFAULT_MEMORY_MIB.min(host.memory_mib / 2).max(MIN_MEMORY_MIB),
+        Some(m) => {
+            let mib = parse_memory_mib(m)?;
+            if mib < MIN_MEMORY_MIB {
+                return Err(SettingsError::MemoryTooSmall { value: m.clone() });
+            }
+            if mib > host.memory_mib {
+                return Err(SettingsError::MemoryTooLarge { value: m.clone(), host_mib: host.memory_mib });
+            }
+            mib
+        }
+    };
+    let cpus = layer.cpus.unwrap_or(DEFAULT_MAX_CPUS.min(host.cores));
+    if cpus == 0 || cpus > host.cores {
+        return Err(SettingsError::Cpus { value: cpus, max: host.cores });
+    }
+
+    let flavor = req.flavor.unwrap_or_else(|| "shell".into());
+    if flavor != "shell" {
+        return Err(SettingsError::UnknownFlavor(flavor));
+    }
+
+    let home_dir = match layer.home {
+        Some(h) => absolute(&h),
+        None => paths::data_dir()?.join("homes").join(paths::project_home_name(&work_dir)),
+    };
+    check_home(&home_dir, &work_dir)?;
+
+    Ok(Settings {
+        work_dir,
+        home_dir,
+        flavor,
+        argv: req.args,
+        memory_mib,
+        cpus,
+        accel: layer.accel.unwrap_or_default(),
+        verbose: req.verbose,
+    })
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
+    }
+}
+
+/// The work dir must exist, be a directory and be readable.
+fn real_work_dir(p: PathBuf) -> Result<PathBuf, SettingsError> {
+    let err = |why: String| SettingsError::WorkDir { path: p.clone(), why };
+    let real = std::fs::canonicalize(&p).map_err(|e| err(e.to_string()))?;
+    if !real.is_dir() {
+        return Err(err("is not a directory".into()));
+    }
+    std::fs::read_dir(&real).map_err(|e| err(format!("cannot be read: {e}")))?;
+    Ok(real)
+}
+
+/// The home may not exist yet (it is created at launch), but must not be a
+/// file, nor the work dir itself.
+fn check_home(home: &Path, work_dir: &Path) -> Result<(), SettingsError> {
+    if home.exists() && !home.is_dir() {
+        return Err(SettingsError::Home { path: home.into(), why: "exists and is not a directory".into() });
+    }
+    if std::fs::canonicalize(home).ok().as_deref() == Some(work_dir) {
+        return Err(SettingsError::Home { path: home.into(), why: "is the work dir itself".into() });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    const HOST: HostLimits = HostLimits { cores: 8, memory_mib: 16384 };
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| m.get(k).cloned()
+    }
+
+    fn req(dir: &Path) -> Request {
+        Request { work_dir: Some(dir.into()), home: Some(dir.join("h")), ..Default::default() }
+    }
+
+    #[test]
+    fn memory_sizes_parse() {
+        assert_eq!(parse_memory_mib("4G").unwrap(), 4096);
+        assert_eq!(parse_memory_mib("4GiB").unwrap(), 4096);
+        assert_eq!(parse_memory_mib("512M").unwrap(), 512);
+        assert_eq!(parse_memory_mib("2048").unwrap(), 2048);
+        assert!(parse_memory_mib("lots").is_err());
+        assert!(parse_memory_mib("4T").is_err());
+        assert!(parse_memory_mib("").is_err());
+    }
+
+    #[test]
+    fn defaults_apply_without_any_config() {
+        let d = tempfile::tempdir().unwrap();
+        let s = resolve_with(req(d.path()), &env(&[]), &d.path().join("none.toml"), HOST).unwrap();
+        assert_eq!(s.memory_mib, 4096);
+        assert_eq!(s.cpus, 4);
+        assert_eq!(s.flavor, "shell");
+        assert_eq!(s.accel, AccelChoice::Auto);
+        assert_eq!(s.work_dir, d.path().canonicalize().unwrap());
+    }
+
+    #[test]
+    fn layers_apply_in_order_user_project_env_flags() {
+        let d = tempfile::tempdir().unwrap();
+        let user = d.path().join("user.toml");
+        std::fs::write(&user, "memory = \"1G\"\ncpus = 1\naccel = \"tcg\"\n").unwrap();
+        std::fs::write(d.path().join(PROJECT_CONFIG), "memory = \"2G\"\n").unwrap();
+        let s = resolve_with(req(d.path()), &env(&[]), &user, HOST).unwrap();
+        assert_eq!((s.memory_mib, s.cpus, s.accel), (2048, 1, AccelChoice::Tcg));
+
+        let s = resolve_with(req(d.path()), &env(&[("AGENTVM_MEMORY", "3G")]), &user, HOST).unwrap();
+        assert_eq!(s.memory_mib, 3072);
+
+        let r = Request { memory: Some("512M".into()), ..req(d.path()) };
+        let s = resolve_with(r, &env(&[("AGENTVM_MEMORY", "3G")]), &user, HOST).unwrap();
+        assert_eq!(s.memory_mib, 512);
+    }
+
+    #[test]
+    fn work_dir_comes_from_env_when_no_flag() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Request { home: Some(d.path().join("h")), ..Default::default() };
+        let s = resolve_with(r, &env(&[("WORK_DIR", d.path().to_str().unwrap())]), Path::new("/nonexistent"), HOST)
+            .unwrap();
+        assert_eq!(s.work_dir, d.path().canonicalize().unwrap());
+    }
+
+    #[test]
+    fn missing_work_dir_is_named_in_the_error() {
+        let r = Request { work_dir: Some("/no/such/dir".into()), ..Default::default() };
+        let e = resolve_with(r, &env(&[]), Path::new("/nonexistent"), HOST).unwrap_err().to_string();
+        assert!(e.contains("/no/such/dir") && e.contains("--work-dir"), "{e}");
+    }
+
+    #[test]
+    fn work_dir_that_is_a_file_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("file");
+        std::fs::write(&f, "").unwrap();
+        let e = resolve_with(req(&f), &env(&[]), Path::new("/x"), HOST).unwrap_err().to_string();
+        assert!(e.contains("not a directory"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_value() {
+        let d = tempfile::tempdir().unwrap();
+        let none = d.path().join("none.toml");
+        let bad = |r: Request| resolve_with(r, &env(&[]), &none, HOST).unwrap_err().to_string();
+        assert!(bad(Request { memory: Some("12X".into()), ..req(d.path()) }).contains("\"12X\""));
+        assert!(bad(Request { memory: Some("100M".into()), ..req(d.path()) }).contains("minimum"));
+        assert!(bad(Request { memory: Some("64G".into()), ..req(d.path()) }).contains("16384 MiB"));
+        assert!(bad(Request { cpus: Some(0), ..req(d.path()) }).contains("1 to 8"));
+        assert!(bad(Request { cpus: Some(9), ..req(d.path()) }).contains("1 to 8"));
+        assert!(bad(Request { flavor: Some("emacs".into()), ..req(d.path()) }).contains("\"emacs\""));
+        let e = resolve_with(req(d.path()), &env(&[("AGENTVM_CPUS", "two")]), &none, HOST).unwrap_err();
+        assert!(e.to_string().contains("AGENTVM_CPUS"));
+    }
+
+    #[test]
+    fn unknown_config_keys_are_errors_naming_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(PROJECT_CONFIG), "memroy = \"2G\"\n").unwrap();
+        let e = resolve_with(req(d.path()), &env(&[]), Path::new("/x"), HOST).unwrap_err().to_string();
+        assert!(e.contains(PROJECT_CONFIG) && e.contains("memroy"), "{e}");
+    }
+
+    #[test]
+    fn home_that_is_a_file_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("h"), "").unwrap();
+        let e = resolve_with(req(d.path()), &env(&[]), Path::new("/x"), HOST).unwrap_err().to_string();
+        assert!(e.contains("--home"), "{e}");
+    }
+
+    #[test]
+    fn default_home_is_per_project_under_data_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Request { work_dir: Some(d.path().into()), ..Default::default() };
+        let s = resolve_with(r, &env(&[]), Path::new("/x"), HOST).unwrap();
+        assert!(s.home_dir.starts_with(paths::data_dir().unwrap()));
+        assert!(s.home_dir.file_name().unwrap().to_str().unwrap().contains('-'));
+    }
+}

@@ -1,0 +1,7 @@
+//! The virtual machine: accelerator choice, QEMU's command line, and running it.
+
+pub mod accel;
+pub mod qemu;
+
+pub use accel::{Accel, AccelChoice, AccelError};
+pub use qemu::{kernel_cmdline, qemu_args, VmConfig};

@@ -1,0 +1,225 @@
+//! The QEMU command line, built by a pure function from a [`VmConfig`].
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use super::accel::Accel;
+
+/// Everything QEMU needs to know about one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Shown in `ps` output and QEMU's window title.
+    pub name: String,
+    pub accel: Accel,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    /// The initramfs; normally `/proc/self/fd/N` of an inherited memfd.
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    /// Read-only root image (attached as the first virtio-blk disk, `/dev/vda`).
+    pub root_image: PathBuf,
+    /// Where the guest's serial console (kernel and init messages) goes.
+    pub console_log: PathBuf,
+    /// File descriptor (inherited by QEMU) of a connected stream socket for
+    /// the control port.
+    pub control_fd: i32,
+    /// virtiofs shares: tag and vhost-user socket path.
+    pub shares: Vec<(String, PathBuf)>,
+    /// Use QEMU's seccomp sandbox.
+    pub sandbox: bool,
+}
+
+/// Builds QEMU's argument vector (without the program name).
+pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
+    let mut a = Args::default();
+    a.flag("-name").val(format!("{},debug-threads=on", cfg.name));
+    // microvm: no PCI, no firmware, virtio-mmio found through ACPI (keep ACPI
+    // on: it is also how guest power-off ends QEMU).
+    a.flag("-machine")
+        .val("microvm,acpi=on,pit=off,pic=off,rtc=on,isa-serial=on,memory-backend=mem");
+    a.flag("-accel").val(match cfg.accel {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg,thread=multi",
+    });
+    a.flag("-cpu").val(match cfg.accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => "max",
+    });
+    a.flag("-smp").val(cfg.cpus.to_string());
+    a.flag("-m").val(format!("{}M", cfg.memory_mib));
+    // vhost-user (virtiofsd) needs guest RAM in shareable memory.
+    a.flag("-object").val(format!(
+        "memory-backend-memfd,id=mem,size={}M,share=on",
+        cfg.memory_mib
+    ));
+    a.flag("-nodefaults").flag("-no-user-config").flag("-nographic").flag("-no-reboot");
+    if cfg.sandbox {
+        a.flag("-sandbox")
+            .val("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
+    }
+    a.flag("-kernel").val(&cfg.kernel);
+    a.flag("-initrd").val(&cfg.initrd);
+    a.flag("-append").val(&cfg.cmdline);
+
+    let mut log = OsString::from("file,id=console,path=");
+    log.push(escape_commas(&cfg.console_log));
+    a.flag("-chardev").val(log);
+    a.flag("-serial").val("chardev:console");
+
+    a.flag("-device").val("virtio-serial-device,max_ports=2");
+    a.flag("-chardev").val(format!("socket,id=ctl,fd={}", cfg.control_fd));
+    a.flag("-device").val(format!("virtserialport,chardev=ctl,name={}", agentvm_proto::PORT_NAME));
+
+    let mut drive = OsString::from("id=root,if=none,format=raw,read-only=on,file.locking=off,file=");
+    drive.push(escape_commas(&cfg.root_image));
+    a.flag("-drive").val(drive);
+    a.flag("-device").val("virtio-blk-device,drive=root");
+
+    for (tag, socket) in &cfg.shares {
+        let mut chardev = OsString::from(format!("socket,id=fs-{tag},path="));
+        chardev.push(escape_commas(socket));
+        a.flag("-chardev").val(chardev);
+        a.flag("-device").val(format!("vhost-user-fs-device,chardev=fs-{tag},tag={tag}"));
+    }
+    a.0
+}
+
+/// The kernel command line for our guest init.
+pub fn kernel_cmdline(tsc_khz: Option<u64>, verbose: bool) -> String {
+    let mut c = vec![
+        "console=ttyS0".to_string(),
+        "panic=-1".into(),
+        "rdinit=/init".into(),
+        // No PS/2 controller on microvm: skip probing it.
+        "i8042.noaux".into(),
+        "i8042.nomux".into(),
+        "i8042.nopnp".into(),
+        "i8042.dumbkbd".into(),
+    ];
+    if !verbose {
+        c.push("quiet".into());
+    }
+    // Under TCG the kernel may fail to calibrate the TSC and hang; tell it.
+    if let Some(khz) = tsc_khz {
+        c.push(format!("tsc_early_khz={khz}"));
+    }
+    c.join(" ")
+}
+
+/// QEMU option values separate on `,`; a literal comma is written `,,`.
+fn escape_commas(p: &std::path::Path) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut out = Vec::new();
+    for &b in p.as_os_str().as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from_vec(out)
+}
+
+#[derive(Default)]
+struct Args(Vec<OsString>);
+
+impl Args {
+    fn flag(&mut self, f: &str) -> &mut Self {
+        self.0.push(f.into());
+        self
+    }
+    fn val(&mut self, v: impl Into<OsString>) -> &mut Self {
+        self.0.push(v.into());
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> VmConfig {
+        VmConfig {
+            name: "agentvm-abc".into(),
+            accel: Accel::Tcg,
+            cpus: 2,
+            memory_mib: 4096,
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/proc/self/fd/5".into(),
+            cmdline: "console=ttyS0".into(),
+            root_image: "/img/root,1.squashfs".into(),
+            console_log: "/run/x/console.log".into(),
+            control_fd: 4,
+            shares: vec![("work".into(), "/run/x/work.sock".into())],
+            sandbox: true,
+        }
+    }
+
+    fn strings(cfg: &VmConfig) -> Vec<String> {
+        qemu_args(cfg).into_iter().map(|s| s.into_string().unwrap()).collect()
+    }
+
+    fn value_of(args: &[String], flag: &str) -> Vec<String> {
+        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].clone()).collect()
+    }
+
+    #[test]
+    fn tcg_uses_cpu_max_and_kvm_uses_host() {
+        let args = strings(&cfg());
+        assert_eq!(value_of(&args, "-accel"), ["tcg,thread=multi"]);
+        assert_eq!(value_of(&args, "-cpu"), ["max"]);
+        let kvm = VmConfig { accel: Accel::Kvm, ..cfg() };
+        let args = strings(&kvm);
+        assert_eq!(value_of(&args, "-accel"), ["kvm"]);
+        assert_eq!(value_of(&args, "-cpu"), ["host"]);
+    }
+
+    #[test]
+    fn memory_backend_is_shared_and_sized_like_ram() {
+        let args = strings(&cfg());
+        assert_eq!(value_of(&args, "-m"), ["4096M"]);
+        assert!(value_of(&args, "-object")
+            .contains(&"memory-backend-memfd,id=mem,size=4096M,share=on".to_string()));
+        assert!(value_of(&args, "-machine")[0].contains("memory-backend=mem"));
+    }
+
+    #[test]
+    fn commas_in_paths_are_doubled() {
+        let args = strings(&cfg());
+        assert!(value_of(&args, "-drive")[0].ends_with("file=/img/root,,1.squashfs"));
+    }
+
+    #[test]
+    fn each_share_gets_a_chardev_and_a_device() {
+        let mut c = cfg();
+        c.shares.push(("home".into(), "/run/x/home.sock".into()));
+        let args = strings(&c);
+        let devices = value_of(&args, "-device");
+        assert!(devices.contains(&"vhost-user-fs-device,chardev=fs-work,tag=work".to_string()));
+        assert!(devices.contains(&"vhost-user-fs-device,chardev=fs-home,tag=home".to_string()));
+        assert!(value_of(&args, "-chardev").contains(&"socket,id=fs-home,path=/run/x/home.sock".to_string()));
+    }
+
+    #[test]
+    fn control_port_uses_the_inherited_fd_and_the_protocol_name() {
+        let args = strings(&cfg());
+        assert!(value_of(&args, "-chardev").contains(&"socket,id=ctl,fd=4".to_string()));
+        assert!(value_of(&args, "-device")
+            .contains(&format!("virtserialport,chardev=ctl,name={}", agentvm_proto::PORT_NAME)));
+    }
+
+    #[test]
+    fn sandbox_flag_is_optional() {
+        assert_eq!(value_of(&strings(&cfg()), "-sandbox").len(), 1);
+        let c = VmConfig { sandbox: false, ..cfg() };
+        assert!(value_of(&strings(&c), "-sandbox").is_empty());
+    }
+
+    #[test]
+    fn cmdline_has_tsc_hint_and_quiet_unless_verbose() {
+        let c = kernel_cmdline(Some(2_400_000), false);
+        assert!(c.contains("tsc_early_khz=2400000"));
+        assert!(c.contains("quiet"));
+        assert!(!kernel_cmdline(None, true).contains("quiet"));
+    }
+}
