@@ -1,9 +1,20 @@
 //! agentvm: run AI coding agents in fast, isolated KVM microVMs.
 //!
-//! The `agentvm` binary is a thin CLI over this library.
+//! The `agentvm` binary is a thin CLI ([`cli`]) over this library. One
+//! `agentvm run` flows through [`settings`] (what to run, validated once),
+//! [`image`] (the cached root image), [`instance`] (runtime dir), [`share`]
+//! (virtiofsd), [`vm`] (accelerator, QEMU command line, helper processes)
+//! and [`launch`] (the whole sequence and the stdio relay).
 
+pub mod cli;
+pub mod console;
+pub mod doctor;
 pub mod image;
 pub mod initramfs;
-pub mod vm;
+pub mod instance;
+pub mod launch;
 pub mod paths;
 pub mod settings;
+pub mod share;
+pub mod tools;
+pub mod vm;

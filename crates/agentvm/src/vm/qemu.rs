@@ -53,7 +53,8 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
         "memory-backend-memfd,id=mem,size={}M,share=on",
         cfg.memory_mib
     ));
-    a.flag("-nodefaults").flag("-no-user-config").flag("-nographic").flag("-no-reboot");
+    a.flag("-nodefaults").flag("-no-user-config").flag("-no-reboot");
+    a.flag("-display").val("none");
     if cfg.sandbox {
         a.flag("-sandbox")
             .val("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
@@ -91,6 +92,8 @@ pub fn kernel_cmdline(tsc_khz: Option<u64>, verbose: bool) -> String {
         "console=ttyS0".to_string(),
         "panic=-1".into(),
         "rdinit=/init".into(),
+        // microvm has no PCI bus: do not probe for one.
+        "pci=off".into(),
         // No PS/2 controller on microvm: skip probing it.
         "i8042.noaux".into(),
         "i8042.nomux".into(),

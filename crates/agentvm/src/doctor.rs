@@ -1,0 +1,290 @@
+//! `agentvm doctor`: checks every host requirement and says how to fix
+//! each one that fails.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::{paths, share, tools, vm::accel};
+
+/// The outcome of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    /// Works, but worse than it could (e.g. TCG instead of KVM).
+    Warn,
+    Fail,
+}
+
+/// One requirement, checked.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    /// What was found.
+    pub detail: String,
+    /// What to do when it is not Ok.
+    pub fix: Option<String>,
+}
+
+const SETUP: &str = "run scripts/setup-host (as root) from the agentvm source tree";
+
+/// Oldest QEMU known to run our microvm set-up (ACPI virtio-mmio discovery).
+const MIN_QEMU: (u32, u32) = (7, 2);
+
+fn ok(name: &'static str, detail: impl Into<String>) -> Check {
+    Check { name, status: Status::Ok, detail: detail.into(), fix: None }
+}
+
+fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check { name, status: Status::Fail, detail: detail.into(), fix: Some(fix.into()) }
+}
+
+/// Runs every check.
+pub fn run_checks() -> Vec<Check> {
+    vec![
+        check_qemu(),
+        check_virtiofsd(),
+        check_program("mmdebstrap", "mmdebstrap", "builds the image"),
+        check_program("tar2sqfs", "tar2sqfs", "makes the image's root file system (squashfs-tools-ng)"),
+        check_guest_init(),
+        check_accel(),
+        check_kvm_access(),
+        check_userns(),
+        check_subids(),
+        check_dir("cache dir", paths::cache_dir()),
+        check_dir("data dir", paths::data_dir()),
+        check_dir("runtime dir", Ok(paths::runtime_base())),
+    ]
+}
+
+/// Parses "QEMU emulator version 10.0.2 (...)" into (10, 0).
+pub fn parse_qemu_version(out: &str) -> Option<(u32, u32)> {
+    let v = out.split("version ").nth(1)?.split_whitespace().next()?;
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??))
+}
+
+fn check_qemu() -> Check {
+    let name = "qemu";
+    let Some(bin) = tools::find_qemu() else {
+        return fail(name, "qemu-system-x86_64 not found", SETUP);
+    };
+    let out = Command::new(&bin).arg("--version").output();
+    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    match parse_qemu_version(&text) {
+        Some(v) if v >= MIN_QEMU => {
+            let machines = Command::new(&bin).args(["-machine", "help"]).output();
+            let has_microvm = machines.map(|o| String::from_utf8_lossy(&o.stdout).contains("microvm")).unwrap_or(false);
+            if has_microvm {
+                ok(name, format!("QEMU {}.{} at {}", v.0, v.1, bin.display()))
+            } else {
+                fail(name, format!("{} lacks the microvm machine", bin.display()), SETUP)
+            }
+        }
+        Some(v) => fail(
+            name,
+            format!("QEMU {}.{} at {} is older than {}.{}", v.0, v.1, bin.display(), MIN_QEMU.0, MIN_QEMU.1),
+            format!("install a newer QEMU ({SETUP} uses bookworm-backports on Debian 12)"),
+        ),
+        None => fail(name, format!("{} --version printed no version", bin.display()), SETUP),
+    }
+}
+
+fn check_virtiofsd() -> Check {
+    match share::find_virtiofsd() {
+        Some(bin) => {
+            let v = Command::new(&bin).arg("--version").output();
+            let v = v.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+            ok("virtiofsd", format!("{v} at {}", bin.display()))
+        }
+        None => fail(
+            "virtiofsd",
+            "not found on PATH, /usr/libexec or /usr/lib/qemu",
+            format!("{SETUP} (installs the package, or builds it with cargo)"),
+        ),
+    }
+}
+
+fn check_program(name: &'static str, program: &str, why: &str) -> Check {
+    match tools::find_program(program, &[]) {
+        Some(p) => ok(name, p.display().to_string()),
+        None => fail(name, format!("{program} not found ({why})"), SETUP),
+    }
+}
+
+fn check_guest_init() -> Check {
+    match tools::find_guest_init() {
+        Some(p) => ok("guest init", p.display().to_string()),
+        None => fail(
+            "guest init",
+            "agentvm-guest not found next to the agentvm binary",
+            "build the whole workspace (cargo build --release --workspace) or set AGENTVM_GUEST_INIT",
+        ),
+    }
+}
+
+fn check_accel() -> Check {
+    match accel::probe_kvm() {
+        Ok(()) => ok("accelerator", "KVM runs guests"),
+        Err(why) => Check {
+            name: "accelerator",
+            status: Status::Warn,
+            detail: format!("no usable KVM ({why}); VMs run under TCG emulation, several times slower"),
+            fix: Some("use a host with hardware virtualization and kvm_intel/kvm_amd loaded".into()),
+        },
+    }
+}
+
+fn check_kvm_access() -> Check {
+    let dev = Path::new("/dev/kvm");
+    if !dev.exists() {
+        return Check {
+            name: "/dev/kvm",
+            status: Status::Warn,
+            detail: "missing".into(),
+            fix: Some("load kvm_intel or kvm_amd (TCG works without it, slowly)".into()),
+        };
+    }
+    match std::fs::OpenOptions::new().read(true).write(true).open(dev) {
+        Ok(_) => ok("/dev/kvm", "readable and writable"),
+        Err(e) => Check {
+            name: "/dev/kvm",
+            status: Status::Warn,
+            detail: format!("cannot open: {e}"),
+            fix: Some("sudo usermod -aG kvm $USER, then log in again".into()),
+        },
+    }
+}
+
+/// Whether this process may create a user namespace (virtiofsd's sandbox
+/// and image builds need one as a normal user).
+pub fn userns_works() -> bool {
+    // SAFETY: the child only calls unshare and _exit (async-signal-safe);
+    // the parent reaps it.
+    unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            let r = libc::unshare(libc::CLONE_NEWUSER);
+            libc::_exit(if r == 0 { 0 } else { 1 });
+        }
+        if pid < 0 {
+            return false;
+        }
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+    }
+}
+
+fn check_userns() -> Check {
+    if userns_works() {
+        ok("user namespaces", "available")
+    } else {
+        fail(
+            "user namespaces",
+            "this user cannot create user namespaces",
+            "enable them: sysctl kernel.unprivileged_userns_clone=1 (Debian) or user.max_user_namespaces=15000",
+        )
+    }
+}
+
+/// The login name of `uid` from /etc/passwd (no NSS: the binary is static).
+pub fn user_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() > 2 && f[2] == uid.to_string()).then(|| f[0].to_string())
+    })
+}
+
+/// Whether `/etc/subuid`-style text grants `user` (or `uid`) a range.
+pub fn has_subid_range(text: &str, user: &str, uid: u32) -> bool {
+    text.lines().any(|l| {
+        let first = l.split(':').next().unwrap_or("");
+        first == user || first == uid.to_string()
+    })
+}
+
+fn check_subids() -> Check {
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    if uid == 0 {
+        return ok("subordinate ids", "not needed as root");
+    }
+    let user = user_name(uid).unwrap_or_default();
+    let found = ["/etc/subuid", "/etc/subgid"]
+        .iter()
+        .all(|f| std::fs::read_to_string(f).map(|t| has_subid_range(&t, &user, uid)).unwrap_or(false));
+    if found {
+        ok("subordinate ids", format!("{user} has /etc/subuid and /etc/subgid ranges"))
+    } else {
+        fail(
+            "subordinate ids",
+            format!("{user} (uid {uid}) has no range in /etc/subuid or /etc/subgid; image builds need one"),
+            format!("sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}"),
+        )
+    }
+}
+
+fn check_dir(name: &'static str, dir: Result<std::path::PathBuf, paths::PathsError>) -> Check {
+    let dir = match dir {
+        Ok(d) => d,
+        Err(e) => return fail(name, e.to_string(), "set HOME"),
+    };
+    let probe = dir.join(format!(".doctor-{}", std::process::id()));
+    let result = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&probe, b"ok"));
+    let _ = std::fs::remove_file(&probe);
+    match result {
+        Ok(()) => ok(name, format!("{} is writable", dir.display())),
+        Err(e) => fail(name, format!("{}: {e}", dir.display()), format!("make {} writable, or point the XDG variable elsewhere", dir.display())),
+    }
+}
+
+/// Prints the checks; true when none failed.
+pub fn report(checks: &[Check]) -> bool {
+    for c in checks {
+        let tag = match c.status {
+            Status::Ok => "ok  ",
+            Status::Warn => "warn",
+            Status::Fail => "FAIL",
+        };
+        println!("{tag} {:<17} {}", c.name, c.detail);
+        if let Some(fix) = &c.fix {
+            if c.status != Status::Ok {
+                println!("     {:<17} fix: {fix}", "");
+            }
+        }
+    }
+    let failed = checks.iter().filter(|c| c.status == Status::Fail).count();
+    if failed == 0 {
+        println!("agentvm is ready.");
+    } else {
+        println!("{failed} requirement(s) missing.");
+    }
+    failed == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_version_parses() {
+        assert_eq!(parse_qemu_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds)\n"), Some((10, 0)));
+        assert_eq!(parse_qemu_version("QEMU emulator version 7.2.15\n"), Some((7, 2)));
+        assert_eq!(parse_qemu_version("garbage"), None);
+    }
+
+    #[test]
+    fn subid_ranges_match_by_name_or_uid() {
+        let t = "alice:100000:65536\n1001:165536:65536\n";
+        assert!(has_subid_range(t, "alice", 1000));
+        assert!(has_subid_range(t, "bob", 1001));
+        assert!(!has_subid_range(t, "carol", 1002));
+    }
+
+    #[test]
+    fn root_is_found_in_passwd() {
+        assert_eq!(user_name(0).as_deref(), Some("root"));
+    }
+}

@@ -1,0 +1,129 @@
+//! The one error type of the image module.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong finding, building or managing images.
+///
+/// Messages name the input that failed and, where there is one, the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// Neither `$XDG_CACHE_HOME` nor `$HOME` gives a cache directory.
+    #[error("cannot find the image cache: neither $XDG_CACHE_HOME nor $HOME is set to an absolute path; set one of them")]
+    NoCacheDir,
+
+    /// A file system operation failed.
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        /// What was being done, e.g. "cannot create".
+        action: &'static str,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A host tool the build needs is not installed.
+    #[error("{tool} not found on PATH (Debian package {package}): run scripts/setup-host, then agentvm doctor")]
+    MissingTool {
+        /// The program name.
+        tool: &'static str,
+        /// The Debian package that provides it.
+        package: &'static str,
+    },
+
+    /// A normal user has no subordinate id range, which `mmdebstrap --mode=unshare` needs.
+    #[error("building an image as a normal user needs subordinate ids for user {user} in {file}: run `sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}` (or build as root)")]
+    NoSubordinateIds {
+        /// The user name (or uid when it has no name).
+        user: String,
+        /// `/etc/subuid` or `/etc/subgid`.
+        file: &'static str,
+    },
+
+    /// The recipe cannot be built as given.
+    #[error("invalid image recipe {name:?}: {reason}")]
+    InvalidRecipe {
+        /// The recipe's name.
+        name: String,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+
+    /// A build command could not be started.
+    #[error("image build step {step:?} could not run `{command}`: {source}")]
+    Spawn {
+        /// The build step.
+        step: String,
+        /// The command line.
+        command: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A build command exited unsuccessfully.
+    #[error("image build step {step:?} failed ({status}): `{command}`\nlast lines of {}:\n{tail}", log.display())]
+    StepFailed {
+        /// The build step.
+        step: String,
+        /// The command line.
+        command: String,
+        /// How it ended, e.g. "exit status: 100".
+        status: String,
+        /// The full log of the step.
+        log: PathBuf,
+        /// The last lines of that log.
+        tail: String,
+    },
+
+    /// The built root holds no usable kernel.
+    #[error("no usable kernel in the image root: {reason}; the recipe's packages must include a kernel such as linux-image-cloud-amd64")]
+    Kernel {
+        /// What was found instead.
+        reason: String,
+    },
+
+    /// A module the guest needs at boot is missing from the kernel.
+    #[error("boot module {module} is neither a file in modules.dep nor built into kernel {release}: choose a kernel package that provides it")]
+    MissingModule {
+        /// The module name.
+        module: String,
+        /// The kernel release.
+        release: String,
+    },
+
+    /// `image.json` is unreadable.
+    #[error("bad image metadata {}: {source}; remove the image with `agentvm image rm` and build again", path.display())]
+    BadMeta {
+        /// The metadata file.
+        path: PathBuf,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// `remove` matched no image.
+    #[error("no image matches {query:?} in {}: see `agentvm image ls` for names and keys", dir.display())]
+    NoMatch {
+        /// What the user asked to remove.
+        query: String,
+        /// The images directory.
+        dir: PathBuf,
+    },
+}
+
+impl ImageError {
+    /// Wraps an I/O error with what was being done to which path.
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> ImageError {
+        let path = path.into();
+        move |source| ImageError::Io {
+            action,
+            path,
+            source,
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Instances: a random id and a private runtime dir per launch, holding
+//! sockets, logs and a small metadata file for `ps`. The dir is removed when
+//! the launch ends; dirs left by launchers that died are swept by the next.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// What `ps` shows about an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceMeta {
+    pub id: String,
+    /// The launcher's pid.
+    pub pid: u32,
+    pub flavor: String,
+    pub work_dir: PathBuf,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    /// Unix seconds.
+    pub started: u64,
+}
+
+/// A live instance's runtime dir; removed on drop.
+#[derive(Debug)]
+pub struct Instance {
+    pub id: String,
+    pub dir: PathBuf,
+}
+
+/// The runtime dir could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("cannot create runtime dir {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("runtime dir {path} is not private: it belongs to uid {owner} or is accessible to others (mode {mode:o}); remove it or set XDG_RUNTIME_DIR")]
+    NotPrivate { path: PathBuf, owner: u32, mode: u32 },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+}
+
+/// A random 12-hex-digit instance id.
+pub fn new_id() -> String {
+    let mut b = [0u8; 6];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    assert_eq!(n, b.len() as isize, "getrandom failed");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Creates `base` (0700, ours) if needed and checks that nobody else can
+/// reach into it.
+pub fn ensure_private_dir(base: &Path) -> Result<(), InstanceError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(base)
+        .map_err(|source| InstanceError::Create { path: base.into(), source })?;
+    let meta = fs::symlink_metadata(base).map_err(|source| InstanceError::Create { path: base.into(), source })?;
+    // SAFETY: getuid has no preconditions.
+    let me = unsafe { libc::getuid() };
+    let mode = meta.permissions().mode() & 0o777;
+    if !meta.is_dir() || meta.uid() != me || mode & 0o077 != 0 {
+        return Err(InstanceError::NotPrivate { path: base.into(), owner: meta.uid(), mode });
+    }
+    Ok(())
+}
+
+impl Instance {
+    /// Creates a new instance dir under `base`.
+    pub fn create(base: &Path) -> Result<Instance, InstanceError> {
+        ensure_private_dir(base)?;
+        sweep_stale(base);
+        let id = new_id();
+        let dir = base.join(&id);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| InstanceError::Create { path: dir.clone(), source })?;
+        Ok(Instance { id, dir })
+    }
+
+    /// Records the metadata `ps` reads (atomically: write, then rename).
+    pub fn write_meta(&self, meta: &InstanceMeta) -> Result<(), InstanceError> {
+        let path = self.dir.join("instance.json");
+        let tmp = self.dir.join(".instance.json.tmp");
+        let err = |source| InstanceError::Write { path: path.clone(), source };
+        fs::write(&tmp, serde_json::to_vec_pretty(meta).expect("serializable")).map_err(err)?;
+        fs::rename(&tmp, &path).map_err(err)
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Removes instance dirs whose launcher is gone (it was killed with SIGKILL,
+/// or the host crashed). Returns the ids removed.
+pub fn sweep_stale(base: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir(base) else { return removed };
+    for e in entries.flatten() {
+        let dir = e.path();
+        let Some(id) = dir.file_name().and_then(|n| n.to_str()).map(str::to_string) else { continue };
+        if !dir.is_dir() {
+            continue;
+        }
+        let meta: Option<InstanceMeta> =
+            fs::read(dir.join("instance.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let stale = match meta {
+            Some(m) => !pid_alive(m.pid),
+            // No metadata: either being created right now, or abandoned
+            // before it was written. Only old ones are abandoned.
+            None => e
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|t| t.elapsed().unwrap_or_default().as_secs() > 60)
+                .unwrap_or(false),
+        };
+        if stale && fs::remove_dir_all(&dir).is_ok() {
+            removed.push(id);
+        }
+    }
+    removed
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence.
+    let r = unsafe { libc::kill(pid as i32, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(id: &str, pid: u32) -> InstanceMeta {
+        InstanceMeta {
+            id: id.into(),
+            pid,
+            flavor: "shell".into(),
+            work_dir: "/p".into(),
+            memory_mib: 1024,
+            cpus: 1,
+            started: now_secs(),
+        }
+    }
+
+    #[test]
+    fn ids_are_12_hex_and_differ() {
+        let (a, b) = (new_id(), new_id());
+        assert_eq!(a.len(), 12);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn instance_dir_is_private_and_removed_on_drop() {
+        let base = tempfile::tempdir().unwrap();
+        let base = base.path().join("agentvm");
+        let inst = Instance::create(&base).unwrap();
+        let mode = fs::metadata(&inst.dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        assert_eq!(fs::metadata(&base).unwrap().permissions().mode() & 0o777, 0o700);
+        let dir = inst.dir.clone();
+        drop(inst);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn base_open_to_others_is_refused() {
+        let base = tempfile::tempdir().unwrap();
+        fs::set_permissions(base.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let e = Instance::create(base.path()).unwrap_err().to_string();
+        assert!(e.contains("not private"), "{e}");
+    }
+
+    #[test]
+    fn sweep_removes_dead_launchers_and_keeps_live_ones() {
+        let base = tempfile::tempdir().unwrap();
+        fs::set_permissions(base.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        let live = Instance::create(base.path()).unwrap();
+        live.write_meta(&meta(&live.id, std::process::id())).unwrap();
+        let dead_dir = base.path().join("deadbeef0000");
+        fs::create_dir(&dead_dir).unwrap();
+        // A pid that cannot exist (above pid_max's hard limit).
+        let m = meta("deadbeef0000", 4_194_305);
+        fs::write(dead_dir.join("instance.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+        let fresh = base.path().join("fresh0000000");
+        fs::create_dir(&fresh).unwrap();
+
+        assert_eq!(sweep_stale(base.path()), vec!["deadbeef0000".to_string()]);
+        assert!(live.dir.exists());
+        assert!(fresh.exists(), "a dir without metadata may be mid-creation");
+    }
+}

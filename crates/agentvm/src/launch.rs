@@ -1,0 +1,580 @@
+//! One `agentvm run`: from resolved settings to the program's exit status.
+//!
+//! Order of events: check tools, get the image, create the instance dir,
+//! build the initramfs in memory, start one virtiofsd per share, start QEMU,
+//! relay the terminal or the streams until the guest reports the exit
+//! status and powers off, then stop and reap every helper and remove the
+//! instance dir.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use agentvm_proto::{Frame, FrameReader, LaunchSpec, Mount, User, MODULES_DIR, SPEC_PATH};
+
+use crate::console::{self, RawMode};
+use crate::image::{self, Image, Recipe, Store};
+use crate::initramfs::Cpio;
+use crate::instance::{self, Instance, InstanceMeta};
+use crate::settings::Settings;
+use crate::share::{self, IdMap, Share};
+use crate::tools;
+use crate::vm::process::{self, Helper};
+use crate::vm::{self, accel, Accel, VmConfig};
+
+/// Lines of the guest console shown when a launch fails.
+const CONSOLE_TAIL_LINES: usize = 25;
+/// How long the guest may take to power off after the program ended, or to
+/// react to a stop request, before QEMU is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long QEMU may outlive an exited helper before the helper is blamed.
+const HELPER_BLAME_DELAY: Duration = Duration::from_secs(1);
+/// Guest home directory of the agent user.
+pub const GUEST_HOME: &str = "/home/agent";
+/// Guest mount point of the project.
+pub const GUEST_WORK: &str = "/work";
+
+/// A launch that failed; the program's own failures are exit codes instead.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("qemu-system-x86_64 not found: run scripts/setup-host, then `agentvm doctor`")]
+    NoQemu,
+    #[error("the guest init (agentvm-guest) was not found next to {exe}: build the workspace (`cargo build --workspace`) or set AGENTVM_GUEST_INIT")]
+    NoGuestInit { exe: String },
+    #[error(transparent)]
+    Accel(#[from] accel::AccelError),
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    #[error(transparent)]
+    Share(#[from] share::ShareError),
+    #[error(transparent)]
+    Instance(#[from] instance::InstanceError),
+    #[error(transparent)]
+    Paths(#[from] crate::paths::PathsError),
+    #[error("cannot create the agent home {path}: {source}")]
+    Home { path: PathBuf, source: io::Error },
+    #[error("cannot read {path} for the initramfs: {source}")]
+    Initramfs { path: PathBuf, source: io::Error },
+    #[error("{what}: {source}")]
+    Os { what: &'static str, source: io::Error },
+    #[error("cannot start QEMU: {0}")]
+    QemuSpawn(io::Error),
+    #[error("QEMU failed to start the VM ({status}):\n{log}")]
+    QemuFailed { status: String, log: String },
+    #[error("the guest failed to start the program: {message}\n--- guest console (last lines) ---\n{console}")]
+    GuestInit { message: String, console: String },
+    #[error("the VM ended without reporting the program's exit status (QEMU {status}); the guest may have crashed\n--- guest console (last lines) ---\n{console}")]
+    GuestDied { status: String, console: String },
+    #[error("{helper} exited unexpectedly ({status}); the VM was stopped\n{log}")]
+    HelperDied { helper: String, status: String, log: String },
+    #[error("stopped by signal {0} before the program reported its exit status")]
+    Interrupted(i32),
+}
+
+impl LaunchError {
+    /// The process exit status for this failure: 128+N for a signal,
+    /// otherwise 125 (agentvm itself failed, as `docker run` does).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            LaunchError::Interrupted(sig) => 128 + sig,
+            _ => 125,
+        }
+    }
+}
+
+fn os(what: &'static str) -> impl FnOnce(io::Error) -> LaunchError {
+    move |source| LaunchError::Os { what, source }
+}
+
+/// Runs the settings' program in a new VM and returns its exit status.
+pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
+    let qemu_bin = tools::find_qemu().ok_or(LaunchError::NoQemu)?;
+    let guest_init = tools::find_guest_init().ok_or_else(|| LaunchError::NoGuestInit {
+        exe: std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default(),
+    })?;
+    share::find_virtiofsd().ok_or(share::ShareError::NoVirtiofsd)?;
+    let (accel, fallback) = accel::choose(settings.accel)?;
+    if let Some(why) = fallback {
+        eprintln!("agentvm: warning: no usable KVM: {why}; falling back to TCG (slow)");
+    }
+
+    let store = Store::open(Store::default_dir()?);
+    let image = store.ensure(&Recipe::base(), &mut image::TerminalProgress::new())?;
+
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&settings.home_dir)
+        .map_err(|source| LaunchError::Home { path: settings.home_dir.clone(), source })?;
+
+    let inst = Instance::create(&crate::paths::runtime_base())?;
+    inst.write_meta(&InstanceMeta {
+        id: inst.id.clone(),
+        pid: std::process::id(),
+        flavor: settings.flavor.clone(),
+        work_dir: settings.work_dir.clone(),
+        memory_mib: settings.memory_mib,
+        cpus: settings.cpus,
+        started: instance::now_secs(),
+    })?;
+
+    let tty = console::is_tty(0) && console::is_tty(1);
+    let ids = IdMap::current();
+    let shares = vec![
+        Share { tag: "work".into(), host_dir: settings.work_dir.clone(), guest_path: GUEST_WORK.into(), read_only: false },
+        Share { tag: "home".into(), host_dir: settings.home_dir.clone(), guest_path: GUEST_HOME.into(), read_only: false },
+    ];
+    let spec = launch_spec(settings, &image, &shares, ids, tty, &inst.id);
+    let initrd = memfd_with(&build_initramfs(&guest_init, &image, &spec)?)?;
+
+    // Signals are read from a signalfd from here on; helpers unblock them.
+    let signals = SignalFd::block_and_open()?;
+
+    let mut helpers = Vec::new();
+    let mut share_sockets = Vec::new();
+    for s in &shares {
+        let (helper, socket) = share::start(s, ids, &inst.dir)?;
+        helpers.push(helper);
+        share_sockets.push((s.tag.clone(), socket));
+    }
+
+    let (ctl, ctl_guest) = socketpair()?;
+    let cfg = VmConfig {
+        name: format!("agentvm-{}", inst.id),
+        accel,
+        cpus: settings.cpus,
+        memory_mib: settings.memory_mib,
+        kernel: image.kernel(),
+        initrd: PathBuf::from("/proc/self/fd/4"),
+        cmdline: vm::kernel_cmdline(
+            if accel == Accel::Tcg { accel::host_tsc_khz() } else { None },
+            settings.verbose,
+        ),
+        root_image: image.root(),
+        console_log: inst.dir.join("console.log"),
+        control_fd: 3,
+        shares: share_sockets,
+        sandbox: true,
+    };
+    let mut cmd = Command::new(&qemu_bin);
+    cmd.args(vm::qemu_args(&cfg));
+    let qemu = process::spawn(
+        "QEMU",
+        cmd,
+        &[(ctl_guest.as_raw_fd(), 3), (initrd.as_raw_fd(), 4)],
+        &inst.dir.join("qemu.log"),
+    )
+    .map_err(LaunchError::QemuSpawn)?;
+    drop(ctl_guest);
+    drop(initrd);
+
+    let raw = if tty { RawMode::enable(0).ok() } else { None };
+    let mut relay = Relay::new(ctl, signals, tty);
+    let end = relay.run(qemu, &mut helpers);
+    drop(raw);
+
+    for h in &mut helpers {
+        h.signal(libc::SIGTERM);
+        h.stop(Duration::from_secs(2));
+    }
+    let console = process::tail_lines(&std::fs::read(&cfg.console_log).unwrap_or_default(), CONSOLE_TAIL_LINES);
+    let result = end.into_result(console);
+    drop(inst);
+    result
+}
+
+/// The guest's view of this launch.
+fn launch_spec(s: &Settings, image: &Image, shares: &[Share], ids: IdMap, tty: bool, id: &str) -> LaunchSpec {
+    let mut env = Vec::new();
+    for var in ["TERM", "COLORTERM"] {
+        if let Ok(v) = std::env::var(var) {
+            env.push((var.to_string(), v));
+        }
+    }
+    LaunchSpec {
+        hostname: format!("agentvm-{}", &id[..6]),
+        modules: image.meta.modules.clone(),
+        root_device: "/dev/vda".into(),
+        root_fstype: "squashfs".into(),
+        mounts: shares
+            .iter()
+            .map(|sh| Mount { tag: sh.tag.clone(), path: sh.guest_path.clone(), read_only: sh.read_only })
+            .collect(),
+        user: User { name: "agent".into(), uid: ids.guest_uid, gid: ids.guest_gid, home: GUEST_HOME.into() },
+        cwd: GUEST_WORK.into(),
+        argv: s.argv.clone(),
+        env,
+        tty,
+        winsize: if tty { console::winsize(0) } else { None },
+        verbose: s.verbose,
+    }
+}
+
+/// The initramfs: guest init as /init, boot modules, the spec.
+fn build_initramfs(guest_init: &Path, image: &Image, spec: &LaunchSpec) -> Result<Vec<u8>, LaunchError> {
+    let read_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LaunchError::Initramfs { path, source }
+    };
+    let mut c = Cpio::new();
+    c.file_from("init", 0o755, guest_init).map_err(read_err(guest_init))?;
+    c.dir("agentvm", 0o700).dir(MODULES_DIR, 0o700);
+    for path in image.module_paths() {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        c.file_from(&format!("{MODULES_DIR}/{name}"), 0o600, &path).map_err(read_err(&path))?;
+    }
+    c.file(SPEC_PATH, 0o600, &spec.to_bytes().expect("spec serializes"));
+    Ok(c.finish())
+}
+
+/// An anonymous in-memory file holding `data`.
+fn memfd_with(data: &[u8]) -> Result<OwnedFd, LaunchError> {
+    // SAFETY: memfd_create with a valid C string; the fd is ours.
+    let fd = unsafe { libc::memfd_create(c"agentvm-initramfs".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(os("memfd_create")(io::Error::last_os_error()));
+    }
+    // SAFETY: fresh fd we own.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.write_all(data).map_err(os("writing the initramfs"))?;
+    Ok(OwnedFd::from(f))
+}
+
+fn socketpair() -> Result<(OwnedFd, OwnedFd), LaunchError> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair fills two fds on success.
+    let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) };
+    if r != 0 {
+        return Err(os("socketpair")(io::Error::last_os_error()));
+    }
+    // SAFETY: both fds are fresh and ours.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Signals the launcher handles, read synchronously from a signalfd.
+struct SignalFd(OwnedFd);
+
+const HANDLED_SIGNALS: [i32; 5] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGWINCH, libc::SIGCHLD];
+
+impl SignalFd {
+    fn block_and_open() -> Result<SignalFd, LaunchError> {
+        // SAFETY: building and applying a signal set we own.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in HANDLED_SIGNALS {
+                libc::sigaddset(&mut set, s);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+            if fd < 0 {
+                return Err(os("signalfd")(io::Error::last_os_error()));
+            }
+            Ok(SignalFd(OwnedFd::from_raw_fd(fd)))
+        }
+    }
+
+    /// The pending signals, in arrival order.
+    fn read(&self) -> Vec<i32> {
+        let mut out = Vec::new();
+        loop {
+            // SAFETY: reading whole signalfd_siginfo records into one we own.
+            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            let n = unsafe {
+                libc::read(
+                    self.0.as_raw_fd(),
+                    (&mut info as *mut libc::signalfd_siginfo).cast(),
+                    std::mem::size_of::<libc::signalfd_siginfo>(),
+                )
+            };
+            if n != std::mem::size_of::<libc::signalfd_siginfo>() as isize {
+                return out;
+            }
+            out.push(info.ssi_signo as i32);
+        }
+    }
+}
+
+impl Drop for SignalFd {
+    fn drop(&mut self) {
+        // SAFETY: unblocking the signals we blocked.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in HANDLED_SIGNALS {
+                libc::sigaddset(&mut set, s);
+            }
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        }
+    }
+}
+
+/// How a relay ended.
+struct End {
+    exit: Option<i32>,
+    init_error: Option<String>,
+    helper_died: Option<(String, String, String)>,
+    stop_signal: Option<i32>,
+    qemu_status: String,
+    qemu_ok: bool,
+    qemu_log: String,
+    /// QEMU exited before the guest said a word.
+    never_started: bool,
+}
+
+impl End {
+    fn into_result(self, console: String) -> Result<i32, LaunchError> {
+        if let Some(code) = self.exit {
+            return Ok(code);
+        }
+        if let Some(message) = self.init_error {
+            return Err(LaunchError::GuestInit { message, console });
+        }
+        if let Some((helper, status, log)) = self.helper_died {
+            return Err(LaunchError::HelperDied { helper, status, log });
+        }
+        if let Some(sig) = self.stop_signal {
+            return Err(LaunchError::Interrupted(sig));
+        }
+        if self.never_started && !self.qemu_ok {
+            return Err(LaunchError::QemuFailed { status: self.qemu_status, log: self.qemu_log });
+        }
+        Err(LaunchError::GuestDied { status: self.qemu_status, console })
+    }
+}
+
+/// Moves bytes between the host's stdio and the guest's control port.
+struct Relay {
+    ctl: OwnedFd,
+    signals: SignalFd,
+    tty: bool,
+    reader: FrameReader,
+    to_guest: Vec<u8>,
+    stdin_open: bool,
+    stdout_ok: bool,
+    stderr_ok: bool,
+}
+
+/// Stop reading stdin while this much is queued for the guest.
+const MAX_QUEUED: usize = 1 << 20;
+
+impl Relay {
+    fn new(ctl: OwnedFd, signals: SignalFd, tty: bool) -> Relay {
+        // SAFETY: making our own socket non-blocking.
+        unsafe {
+            let fl = libc::fcntl(ctl.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(ctl.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+        Relay {
+            ctl,
+            signals,
+            tty,
+            reader: FrameReader::new(),
+            to_guest: Vec::new(),
+            stdin_open: true,
+            stdout_ok: true,
+            stderr_ok: true,
+        }
+    }
+
+    fn run(&mut self, mut qemu: Helper, helpers: &mut [Helper]) -> End {
+        let mut end = End {
+            exit: None,
+            init_error: None,
+            helper_died: None,
+            stop_signal: None,
+            qemu_status: String::new(),
+            qemu_ok: false,
+            qemu_log: String::new(),
+            never_started: true,
+        };
+        let mut ctl_open = true;
+        let mut kill_at: Option<Instant> = None;
+        let mut helper_gone_at: Option<Instant> = None;
+        loop {
+            if let Some(status) = qemu.poll() {
+                if ctl_open {
+                    self.read_ctl(&mut end);
+                }
+                end.qemu_status = process::describe(status);
+                end.qemu_ok = status.success();
+                end.qemu_log = qemu.log_tail(CONSOLE_TAIL_LINES);
+                return end;
+            }
+            // A helper that exits is to blame only if QEMU is still running a
+            // moment later: when QEMU ends, virtiofsd ends too, and the two
+            // exits may be seen in either order.
+            if end.helper_died.is_none() {
+                if let Some(h) = helpers.iter_mut().find_map(|h| h.poll().map(|_| h)) {
+                    let since = *helper_gone_at.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= HELPER_BLAME_DELAY {
+                        let status = process::describe(h.poll().expect("exited"));
+                        end.helper_died = Some((h.name.clone(), status, h.log_tail(10)));
+                        qemu.signal(libc::SIGTERM);
+                        kill_at.get_or_insert(Instant::now() + Duration::from_secs(2));
+                    }
+                }
+            }
+            if kill_at.is_some_and(|t| Instant::now() >= t) {
+                qemu.signal(libc::SIGKILL);
+            }
+
+            let stdin_wanted = self.stdin_open && self.to_guest.len() < MAX_QUEUED;
+            let mut fds = vec![
+                pollfd(self.signals.0.as_raw_fd(), libc::POLLIN),
+                pollfd(
+                    if ctl_open { self.ctl.as_raw_fd() } else { -1 },
+                    libc::POLLIN | if self.to_guest.is_empty() { 0 } else { libc::POLLOUT },
+                ),
+                pollfd(if stdin_wanted { 0 } else { -1 }, libc::POLLIN),
+            ];
+            // SAFETY: polling an array of pollfd we own.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as _, 100) };
+            if n < 0 {
+                continue; // EINTR
+            }
+            if fds[0].revents != 0 {
+                for sig in self.signals.read() {
+                    self.on_signal(sig, &mut end, &mut kill_at, &mut qemu);
+                }
+            }
+            if fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                ctl_open = self.read_ctl(&mut end);
+                if end.exit.is_some() || end.init_error.is_some() {
+                    // The guest powers off by itself; give it time.
+                    kill_at.get_or_insert(Instant::now() + STOP_GRACE);
+                }
+            }
+            if ctl_open && fds[1].revents & libc::POLLOUT != 0 {
+                self.flush_to_guest();
+            }
+            if fds[2].revents != 0 {
+                self.read_stdin();
+            }
+        }
+    }
+
+    fn on_signal(&mut self, sig: i32, end: &mut End, kill_at: &mut Option<Instant>, qemu: &mut Helper) {
+        match sig {
+            libc::SIGWINCH if self.tty => {
+                if let Some((rows, cols)) = console::winsize(0) {
+                    Frame::Resize { rows, cols }.encode(&mut self.to_guest);
+                }
+            }
+            libc::SIGINT | libc::SIGTERM | libc::SIGHUP => {
+                if end.stop_signal.is_some() {
+                    // Asked twice: stop now.
+                    qemu.signal(libc::SIGKILL);
+                } else {
+                    end.stop_signal = Some(sig);
+                    Frame::Signal(sig as u8).encode(&mut self.to_guest);
+                    *kill_at = Some(Instant::now() + STOP_GRACE);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Reads and handles what the guest sent; false once the channel closed.
+    fn read_ctl(&mut self, end: &mut End) -> bool {
+        let mut buf = [0u8; 65536];
+        let open = loop {
+            match (&File(self.ctl.as_raw_fd())).read(&mut buf) {
+                Ok(0) => break false,
+                Ok(n) => self.reader.push(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break false,
+            }
+        };
+        loop {
+            match self.reader.next_frame() {
+                Ok(Some(frame)) => self.on_frame(frame, end),
+                Ok(None) => break,
+                Err(e) => {
+                    end.init_error.get_or_insert(format!("corrupt data from the guest: {e}"));
+                    return false;
+                }
+            }
+        }
+        open
+    }
+
+    fn on_frame(&mut self, frame: Frame, end: &mut End) {
+        end.never_started = false;
+        match frame {
+            Frame::Stdout(d) => self.stdout_ok = self.stdout_ok && write_fd(1, &d),
+            Frame::Stderr(d) => self.stderr_ok = self.stderr_ok && write_fd(2, &d),
+            Frame::Exit(code) => end.exit = Some(code),
+            Frame::InitError(msg) => end.init_error = Some(msg),
+            Frame::Started => {
+                // A stop asked for before the guest could listen still counts.
+                if let Some(sig) = end.stop_signal {
+                    Frame::Signal(sig as u8).encode(&mut self.to_guest);
+                }
+            }
+            // Host-bound only; ignore anything else.
+            _ => {}
+        }
+    }
+
+    fn flush_to_guest(&mut self) {
+        while !self.to_guest.is_empty() {
+            match (&File(self.ctl.as_raw_fd())).write(&self.to_guest) {
+                Ok(n) => {
+                    self.to_guest.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn read_stdin(&mut self) {
+        let mut buf = [0u8; 65536];
+        match (&File(0)).read(&mut buf) {
+            Ok(0) | Err(_) => {
+                self.stdin_open = false;
+                if !self.tty {
+                    Frame::StdinEof.encode(&mut self.to_guest);
+                }
+            }
+            Ok(n) => Frame::Stdin(buf[..n].to_vec()).encode(&mut self.to_guest),
+        }
+        self.flush_to_guest();
+    }
+}
+
+fn pollfd(fd: RawFd, events: i16) -> libc::pollfd {
+    libc::pollfd { fd, events, revents: 0 }
+}
+
+/// Writes all of `data` to `fd`; false if the reader went away.
+fn write_fd(fd: RawFd, data: &[u8]) -> bool {
+    (&File(fd)).write_all(data).and_then(|()| (&File(fd)).flush()).is_ok()
+}
+
+/// A borrowed fd usable with Read/Write, never closed.
+struct File(RawFd);
+
+impl Read for &File {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: reading into a buffer we own from a borrowed fd.
+        let n = unsafe { libc::read(self.0, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    }
+}
+
+impl Write for &File {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: writing a buffer we own to a borrowed fd.
+        let n = unsafe { libc::write(self.0, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

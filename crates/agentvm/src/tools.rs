@@ -1,0 +1,51 @@
+//! Finding the host programs agentvm drives.
+
+use std::path::{Path, PathBuf};
+
+/// `name` on PATH, else the first of `extra` that is an executable file.
+pub fn find_program(name: &str, extra: &[&str]) -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(name));
+    on_path.chain(extra.iter().map(PathBuf::from)).find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+}
+
+/// The QEMU binary for x86-64 guests.
+pub fn find_qemu() -> Option<PathBuf> {
+    find_program("qemu-system-x86_64", &[])
+}
+
+/// The guest init binary: `$AGENTVM_GUEST_INIT`, else `agentvm-guest` next
+/// to the running executable (or its parent dir, for test binaries in
+/// `deps/`), else `../lib/agentvm/agentvm-guest` relative to it.
+pub fn find_guest_init() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("AGENTVM_GUEST_INIT") {
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
+    }
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [
+        dir.join("agentvm-guest"),
+        dir.parent().map(|d| d.join("agentvm-guest")).unwrap_or_default(),
+        dir.join("../lib/agentvm/agentvm-guest"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_sh_on_path_and_not_a_missing_program() {
+        assert!(find_program("sh", &[]).is_some());
+        assert!(find_program("no-such-program-agentvm", &["/nonexistent"]).is_none());
+    }
+}

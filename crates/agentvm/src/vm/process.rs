@@ -1,0 +1,200 @@
+//! Helper processes (QEMU, virtiofsd) that never outlive the launcher.
+//!
+//! Each child gets its own process group (a Ctrl-C meant for the launcher
+//! does not hit it), `PR_SET_PDEATHSIG(SIGKILL)` (it dies if the launcher is
+//! killed, even by SIGKILL), an unblocked signal mask, and exactly the file
+//! descriptors it is meant to inherit.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running helper process and where its output goes.
+#[derive(Debug)]
+pub struct Helper {
+    /// What it is, for messages: e.g. "virtiofsd for /work".
+    pub name: String,
+    pub child: Child,
+    /// Its stdout and stderr.
+    pub log: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+/// Lowest fd number used for fds in transit to a child, above any target.
+const TRANSIT_FD_MIN: RawFd = 64;
+
+/// Spawns `cmd` as a supervised helper. `pass` maps fds of ours to the fd
+/// numbers the child sees (e.g. a socket as fd 3).
+pub fn spawn(name: &str, mut cmd: Command, pass: &[(RawFd, RawFd)], log: &Path) -> io::Result<Helper> {
+    let out = File::create(log)?;
+    cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+
+    // Move the passed fds out of the way of their targets first, so one
+    // dup2 can never overwrite another's source.
+    let mut transit: Vec<(OwnedFd, RawFd)> = Vec::new();
+    for &(src, target) in pass {
+        // SAFETY: F_DUPFD_CLOEXEC on a valid fd returns a new fd we own.
+        let fd = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, TRANSIT_FD_MIN) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is fresh and owned by us alone.
+        transit.push((unsafe { OwnedFd::from_raw_fd(fd) }, target));
+    }
+    let moves: Vec<(RawFd, RawFd)> = transit.iter().map(|(fd, t)| (fd.as_raw_fd(), *t)).collect();
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe calls (setpgid, prctl, getppid, sigprocmask, dup2).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setpgid(0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The launcher may have died before prctl took effect.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            for &(src, target) in &moves {
+                // dup2 clears close-on-exec on the new fd.
+                if libc::dup2(src, target) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    drop(transit);
+    Ok(Helper { name: name.to_string(), child, log: log.to_path_buf(), status: None })
+}
+
+impl Helper {
+    /// The exit status if it has exited (reaps it), without blocking.
+    pub fn poll(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    /// Sends a signal unless it has already exited.
+    pub fn signal(&mut self, sig: i32) {
+        if self.poll().is_none() {
+            // SAFETY: kill on our own, not yet reaped child's pid.
+            unsafe { libc::kill(self.child.id() as i32, sig) };
+        }
+    }
+
+    /// Waits up to `grace` for it to exit, then kills it; always reaps.
+    pub fn stop(&mut self, grace: Duration) -> ExitStatus {
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Some(s) = self.poll() {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.signal(libc::SIGKILL);
+        let s = self.child.wait().expect("waiting for our own child");
+        self.status = Some(s);
+        s
+    }
+
+    /// The last `n` lines of its output.
+    pub fn log_tail(&self, n: usize) -> String {
+        tail_lines(&std::fs::read(&self.log).unwrap_or_default(), n)
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        if self.poll().is_none() {
+            self.signal(libc::SIGTERM);
+            self.stop(Duration::from_secs(2));
+        }
+    }
+}
+
+/// The last `n` non-empty lines of `bytes`, lossily decoded.
+pub fn tail_lines(bytes: &[u8], n: usize) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Describes an exit status for a message: "exit status 1", "signal 9".
+pub fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => "unknown status".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_lines_keeps_the_last_non_empty_lines() {
+        assert_eq!(tail_lines(b"a\n\nb\r\nc\n\n", 2), "b\nc");
+        assert_eq!(tail_lines(b"", 3), "");
+    }
+
+    #[test]
+    fn passed_fd_arrives_at_its_target_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two fds.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: fresh fds from pipe2.
+        let (r, w) = unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo hello >&3"]);
+        let mut h = spawn("sh", cmd, &[(w.as_raw_fd(), 3)], &dir.path().join("log")).unwrap();
+        drop(w);
+        let mut got = String::new();
+        use std::io::Read;
+        (&r).read_to_string(&mut got).unwrap();
+        assert_eq!(got, "hello\n");
+        assert!(h.stop(Duration::from_secs(5)).success());
+    }
+
+    #[test]
+    fn child_runs_in_its_own_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "ps -o pgid= -p $$ > pgid; echo $$ > pid"]).current_dir(dir.path());
+        let mut h = spawn("sh", cmd, &[], &dir.path().join("log")).unwrap();
+        h.stop(Duration::from_secs(5));
+        let pgid = std::fs::read_to_string(dir.path().join("pgid")).unwrap();
+        let pid = std::fs::read_to_string(dir.path().join("pid")).unwrap();
+        assert_eq!(pgid.trim(), pid.trim());
+    }
+
+    #[test]
+    fn stop_kills_a_child_that_ignores_sigterm() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "trap '' TERM; sleep 30"]);
+        let mut h = spawn("sh", cmd, &[], &dir.path().join("log")).unwrap();
+        h.signal(libc::SIGTERM);
+        let started = Instant::now();
+        let status = h.stop(Duration::from_millis(200));
+        assert!(!status.success());
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}
