@@ -326,3 +326,104 @@ fn normal_user_runs_without_root_and_owns_what_the_guest_writes() {
     assert!(l.leftover_instances().is_empty());
     assert!(l.leftover_processes().is_empty(), "{:?}", l.leftover_processes());
 }
+
+/// Drives an interactive session in a real terminal (tmux).
+struct Tmux {
+    socket: PathBuf,
+    session: &'static str,
+}
+
+impl Tmux {
+    /// Starts `agentvm run shell` in a new tmux session of the given size;
+    /// after agentvm exits, its status and the terminal's settings go to
+    /// `after`.
+    fn start(l: &Launch, width: u16, height: u16, after: &Path) -> Tmux {
+        let socket = l.dirs.path().join("tmux.sock");
+        let script_path = l.dirs.path().join("session.sh");
+        let mut script = format!("cd '{}'\nunset WORK_DIR AGENT_HOME\n", l.work.display());
+        for (k, v) in l.command().get_envs() {
+            if let Some(v) = v {
+                script.push_str(&format!("export {}='{}'\n", k.to_string_lossy(), v.to_string_lossy()));
+            }
+        }
+        script.push_str(&format!(
+            "'{}' run --memory 512M --cpus 1 shell\necho \"exit=$?\" > '{after}'\nstty -a >> '{after}'\nsleep 60\n",
+            agentvm_bin().display(),
+            after = after.display()
+        ));
+        std::fs::write(&script_path, script).unwrap();
+        let ok = Command::new("tmux")
+            .arg("-S")
+            .arg(&socket)
+            .args(["new-session", "-d", "-s", "t", "-x", &width.to_string(), "-y", &height.to_string()])
+            .arg(format!("sh '{}'", script_path.display()))
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        Tmux { socket, session: "t" }
+    }
+
+    fn tmux(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux").arg("-S").arg(&self.socket).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn send(&self, keys: &str) {
+        self.tmux(&["send-keys", "-t", self.session, keys, "Enter"]);
+    }
+
+    fn screen(&self) -> String {
+        self.tmux(&["capture-pane", "-p", "-t", self.session])
+    }
+
+    fn wait_for(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let s = self.screen();
+            if s.contains(needle) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{needle:?} never appeared; screen:\n{s}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        self.tmux(&["kill-server"]);
+    }
+}
+
+#[test]
+fn interactive_session_has_the_terminal_size_follows_resize_and_restores_the_terminal() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "tmux is missing: scripts/setup-host installs it");
+        return;
+    }
+    let l = Launch::new();
+    let marker = l.dirs.path().join("after.txt");
+    let t = Tmux::start(&l, 120, 40, &marker);
+    t.wait_for("agent@");
+    t.send("echo size=$(stty size)");
+    t.wait_for("size=40 120");
+    t.tmux(&["resize-window", "-t", "t", "-x", "100", "-y", "30"]);
+    t.send("echo size=$(stty size)");
+    t.wait_for("size=30 100");
+    // Ctrl-C reaches the program in the guest, not agentvm.
+    t.send("sleep 300");
+    std::thread::sleep(Duration::from_millis(500));
+    t.tmux(&["send-keys", "-t", "t", "C-c"]);
+    t.send("echo still-$((1+1))");
+    t.wait_for("still-2");
+    t.send("exit 4");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !marker.exists() || !std::fs::read_to_string(&marker).unwrap().contains("icanon") {
+        assert!(Instant::now() < deadline, "agentvm did not exit; screen:\n{}", t.screen());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let after = std::fs::read_to_string(&marker).unwrap();
+    assert!(after.starts_with("exit=4"), "{after}");
+    // Raw mode was undone: canonical input and echo are back on.
+    assert!(after.contains(" icanon") && after.contains(" echo "), "{after}");
+}
