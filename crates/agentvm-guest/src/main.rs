@@ -1,1 +1,69 @@
-fn main() {}
+//! agentvm-guest: PID 1 of an agentvm guest.
+//!
+//! Boots from the per-launch initramfs (mounts, modules, overlay root), sets
+//! up the system and the user, runs the program described by the launch spec
+//! on a pty or pipes, relays its I/O over the control port, reports its exit
+//! code, and powers the VM off. See `agentvm_proto` for the contract.
+
+mod boot;
+mod console;
+mod error;
+mod etc;
+mod port;
+mod power;
+mod program;
+mod relay;
+mod sys;
+
+use agentvm_proto::Frame;
+use error::{Error, Result};
+use std::path::Path;
+use std::time::Duration;
+
+/// How long to wait for the control port to show up after module loading.
+const PORT_WAIT: Duration = Duration::from_secs(5);
+
+fn main() {
+    if sys::getpid() != 1 {
+        eprintln!(
+            "agentvm-guest: must run as PID 1 inside an agentvm guest (it powers the machine off)"
+        );
+        std::process::exit(2);
+    }
+    power::install_panic_hook();
+    match run() {
+        Ok(relay::Outcome::Exited(_)) | Ok(relay::Outcome::HostGone) => power::shutdown(),
+        Err(e) => power::fatal(&e.to_string()),
+    }
+}
+
+/// The whole life of the guest up to power-off.
+fn run() -> Result<relay::Outcome> {
+    boot::early_mounts()?;
+    let spec = boot::read_spec()?;
+    console::set_verbose(spec.verbose);
+    console::step("spec read");
+    boot::load_modules(&spec.modules)?;
+    console::step("find the control port");
+    let mut port = port::Port::open(PORT_WAIT)?;
+    boot::mount_root(&spec)?;
+    boot::switch_root()?;
+    boot::setup_system(&spec)?;
+    boot::mount_shares(&spec.mounts)?;
+    console::step(&format!("user {}", spec.user.name));
+    etc::setup_user(Path::new("/"), &spec.user)?;
+    let groups = etc::user_groups(Path::new("/"), &spec.user)?;
+    let sigchld = sys::sigchld_fd().map_err(|e| Error::sys("signalfd(SIGCHLD)", e))?;
+    port.send(&Frame::Started)?;
+    console::step("start the program");
+    let child = program::spawn(&spec, groups)?;
+    let outcome = relay::run(&mut port, child, &sigchld)?;
+    if let relay::Outcome::Exited(code) = outcome {
+        console::step(&format!("program exited with {code}"));
+        // The host may already be gone; powering off is all that is left either way.
+        let _ = port.send(&Frame::Exit(code));
+    } else {
+        console::step("host closed the control port");
+    }
+    Ok(outcome)
+}
