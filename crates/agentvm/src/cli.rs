@@ -54,7 +54,8 @@ pub struct RunArgs {
     /// Accelerator: auto probes KVM and falls back to TCG [env: AGENTVM_ACCEL]
     #[arg(long, value_enum, value_name = "ACCEL")]
     pub accel: Option<AccelChoice>,
-    /// Show the guest's boot messages on failure in full detail.
+    /// Print the guest's boot log (kernel and init messages, with timings)
+    /// to stderr when the VM stops.
     #[arg(short, long)]
     pub verbose: bool,
 }

@@ -53,7 +53,7 @@ pub fn run_checks() -> Vec<Check> {
         check_subids(),
         check_dir("cache dir", paths::cache_dir()),
         check_dir("data dir", paths::data_dir()),
-        check_dir("runtime dir", Ok(paths::runtime_base())),
+        check_runtime_dir(),
     ]
 }
 
@@ -237,6 +237,14 @@ fn check_dir(name: &'static str, dir: Result<std::path::PathBuf, paths::PathsErr
     match result {
         Ok(()) => ok(name, format!("{} is writable", dir.display())),
         Err(e) => fail(name, format!("{}: {e}", dir.display()), format!("make {} writable, or point the XDG variable elsewhere", dir.display())),
+    }
+}
+
+fn check_runtime_dir() -> Check {
+    let base = paths::runtime_base();
+    match crate::instance::ensure_private_dir(&base) {
+        Ok(()) => ok("runtime dir", format!("{} is private and writable", base.display())),
+        Err(e) => fail("runtime dir", e.to_string(), "remove it, or set XDG_RUNTIME_DIR to a private directory"),
     }
 }
 

@@ -180,7 +180,11 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
         h.signal(libc::SIGTERM);
         h.stop(Duration::from_secs(2));
     }
-    let console = process::tail_lines(&std::fs::read(&cfg.console_log).unwrap_or_default(), CONSOLE_TAIL_LINES);
+    let console_log = std::fs::read(&cfg.console_log).unwrap_or_default();
+    if settings.verbose {
+        eprintln!("--- guest console ---\n{}", String::from_utf8_lossy(&console_log));
+    }
+    let console = process::tail_lines(&console_log, CONSOLE_TAIL_LINES);
     let result = end.into_result(console);
     drop(inst);
     result

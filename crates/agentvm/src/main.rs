@@ -64,14 +64,15 @@ fn image_command(cmd: ImageCommand) -> i32 {
             built.map(|img| println!("{}", img.dir.display()))
         }
         ImageCommand::Ls => store.list().map(|images| {
-            println!("{:<24} {:>9} {:<20} CREATED", "NAME", "SIZE", "KERNEL");
+            println!("{:<24} {:>7}  {:<17} {:<28} KEY", "NAME", "SIZE", "CREATED (UTC)", "KERNEL");
             for img in images {
                 println!(
-                    "{:<24} {:>8}M {:<20} {}",
+                    "{:<24} {:>6}M  {:<17} {:<28} {}",
                     img.dir.file_name().and_then(|n| n.to_str()).unwrap_or("?"),
                     img.meta.size_bytes / (1 << 20),
+                    agentvm::instance::format_utc(img.meta.created),
                     img.meta.kernel_release,
-                    img.meta.created
+                    &img.meta.key[..16],
                 );
             }
         }),
