@@ -120,31 +120,47 @@ pub fn load_modules(names: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Waits for `path` to exist.
-fn wait_for(path: &Path, timeout: Duration) -> Result<()> {
+/// Waits for a block device and returns its path. `serial:NAME` names the
+/// virtio disk whose serial is NAME (robust against probe order); anything
+/// else is a device path.
+fn wait_for_disk(device: &str, timeout: Duration) -> Result<String> {
     let start = Instant::now();
-    while !path.exists() {
+    loop {
+        let found = match device.strip_prefix("serial:") {
+            Some(serial) => disk_with_serial(serial),
+            None => Path::new(device).exists().then(|| device.to_string()),
+        };
+        if let Some(path) = found {
+            return Ok(path);
+        }
         if start.elapsed() > timeout {
             return Err(Error::Timeout {
-                what: format!("root device {}", path.display()),
+                what: format!("disk {device}"),
                 secs: timeout.as_secs(),
                 hint: "; is the disk attached and its driver module (virtio_blk) loaded?",
             });
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    Ok(())
+}
+
+/// `/dev/vdX` of the disk whose `/sys/block/vdX/serial` is `serial`.
+fn disk_with_serial(serial: &str) -> Option<String> {
+    fs::read_dir("/sys/block").ok()?.flatten().find_map(|e| {
+        let s = fs::read_to_string(e.path().join("serial")).ok()?;
+        (s.trim() == serial).then(|| format!("/dev/{}", e.file_name().to_string_lossy()))
+    })
 }
 
 /// Mounts the root image read-only under a tmpfs overlay at [`NEWROOT`].
 pub fn mount_root(spec: &LaunchSpec) -> Result<()> {
     step(&format!("wait for {}", spec.root_device));
-    wait_for(Path::new(&spec.root_device), ROOT_WAIT)?;
+    let root_device = wait_for_disk(&spec.root_device, ROOT_WAIT)?;
     for dir in [LOWER, RW, NEWROOT] {
         mkdir_p(Path::new(dir), 0o755)?;
     }
     mount(
-        &spec.root_device,
+        &root_device,
         LOWER,
         &spec.root_fstype,
         libc::MS_RDONLY,
@@ -154,7 +170,19 @@ pub fn mount_root(spec: &LaunchSpec) -> Result<()> {
     for dir in ["upper", "work"] {
         mkdir_p(&Path::new(RW).join(dir), 0o755)?;
     }
-    let opts = format!("lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work");
+    // Extra read-only layers (e.g. an agent's npm packages) stack above the
+    // root image, the first one topmost.
+    let mut lowers = Vec::new();
+    for (i, device) in spec.layers.iter().enumerate() {
+        let dir = format!("{LOWER}-{i}");
+        mkdir_p(Path::new(&dir), 0o755)?;
+        let device = wait_for_disk(device, ROOT_WAIT)?;
+        step(&format!("mount layer {device} on {dir}"));
+        mount(&device, &dir, &spec.root_fstype, libc::MS_RDONLY, None)?;
+        lowers.push(dir);
+    }
+    lowers.push(LOWER.to_string());
+    let opts = format!("lowerdir={},upperdir={RW}/upper,workdir={RW}/work", lowers.join(":"));
     mount("overlay", NEWROOT, "overlay", 0, Some(&opts))
 }
 

@@ -18,8 +18,12 @@ pub struct LaunchSpec {
     pub modules: Vec<String>,
     /// The root image's block device in the guest, e.g. `/dev/vda`.
     pub root_device: String,
-    /// The root image's file system type, e.g. `squashfs`.
+    /// The root image's file system type, e.g. `squashfs` (layers use it too).
     pub root_fstype: String,
+    /// Block devices of extra read-only layers stacked above the root image,
+    /// topmost first (e.g. an agent's packages).
+    #[serde(default)]
+    pub layers: Vec<String>,
     /// virtiofs shares to mount, in order.
     pub mounts: Vec<Mount>,
     /// The unprivileged user the program runs as.
@@ -90,6 +94,7 @@ mod tests {
             modules: vec!["virtio.ko".into()],
             root_device: "/dev/vda".into(),
             root_fstype: "squashfs".into(),
+            layers: vec!["/dev/vdb".into()],
             mounts: vec![Mount { tag: "work".into(), path: "/work".into(), read_only: false }],
             user: User { name: "agent".into(), uid: 1000, gid: 1000, home: "/home/agent".into() },
             cwd: "/work".into(),

@@ -154,6 +154,7 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
             settings.verbose,
         ),
         root_image: image.root(),
+        layers: Vec::new(),
         console_log: inst.dir.join("console.log"),
         control_fd: 3,
         shares: share_sockets,
@@ -201,8 +202,9 @@ fn launch_spec(s: &Settings, image: &Image, shares: &[Share], ids: IdMap, tty: b
     LaunchSpec {
         hostname: format!("agentvm-{}", &id[..6]),
         modules: image.meta.modules.clone(),
-        root_device: "/dev/vda".into(),
+        root_device: format!("serial:{}", vm::ROOT_SERIAL),
         root_fstype: "squashfs".into(),
+        layers: Vec::new(),
         mounts: shares
             .iter()
             .map(|sh| Mount { tag: sh.tag.clone(), path: sh.guest_path.clone(), read_only: sh.read_only })

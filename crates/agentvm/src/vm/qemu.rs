@@ -17,8 +17,11 @@ pub struct VmConfig {
     /// The initramfs; normally `/proc/self/fd/N` of an inherited memfd.
     pub initrd: PathBuf,
     pub cmdline: String,
-    /// Read-only root image (attached as the first virtio-blk disk, `/dev/vda`).
+    /// Read-only root image (virtio-blk disk with serial [`ROOT_SERIAL`]).
     pub root_image: PathBuf,
+    /// Read-only layers above the root, topmost first (serials from
+    /// [`layer_serial`]).
+    pub layers: Vec<PathBuf>,
     /// Where the guest's serial console (kernel and init messages) goes.
     pub console_log: PathBuf,
     /// File descriptor (inherited by QEMU) of a connected stream socket for
@@ -28,6 +31,14 @@ pub struct VmConfig {
     pub shares: Vec<(String, PathBuf)>,
     /// Use QEMU's seccomp sandbox.
     pub sandbox: bool,
+}
+
+/// Serial number of the root image's disk.
+pub const ROOT_SERIAL: &str = "agentvm-root";
+
+/// Serial number of the disk of layer `i`.
+pub fn layer_serial(i: usize) -> String {
+    format!("agentvm-layer{i}")
 }
 
 /// Builds QEMU's argument vector (without the program name).
@@ -72,10 +83,16 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
     a.flag("-chardev").val(format!("socket,id=ctl,fd={}", cfg.control_fd));
     a.flag("-device").val(format!("virtserialport,chardev=ctl,name={}", agentvm_proto::PORT_NAME));
 
-    let mut drive = OsString::from("id=root,if=none,format=raw,read-only=on,file.locking=off,file=");
-    drive.push(escape_commas(&cfg.root_image));
-    a.flag("-drive").val(drive);
-    a.flag("-device").val("virtio-blk-device,drive=root");
+    // Disks carry serials so the guest finds each one whatever the probe
+    // order; they are shared read-only by every VM using the image.
+    let disks = std::iter::once((ROOT_SERIAL.to_string(), &cfg.root_image))
+        .chain(cfg.layers.iter().enumerate().map(|(i, p)| (layer_serial(i), p)));
+    for (serial, image) in disks {
+        let mut drive = OsString::from(format!("id={serial},if=none,format=raw,read-only=on,file.locking=off,file="));
+        drive.push(escape_commas(image));
+        a.flag("-drive").val(drive);
+        a.flag("-device").val(format!("virtio-blk-device,drive={serial},serial={serial}"));
+    }
 
     for (tag, socket) in &cfg.shares {
         let mut chardev = OsString::from(format!("socket,id=fs-{tag},path="));
@@ -151,6 +168,7 @@ mod tests {
             initrd: "/proc/self/fd/5".into(),
             cmdline: "console=ttyS0".into(),
             root_image: "/img/root,1.squashfs".into(),
+            layers: vec![],
             console_log: "/run/x/console.log".into(),
             control_fd: 4,
             shares: vec![("work".into(), "/run/x/work.sock".into())],
@@ -184,6 +202,19 @@ mod tests {
         assert!(value_of(&args, "-object")
             .contains(&"memory-backend-memfd,id=mem,size=4096M,share=on".to_string()));
         assert!(value_of(&args, "-machine")[0].contains("memory-backend=mem"));
+    }
+
+    #[test]
+    fn root_and_layers_are_read_only_disks_with_serials() {
+        let c = VmConfig { layers: vec!["/img/claude.squashfs".into()], ..cfg() };
+        let args = strings(&c);
+        let drives = value_of(&args, "-drive");
+        assert_eq!(drives.len(), 2);
+        assert!(drives.iter().all(|d| d.contains("read-only=on")));
+        assert!(drives[1].ends_with("file=/img/claude.squashfs"));
+        let devices = value_of(&args, "-device");
+        assert!(devices.contains(&"virtio-blk-device,drive=agentvm-root,serial=agentvm-root".to_string()));
+        assert!(devices.contains(&"virtio-blk-device,drive=agentvm-layer0,serial=agentvm-layer0".to_string()));
     }
 
     #[test]
