@@ -27,6 +27,14 @@ pub enum Command {
     Image(ImageCommand),
     /// Check that this host has everything agentvm needs.
     Doctor,
+    /// Print a shell completion script (e.g. `agentvm completions bash >
+    /// ~/.local/share/bash-completion/completions/agentvm`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `agentvm man | man -l -`.
+    Man,
 }
 
 /// `agentvm run [OPTIONS] [FLAVOR] [-- ARGS...]`

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use agentvm::cli::{Cli, Command, ImageCommand, RunArgs};
 use agentvm::image::{self, Recipe, Store};
@@ -14,6 +14,15 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Image(cmd) => image_command(cmd),
         Command::Doctor => i32::from(!doctor::report(&doctor::run_checks())),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "agentvm", &mut std::io::stdout());
+            0
+        }
+        Command::Man => match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+            Ok(()) => 0,
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+            Err(e) => fail(e),
+        },
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }
