@@ -24,6 +24,9 @@ pub struct Helper {
     status: Option<ExitStatus>,
 }
 
+/// The only environment variables helpers inherit.
+const HELPER_ENV: &[&str] = &["PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "XDG_RUNTIME_DIR"];
+
 /// Lowest fd number used for fds in transit to a child, above any target.
 const TRANSIT_FD_MIN: RawFd = 64;
 
@@ -32,6 +35,14 @@ const TRANSIT_FD_MIN: RawFd = 64;
 pub fn spawn(name: &str, mut cmd: Command, pass: &[(RawFd, RawFd)], log: &Path) -> io::Result<Helper> {
     let out = File::create(log)?;
     cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+    // Helpers get a minimal environment: the launcher's may hold API keys,
+    // and a helper's environment is readable in /proc.
+    cmd.env_clear();
+    for (k, v) in std::env::vars_os() {
+        if HELPER_ENV.iter().any(|keep| k == *keep) {
+            cmd.env(k, v);
+        }
+    }
 
     // Move the passed fds out of the way of their targets first, so one
     // dup2 can never overwrite another's source.
@@ -171,6 +182,18 @@ mod tests {
         (&r).read_to_string(&mut got).unwrap();
         assert_eq!(got, "hello\n");
         assert!(h.stop(Duration::from_secs(5)).success());
+    }
+
+    #[test]
+    fn child_environment_is_reduced_to_the_allow_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "env > env.txt"]).current_dir(dir.path()).env("SECRET_API_KEY", "s3cr3t");
+        let mut h = spawn("sh", cmd, &[], &dir.path().join("log")).unwrap();
+        h.stop(Duration::from_secs(5));
+        let env = std::fs::read_to_string(dir.path().join("env.txt")).unwrap();
+        assert!(!env.contains("s3cr3t"), "{env}");
+        assert!(env.contains("PATH="), "{env}");
     }
 
     #[test]
