@@ -84,12 +84,15 @@ pub(crate) fn check_host() -> Result<Mode, ImageError> {
 }
 
 /// `Err(MissingTool)` unless `tool` is an executable on `$PATH`.
-fn require_tool(tool: &'static str, package: &'static str) -> Result<PathBuf, ImageError> {
+pub(super) fn require_tool(
+    tool: &'static str,
+    package: &'static str,
+) -> Result<PathBuf, ImageError> {
     find_on_path(tool).ok_or(ImageError::MissingTool { tool, package })
 }
 
 /// The first executable `name` in `$PATH`.
-fn find_on_path(name: &str) -> Option<PathBuf> {
+pub(super) fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
@@ -218,7 +221,7 @@ fn make_squashfs(steps: &mut Steps, dir: &Path, compressor: &str) -> Result<(), 
         .arg(format!("--num-jobs={jobs}"))
         .arg(dir.join(ROOT_FILE));
     steps.begin("squashfs");
-    steps.run_pipe(&tar, &mut filter, &mut squash)
+    steps.run_pipe(Some(&tar), &mut filter, &mut squash)
 }
 
 /// The squashfs compressor: lz4 decompresses fastest (it matters under TCG);
@@ -435,8 +438,9 @@ fn read_text(entry: &mut impl Read, tar_path: &Path) -> Result<String, ImageErro
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// Runs build commands, each with its output in its own log file.
-struct Steps<'a> {
+/// Runs build commands, each with its output in its own log file under
+/// `<dir>/logs/`; [`collect_logs`] joins them into `build.log`.
+pub(super) struct Steps<'a> {
     logs: PathBuf,
     progress: &'a mut dyn Progress,
     step: String,
@@ -444,7 +448,8 @@ struct Steps<'a> {
 }
 
 impl<'a> Steps<'a> {
-    fn new(dir: &Path, progress: &'a mut dyn Progress) -> Result<Steps<'a>, ImageError> {
+    /// Steps of a build in `dir`, reported to `progress`.
+    pub(super) fn new(dir: &Path, progress: &'a mut dyn Progress) -> Result<Steps<'a>, ImageError> {
         let logs = dir.join(LOGS_DIR);
         fs::create_dir_all(&logs).map_err(ImageError::io("cannot create", &logs))?;
         Ok(Steps {
@@ -456,7 +461,7 @@ impl<'a> Steps<'a> {
     }
 
     /// Starts a step: shows it and opens its log.
-    fn begin(&mut self, step: &str) {
+    pub(super) fn begin(&mut self, step: &str) {
         self.progress.step(step);
         self.step = step.to_string();
         self.count += 1;
@@ -485,7 +490,7 @@ impl<'a> Steps<'a> {
     }
 
     /// Runs `cmd` to completion with stdout and stderr in the step's log.
-    fn run(&mut self, cmd: &mut Command) -> Result<(), ImageError> {
+    pub(super) fn run(&mut self, cmd: &mut Command) -> Result<(), ImageError> {
         let log = self.log_file(&show_command(cmd))?;
         let out = log
             .try_clone()
@@ -508,17 +513,18 @@ impl<'a> Steps<'a> {
         self.check(&command, status)
     }
 
-    /// Runs `first < input | second`; both log to the step's log.
-    fn run_pipe(
+    /// Runs `first < input | second` (`first` reads nothing without an
+    /// input); both log their stderr to the step's log.
+    pub(super) fn run_pipe(
         &mut self,
-        input: &Path,
+        input: Option<&Path>,
         first: &mut Command,
         second: &mut Command,
     ) -> Result<(), ImageError> {
+        let redirect = input.map_or(String::new(), |i| format!(" < {}", i.display()));
         let command = format!(
-            "{} < {} | {}",
+            "{}{redirect} | {}",
             show_command(first),
-            input.display(),
             show_command(second)
         );
         let log = self.log_file(&command)?;
@@ -526,7 +532,12 @@ impl<'a> Steps<'a> {
             f.try_clone()
                 .map_err(ImageError::io("cannot write", self.log_path()))
         };
-        let stdin = File::open(input).map_err(ImageError::io("cannot open", input))?;
+        let stdin = match input {
+            Some(input) => {
+                Stdio::from(File::open(input).map_err(ImageError::io("cannot open", input))?)
+            }
+            None => Stdio::null(),
+        };
         let mut head = first
             .stdin(stdin)
             .stdout(Stdio::piped())
@@ -591,7 +602,7 @@ fn tail_lines(text: &str, n: usize) -> String {
 }
 
 /// Concatenates the step logs into `build.log` and removes them.
-fn collect_logs(dir: &Path) -> Result<(), ImageError> {
+pub(super) fn collect_logs(dir: &Path) -> Result<(), ImageError> {
     let logs = dir.join(LOGS_DIR);
     let mut names: Vec<PathBuf> = fs::read_dir(&logs)
         .map_err(ImageError::io("cannot read", &logs))?
@@ -650,18 +661,22 @@ pub(crate) fn dir_size(dir: &Path) -> Result<u64, ImageError> {
 
 /// Writes `image.json` (0644), the last file of a build.
 fn write_meta(dir: &Path, meta: &ImageMeta) -> Result<(), ImageError> {
-    let path = dir.join(META_FILE);
-    let json = serde_json::to_string_pretty(meta).expect("metadata serializes");
-    fs::write(&path, json + "\n").map_err(ImageError::io("cannot write", &path))?;
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o644))
-        .map_err(ImageError::io("cannot chmod", &path))
+    write_json(&dir.join(META_FILE), meta)
+}
+
+/// Writes `value` as pretty JSON to `path` (0644).
+pub(super) fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), ImageError> {
+    let json = serde_json::to_string_pretty(value).expect("metadata serializes");
+    fs::write(path, json + "\n").map_err(ImageError::io("cannot write", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o644))
+        .map_err(ImageError::io("cannot chmod", path))
 }
 
 fn remove_file(path: &Path) -> Result<(), ImageError> {
     fs::remove_file(path).map_err(ImageError::io("cannot remove", path))
 }
 
-fn remove_dir(path: &Path) -> Result<(), ImageError> {
+pub(super) fn remove_dir(path: &Path) -> Result<(), ImageError> {
     fs::remove_dir_all(path).map_err(ImageError::io("cannot remove", path))
 }
 

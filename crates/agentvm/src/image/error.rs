@@ -32,6 +32,19 @@ pub enum ImageError {
         package: &'static str,
     },
 
+    /// npm, which installs the packages of agent layers, is not on `$PATH`.
+    #[error("npm not found on PATH: agent layers are installed with the host's npm; install nodejs and npm (`sudo apt-get install nodejs npm`, or run scripts/setup-host), then try again")]
+    MissingNpm,
+
+    /// An agent layer was installed but lacks what its packages declare.
+    #[error("agent layer {name:?} is incomplete after npm install: {reason}")]
+    BadLayer {
+        /// The layer's name.
+        name: String,
+        /// What is missing or wrong.
+        reason: String,
+    },
+
     /// A normal user has no subordinate id range, which `mmdebstrap --mode=unshare` needs.
     #[error("building an image as a normal user needs subordinate ids for user {user} in {file}: run `sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}` (or build as root)")]
     NoSubordinateIds {
@@ -93,7 +106,7 @@ pub enum ImageError {
         release: String,
     },
 
-    /// `image.json` is unreadable.
+    /// `image.json` or `layer.json` is unreadable.
     #[error("bad image metadata {}: {source}; remove the image with `agentvm image rm` and build again", path.display())]
     BadMeta {
         /// The metadata file.
@@ -103,8 +116,8 @@ pub enum ImageError {
         source: serde_json::Error,
     },
 
-    /// `remove` matched no image.
-    #[error("no image matches {query:?} in {}: see `agentvm image ls` for names and keys", dir.display())]
+    /// `remove` matched no image or layer.
+    #[error("no image or layer matches {query:?} in {}: see `agentvm image ls` for names and keys", dir.display())]
     NoMatch {
         /// What the user asked to remove.
         query: String,

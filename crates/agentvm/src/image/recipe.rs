@@ -133,17 +133,8 @@ impl Recipe {
             name: self.name.clone(),
             reason,
         };
-        let name_ok = !self.name.is_empty()
-            && !self.name.starts_with('.')
-            && self.name.len() <= 64
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c));
-        if !name_ok {
-            return Err(invalid(
-                "the name must be 1-64 characters of [A-Za-z0-9._+-], not starting with '.'".into(),
-            ));
+        if !is_valid_name(&self.name) {
+            return Err(invalid(NAME_RULE.into()));
         }
         if !is_word(&self.suite) {
             return Err(invalid(format!(
@@ -175,6 +166,20 @@ impl Recipe {
         }
         Ok(())
     }
+}
+
+/// What [`is_valid_name`] accepts, for error messages.
+pub(super) const NAME_RULE: &str =
+    "the name must be 1-64 characters of [A-Za-z0-9._+-], not starting with '.'";
+
+/// Whether `name` is usable as the first part of a directory name in the store.
+pub(super) fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c))
 }
 
 /// Non-empty, no white space, no leading dash (it would read as an option).

@@ -3,9 +3,14 @@
 //!
 //! Names in the images directory:
 //! - `<name>-<key16>/`: a published image (only ever created by rename).
-//! - `.build-<name>-<key16>-<pid>/`: a build in progress, or a dead one.
-//! - `.lock-<name>-<key16>`: flock(2)ed while a build of that key runs.
-//! - `.trash-...`: an image being deleted.
+//! - `layer-<name>-<key16>/`: a published agent layer (likewise).
+//! - `.build-<dir name>-<pid>/`: a build in progress, or a dead one.
+//! - `.lock-<dir name>`: flock(2)ed while a build of that key runs.
+//! - `.trash-...`: an image or layer being deleted.
+//!
+//! Images and layers share the directory, the locking, the publishing and
+//! the cleanup; they differ in their build and their metadata file
+//! (`image.json`, `layer.json`).
 
 use std::fs::{self, File};
 use std::os::unix::ffi::OsStrExt;
@@ -13,11 +18,34 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::build::{self, Mode};
-use super::{Image, ImageError, Progress, Recipe};
+use super::layer_build;
+use super::{Image, ImageError, Layer, LayerRecipe, Progress, Recipe};
 
 const BUILD_PREFIX: &str = ".build-";
 const LOCK_PREFIX: &str = ".lock-";
 const TRASH_PREFIX: &str = ".trash-";
+
+/// What [`Store::remove`] and [`Store::prune`] deal with: an image or a layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheEntry {
+    /// Image or layer.
+    pub kind: EntryKind,
+    /// Its directory in the store.
+    pub dir: PathBuf,
+    /// The recipe's name.
+    pub name: String,
+    /// The recipe's key (64 hex).
+    pub key: String,
+}
+
+/// The kinds of published entries in a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A root image ([`Image`]).
+    Image,
+    /// An agent layer ([`Layer`]).
+    Layer,
+}
 
 /// The images directory and the operations on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +61,9 @@ impl Store {
 
     /// `$XDG_CACHE_HOME/agentvm/images`, or `$HOME/.cache/agentvm/images`.
     pub fn default_dir() -> Result<PathBuf, ImageError> {
-        crate::paths::cache_dir().map(|c| c.join("images")).map_err(|_| ImageError::NoCacheDir)
+        crate::paths::cache_dir()
+            .map(|c| c.join("images"))
+            .map_err(|_| ImageError::NoCacheDir)
     }
 
     /// The images directory.
@@ -59,15 +89,12 @@ impl Store {
         recipe: &Recipe,
         progress: &mut dyn Progress,
     ) -> Result<Image, ImageError> {
-        if let Some(image) = self.find(recipe)? {
-            return Ok(image);
-        }
-        let _lock = self.lock(&recipe.dir_name(), progress)?;
-        if let Some(image) = self.find(recipe)? {
-            progress.done();
-            return Ok(image);
-        }
-        self.build_locked(recipe, progress)
+        self.ensure_with(
+            &recipe.dir_name(),
+            progress,
+            || self.find(recipe),
+            |progress| self.build_locked(recipe, progress),
+        )
     }
 
     /// Builds the image of `recipe` even if it is cached; the new image
@@ -75,6 +102,65 @@ impl Store {
     pub fn build(&self, recipe: &Recipe, progress: &mut dyn Progress) -> Result<Image, ImageError> {
         let _lock = self.lock(&recipe.dir_name(), progress)?;
         self.build_locked(recipe, progress)
+    }
+
+    /// The published layer of `recipe`, if there is a complete one. Never builds.
+    pub fn find_layer(&self, recipe: &LayerRecipe) -> Result<Option<Layer>, ImageError> {
+        let found = match Layer::load(&self.dir.join(recipe.dir_name())) {
+            Ok(found) => found,
+            // A damaged layer counts as missing; a build replaces it.
+            Err(ImageError::BadMeta { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        Ok(found.filter(|layer| layer.meta.key == recipe.key() && layer.is_complete()))
+    }
+
+    /// The layer of `recipe`, built first if it is not cached (an unpinned
+    /// package is then at its latest version). When another process is
+    /// building the same layer, waits for it and reuses its result.
+    pub fn ensure_layer(
+        &self,
+        recipe: &LayerRecipe,
+        progress: &mut dyn Progress,
+    ) -> Result<Layer, ImageError> {
+        self.ensure_with(
+            &recipe.dir_name(),
+            progress,
+            || self.find_layer(recipe),
+            |progress| self.build_layer_locked(recipe, progress),
+        )
+    }
+
+    /// Builds the layer of `recipe` even if it is cached, picking up the
+    /// latest versions of unpinned packages; the new layer replaces the old
+    /// one atomically.
+    pub fn build_layer(
+        &self,
+        recipe: &LayerRecipe,
+        progress: &mut dyn Progress,
+    ) -> Result<Layer, ImageError> {
+        let _lock = self.lock(&recipe.dir_name(), progress)?;
+        self.build_layer_locked(recipe, progress)
+    }
+
+    /// All published layers, sorted by name, then newest first.
+    pub fn list_layers(&self) -> Result<Vec<Layer>, ImageError> {
+        let mut layers = Vec::new();
+        for dir in self.entries()? {
+            if is_hidden(&dir) {
+                continue;
+            }
+            if let Ok(Some(layer)) = Layer::load(&dir) {
+                layers.push(layer);
+            }
+        }
+        layers.sort_by(|a, b| {
+            a.meta
+                .name
+                .cmp(&b.meta.name)
+                .then(b.meta.created.cmp(&a.meta.created))
+        });
+        Ok(layers)
     }
 
     /// All published images, sorted by name, then newest first.
@@ -98,22 +184,23 @@ impl Store {
         Ok(images)
     }
 
-    /// Removes the images matching `query`: a directory name or path, an
-    /// image name (all its versions), or a key prefix of at least 4 hex
-    /// digits. Errors when nothing matches.
-    pub fn remove(&self, query: &str) -> Result<Vec<Image>, ImageError> {
+    /// Removes the images and layers matching `query`: a directory name or
+    /// path, a recipe name (all its versions; "claude" matches the layer
+    /// "claude"), or a key prefix of at least 4 hex digits. Errors when
+    /// nothing matches.
+    pub fn remove(&self, query: &str) -> Result<Vec<CacheEntry>, ImageError> {
         let as_path = fs::canonicalize(query).ok();
-        let matches: Vec<Image> = self
-            .list()?
+        let matches: Vec<CacheEntry> = self
+            .published()?
             .into_iter()
-            .filter(|image| {
+            .filter(|entry| {
                 let dir_name =
-                    image.dir.file_name().map(|n| n.as_bytes()) == Some(query.as_bytes());
+                    entry.dir.file_name().map(|n| n.as_bytes()) == Some(query.as_bytes());
                 let key_prefix = query.len() >= 4
                     && query.chars().all(|c| c.is_ascii_hexdigit())
-                    && image.meta.key.starts_with(&query.to_ascii_lowercase());
-                let path = as_path.is_some() && fs::canonicalize(&image.dir).ok() == as_path;
-                dir_name || image.meta.name == query || key_prefix || path
+                    && entry.key.starts_with(&query.to_ascii_lowercase());
+                let path = as_path.is_some() && fs::canonicalize(&entry.dir).ok() == as_path;
+                dir_name || entry.name == query || key_prefix || path
             })
             .collect();
         if matches.is_empty() {
@@ -122,21 +209,31 @@ impl Store {
                 dir: self.dir.clone(),
             });
         }
-        for image in &matches {
-            self.discard(&image.dir)?;
+        for entry in &matches {
+            self.discard(&entry.dir)?;
         }
         Ok(matches)
     }
 
-    /// Removes images whose key is not one of `keep`'s, dead builds and
-    /// leftovers of interrupted removals. Returns the paths removed.
-    pub fn prune(&self, keep: &[Recipe]) -> Result<Vec<PathBuf>, ImageError> {
-        let keys: Vec<String> = keep.iter().map(Recipe::key).collect();
+    /// Removes images whose key is not one of `keep`'s, layers whose key is
+    /// not one of `keep_layers`', dead builds and leftovers of interrupted
+    /// removals. Returns the paths removed.
+    pub fn prune(
+        &self,
+        keep: &[Recipe],
+        keep_layers: &[LayerRecipe],
+    ) -> Result<Vec<PathBuf>, ImageError> {
+        let image_keys: Vec<String> = keep.iter().map(Recipe::key).collect();
+        let layer_keys: Vec<String> = keep_layers.iter().map(LayerRecipe::key).collect();
         let mut removed = Vec::new();
-        for image in self.list()? {
-            if !keys.contains(&image.meta.key) {
-                self.discard(&image.dir)?;
-                removed.push(image.dir);
+        for entry in self.published()? {
+            let keys = match entry.kind {
+                EntryKind::Image => &image_keys,
+                EntryKind::Layer => &layer_keys,
+            };
+            if !keys.contains(&entry.key) {
+                self.discard(&entry.dir)?;
+                removed.push(entry.dir);
             }
         }
         for path in self.entries()? {
@@ -155,8 +252,45 @@ impl Store {
         Ok(removed)
     }
 
-    /// Builds into a fresh temporary directory and publishes it. The caller
-    /// holds the key's lock.
+    /// Published images and layers.
+    fn published(&self) -> Result<Vec<CacheEntry>, ImageError> {
+        let images = self.list()?.into_iter().map(|i| CacheEntry {
+            kind: EntryKind::Image,
+            dir: i.dir,
+            name: i.meta.name,
+            key: i.meta.key,
+        });
+        let layers = self.list_layers()?.into_iter().map(|l| CacheEntry {
+            kind: EntryKind::Layer,
+            dir: l.dir,
+            name: l.meta.name,
+            key: l.meta.key,
+        });
+        Ok(images.chain(layers).collect())
+    }
+
+    /// `find()`'s result if there is one, else `build()`'s under the lock of
+    /// `dir_name`: when another process built it meanwhile, that is reused.
+    fn ensure_with<T>(
+        &self,
+        dir_name: &str,
+        progress: &mut dyn Progress,
+        find: impl Fn() -> Result<Option<T>, ImageError>,
+        build: impl FnOnce(&mut dyn Progress) -> Result<T, ImageError>,
+    ) -> Result<T, ImageError> {
+        if let Some(found) = find()? {
+            return Ok(found);
+        }
+        let _lock = self.lock(dir_name, progress)?;
+        if let Some(found) = find()? {
+            progress.done();
+            return Ok(found);
+        }
+        build(progress)
+    }
+
+    /// Builds the image into a fresh temporary directory and publishes it.
+    /// The caller holds the key's lock.
     fn build_locked(
         &self,
         recipe: &Recipe,
@@ -164,25 +298,62 @@ impl Store {
     ) -> Result<Image, ImageError> {
         recipe.validate()?;
         let mode: Mode = build::check_host()?;
-        let dir_name = recipe.dir_name();
-        self.remove_dead_builds(&dir_name)?;
+        let (dir, meta) = self.build_and_publish(
+            &recipe.dir_name(),
+            progress,
+            |tmp, progress| build::build_in(tmp, recipe, mode, progress),
+            build::discard_bulk,
+        )?;
+        Ok(Image { dir, meta })
+    }
+
+    /// Builds the layer into a fresh temporary directory and publishes it.
+    /// The caller holds the key's lock.
+    fn build_layer_locked(
+        &self,
+        recipe: &LayerRecipe,
+        progress: &mut dyn Progress,
+    ) -> Result<Layer, ImageError> {
+        recipe.validate()?;
+        layer_build::check_host()?;
+        let (dir, meta) = self.build_and_publish(
+            &recipe.dir_name(),
+            progress,
+            |tmp, progress| layer_build::build_layer_in(tmp, recipe, progress),
+            layer_build::discard_bulk,
+        )?;
+        Ok(Layer { dir, meta })
+    }
+
+    /// Runs `build` in a fresh `.build-<dir_name>-<pid>` directory and
+    /// renames it to `dir_name`; on failure `discard_bulk` frees its space
+    /// (the logs stay until the next build or prune). The caller holds the
+    /// lock of `dir_name`.
+    fn build_and_publish<T>(
+        &self,
+        dir_name: &str,
+        progress: &mut dyn Progress,
+        build: impl FnOnce(&Path, &mut dyn Progress) -> Result<T, ImageError>,
+        discard_bulk: fn(&Path),
+    ) -> Result<(PathBuf, T), ImageError> {
+        self.remove_dead_builds(dir_name)?;
         let tmp = self
             .dir
             .join(format!("{BUILD_PREFIX}{dir_name}-{}", std::process::id()));
         fs::create_dir(&tmp).map_err(ImageError::io("cannot create", &tmp))?;
-        let meta = match build::build_in(&tmp, recipe, mode, progress) {
+        let meta = match build(&tmp, progress) {
             Ok(meta) => meta,
             Err(e) => {
                 progress.fail();
-                build::discard_bulk(&tmp);
+                discard_bulk(&tmp);
                 return Err(e);
             }
         };
         progress.step("publish");
-        let dir = self.dir.join(&dir_name);
+        let dir = self.dir.join(dir_name);
         self.publish(&tmp, &dir)?;
         progress.done();
-        Ok(Image { dir, meta })
+        Ok((dir, meta))
     }
 
     /// Takes the build lock of `dir_name`, waiting (and saying so) while another process holds it.
@@ -347,6 +518,7 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::super::meta::{ImageMeta, KERNEL_FILE, META_FILE, MODULES_DIR, ROOT_FILE};
+    use super::super::{LayerMeta, NullProgress, LAYER_FILE, LAYER_META_FILE};
     use super::*;
 
     /// Writes a complete fake image of `recipe` as a build would publish it.
@@ -456,11 +628,11 @@ mod tests {
         for r in [&a, &b, &c] {
             fake_image(&store, r, 1);
         }
-        assert_eq!(store.remove("a").unwrap()[0].meta.key, a.key());
-        assert_eq!(store.remove(&b.key()[..8]).unwrap()[0].meta.key, b.key());
-        assert_eq!(store.remove(&c.dir_name()).unwrap()[0].meta.key, c.key());
+        assert_eq!(store.remove("a").unwrap()[0].key, a.key());
+        assert_eq!(store.remove(&b.key()[..8]).unwrap()[0].key, b.key());
+        assert_eq!(store.remove(&c.dir_name()).unwrap()[0].key, c.key());
         assert_eq!(
-            store.remove(d_dir.to_str().unwrap()).unwrap()[0].meta.key,
+            store.remove(d_dir.to_str().unwrap()).unwrap()[0].key,
             d.key()
         );
         assert!(store.list().unwrap().is_empty());
@@ -497,7 +669,7 @@ mod tests {
         let trash = store.dir().join(".trash-x-1-2");
         fs::create_dir(&trash).unwrap();
 
-        let mut removed = store.prune(std::slice::from_ref(&keep)).unwrap();
+        let mut removed = store.prune(std::slice::from_ref(&keep), &[]).unwrap();
         removed.sort();
         let mut expected = vec![old_dir, dead, trash];
         expected.sort();
@@ -515,7 +687,7 @@ mod tests {
         let _held = store.try_lock(&r.dir_name()).unwrap().unwrap();
         // flock is per open file description: a second open conflicts even in one process.
         assert!(store.try_lock(&r.dir_name()).unwrap().is_none());
-        assert!(store.prune(&[]).unwrap().is_empty());
+        assert!(store.prune(&[], &[]).unwrap().is_empty());
         assert!(running.exists());
     }
 
@@ -531,6 +703,187 @@ mod tests {
         assert!(dir.join("marker").exists());
         assert!(!tmp.exists());
         assert_eq!(fs::read_dir(store.dir()).unwrap().count(), 1);
+    }
+
+    /// Writes a complete fake layer of `recipe` as a build would publish it.
+    fn fake_layer(store: &Store, recipe: &LayerRecipe, created: u64) -> PathBuf {
+        let dir = store.dir().join(recipe.dir_name());
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(LAYER_FILE), b"hsqs").unwrap();
+        let meta = LayerMeta {
+            name: recipe.name.clone(),
+            key: recipe.key(),
+            recipe: recipe.clone(),
+            versions: [("pkg".to_string(), "1.0.0".to_string())].into(),
+            created,
+            size_bytes: 4,
+            compressor: "lz4".into(),
+            host_node: "v20.0.0".into(),
+        };
+        fs::write(
+            dir.join(LAYER_META_FILE),
+            serde_json::to_string(&meta).unwrap(),
+        )
+        .unwrap();
+        dir
+    }
+
+    fn layer(name: &str, spec: &str) -> LayerRecipe {
+        LayerRecipe::new(name, &[spec])
+    }
+
+    #[test]
+    fn find_layer_published_returns_it_and_images_do_not_see_it() {
+        let (_tmp, store) = store();
+        let r = layer("codex", "@openai/codex");
+        let dir = fake_layer(&store, &r, 1);
+        fake_image(&store, &Recipe::base(), 1);
+        let found = store.find_layer(&r).unwrap().unwrap();
+        assert_eq!(found.dir, dir);
+        assert_eq!(found.squashfs(), dir.join("layer.squashfs"));
+        assert_eq!(store.list().unwrap().len(), 1, "layers are not images");
+        assert_eq!(
+            store.list_layers().unwrap().len(),
+            1,
+            "images are not layers"
+        );
+        assert!(store
+            .find_layer(&layer("codex", "@openai/codex@1.0.0"))
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn find_layer_incomplete_or_damaged_returns_none() {
+        let (_tmp, store) = store();
+        let r = layer("codex", "@openai/codex");
+        let dir = fake_layer(&store, &r, 1);
+        fs::remove_file(dir.join(LAYER_FILE)).unwrap();
+        assert!(store.find_layer(&r).unwrap().is_none());
+        fake_layer(&store, &r, 1);
+        fs::write(dir.join(LAYER_META_FILE), b"{").unwrap();
+        assert!(store.find_layer(&r).unwrap().is_none());
+        assert!(store.list_layers().unwrap().is_empty());
+    }
+
+    #[test]
+    fn ensure_layer_cached_returns_without_building() {
+        let (_tmp, store) = store();
+        let r = layer("codex", "@openai/codex");
+        let dir = fake_layer(&store, &r, 1);
+        // A build would need npm and fail on the fake package: a hit must not build.
+        let found = store.ensure_layer(&r, &mut NullProgress).unwrap();
+        assert_eq!(found.dir, dir);
+    }
+
+    #[test]
+    fn ensure_layer_invalid_recipe_errs_and_leaves_no_build_dir() {
+        let (_tmp, store) = store();
+        let r = layer("codex", "--prefix=/");
+        assert!(matches!(
+            store.ensure_layer(&r, &mut NullProgress),
+            Err(ImageError::InvalidRecipe { .. })
+        ));
+        assert!(store.list_layers().unwrap().is_empty());
+        let builds = fs::read_dir(store.dir())
+            .unwrap()
+            .filter(|e| file_name(&e.as_ref().unwrap().path()).starts_with(BUILD_PREFIX))
+            .count();
+        assert_eq!(builds, 0);
+    }
+
+    #[test]
+    fn list_layers_sorts_by_name_then_newest() {
+        let (_tmp, store) = store();
+        fake_layer(&store, &layer("gemini", "@google/gemini-cli"), 5);
+        fake_layer(&store, &layer("claude", "@anthropic-ai/claude-code"), 1);
+        fake_layer(
+            &store,
+            &layer("claude", "@anthropic-ai/claude-code@2.0.0"),
+            9,
+        );
+        let listed: Vec<(String, u64)> = store
+            .list_layers()
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.meta.name, l.meta.created))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("claude".into(), 9),
+                ("claude".into(), 1),
+                ("gemini".into(), 5)
+            ]
+        );
+    }
+
+    #[test]
+    fn remove_layers_by_name_key_prefix_and_dir_name() {
+        let (_tmp, store) = store();
+        let base = Recipe::base();
+        fake_image(&store, &base, 1);
+        let claude = layer("claude", "@anthropic-ai/claude-code");
+        let codex = layer("codex", "@openai/codex");
+        let gemini = layer("gemini", "@google/gemini-cli");
+        for r in [&claude, &codex, &gemini] {
+            fake_layer(&store, r, 1);
+        }
+        let removed = store.remove("claude").unwrap();
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].kind, EntryKind::Layer);
+        assert_eq!(removed[0].key, claude.key());
+        assert_eq!(store.remove(&codex.key()[..8]).unwrap()[0].key, codex.key());
+        assert_eq!(
+            store.remove(&gemini.dir_name()).unwrap()[0].key,
+            gemini.key()
+        );
+        assert!(store.list_layers().unwrap().is_empty());
+        assert!(store.find(&base).unwrap().is_some(), "the image stays");
+        let base_removed = store.remove("base").unwrap();
+        assert_eq!(base_removed[0].kind, EntryKind::Image);
+    }
+
+    #[test]
+    fn prune_keeps_listed_layers_and_removes_others_and_dead_layer_builds() {
+        let (_tmp, store) = store();
+        let base = Recipe::base();
+        let keep = layer("claude", "@anthropic-ai/claude-code");
+        let old = layer("claude", "@anthropic-ai/claude-code@1.0.0");
+        let other = layer("codex", "@openai/codex");
+        fake_image(&store, &base, 1);
+        fake_layer(&store, &keep, 2);
+        let old_dir = fake_layer(&store, &old, 1);
+        let other_dir = fake_layer(&store, &other, 1);
+        let dead = store
+            .dir()
+            .join(format!(".build-{}-999999", keep.dir_name()));
+        fs::create_dir_all(dead.join("staging/usr/local")).unwrap();
+
+        let mut removed = store
+            .prune(std::slice::from_ref(&base), std::slice::from_ref(&keep))
+            .unwrap();
+        removed.sort();
+        let mut expected = vec![old_dir, other_dir, dead];
+        expected.sort();
+        assert_eq!(removed, expected);
+        assert!(store.find(&base).unwrap().is_some());
+        assert!(store.find_layer(&keep).unwrap().is_some());
+        assert_eq!(store.list_layers().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn prune_without_keep_layers_removes_all_layers_but_kept_images() {
+        let (_tmp, store) = store();
+        let base = Recipe::base();
+        fake_image(&store, &base, 1);
+        fake_layer(&store, &layer("codex", "@openai/codex"), 1);
+        assert_eq!(
+            store.prune(std::slice::from_ref(&base), &[]).unwrap().len(),
+            1
+        );
+        assert!(store.list_layers().unwrap().is_empty());
+        assert_eq!(store.list().unwrap().len(), 1);
     }
 
     #[test]
