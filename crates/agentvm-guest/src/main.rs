@@ -9,10 +9,12 @@ mod boot;
 mod console;
 mod error;
 mod etc;
+mod exec;
 mod port;
 mod power;
 mod program;
 mod relay;
+mod session;
 mod sys;
 
 use agentvm_proto::Frame;
@@ -54,10 +56,11 @@ fn run() -> Result<relay::Outcome> {
     etc::setup_user(Path::new("/"), &spec.user)?;
     let groups = etc::user_groups(Path::new("/"), &spec.user)?;
     let sigchld = sys::sigchld_fd().map_err(|e| Error::sys("signalfd(SIGCHLD)", e))?;
+    let mut exec = exec::ExecPorts::open(&spec, groups.clone());
     port.send(&Frame::Started)?;
     console::step("start the program");
     let child = program::spawn(&spec, groups)?;
-    let outcome = relay::run(&mut port, child, &sigchld)?;
+    let outcome = relay::run(&mut port, child, &sigchld, &mut exec)?;
     if let relay::Outcome::Exited(code) = outcome {
         console::step(&format!("program exited with {code}"));
         // The host may already be gone; powering off is all that is left either way.

@@ -19,7 +19,7 @@ static PORT_FD: AtomicI32 = AtomicI32::new(-1);
 static CONNECTED: AtomicBool = AtomicBool::new(false);
 
 /// The sysfs directory listing virtio-serial ports.
-const PORTS_SYSFS: &str = "/sys/class/virtio-ports";
+pub const PORTS_SYSFS: &str = "/sys/class/virtio-ports";
 
 /// What reading the port produced.
 pub enum Input {
@@ -40,7 +40,7 @@ pub struct Port {
 }
 
 /// The `/dev` node of the port named `name`, if sysfs lists it.
-fn find_port(sysfs: &Path, name: &str) -> Option<String> {
+pub fn find_port(sysfs: &Path, name: &str) -> Option<String> {
     for entry in fs::read_dir(sysfs).ok()?.flatten() {
         let got = fs::read_to_string(entry.path().join("name")).unwrap_or_default();
         if got.trim_end() == name {

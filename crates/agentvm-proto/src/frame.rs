@@ -4,8 +4,24 @@
 //! payload. One channel carries everything, so stdout and stderr stay apart
 //! and the exit status cannot be confused with program output.
 
+use crate::spec::ExecRequest;
+
 /// The virtio-serial port name both sides use (`/dev/virtio-ports/<name>`).
 pub const PORT_NAME: &str = "org.agentvm.ctl";
+
+/// How many exec ports a VM has: extra sessions (`agentvm exec`) that can
+/// run at the same time as the main program.
+pub const EXEC_PORTS: usize = 4;
+
+/// The virtio-serial port name of exec port `i` (`org.agentvm.exec.<i>`).
+///
+/// An exec port carries the same frames as the control port, one session at
+/// a time: the host connects and sends [`Frame::Exec`]; the guest starts the
+/// program and relays it like the main one, then sends [`Frame::Exit`] and
+/// waits for the next connection.
+pub fn exec_port_name(i: usize) -> String {
+    format!("org.agentvm.exec.{i}")
+}
 
 /// Largest payload accepted; bigger lengths mean a corrupt stream.
 pub const MAX_PAYLOAD: usize = 1 << 20;
@@ -24,6 +40,8 @@ pub enum Frame {
     Resize { rows: u16, cols: u16 },
     /// Deliver this signal to the program's process group.
     Signal(u8),
+    /// Start a program (first frame on an exec port; JSON payload).
+    Exec(ExecRequest),
 
     // guest -> host
     /// The program is about to start (the guest booted).
@@ -54,6 +72,7 @@ mod kind {
     pub const STDIN_EOF: u8 = 2;
     pub const RESIZE: u8 = 3;
     pub const SIGNAL: u8 = 4;
+    pub const EXEC: u8 = 5;
     pub const STARTED: u8 = 16;
     pub const STDOUT: u8 = 17;
     pub const STDERR: u8 = 18;
@@ -73,6 +92,7 @@ impl Frame {
                 (kind::RESIZE, p.into())
             }
             Frame::Signal(s) => (kind::SIGNAL, vec![*s].into()),
+            Frame::Exec(req) => (kind::EXEC, serde_json::to_vec(req).expect("serializable").into()),
             Frame::Started => (kind::STARTED, (&[][..]).into()),
             Frame::Stdout(d) => (kind::STDOUT, d.into()),
             Frame::Stderr(d) => (kind::STDERR, d.into()),
@@ -104,6 +124,7 @@ impl Frame {
                 }
             }
             kind::SIGNAL => Frame::Signal(*p.first().filter(|_| p.len() == 1).ok_or_else(bad)?),
+            kind::EXEC => Frame::Exec(serde_json::from_slice(p).map_err(|_| bad())?),
             kind::STARTED => Frame::Started,
             kind::STDOUT => Frame::Stdout(p.to_vec()),
             kind::STDERR => Frame::Stderr(p.to_vec()),
@@ -158,6 +179,12 @@ mod tests {
             Frame::StdinEof,
             Frame::Resize { rows: 40, cols: 120 },
             Frame::Signal(15),
+            Frame::Exec(ExecRequest {
+                argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
+                env: vec![("TERM".into(), "xterm".into())],
+                tty: true,
+                winsize: Some((24, 80)),
+            }),
             Frame::Started,
             Frame::Stdout(vec![0, 255, 10]),
             Frame::Stderr(Vec::new()),
@@ -195,6 +222,25 @@ mod tests {
         let mut r = FrameReader::new();
         r.push(&[1, 0xff, 0xff, 0xff, 0xff]);
         assert!(matches!(r.next_frame(), Err(FrameError::TooLong(_))));
+    }
+
+    #[test]
+    fn exec_with_bad_json_is_a_bad_payload() {
+        let mut r = FrameReader::new();
+        r.push(&[5, 2, 0, 0, 0, b'{', b'x']);
+        assert!(matches!(r.next_frame(), Err(FrameError::BadPayload { kind: 5, .. })));
+    }
+
+    #[test]
+    fn exec_request_fields_other_than_argv_are_optional() {
+        let req: ExecRequest = serde_json::from_str(r#"{"argv":["ls"]}"#).unwrap();
+        assert_eq!(req, ExecRequest { argv: vec!["ls".into()], env: vec![], tty: false, winsize: None });
+    }
+
+    #[test]
+    fn exec_port_names_are_numbered() {
+        assert_eq!(exec_port_name(0), "org.agentvm.exec.0");
+        assert_eq!(exec_port_name(EXEC_PORTS - 1), "org.agentvm.exec.3");
     }
 
     #[test]

@@ -9,5 +9,5 @@
 pub mod frame;
 pub mod spec;
 
-pub use frame::{Frame, FrameError, FrameReader, PORT_NAME};
-pub use spec::{LaunchSpec, Mount, SpecError, User, MODULES_DIR, SPEC_PATH};
+pub use frame::{exec_port_name, Frame, FrameError, FrameReader, EXEC_PORTS, PORT_NAME};
+pub use spec::{ExecRequest, LaunchSpec, Mount, SpecError, User, MODULES_DIR, SPEC_PATH};

@@ -43,6 +43,24 @@ pub struct LaunchSpec {
     pub verbose: bool,
 }
 
+/// A second program in a running VM (`agentvm exec`), sent in
+/// [`crate::Frame::Exec`]. It runs as [`LaunchSpec::user`] in
+/// [`LaunchSpec::cwd`], with the launch's environment plus `env`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// The program and its arguments. Empty: the user's login shell.
+    pub argv: Vec<String>,
+    /// Environment on top of the launch's (same rules as [`LaunchSpec::env`]).
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Run on a pseudo-terminal instead of pipes.
+    #[serde(default)]
+    pub tty: bool,
+    /// Initial terminal size as (rows, columns), when `tty`.
+    #[serde(default)]
+    pub winsize: Option<(u16, u16)>,
+}
+
 /// A virtiofs share.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mount {

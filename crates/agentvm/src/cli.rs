@@ -19,7 +19,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Boot a VM and run a flavor (default: shell) in it; its exit status
+    /// Boot a VM and run a flavor (default: claude) in it; its exit status
     /// becomes agentvm's.
     Run(RunArgs),
     /// Build, list and remove cached VM images.
@@ -35,17 +35,74 @@ pub enum Command {
     },
     /// Print the manual page (roff), e.g. `agentvm man | man -l -`.
     Man,
+    /// List the running instances (VMs) of this user.
+    Ps {
+        /// Print a JSON array (for scripts) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop running instances: the program gets SIGTERM, the VM powers off;
+    /// whatever has not stopped after the timeout is killed.
+    Stop {
+        /// Instance ids (or unique prefixes), as `agentvm ps` shows them.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Stop every running instance.
+        #[arg(short, long)]
+        all: bool,
+        /// Seconds to wait before killing.
+        #[arg(short, long, value_name = "SECS", default_value_t = 15)]
+        timeout: u64,
+    },
+    /// Print an instance's console log (kernel and guest init messages).
+    Logs {
+        /// Instance id or unique prefix.
+        id: String,
+        /// Keep printing new output until the instance ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Run a command in a running instance, as the agent user in /work; its
+    /// exit status becomes agentvm's.
+    #[command(after_help = "Examples:\n  agentvm exec 3f2a -- git status\n  echo hi | agentvm exec 3f2a -- sh -c 'cat > /work/in.txt'")]
+    Exec {
+        /// Instance id or unique prefix.
+        id: String,
+        /// Run on a terminal even when stdin and stdout are not terminals.
+        #[arg(short = 't', long, conflicts_with = "no_tty")]
+        tty: bool,
+        /// Never run on a terminal.
+        #[arg(short = 'T', long)]
+        no_tty: bool,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Open a login shell in a running instance.
+    Shell {
+        /// Instance id or unique prefix.
+        id: String,
+    },
 }
 
 /// `agentvm run [OPTIONS] [FLAVOR] [-- ARGS...]`
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  agentvm run shell                   interactive bash in /work\n  agentvm run shell -- make test      one command; its exit status comes back\n  echo hi | agentvm run shell -- sh -c 'cat > /work/in.txt'")]
+#[command(after_help = "Examples:\n  agentvm run                         Claude Code in ./ (the default flavor)\n  agentvm run claude -- -p \"fix the failing test\"\n  agentvm run shell                   interactive bash in /work\n  agentvm run shell -- make test      one command; its exit status comes back\n  echo hi | agentvm run shell -- sh -c 'cat > /work/in.txt'")]
 pub struct RunArgs {
-    /// What to run: `shell` (bash; with ARGS, ARGS is the command).
+    /// What to run: claude (default), gemini, codex, shell, or a flavor
+    /// from [flavors.NAME] in the config [env: AGENTVM_FLAVOR]
     pub flavor: Option<String>,
-    /// Arguments for the flavor (for `shell`: the command to run).
+    /// Arguments for the flavor's program (for `shell`: the command to run).
     #[arg(last = true)]
     pub args: Vec<String>,
+    /// Pass NAME from the host, or set NAME=VALUE, in the program's
+    /// environment (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "NAME[=VALUE]")]
+    pub env: Vec<String>,
+    /// Read NAME=VALUE lines from FILE into the program's environment
+    /// (repeatable).
+    #[arg(long = "env-file", value_name = "FILE")]
+    pub env_files: Vec<PathBuf>,
     /// Project directory shared at /work [env: WORK_DIR] [default: .]
     #[arg(short = 'w', long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
@@ -71,12 +128,20 @@ pub struct RunArgs {
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
     /// Build the image (or reuse the cached one unless --force).
+    /// The base image and the layers of the named flavors (default: the base
+    /// only); reuses cached ones unless --refresh.
     Build {
-        /// Rebuild even if a cached image matches the recipe.
+        /// Flavors whose layers to build, e.g. `claude codex`.
+        flavors: Vec<String>,
+        /// Rebuild even if cached: picks up the latest version of unpinned
+        /// agent packages (and rebuilds the base with --base).
         #[arg(long)]
-        force: bool,
+        refresh: bool,
+        /// With --refresh, also rebuild the base image.
+        #[arg(long, requires = "refresh")]
+        base: bool,
     },
-    /// List cached images.
+    /// List cached images and layers, with the agent versions they hold.
     Ls,
     /// Remove cached images by name, directory name or key prefix.
     Rm {

@@ -21,6 +21,20 @@ pub struct InstanceMeta {
     pub cpus: u32,
     /// Unix seconds.
     pub started: u64,
+    /// QEMU's pid, once it runs.
+    #[serde(default)]
+    pub qemu_pid: Option<u32>,
+    /// Published ports, as given on the command line (e.g. `8080:8080`).
+    #[serde(default)]
+    pub ports: Vec<String>,
+}
+
+/// The metadata file in an instance dir.
+pub const META_FILE: &str = "instance.json";
+
+/// Reads an instance dir's metadata, if it is there and valid.
+pub fn read_meta(dir: &Path) -> Option<InstanceMeta> {
+    fs::read(dir.join(META_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok())
 }
 
 /// A live instance's runtime dir; removed on drop.
@@ -84,7 +98,7 @@ impl Instance {
 
     /// Records the metadata `ps` reads (atomically: write, then rename).
     pub fn write_meta(&self, meta: &InstanceMeta) -> Result<(), InstanceError> {
-        let path = self.dir.join("instance.json");
+        let path = self.dir.join(META_FILE);
         let tmp = self.dir.join(".instance.json.tmp");
         let err = |source| InstanceError::Write { path: path.clone(), source };
         fs::write(&tmp, serde_json::to_vec_pretty(meta).expect("serializable")).map_err(err)?;
@@ -109,8 +123,7 @@ pub fn sweep_stale(base: &Path) -> Vec<String> {
         if !dir.is_dir() {
             continue;
         }
-        let meta: Option<InstanceMeta> =
-            fs::read(dir.join("instance.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let meta = read_meta(&dir);
         let stale = match meta {
             Some(m) => !pid_alive(m.pid),
             // No metadata: either being created right now, or abandoned
@@ -128,7 +141,11 @@ pub fn sweep_stale(base: &Path) -> Vec<String> {
     removed
 }
 
-fn pid_alive(pid: u32) -> bool {
+/// Whether a process with this pid exists (a zombie counts as existing).
+pub fn pid_alive(pid: u32) -> bool {
+    if pid == 0 || pid > i32::MAX as u32 {
+        return false;
+    }
     // SAFETY: kill with signal 0 only checks for existence.
     let r = unsafe { libc::kill(pid as i32, 0) };
     r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
@@ -176,7 +193,16 @@ mod tests {
             memory_mib: 1024,
             cpus: 1,
             started: now_secs(),
+            qemu_pid: None,
+            ports: Vec::new(),
         }
+    }
+
+    #[test]
+    fn meta_without_new_fields_still_reads() {
+        let old = r#"{"id":"abc","pid":1,"flavor":"shell","work_dir":"/p","memory_mib":512,"cpus":1,"started":5}"#;
+        let m: InstanceMeta = serde_json::from_str(old).unwrap();
+        assert_eq!((m.qemu_pid, m.ports.len()), (None, 0));
     }
 
     #[test]

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use agentvm_proto::{Frame, FrameReader, LaunchSpec, Mount, User, MODULES_DIR, SPEC_PATH};
 
 use crate::console::{self, RawMode};
-use crate::image::{self, Image, Recipe, Store};
+use crate::flavor::Flavor;
+use crate::homesetup::{self, VmFacts};
+use crate::image::{self, Image, LayerRecipe, Recipe, Store};
 use crate::initramfs::Cpio;
 use crate::instance::{self, Instance, InstanceMeta};
 use crate::settings::Settings;
@@ -102,24 +104,36 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
     }
 
     let store = Store::open(Store::default_dir()?);
-    let image = store.ensure(&Recipe::base(), &mut image::TerminalProgress::new())?;
+    let mut progress = image::TerminalProgress::new();
+    let image = store.ensure(&base_recipe(&settings.flavor), &mut progress)?;
+    let layers = match layer_recipe(&settings.flavor) {
+        Some(recipe) => vec![store.ensure_layer(&recipe, &mut progress)?.squashfs()],
+        None => Vec::new(),
+    };
 
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&settings.home_dir)
         .map_err(|source| LaunchError::Home { path: settings.home_dir.clone(), source })?;
+    let facts = VmFacts { memory_mib: settings.memory_mib, cpus: settings.cpus };
+    if let Err(e) = homesetup::prepare(&settings.home_dir, &settings.flavor, &facts, homesetup::host_git_identity()) {
+        eprintln!("agentvm: warning: could not prepare the agent home: {e}");
+    }
 
     let inst = Instance::create(&crate::paths::runtime_base())?;
-    inst.write_meta(&InstanceMeta {
+    let mut meta = InstanceMeta {
         id: inst.id.clone(),
         pid: std::process::id(),
-        flavor: settings.flavor.clone(),
+        flavor: settings.flavor.name.clone(),
         work_dir: settings.work_dir.clone(),
         memory_mib: settings.memory_mib,
         cpus: settings.cpus,
         started: instance::now_secs(),
-    })?;
+        qemu_pid: None,
+        ports: Vec::new(),
+    };
+    inst.write_meta(&meta)?;
 
     let tty = console::is_tty(0) && console::is_tty(1);
     let ids = IdMap::current();
@@ -127,7 +141,7 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
         Share { tag: "work".into(), host_dir: settings.work_dir.clone(), guest_path: GUEST_WORK.into(), read_only: false },
         Share { tag: "home".into(), host_dir: settings.home_dir.clone(), guest_path: GUEST_HOME.into(), read_only: false },
     ];
-    let spec = launch_spec(settings, &image, &shares, ids, tty, &inst.id);
+    let spec = launch_spec(settings, &image, layers.len(), &shares, ids, tty, &inst.id);
     let initrd = memfd_with(&build_initramfs(&guest_init, &image, &spec)?)?;
 
     // Signals are read from a signalfd from here on; helpers unblock them.
@@ -146,7 +160,7 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
         name: format!("agentvm-{}", inst.id),
         accel,
         cpus: settings.cpus,
-        memory_mib: settings.memory_mib,
+        memory_mib: vm::qemu_memory_mib(settings.memory_mib),
         kernel: image.kernel(),
         initrd: PathBuf::from("/proc/self/fd/4"),
         cmdline: vm::kernel_cmdline(
@@ -154,10 +168,11 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
             settings.verbose,
         ),
         root_image: image.root(),
-        layers: Vec::new(),
+        layers,
         console_log: inst.dir.join("console.log"),
         control_fd: 3,
         shares: share_sockets,
+        exec_sockets: (0..agentvm_proto::EXEC_PORTS).map(|i| inst.dir.join(format!("exec-{i}.sock"))).collect(),
         sandbox: true,
     };
     let mut cmd = Command::new(&qemu_bin);
@@ -171,6 +186,9 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
     .map_err(LaunchError::QemuSpawn)?;
     drop(ctl_guest);
     drop(initrd);
+    // For `agentvm ps` (memory use) and `agentvm stop`.
+    meta.qemu_pid = Some(qemu.child.id());
+    inst.write_meta(&meta)?;
 
     let raw = if tty { RawMode::enable(0).ok() } else { None };
     let mut relay = Relay::new(ctl, signals, tty);
@@ -192,19 +210,38 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
 }
 
 /// The guest's view of this launch.
-fn launch_spec(s: &Settings, image: &Image, shares: &[Share], ids: IdMap, tty: bool, id: &str) -> LaunchSpec {
-    let mut env = Vec::new();
-    for var in ["TERM", "COLORTERM"] {
-        if let Ok(v) = std::env::var(var) {
-            env.push((var.to_string(), v));
-        }
+/// The base image for a flavor: the shared base, plus the flavor's Debian
+/// packages if it has any.
+pub fn base_recipe(flavor: &Flavor) -> Recipe {
+    if flavor.apt.is_empty() {
+        Recipe::base()
+    } else {
+        let apt: Vec<&str> = flavor.apt.iter().map(String::as_str).collect();
+        Recipe::base().with_layer(&format!("base-{}", flavor.name), &apt)
     }
+}
+
+/// The npm layer of a flavor, if it has npm packages.
+pub fn layer_recipe(flavor: &Flavor) -> Option<LayerRecipe> {
+    let npm = flavor.npm_specs();
+    (!npm.is_empty()).then(|| LayerRecipe { name: flavor.name.clone(), npm })
+}
+
+fn launch_spec(
+    s: &Settings,
+    image: &Image,
+    layer_count: usize,
+    shares: &[Share],
+    ids: IdMap,
+    tty: bool,
+    id: &str,
+) -> LaunchSpec {
     LaunchSpec {
         hostname: format!("agentvm-{}", &id[..6]),
         modules: image.meta.modules.clone(),
         root_device: format!("serial:{}", vm::ROOT_SERIAL),
         root_fstype: "squashfs".into(),
-        layers: Vec::new(),
+        layers: (0..layer_count).map(|i| format!("serial:{}", vm::layer_serial(i))).collect(),
         mounts: shares
             .iter()
             .map(|sh| Mount { tag: sh.tag.clone(), path: sh.guest_path.clone(), read_only: sh.read_only })
@@ -212,7 +249,7 @@ fn launch_spec(s: &Settings, image: &Image, shares: &[Share], ids: IdMap, tty: b
         user: User { name: "agent".into(), uid: ids.guest_uid, gid: ids.guest_gid, home: GUEST_HOME.into() },
         cwd: GUEST_WORK.into(),
         argv: s.argv.clone(),
-        env,
+        env: s.guest_env.vars.clone(),
         tty,
         winsize: if tty { console::winsize(0) } else { None },
         verbose: s.verbose,

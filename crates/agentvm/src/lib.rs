@@ -9,11 +9,16 @@
 pub mod cli;
 pub mod console;
 pub mod doctor;
+pub mod envvars;
+pub mod exec;
+pub mod flavor;
+pub mod homesetup;
 pub mod image;
 pub mod initramfs;
 pub mod instance;
 pub mod launch;
 pub mod paths;
+pub mod ps;
 pub mod settings;
 pub mod share;
 pub mod tools;

@@ -23,6 +23,25 @@ fn main() -> ExitCode {
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
             Err(e) => fail(e),
         },
+        Command::Ps { json } => {
+            print!("{}", agentvm::ps::ps(&agentvm::paths::runtime_base(), json));
+            0
+        }
+        Command::Stop { ids, all, timeout } => stop(&ids, all, timeout),
+        Command::Logs { id, follow } => {
+            match agentvm::ps::logs(&agentvm::paths::runtime_base(), &id, follow, &mut std::io::stdout()) {
+                Ok(()) => 0,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Exec { id, tty, no_tty, command } => {
+            let tty = if tty { Some(true) } else if no_tty { Some(false) } else { None };
+            exec(&id, agentvm::exec::ExecOptions { argv: command, tty })
+        }
+        Command::Shell { id } => {
+            let tty = Some(agentvm::console::is_tty(0));
+            exec(&id, agentvm::exec::ExecOptions { argv: Vec::new(), tty })
+        }
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }
@@ -41,12 +60,17 @@ fn run(args: RunArgs) -> i32 {
         accel: args.accel,
         flavor: args.flavor,
         args: args.args,
+        env: args.env,
+        env_files: args.env_files,
         verbose: args.verbose,
     };
     let settings = match settings::resolve(req) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
+    for warning in &settings.guest_env.warnings {
+        eprintln!("agentvm: warning: {warning}");
+    }
     match launch::run(&settings) {
         Ok(code) => code,
         Err(e) => {
@@ -63,43 +87,112 @@ fn image_command(cmd: ImageCommand) -> i32 {
         Err(e) => return fail(e),
     };
     let result = match cmd {
-        ImageCommand::Build { force } => {
-            let mut progress = image::TerminalProgress::new();
-            let built = if force {
-                store.build(&Recipe::base(), &mut progress)
-            } else {
-                store.ensure(&Recipe::base(), &mut progress)
-            };
-            built.map(|img| println!("{}", img.dir.display()))
-        }
-        ImageCommand::Ls => store.list().map(|images| {
-            println!("{:<24} {:>7}  {:<17} {:<28} KEY", "NAME", "SIZE", "CREATED (UTC)", "KERNEL");
-            for img in images {
-                println!(
-                    "{:<24} {:>6}M  {:<17} {:<28} {}",
-                    img.dir.file_name().and_then(|n| n.to_str()).unwrap_or("?"),
-                    img.meta.size_bytes / (1 << 20),
-                    agentvm::instance::format_utc(img.meta.created),
-                    img.meta.kernel_release,
-                    &img.meta.key[..16],
-                );
-            }
-        }),
+        ImageCommand::Build { flavors, refresh, base } => build_images(&store, &flavors, refresh, base),
+        ImageCommand::Ls => list_images(&store),
         ImageCommand::Rm { images } => images.iter().try_for_each(|name| {
-            store.remove(name).map(|removed| {
-                for img in removed {
-                    println!("removed {}", img.dir.display());
-                }
-            })
+            let removed = store.remove(name).map_err(|e| e.to_string())?;
+            for entry in removed {
+                println!("removed {}", entry.dir.display());
+            }
+            Ok(())
         }),
-        ImageCommand::Prune => store.prune(&[Recipe::base()]).map(|removed| {
-            for p in removed {
+        ImageCommand::Prune => prune_recipes().and_then(|(bases, layers)| {
+            for p in store.prune(&bases, &layers).map_err(|e| e.to_string())? {
                 println!("removed {}", p.display());
             }
+            Ok(())
         }),
     };
     match result {
         Ok(()) => 0,
         Err(e) => fail(e),
     }
+}
+
+fn stop(ids: &[String], all: bool, timeout: u64) -> i32 {
+    let base = agentvm::paths::runtime_base();
+    match agentvm::ps::stop(&base, ids, all, std::time::Duration::from_secs(timeout)) {
+        Ok(stopped) => {
+            for s in stopped {
+                if s.killed {
+                    println!("{} (killed: it did not stop within {timeout} s)", s.id);
+                } else {
+                    println!("{}", s.id);
+                }
+            }
+            0
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn exec(id: &str, opts: agentvm::exec::ExecOptions) -> i32 {
+    match agentvm::exec::exec(&agentvm::paths::runtime_base(), id, opts) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("agentvm: error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// The recipes of every flavor known here (built-in and configured), which
+/// `image prune` keeps.
+fn prune_recipes() -> Result<(Vec<Recipe>, Vec<image::LayerRecipe>), String> {
+    let cwd = std::env::current_dir().map_err(|e| e.to_string())?;
+    let flavors = settings::flavors_for(&cwd).map_err(|e| e.to_string())?;
+    let bases = flavors.values().map(launch::base_recipe).collect();
+    let layers = flavors.values().filter_map(launch::layer_recipe).collect();
+    Ok((bases, layers))
+}
+
+fn build_images(store: &Store, names: &[String], refresh: bool, base: bool) -> Result<(), String> {
+    let cwd = std::env::current_dir().map_err(|e| e.to_string())?;
+    let flavors = settings::flavors_for(&cwd).map_err(|e| e.to_string())?;
+    let chosen = names
+        .iter()
+        .map(|n| agentvm::flavor::resolve(&flavors, n))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let mut progress = image::TerminalProgress::new();
+    let mut bases = vec![Recipe::base()];
+    bases.extend(chosen.iter().map(launch::base_recipe));
+    bases.dedup();
+    for recipe in &bases {
+        let img = if refresh && base { store.build(recipe, &mut progress) } else { store.ensure(recipe, &mut progress) };
+        println!("{}", img.map_err(|e| e.to_string())?.dir.display());
+    }
+    for recipe in chosen.iter().filter_map(launch::layer_recipe) {
+        let layer = if refresh { store.build_layer(&recipe, &mut progress) } else { store.ensure_layer(&recipe, &mut progress) };
+        let layer = layer.map_err(|e| e.to_string())?;
+        let versions: Vec<String> = layer.meta.versions.iter().map(|(p, v)| format!("{p}@{v}")).collect();
+        println!("{} ({})", layer.dir.display(), versions.join(", "));
+    }
+    Ok(())
+}
+
+fn list_images(store: &Store) -> Result<(), String> {
+    let images = store.list().map_err(|e| e.to_string())?;
+    let layers = store.list_layers().map_err(|e| e.to_string())?;
+    println!("{:<30} {:>7}  {:<17} CONTENTS", "NAME", "SIZE", "CREATED (UTC)");
+    for img in images {
+        println!(
+            "{:<30} {:>6}M  {:<17} kernel {}",
+            img.dir.file_name().and_then(|n| n.to_str()).unwrap_or("?"),
+            img.meta.size_bytes / (1 << 20),
+            agentvm::instance::format_utc(img.meta.created),
+            img.meta.kernel_release,
+        );
+    }
+    for layer in layers {
+        let versions: Vec<String> = layer.meta.versions.iter().map(|(p, v)| format!("{p}@{v}")).collect();
+        println!(
+            "{:<30} {:>6}M  {:<17} {}",
+            layer.dir.file_name().and_then(|n| n.to_str()).unwrap_or("?"),
+            layer.meta.size_bytes / (1 << 20),
+            agentvm::instance::format_utc(layer.meta.created),
+            versions.join(", "),
+        );
+    }
+    Ok(())
 }

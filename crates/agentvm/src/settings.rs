@@ -2,13 +2,19 @@
 //!
 //! Layers, later wins: built-in defaults < `~/.config/agentvm/config.toml` <
 //! `<project>/.agentvm.toml` < environment (`WORK_DIR`, `AGENT_HOME`,
-//! `AGENTVM_MEMORY`, `AGENTVM_CPUS`, `AGENTVM_ACCEL`) < command-line flags.
+//! `AGENTVM_MEMORY`, `AGENTVM_CPUS`, `AGENTVM_ACCEL`, `AGENTVM_FLAVOR`) <
+//! command-line flags. Flavors (`[flavors.NAME]`) merge field by field:
+//! built-in < user config < project config.
 //! The result is validated once, here, before anything starts.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use std::collections::BTreeMap;
+
+use crate::envvars::{self, EnvError, GuestEnv};
+use crate::flavor::{self, Flavor, FlavorError, FlavorOverride, DEFAULT_FLAVOR};
 use crate::paths;
 use crate::vm::AccelChoice;
 
@@ -31,6 +37,12 @@ pub struct Layer {
     pub accel: Option<AccelChoice>,
     /// Agent home directory (absolute, or relative to the file's directory).
     pub home: Option<PathBuf>,
+    /// The flavor `run` starts when none is named.
+    pub flavor: Option<String>,
+    /// `[flavors.NAME]` tables: new flavors or changes to existing ones.
+    /// Not merged by [`Layer::merge`]: flavors merge field by field.
+    #[serde(default)]
+    pub flavors: BTreeMap<String, FlavorOverride>,
 }
 
 impl Layer {
@@ -41,6 +53,8 @@ impl Layer {
             cpus: over.cpus.or(self.cpus),
             accel: over.accel.or(self.accel),
             home: over.home.or(self.home),
+            flavor: over.flavor.or(self.flavor),
+            flavors: BTreeMap::new(),
         }
     }
 }
@@ -55,6 +69,10 @@ pub struct Request {
     pub accel: Option<AccelChoice>,
     pub flavor: Option<String>,
     pub args: Vec<String>,
+    /// `-e NAME` / `-e NAME=VALUE`, in order.
+    pub env: Vec<String>,
+    /// `--env-file FILE`, in order.
+    pub env_files: Vec<PathBuf>,
     pub verbose: bool,
 }
 
@@ -65,9 +83,11 @@ pub struct Settings {
     pub work_dir: PathBuf,
     /// The persistent agent home, shared at /home/agent.
     pub home_dir: PathBuf,
-    pub flavor: String,
+    pub flavor: Flavor,
     /// The program and arguments to run; empty: a login shell.
     pub argv: Vec<String>,
+    /// The program's environment (may hold secrets; Debug redacts values).
+    pub guest_env: GuestEnv,
     pub memory_mib: u64,
     pub cpus: u32,
     pub accel: AccelChoice,
@@ -93,8 +113,10 @@ pub enum SettingsError {
     Cpus { value: u32, max: u32 },
     #[error("{var}={value:?} is invalid: {why}")]
     Env { var: &'static str, value: String, why: String },
-    #[error("unknown flavor {0:?}: available flavors are: shell")]
-    UnknownFlavor(String),
+    #[error(transparent)]
+    Flavor(#[from] FlavorError),
+    #[error(transparent)]
+    GuestEnv(#[from] EnvError),
     #[error("agent home {path}: {why}; pass a directory with --home or AGENT_HOME")]
     Home { path: PathBuf, why: String },
     #[error(transparent)]
@@ -148,6 +170,8 @@ fn env_layer(
         cpus,
         accel,
         home: get("AGENT_HOME").filter(|s| !s.is_empty()).map(PathBuf::from),
+        flavor: get("AGENTVM_FLAVOR").filter(|s| !s.is_empty()),
+        flavors: BTreeMap::new(),
     };
     Ok((layer, get("WORK_DIR").filter(|s| !s.is_empty()).map(PathBuf::from)))
 }
@@ -162,6 +186,8 @@ pub fn read_layer(path: &Path) -> Result<Layer, SettingsError> {
     };
     let mut layer: Layer = toml::from_str(&text)
         .map_err(|e| SettingsError::ParseConfig { path: path.into(), why: e.to_string() })?;
+    // Re-read the flavor tables for errors that name the file and flavor.
+    layer.flavors = flavor::parse_flavor_tables(&text, path)?;
     if let (Some(home), Some(dir)) = (&layer.home, path.parent()) {
         layer.home = Some(dir.join(home));
     }
@@ -183,6 +209,14 @@ pub fn parse_memory_mib(s: &str) -> Result<u64, SettingsError> {
     n.checked_mul(factor).ok_or_else(err)
 }
 
+/// All flavors as seen from `work_dir` (built-in < user config < project
+/// config), for commands other than `run` (e.g. `image build claude`).
+pub fn flavors_for(work_dir: &Path) -> Result<BTreeMap<String, Flavor>, SettingsError> {
+    let user = read_layer(&paths::user_config_file()?)?;
+    let project = read_layer(&work_dir.join(PROJECT_CONFIG))?;
+    Ok(flavor::merge(flavor::merge(flavor::builtin_flavors(), &user.flavors)?, &project.flavors)?)
+}
+
 /// Resolves everything for one `run`, reading the real environment and files.
 pub fn resolve(req: Request) -> Result<Settings, SettingsError> {
     let get = |k: &str| std::env::var(k).ok();
@@ -201,12 +235,18 @@ pub fn resolve_with(
     let work_dir = real_work_dir(
         req.work_dir.or(env_work_dir).unwrap_or_else(|| PathBuf::from(".")),
     )?;
-    let flags = Layer { memory: req.memory, cpus: req.cpus, accel: req.accel, home: req.home };
-    let layer = Layer::default()
-        .merge(read_layer(user_config)?)
-        .merge(read_layer(&work_dir.join(PROJECT_CONFIG))?)
-        .merge(env)
-        .merge(flags);
+    let flags = Layer {
+        memory: req.memory,
+        cpus: req.cpus,
+        accel: req.accel,
+        home: req.home,
+        flavor: req.flavor,
+        flavors: BTreeMap::new(),
+    };
+    let user = read_layer(user_config)?;
+    let project = read_layer(&work_dir.join(PROJECT_CONFIG))?;
+    let flavors = flavor::merge(flavor::merge(flavor::builtin_flavors(), &user.flavors)?, &project.flavors)?;
+    let layer = Layer::default().merge(user).merge(project).merge(env).merge(flags);
 
     let memory_mib = match &layer.memory {
         None => DEFAULT_MEMORY_MIB.min(host.memory_mib / 2).max(MIN_MEMORY_MIB),
@@ -226,10 +266,8 @@ pub fn resolve_with(
         return Err(SettingsError::Cpus { value: cpus, max: host.cores });
     }
 
-    let flavor = req.flavor.unwrap_or_else(|| "shell".into());
-    if flavor != "shell" {
-        return Err(SettingsError::UnknownFlavor(flavor));
-    }
+    let flavor = flavor::resolve(&flavors, layer.flavor.as_deref().unwrap_or(DEFAULT_FLAVOR))?;
+    let guest_env = envvars::build(&flavor, &req.env, &req.env_files, get_env)?;
 
     let home_dir = match layer.home {
         Some(h) => absolute(&h),
@@ -240,8 +278,9 @@ pub fn resolve_with(
     Ok(Settings {
         work_dir,
         home_dir,
+        argv: flavor.argv(&req.args),
         flavor,
-        argv: req.args,
+        guest_env,
         memory_mib,
         cpus,
         accel: layer.accel.unwrap_or_default(),
@@ -314,7 +353,8 @@ mod tests {
         let s = resolve_with(req(d.path()), &env(&[]), &d.path().join("none.toml"), HOST).unwrap();
         assert_eq!(s.memory_mib, 4096);
         assert_eq!(s.cpus, 4);
-        assert_eq!(s.flavor, "shell");
+        assert_eq!(s.flavor.name, "claude");
+        assert_eq!(s.argv, ["claude"]);
         assert_eq!(s.accel, AccelChoice::Auto);
         assert_eq!(s.work_dir, d.path().canonicalize().unwrap());
     }
@@ -382,6 +422,42 @@ mod tests {
         std::fs::write(d.path().join(PROJECT_CONFIG), "memroy = \"2G\"\n").unwrap();
         let e = resolve_with(req(d.path()), &env(&[]), Path::new("/x"), HOST).unwrap_err().to_string();
         assert!(e.contains(PROJECT_CONFIG) && e.contains("memroy"), "{e}");
+    }
+
+    #[test]
+    fn project_flavor_runs_its_command_with_args_and_env() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join(PROJECT_CONFIG),
+            "flavor = \"show\"\n[flavors.show]\ncommand = [\"printenv\"]\nkeys = [\"SHOW_KEY\"]\nenv = { A = \"1\" }\n",
+        )
+        .unwrap();
+        let r = Request { args: vec!["A".into()], env: vec!["B=2".into()], ..req(d.path()) };
+        let s = resolve_with(r, &env(&[("SHOW_KEY", "k")]), Path::new("/x"), HOST).unwrap();
+        assert_eq!(s.flavor.name, "show");
+        assert_eq!(s.argv, ["printenv", "A"]);
+        assert_eq!(s.guest_env.get("A"), Some("1"));
+        assert_eq!(s.guest_env.get("B"), Some("2"));
+        assert_eq!(s.guest_env.get("SHOW_KEY"), Some("k"));
+    }
+
+    #[test]
+    fn flag_flavor_beats_env_and_config_default() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(PROJECT_CONFIG), "flavor = \"codex\"\n").unwrap();
+        let s = resolve_with(req(d.path()), &env(&[("AGENTVM_FLAVOR", "gemini")]), Path::new("/x"), HOST).unwrap();
+        assert_eq!(s.flavor.name, "gemini");
+        let r = Request { flavor: Some("shell".into()), args: vec!["make".into()], ..req(d.path()) };
+        let s = resolve_with(r, &env(&[("AGENTVM_FLAVOR", "gemini")]), Path::new("/x"), HOST).unwrap();
+        assert_eq!((s.flavor.name.as_str(), s.argv.as_slice()), ("shell", &["make".to_string()][..]));
+    }
+
+    #[test]
+    fn bad_env_flag_is_refused_before_boot() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Request { env: vec!["1BAD=x".into()], ..req(d.path()) };
+        let e = resolve_with(r, &env(&[]), Path::new("/x"), HOST).unwrap_err().to_string();
+        assert!(e.contains("1BAD"), "{e}");
     }
 
     #[test]

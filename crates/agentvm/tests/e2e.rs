@@ -4,178 +4,12 @@
 //! test that needs it builds it, the others wait on the store's lock.
 //! `scripts/test` builds the workspace and the image before running these.
 
-use std::io::Write;
+mod common;
+
+use common::*;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn agentvm_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_agentvm"))
-}
-
-fn guest_init() -> PathBuf {
-    let p = agentvm_bin().parent().unwrap().join("agentvm-guest");
-    assert!(p.is_file(), "{} is missing: run `cargo build --workspace` first (scripts/test does)", p.display());
-    p
-}
-
-fn cache_dir() -> PathBuf {
-    std::env::var_os("AGENTVM_TEST_CACHE").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/agentvm-test-cache".into())
-}
-
-/// One `agentvm run` with its own project, data and runtime dirs.
-struct Launch {
-    dirs: tempfile::TempDir,
-    work: PathBuf,
-    data: PathBuf,
-    runtime: PathBuf,
-    args: Vec<String>,
-    stdin: Vec<u8>,
-    /// uid, gid and binary dir when running as another user.
-    user: Option<(u32, u32, PathBuf)>,
-}
-
-impl Launch {
-    fn new() -> Launch {
-        let dirs = tempfile::tempdir().unwrap();
-        let work = dirs.path().join("project");
-        let data = dirs.path().join("data");
-        let runtime = dirs.path().join("runtime");
-        for d in [&work, &data, &runtime] {
-            std::fs::create_dir(d).unwrap();
-        }
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
-        Launch { dirs, work, data, runtime, args: Vec::new(), stdin: Vec::new(), user: None }
-    }
-
-    /// Shares the data dir (agent homes) of another launch.
-    fn same_data_as(mut self, other: &Launch) -> Launch {
-        self.data = other.data.clone();
-        self
-    }
-
-    fn work_dir(mut self, dir: &Path) -> Launch {
-        self.work = dir.to_path_buf();
-        self
-    }
-
-    /// Runs `argv` with the shell flavor.
-    fn cmd(mut self, argv: &[&str]) -> Launch {
-        self.args = ["run", "--memory", "512M", "--cpus", "1", "shell", "--"].iter().map(|s| s.to_string()).collect();
-        self.args.extend(argv.iter().map(|s| s.to_string()));
-        self
-    }
-
-    fn shell(self, script: &str) -> Launch {
-        self.cmd(&["sh", "-c", script])
-    }
-
-    /// Runs as another (non-root) user: its dirs are handed to that user,
-    /// and the binaries are copied where that user can reach them.
-    fn run_as(mut self, uid: u32, gid: u32) -> Launch {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(self.dirs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let bin = self.dirs.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        std::fs::copy(agentvm_bin(), bin.join("agentvm")).unwrap();
-        std::fs::copy(guest_init(), bin.join("agentvm-guest")).unwrap();
-        for d in [&self.work, &self.data, &self.runtime] {
-            std::os::unix::fs::chown(d, Some(uid), Some(gid)).unwrap();
-        }
-        self.user = Some((uid, gid, bin));
-        self
-    }
-
-    fn stdin(mut self, data: &[u8]) -> Launch {
-        self.stdin = data.to_vec();
-        self
-    }
-
-    fn command(&self) -> Command {
-        let mut c = match &self.user {
-            None => Command::new(agentvm_bin()),
-            Some((uid, gid, bin)) => {
-                use std::os::unix::process::CommandExt;
-                let mut c = Command::new(bin.join("agentvm"));
-                c.uid(*uid).gid(*gid).env("HOME", &self.data).env("AGENTVM_GUEST_INIT", bin.join("agentvm-guest"));
-                c
-            }
-        };
-        if self.user.is_none() {
-            c.env("AGENTVM_GUEST_INIT", guest_init());
-        }
-        c.args(&self.args)
-            .current_dir(&self.work)
-            .env("XDG_CACHE_HOME", cache_dir())
-            .env("XDG_DATA_HOME", &self.data)
-            .env("XDG_CONFIG_HOME", self.dirs.path().join("config"))
-            .env("XDG_RUNTIME_DIR", &self.runtime)
-            .env_remove("WORK_DIR")
-            .env_remove("AGENT_HOME");
-        c
-    }
-
-    fn run(&self) -> Output {
-        let mut child = self
-            .command()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("agentvm starts");
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(&self.stdin).unwrap();
-        drop(stdin);
-        let out = child.wait_with_output().unwrap();
-        eprintln!(
-            "--- agentvm {:?} -> {:?}\n--- stdout:\n{}\n--- stderr:\n{}",
-            self.args,
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    /// The instance dirs left in this launch's runtime dir.
-    fn leftover_instances(&self) -> Vec<PathBuf> {
-        match std::fs::read_dir(self.runtime.join("agentvm")) {
-            Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
-            Err(_) => Vec::new(),
-        }
-    }
-
-    /// Processes whose command line mentions this launch's runtime dir
-    /// (QEMU and virtiofsd carry socket paths from it).
-    fn leftover_processes(&self) -> Vec<String> {
-        let needle = self.runtime.to_string_lossy().into_owned();
-        let mut found = Vec::new();
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-                if cmd.contains(&needle) {
-                    found.push(cmd);
-                }
-            }
-        }
-        found
-    }
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn my_uid() -> u32 {
-    // SAFETY: getuid cannot fail.
-    unsafe { libc::getuid() }
-}
 
 #[test]
 fn guest_file_write_appears_on_host_with_invoking_owner() {
@@ -327,74 +161,6 @@ fn normal_user_runs_without_root_and_owns_what_the_guest_writes() {
     assert!(l.leftover_processes().is_empty(), "{:?}", l.leftover_processes());
 }
 
-/// Drives an interactive session in a real terminal (tmux).
-struct Tmux {
-    socket: PathBuf,
-    session: &'static str,
-}
-
-impl Tmux {
-    /// Starts `agentvm run shell` in a new tmux session of the given size;
-    /// after agentvm exits, its status and the terminal's settings go to
-    /// `after`.
-    fn start(l: &Launch, width: u16, height: u16, after: &Path) -> Tmux {
-        let socket = l.dirs.path().join("tmux.sock");
-        let script_path = l.dirs.path().join("session.sh");
-        let mut script = format!("cd '{}'\nunset WORK_DIR AGENT_HOME\n", l.work.display());
-        for (k, v) in l.command().get_envs() {
-            if let Some(v) = v {
-                script.push_str(&format!("export {}='{}'\n", k.to_string_lossy(), v.to_string_lossy()));
-            }
-        }
-        script.push_str(&format!(
-            "'{}' run --memory 512M --cpus 1 shell\necho \"exit=$?\" > '{after}'\nstty -a >> '{after}'\nsleep 60\n",
-            agentvm_bin().display(),
-            after = after.display()
-        ));
-        std::fs::write(&script_path, script).unwrap();
-        let ok = Command::new("tmux")
-            .arg("-S")
-            .arg(&socket)
-            .args(["new-session", "-d", "-s", "t", "-x", &width.to_string(), "-y", &height.to_string()])
-            .arg(format!("sh '{}'", script_path.display()))
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        Tmux { socket, session: "t" }
-    }
-
-    fn tmux(&self, args: &[&str]) -> String {
-        let out = Command::new("tmux").arg("-S").arg(&self.socket).args(args).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn send(&self, keys: &str) {
-        self.tmux(&["send-keys", "-t", self.session, keys, "Enter"]);
-    }
-
-    fn screen(&self) -> String {
-        self.tmux(&["capture-pane", "-p", "-t", self.session])
-    }
-
-    fn wait_for(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let s = self.screen();
-            if s.contains(needle) {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "{needle:?} never appeared; screen:\n{s}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        self.tmux(&["kill-server"]);
-    }
-}
-
 #[test]
 fn interactive_session_has_the_terminal_size_follows_resize_and_restores_the_terminal() {
     if Command::new("tmux").arg("-V").output().is_err() {
@@ -403,7 +169,7 @@ fn interactive_session_has_the_terminal_size_follows_resize_and_restores_the_ter
     }
     let l = Launch::new();
     let marker = l.dirs.path().join("after.txt");
-    let t = Tmux::start(&l, 120, 40, &marker);
+    let t = Tmux::start(&l, 120, 40, &marker, &["--memory", "512M", "--cpus", "1", "shell"]);
     t.wait_for("agent@");
     t.send("echo size=$(stty size)");
     t.wait_for("size=40 120");

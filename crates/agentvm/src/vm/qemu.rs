@@ -29,8 +29,24 @@ pub struct VmConfig {
     pub control_fd: i32,
     /// virtiofs shares: tag and vhost-user socket path.
     pub shares: Vec<(String, PathBuf)>,
+    /// Socket paths QEMU listens on for the exec ports (`agentvm exec`),
+    /// one per port `org.agentvm.exec.<i>`, in order.
+    pub exec_sockets: Vec<PathBuf>,
     /// Use QEMU's seccomp sandbox.
     pub sandbox: bool,
+}
+
+/// The guest RAM to give QEMU for a requested size. With exactly 2 GiB, the
+/// linuxboot option ROM puts the initrd's end on the 2 GiB boundary, inside
+/// the ACPI tables at the top of RAM, and the archive's tail is corrupted
+/// (seen as a kernel module whose signature "was rejected"). A few MiB more
+/// moves the tables above the initrd limit.
+pub fn qemu_memory_mib(requested: u64) -> u64 {
+    if requested == 2048 {
+        2052
+    } else {
+        requested
+    }
 }
 
 /// Serial number of the root image's disk.
@@ -79,9 +95,18 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
     a.flag("-chardev").val(log);
     a.flag("-serial").val("chardev:console");
 
-    a.flag("-device").val("virtio-serial-device,max_ports=2");
+    // Port 0 is reserved for a console; the control port, then the exec ports.
+    a.flag("-device").val(format!("virtio-serial-device,max_ports={}", 2 + cfg.exec_sockets.len()));
     a.flag("-chardev").val(format!("socket,id=ctl,fd={}", cfg.control_fd));
     a.flag("-device").val(format!("virtserialport,chardev=ctl,name={}", agentvm_proto::PORT_NAME));
+    for (i, socket) in cfg.exec_sockets.iter().enumerate() {
+        // A listening socket: one client at a time, the next waits in the backlog.
+        let mut chardev = OsString::from(format!("socket,id=exec{i},server=on,wait=off,path="));
+        chardev.push(escape_commas(socket));
+        a.flag("-chardev").val(chardev);
+        a.flag("-device")
+            .val(format!("virtserialport,chardev=exec{i},name={}", agentvm_proto::exec_port_name(i)));
+    }
 
     // Disks carry serials so the guest finds each one whatever the probe
     // order; they are shared read-only by every VM using the image.
@@ -172,6 +197,7 @@ mod tests {
             console_log: "/run/x/console.log".into(),
             control_fd: 4,
             shares: vec![("work".into(), "/run/x/work.sock".into())],
+            exec_sockets: vec![],
             sandbox: true,
         }
     }
@@ -218,6 +244,13 @@ mod tests {
     }
 
     #[test]
+    fn two_gib_is_nudged_past_the_initrd_clash_and_others_are_kept() {
+        assert_eq!(qemu_memory_mib(2048), 2052);
+        assert_eq!(qemu_memory_mib(512), 512);
+        assert_eq!(qemu_memory_mib(4096), 4096);
+    }
+
+    #[test]
     fn commas_in_paths_are_doubled() {
         let args = strings(&cfg());
         assert!(value_of(&args, "-drive")[0].ends_with("file=/img/root,,1.squashfs"));
@@ -240,6 +273,18 @@ mod tests {
         assert!(value_of(&args, "-chardev").contains(&"socket,id=ctl,fd=4".to_string()));
         assert!(value_of(&args, "-device")
             .contains(&format!("virtserialport,chardev=ctl,name={}", agentvm_proto::PORT_NAME)));
+    }
+
+    #[test]
+    fn exec_ports_listen_on_their_sockets_and_raise_max_ports() {
+        let c = VmConfig { exec_sockets: vec!["/run/x/exec-0.sock".into(), "/run/x/exec-1.sock".into()], ..cfg() };
+        let args = strings(&c);
+        let devices = value_of(&args, "-device");
+        assert!(devices.contains(&"virtio-serial-device,max_ports=4".to_string()));
+        assert!(devices.contains(&"virtserialport,chardev=exec1,name=org.agentvm.exec.1".to_string()));
+        assert!(value_of(&args, "-chardev")
+            .contains(&"socket,id=exec0,server=on,wait=off,path=/run/x/exec-0.sock".to_string()));
+        assert!(value_of(&strings(&cfg()), "-device").contains(&"virtio-serial-device,max_ports=2".to_string()));
     }
 
     #[test]

@@ -1,0 +1,669 @@
+//! First-run comfort in the agent home, done on the host before boot.
+//!
+//! - `.gitconfig`: `[safe] directory = /work` (the project belongs to the
+//!   host user, whose uid the guest may not share), and the host user's git
+//!   identity when the file has none. Only appends; every existing byte is
+//!   kept, and nothing is written when nothing is missing.
+//! - The flavor's memory note (e.g. `.claude/CLAUDE.md`), created once and
+//!   never touched again.
+//!
+//! The home is also the guest's `/home/agent`, so a guest (perhaps another
+//! VM of the same project running now) controls what is in it. Nothing here
+//! follows a symlink inside the home: paths are walked with `openat` and
+//! `O_NOFOLLOW` from the home's directory fd, and a symlink where a file or
+//! directory is expected is an error. Writes are atomic: `.gitconfig` is
+//! replaced through git's own lock file (`.gitconfig.lock`, created with
+//! `O_EXCL`, then renamed), and a new note is written to a temporary file
+//! and hard-linked into place, so concurrent launches never clobber each
+//! other or leave a half-written file.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::flavor::Flavor;
+
+/// The guest path of the project, made a git safe.directory.
+pub const GUEST_WORK: &str = "/work";
+/// Mode of files created here.
+const FILE_MODE: libc::mode_t = 0o644;
+/// Mode of directories created here.
+const DIR_MODE: libc::mode_t = 0o700;
+/// How long to wait for another writer's `.gitconfig.lock`.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Facts about the VM, for the memory note.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmFacts {
+    /// Guest RAM, shared by programs and the RAM-backed root.
+    pub memory_mib: u64,
+    /// Virtual CPUs.
+    pub cpus: u32,
+}
+
+/// A home file that could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    #[error("cannot {what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: io::Error },
+    #[error("{path} is a symlink or not a regular {kind}; agentvm does not follow or replace it (remove it to let agentvm create it)")]
+    NotPlain { path: PathBuf, kind: &'static str },
+    #[error("{path} is being changed by another program ({lock} exists); if no git or agentvm is running, remove {lock}")]
+    Locked { path: PathBuf, lock: PathBuf },
+    #[error("memory note path {path:?} must be relative to the agent home, without '..'")]
+    BadNotePath { path: String },
+}
+
+/// Prepares `home` for `flavor`: the `.gitconfig` entries and the memory
+/// note. Every step is tried; the first failure is returned. The launch can
+/// go on after a failure (the caller should print it as a warning).
+pub fn prepare(
+    home: &Path,
+    flavor: &Flavor,
+    facts: &VmFacts,
+    git_identity: Option<(String, String)>,
+) -> Result<(), HomeError> {
+    let git = ensure_gitconfig(home, git_identity.as_ref().map(|(n, e)| (n.as_str(), e.as_str())));
+    let note = match &flavor.memory_file {
+        Some(rel) => write_note_once(home, rel, &memory_note(facts)).map(drop),
+        None => Ok(()),
+    };
+    git.and(note)
+}
+
+/// The host user's `git config --global user.name` and `user.email`; None
+/// if git is missing or either is unset.
+pub fn host_git_identity() -> Option<(String, String)> {
+    let get = |key: &str| {
+        let out = Command::new("git")
+            .args(["config", "--global", "--get", key])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        let v = String::from_utf8(out.stdout).ok()?;
+        let v = v.trim_end_matches(['\n', '\r']);
+        (out.status.success() && !v.trim().is_empty()).then(|| v.to_string())
+    };
+    Some((get("user.name")?, get("user.email")?))
+}
+
+/// The memory note's text.
+pub fn memory_note(facts: &VmFacts) -> String {
+    format!(
+        "# Running in an agentvm microVM\n\
+         \n\
+         You run inside a small Linux VM started by agentvm, as user `agent`, with passwordless sudo.\n\
+         \n\
+         - `/work` is the user's project, shared live with the host: changes there are real and persist.\n\
+         - `/home/agent` (your home, with this file) persists between sessions of this project.\n\
+         - Everything else (`/`, `/tmp`, packages installed with apt or `npm -g`) is on a RAM-backed overlay\n  \
+           and is lost when the VM powers off. Keep what must survive under `/work` or `/home/agent`.\n\
+         - Memory is limited: the VM had {} MiB of RAM when this note was written, shared by all programs\n  \
+           and by the RAM-backed files above. Avoid large files outside `/work`; check with `free -m`.\n\
+         - CPUs: {} when this note was written (check with `nproc`).\n\
+         - Network access may be restricted.\n\
+         - The VM powers off when the session ends.\n",
+        facts.memory_mib, facts.cpus
+    )
+}
+
+// ---------------------------------------------------------------------------
+// .gitconfig
+
+/// What a git config file already says that we care about.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct GitFacts {
+    safe_work: bool,
+    user_name: bool,
+    user_email: bool,
+}
+
+/// The text to append to a `.gitconfig` holding `text`; None when nothing
+/// is missing.
+fn gitconfig_addition(text: &str, identity: Option<(&str, &str)>) -> Option<String> {
+    let facts = scan_gitconfig(text);
+    let mut add = String::new();
+    if !facts.safe_work {
+        add.push_str(&format!("[safe]\n\tdirectory = {GUEST_WORK}\n"));
+    }
+    if let Some((name, email)) = identity.filter(|(n, e)| plain_value(n) && plain_value(e)) {
+        let mut user = String::new();
+        if !facts.user_name {
+            user.push_str(&format!("\tname = {}\n", quote_value(name)));
+        }
+        if !facts.user_email {
+            user.push_str(&format!("\temail = {}\n", quote_value(email)));
+        }
+        if !user.is_empty() {
+            add.push_str("[user]\n");
+            add.push_str(&user);
+        }
+    }
+    if add.is_empty() {
+        return None;
+    }
+    if !text.is_empty() && !text.ends_with('\n') {
+        add.insert(0, '\n');
+    }
+    Some(add)
+}
+
+/// Values we are willing to write: non-empty, one line, no control chars.
+fn plain_value(v: &str) -> bool {
+    !v.trim().is_empty() && !v.chars().any(char::is_control)
+}
+
+fn quote_value(v: &str) -> String {
+    format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Reads the parts of git's config syntax we need: section headers
+/// (`[user]`, `[safe]`, with subsections told apart), keys (case-insensitive),
+/// quoted values, escapes, comments and continuation lines.
+fn scan_gitconfig(text: &str) -> GitFacts {
+    let mut facts = GitFacts::default();
+    let mut section = String::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        let mut rest = line.trim_start();
+        if let Some(h) = rest.strip_prefix('[') {
+            let Some(end) = h.find(']') else { continue };
+            section = normalize_section(&h[..end]);
+            rest = h[end + 1..].trim_start();
+        }
+        if rest.is_empty() || rest.starts_with(['#', ';']) {
+            continue;
+        }
+        let key_end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '-')).unwrap_or(rest.len());
+        let key = rest[..key_end].to_ascii_lowercase();
+        let after = rest[key_end..].trim_start();
+        let mut raw = match after.strip_prefix('=') {
+            Some(v) => v.to_string(),
+            None => String::new(), // `key` alone: boolean true
+        };
+        while raw.ends_with('\\') && !raw.ends_with("\\\\") {
+            raw.pop();
+            match lines.next() {
+                Some(next) => raw.push_str(next),
+                None => break,
+            }
+        }
+        let value = parse_value(&raw);
+        match (section.as_str(), key.as_str()) {
+            // An empty safe.directory resets the list; `*` trusts everything.
+            ("safe", "directory") => facts.safe_work = value == GUEST_WORK || value == "*" || (facts.safe_work && !value.is_empty()),
+            ("user", "name") => facts.user_name = true,
+            ("user", "email") => facts.user_email = true,
+            _ => {}
+        }
+    }
+    facts
+}
+
+/// `user` → "user"; `Safe` → "safe"; `user "x"` or `user.x` → "user x"
+/// (a subsection, which is not the section).
+fn normalize_section(h: &str) -> String {
+    let h = h.trim();
+    match h.find(|c: char| c.is_whitespace() || c == '"' || c == '.') {
+        Some(i) => format!("{} {}", h[..i].to_ascii_lowercase(), &h[i..]),
+        None => h.to_ascii_lowercase(),
+    }
+}
+
+/// A value as git reads it: quotes removed, escapes applied, comments and
+/// surrounding whitespace outside quotes dropped.
+fn parse_value(raw: &str) -> String {
+    let mut out = String::new();
+    let mut quoted = false;
+    let mut pending_space = String::new();
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => quoted = !quoted,
+            '\\' => {
+                let e = match chars.next() {
+                    Some('n') => '\n',
+                    Some('t') => '\t',
+                    Some('b') => '\u{8}',
+                    Some(o) => o,
+                    None => break,
+                };
+                out.push_str(&std::mem::take(&mut pending_space));
+                out.push(e);
+            }
+            '#' | ';' if !quoted => break,
+            c if c.is_whitespace() && !quoted => {
+                if !out.is_empty() {
+                    pending_space.push(c);
+                }
+            }
+            c => {
+                out.push_str(&std::mem::take(&mut pending_space));
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// Ensures `home/.gitconfig` has the safe directory and, if given and
+/// missing, the identity.
+fn ensure_gitconfig(home: &Path, identity: Option<(&str, &str)>) -> Result<(), HomeError> {
+    let path = home.join(".gitconfig");
+    let lock_path = home.join(".gitconfig.lock");
+    let dir = open_home(home)?;
+    // Fast path without the lock: usually nothing is missing.
+    let current = read_nofollow(&dir, ".gitconfig", &path)?;
+    if gitconfig_addition(&text_of(&current), identity).is_none() {
+        return Ok(());
+    }
+
+    let lock = Lock::acquire(&dir, ".gitconfig.lock", &path, &lock_path)?;
+    let current = read_nofollow(&dir, ".gitconfig", &path)?;
+    let text = text_of(&current);
+    let Some(add) = gitconfig_addition(&text, identity) else { return Ok(()) };
+    let mut bytes = current.as_ref().map(|(b, _)| b.clone()).unwrap_or_default();
+    bytes.extend_from_slice(add.as_bytes());
+    let mode = current.as_ref().map_or(FILE_MODE, |(_, m)| *m);
+    let fill = |f: &File| -> io::Result<()> {
+        let mut w = f;
+        w.write_all(&bytes)?;
+        fchmod(f, mode)?;
+        f.sync_all()
+    };
+    fill(&lock.file).map_err(|source| HomeError::Io { what: "write", path: lock_path, source })?;
+    lock.commit(&dir, ".gitconfig").map_err(|source| HomeError::Io { what: "replace", path, source })
+}
+
+fn text_of(current: &Option<(Vec<u8>, libc::mode_t)>) -> String {
+    current.as_ref().map(|(b, _)| String::from_utf8_lossy(b).into_owned()).unwrap_or_default()
+}
+
+/// git's lock protocol: `NAME.lock` created exclusively, filled, renamed
+/// over `NAME`; removed if not committed.
+struct Lock {
+    file: File,
+    dir_fd: RawFd,
+    name: CString,
+    committed: bool,
+}
+
+impl Lock {
+    fn acquire(dir: &OwnedFd, name: &str, path: &Path, lock_path: &Path) -> Result<Lock, HomeError> {
+        let cname = cstr(name);
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+            match openat(dir, &cname, flags, 0o600) {
+                Ok(fd) => {
+                    return Ok(Lock { file: File::from(fd), dir_fd: dir.as_raw_fd(), name: cname, committed: false })
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    return Err(HomeError::Locked { path: path.into(), lock: lock_path.into() })
+                }
+                Err(source) => return Err(HomeError::Io { what: "create", path: lock_path.into(), source }),
+            }
+        }
+    }
+
+    fn commit(mut self, dir: &OwnedFd, target: &str) -> io::Result<()> {
+        let t = cstr(target);
+        // SAFETY: renameat within one directory fd we hold, with valid C strings.
+        let r = unsafe { libc::renameat(dir.as_raw_fd(), self.name.as_ptr(), dir.as_raw_fd(), t.as_ptr()) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        if !self.committed {
+            // SAFETY: unlinking our own lock file in a directory fd still open
+            // (the Lock never outlives the OwnedFd it was acquired from).
+            unsafe { libc::unlinkat(self.dir_fd, self.name.as_ptr(), 0) };
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The memory note
+
+/// Writes `home/rel` with `contents` unless something exists there; true if
+/// written. Missing parent directories are created (0700).
+fn write_note_once(home: &Path, rel: &str, contents: &str) -> Result<bool, HomeError> {
+    let bad = || HomeError::BadNotePath { path: rel.to_string() };
+    let parts: Vec<&std::ffi::OsStr> = Path::new(rel)
+        .components()
+        .map(|c| match c {
+            Component::Normal(p) => Ok(p),
+            _ => Err(bad()),
+        })
+        .collect::<Result<_, _>>()?;
+    let Some((file_name, parents)) = parts.split_last() else { return Err(bad()) };
+
+    let mut dir = open_home(home)?;
+    let mut dir_path = home.to_path_buf();
+    for p in parents {
+        dir_path.push(p);
+        dir = open_or_create_dir(&dir, p, &dir_path)?;
+    }
+    let path = dir_path.join(file_name);
+    let name = CString::new(file_name.as_bytes()).map_err(|_| bad())?;
+    if exists_nofollow(&dir, &name).map_err(|source| HomeError::Io { what: "inspect", path: path.clone(), source })? {
+        return Ok(false);
+    }
+
+    // Write a temporary file, then hard-link it into place: the link fails
+    // if the name appeared meanwhile, so nothing is ever overwritten.
+    let tmp = cstr(&format!(".{}.agentvm-{}.tmp", file_name.to_string_lossy(), unique()));
+    let io_err = |what| {
+        let path = path.clone();
+        move |source| HomeError::Io { what, path, source }
+    };
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    let file = File::from(openat(&dir, &tmp, flags, 0o600).map_err(io_err("create a temporary file for"))?);
+    let result = (|| {
+        (&file).write_all(contents.as_bytes())?;
+        fchmod(&file, FILE_MODE)?;
+        file.sync_all()?;
+        // SAFETY: linkat within one directory fd we hold, valid C strings.
+        let r = unsafe { libc::linkat(dir.as_raw_fd(), tmp.as_ptr(), dir.as_raw_fd(), name.as_ptr(), 0) };
+        if r == 0 {
+            Ok(true)
+        } else {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::AlreadyExists { Ok(false) } else { Err(e) }
+        }
+    })();
+    // SAFETY: removing our temporary name in a directory fd we hold.
+    unsafe { libc::unlinkat(dir.as_raw_fd(), tmp.as_ptr(), 0) };
+    result.map_err(io_err("write"))
+}
+
+// ---------------------------------------------------------------------------
+// Small fd-relative helpers
+
+fn cstr(s: &str) -> CString {
+    CString::new(s).expect("names built here hold no NUL")
+}
+
+fn unique() -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{}-{nanos}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+fn openat(dir: &OwnedFd, name: &CString, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+    // SAFETY: openat with a directory fd we hold and a valid C string; the
+    // returned fd is fresh and ours.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, libc::c_uint::from(mode)) };
+    if fd < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        // SAFETY: fd is a fresh descriptor owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+}
+
+/// The home directory itself (chosen by the host user, so followed).
+fn open_home(home: &Path) -> Result<OwnedFd, HomeError> {
+    let c = CString::new(home.as_os_str().as_bytes()).map_err(|_| HomeError::Io {
+        what: "open",
+        path: home.into(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"),
+    })?;
+    // SAFETY: open with a valid C string; the fd is fresh and ours.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(HomeError::Io { what: "open", path: home.into(), source: io::Error::last_os_error() });
+    }
+    // SAFETY: fd is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens the subdirectory `name` of `dir` without following a symlink,
+/// creating it if missing.
+fn open_or_create_dir(dir: &OwnedFd, name: &std::ffi::OsStr, path: &Path) -> Result<OwnedFd, HomeError> {
+    let c = CString::new(name.as_bytes()).map_err(|_| HomeError::NotPlain { path: path.into(), kind: "directory" })?;
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    for _ in 0..2 {
+        match openat(dir, &c, flags, 0) {
+            Ok(fd) => return Ok(fd),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // SAFETY: mkdirat in a directory fd we hold, valid C string.
+                if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), DIR_MODE) } != 0 {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::AlreadyExists {
+                        return Err(HomeError::Io { what: "create directory", path: path.into(), source: e });
+                    }
+                }
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+                return Err(HomeError::NotPlain { path: path.into(), kind: "directory" })
+            }
+            Err(source) => return Err(HomeError::Io { what: "open", path: path.into(), source }),
+        }
+    }
+    Err(HomeError::NotPlain { path: path.into(), kind: "directory" })
+}
+
+/// The contents and permission bits of the regular file `name` in `dir`;
+/// None if it does not exist; an error if it is a symlink or not a file.
+fn read_nofollow(dir: &OwnedFd, name: &str, path: &Path) -> Result<Option<(Vec<u8>, libc::mode_t)>, HomeError> {
+    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+    let fd = match openat(dir, &cstr(name), flags, 0) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(HomeError::NotPlain { path: path.into(), kind: "file" })
+        }
+        Err(source) => return Err(HomeError::Io { what: "open", path: path.into(), source }),
+    };
+    let mut file = File::from(fd);
+    let meta = file.metadata().map_err(|source| HomeError::Io { what: "inspect", path: path.into(), source })?;
+    if !meta.is_file() {
+        return Err(HomeError::NotPlain { path: path.into(), kind: "file" });
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(|source| HomeError::Io { what: "read", path: path.into(), source })?;
+    Ok(Some((bytes, std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777)))
+}
+
+/// Whether anything (a symlink included) has the name `name` in `dir`.
+fn exists_nofollow(dir: &OwnedFd, name: &CString) -> io::Result<bool> {
+    // SAFETY: fstatat into a stat buffer we own, with a directory fd we hold.
+    let r = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW)
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::NotFound { Ok(false) } else { Err(e) }
+}
+
+fn fchmod(file: &File, mode: libc::mode_t) -> io::Result<()> {
+    // SAFETY: fchmod on an fd we own.
+    if unsafe { libc::fchmod(file.as_raw_fd(), mode) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flavor::builtin_flavors;
+    use std::os::unix::fs::PermissionsExt;
+
+    const FACTS: VmFacts = VmFacts { memory_mib: 4096, cpus: 4 };
+
+    fn id() -> Option<(String, String)> {
+        Some(("Jane \"JD\" Doe".into(), "jane@example.com".into()))
+    }
+
+    fn read(p: &Path) -> String {
+        std::fs::read_to_string(p).unwrap()
+    }
+
+    #[test]
+    fn gitconfig_created_then_left_alone_on_second_run() {
+        let d = tempfile::tempdir().unwrap();
+        let shell = &builtin_flavors()["shell"];
+        prepare(d.path(), shell, &FACTS, id()).unwrap();
+        let first = read(&d.path().join(".gitconfig"));
+        assert_eq!(
+            first,
+            "[safe]\n\tdirectory = /work\n[user]\n\tname = \"Jane \\\"JD\\\" Doe\"\n\temail = \"jane@example.com\"\n"
+        );
+        let facts = scan_gitconfig(&first);
+        assert!(facts.safe_work && facts.user_name && facts.user_email);
+        prepare(d.path(), shell, &FACTS, Some(("Other".into(), "o@x".into()))).unwrap();
+        assert_eq!(read(&d.path().join(".gitconfig")), first);
+        assert!(!d.path().join(".gitconfig.lock").exists());
+        let mode = std::fs::metadata(d.path().join(".gitconfig")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+    }
+
+    #[test]
+    fn gitconfig_existing_content_is_kept_byte_for_byte() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(".gitconfig");
+        let original = "# mine\n[core]\n\teditor = vim ; comment\n[alias]\n  st = status";
+        std::fs::write(&p, original).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        prepare(d.path(), &builtin_flavors()["shell"], &FACTS, None).unwrap();
+        let after = read(&p);
+        assert_eq!(after, format!("{original}\n[safe]\n\tdirectory = /work\n"));
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600, "mode kept");
+        prepare(d.path(), &builtin_flavors()["shell"], &FACTS, None).unwrap();
+        assert_eq!(read(&p), after);
+    }
+
+    #[test]
+    fn gitconfig_with_safe_work_already_is_untouched() {
+        for text in [
+            "[safe]\n\tdirectory = /work\n",
+            "[Safe]\n    Directory = \"/work\" # quoted\n",
+            "[safe] directory=/work\n",
+            "[safe]\n\tdirectory = *\n",
+        ] {
+            assert!(scan_gitconfig(text).safe_work, "{text:?}");
+            assert_eq!(gitconfig_addition(text, None), None, "{text:?}");
+        }
+        for text in [
+            "[safe \"x\"]\n\tdirectory = /work\n",
+            "[safe]\n\tdirectory = /work2\n",
+            "[safe]\n\tdirectory = /work\n\tdirectory =\n",
+            "[core]\n\tdirectory = /work\n",
+            "# [safe] directory = /work\n",
+        ] {
+            assert!(!scan_gitconfig(text).safe_work, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn identity_does_not_override_existing_user() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(".gitconfig");
+        std::fs::write(&p, "[user]\n\tname = Agent Smith\n").unwrap();
+        prepare(d.path(), &builtin_flavors()["shell"], &FACTS, id()).unwrap();
+        let text = read(&p);
+        assert!(text.starts_with("[user]\n\tname = Agent Smith\n"), "{text}");
+        assert!(!text.contains("Jane"), "{text}");
+        assert!(text.contains("\temail = \"jane@example.com\"\n"), "{text}");
+        // A subsection is not [user].
+        assert!(!scan_gitconfig("[user \"x\"]\n\tname = a\n").user_name);
+        // Values with newlines are not written.
+        assert_eq!(gitconfig_addition("[safe]\ndirectory=/work\n", Some(("a\nb", "e"))), None);
+    }
+
+    #[test]
+    fn gitconfig_symlink_is_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let secret = d.path().join("secret");
+        std::fs::write(&secret, "host secret").unwrap();
+        let home = d.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        std::os::unix::fs::symlink(&secret, home.join(".gitconfig")).unwrap();
+        let e = prepare(&home, &builtin_flavors()["shell"], &FACTS, None).unwrap_err();
+        assert!(matches!(e, HomeError::NotPlain { .. }), "{e}");
+        assert_eq!(read(&secret), "host secret");
+        assert!(std::fs::symlink_metadata(home.join(".gitconfig")).unwrap().file_type().is_symlink());
+    }
+
+    #[test]
+    fn stale_lock_is_reported() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(".gitconfig.lock"), "").unwrap();
+        let e = prepare(d.path(), &builtin_flavors()["shell"], &FACTS, None).unwrap_err().to_string();
+        assert!(e.contains(".gitconfig.lock"), "{e}");
+        assert!(d.path().join(".gitconfig.lock").exists(), "someone else's lock is left alone");
+    }
+
+    #[test]
+    fn memory_note_created_once_never_overwritten() {
+        let d = tempfile::tempdir().unwrap();
+        let claude = &builtin_flavors()["claude"];
+        prepare(d.path(), claude, &FACTS, None).unwrap();
+        let note = d.path().join(".claude/CLAUDE.md");
+        let text = read(&note);
+        assert!(text.contains("4096 MiB") && text.contains("/work") && text.contains("sudo"), "{text}");
+        assert_eq!(std::fs::metadata(&note).unwrap().permissions().mode() & 0o777, 0o644);
+        let dir_mode = std::fs::metadata(d.path().join(".claude")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(dir_mode, 0o700);
+
+        std::fs::write(&note, "my own notes").unwrap();
+        prepare(d.path(), claude, &VmFacts { memory_mib: 512, cpus: 1 }, None).unwrap();
+        assert_eq!(read(&note), "my own notes");
+        let leftovers: Vec<_> = std::fs::read_dir(d.path().join(".claude")).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary files remain");
+    }
+
+    #[test]
+    fn memory_note_parent_symlink_is_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = d.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let home = d.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        std::os::unix::fs::symlink(&outside, home.join(".claude")).unwrap();
+        let e = prepare(&home, &builtin_flavors()["claude"], &FACTS, None).unwrap_err();
+        assert!(matches!(e, HomeError::NotPlain { .. }), "{e}");
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        assert!(home.join(".gitconfig").exists(), "the other steps still ran");
+    }
+
+    #[test]
+    fn memory_note_bad_path_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let e = write_note_once(d.path(), "../x.md", "x").unwrap_err();
+        assert!(matches!(e, HomeError::BadNotePath { .. }));
+        assert!(write_note_once(d.path(), "/etc/x", "x").is_err());
+        assert!(write_note_once(d.path(), "", "x").is_err());
+    }
+
+    #[test]
+    fn value_parsing_follows_git() {
+        assert_eq!(parse_value(" /work "), "/work");
+        assert_eq!(parse_value(" \"a b\" # c"), "a b");
+        assert_eq!(parse_value("a\\\"b ; c"), "a\"b");
+        assert_eq!(parse_value("x  y  "), "x  y");
+    }
+}
