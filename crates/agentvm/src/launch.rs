@@ -70,6 +70,8 @@ pub enum LaunchError {
     GuestInit { message: String, console: String },
     #[error("the VM ended without reporting the program's exit status (QEMU {status}); the guest may have crashed\n--- guest console (last lines) ---\n{console}")]
     GuestDied { status: String, console: String },
+    #[error("QEMU was killed ({status}) by something other than agentvm; the program's exit status is lost\n--- guest console (last lines) ---\n{console}")]
+    QemuKilled { status: String, console: String },
     #[error("{helper} exited unexpectedly ({status}); the VM was stopped\n{log}")]
     HelperDied { helper: String, status: String, log: String },
     #[error("stopped by signal {0} before the program reported its exit status")]
@@ -363,6 +365,10 @@ struct End {
     stop_signal: Option<i32>,
     qemu_status: String,
     qemu_ok: bool,
+    /// QEMU was killed by a signal.
+    qemu_signalled: bool,
+    /// agentvm itself signalled QEMU (grace period over, helper died, ...).
+    we_stopped_qemu: bool,
     qemu_log: String,
     /// QEMU exited before the guest said a word.
     never_started: bool,
@@ -381,6 +387,9 @@ impl End {
         }
         if let Some(sig) = self.stop_signal {
             return Err(LaunchError::Interrupted(sig));
+        }
+        if self.qemu_signalled && !self.we_stopped_qemu {
+            return Err(LaunchError::QemuKilled { status: self.qemu_status, console });
         }
         if self.never_started && !self.qemu_ok {
             return Err(LaunchError::QemuFailed { status: self.qemu_status, log: self.qemu_log });
@@ -431,6 +440,8 @@ impl Relay {
             stop_signal: None,
             qemu_status: String::new(),
             qemu_ok: false,
+            qemu_signalled: false,
+            we_stopped_qemu: false,
             qemu_log: String::new(),
             never_started: true,
         };
@@ -444,6 +455,7 @@ impl Relay {
                 }
                 end.qemu_status = process::describe(status);
                 end.qemu_ok = status.success();
+                end.qemu_signalled = std::os::unix::process::ExitStatusExt::signal(&status).is_some();
                 end.qemu_log = qemu.log_tail(CONSOLE_TAIL_LINES);
                 return end;
             }
@@ -457,12 +469,14 @@ impl Relay {
                         let status = process::describe(h.poll().expect("exited"));
                         end.helper_died = Some((h.name.clone(), status, h.log_tail(10)));
                         qemu.signal(libc::SIGTERM);
+                        end.we_stopped_qemu = true;
                         kill_at.get_or_insert(Instant::now() + Duration::from_secs(2));
                     }
                 }
             }
             if kill_at.is_some_and(|t| Instant::now() >= t) {
                 qemu.signal(libc::SIGKILL);
+                end.we_stopped_qemu = true;
             }
 
             let stdin_wanted = self.stdin_open && self.to_guest.len() < MAX_QUEUED;
@@ -511,6 +525,7 @@ impl Relay {
                 if end.stop_signal.is_some() {
                     // Asked twice: stop now.
                     qemu.signal(libc::SIGKILL);
+                    end.we_stopped_qemu = true;
                 } else {
                     end.stop_signal = Some(sig);
                     Frame::Signal(sig as u8).encode(&mut self.to_guest);

@@ -339,7 +339,7 @@ fn killed_qemu_ends_the_run_with_a_message_and_no_leftovers() {
     let out = wait_exit(child, Duration::from_secs(30));
     assert_eq!(out.status.code(), Some(125));
     let err = stderr(&out);
-    assert!(err.contains("QEMU") && err.contains("signal 9"), "{err}");
+    assert!(err.contains("QEMU was killed (signal 9) by something other than agentvm"), "{err}");
     assert!(l.leftover_instances().is_empty());
     assert_helpers_gone_within(&l, Duration::from_secs(2));
 }
@@ -406,4 +406,85 @@ fn shell_into_a_running_vm_is_a_terminal_that_follows_resize_and_returns_the_sta
     assert_eq!(std::fs::read_to_string(&after).unwrap().trim(), "exit=6");
     assert_eq!(tool(&l, &["stop", &id], b"").status.code(), Some(0));
     assert_ne!(wait_exit(child, Duration::from_secs(30)).status.code(), Some(0));
+}
+
+/// Runs every launch at once, each on its own thread, and returns outputs
+/// in order.
+fn run_all(launches: &[Launch]) -> Vec<Output> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = launches.iter().map(|l| s.spawn(move || l.run())).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn four_concurrent_runs_on_one_project_keep_their_own_output() {
+    let first = Launch::new().shell("echo run-0 | tee /work/out-0");
+    let mut launches = vec![];
+    for i in 1..4 {
+        launches.push(sibling(&first).shell(&format!("echo run-{i} | tee /work/out-{i}")));
+    }
+    launches.insert(0, first);
+    let outs = run_all(&launches);
+    for (i, out) in outs.iter().enumerate() {
+        assert_eq!(out.status.code(), Some(0), "run {i}: {}", stderr(out));
+        assert_eq!(stdout(out), format!("run-{i}\n"));
+        assert_eq!(std::fs::read_to_string(launches[0].work.join(format!("out-{i}"))).unwrap(), format!("run-{i}\n"));
+    }
+    assert!(launches[0].leftover_instances().is_empty());
+    assert_helpers_gone_within(&launches[0], Duration::from_secs(2));
+}
+
+#[test]
+fn fsynced_file_survives_a_forced_stop_of_the_vm() {
+    let l = Launch::new().shell("printf 'kept data' > /work/f; sync /work/f; touch /work/started; sleep 300");
+    let mut c = spawn(&l);
+    wait_started(&l.work, 1, &mut [&mut c]);
+    let qemu = ps(&l)[0]["qemu_pid"].as_u64().expect("qemu pid") as i32;
+    kill(qemu, libc::SIGKILL);
+    let out = wait_exit(c, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(125));
+    assert_eq!(std::fs::read_to_string(l.work.join("f")).unwrap(), "kept data");
+    assert_helpers_gone_within(&l, Duration::from_secs(5));
+}
+
+#[test]
+fn symlinks_and_dotdot_in_the_share_stay_inside_the_guest() {
+    let l = Launch::new();
+    // A file next to the project, and links that point at host paths.
+    std::fs::write(l.dirs.path().join("outside.txt"), "host-only secret").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", l.work.join("passwd-link")).unwrap();
+    std::os::unix::fs::symlink("../outside.txt", l.work.join("outside-link")).unwrap();
+    let l = l.shell(
+        "grep -c '^agent:' /work/passwd-link; \
+         cat /work/outside-link 2>&1; cat /work/../outside.txt 2>&1; ls /work/.. | grep -c outside.txt; true",
+    );
+    let out = l.run();
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(!text.contains("host-only secret"), "the guest read a host file: {text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "1", "the link resolved to the guest's own /etc/passwd: {text}");
+    assert!(lines[1].contains("No such file"), "{text}");
+    assert!(lines[2].contains("No such file"), "{text}");
+    assert_eq!(lines[3], "0", "{text}");
+}
+
+#[test]
+fn soak_twenty_runs_in_a_row_then_four_at_once_all_clean() {
+    let base = Launch::new();
+    for i in 0..20 {
+        let l = sibling(&base).shell(&format!("echo {i}"));
+        let out = l.run();
+        assert_eq!(out.status.code(), Some(0), "run {i}");
+        assert_eq!(stdout(&out), format!("{i}\n"), "run {i}");
+        assert!(base.leftover_instances().is_empty(), "run {i}");
+    }
+    let launches: Vec<Launch> = (0..4).map(|i| sibling(&base).shell(&format!("echo at-once-{i}; exit {i}"))).collect();
+    for (i, out) in run_all(&launches).iter().enumerate() {
+        assert_eq!(out.status.code(), Some(i as i32));
+        assert_eq!(stdout(out), format!("at-once-{i}\n"));
+    }
+    assert!(base.leftover_instances().is_empty());
+    assert_helpers_gone_within(&base, Duration::from_secs(2));
 }
