@@ -30,6 +30,9 @@ pub enum Error {
         /// The OS error.
         source: io::Error,
     },
+    /// The network interface could not be configured.
+    #[error("cannot configure the network: {0}")]
+    Network(String),
     /// The launch spec could not be decoded.
     #[error("launch spec {path} is invalid: {source}")]
     Spec {

@@ -8,6 +8,7 @@
 mod boot;
 mod console;
 mod error;
+mod net;
 mod etc;
 mod exec;
 mod port;
@@ -52,6 +53,9 @@ fn run() -> Result<relay::Outcome> {
     boot::switch_root()?;
     boot::setup_system(&spec)?;
     boot::mount_shares(&spec.mounts)?;
+    if let Some(net) = &spec.network {
+        net::configure(net)?;
+    }
     console::step(&format!("user {}", spec.user.name));
     etc::setup_user(Path::new("/"), &spec.user)?;
     let groups = etc::user_groups(Path::new("/"), &spec.user)?;

@@ -26,6 +26,10 @@ pub struct LaunchSpec {
     pub layers: Vec<String>,
     /// virtiofs shares to mount, in order.
     pub mounts: Vec<Mount>,
+    /// The guest's network interface, configured statically (no DHCP).
+    /// None: only loopback.
+    #[serde(default)]
+    pub network: Option<Network>,
     /// The unprivileged user the program runs as.
     pub user: User,
     /// Working directory of the program (normally `/work`).
@@ -72,6 +76,17 @@ pub struct Mount {
     pub read_only: bool,
 }
 
+/// Static configuration of the guest's one network interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    /// Address with prefix length, e.g. `10.0.2.15/24`.
+    pub address: String,
+    /// Default gateway, e.g. `10.0.2.2`.
+    pub gateway: String,
+    /// Name servers for /etc/resolv.conf.
+    pub dns: Vec<String>,
+}
+
 /// The guest user the program runs as.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct User {
@@ -114,6 +129,7 @@ mod tests {
             root_fstype: "squashfs".into(),
             layers: vec!["/dev/vdb".into()],
             mounts: vec![Mount { tag: "work".into(), path: "/work".into(), read_only: false }],
+            network: Some(Network { address: "10.0.2.15/24".into(), gateway: "10.0.2.2".into(), dns: vec!["10.0.2.3".into()] }),
             user: User { name: "agent".into(), uid: 1000, gid: 1000, home: "/home/agent".into() },
             cwd: "/work".into(),
             argv: vec!["sh".into(), "-c".into(), "exit 7".into()],

@@ -103,6 +103,14 @@ pub struct RunArgs {
     /// (repeatable).
     #[arg(long = "env-file", value_name = "FILE")]
     pub env_files: Vec<PathBuf>,
+    /// Publish a guest port on the host: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]
+    /// (repeatable; the host side binds 127.0.0.1 unless an address is given).
+    #[arg(short = 'p', long = "publish", value_name = "SPEC")]
+    pub publish: Vec<String>,
+    /// `open`: internet through the host (the host's own services stay
+    /// closed); `none`: only loopback in the guest.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub network: Option<crate::net::NetworkMode>,
     /// Project directory shared at /work [env: WORK_DIR] [default: .]
     #[arg(short = 'w', long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,

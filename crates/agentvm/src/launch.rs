@@ -21,6 +21,7 @@ use crate::homesetup::{self, VmFacts};
 use crate::image::{self, Image, LayerRecipe, Recipe, Store};
 use crate::initramfs::Cpio;
 use crate::instance::{self, Instance, InstanceMeta};
+use crate::net::{self, NetworkMode};
 use crate::settings::Settings;
 use crate::share::{self, IdMap, Share};
 use crate::tools;
@@ -52,6 +53,8 @@ pub enum LaunchError {
     Image(#[from] image::ImageError),
     #[error(transparent)]
     Share(#[from] share::ShareError),
+    #[error(transparent)]
+    Net(#[from] net::NetError),
     #[error(transparent)]
     Instance(#[from] instance::InstanceError),
     #[error(transparent)]
@@ -133,7 +136,7 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
         cpus: settings.cpus,
         started: instance::now_secs(),
         qemu_pid: None,
-        ports: Vec::new(),
+        ports: settings.ports.iter().map(ToString::to_string).collect(),
     };
     inst.write_meta(&meta)?;
 
@@ -157,6 +160,13 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
         share_sockets.push((s.tag.clone(), socket));
     }
 
+    let mut net_fd = None;
+    if settings.network == NetworkMode::Open {
+        let (passt, fd) = net::start_passt(&settings.ports, &inst.dir)?;
+        helpers.push(passt);
+        net_fd = Some(fd);
+    }
+
     let (ctl, ctl_guest) = socketpair()?;
     let cfg = VmConfig {
         name: format!("agentvm-{}", inst.id),
@@ -176,18 +186,20 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
         shares: share_sockets,
         exec_sockets: (0..agentvm_proto::EXEC_PORTS).map(|i| inst.dir.join(format!("exec-{i}.sock"))).collect(),
         sandbox: true,
+        net_fd: net_fd.as_ref().map(|_| 5),
     };
     let mut cmd = Command::new(&qemu_bin);
     cmd.args(vm::qemu_args(&cfg));
     let qemu = process::spawn(
         "QEMU",
         cmd,
-        &[(ctl_guest.as_raw_fd(), 3), (initrd.as_raw_fd(), 4)],
+        &qemu_fds(&ctl_guest, &initrd, net_fd.as_ref()),
         &inst.dir.join("qemu.log"),
     )
     .map_err(LaunchError::QemuSpawn)?;
     drop(ctl_guest);
     drop(initrd);
+    drop(net_fd);
     // For `agentvm ps` (memory use) and `agentvm stop`.
     meta.qemu_pid = Some(qemu.child.id());
     inst.write_meta(&meta)?;
@@ -212,6 +224,15 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
 }
 
 /// The guest's view of this launch.
+/// The fds QEMU inherits: control port as 3, initramfs as 4, network as 5.
+fn qemu_fds(ctl: &OwnedFd, initrd: &OwnedFd, net: Option<&OwnedFd>) -> Vec<(RawFd, RawFd)> {
+    let mut fds = vec![(ctl.as_raw_fd(), 3), (initrd.as_raw_fd(), 4)];
+    if let Some(n) = net {
+        fds.push((n.as_raw_fd(), 5));
+    }
+    fds
+}
+
 /// The base image for a flavor: the shared base, plus the flavor's Debian
 /// packages if it has any.
 pub fn base_recipe(flavor: &Flavor) -> Recipe {
@@ -244,6 +265,7 @@ fn launch_spec(
         root_device: format!("serial:{}", vm::ROOT_SERIAL),
         root_fstype: "squashfs".into(),
         layers: (0..layer_count).map(|i| format!("serial:{}", vm::layer_serial(i))).collect(),
+        network: (s.network == NetworkMode::Open).then(net::guest_network),
         mounts: shares
             .iter()
             .map(|sh| Mount { tag: sh.tag.clone(), path: sh.guest_path.clone(), read_only: sh.read_only })

@@ -17,6 +17,7 @@ pub mod image;
 pub mod initramfs;
 pub mod instance;
 pub mod launch;
+pub mod net;
 pub mod paths;
 pub mod ps;
 pub mod settings;

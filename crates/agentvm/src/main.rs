@@ -62,6 +62,8 @@ fn run(args: RunArgs) -> i32 {
         args: args.args,
         env: args.env,
         env_files: args.env_files,
+        network: args.network,
+        publish: args.publish,
         verbose: args.verbose,
     };
     let settings = match settings::resolve(req) {

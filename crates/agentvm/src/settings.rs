@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 
 use crate::envvars::{self, EnvError, GuestEnv};
 use crate::flavor::{self, Flavor, FlavorError, FlavorOverride, DEFAULT_FLAVOR};
+use crate::net::{self, NetError, NetworkMode, PortSpec};
 use crate::paths;
 use crate::vm::AccelChoice;
 
@@ -39,6 +40,12 @@ pub struct Layer {
     pub home: Option<PathBuf>,
     /// The flavor `run` starts when none is named.
     pub flavor: Option<String>,
+    /// `open` (default) or `none`.
+    pub network: Option<NetworkMode>,
+    /// Published ports, `[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]`; the
+    /// layers' lists add up.
+    #[serde(default)]
+    pub ports: Vec<String>,
     /// `[flavors.NAME]` tables: new flavors or changes to existing ones.
     /// Not merged by [`Layer::merge`]: flavors merge field by field.
     #[serde(default)]
@@ -54,6 +61,8 @@ impl Layer {
             accel: over.accel.or(self.accel),
             home: over.home.or(self.home),
             flavor: over.flavor.or(self.flavor),
+            network: over.network.or(self.network),
+            ports: self.ports.into_iter().chain(over.ports).collect(),
             flavors: BTreeMap::new(),
         }
     }
@@ -71,6 +80,10 @@ pub struct Request {
     pub args: Vec<String>,
     /// `-e NAME` / `-e NAME=VALUE`, in order.
     pub env: Vec<String>,
+    /// `--network`.
+    pub network: Option<NetworkMode>,
+    /// `-p/--publish`, in order.
+    pub publish: Vec<String>,
     /// `--env-file FILE`, in order.
     pub env_files: Vec<PathBuf>,
     pub verbose: bool,
@@ -88,6 +101,9 @@ pub struct Settings {
     pub argv: Vec<String>,
     /// The program's environment (may hold secrets; Debug redacts values).
     pub guest_env: GuestEnv,
+    pub network: NetworkMode,
+    /// Published ports, checked: valid, unique, free at resolve time.
+    pub ports: Vec<PortSpec>,
     pub memory_mib: u64,
     pub cpus: u32,
     pub accel: AccelChoice,
@@ -117,6 +133,10 @@ pub enum SettingsError {
     Flavor(#[from] FlavorError),
     #[error(transparent)]
     GuestEnv(#[from] EnvError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("published ports need the network: drop --network none or the ports ({0})")]
+    PortsWithoutNetwork(String),
     #[error("agent home {path}: {why}; pass a directory with --home or AGENT_HOME")]
     Home { path: PathBuf, why: String },
     #[error(transparent)]
@@ -171,6 +191,8 @@ fn env_layer(
         accel,
         home: get("AGENT_HOME").filter(|s| !s.is_empty()).map(PathBuf::from),
         flavor: get("AGENTVM_FLAVOR").filter(|s| !s.is_empty()),
+        network: None,
+        ports: Vec::new(),
         flavors: BTreeMap::new(),
     };
     Ok((layer, get("WORK_DIR").filter(|s| !s.is_empty()).map(PathBuf::from)))
@@ -241,6 +263,8 @@ pub fn resolve_with(
         accel: req.accel,
         home: req.home,
         flavor: req.flavor,
+        network: req.network,
+        ports: req.publish,
         flavors: BTreeMap::new(),
     };
     let user = read_layer(user_config)?;
@@ -268,6 +292,12 @@ pub fn resolve_with(
 
     let flavor = flavor::resolve(&flavors, layer.flavor.as_deref().unwrap_or(DEFAULT_FLAVOR))?;
     let guest_env = envvars::build(&flavor, &req.env, &req.env_files, get_env)?;
+    let network = layer.network.unwrap_or_default();
+    // SAFETY: geteuid has no preconditions.
+    let ports = net::check_ports(&layer.ports, unsafe { libc::geteuid() } == 0)?;
+    if network == NetworkMode::None && !ports.is_empty() {
+        return Err(SettingsError::PortsWithoutNetwork(layer.ports.join(", ")));
+    }
 
     let home_dir = match layer.home {
         Some(h) => absolute(&h),
@@ -281,6 +311,8 @@ pub fn resolve_with(
         argv: flavor.argv(&req.args),
         flavor,
         guest_env,
+        network,
+        ports,
         memory_mib,
         cpus,
         accel: layer.accel.unwrap_or_default(),

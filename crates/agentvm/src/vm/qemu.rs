@@ -34,6 +34,9 @@ pub struct VmConfig {
     pub exec_sockets: Vec<PathBuf>,
     /// Use QEMU's seccomp sandbox.
     pub sandbox: bool,
+    /// File descriptor (inherited by QEMU) of a connected stream socket to
+    /// the user-mode network helper (passt); None: no network device.
+    pub net_fd: Option<i32>,
 }
 
 /// The guest RAM to give QEMU for a requested size. With exactly 2 GiB, the
@@ -119,6 +122,11 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
         a.flag("-device").val(format!("virtio-blk-device,drive={serial},serial={serial}"));
     }
 
+    if let Some(fd) = cfg.net_fd {
+        a.flag("-netdev").val(format!("stream,id=net0,addr.type=fd,addr.str={fd}"));
+        a.flag("-device").val("virtio-net-device,netdev=net0");
+    }
+
     for (tag, socket) in &cfg.shares {
         let mut chardev = OsString::from(format!("socket,id=fs-{tag},path="));
         chardev.push(escape_commas(socket));
@@ -199,6 +207,7 @@ mod tests {
             shares: vec![("work".into(), "/run/x/work.sock".into())],
             exec_sockets: vec![],
             sandbox: true,
+            net_fd: None,
         }
     }
 
@@ -248,6 +257,15 @@ mod tests {
         assert_eq!(qemu_memory_mib(2048), 2052);
         assert_eq!(qemu_memory_mib(512), 512);
         assert_eq!(qemu_memory_mib(4096), 4096);
+    }
+
+    #[test]
+    fn network_device_only_with_a_helper_fd() {
+        assert!(value_of(&strings(&cfg()), "-netdev").is_empty());
+        let c = VmConfig { net_fd: Some(5), ..cfg() };
+        let args = strings(&c);
+        assert_eq!(value_of(&args, "-netdev"), ["stream,id=net0,addr.type=fd,addr.str=5"]);
+        assert!(value_of(&args, "-device").contains(&"virtio-net-device,netdev=net0".to_string()));
     }
 
     #[test]
