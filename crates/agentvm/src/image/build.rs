@@ -208,20 +208,21 @@ fn make_squashfs(steps: &mut Steps, dir: &Path, compressor: &str) -> Result<(), 
         "--pax-include=SCHILY.xattr.trusted.*",
         "--pax-include=SCHILY.xattr.security.*",
     ]);
+    let mut squash = tar2sqfs(compressor, &dir.join(ROOT_FILE));
+    steps.begin("squashfs");
+    steps.run_pipe(Some(&tar), &mut filter, &mut squash)
+}
+
+/// `tar2sqfs` reading a tar on stdin and writing the squashfs `out`, on all
+/// cores, failing on anything it cannot represent (`--no-skip`).
+pub(crate) fn tar2sqfs(compressor: &str, out: &Path) -> Command {
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut squash = Command::new("tar2sqfs");
     squash
-        .args([
-            "--quiet",
-            "--no-skip",
-            "--force",
-            "--compressor",
-            compressor,
-        ])
+        .args(["--quiet", "--no-skip", "--force", "--compressor", compressor])
         .arg(format!("--num-jobs={jobs}"))
-        .arg(dir.join(ROOT_FILE));
-    steps.begin("squashfs");
-    steps.run_pipe(Some(&tar), &mut filter, &mut squash)
+        .arg(out);
+    squash
 }
 
 /// The squashfs compressor: lz4 decompresses fastest (it matters under TCG);

@@ -193,18 +193,7 @@ fn make_squashfs(steps: &mut Steps, staging: &Path, out: &Path) -> Result<(), Im
             "--sort=name",
             ".",
         ]);
-    let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut squash = Command::new("tar2sqfs");
-    squash
-        .args([
-            "--quiet",
-            "--no-skip",
-            "--force",
-            "--compressor",
-            LAYER_COMPRESSOR,
-        ])
-        .arg(format!("--num-jobs={jobs}"))
-        .arg(out);
+    let mut squash = build::tar2sqfs(LAYER_COMPRESSOR, out);
     steps.begin("squashfs");
     steps.run_pipe(None, &mut tar, &mut squash)
 }
