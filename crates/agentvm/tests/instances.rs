@@ -183,9 +183,9 @@ fn real(p: &Path) -> PathBuf {
 
 #[test]
 fn two_instances_are_listed_stopped_by_id_then_all_and_leave_nothing() {
-    let script = "touch /work/started-$$; sleep 300";
-    let a = Launch::new().shell(script);
-    let b = sibling(&a).shell(script);
+    // Distinct names: guest PIDs are deterministic, so `$$` can collide.
+    let a = Launch::new().shell("touch /work/started-a; sleep 300");
+    let b = sibling(&a).shell("touch /work/started-b; sleep 300");
     let mut ca = spawn(&a);
     let mut cb = spawn(&b);
     wait_started(&a.work, 2, &mut [&mut ca, &mut cb]);
