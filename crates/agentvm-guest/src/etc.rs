@@ -92,6 +92,24 @@ pub fn hosts_with_hostname(content: &str, hostname: &str) -> String {
     out
 }
 
+/// /etc/hosts content with `name` resolving to `addr` only.
+pub fn hosts_with_alias(content: &str, name: &str, addr: std::net::Ipv4Addr) -> String {
+    let mut out = String::new();
+    for line in content.lines() {
+        if !line.split_whitespace().skip(1).any(|n| n == name) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str(&format!("{addr}\t{name}\n"));
+    out
+}
+
+/// Makes `name` resolve to `addr` in the root's /etc/hosts.
+pub fn add_host_alias(root: &Path, name: &str, addr: std::net::Ipv4Addr) -> Result<()> {
+    edit_file(&root.join("etc/hosts"), 0o644, |c| hosts_with_alias(c, name, addr))
+}
+
 /// Checks that a name can go into the colon-separated account files.
 fn check_field(what: &str, value: &str) -> Result<()> {
     if value.is_empty() || value.contains([':', '\n', ',']) {
@@ -222,6 +240,13 @@ pub fn setup_hostname(root: &Path, hostname: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_alias_replaces_earlier_entries_for_the_name_only() {
+        let before = "127.0.0.1\tlocalhost\n10.9.9.9 host.agentvm.internal\n10.0.0.1 other\n";
+        let after = hosts_with_alias(before, "host.agentvm.internal", std::net::Ipv4Addr::new(127, 0, 2, 2));
+        assert_eq!(after, "127.0.0.1\tlocalhost\n10.0.0.1 other\n127.0.2.2\thost.agentvm.internal\n");
+    }
 
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\nold:x:1000:1000::/home/old:/bin/sh\nagent:x:1001:1001::/x:/bin/sh\n";
 

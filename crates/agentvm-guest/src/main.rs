@@ -11,6 +11,7 @@ mod error;
 mod net;
 mod etc;
 mod exec;
+mod forward;
 mod port;
 mod power;
 mod program;
@@ -60,6 +61,9 @@ fn run() -> Result<relay::Outcome> {
     etc::setup_user(Path::new("/"), &spec.user)?;
     let groups = etc::user_groups(Path::new("/"), &spec.user)?;
     let sigchld = sys::sigchld_fd().map_err(|e| Error::sys("signalfd(SIGCHLD)", e))?;
+    // After SIGCHLD is blocked: its threads inherit the mask, so the signal
+    // stays for the signalfd instead of being discarded by one of them.
+    forward::start(&spec.host_ports)?;
     let mut exec = exec::ExecPorts::open(&spec, groups.clone());
     port.send(&Frame::Started)?;
     console::step("start the program");

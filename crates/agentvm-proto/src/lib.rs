@@ -5,7 +5,10 @@
 //! * [`frame`]: the framed byte protocol both sides speak over one
 //!   virtio-serial port named [`frame::PORT_NAME`]: the program's stdin,
 //!   stdout, stderr, terminal size, signals and exit status.
+//! * [`forward`]: TCP connections from the guest to the host ports the user
+//!   opened, over a second virtio-serial port.
 
+pub mod forward;
 pub mod frame;
 pub mod spec;
 

@@ -30,6 +30,11 @@ pub struct LaunchSpec {
     /// None: only loopback.
     #[serde(default)]
     pub network: Option<Network>,
+    /// Host loopback ports the guest may reach at
+    /// [`crate::forward::HOST_NAME`] (`--host-port`), carried over the
+    /// forwarding port.
+    #[serde(default)]
+    pub host_ports: Vec<u16>,
     /// The unprivileged user the program runs as.
     pub user: User,
     /// Working directory of the program (normally `/work`).
@@ -130,6 +135,7 @@ mod tests {
             layers: vec!["/dev/vdb".into()],
             mounts: vec![Mount { tag: "work".into(), path: "/work".into(), read_only: false }],
             network: Some(Network { address: "10.0.2.15/24".into(), gateway: "10.0.2.2".into(), dns: vec!["10.0.2.3".into()] }),
+            host_ports: vec![5432],
             user: User { name: "agent".into(), uid: 1000, gid: 1000, home: "/home/agent".into() },
             cwd: "/work".into(),
             argv: vec!["sh".into(), "-c".into(), "exit 7".into()],

@@ -107,10 +107,20 @@ pub struct RunArgs {
     /// (repeatable; the host side binds 127.0.0.1 unless an address is given).
     #[arg(short = 'p', long = "publish", value_name = "SPEC")]
     pub publish: Vec<String>,
+    /// Open one port of the host's loopback to the guest, where it is
+    /// host.agentvm.internal:PORT (repeatable), e.g. a local database or
+    /// MCP server. Works with --network none too.
+    #[arg(long = "host-port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub host_ports: Vec<u16>,
     /// `open`: internet through the host (the host's own services stay
     /// closed); `none`: only loopback in the guest.
     #[arg(long, value_enum, value_name = "MODE")]
     pub network: Option<crate::net::NetworkMode>,
+    /// The user-mode network stack: passt (keeps the host's loopback
+    /// closed), slirp (QEMU's own; cannot close it), or auto (passt when
+    /// installed, else slirp with a warning) [default: auto]
+    #[arg(long, value_enum, value_name = "BACKEND")]
+    pub net_backend: Option<crate::net::NetBackend>,
     /// Project directory shared at /work [env: WORK_DIR] [default: .]
     #[arg(short = 'w', long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,

@@ -9,6 +9,7 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use agentvm_proto::{Frame, FrameReader, LaunchSpec, Mount, User, MODULES_DIR, SP
 use crate::console::{self, RawMode};
 use crate::flavor::Flavor;
 use crate::homesetup::{self, VmFacts};
+use crate::hostports;
 use crate::image::{self, Image, LayerRecipe, Recipe, Store};
 use crate::initramfs::Cpio;
 use crate::instance::{self, Instance, InstanceMeta};
@@ -160,14 +162,32 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
         share_sockets.push((s.tag.clone(), socket));
     }
 
-    let mut net_fd = None;
+    let (mut netdev, mut net_fd) = (None, None);
     if settings.network == NetworkMode::Open {
-        let (passt, fd) = net::start_passt(&settings.ports, &inst.dir)?;
-        helpers.push(passt);
-        net_fd = Some(fd);
+        let (stack, warning) = net::choose_stack(settings.net_backend, net::find_passt())?;
+        if let Some(w) = warning {
+            eprintln!("agentvm: warning: {w}");
+        }
+        match stack {
+            net::Stack::Passt(bin) => {
+                let (passt, fd) = net::start_passt(&bin, &settings.ports, &inst.dir)?;
+                helpers.push(passt);
+                net_fd = Some(fd);
+                netdev = Some(net::passt_netdev(5));
+            }
+            net::Stack::Slirp => netdev = Some(net::slirp_netdev(&settings.ports)?),
+        }
     }
 
     let (ctl, ctl_guest) = socketpair()?;
+    // Started after the signals are blocked, so its thread never takes one.
+    let forward_guest = if settings.host_ports.is_empty() {
+        None
+    } else {
+        let (ours, theirs) = socketpair()?;
+        hostports::serve(UnixStream::from(ours), settings.host_ports.clone()).map_err(os("start host-port forwarding"))?;
+        Some(theirs)
+    };
     let cfg = VmConfig {
         name: format!("agentvm-{}", inst.id),
         accel,
@@ -186,20 +206,22 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
         shares: share_sockets,
         exec_sockets: (0..agentvm_proto::EXEC_PORTS).map(|i| inst.dir.join(format!("exec-{i}.sock"))).collect(),
         sandbox: true,
-        net_fd: net_fd.as_ref().map(|_| 5),
+        netdev,
+        forward_fd: forward_guest.as_ref().map(|_| 6),
     };
     let mut cmd = Command::new(&qemu_bin);
     cmd.args(vm::qemu_args(&cfg));
     let qemu = process::spawn(
         "QEMU",
         cmd,
-        &qemu_fds(&ctl_guest, &initrd, net_fd.as_ref()),
+        &qemu_fds(&ctl_guest, &initrd, net_fd.as_ref(), forward_guest.as_ref()),
         &inst.dir.join("qemu.log"),
     )
     .map_err(LaunchError::QemuSpawn)?;
     drop(ctl_guest);
     drop(initrd);
     drop(net_fd);
+    drop(forward_guest);
     // For `agentvm ps` (memory use) and `agentvm stop`.
     meta.qemu_pid = Some(qemu.child.id());
     inst.write_meta(&meta)?;
@@ -224,12 +246,12 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
 }
 
 /// The guest's view of this launch.
-/// The fds QEMU inherits: control port as 3, initramfs as 4, network as 5.
-fn qemu_fds(ctl: &OwnedFd, initrd: &OwnedFd, net: Option<&OwnedFd>) -> Vec<(RawFd, RawFd)> {
+/// The fds QEMU inherits: control port as 3, initramfs as 4, network as 5,
+/// host-port forwarding as 6.
+fn qemu_fds(ctl: &OwnedFd, initrd: &OwnedFd, net: Option<&OwnedFd>, forward: Option<&OwnedFd>) -> Vec<(RawFd, RawFd)> {
     let mut fds = vec![(ctl.as_raw_fd(), 3), (initrd.as_raw_fd(), 4)];
-    if let Some(n) = net {
-        fds.push((n.as_raw_fd(), 5));
-    }
+    fds.extend(net.map(|n| (n.as_raw_fd(), 5)));
+    fds.extend(forward.map(|f| (f.as_raw_fd(), 6)));
     fds
 }
 
@@ -266,6 +288,7 @@ fn launch_spec(
         root_fstype: "squashfs".into(),
         layers: (0..layer_count).map(|i| format!("serial:{}", vm::layer_serial(i))).collect(),
         network: (s.network == NetworkMode::Open).then(net::guest_network),
+        host_ports: s.host_ports.clone(),
         mounts: shares
             .iter()
             .map(|sh| Mount { tag: sh.tag.clone(), path: sh.guest_path.clone(), read_only: sh.read_only })

@@ -13,6 +13,7 @@ pub mod envvars;
 pub mod exec;
 pub mod flavor;
 pub mod homesetup;
+pub mod hostports;
 pub mod image;
 pub mod initramfs;
 pub mod instance;

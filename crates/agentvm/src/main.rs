@@ -63,7 +63,9 @@ fn run(args: RunArgs) -> i32 {
         env: args.env,
         env_files: args.env_files,
         network: args.network,
+        net_backend: args.net_backend,
         publish: args.publish,
+        host_ports: args.host_ports,
         verbose: args.verbose,
     };
     let settings = match settings::resolve(req) {

@@ -1,5 +1,6 @@
-//! The guest's network: user-mode networking through passt (no root), with
-//! the host's loopback closed to the guest, and published ports.
+//! The guest's network: user-mode networking with no root, through passt
+//! (the host's loopback closed to the guest) or QEMU's slirp (the fallback,
+//! which cannot close it), and published ports.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -30,6 +31,43 @@ pub enum NetworkMode {
     None,
 }
 
+/// The user-mode network stack behind the guest's interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NetBackend {
+    /// passt when installed, else slirp (with a warning).
+    #[default]
+    Auto,
+    /// passt: the host's loopback stays closed to the guest.
+    Passt,
+    /// QEMU's built-in slirp: the guest can reach the host's loopback.
+    Slirp,
+}
+
+/// The stack a launch uses, once chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stack {
+    /// passt, at this path.
+    Passt(std::path::PathBuf),
+    Slirp,
+}
+
+/// Printed whenever slirp is used: what it leaves open, and the fix.
+pub const SLIRP_WARNING: &str = "the slirp network back end cannot close the host's loopback: \
+the guest can reach services on the host's 127.0.0.1 at 10.0.2.2; install passt (scripts/setup-host) \
+and use --net-backend passt or auto to close it";
+
+/// Picks the stack for `backend`, given where passt is (if installed).
+/// Returns a warning to print when the choice leaves the host open.
+pub fn choose_stack(backend: NetBackend, passt: Option<std::path::PathBuf>) -> Result<(Stack, Option<String>), NetError> {
+    match (backend, passt) {
+        (NetBackend::Passt | NetBackend::Auto, Some(bin)) => Ok((Stack::Passt(bin), None)),
+        (NetBackend::Passt, None) => Err(NetError::NoPasst),
+        (NetBackend::Slirp, _) => Ok((Stack::Slirp, Some(SLIRP_WARNING.into()))),
+        (NetBackend::Auto, None) => Ok((Stack::Slirp, Some(format!("passt not found, using slirp; {SLIRP_WARNING}")))),
+    }
+}
+
 /// TCP or UDP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Proto {
@@ -57,8 +95,10 @@ pub enum NetError {
     Duplicate { spec: String, port: u16, proto: Proto },
     #[error("port spec {spec:?}: cannot listen on {addr} ({why}); stop what uses it or pick another host port")]
     InUse { spec: String, addr: SocketAddr, why: String },
-    #[error("passt not found: run scripts/setup-host (it installs passt), then `agentvm doctor`")]
+    #[error("passt not found: run scripts/setup-host (it installs passt), then `agentvm doctor`; or use --net-backend slirp")]
     NoPasst,
+    #[error("published port {spec}: the slirp back end binds IPv4 host addresses only; give an IPv4 address or use --net-backend passt")]
+    SlirpIpv6 { spec: PortSpec },
     #[error("cannot start passt: {0}")]
     Spawn(std::io::Error),
 }
@@ -174,10 +214,37 @@ pub fn passt_args(ports: &[PortSpec], fd: i32) -> Vec<OsString> {
     a
 }
 
-/// Starts passt for one VM. Returns the helper and QEMU's end of the
-/// connection (a socketpair: no socket file, no race).
-pub fn start_passt(ports: &[PortSpec], runtime_dir: &Path) -> Result<(Helper, OwnedFd), NetError> {
-    let bin = tools::find_program("passt", &[]).ok_or(NetError::NoPasst)?;
+/// QEMU's `-netdev` value for passt on QEMU's inherited fd `fd`.
+pub fn passt_netdev(fd: i32) -> String {
+    format!("stream,id={NETDEV_ID},addr.type=fd,addr.str={fd}")
+}
+
+/// QEMU's `-netdev` value for slirp: the same addresses as passt (so the
+/// guest's static set-up is the same) and the published ports.
+pub fn slirp_netdev(ports: &[PortSpec]) -> Result<String, NetError> {
+    let (addr, prefix) = GUEST_ADDRESS.split_once('/').expect("address has a prefix");
+    let net = format!("{}.0/{prefix}", addr.rsplit_once('.').expect("dotted address").0);
+    let mut v = format!("user,id={NETDEV_ID},ipv6=off,net={net},host={GATEWAY},dns={DNS},dhcpstart={addr}");
+    for p in ports {
+        let IpAddr::V4(host_ip) = p.host_ip else {
+            return Err(NetError::SlirpIpv6 { spec: *p });
+        };
+        v.push_str(&format!(",hostfwd={}:{host_ip}:{}-{addr}:{}", p.proto, p.host_port, p.guest_port));
+    }
+    Ok(v)
+}
+
+/// The id both `-netdev` values give the network back end.
+pub const NETDEV_ID: &str = "net0";
+
+/// The passt binary, if installed.
+pub fn find_passt() -> Option<std::path::PathBuf> {
+    tools::find_program("passt", &[])
+}
+
+/// Starts passt (`bin`) for one VM. Returns the helper and QEMU's end of
+/// the connection (a socketpair: no socket file, no race).
+pub fn start_passt(bin: &Path, ports: &[PortSpec], runtime_dir: &Path) -> Result<(Helper, OwnedFd), NetError> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(NetError::Spawn)?;
     let theirs = OwnedFd::from(theirs);
     let mut cmd = Command::new(bin);
@@ -225,6 +292,32 @@ mod tests {
         let port = busy.local_addr().unwrap().port();
         let e = check_ports(&[format!("{port}:80")], false).unwrap_err().to_string();
         assert!(e.contains("cannot listen on 127.0.0.1"), "{e}");
+    }
+
+    #[test]
+    fn auto_prefers_passt_and_falls_back_to_slirp_with_a_warning() {
+        let bin = std::path::PathBuf::from("/usr/bin/passt");
+        assert_eq!(choose_stack(NetBackend::Auto, Some(bin.clone())).unwrap(), (Stack::Passt(bin.clone()), None));
+        let (stack, warning) = choose_stack(NetBackend::Auto, None).unwrap();
+        assert_eq!(stack, Stack::Slirp);
+        assert!(warning.unwrap().contains("host's loopback"));
+        let (stack, warning) = choose_stack(NetBackend::Slirp, Some(bin)).unwrap();
+        assert_eq!(stack, Stack::Slirp);
+        assert!(warning.is_some());
+        assert!(matches!(choose_stack(NetBackend::Passt, None), Err(NetError::NoPasst)));
+    }
+
+    #[test]
+    fn slirp_uses_passts_addresses_and_forwards_ports() {
+        let v = slirp_netdev(&[p("8080:80"), p("0.0.0.0:5353:53/udp")]).unwrap();
+        assert_eq!(
+            v,
+            "user,id=net0,ipv6=off,net=10.0.2.0/24,host=10.0.2.2,dns=10.0.2.3,dhcpstart=10.0.2.15,\
+             hostfwd=tcp:127.0.0.1:8080-10.0.2.15:80,hostfwd=udp:0.0.0.0:5353-10.0.2.15:53"
+        );
+        let e = slirp_netdev(&[p("[::1]:8080:80")]).unwrap_err().to_string();
+        assert!(e.contains("IPv4"), "{e}");
+        assert_eq!(passt_netdev(5), "stream,id=net0,addr.type=fd,addr.str=5");
     }
 
     #[test]

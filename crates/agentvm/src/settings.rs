@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use crate::envvars::{self, EnvError, GuestEnv};
 use crate::flavor::{self, Flavor, FlavorError, FlavorOverride, DEFAULT_FLAVOR};
-use crate::net::{self, NetError, NetworkMode, PortSpec};
+use crate::net::{self, NetBackend, NetError, NetworkMode, PortSpec};
 use crate::paths;
 use crate::vm::AccelChoice;
 
@@ -42,10 +42,16 @@ pub struct Layer {
     pub flavor: Option<String>,
     /// `open` (default) or `none`.
     pub network: Option<NetworkMode>,
+    /// `auto` (default), `passt` or `slirp`.
+    pub net_backend: Option<NetBackend>,
     /// Published ports, `[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]`; the
     /// layers' lists add up.
     #[serde(default)]
     pub ports: Vec<String>,
+    /// Host loopback ports the guest may reach at host.agentvm.internal;
+    /// the layers' lists add up.
+    #[serde(default)]
+    pub host_ports: Vec<u16>,
     /// `[flavors.NAME]` tables: new flavors or changes to existing ones.
     /// Not merged by [`Layer::merge`]: flavors merge field by field.
     #[serde(default)]
@@ -62,7 +68,9 @@ impl Layer {
             home: over.home.or(self.home),
             flavor: over.flavor.or(self.flavor),
             network: over.network.or(self.network),
+            net_backend: over.net_backend.or(self.net_backend),
             ports: self.ports.into_iter().chain(over.ports).collect(),
+            host_ports: self.host_ports.into_iter().chain(over.host_ports).collect(),
             flavors: BTreeMap::new(),
         }
     }
@@ -82,8 +90,12 @@ pub struct Request {
     pub env: Vec<String>,
     /// `--network`.
     pub network: Option<NetworkMode>,
+    /// `--net-backend`.
+    pub net_backend: Option<NetBackend>,
     /// `-p/--publish`, in order.
     pub publish: Vec<String>,
+    /// `--host-port`, in order.
+    pub host_ports: Vec<u16>,
     /// `--env-file FILE`, in order.
     pub env_files: Vec<PathBuf>,
     pub verbose: bool,
@@ -102,8 +114,11 @@ pub struct Settings {
     /// The program's environment (may hold secrets; Debug redacts values).
     pub guest_env: GuestEnv,
     pub network: NetworkMode,
+    pub net_backend: NetBackend,
     /// Published ports, checked: valid, unique, free at resolve time.
     pub ports: Vec<PortSpec>,
+    /// Host loopback ports opened to the guest, checked: each once.
+    pub host_ports: Vec<u16>,
     pub memory_mib: u64,
     pub cpus: u32,
     pub accel: AccelChoice,
@@ -135,6 +150,8 @@ pub enum SettingsError {
     GuestEnv(#[from] EnvError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    HostPort(#[from] crate::hostports::HostPortError),
     #[error("published ports need the network: drop --network none or the ports ({0})")]
     PortsWithoutNetwork(String),
     #[error("agent home {path}: {why}; pass a directory with --home or AGENT_HOME")]
@@ -185,6 +202,14 @@ fn env_layer(
         })?),
         None => None,
     };
+    let net_backend = match get("AGENTVM_NET_BACKEND").filter(|s| !s.is_empty()) {
+        Some(v) => Some(<NetBackend as clap::ValueEnum>::from_str(&v, true).map_err(|_| SettingsError::Env {
+            var: "AGENTVM_NET_BACKEND",
+            value: v.clone(),
+            why: "use auto, passt or slirp".into(),
+        })?),
+        None => None,
+    };
     let layer = Layer {
         memory: get("AGENTVM_MEMORY"),
         cpus,
@@ -192,7 +217,9 @@ fn env_layer(
         home: get("AGENT_HOME").filter(|s| !s.is_empty()).map(PathBuf::from),
         flavor: get("AGENTVM_FLAVOR").filter(|s| !s.is_empty()),
         network: None,
+        net_backend,
         ports: Vec::new(),
+        host_ports: Vec::new(),
         flavors: BTreeMap::new(),
     };
     Ok((layer, get("WORK_DIR").filter(|s| !s.is_empty()).map(PathBuf::from)))
@@ -264,7 +291,9 @@ pub fn resolve_with(
         home: req.home,
         flavor: req.flavor,
         network: req.network,
+        net_backend: req.net_backend,
         ports: req.publish,
+        host_ports: req.host_ports,
         flavors: BTreeMap::new(),
     };
     let user = read_layer(user_config)?;
@@ -299,6 +328,8 @@ pub fn resolve_with(
         return Err(SettingsError::PortsWithoutNetwork(layer.ports.join(", ")));
     }
 
+    let host_ports = crate::hostports::check(&layer.host_ports)?;
+
     let home_dir = match layer.home {
         Some(h) => absolute(&h),
         None => paths::data_dir()?.join("homes").join(paths::project_home_name(&work_dir)),
@@ -312,7 +343,9 @@ pub fn resolve_with(
         flavor,
         guest_env,
         network,
+        net_backend: layer.net_backend.unwrap_or_default(),
         ports,
+        host_ports,
         memory_mib,
         cpus,
         accel: layer.accel.unwrap_or_default(),
@@ -507,5 +540,33 @@ mod tests {
         let s = resolve_with(r, &env(&[]), Path::new("/x"), HOST).unwrap();
         assert!(s.home_dir.starts_with(paths::data_dir().unwrap()));
         assert!(s.home_dir.file_name().unwrap().to_str().unwrap().contains('-'));
+    }
+
+    #[test]
+    fn host_ports_from_config_and_flags_add_up_and_must_be_unique() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(PROJECT_CONFIG), "host_ports = [5432]\n").unwrap();
+        let r = Request { host_ports: vec![6379], ..req(d.path()) };
+        let s = resolve_with(r, &env(&[]), Path::new("/x"), HOST).unwrap();
+        assert_eq!(s.host_ports, [5432, 6379]);
+
+        let r = Request { host_ports: vec![5432], ..req(d.path()) };
+        let e = resolve_with(r, &env(&[]), Path::new("/x"), HOST).unwrap_err().to_string();
+        assert!(e.contains("host port 5432 is given twice"), "{e}");
+    }
+
+    #[test]
+    fn net_backend_comes_from_config_env_and_flag() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(PROJECT_CONFIG), "net_backend = \"slirp\"\n").unwrap();
+        let s = resolve_with(req(d.path()), &env(&[]), Path::new("/x"), HOST).unwrap();
+        assert_eq!(s.net_backend, NetBackend::Slirp);
+        let s = resolve_with(req(d.path()), &env(&[("AGENTVM_NET_BACKEND", "passt")]), Path::new("/x"), HOST).unwrap();
+        assert_eq!(s.net_backend, NetBackend::Passt);
+        let r = Request { net_backend: Some(NetBackend::Auto), ..req(d.path()) };
+        let s = resolve_with(r, &env(&[("AGENTVM_NET_BACKEND", "passt")]), Path::new("/x"), HOST).unwrap();
+        assert_eq!(s.net_backend, NetBackend::Auto);
+        let e = resolve_with(req(d.path()), &env(&[("AGENTVM_NET_BACKEND", "vde")]), Path::new("/x"), HOST);
+        assert!(e.unwrap_err().to_string().contains("AGENTVM_NET_BACKEND=\"vde\""));
     }
 }

@@ -36,7 +36,10 @@ pub struct VmConfig {
     pub sandbox: bool,
     /// File descriptor (inherited by QEMU) of a connected stream socket to
     /// the user-mode network helper (passt); None: no network device.
-    pub net_fd: Option<i32>,
+    /// The `-netdev` value of the guest's network (id `net0`), if any.
+    pub netdev: Option<String>,
+    /// The inherited socket of the host-port forwarding channel, if any.
+    pub forward_fd: Option<i32>,
 }
 
 /// The guest RAM to give QEMU for a requested size. With exactly 2 GiB, the
@@ -99,7 +102,8 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
     a.flag("-serial").val("chardev:console");
 
     // Port 0 is reserved for a console; the control port, then the exec ports.
-    a.flag("-device").val(format!("virtio-serial-device,max_ports={}", 2 + cfg.exec_sockets.len()));
+    let ports = 2 + cfg.exec_sockets.len() + usize::from(cfg.forward_fd.is_some());
+    a.flag("-device").val(format!("virtio-serial-device,max_ports={ports}"));
     a.flag("-chardev").val(format!("socket,id=ctl,fd={}", cfg.control_fd));
     a.flag("-device").val(format!("virtserialport,chardev=ctl,name={}", agentvm_proto::PORT_NAME));
     for (i, socket) in cfg.exec_sockets.iter().enumerate() {
@@ -109,6 +113,12 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
         a.flag("-chardev").val(chardev);
         a.flag("-device")
             .val(format!("virtserialport,chardev=exec{i},name={}", agentvm_proto::exec_port_name(i)));
+    }
+
+    if let Some(fd) = cfg.forward_fd {
+        a.flag("-chardev").val(format!("socket,id=fwd,fd={fd}"));
+        a.flag("-device")
+            .val(format!("virtserialport,chardev=fwd,name={}", agentvm_proto::forward::PORT_NAME));
     }
 
     // Disks carry serials so the guest finds each one whatever the probe
@@ -122,8 +132,8 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
         a.flag("-device").val(format!("virtio-blk-device,drive={serial},serial={serial}"));
     }
 
-    if let Some(fd) = cfg.net_fd {
-        a.flag("-netdev").val(format!("stream,id=net0,addr.type=fd,addr.str={fd}"));
+    if let Some(netdev) = &cfg.netdev {
+        a.flag("-netdev").val(netdev);
         a.flag("-device").val("virtio-net-device,netdev=net0");
     }
 
@@ -207,7 +217,8 @@ mod tests {
             shares: vec![("work".into(), "/run/x/work.sock".into())],
             exec_sockets: vec![],
             sandbox: true,
-            net_fd: None,
+            netdev: None,
+            forward_fd: None,
         }
     }
 
@@ -253,6 +264,17 @@ mod tests {
     }
 
     #[test]
+    fn forwarding_channel_is_one_more_port_on_its_inherited_socket() {
+        let c = VmConfig { forward_fd: Some(6), ..cfg() };
+        let args = strings(&c);
+        assert!(value_of(&args, "-chardev").contains(&"socket,id=fwd,fd=6".to_string()));
+        let devices = value_of(&args, "-device");
+        assert!(devices.contains(&"virtserialport,chardev=fwd,name=org.agentvm.fwd".to_string()));
+        assert!(devices.contains(&"virtio-serial-device,max_ports=3".to_string()));
+        assert!(!value_of(&strings(&cfg()), "-chardev").iter().any(|c| c.contains("id=fwd")));
+    }
+
+    #[test]
     fn two_gib_is_nudged_past_the_initrd_clash_and_others_are_kept() {
         assert_eq!(qemu_memory_mib(2048), 2052);
         assert_eq!(qemu_memory_mib(512), 512);
@@ -260,9 +282,9 @@ mod tests {
     }
 
     #[test]
-    fn network_device_only_with_a_helper_fd() {
+    fn network_device_only_with_a_netdev() {
         assert!(value_of(&strings(&cfg()), "-netdev").is_empty());
-        let c = VmConfig { net_fd: Some(5), ..cfg() };
+        let c = VmConfig { netdev: Some("stream,id=net0,addr.type=fd,addr.str=5".into()), ..cfg() };
         let args = strings(&c);
         assert_eq!(value_of(&args, "-netdev"), ["stream,id=net0,addr.type=fd,addr.str=5"]);
         assert!(value_of(&args, "-device").contains(&"virtio-net-device,netdev=net0".to_string()));

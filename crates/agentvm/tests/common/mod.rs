@@ -32,6 +32,8 @@ pub struct Launch {
     pub stdin: Vec<u8>,
     /// uid, gid and binary dir when running as another user.
     pub user: Option<(u32, u32, PathBuf)>,
+    /// Extra environment for agentvm.
+    pub env: Vec<(String, String)>,
 }
 
 impl Launch {
@@ -45,12 +47,18 @@ impl Launch {
         }
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
-        Launch { dirs, work, data, runtime, args: Vec::new(), stdin: Vec::new(), user: None }
+        Launch { dirs, work, data, runtime, args: Vec::new(), stdin: Vec::new(), user: None, env: Vec::new() }
     }
 
     /// Shares the data dir (agent homes) of another launch.
     pub fn same_data_as(mut self, other: &Launch) -> Launch {
         self.data = other.data.clone();
+        self
+    }
+
+    /// Sets `name=value` in agentvm's environment.
+    pub fn env(mut self, name: &str, value: &str) -> Launch {
+        self.env.push((name.into(), value.into()));
         self
     }
 
@@ -116,7 +124,8 @@ impl Launch {
             .env("XDG_CONFIG_HOME", self.dirs.path().join("config"))
             .env("XDG_RUNTIME_DIR", &self.runtime)
             .env_remove("WORK_DIR")
-            .env_remove("AGENT_HOME");
+            .env_remove("AGENT_HOME")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 
