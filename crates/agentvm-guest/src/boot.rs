@@ -123,7 +123,7 @@ pub fn load_modules(names: &[String]) -> Result<()> {
 /// Waits for a block device and returns its path. `serial:NAME` names the
 /// virtio disk whose serial is NAME (robust against probe order); anything
 /// else is a device path.
-fn wait_for_disk(device: &str, timeout: Duration) -> Result<String> {
+pub fn wait_for_disk(device: &str, timeout: Duration) -> Result<String> {
     let start = Instant::now();
     loop {
         let found = match device.strip_prefix("serial:") {

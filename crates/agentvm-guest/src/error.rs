@@ -72,6 +72,9 @@ pub enum Error {
     /// The program could not be started (reported by the forked child).
     #[error("cannot start the program: {0}")]
     Spawn(String),
+    /// A container runtime could not be set up or did not start.
+    #[error("container runtimes: {0}")]
+    Containers(String),
     /// The launch spec holds a value the init cannot use.
     #[error("launch spec: {0}")]
     BadSpec(String),

@@ -105,6 +105,11 @@ pub fn hosts_with_alias(content: &str, name: &str, addr: std::net::Ipv4Addr) -> 
     out
 }
 
+/// Adds `user` to `group` in the root's /etc/group (if the group exists).
+pub fn add_to_group(root: &Path, group: &str, user: &str) -> Result<()> {
+    edit_file(&root.join("etc/group"), 0o644, |c| add_member(c, group, user))
+}
+
 /// Makes `name` resolve to `addr` in the root's /etc/hosts.
 pub fn add_host_alias(root: &Path, name: &str, addr: std::net::Ipv4Addr) -> Result<()> {
     edit_file(&root.join("etc/hosts"), 0o644, |c| hosts_with_alias(c, name, addr))

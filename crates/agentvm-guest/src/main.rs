@@ -7,6 +7,7 @@
 
 mod boot;
 mod console;
+mod containers;
 mod error;
 mod net;
 mod etc;
@@ -44,7 +45,7 @@ fn main() {
 /// The whole life of the guest up to power-off.
 fn run() -> Result<relay::Outcome> {
     boot::early_mounts()?;
-    let spec = boot::read_spec()?;
+    let mut spec = boot::read_spec()?;
     console::set_verbose(spec.verbose);
     console::step("spec read");
     boot::load_modules(&spec.modules)?;
@@ -59,6 +60,11 @@ fn run() -> Result<relay::Outcome> {
     }
     console::step(&format!("user {}", spec.user.name));
     etc::setup_user(Path::new("/"), &spec.user)?;
+    if let Some(c) = &spec.containers {
+        containers::prepare(c, &spec.user)?;
+        let env = containers::start(c, &spec.user)?;
+        spec.env.extend(env);
+    }
     let groups = etc::user_groups(Path::new("/"), &spec.user)?;
     let sigchld = sys::sigchld_fd().map_err(|e| Error::sys("signalfd(SIGCHLD)", e))?;
     // After SIGCHLD is blocked: its threads inherit the mask, so the signal

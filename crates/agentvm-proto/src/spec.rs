@@ -35,6 +35,9 @@ pub struct LaunchSpec {
     /// forwarding port.
     #[serde(default)]
     pub host_ports: Vec<u16>,
+    /// Container runtimes to start before the program, if any.
+    #[serde(default)]
+    pub containers: Option<Containers>,
     /// The unprivileged user the program runs as.
     pub user: User,
     /// Working directory of the program (normally `/work`).
@@ -68,6 +71,15 @@ pub struct ExecRequest {
     /// Initial terminal size as (rows, columns), when `tty`.
     #[serde(default)]
     pub winsize: Option<(u16, u16)>,
+}
+
+/// Container runtimes and the disk that holds their storage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Containers {
+    /// Runtime names, e.g. `docker`, `podman`, `containerd`, `crun`.
+    pub runtimes: Vec<String>,
+    /// The storage disk (an ext4 file system), e.g. `serial:agentvm-cri`.
+    pub disk: String,
 }
 
 /// A virtiofs share.
@@ -136,6 +148,7 @@ mod tests {
             mounts: vec![Mount { tag: "work".into(), path: "/work".into(), read_only: false }],
             network: Some(Network { address: "10.0.2.15/24".into(), gateway: "10.0.2.2".into(), dns: vec!["10.0.2.3".into()] }),
             host_ports: vec![5432],
+            containers: Some(Containers { runtimes: vec!["docker".into()], disk: "serial:agentvm-cri".into() }),
             user: User { name: "agent".into(), uid: 1000, gid: 1000, home: "/home/agent".into() },
             cwd: "/work".into(),
             argv: vec!["sh".into(), "-c".into(), "exit 7".into()],

@@ -21,7 +21,7 @@ pub struct Cli {
 pub enum Command {
     /// Boot a VM and run a flavor (default: claude) in it; its exit status
     /// becomes agentvm's.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Build, list and remove cached VM images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -78,6 +78,10 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Container storage: `agentvm cri prune` removes the project's
+    /// container disk (images, containers, volumes) to reclaim its space.
+    #[command(subcommand)]
+    Cri(CriCommand),
     /// Open a login shell in a running instance.
     Shell {
         /// Instance id or unique prefix.
@@ -116,6 +120,15 @@ pub struct RunArgs {
     /// closed); `none`: only loopback in the guest.
     #[arg(long, value_enum, value_name = "MODE")]
     pub network: Option<crate::net::NetworkMode>,
+    /// Start container runtimes in the guest: a comma-separated list of
+    /// docker, podman, containerd, crun [env: ENABLE_CRI]. Their storage
+    /// persists per project on a disk of its own.
+    #[arg(long, value_name = "LIST")]
+    pub cri: Option<String>,
+    /// Size of the project's container disk when it is first created
+    /// (sparse: it takes only what is written) [default: 32G]
+    #[arg(long, value_name = "SIZE")]
+    pub cri_disk_size: Option<String>,
     /// The user-mode network stack: passt (keeps the host's loopback
     /// closed), slirp (QEMU's own; cannot close it), or auto (passt when
     /// installed, else slirp with a warning) [default: auto]
@@ -144,6 +157,16 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum CriCommand {
+    /// Remove the project's container disk (refused while a run uses it).
+    Prune {
+        /// The project [env: WORK_DIR] [default: .]
+        #[arg(short = 'w', long, value_name = "DIR")]
+        work_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ImageCommand {
     /// Build the image (or reuse the cached one unless --force).
     /// The base image and the layers of the named flavors (default: the base
@@ -158,6 +181,9 @@ pub enum ImageCommand {
         /// With --refresh, also rebuild the base image.
         #[arg(long, requires = "refresh")]
         base: bool,
+        /// Also build the image with the container runtimes (for --cri).
+        #[arg(long)]
+        cri: bool,
     },
     /// List cached images and layers, with the agent versions they hold.
     Ls,

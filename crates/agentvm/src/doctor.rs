@@ -48,6 +48,7 @@ pub fn run_checks() -> Vec<Check> {
         check_program("tar2sqfs", "tar2sqfs", "makes the image's root file system (squashfs-tools-ng)"),
         check_program("passt", "passt", "gives the guest its network with the host's loopback closed; without it agentvm falls back to QEMU's slirp, which leaves it open"),
         check_program("npm", "npm", "installs the agents into their image layers"),
+        check_program("mkfs.ext4", "mkfs.ext4", "makes the container disk for --cri (e2fsprogs)"),
         check_guest_init(),
         check_accel(),
         check_kvm_access(),

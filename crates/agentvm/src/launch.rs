@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use agentvm_proto::{Frame, FrameReader, LaunchSpec, Mount, User, MODULES_DIR, SPEC_PATH};
+use agentvm_proto::{Containers, Frame, FrameReader, LaunchSpec, Mount, User, MODULES_DIR, SPEC_PATH};
 
 use crate::console::{self, RawMode};
+use crate::cri;
 use crate::flavor::Flavor;
 use crate::homesetup::{self, VmFacts};
 use crate::hostports;
@@ -57,6 +58,8 @@ pub enum LaunchError {
     Share(#[from] share::ShareError),
     #[error(transparent)]
     Net(#[from] net::NetError),
+    #[error(transparent)]
+    Cri(#[from] cri::CriError),
     #[error(transparent)]
     Instance(#[from] instance::InstanceError),
     #[error(transparent)]
@@ -112,7 +115,7 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
 
     let store = Store::open(Store::default_dir()?);
     let mut progress = image::TerminalProgress::new();
-    let image = store.ensure(&base_recipe(&settings.flavor), &mut progress)?;
+    let image = store.ensure(&base_recipe(&settings.flavor, !settings.cri.is_empty()), &mut progress)?;
     let layers = match layer_recipe(&settings.flavor) {
         Some(recipe) => vec![store.ensure_layer(&recipe, &mut progress)?.squashfs()],
         None => Vec::new(),
@@ -127,6 +130,14 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
     if let Err(e) = homesetup::prepare(&settings.home_dir, &settings.flavor, &facts, homesetup::host_git_identity()) {
         eprintln!("agentvm: warning: could not prepare the agent home: {e}");
     }
+
+    // Locked for the whole run: one run of a project at a time uses it.
+    let cri_disk = if settings.cri.is_empty() {
+        None
+    } else {
+        let path = cri::disk_path(&crate::paths::data_dir()?, &crate::paths::project_home_name(&settings.work_dir));
+        Some(cri::open_disk(&path, settings.cri_disk_mib)?)
+    };
 
     let inst = Instance::create(&crate::paths::runtime_base())?;
     let mut meta = InstanceMeta {
@@ -208,6 +219,7 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
         sandbox: true,
         netdev,
         forward_fd: forward_guest.as_ref().map(|_| 6),
+        data_disk: cri_disk.as_ref().map(|d| d.path.clone()),
     };
     let mut cmd = Command::new(&qemu_bin);
     cmd.args(vm::qemu_args(&cfg));
@@ -256,14 +268,18 @@ fn qemu_fds(ctl: &OwnedFd, initrd: &OwnedFd, net: Option<&OwnedFd>, forward: Opt
 }
 
 /// The base image for a flavor: the shared base, plus the flavor's Debian
-/// packages if it has any.
-pub fn base_recipe(flavor: &Flavor) -> Recipe {
-    if flavor.apt.is_empty() {
-        Recipe::base()
-    } else {
+/// packages if it has any, plus every container runtime's when `cri` (one
+/// image for any choice of runtimes; the guest starts only those asked for).
+pub fn base_recipe(flavor: &Flavor, cri: bool) -> Recipe {
+    let mut recipe = Recipe::base();
+    if !flavor.apt.is_empty() {
         let apt: Vec<&str> = flavor.apt.iter().map(String::as_str).collect();
-        Recipe::base().with_layer(&format!("base-{}", flavor.name), &apt)
+        recipe = recipe.with_layer(&format!("base-{}", flavor.name), &apt);
     }
+    if cri {
+        recipe = recipe.with_layer(&format!("{}+cri", recipe.name), &cri::all_packages());
+    }
+    recipe
 }
 
 /// The npm layer of a flavor, if it has npm packages.
@@ -289,6 +305,10 @@ fn launch_spec(
         layers: (0..layer_count).map(|i| format!("serial:{}", vm::layer_serial(i))).collect(),
         network: (s.network == NetworkMode::Open).then(net::guest_network),
         host_ports: s.host_ports.clone(),
+        containers: (!s.cri.is_empty()).then(|| Containers {
+            runtimes: s.cri.iter().map(|r| r.name().to_string()).collect(),
+            disk: format!("serial:{}", vm::DATA_SERIAL),
+        }),
         mounts: shares
             .iter()
             .map(|sh| Mount { tag: sh.tag.clone(), path: sh.guest_path.clone(), read_only: sh.read_only })

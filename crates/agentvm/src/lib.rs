@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod console;
+pub mod cri;
 pub mod doctor;
 pub mod envvars;
 pub mod exec;

@@ -4,14 +4,14 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 
-use agentvm::cli::{Cli, Command, ImageCommand, RunArgs};
+use agentvm::cli::{Cli, Command, CriCommand, ImageCommand, RunArgs};
 use agentvm::image::{self, Recipe, Store};
 use agentvm::{doctor, launch, settings};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Image(cmd) => image_command(cmd),
         Command::Doctor => i32::from(!doctor::report(&doctor::run_checks())),
         Command::Completions { shell } => {
@@ -38,6 +38,7 @@ fn main() -> ExitCode {
             let tty = if tty { Some(true) } else if no_tty { Some(false) } else { None };
             exec(&id, agentvm::exec::ExecOptions { argv: command, tty })
         }
+        Command::Cri(CriCommand::Prune { work_dir }) => cri_prune(work_dir),
         Command::Shell { id } => {
             let tty = Some(agentvm::console::is_tty(0));
             exec(&id, agentvm::exec::ExecOptions { argv: Vec::new(), tty })
@@ -66,6 +67,8 @@ fn run(args: RunArgs) -> i32 {
         net_backend: args.net_backend,
         publish: args.publish,
         host_ports: args.host_ports,
+        cri: args.cri,
+        cri_disk_size: args.cri_disk_size,
         verbose: args.verbose,
     };
     let settings = match settings::resolve(req) {
@@ -91,7 +94,7 @@ fn image_command(cmd: ImageCommand) -> i32 {
         Err(e) => return fail(e),
     };
     let result = match cmd {
-        ImageCommand::Build { flavors, refresh, base } => build_images(&store, &flavors, refresh, base),
+        ImageCommand::Build { flavors, refresh, base, cri } => build_images(&store, &flavors, refresh, base, cri),
         ImageCommand::Ls => list_images(&store),
         ImageCommand::Rm { images } => images.iter().try_for_each(|name| {
             let removed = store.remove(name).map_err(|e| e.to_string())?;
@@ -130,6 +133,30 @@ fn stop(ids: &[String], all: bool, timeout: u64) -> i32 {
     }
 }
 
+fn cri_prune(work_dir: Option<std::path::PathBuf>) -> i32 {
+    let dir = work_dir.or_else(|| std::env::var_os("WORK_DIR").map(Into::into)).unwrap_or_else(|| ".".into());
+    let real = match dir.canonicalize() {
+        Ok(r) => r,
+        Err(e) => return fail(format!("work dir {}: {e}; pass an existing directory with --work-dir", dir.display())),
+    };
+    let data = match agentvm::paths::data_dir() {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    let disk = agentvm::cri::disk_path(&data, &agentvm::paths::project_home_name(&real));
+    match agentvm::cri::remove_disk(&disk) {
+        Ok(true) => {
+            println!("removed {}", disk.display());
+            0
+        }
+        Ok(false) => {
+            println!("no container disk for {}", real.display());
+            0
+        }
+        Err(e) => fail(e),
+    }
+}
+
 fn exec(id: &str, opts: agentvm::exec::ExecOptions) -> i32 {
     match agentvm::exec::exec(&agentvm::paths::runtime_base(), id, opts) {
         Ok(code) => code,
@@ -145,12 +172,13 @@ fn exec(id: &str, opts: agentvm::exec::ExecOptions) -> i32 {
 fn prune_recipes() -> Result<(Vec<Recipe>, Vec<image::LayerRecipe>), String> {
     let cwd = std::env::current_dir().map_err(|e| e.to_string())?;
     let flavors = settings::flavors_for(&cwd).map_err(|e| e.to_string())?;
-    let bases = flavors.values().map(launch::base_recipe).collect();
+    // With and without the container runtimes: both are in use.
+    let bases = flavors.values().flat_map(|f| [launch::base_recipe(f, false), launch::base_recipe(f, true)]).collect();
     let layers = flavors.values().filter_map(launch::layer_recipe).collect();
     Ok((bases, layers))
 }
 
-fn build_images(store: &Store, names: &[String], refresh: bool, base: bool) -> Result<(), String> {
+fn build_images(store: &Store, names: &[String], refresh: bool, base: bool, cri: bool) -> Result<(), String> {
     let cwd = std::env::current_dir().map_err(|e| e.to_string())?;
     let flavors = settings::flavors_for(&cwd).map_err(|e| e.to_string())?;
     let chosen = names
@@ -160,7 +188,12 @@ fn build_images(store: &Store, names: &[String], refresh: bool, base: bool) -> R
         .map_err(|e| e.to_string())?;
     let mut progress = image::TerminalProgress::new();
     let mut bases = vec![Recipe::base()];
-    bases.extend(chosen.iter().map(launch::base_recipe));
+    bases.extend(chosen.iter().map(|f| launch::base_recipe(f, false)));
+    if cri {
+        let shell = agentvm::flavor::resolve(&flavors, "shell").map_err(|e| e.to_string())?;
+        bases.push(launch::base_recipe(&shell, true));
+        bases.extend(chosen.iter().map(|f| launch::base_recipe(f, true)));
+    }
     bases.dedup();
     for recipe in &bases {
         let img = if refresh && base { store.build(recipe, &mut progress) } else { store.ensure(recipe, &mut progress) };

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 
 use crate::envvars::{self, EnvError, GuestEnv};
 use crate::flavor::{self, Flavor, FlavorError, FlavorOverride, DEFAULT_FLAVOR};
+use crate::cri::Runtime;
 use crate::net::{self, NetBackend, NetError, NetworkMode, PortSpec};
 use crate::paths;
 use crate::vm::AccelChoice;
@@ -25,6 +26,9 @@ pub const DEFAULT_MEMORY_MIB: u64 = 4096;
 pub const MIN_MEMORY_MIB: u64 = 256;
 /// Default vCPUs: the smaller of this and the host's cores.
 pub const DEFAULT_MAX_CPUS: u32 = 4;
+/// Default guest memory when container runtimes are on (unless the user
+/// set one): image builds and several containers need room.
+pub const CRI_MEMORY_MIB: u64 = 8192;
 /// The project config file's name, in the work dir.
 pub const PROJECT_CONFIG: &str = ".agentvm.toml";
 
@@ -52,6 +56,10 @@ pub struct Layer {
     /// the layers' lists add up.
     #[serde(default)]
     pub host_ports: Vec<u16>,
+    /// Container runtimes to start in the guest, e.g. "docker,podman".
+    pub cri: Option<String>,
+    /// Size limit of the project's container disk, e.g. "32G".
+    pub cri_disk_size: Option<String>,
     /// `[flavors.NAME]` tables: new flavors or changes to existing ones.
     /// Not merged by [`Layer::merge`]: flavors merge field by field.
     #[serde(default)]
@@ -71,6 +79,8 @@ impl Layer {
             net_backend: over.net_backend.or(self.net_backend),
             ports: self.ports.into_iter().chain(over.ports).collect(),
             host_ports: self.host_ports.into_iter().chain(over.host_ports).collect(),
+            cri: over.cri.or(self.cri),
+            cri_disk_size: over.cri_disk_size.or(self.cri_disk_size),
             flavors: BTreeMap::new(),
         }
     }
@@ -96,6 +106,10 @@ pub struct Request {
     pub publish: Vec<String>,
     /// `--host-port`, in order.
     pub host_ports: Vec<u16>,
+    /// `--cri LIST`.
+    pub cri: Option<String>,
+    /// `--cri-disk-size SIZE`.
+    pub cri_disk_size: Option<String>,
     /// `--env-file FILE`, in order.
     pub env_files: Vec<PathBuf>,
     pub verbose: bool,
@@ -119,6 +133,10 @@ pub struct Settings {
     pub ports: Vec<PortSpec>,
     /// Host loopback ports opened to the guest, checked: each once.
     pub host_ports: Vec<u16>,
+    /// Container runtimes to start in the guest, in the order given.
+    pub cri: Vec<Runtime>,
+    /// Size of the project's container disk when it is created.
+    pub cri_disk_mib: u64,
     pub memory_mib: u64,
     pub cpus: u32,
     pub accel: AccelChoice,
@@ -152,6 +170,8 @@ pub enum SettingsError {
     Net(#[from] NetError),
     #[error(transparent)]
     HostPort(#[from] crate::hostports::HostPortError),
+    #[error(transparent)]
+    Cri(#[from] crate::cri::CriError),
     #[error("published ports need the network: drop --network none or the ports ({0})")]
     PortsWithoutNetwork(String),
     #[error("agent home {path}: {why}; pass a directory with --home or AGENT_HOME")]
@@ -220,6 +240,8 @@ fn env_layer(
         net_backend,
         ports: Vec::new(),
         host_ports: Vec::new(),
+        cri: get("ENABLE_CRI"),
+        cri_disk_size: None,
         flavors: BTreeMap::new(),
     };
     Ok((layer, get("WORK_DIR").filter(|s| !s.is_empty()).map(PathBuf::from)))
@@ -294,15 +316,32 @@ pub fn resolve_with(
         net_backend: req.net_backend,
         ports: req.publish,
         host_ports: req.host_ports,
+        cri: req.cri,
+        cri_disk_size: req.cri_disk_size,
         flavors: BTreeMap::new(),
     };
     let user = read_layer(user_config)?;
     let project = read_layer(&work_dir.join(PROJECT_CONFIG))?;
     let flavors = flavor::merge(flavor::merge(flavor::builtin_flavors(), &user.flavors)?, &project.flavors)?;
+    let cri_source = if flags.cri.is_some() {
+        "--cri"
+    } else if env.cri.is_some() {
+        "ENABLE_CRI"
+    } else {
+        "cri in a config file"
+    };
     let layer = Layer::default().merge(user).merge(project).merge(env).merge(flags);
+    let cri = crate::cri::parse_list(layer.cri.as_deref().unwrap_or_default(), cri_source)?;
+    let cri_disk_mib = match &layer.cri_disk_size {
+        None => crate::cri::DEFAULT_DISK_MIB,
+        Some(v) => parse_memory_mib(v).map_err(|_| crate::cri::CriError::DiskSize(v.clone()))?,
+    };
 
     let memory_mib = match &layer.memory {
-        None => DEFAULT_MEMORY_MIB.min(host.memory_mib / 2).max(MIN_MEMORY_MIB),
+        None => {
+            let want = if cri.is_empty() { DEFAULT_MEMORY_MIB } else { CRI_MEMORY_MIB };
+            want.min(host.memory_mib / 2).max(MIN_MEMORY_MIB)
+        }
         Some(m) => {
             let mib = parse_memory_mib(m)?;
             if mib < MIN_MEMORY_MIB {
@@ -346,6 +385,8 @@ pub fn resolve_with(
         net_backend: layer.net_backend.unwrap_or_default(),
         ports,
         host_ports,
+        cri,
+        cri_disk_mib,
         memory_mib,
         cpus,
         accel: layer.accel.unwrap_or_default(),
@@ -568,5 +609,21 @@ mod tests {
         assert_eq!(s.net_backend, NetBackend::Auto);
         let e = resolve_with(req(d.path()), &env(&[("AGENTVM_NET_BACKEND", "vde")]), Path::new("/x"), HOST);
         assert!(e.unwrap_err().to_string().contains("AGENTVM_NET_BACKEND=\"vde\""));
+    }
+
+    #[test]
+    fn cri_comes_from_flag_env_or_config_and_raises_default_memory() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(PROJECT_CONFIG), "cri = \"podman\"\n").unwrap();
+        let s = resolve_with(req(d.path()), &env(&[]), Path::new("/x"), HOST).unwrap();
+        assert_eq!(s.cri, [Runtime::Podman]);
+        assert_eq!(s.memory_mib, 8192);
+        let s = resolve_with(req(d.path()), &env(&[("ENABLE_CRI", "docker, containerd")]), Path::new("/x"), HOST).unwrap();
+        assert_eq!(s.cri, [Runtime::Docker, Runtime::Containerd]);
+        let r = Request { cri: Some("docker".into()), memory: Some("2G".into()), ..req(d.path()) };
+        let s = resolve_with(r, &env(&[("ENABLE_CRI", "bogus")]), Path::new("/x"), HOST).unwrap();
+        assert_eq!((s.cri.as_slice(), s.memory_mib), (&[Runtime::Docker][..], 2048), "the flag wins; memory stays the user's");
+        let e = resolve_with(req(d.path()), &env(&[("ENABLE_CRI", "bogus")]), Path::new("/x"), HOST).unwrap_err();
+        assert!(e.to_string().contains("ENABLE_CRI"), "{e}");
     }
 }

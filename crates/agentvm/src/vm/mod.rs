@@ -5,4 +5,4 @@ pub mod process;
 pub mod qemu;
 
 pub use accel::{Accel, AccelChoice, AccelError};
-pub use qemu::{kernel_cmdline, layer_serial, qemu_args, qemu_memory_mib, VmConfig, ROOT_SERIAL};
+pub use qemu::{kernel_cmdline, layer_serial, qemu_args, qemu_memory_mib, VmConfig, DATA_SERIAL, ROOT_SERIAL};

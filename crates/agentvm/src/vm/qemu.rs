@@ -38,6 +38,8 @@ pub struct VmConfig {
     /// the user-mode network helper (passt); None: no network device.
     /// The `-netdev` value of the guest's network (id `net0`), if any.
     pub netdev: Option<String>,
+    /// A writable disk (serial [`DATA_SERIAL`]), e.g. container storage.
+    pub data_disk: Option<PathBuf>,
     /// The inherited socket of the host-port forwarding channel, if any.
     pub forward_fd: Option<i32>,
 }
@@ -57,6 +59,8 @@ pub fn qemu_memory_mib(requested: u64) -> u64 {
 
 /// Serial number of the root image's disk.
 pub const ROOT_SERIAL: &str = "agentvm-root";
+/// Serial of the writable data disk.
+pub const DATA_SERIAL: &str = "agentvm-cri";
 
 /// Serial number of the disk of layer `i`.
 pub fn layer_serial(i: usize) -> String {
@@ -130,6 +134,14 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
         drive.push(escape_commas(image));
         a.flag("-drive").val(drive);
         a.flag("-device").val(format!("virtio-blk-device,drive={serial},serial={serial}"));
+    }
+
+    if let Some(disk) = &cfg.data_disk {
+        // Locked by QEMU too: a second VM cannot open it behind our back.
+        let mut drive = OsString::from(format!("id={DATA_SERIAL},if=none,format=raw,discard=unmap,file="));
+        drive.push(escape_commas(disk));
+        a.flag("-drive").val(drive);
+        a.flag("-device").val(format!("virtio-blk-device,drive={DATA_SERIAL},serial={DATA_SERIAL}"));
     }
 
     if let Some(netdev) = &cfg.netdev {
@@ -219,6 +231,7 @@ mod tests {
             sandbox: true,
             netdev: None,
             forward_fd: None,
+            data_disk: None,
         }
     }
 
@@ -272,6 +285,16 @@ mod tests {
         assert!(devices.contains(&"virtserialport,chardev=fwd,name=org.agentvm.fwd".to_string()));
         assert!(devices.contains(&"virtio-serial-device,max_ports=3".to_string()));
         assert!(!value_of(&strings(&cfg()), "-chardev").iter().any(|c| c.contains("id=fwd")));
+    }
+
+    #[test]
+    fn data_disk_is_writable_with_its_serial() {
+        let c = VmConfig { data_disk: Some("/d/p,1.ext4".into()), ..cfg() };
+        let args = strings(&c);
+        let drive = value_of(&args, "-drive").into_iter().find(|d| d.contains(DATA_SERIAL)).unwrap();
+        assert!(!drive.contains("read-only"), "{drive}");
+        assert!(drive.ends_with("file=/d/p,,1.ext4"), "{drive}");
+        assert!(value_of(&args, "-device").contains(&"virtio-blk-device,drive=agentvm-cri,serial=agentvm-cri".to_string()));
     }
 
     #[test]
