@@ -3,19 +3,20 @@
 //! [`agentvm_proto::forward`]).
 
 use std::fs::OpenOptions;
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::Path;
 
-use agentvm_proto::forward::{Mux, GUEST_ADDR, HOST_NAME, PORT_NAME};
+use agentvm_proto::forward::{Conn, Mux, Side, GUEST_ADDR, HOST_NAME, PORT_NAME};
 
 use crate::console;
 use crate::error::{Error, Result};
 use crate::port::{find_port, PORTS_SYSFS};
 
 /// Listens on every port of `ports` and relays their connections to the
-/// host, on threads of their own. Nothing to do for no ports.
-pub fn start(ports: &[u16]) -> Result<()> {
-    if ports.is_empty() {
+/// host, and lets the host connect to the guest's own loopback at each of
+/// `published`, on threads of their own. Nothing to do for no ports.
+pub fn start(ports: &[u16], published: &[u16]) -> Result<()> {
+    if ports.is_empty() && published.is_empty() {
         return Ok(());
     }
     let dev = find_port(Path::new(PORTS_SYSFS), PORT_NAME)
@@ -31,13 +32,20 @@ pub fn start(ports: &[u16]) -> Result<()> {
         listeners.push((listener, port));
     }
     crate::etc::add_host_alias(Path::new("/"), HOST_NAME, GUEST_ADDR)?;
-    let mux = Mux::new(Box::new(channel));
+    let mux = Mux::new(Box::new(channel), Side::Guest);
     for (listener, port) in listeners {
         let mux = mux.clone();
         std::thread::spawn(move || mux.accept(listener, port));
     }
+    let published = published.to_vec();
     std::thread::spawn(move || {
-        if let Err(e) = mux.serve(reader, None) {
+        let dial = |port: u16| -> std::io::Result<Conn> {
+            if !published.contains(&port) {
+                return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "not a published port"));
+            }
+            TcpStream::connect((Ipv4Addr::LOCALHOST, port)).map(Conn::Tcp)
+        };
+        if let Err(e) = mux.serve(reader, Some(&dial)) {
             console::line(&format!("host port forwarding stopped: {e}"));
         }
     });

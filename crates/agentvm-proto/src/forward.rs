@@ -6,7 +6,10 @@
 //! /etc/hosts) at each opened port. Each accepted connection gets an id and
 //! an [`Msg::Open`]; the host checks the port against its own list, connects
 //! to it on its loopback, and from then on both sides pump bytes as
-//! [`Msg::Data`]. [`Msg::Eof`] half-closes, [`Msg::Close`] aborts.
+//! [`Msg::Data`]. [`Msg::Eof`] half-closes, [`Msg::Close`] aborts. The other
+//! way round works the same (published ports when the guest has no network
+//! interface): the host accepts, the guest dials. Guest ids are even, host
+//! ids odd, so they never clash.
 //!
 //! Both sides run the same [`Mux`]: a thread reading the channel and routing
 //! messages, plus two threads per connection (socket to channel, queue to
@@ -16,6 +19,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -36,10 +40,17 @@ const CHUNK: usize = 64 * 1024;
 const QUEUE: usize = 64;
 const HEADER_LEN: usize = 9;
 
+/// Which end of the channel a [`Mux`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Guest,
+    Host,
+}
+
 /// One message on the forwarding channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
-    /// Guest to host: a new connection to host port `port`.
+    /// A new connection to port `port` of the other side.
     Open { conn: u32, port: u16 },
     /// Bytes for the other end of the connection.
     Data { conn: u32, data: Vec<u8> },
@@ -105,6 +116,52 @@ fn bad(why: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("forwarding channel: {why}"))
 }
 
+/// One end of a forwarded connection: a TCP socket, or a Unix socket for
+/// connections served inside the launcher (the egress proxy).
+#[derive(Debug)]
+pub enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Conn {
+    fn try_clone(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.shutdown(how),
+            Conn::Unix(s) => s.shutdown(how),
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.read(buf),
+            Conn::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write(buf),
+            Conn::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// What a connection's writer thread gets from the channel.
 enum Chunk {
     Data(Vec<u8>),
@@ -124,9 +181,13 @@ pub struct Mux {
 }
 
 impl Mux {
-    /// A mux writing to `sink` (the channel's writing end).
-    pub fn new(sink: Box<dyn Write + Send>) -> Mux {
-        Mux { sink: Arc::new(Mutex::new(sink)), conns: Arc::default(), next_conn: Arc::default() }
+    /// A mux for `side`, writing to `sink` (the channel's writing end).
+    pub fn new(sink: Box<dyn Write + Send>, side: Side) -> Mux {
+        let first = match side {
+            Side::Guest => 0,
+            Side::Host => 1,
+        };
+        Mux { sink: Arc::new(Mutex::new(sink)), conns: Arc::default(), next_conn: Arc::new(AtomicU32::new(first)) }
     }
 
     fn send(&self, msg: &Msg) -> io::Result<()> {
@@ -136,12 +197,12 @@ impl Mux {
         sink.flush()
     }
 
-    /// The guest side: accepts connections on `listener` (for host port
-    /// `port`) until the channel fails, announcing each to the host.
+    /// Accepts connections on `listener` (for the other side's port
+    /// `port`) until the channel fails, announcing each to the other side.
     pub fn accept(&self, listener: TcpListener, port: u16) {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
-            let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+            let conn = self.next_conn.fetch_add(2, Ordering::Relaxed);
             if self.conns.lock().unwrap().len() >= MAX_CONNECTIONS {
                 let _ = stream.shutdown(Shutdown::Both);
                 continue;
@@ -152,17 +213,17 @@ impl Mux {
             if self.send(&Msg::Open { conn, port }).is_err() {
                 return;
             }
-            self.pump(conn, stream, queue);
+            self.pump(conn, Conn::Tcp(stream), queue);
         }
     }
 
     /// Reads the channel and routes its messages until it ends. `dial`
-    /// answers an [`Msg::Open`] (the host side: it decides which ports may
-    /// be reached); `None` means opens are not accepted (the guest side).
+    /// answers an [`Msg::Open`]: it decides which ports may be reached;
+    /// `None` means opens are refused.
     pub fn serve(
         &self,
         mut channel: impl Read,
-        dial: Option<&dyn Fn(u16) -> io::Result<TcpStream>>,
+        dial: Option<&dyn Fn(u16) -> io::Result<Conn>>,
     ) -> io::Result<()> {
         while let Some(msg) = Msg::read_from(&mut channel)? {
             match msg {
@@ -201,7 +262,7 @@ impl Mux {
     }
 
     /// Starts the two threads of one connection.
-    fn pump(&self, conn: u32, stream: TcpStream, queue: std::sync::mpsc::Receiver<Chunk>) {
+    fn pump(&self, conn: u32, stream: Conn, queue: std::sync::mpsc::Receiver<Chunk>) {
         let Ok(mut reader) = stream.try_clone() else {
             self.conns.lock().unwrap().remove(&conn);
             let _ = self.send(&Msg::Close { conn });
@@ -288,14 +349,14 @@ mod tests {
     /// launcher and the guest init over the virtio-serial port.
     fn joined(allowed: u16, target: u16) -> (Mux, TcpListener) {
         let (g, h) = UnixStream::pair().unwrap();
-        let guest = Mux::new(Box::new(g.try_clone().unwrap()));
-        let host = Mux::new(Box::new(h.try_clone().unwrap()));
+        let guest = Mux::new(Box::new(g.try_clone().unwrap()), Side::Guest);
+        let host = Mux::new(Box::new(h.try_clone().unwrap()), Side::Host);
         std::thread::spawn(move || {
             let dial = move |port: u16| {
                 if port != allowed {
                     return Err(io::Error::from(io::ErrorKind::PermissionDenied));
                 }
-                TcpStream::connect(("127.0.0.1", target))
+                TcpStream::connect(("127.0.0.1", target)).map(Conn::Tcp)
             };
             host.serve(h, Some(&dial)).unwrap();
         });

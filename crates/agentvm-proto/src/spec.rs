@@ -35,6 +35,10 @@ pub struct LaunchSpec {
     /// forwarding port.
     #[serde(default)]
     pub host_ports: Vec<u16>,
+    /// Guest ports the host may connect to over the forwarding port
+    /// (published ports when the guest has no network interface).
+    #[serde(default)]
+    pub published_ports: Vec<u16>,
     /// Container runtimes to start before the program, if any.
     #[serde(default)]
     pub containers: Option<Containers>,
@@ -148,6 +152,7 @@ mod tests {
             mounts: vec![Mount { tag: "work".into(), path: "/work".into(), read_only: false }],
             network: Some(Network { address: "10.0.2.15/24".into(), gateway: "10.0.2.2".into(), dns: vec!["10.0.2.3".into()] }),
             host_ports: vec![5432],
+            published_ports: vec![8000],
             containers: Some(Containers { runtimes: vec!["docker".into()], disk: "serial:agentvm-cri".into() }),
             user: User { name: "agent".into(), uid: 1000, gid: 1000, home: "/home/agent".into() },
             cwd: "/work".into(),

@@ -61,6 +61,10 @@ pub enum Command {
         /// Keep printing new output until the instance ends.
         #[arg(short, long)]
         follow: bool,
+        /// The network log instead: each connection the egress proxy allowed
+        /// or denied (--network allow).
+        #[arg(long)]
+        net: bool,
     },
     /// Run a command in a running instance, as the agent user in /work; its
     /// exit status becomes agentvm's.
@@ -78,6 +82,10 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// List the flavors, or show one: its command, packages, keys and the
+    /// names it may reach under --network allow.
+    #[command(subcommand)]
+    Flavor(FlavorCommand),
     /// Container storage: `agentvm cri prune` removes the project's
     /// container disk (images, containers, volumes) to reclaim its space.
     #[command(subcommand)]
@@ -111,13 +119,19 @@ pub struct RunArgs {
     /// (repeatable; the host side binds 127.0.0.1 unless an address is given).
     #[arg(short = 'p', long = "publish", value_name = "SPEC")]
     pub publish: Vec<String>,
+    /// Let the guest reach this host name under --network allow (repeatable;
+    /// *.example.com for the names below it); on top of the flavor's preset
+    /// (agentvm flavor show NAME). Implies --network allow.
+    #[arg(long = "allow", value_name = "NAME")]
+    pub allow: Vec<String>,
     /// Open one port of the host's loopback to the guest, where it is
     /// host.agentvm.internal:PORT (repeatable), e.g. a local database or
     /// MCP server. Works with --network none too.
     #[arg(long = "host-port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub host_ports: Vec<u16>,
     /// `open`: internet through the host (the host's own services stay
-    /// closed); `none`: only loopback in the guest.
+    /// closed); `none`: only loopback in the guest; `allow`: no interface
+    /// either, HTTP(S) through agentvm's proxy to the allowed names only.
     #[arg(long, value_enum, value_name = "MODE")]
     pub network: Option<crate::net::NetworkMode>,
     /// Start container runtimes in the guest: a comma-separated list of
@@ -154,6 +168,14 @@ pub struct RunArgs {
     /// to stderr when the VM stops.
     #[arg(short, long)]
     pub verbose: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FlavorCommand {
+    /// List the flavors (built-in and from the config files).
+    Ls,
+    /// Show one flavor in full.
+    Show { name: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -40,6 +40,7 @@ description = "Claude Code, Anthropic's coding agent"
 npm = ["@anthropic-ai/claude-code"]
 command = ["claude"]
 keys = ["ANTHROPIC_API_KEY"]
+allow = ["api.anthropic.com", "console.anthropic.com", "statsig.anthropic.com", "claude.ai", "*.claude.ai", "registry.npmjs.org"]
 memory_file = ".claude/CLAUDE.md"
 env = { DISABLE_AUTOUPDATER = "1" }
 
@@ -48,6 +49,7 @@ description = "Gemini CLI, Google's coding agent"
 npm = ["@google/gemini-cli"]
 command = ["gemini"]
 keys = ["GEMINI_API_KEY", "GOOGLE_API_KEY"]
+allow = ["generativelanguage.googleapis.com", "cloudcode-pa.googleapis.com", "oauth2.googleapis.com", "accounts.google.com", "registry.npmjs.org"]
 memory_file = ".gemini/GEMINI.md"
 
 [flavors.codex]
@@ -55,6 +57,7 @@ description = "Codex CLI, OpenAI's coding agent"
 npm = ["@openai/codex"]
 command = ["codex"]
 keys = ["OPENAI_API_KEY"]
+allow = ["api.openai.com", "auth.openai.com", "chatgpt.com", "registry.npmjs.org"]
 memory_file = ".codex/AGENTS.md"
 
 [flavors.shell]
@@ -81,6 +84,10 @@ pub struct Flavor {
     pub command: Vec<String>,
     /// Host variables passed into the guest when set (API keys).
     pub keys: Vec<String>,
+    /// Host names the flavor needs under `--network allow` (its API and
+    /// login hosts, its package registry).
+    #[serde(default)]
+    pub allow: Vec<String>,
     /// Extra guest environment.
     pub env: BTreeMap<String, String>,
     /// Path under the agent home of the agent's memory note, e.g.
@@ -99,6 +106,7 @@ pub struct FlavorOverride {
     pub apt: Option<Vec<String>>,
     pub command: Option<Vec<String>>,
     pub keys: Option<Vec<String>>,
+    pub allow: Option<Vec<String>>,
     pub env: Option<BTreeMap<String, String>>,
     pub memory_file: Option<String>,
     pub version: Option<String>,
@@ -175,6 +183,7 @@ pub fn merge(
                     apt: Vec::new(),
                     command: Vec::new(),
                     keys: Vec::new(),
+                    allow: Vec::new(),
                     env: BTreeMap::new(),
                     memory_file: None,
                     version: None,
@@ -204,6 +213,9 @@ fn apply(mut f: Flavor, o: &FlavorOverride) -> Flavor {
     }
     if let Some(v) = &o.keys {
         f.keys = v.clone();
+    }
+    if let Some(v) = &o.allow {
+        f.allow = v.clone();
     }
     if let Some(env) = &o.env {
         f.env.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -263,6 +275,7 @@ pub fn describe(f: &Flavor) -> String {
     let _ = writeln!(out, "  npm:         {}", list(&f.npm_specs()));
     let _ = writeln!(out, "  apt:         {}", list(&f.apt));
     let _ = writeln!(out, "  keys:        {}", list(&f.keys));
+    let _ = writeln!(out, "  allow:       {}", list(&f.allow));
     let env: Vec<String> = f
         .env
         .iter()
@@ -334,6 +347,7 @@ fn check_override(name: &str, o: &FlavorOverride) -> Result<(), FlavorError> {
 
 /// Checks a whole flavor (after merging).
 fn check_flavor(f: &Flavor) -> Result<(), FlavorError> {
+    crate::egress::AllowList::new(&f.allow).map_err(|e| invalid(&f.name, "allow", e.to_string()))?;
     if let Some(v) = &f.version {
         match f.npm.first() {
             None => {

@@ -20,7 +20,8 @@ use crate::console::{self, RawMode};
 use crate::cri;
 use crate::flavor::Flavor;
 use crate::homesetup::{self, VmFacts};
-use crate::hostports;
+use crate::egress;
+use crate::forwarding;
 use crate::image::{self, Image, LayerRecipe, Recipe, Store};
 use crate::initramfs::Cpio;
 use crate::instance::{self, Instance, InstanceMeta};
@@ -191,12 +192,22 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
     }
 
     let (ctl, ctl_guest) = socketpair()?;
-    // Started after the signals are blocked, so its thread never takes one.
-    let forward_guest = if settings.host_ports.is_empty() {
+    // Started after the signals are blocked, so its threads never take one.
+    let allow_mode = settings.network == NetworkMode::Allow;
+    let forward_guest = if settings.host_ports.is_empty() && !allow_mode {
         None
     } else {
+        let routes = forwarding::Routes {
+            host_ports: settings.host_ports.clone(),
+            proxy: allow_mode.then(|| egress::Proxy::new(settings.allow.clone(), &egress::log_path(&inst.dir))),
+            published: if allow_mode {
+                forwarding::bind_published(&settings.ports).map_err(os("listen on a published port"))?
+            } else {
+                Vec::new()
+            },
+        };
         let (ours, theirs) = socketpair()?;
-        hostports::serve(UnixStream::from(ours), settings.host_ports.clone()).map_err(os("start host-port forwarding"))?;
+        forwarding::serve(UnixStream::from(ours), routes).map_err(os("start port forwarding"))?;
         Some(theirs)
     };
     let cfg = VmConfig {
@@ -297,6 +308,7 @@ fn launch_spec(
     tty: bool,
     id: &str,
 ) -> LaunchSpec {
+    let allow = s.network == NetworkMode::Allow;
     LaunchSpec {
         hostname: format!("agentvm-{}", &id[..6]),
         modules: image.meta.modules.clone(),
@@ -304,7 +316,9 @@ fn launch_spec(
         root_fstype: "squashfs".into(),
         layers: (0..layer_count).map(|i| format!("serial:{}", vm::layer_serial(i))).collect(),
         network: (s.network == NetworkMode::Open).then(net::guest_network),
-        host_ports: s.host_ports.clone(),
+        // Under --network allow the proxy is one more host port.
+        host_ports: s.host_ports.iter().copied().chain(allow.then_some(egress::PROXY_PORT)).collect(),
+        published_ports: if allow { s.ports.iter().map(|p| p.guest_port).collect() } else { Vec::new() },
         containers: (!s.cri.is_empty()).then(|| Containers {
             runtimes: s.cri.iter().map(|r| r.name().to_string()).collect(),
             disk: format!("serial:{}", vm::DATA_SERIAL),
@@ -316,7 +330,7 @@ fn launch_spec(
         user: User { name: "agent".into(), uid: ids.guest_uid, gid: ids.guest_gid, home: GUEST_HOME.into() },
         cwd: GUEST_WORK.into(),
         argv: s.argv.clone(),
-        env: s.guest_env.vars.clone(),
+        env: s.guest_env.vars.iter().cloned().chain(if allow { egress::guest_env() } else { Vec::new() }).collect(),
         tty,
         winsize: if tty { console::winsize(0) } else { None },
         verbose: s.verbose,

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 
-use agentvm::cli::{Cli, Command, CriCommand, ImageCommand, RunArgs};
+use agentvm::cli::{Cli, Command, CriCommand, FlavorCommand, ImageCommand, RunArgs};
 use agentvm::image::{self, Recipe, Store};
 use agentvm::{doctor, launch, settings};
 
@@ -28,8 +28,8 @@ fn main() -> ExitCode {
             0
         }
         Command::Stop { ids, all, timeout } => stop(&ids, all, timeout),
-        Command::Logs { id, follow } => {
-            match agentvm::ps::logs(&agentvm::paths::runtime_base(), &id, follow, &mut std::io::stdout()) {
+        Command::Logs { id, follow, net } => {
+            match agentvm::ps::logs(&agentvm::paths::runtime_base(), &id, net, follow, &mut std::io::stdout()) {
                 Ok(()) => 0,
                 Err(e) => fail(e),
             }
@@ -39,6 +39,7 @@ fn main() -> ExitCode {
             exec(&id, agentvm::exec::ExecOptions { argv: command, tty })
         }
         Command::Cri(CriCommand::Prune { work_dir }) => cri_prune(work_dir),
+        Command::Flavor(cmd) => flavor_command(cmd),
         Command::Shell { id } => {
             let tty = Some(agentvm::console::is_tty(0));
             exec(&id, agentvm::exec::ExecOptions { argv: Vec::new(), tty })
@@ -67,6 +68,7 @@ fn run(args: RunArgs) -> i32 {
         net_backend: args.net_backend,
         publish: args.publish,
         host_ports: args.host_ports,
+        allow: args.allow,
         cri: args.cri,
         cri_disk_size: args.cri_disk_size,
         verbose: args.verbose,
@@ -130,6 +132,32 @@ fn stop(ids: &[String], all: bool, timeout: u64) -> i32 {
             0
         }
         Err(e) => fail(e),
+    }
+}
+
+fn flavor_command(cmd: FlavorCommand) -> i32 {
+    let cwd = match std::env::current_dir() {
+        Ok(d) => d,
+        Err(e) => return fail(format!("cannot read the current directory: {e}")),
+    };
+    let flavors = match settings::flavors_for(&cwd) {
+        Ok(f) => f,
+        Err(e) => return fail(e),
+    };
+    match cmd {
+        FlavorCommand::Ls => {
+            for f in flavors.values() {
+                println!("{:<12} {}", f.name, f.description);
+            }
+            0
+        }
+        FlavorCommand::Show { name } => match agentvm::flavor::resolve(&flavors, &name) {
+            Ok(f) => {
+                print!("{}", agentvm::flavor::describe(&f));
+                0
+            }
+            Err(e) => fail(e),
+        },
     }
 }
 

@@ -29,6 +29,9 @@ pub enum NetworkMode {
     Open,
     /// Only loopback in the guest.
     None,
+    /// No interface either: HTTP(S) through agentvm's proxy, to the allowed
+    /// names only (`--allow`, the flavor's preset).
+    Allow,
 }
 
 /// The user-mode network stack behind the guest's interface.

@@ -34,6 +34,8 @@ pub enum InstancesError {
     Read { path: PathBuf, source: io::Error },
     #[error("instance {id} did not stop: its launcher (pid {pid}) survived SIGKILL")]
     Unkillable { id: String, pid: u32 },
+    #[error("instance {id} has no network log: only runs with --network allow keep one")]
+    NoNetLog { id: String },
 }
 
 fn running_list(running: &[String]) -> String {
@@ -358,10 +360,15 @@ fn cmdline_mentions(pid: u32, path: &Path) -> bool {
 
 /// `agentvm logs`: writes the instance's console log to `out`; with
 /// `follow`, keeps writing what is added until the instance ends.
-pub fn logs(base: &Path, query: &str, follow: bool, out: &mut impl Write) -> Result<(), InstancesError> {
+/// Prints an instance's console log, or with `net` its network log (the
+/// egress proxy's decisions under `--network allow`).
+pub fn logs(base: &Path, query: &str, net: bool, follow: bool, out: &mut impl Write) -> Result<(), InstancesError> {
     let live = live_instances(base);
     let inst = resolve(&live, query)?;
-    let path = inst.dir.join(CONSOLE_LOG);
+    let path = if net { crate::egress::log_path(&inst.dir) } else { inst.dir.join(CONSOLE_LOG) };
+    if net && !path.exists() {
+        return Err(InstancesError::NoNetLog { id: inst.meta.id.clone() });
+    }
     let mut file = fs::File::open(&path).map_err(|source| InstancesError::Read { path: path.clone(), source })?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {

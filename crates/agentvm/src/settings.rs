@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use crate::envvars::{self, EnvError, GuestEnv};
 use crate::flavor::{self, Flavor, FlavorError, FlavorOverride, DEFAULT_FLAVOR};
 use crate::cri::Runtime;
+use crate::egress::{AllowList, EgressError};
 use crate::net::{self, NetBackend, NetError, NetworkMode, PortSpec};
 use crate::paths;
 use crate::vm::AccelChoice;
@@ -56,6 +57,10 @@ pub struct Layer {
     /// the layers' lists add up.
     #[serde(default)]
     pub host_ports: Vec<u16>,
+    /// Host names the guest may reach under `--network allow`, on top of
+    /// the flavor's; the layers' lists add up.
+    #[serde(default)]
+    pub allow: Vec<String>,
     /// Container runtimes to start in the guest, e.g. "docker,podman".
     pub cri: Option<String>,
     /// Size limit of the project's container disk, e.g. "32G".
@@ -79,6 +84,7 @@ impl Layer {
             net_backend: over.net_backend.or(self.net_backend),
             ports: self.ports.into_iter().chain(over.ports).collect(),
             host_ports: self.host_ports.into_iter().chain(over.host_ports).collect(),
+            allow: self.allow.into_iter().chain(over.allow).collect(),
             cri: over.cri.or(self.cri),
             cri_disk_size: over.cri_disk_size.or(self.cri_disk_size),
             flavors: BTreeMap::new(),
@@ -106,6 +112,8 @@ pub struct Request {
     pub publish: Vec<String>,
     /// `--host-port`, in order.
     pub host_ports: Vec<u16>,
+    /// `--allow NAME`, in order.
+    pub allow: Vec<String>,
     /// `--cri LIST`.
     pub cri: Option<String>,
     /// `--cri-disk-size SIZE`.
@@ -133,6 +141,9 @@ pub struct Settings {
     pub ports: Vec<PortSpec>,
     /// Host loopback ports opened to the guest, checked: each once.
     pub host_ports: Vec<u16>,
+    /// Names the guest may reach under [`NetworkMode::Allow`]: the
+    /// flavor's preset plus the user's.
+    pub allow: AllowList,
     /// Container runtimes to start in the guest, in the order given.
     pub cri: Vec<Runtime>,
     /// Size of the project's container disk when it is created.
@@ -169,9 +180,11 @@ pub enum SettingsError {
     #[error(transparent)]
     Net(#[from] NetError),
     #[error(transparent)]
-    HostPort(#[from] crate::hostports::HostPortError),
+    HostPort(#[from] crate::forwarding::HostPortError),
     #[error(transparent)]
     Cri(#[from] crate::cri::CriError),
+    #[error(transparent)]
+    Egress(#[from] crate::egress::EgressError),
     #[error("published ports need the network: drop --network none or the ports ({0})")]
     PortsWithoutNetwork(String),
     #[error("agent home {path}: {why}; pass a directory with --home or AGENT_HOME")]
@@ -240,6 +253,7 @@ fn env_layer(
         net_backend,
         ports: Vec::new(),
         host_ports: Vec::new(),
+        allow: Vec::new(),
         cri: get("ENABLE_CRI"),
         cri_disk_size: None,
         flavors: BTreeMap::new(),
@@ -316,6 +330,7 @@ pub fn resolve_with(
         net_backend: req.net_backend,
         ports: req.publish,
         host_ports: req.host_ports,
+        allow: req.allow.clone(),
         cri: req.cri,
         cri_disk_size: req.cri_disk_size,
         flavors: BTreeMap::new(),
@@ -360,14 +375,28 @@ pub fn resolve_with(
 
     let flavor = flavor::resolve(&flavors, layer.flavor.as_deref().unwrap_or(DEFAULT_FLAVOR))?;
     let guest_env = envvars::build(&flavor, &req.env, &req.env_files, get_env)?;
-    let network = layer.network.unwrap_or_default();
+    // --allow alone means --network allow; with another mode it is a mistake.
+    let network = match (layer.network, req.allow.is_empty()) {
+        (None, false) => NetworkMode::Allow,
+        (Some(m), false) if m != NetworkMode::Allow => return Err(EgressError::AllowWithoutAllowMode.into()),
+        (m, _) => m.unwrap_or_default(),
+    };
     // SAFETY: geteuid has no preconditions.
     let ports = net::check_ports(&layer.ports, unsafe { libc::geteuid() } == 0)?;
     if network == NetworkMode::None && !ports.is_empty() {
         return Err(SettingsError::PortsWithoutNetwork(layer.ports.join(", ")));
     }
 
-    let host_ports = crate::hostports::check(&layer.host_ports)?;
+    let host_ports = crate::forwarding::check(&layer.host_ports)?;
+    let allow = AllowList::new(&flavor.allow.iter().chain(&layer.allow).cloned().collect::<Vec<_>>())?;
+    if network == NetworkMode::Allow {
+        if host_ports.contains(&crate::egress::PROXY_PORT) {
+            return Err(EgressError::ProxyPortTaken.into());
+        }
+        if let Some(p) = ports.iter().find(|p| p.proto == net::Proto::Udp) {
+            return Err(EgressError::UdpPublished(p.to_string()).into());
+        }
+    }
 
     let home_dir = match layer.home {
         Some(h) => absolute(&h),
@@ -385,6 +414,7 @@ pub fn resolve_with(
         net_backend: layer.net_backend.unwrap_or_default(),
         ports,
         host_ports,
+        allow,
         cri,
         cri_disk_mib,
         memory_mib,

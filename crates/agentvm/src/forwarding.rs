@@ -1,15 +1,24 @@
-//! `--host-port`: single host loopback ports opened to the guest, reached
-//! there as `host.agentvm.internal:PORT`. The connections travel over a
-//! virtio-serial port (see [`agentvm_proto::forward`]), not the network, so
-//! they work with `--network none` too, and the guest reaches nothing on the
-//! host but the ports on the list: the check is here, on the host.
+//! The host side of the forwarding channel (see [`agentvm_proto::forward`]):
+//! a virtio-serial port that carries TCP connections, so they need no
+//! network interface in the guest.
+//!
+//! * `--host-port PORT`: the guest's connections to
+//!   `host.agentvm.internal:PORT` go to the host's loopback at PORT, and to
+//!   nothing else: the check is here, on the host.
+//! * `--network allow`: connections to the proxy port go to the egress proxy
+//!   inside agentvm.
+//! * Published ports when the guest has no interface (`--network allow`):
+//!   agentvm listens on the host and the guest dials its own loopback.
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use agentvm_proto::forward::Mux;
+use agentvm_proto::forward::{Conn, Mux, Side};
+
+use crate::egress::{self, Proxy};
+use crate::net::PortSpec;
 
 /// How long connecting to a host port may take (it is on loopback).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -38,14 +47,39 @@ pub fn check(ports: &[u16]) -> Result<Vec<u16>, HostPortError> {
     Ok(seen)
 }
 
-/// Serves the guest's connections to `allowed` ports over `channel` (the
-/// launcher's end of the forwarding port), on a thread of its own, until
-/// the VM goes away.
-pub fn serve(channel: UnixStream, allowed: Vec<u16>) -> io::Result<()> {
+/// What the channel carries for one launch.
+pub struct Routes {
+    /// Host loopback ports the guest may reach.
+    pub host_ports: Vec<u16>,
+    /// The egress proxy, reached at [`egress::PROXY_PORT`].
+    pub proxy: Option<Proxy>,
+    /// Published (TCP) ports, each with its listener already bound.
+    pub published: Vec<(PortSpec, TcpListener)>,
+}
+
+/// Binds the published ports' listeners (before boot, so a port in use is
+/// an error then).
+pub fn bind_published(ports: &[PortSpec]) -> io::Result<Vec<(PortSpec, TcpListener)>> {
+    ports.iter().map(|p| Ok((*p, TcpListener::bind(SocketAddr::new(p.host_ip, p.host_port))?))).collect()
+}
+
+/// Serves `routes` over `channel` (the launcher's end of the forwarding
+/// port) on threads of their own, until the VM goes away.
+pub fn serve(channel: UnixStream, routes: Routes) -> io::Result<()> {
     let reader = channel.try_clone()?;
-    let mux = Mux::new(Box::new(channel));
-    std::thread::Builder::new().name("host-ports".into()).spawn(move || {
-        let dial = |port: u16| dial(port, &allowed);
+    let mux = Mux::new(Box::new(channel), Side::Host);
+    for (spec, listener) in routes.published {
+        let mux = mux.clone();
+        std::thread::spawn(move || mux.accept(listener, spec.guest_port));
+    }
+    let Routes { host_ports, proxy, .. } = routes;
+    std::thread::Builder::new().name("forwarding".into()).spawn(move || {
+        let dial = |port: u16| -> io::Result<Conn> {
+            match &proxy {
+                Some(p) if port == egress::PROXY_PORT => p.connect().map(Conn::Unix),
+                _ => dial(port, &host_ports).map(Conn::Tcp),
+            }
+        };
         // The channel ends with the VM; a broken one ends forwarding only.
         let _ = mux.serve(reader, Some(&dial));
     })?;
