@@ -4,10 +4,12 @@
 //! `agentvm run` flows through [`settings`] (what to run, validated once),
 //! [`image`] (the cached root image), [`instance`] (runtime dir), [`share`]
 //! (virtiofsd), [`vm`] (accelerator, QEMU command line, helper processes)
-//! and [`launch`] (the whole sequence and the stdio relay).
+//! and [`launch`] (the whole sequence and the stdio relay); [`devshell`]
+//! evaluates a project's Nix, devenv or direnv environment on the host.
 
 pub mod cli;
 pub mod console;
+pub mod devshell;
 pub mod doctor;
 pub mod envvars;
 pub mod exec;

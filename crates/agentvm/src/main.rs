@@ -64,6 +64,7 @@ fn run(args: RunArgs) -> i32 {
         env_files: args.env_files,
         network: args.network,
         publish: args.publish,
+        devshell: args.devshell,
         verbose: args.verbose,
     };
     let settings = match settings::resolve(req) {
