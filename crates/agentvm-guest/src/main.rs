@@ -58,6 +58,7 @@ fn run() -> Result<relay::Outcome> {
     }
     console::step(&format!("user {}", spec.user.name));
     etc::setup_user(Path::new("/"), &spec.user)?;
+    etc::setup_login_path(Path::new("/"), &spec.env)?;
     let groups = etc::user_groups(Path::new("/"), &spec.user)?;
     let sigchld = sys::sigchld_fd().map_err(|e| Error::sys("signalfd(SIGCHLD)", e))?;
     let mut exec = exec::ExecPorts::open(&spec, groups.clone());
