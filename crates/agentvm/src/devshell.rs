@@ -359,10 +359,7 @@ fn nix_env(
         }
     }
     let display = shell_words(&command);
-    eprintln!(
-        "agentvm: evaluating the dev shell: {display} (cached until {} changes)",
-        source.file()
-    );
+    eprintln!("agentvm: evaluating the dev shell: {display} (cached until {} changes)", KEY_FILES.join(", "));
     let (format, output) = run_nix(req, source, program, &command)?;
     let raw = parse_nix(format, &output)
         .map_err(|why| DevshellError::Output { dir: req.work_dir.clone(), command: display, why })?;
