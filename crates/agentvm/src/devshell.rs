@@ -83,6 +83,9 @@ const TEMP_VARS: [&str; 4] = ["TMP", "TEMP", "TMPDIR", "TEMPDIR"];
 /// The certificate placeholder of Nix's build sandbox.
 const NO_CERT_FILE: &str = "/no-cert-file.crt";
 
+/// The PATH of Nix's build sandbox when the derivation sets none.
+const NO_PATH: &str = "/path-not-set";
+
 /// What defines the project's dev shell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -618,7 +621,7 @@ pub fn guest_vars(
         }
         if name == "PATH" {
             let base: Vec<&str> = base_path.map(|b| b.split(':').collect()).unwrap_or_default();
-            for entry in value.split(':').filter(|e| !e.is_empty() && !base.contains(e)) {
+            for entry in value.split(':').filter(|e| !e.is_empty() && *e != NO_PATH && !base.contains(e)) {
                 let entry = to_guest_path(entry, &host_work);
                 if !path.contains(&entry) {
                     path.push(entry);
@@ -698,6 +701,9 @@ mod tests {
             for d in ["p", "state", "bin"] {
                 std::fs::create_dir(f.dir.path().join(d)).unwrap();
             }
+            // The stand-ins' PATH is this dir alone, so a real nix or
+            // direnv on the host is never run; they need only cat.
+            std::os::unix::fs::symlink("/bin/cat", f.dir.path().join("bin/cat")).unwrap();
             f
         }
         fn work(&self) -> PathBuf {
@@ -721,7 +727,7 @@ mod tests {
                 .collect()
         }
         fn request(&self) -> Request {
-            let path = format!("{}:/usr/bin:/bin", self.dir.path().join("bin").display());
+            let path = self.dir.path().join("bin");
             Request {
                 work_dir: self.work(),
                 state_dir: self.dir.path().join("state"),
@@ -800,7 +806,7 @@ mod tests {
             ("PROJECT_ROOT", "/p"),
             ("DATA", "/p/data:/elsewhere:/pp"),
             ("bad-name", "x"),
-            ("PATH", "/p/bin:/nix/store/x/bin:/usr/bin:/p/bin"),
+            ("PATH", "/p/bin:/nix/store/x/bin:/usr/bin:/p/bin:/path-not-set"),
         ]);
         let (vars, path) = guest_vars(raw.clone(), Path::new("/p"), None);
         assert_eq!(
