@@ -128,7 +128,7 @@ pub struct RunArgs {
     #[arg(long, value_enum, value_name = "ACCEL")]
     pub accel: Option<AccelChoice>,
     /// Apply the project's dev shell to the program: a Nix flake
-    /// (`nix print-dev-env`, cached until flake.nix/flake.lock change),
+    /// (`nix print-dev-env`, cached until flake.nix, flake.lock or a devenv file changes),
     /// devenv, or an `.envrc` that direnv allows. `--devshell` stops before
     /// boot if it fails; `--devshell=try` warns and goes on without it
     /// [env: DIRENV_ALLOW=1] [default: off]

@@ -21,6 +21,9 @@
 //! `/work`, and the dev shell's PATH entries go in front of the guest's
 //! default PATH. A Nix `shellHook` is not run.
 //!
+//! The host's Nix store is `/nix/store` (`$AGENTVM_NIX_STORE` names
+//! another directory, for tests).
+//!
 //! The variables are the user's own environment and may hold secrets:
 //! they travel in the launch spec (in memory), are written only to the
 //! cache in the project's state dir (mode 0600), and never appear in an
@@ -64,6 +67,9 @@ const GUEST_WORK: &str = crate::launch::GUEST_WORK;
 
 /// Where the Nix store is, on the host and in the guest.
 pub const NIX_STORE: &str = "/nix/store";
+
+/// Lines of a failed command's output shown in the error.
+const ERROR_LINES: usize = 60;
 
 /// Bumped when the cache's meaning changes, so old entries are not reused.
 const CACHE_VERSION: u32 = 1;
@@ -207,7 +213,7 @@ pub enum DevshellError {
     NoProgram { dir: PathBuf, file: &'static str, program: &'static str, hint: &'static str },
     #[error("cannot start `{command}`: {source}")]
     Spawn { command: String, source: std::io::Error },
-    #[error("the dev shell of {dir} failed: `{command}` {status}\n--- its output ---\n{output}\n--- to reproduce: cd {dir} && {command}\nfix the error above, or pass --devshell=try to start without the dev shell")]
+    #[error("the dev shell of {dir} could not be evaluated: `{command}` ended with {status}\n--- its output (last lines) ---\n{output}\n--- to reproduce: cd {dir} && {command}\nfix the error above, or pass --devshell=try to start without the dev shell")]
     Failed { dir: PathBuf, command: String, status: String, output: String },
     #[error("{dir}/.envrc is blocked: direnv has not been allowed to load it. Review it, then run `direnv allow {dir}` (or start without --devshell)")]
     Blocked { dir: PathBuf },
@@ -362,7 +368,7 @@ fn nix_env(
         }
     }
     let display = shell_words(&command);
-    eprintln!("agentvm: evaluating the dev shell: {display} (cached until {} changes)", KEY_FILES.join(", "));
+    eprintln!("agentvm: evaluating the dev shell: {display} (cached until one of {} changes)", KEY_FILES.join(", "));
     let (format, output) = run_nix(req, source, program, &command)?;
     let raw = parse_nix(format, &output)
         .map_err(|why| DevshellError::Output { dir: req.work_dir.clone(), command: display, why })?;
@@ -424,7 +430,7 @@ fn run_with_env(
             dir: dir.to_path_buf(),
             command,
             status: crate::vm::process::describe(out.status),
-            output: strip_ansi(&String::from_utf8_lossy(&out.stderr)).trim_end().to_string(),
+            output: crate::vm::process::tail_lines(strip_ansi(&String::from_utf8_lossy(&out.stderr)).as_bytes(), ERROR_LINES),
         });
     }
     String::from_utf8(out.stdout)
