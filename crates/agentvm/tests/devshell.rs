@@ -39,7 +39,11 @@ fn command_with_flag(l: &Launch, flag: &str) -> Command {
 }
 
 fn run_with(l: &Launch, cmd: &mut Command) -> Output {
-    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, &l.stdin).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
     eprintln!(
         "--- {:?} in {} -> {:?}\n--- stdout:\n{}\n--- stderr:\n{}",
         cmd.get_args().collect::<Vec<_>>(),
@@ -52,11 +56,14 @@ fn run_with(l: &Launch, cmd: &mut Command) -> Output {
 }
 
 #[test]
-fn direnv_allowed_envrc_exports_and_path_reach_the_guest_command() {
-    let l = Launch::new().shell(
-        "echo \"greeting=$DEVSHELL_GREETING\"; echo \"path=$PATH\"; devshell-tool; \
-         echo \"dir=$DIRENV_DIR\"; echo \"diff=${DIRENV_DIFF:-none}\"",
+fn direnv_allowed_envrc_exports_and_path_reach_the_guest_login_shell() {
+    // The shell flavor without a command: a login bash reading stdin, whose
+    // /etc/profile would reset PATH.
+    let mut l = Launch::new().stdin(
+        b"echo \"greeting=$DEVSHELL_GREETING\"; echo \"path=$PATH\"; devshell-tool; \
+          echo \"dir=$DIRENV_DIR\"; echo \"diff=${DIRENV_DIFF:-none}\"\n",
     );
+    l.args = ["run", "--memory", "512M", "--cpus", "1", "shell"].map(String::from).to_vec();
     std::fs::write(l.work.join(".envrc"), "export DEVSHELL_GREETING='hello from direnv'\nPATH_add bin\n").unwrap();
     write_exec(&l.work.join("bin/devshell-tool"), "#!/bin/sh\necho tool-ran-from-work-bin\n");
     direnv(&l, &["allow", "."]);
