@@ -48,6 +48,8 @@ pub fn run_checks() -> Vec<Check> {
         check_program("tar2sqfs", "tar2sqfs", "makes the image's root file system (squashfs-tools-ng)"),
         check_program("passt", "passt", "gives the guest its network"),
         check_program("npm", "npm", "installs the agents into their image layers"),
+        check_optional("direnv", "direnv", "--devshell with an .envrc needs it", SETUP),
+        check_optional("nix", "nix", "--devshell with a flake.nix or devenv.nix needs it", "install Nix (https://nixos.org/download), or run scripts/setup-host"),
         check_guest_init(),
         check_accel(),
         check_kvm_access(),
@@ -111,6 +113,19 @@ fn check_program(name: &'static str, program: &str, why: &str) -> Check {
     match tools::find_program(program, &[]) {
         Some(p) => ok(name, p.display().to_string()),
         None => fail(name, format!("{program} not found ({why})"), SETUP),
+    }
+}
+
+/// A program only some features need: missing is a warning.
+fn check_optional(name: &'static str, program: &str, why: &str, fix: &str) -> Check {
+    match tools::find_program(program, &[]) {
+        Some(p) => ok(name, p.display().to_string()),
+        None => Check {
+            name,
+            status: Status::Warn,
+            detail: format!("{program} not found ({why})"),
+            fix: Some(fix.to_string()),
+        },
     }
 }
 
