@@ -248,18 +248,12 @@ struct CacheEntry {
 /// `Ok(None)`: the project has no dev shell file.
 pub fn load(req: &Request) -> Result<Option<DevShell>, DevshellError> {
     let Some(source) = detect(&req.work_dir) else { return Ok(None) };
-    let program = find_on_path(source.program(), req.env("PATH")).ok_or(DevshellError::NoProgram {
-        dir: req.work_dir.clone(),
-        file: source.file(),
-        program: source.program(),
-        hint: source.install_hint(),
-    })?;
     let mut warnings = Vec::new();
     let (raw, base_path, from_cache) = if source.is_nix() {
-        let (raw, from_cache) = nix_env(req, source, &program, &mut warnings)?;
+        let (raw, from_cache) = nix_env(req, source, &mut warnings)?;
         (raw, None, from_cache)
     } else {
-        let (raw, base_path) = direnv_env(req, &program)?;
+        let (raw, base_path) = direnv_env(req, &find_program(req, source)?)?;
         (raw, Some(base_path), false)
     };
     let (vars, path) = guest_vars(raw, &req.work_dir, base_path.as_deref());
@@ -303,6 +297,16 @@ pub fn merge_path(first: &[String], rest: &str) -> String {
         }
     }
     entries.join(":")
+}
+
+/// The program that evaluates `source`, found on the request's PATH.
+fn find_program(req: &Request, source: Source) -> Result<PathBuf, DevshellError> {
+    find_on_path(source.program(), req.env("PATH")).ok_or(DevshellError::NoProgram {
+        dir: req.work_dir.clone(),
+        file: source.file(),
+        program: source.program(),
+        hint: source.install_hint(),
+    })
 }
 
 /// `name` in the `:`-separated `path`, if executable.
@@ -352,11 +356,11 @@ pub fn cache_key(work_dir: &Path, command: &[String]) -> Result<String, Devshell
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// The Nix dev shell's variables, from the cache or a fresh evaluation.
+/// The Nix dev shell's variables, from the cache or a fresh evaluation (a
+/// cached result needs no nix on PATH).
 fn nix_env(
     req: &Request,
     source: Source,
-    program: &Path,
     warnings: &mut Vec<String>,
 ) -> Result<(Vec<(String, String)>, bool), DevshellError> {
     let command = nix_command(source, &req.work_dir);
@@ -367,9 +371,10 @@ fn nix_env(
             return Ok((raw, true));
         }
     }
+    let program = find_program(req, source)?;
     let display = shell_words(&command);
     eprintln!("agentvm: evaluating the dev shell: {display} (cached until one of {} changes)", KEY_FILES.join(", "));
-    let (format, output) = run_nix(req, source, program, &command)?;
+    let (format, output) = run_nix(req, source, &program, &command)?;
     let raw = parse_nix(format, &output)
         .map_err(|why| DevshellError::Output { dir: req.work_dir.clone(), command: display, why })?;
     let entry = CacheEntry { version: CACHE_VERSION, work_dir: req.work_dir.clone(), key, command, format, output };
@@ -918,6 +923,11 @@ mod tests {
         assert!(again.from_cache);
         assert_eq!((again.vars, again.path), (shell.vars.clone(), shell.path.clone()));
         assert_eq!(f.calls().len(), 1, "reused, not run again");
+
+        // A cached result needs no nix.
+        std::fs::remove_file(f.dir.path().join("bin/nix")).unwrap();
+        assert!(load(&f.request()).unwrap().unwrap().from_cache);
+        fake_nix_json(&f);
 
         f.file("flake.lock", "{\"version\": 7}");
         let third = load(&f.request()).unwrap().unwrap();
