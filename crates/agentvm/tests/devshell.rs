@@ -110,6 +110,8 @@ fn direnv_blocked_envrc_is_refused_before_boot_with_the_allow_hint() {
 struct NixProject {
     launch: Launch,
     bin: PathBuf,
+    /// The real nix.
+    real: PathBuf,
     /// The private store's root; its Nix store is `<root>/nix/store`.
     root: PathBuf,
 }
@@ -152,29 +154,70 @@ impl NixProject {
             .expect("nix is on PATH (scripts/setup-host installs nix-bin)");
         let bin = launch.dirs.path().join("nixbin");
         let log = launch.dirs.path().join("nix-calls.log");
-        write_exec(&bin.join("nix"), &format!("#!/bin/sh\necho \"$*\" >> '{}'\nexec '{}' \"$@\"\n", log.display(), real.display()));
+        // Nix's eval cache goes to $XDG_CACHE_HOME, which agentvm's tests
+        // point at the shared image cache: give nix its own.
+        let cache = launch.dirs.path().join("nixcache");
+        write_exec(
+            &bin.join("nix"),
+            &format!(
+                "#!/bin/sh\necho \"$*\" >> '{}'\nXDG_CACHE_HOME='{}' exec '{}' \"$@\"\n",
+                log.display(),
+                cache.display(),
+                real.display()
+            ),
+        );
         let root = launch.dirs.path().join("nixroot");
-        NixProject { launch, bin, root }
+        NixProject { launch, bin, real, root }
+    }
+
+    /// Builds the dev shell into the private store before agentvm runs, so
+    /// agentvm's nix only evaluates. Nix 2.8 here now and then reports its
+    /// sandboxed builder "killed by signal 9", also when this test runs nix
+    /// directly (about one build in four while other tests boot VMs; not
+    /// seen in 44 builds on an idle machine): a flake of nix's sandbox
+    /// under load, not of agentvm, so the build is retried a few times.
+    fn prebuild(&self) {
+        let mut last = String::new();
+        for _ in 0..4 {
+            let out = Command::new(&self.real)
+                .args(["print-dev-env", "--json"])
+                .arg(&self.launch.work)
+                .current_dir(&self.launch.work)
+                .env("NIX_CONFIG", self.nix_config())
+                .env("XDG_CACHE_HOME", self.launch.dirs.path().join("nixcache"))
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return;
+            }
+            last = stderr(&out);
+            eprintln!("nix build of the test flake failed, retrying:\n{last}");
+        }
+        panic!("nix could not build the test flake:\n{last}");
+    }
+
+    /// A store under the test's dir; builds in nix's sandbox with the host's
+    /// bash, no substituters (offline). The syscall filter is off: with it,
+    /// nix 2.8 killed about one build in four here.
+    fn nix_config(&self) -> String {
+        format!(
+            "experimental-features = nix-command flakes\nstore = {}\nsandbox = true\n\
+             sandbox-paths = /usr /bin /lib /lib64\nbuild-users-group =\nsubstituters =\nfilter-syscalls = false\n",
+            self.root.display()
+        )
     }
 
     fn store(&self) -> PathBuf {
         self.root.join("nix/store")
     }
 
-    /// `agentvm run FLAG ...` whose nix uses the private store (builds in
-    /// its sandbox with the host's bash, no substituters: offline), and
-    /// which shares `store` as the host's Nix store. Nix 2.8's syscall
-    /// filter killed about one build in four here (signal 9), so it is off.
+    /// `agentvm run FLAG ...` whose nix uses the private store, and which
+    /// shares `store` as the host's Nix store.
     fn command(&self, store: &Path, flag: &str) -> Command {
         let path = format!("{}:{}", self.bin.display(), std::env::var("PATH").unwrap());
-        let nix_config = format!(
-            "experimental-features = nix-command flakes\nstore = {}\nsandbox = true\n\
-             sandbox-paths = /usr /bin /lib /lib64\nbuild-users-group =\nsubstituters =\nfilter-syscalls = false\n",
-            self.root.display()
-        );
         let mut c = command_with_flag(&self.launch, flag);
         c.env("PATH", path)
-            .env("NIX_CONFIG", nix_config)
+            .env("NIX_CONFIG", self.nix_config())
             .env("AGENTVM_NIX_STORE", store)
             .env_remove("DIRENV_ALLOW");
         c
@@ -199,6 +242,7 @@ const NIX_SCRIPT: &str = "echo \"greeting=$GREETING\"; echo \"path=$PATH\"; echo
 #[test]
 fn nix_flake_env_path_and_read_only_store_reach_the_guest() {
     let p = NixProject::new(NIX_SCRIPT, FLAKE);
+    p.prebuild();
     let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell=on"));
     let o = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -220,6 +264,7 @@ fn nix_flake_env_path_and_read_only_store_reach_the_guest() {
 #[test]
 fn nix_flake_without_a_host_store_shares_none() {
     let p = NixProject::new(NIX_SCRIPT, FLAKE);
+    p.prebuild();
     let out = run_with(&p.launch, &mut p.command(&p.launch.dirs.path().join("no-store"), "--devshell"));
     let o = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
