@@ -223,6 +223,35 @@ pub fn user_groups(root: &Path, user: &User) -> Result<Vec<u32>> {
     Ok(gids)
 }
 
+/// Where a login shell gets the launch's PATH back: Debian's /etc/profile
+/// resets PATH, then sources /etc/profile.d/*.sh.
+const PROFILE_PATH_SCRIPT: &str = "etc/profile.d/zz-agentvm-path.sh";
+
+/// A profile script that sets PATH to `path` (single-quoted for sh).
+pub fn profile_path_script(path: &str) -> String {
+    format!(
+        "# Written by agentvm at boot: the launch's PATH (e.g. a dev shell's) for login shells.\nPATH='{}'\nexport PATH\n",
+        path.replace('\'', "'\\''")
+    )
+}
+
+/// If the launch sets PATH (e.g. from a dev shell), makes login shells
+/// keep it instead of /etc/profile's default.
+pub fn setup_login_path(root: &Path, env: &[(String, String)]) -> Result<()> {
+    let Some((_, path)) = env.iter().rev().find(|(k, _)| k == "PATH") else {
+        return Ok(());
+    };
+    let script = root.join(PROFILE_PATH_SCRIPT);
+    if let Some(dir) = script.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .ctx("create directory", dir)?;
+    }
+    fs::write(&script, profile_path_script(path)).ctx("write", &script)
+}
+
 /// Sets the kernel hostname and writes /etc/hostname and /etc/hosts.
 pub fn setup_hostname(root: &Path, hostname: &str) -> Result<()> {
     if hostname.is_empty()
@@ -360,6 +389,17 @@ mod tests {
         assert!(root.join("home/agent").is_dir());
         assert_eq!(user_groups(&root, &user).unwrap(), vec![user.gid, 27]);
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn login_path_script_only_when_path_is_set_and_quoted() {
+        let root = std::env::temp_dir().join(format!("agentvm-guest-path-{}", std::process::id()));
+        setup_login_path(&root, &[("A".into(), "1".into())]).unwrap();
+        assert!(!root.join(PROFILE_PATH_SCRIPT).exists());
+        setup_login_path(&root, &[("PATH".into(), "/nix/store/a/bin:/it's".into())]).unwrap();
+        let text = fs::read_to_string(root.join(PROFILE_PATH_SCRIPT)).unwrap();
+        fs::remove_dir_all(&root).unwrap();
+        assert!(text.contains("PATH='/nix/store/a/bin:/it'\\''s'\nexport PATH\n"), "{text}");
     }
 
     #[test]

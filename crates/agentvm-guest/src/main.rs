@@ -60,6 +60,7 @@ fn run() -> Result<relay::Outcome> {
     }
     console::step(&format!("user {}", spec.user.name));
     etc::setup_user(Path::new("/"), &spec.user)?;
+    etc::setup_login_path(Path::new("/"), &spec.env)?;
     if let Some(c) = &spec.containers {
         containers::prepare(c, &spec.user)?;
         let env = containers::start(c, &spec.user)?;

@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// PATH of the program unless the spec's environment overrides it.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub use agentvm_proto::DEFAULT_PATH;
 
 /// The shell for an empty argv, and the user's login shell.
 const SHELL: &str = "/bin/bash";

@@ -9,6 +9,10 @@ pub const SPEC_PATH: &str = "/agentvm/spec.json";
 /// [`LaunchSpec::modules`].
 pub const MODULES_DIR: &str = "/agentvm/modules";
 
+/// The program's PATH in the guest unless [`LaunchSpec::env`] sets one. The
+/// host needs it too: a dev shell's PATH is put in front of it.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// One launch of a program in a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LaunchSpec {

@@ -164,6 +164,20 @@ pub struct RunArgs {
     /// Accelerator: auto probes KVM and falls back to TCG [env: AGENTVM_ACCEL]
     #[arg(long, value_enum, value_name = "ACCEL")]
     pub accel: Option<AccelChoice>,
+    /// Apply the project's dev shell to the program: a Nix flake
+    /// (`nix print-dev-env`, cached until flake.nix, flake.lock or a devenv file changes),
+    /// devenv, or an `.envrc` that direnv allows. `--devshell` stops before
+    /// boot if it fails; `--devshell=try` warns and goes on without it
+    /// [env: DIRENV_ALLOW=1] [default: off]
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "on"
+    )]
+    pub devshell: Option<crate::devshell::Mode>,
     /// Print the guest's boot log (kernel and init messages, with timings)
     /// to stderr when the VM stops.
     #[arg(short, long)]

@@ -49,6 +49,8 @@ pub fn run_checks() -> Vec<Check> {
         check_program("passt", "passt", "gives the guest its network with the host's loopback closed; without it agentvm falls back to QEMU's slirp, which leaves it open"),
         check_program("npm", "npm", "installs the agents into their image layers"),
         check_program("mkfs.ext4", "mkfs.ext4", "makes the container disk for --cri (e2fsprogs)"),
+        check_optional("direnv", "direnv", "--devshell with an .envrc needs it", SETUP),
+        check_optional("nix", "nix", "--devshell with a flake.nix or devenv.nix needs it", "install Nix (https://nixos.org/download), or run scripts/setup-host"),
         check_guest_init(),
         check_accel(),
         check_kvm_access(),
@@ -112,6 +114,19 @@ fn check_program(name: &'static str, program: &str, why: &str) -> Check {
     match tools::find_program(program, &[]) {
         Some(p) => ok(name, p.display().to_string()),
         None => fail(name, format!("{program} not found ({why})"), SETUP),
+    }
+}
+
+/// A program only some features need: missing is a warning.
+fn check_optional(name: &'static str, program: &str, why: &str, fix: &str) -> Check {
+    match tools::find_program(program, &[]) {
+        Some(p) => ok(name, p.display().to_string()),
+        None => Check {
+            name,
+            status: Status::Warn,
+            detail: format!("{program} not found ({why})"),
+            fix: Some(fix.to_string()),
+        },
     }
 }
 

@@ -1,6 +1,7 @@
 //! One `agentvm run`: from resolved settings to the program's exit status.
 //!
-//! Order of events: check tools, get the image, create the instance dir,
+//! Order of events: check tools, evaluate the dev shell (if asked), get the
+//! image, create the instance dir,
 //! build the initramfs in memory, start one virtiofsd per share, start QEMU,
 //! relay the terminal or the streams until the guest reports the exit
 //! status and powers off, then stop and reap every helper and remove the
@@ -18,6 +19,7 @@ use agentvm_proto::{Containers, Frame, FrameReader, LaunchSpec, Mount, User, MOD
 
 use crate::console::{self, RawMode};
 use crate::cri;
+use crate::devshell::{self, DevShell};
 use crate::flavor::Flavor;
 use crate::homesetup::{self, VmFacts};
 use crate::egress;
@@ -65,6 +67,8 @@ pub enum LaunchError {
     Instance(#[from] instance::InstanceError),
     #[error(transparent)]
     Paths(#[from] crate::paths::PathsError),
+    #[error(transparent)]
+    Devshell(#[from] devshell::DevshellError),
     #[error("cannot create the agent home {path}: {source}")]
     Home { path: PathBuf, source: io::Error },
     #[error("cannot read {path} for the initramfs: {source}")]
@@ -114,6 +118,8 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
         eprintln!("agentvm: warning: no usable KVM: {why}; falling back to TCG (slow)");
     }
 
+    let devshell = prepare_devshell(settings)?;
+
     let store = Store::open(Store::default_dir()?);
     let mut progress = image::TerminalProgress::new();
     let image = store.ensure(&base_recipe(&settings.flavor, !settings.cri.is_empty()), &mut progress)?;
@@ -156,11 +162,13 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
 
     let tty = console::is_tty(0) && console::is_tty(1);
     let ids = IdMap::current();
-    let shares = vec![
-        Share { tag: "work".into(), host_dir: settings.work_dir.clone(), guest_path: GUEST_WORK.into(), read_only: false },
-        Share { tag: "home".into(), host_dir: settings.home_dir.clone(), guest_path: GUEST_HOME.into(), read_only: false },
-    ];
-    let spec = launch_spec(settings, &image, layers.len(), &shares, ids, tty, &inst.id);
+    let shares = shares(settings, devshell.as_ref());
+    let env = match &devshell {
+        Some(shell) => devshell::apply(&settings.guest_env.vars, shell),
+        None => settings.guest_env.vars.clone(),
+    };
+    let mut spec = launch_spec(settings, &image, layers.len(), &shares, ids, tty, &inst.id);
+    spec.env = env;
     let initrd = memfd_with(&build_initramfs(&guest_init, &image, &spec)?)?;
 
     // Signals are read from a signalfd from here on; helpers unblock them.
@@ -268,7 +276,48 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
     result
 }
 
-/// The guest's view of this launch.
+/// Evaluates the project's dev shell when the settings ask for it. With
+/// `--devshell=try` a failure is a warning and the launch goes on without.
+fn prepare_devshell(settings: &Settings) -> Result<Option<DevShell>, LaunchError> {
+    if settings.devshell == devshell::Mode::Off {
+        return Ok(None);
+    }
+    let state_dir = crate::paths::project_state_dir(&settings.work_dir)?;
+    match devshell::load(&devshell::Request::for_host(&settings.work_dir, state_dir)) {
+        Ok(Some(shell)) => {
+            for w in &shell.warnings {
+                eprintln!("agentvm: warning: {w}");
+            }
+            Ok(Some(shell))
+        }
+        Ok(None) => {
+            eprintln!(
+                "agentvm: warning: --devshell: {} has no flake.nix, devenv.nix, .devenv.flake.nix or .envrc; running without a dev shell",
+                settings.work_dir.display()
+            );
+            Ok(None)
+        }
+        Err(e) if settings.devshell == devshell::Mode::Try => {
+            eprintln!("agentvm: warning: {e}\nagentvm: warning: starting without the dev shell (--devshell=try)");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The directories shared into the guest: the project, the agent home, and
+/// the host's Nix store (read-only) when the dev shell needs it.
+pub fn shares(settings: &Settings, devshell: Option<&DevShell>) -> Vec<Share> {
+    let mut shares = vec![
+        Share { tag: "work".into(), host_dir: settings.work_dir.clone(), guest_path: GUEST_WORK.into(), read_only: false },
+        Share { tag: "home".into(), host_dir: settings.home_dir.clone(), guest_path: GUEST_HOME.into(), read_only: false },
+    ];
+    if let Some(store) = devshell.and_then(|d| d.nix_store.clone()) {
+        shares.push(Share { tag: "nixstore".into(), host_dir: store, guest_path: devshell::NIX_STORE.into(), read_only: true });
+    }
+    shares
+}
+
 /// The fds QEMU inherits: control port as 3, initramfs as 4, network as 5,
 /// host-port forwarding as 6.
 fn qemu_fds(ctl: &OwnedFd, initrd: &OwnedFd, net: Option<&OwnedFd>, forward: Option<&OwnedFd>) -> Vec<(RawFd, RawFd)> {

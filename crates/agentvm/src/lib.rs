@@ -4,11 +4,13 @@
 //! `agentvm run` flows through [`settings`] (what to run, validated once),
 //! [`image`] (the cached root image), [`instance`] (runtime dir), [`share`]
 //! (virtiofsd), [`vm`] (accelerator, QEMU command line, helper processes)
-//! and [`launch`] (the whole sequence and the stdio relay).
+//! and [`launch`] (the whole sequence and the stdio relay); [`devshell`]
+//! evaluates a project's Nix, devenv or direnv environment on the host.
 
 pub mod cli;
 pub mod console;
 pub mod cri;
+pub mod devshell;
 pub mod doctor;
 pub mod egress;
 pub mod envvars;

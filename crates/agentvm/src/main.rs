@@ -71,6 +71,7 @@ fn run(args: RunArgs) -> i32 {
         allow: args.allow,
         cri: args.cri,
         cri_disk_size: args.cri_disk_size,
+        devshell: args.devshell,
         verbose: args.verbose,
     };
     let settings = match settings::resolve(req) {

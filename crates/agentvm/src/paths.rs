@@ -29,6 +29,13 @@ pub fn data_dir() -> Result<PathBuf, PathsError> {
     Ok(xdg("XDG_DATA_HOME", ".local/share")?.join("agentvm"))
 }
 
+/// `$XDG_DATA_HOME/agentvm/projects/<name>`: agentvm's own state for one
+/// project (e.g. its dev shell cache), named like its agent home, so two
+/// projects never share it.
+pub fn project_state_dir(real_path: &Path) -> Result<PathBuf, PathsError> {
+    Ok(data_dir()?.join("projects").join(project_home_name(real_path)))
+}
+
 /// `$XDG_CACHE_HOME/agentvm`: images, rebuildable.
 pub fn cache_dir() -> Result<PathBuf, PathsError> {
     Ok(xdg("XDG_CACHE_HOME", ".cache")?.join("agentvm"))

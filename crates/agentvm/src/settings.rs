@@ -2,7 +2,8 @@
 //!
 //! Layers, later wins: built-in defaults < `~/.config/agentvm/config.toml` <
 //! `<project>/.agentvm.toml` < environment (`WORK_DIR`, `AGENT_HOME`,
-//! `AGENTVM_MEMORY`, `AGENTVM_CPUS`, `AGENTVM_ACCEL`, `AGENTVM_FLAVOR`) <
+//! `AGENTVM_MEMORY`, `AGENTVM_CPUS`, `AGENTVM_ACCEL`, `AGENTVM_FLAVOR`,
+//! `DIRENV_ALLOW`) <
 //! command-line flags. Flavors (`[flavors.NAME]`) merge field by field:
 //! built-in < user config < project config.
 //! The result is validated once, here, before anything starts.
@@ -13,6 +14,7 @@ use serde::Deserialize;
 
 use std::collections::BTreeMap;
 
+use crate::devshell;
 use crate::envvars::{self, EnvError, GuestEnv};
 use crate::flavor::{self, Flavor, FlavorError, FlavorOverride, DEFAULT_FLAVOR};
 use crate::cri::Runtime;
@@ -65,6 +67,8 @@ pub struct Layer {
     pub cri: Option<String>,
     /// Size limit of the project's container disk, e.g. "32G".
     pub cri_disk_size: Option<String>,
+    /// The project's dev shell: `off` (default), `on` or `try`.
+    pub devshell: Option<devshell::Mode>,
     /// `[flavors.NAME]` tables: new flavors or changes to existing ones.
     /// Not merged by [`Layer::merge`]: flavors merge field by field.
     #[serde(default)]
@@ -87,6 +91,7 @@ impl Layer {
             allow: self.allow.into_iter().chain(over.allow).collect(),
             cri: over.cri.or(self.cri),
             cri_disk_size: over.cri_disk_size.or(self.cri_disk_size),
+            devshell: over.devshell.or(self.devshell),
             flavors: BTreeMap::new(),
         }
     }
@@ -120,6 +125,8 @@ pub struct Request {
     pub cri_disk_size: Option<String>,
     /// `--env-file FILE`, in order.
     pub env_files: Vec<PathBuf>,
+    /// `--devshell[=MODE]`.
+    pub devshell: Option<devshell::Mode>,
     pub verbose: bool,
 }
 
@@ -151,6 +158,8 @@ pub struct Settings {
     pub memory_mib: u64,
     pub cpus: u32,
     pub accel: AccelChoice,
+    /// Whether to apply the project's dev shell (Nix, devenv, direnv).
+    pub devshell: devshell::Mode,
     pub verbose: bool,
 }
 
@@ -243,6 +252,19 @@ fn env_layer(
         })?),
         None => None,
     };
+    // DIRENV_ALLOW is the original tool's switch: 1 turns the dev shell on.
+    let devshell = match get("DIRENV_ALLOW").as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some("1" | "true" | "yes" | "on") => Some(devshell::Mode::On),
+        Some("0" | "false" | "no" | "off") => Some(devshell::Mode::Off),
+        Some(v) => {
+            return Err(SettingsError::Env {
+                var: "DIRENV_ALLOW",
+                value: v.to_string(),
+                why: "use 1 to turn the dev shell on, 0 to leave it off".into(),
+            })
+        }
+    };
     let layer = Layer {
         memory: get("AGENTVM_MEMORY"),
         cpus,
@@ -256,6 +278,7 @@ fn env_layer(
         allow: Vec::new(),
         cri: get("ENABLE_CRI"),
         cri_disk_size: None,
+        devshell,
         flavors: BTreeMap::new(),
     };
     Ok((layer, get("WORK_DIR").filter(|s| !s.is_empty()).map(PathBuf::from)))
@@ -333,6 +356,7 @@ pub fn resolve_with(
         allow: req.allow.clone(),
         cri: req.cri,
         cri_disk_size: req.cri_disk_size,
+        devshell: req.devshell,
         flavors: BTreeMap::new(),
     };
     let user = read_layer(user_config)?;
@@ -420,6 +444,7 @@ pub fn resolve_with(
         memory_mib,
         cpus,
         accel: layer.accel.unwrap_or_default(),
+        devshell: layer.devshell.unwrap_or_default(),
         verbose: req.verbose,
     })
 }
@@ -594,6 +619,23 @@ mod tests {
         let r = Request { env: vec!["1BAD=x".into()], ..req(d.path()) };
         let e = resolve_with(r, &env(&[]), Path::new("/x"), HOST).unwrap_err().to_string();
         assert!(e.contains("1BAD"), "{e}");
+    }
+
+    #[test]
+    fn devshell_is_off_by_default_and_on_with_direnv_allow_or_the_flag() {
+        use devshell::Mode;
+        let d = tempfile::tempdir().unwrap();
+        let none = d.path().join("none.toml");
+        let mode = |r: Request, e: &[(&str, &str)]| resolve_with(r, &env(e), &none, HOST).map(|s| s.devshell);
+        assert_eq!(mode(req(d.path()), &[]).unwrap(), Mode::Off);
+        assert_eq!(mode(req(d.path()), &[("DIRENV_ALLOW", "1")]).unwrap(), Mode::On);
+        let r = Request { devshell: Some(Mode::Try), ..req(d.path()) };
+        assert_eq!(mode(r, &[("DIRENV_ALLOW", "1")]).unwrap(), Mode::Try);
+        std::fs::write(d.path().join(PROJECT_CONFIG), "devshell = \"try\"\n").unwrap();
+        assert_eq!(mode(req(d.path()), &[]).unwrap(), Mode::Try);
+        assert_eq!(mode(req(d.path()), &[("DIRENV_ALLOW", "0")]).unwrap(), Mode::Off);
+        let e = mode(req(d.path()), &[("DIRENV_ALLOW", "maybe")]).unwrap_err().to_string();
+        assert!(e.contains("DIRENV_ALLOW"), "{e}");
     }
 
     #[test]
