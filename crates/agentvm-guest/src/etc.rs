@@ -110,6 +110,20 @@ pub fn add_to_group(root: &Path, group: &str, user: &str) -> Result<()> {
     edit_file(&root.join("etc/group"), 0o644, |c| add_member(c, group, user))
 }
 
+const CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
+
+/// Makes the guest trust `certs` (PEM): a file of their own, and the
+/// system bundle. Nothing to do for none.
+pub fn add_ca_certs(root: &Path, certs: &[String]) -> Result<()> {
+    if certs.is_empty() {
+        return Ok(());
+    }
+    let pem: String = certs.iter().map(|c| format!("{}\n", c.trim_end())).collect();
+    let path = root.join(agentvm_proto::spec::EXTRA_CA_PATH.trim_start_matches('/'));
+    fs::write(&path, &pem).ctx("write", &path)?;
+    edit_file(&root.join(CA_BUNDLE), 0o644, |c| format!("{c}{}{pem}", if c.is_empty() || c.ends_with('\n') { "" } else { "\n" }))
+}
+
 /// Makes `name` resolve to `addr` in the root's /etc/hosts.
 pub fn add_host_alias(root: &Path, name: &str, addr: std::net::Ipv4Addr) -> Result<()> {
     edit_file(&root.join("etc/hosts"), 0o644, |c| hosts_with_alias(c, name, addr))
@@ -274,6 +288,18 @@ pub fn setup_hostname(root: &Path, hostname: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ca_certs_get_a_file_and_join_the_bundle() {
+        let root = tempfile::tempdir().unwrap();
+        let certs = root.path().join("etc/ssl/certs");
+        fs::create_dir_all(&certs).unwrap();
+        fs::write(certs.join("ca-certificates.crt"), "OLD").unwrap();
+        add_ca_certs(root.path(), &["NEW-CA\n".to_string()]).unwrap();
+        assert_eq!(fs::read_to_string(certs.join("ca-certificates.crt")).unwrap(), "OLD\nNEW-CA\n");
+        assert_eq!(fs::read_to_string(certs.join("agentvm-instance-ca.pem")).unwrap(), "NEW-CA\n");
+        add_ca_certs(root.path(), &[]).unwrap();
+    }
 
     #[test]
     fn host_alias_replaces_earlier_entries_for_the_name_only() {

@@ -70,6 +70,7 @@ fn run() -> Result<relay::Outcome> {
     let sigchld = sys::sigchld_fd().map_err(|e| Error::sys("signalfd(SIGCHLD)", e))?;
     // After SIGCHLD is blocked: its threads inherit the mask, so the signal
     // stays for the signalfd instead of being discarded by one of them.
+    etc::add_ca_certs(Path::new("/"), &spec.ca_certs)?;
     forward::start(&spec.host_ports, &spec.published_ports)?;
     let mut exec = exec::ExecPorts::open(&spec, groups.clone());
     port.send(&Frame::Started)?;

@@ -5,6 +5,10 @@ use serde::{Deserialize, Serialize};
 /// Where the spec lives inside the initramfs (and so in the guest's initial root).
 pub const SPEC_PATH: &str = "/agentvm/spec.json";
 
+/// Where the guest puts [`LaunchSpec::ca_certs`] (they are also appended to
+/// its system bundle).
+pub const EXTRA_CA_PATH: &str = "/etc/ssl/certs/agentvm-instance-ca.pem";
+
 /// Directory in the initramfs holding the kernel modules listed in
 /// [`LaunchSpec::modules`].
 pub const MODULES_DIR: &str = "/agentvm/modules";
@@ -43,6 +47,10 @@ pub struct LaunchSpec {
     /// (published ports when the guest has no network interface).
     #[serde(default)]
     pub published_ports: Vec<u16>,
+    /// PEM certificates the guest must trust (the instance CA of
+    /// `--shield-secrets`), added to its system bundle.
+    #[serde(default)]
+    pub ca_certs: Vec<String>,
     /// Container runtimes to start before the program, if any.
     #[serde(default)]
     pub containers: Option<Containers>,
@@ -157,6 +165,7 @@ mod tests {
             network: Some(Network { address: "10.0.2.15/24".into(), gateway: "10.0.2.2".into(), dns: vec!["10.0.2.3".into()] }),
             host_ports: vec![5432],
             published_ports: vec![8000],
+            ca_certs: vec!["-----BEGIN CERTIFICATE-----\n...".into()],
             containers: Some(Containers { runtimes: vec!["docker".into()], disk: "serial:agentvm-cri".into() }),
             user: User { name: "agent".into(), uid: 1000, gid: 1000, home: "/home/agent".into() },
             cwd: "/work".into(),

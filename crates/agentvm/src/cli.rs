@@ -124,6 +124,12 @@ pub struct RunArgs {
     /// (agentvm flavor show NAME). Implies --network allow.
     #[arg(long = "allow", value_name = "NAME")]
     pub allow: Vec<String>,
+    /// Give the guest placeholders instead of the flavor's API keys; the
+    /// egress proxy puts the real keys into requests to the flavor's API
+    /// hosts only (TLS through a per-instance CA the guest trusts). Implies
+    /// --network allow.
+    #[arg(long)]
+    pub shield_secrets: bool,
     /// Open one port of the host's loopback to the guest, where it is
     /// host.agentvm.internal:PORT (repeatable), e.g. a local database or
     /// MCP server. Works with --network none too.

@@ -228,6 +228,7 @@ impl<'a> Reader<'a> {
 #[derive(Clone)]
 pub struct Proxy {
     allow: Arc<AllowList>,
+    shield: Option<Arc<crate::shield::Shield>>,
     log: Arc<Mutex<Option<std::fs::File>>>,
     resolve: Arc<Vec<(String, std::net::IpAddr)>>,
 }
@@ -241,11 +242,12 @@ pub fn parse_resolve(s: &str) -> Vec<(String, std::net::IpAddr)> {
 }
 
 impl Proxy {
-    /// A proxy for `allow`, logging to `log_path`.
-    pub fn new(allow: AllowList, log_path: &Path) -> Proxy {
+    /// A proxy for `allow`, logging to `log_path`; with `shield`, it puts
+    /// secrets into the requests to the shield's hosts.
+    pub fn new(allow: AllowList, shield: Option<Arc<crate::shield::Shield>>, log_path: &Path) -> Proxy {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path).ok();
         let resolve = std::env::var(RESOLVE_ENV).map(|s| parse_resolve(&s)).unwrap_or_default();
-        Proxy { allow: Arc::new(allow), log: Arc::new(Mutex::new(log)), resolve: Arc::new(resolve) }
+        Proxy { allow: Arc::new(allow), shield, log: Arc::new(Mutex::new(log)), resolve: Arc::new(resolve) }
     }
 
     /// A new client connection: the proxy serves it on a thread of its own
@@ -302,6 +304,16 @@ impl Proxy {
         };
         let rest = buf[head.len..].to_vec();
         match dest {
+            Destination::Tunnel { .. } if self.shield.as_ref().is_some_and(|s| s.covers(&host)) => {
+                if client.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").is_err() {
+                    return;
+                }
+                let shield = self.shield.as_ref().expect("checked above");
+                match shield.intercept(client, upstream, &host) {
+                    Ok(()) => self.note(&format!("ALLOW {what} (secrets put in)")),
+                    Err(why) => self.note(&format!("FAIL {what} (secrets put in): {why}")),
+                }
+            }
             Destination::Tunnel { .. } => self.tunnel(client, upstream, &host, &what, rest),
             Destination::Http { path, .. } => {
                 self.note(&format!("ALLOW {what}"));

@@ -40,6 +40,7 @@ description = "Claude Code, Anthropic's coding agent"
 npm = ["@anthropic-ai/claude-code"]
 command = ["claude"]
 keys = ["ANTHROPIC_API_KEY"]
+secret_hosts = ["api.anthropic.com"]
 allow = ["api.anthropic.com", "console.anthropic.com", "statsig.anthropic.com", "claude.ai", "*.claude.ai", "registry.npmjs.org"]
 memory_file = ".claude/CLAUDE.md"
 env = { DISABLE_AUTOUPDATER = "1" }
@@ -49,6 +50,7 @@ description = "Gemini CLI, Google's coding agent"
 npm = ["@google/gemini-cli"]
 command = ["gemini"]
 keys = ["GEMINI_API_KEY", "GOOGLE_API_KEY"]
+secret_hosts = ["generativelanguage.googleapis.com"]
 allow = ["generativelanguage.googleapis.com", "cloudcode-pa.googleapis.com", "oauth2.googleapis.com", "accounts.google.com", "registry.npmjs.org"]
 memory_file = ".gemini/GEMINI.md"
 
@@ -57,6 +59,7 @@ description = "Codex CLI, OpenAI's coding agent"
 npm = ["@openai/codex"]
 command = ["codex"]
 keys = ["OPENAI_API_KEY"]
+secret_hosts = ["api.openai.com"]
 allow = ["api.openai.com", "auth.openai.com", "chatgpt.com", "registry.npmjs.org"]
 memory_file = ".codex/AGENTS.md"
 
@@ -88,6 +91,10 @@ pub struct Flavor {
     /// login hosts, its package registry).
     #[serde(default)]
     pub allow: Vec<String>,
+    /// The hosts that may receive the real keys under `--shield-secrets`
+    /// (the agent's API).
+    #[serde(default)]
+    pub secret_hosts: Vec<String>,
     /// Extra guest environment.
     pub env: BTreeMap<String, String>,
     /// Path under the agent home of the agent's memory note, e.g.
@@ -107,6 +114,7 @@ pub struct FlavorOverride {
     pub command: Option<Vec<String>>,
     pub keys: Option<Vec<String>>,
     pub allow: Option<Vec<String>>,
+    pub secret_hosts: Option<Vec<String>>,
     pub env: Option<BTreeMap<String, String>>,
     pub memory_file: Option<String>,
     pub version: Option<String>,
@@ -184,6 +192,7 @@ pub fn merge(
                     command: Vec::new(),
                     keys: Vec::new(),
                     allow: Vec::new(),
+                    secret_hosts: Vec::new(),
                     env: BTreeMap::new(),
                     memory_file: None,
                     version: None,
@@ -216,6 +225,9 @@ fn apply(mut f: Flavor, o: &FlavorOverride) -> Flavor {
     }
     if let Some(v) = &o.allow {
         f.allow = v.clone();
+    }
+    if let Some(v) = &o.secret_hosts {
+        f.secret_hosts = v.clone();
     }
     if let Some(env) = &o.env {
         f.env.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -276,6 +288,7 @@ pub fn describe(f: &Flavor) -> String {
     let _ = writeln!(out, "  apt:         {}", list(&f.apt));
     let _ = writeln!(out, "  keys:        {}", list(&f.keys));
     let _ = writeln!(out, "  allow:       {}", list(&f.allow));
+    let _ = writeln!(out, "  secret hosts: {}", list(&f.secret_hosts));
     let env: Vec<String> = f
         .env
         .iter()
@@ -348,6 +361,7 @@ fn check_override(name: &str, o: &FlavorOverride) -> Result<(), FlavorError> {
 /// Checks a whole flavor (after merging).
 fn check_flavor(f: &Flavor) -> Result<(), FlavorError> {
     crate::egress::AllowList::new(&f.allow).map_err(|e| invalid(&f.name, "allow", e.to_string()))?;
+    crate::egress::AllowList::new(&f.secret_hosts).map_err(|e| invalid(&f.name, "secret_hosts", e.to_string()))?;
     if let Some(v) = &f.version {
         match f.npm.first() {
             None => {

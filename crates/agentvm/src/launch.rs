@@ -13,6 +13,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentvm_proto::{Containers, Frame, FrameReader, LaunchSpec, Mount, User, MODULES_DIR, SPEC_PATH};
@@ -23,6 +24,7 @@ use crate::devshell::{self, DevShell};
 use crate::flavor::Flavor;
 use crate::homesetup::{self, VmFacts};
 use crate::egress;
+use crate::shield::{self, Shield};
 use crate::forwarding;
 use crate::image::{self, Image, LayerRecipe, Recipe, Store};
 use crate::initramfs::Cpio;
@@ -63,6 +65,8 @@ pub enum LaunchError {
     Net(#[from] net::NetError),
     #[error(transparent)]
     Cri(#[from] cri::CriError),
+    #[error("--shield-secrets: {0}")]
+    Shield(String),
     #[error(transparent)]
     Instance(#[from] instance::InstanceError),
     #[error(transparent)]
@@ -163,12 +167,13 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
     let tty = console::is_tty(0) && console::is_tty(1);
     let ids = IdMap::current();
     let shares = shares(settings, devshell.as_ref());
-    let env = match &devshell {
+    let mut env = match &devshell {
         Some(shell) => devshell::apply(&settings.guest_env.vars, shell),
         None => settings.guest_env.vars.clone(),
     };
-    let mut spec = launch_spec(settings, &image, layers.len(), &shares, ids, tty, &inst.id);
-    spec.env = env;
+    let shield = if settings.shield_secrets { Some(Arc::new(shield_keys(settings, &mut env)?)) } else { None };
+    let ca_pem = shield.as_ref().map(|s| s.ca_pem().to_string());
+    let spec = launch_spec(settings, env, ca_pem, &image, layers.len(), &shares, ids, tty, &inst.id);
     let initrd = memfd_with(&build_initramfs(&guest_init, &image, &spec)?)?;
 
     // Signals are read from a signalfd from here on; helpers unblock them.
@@ -207,7 +212,8 @@ pub fn run(settings: &Settings) -> Result<i32, LaunchError> {
     } else {
         let routes = forwarding::Routes {
             host_ports: settings.host_ports.clone(),
-            proxy: allow_mode.then(|| egress::Proxy::new(settings.allow.clone(), &egress::log_path(&inst.dir))),
+            proxy: allow_mode
+                .then(|| egress::Proxy::new(settings.allow.clone(), shield.clone(), &egress::log_path(&inst.dir))),
             published: if allow_mode {
                 forwarding::bind_published(&settings.ports).map_err(os("listen on a published port"))?
             } else {
@@ -348,8 +354,30 @@ pub fn layer_recipe(flavor: &Flavor) -> Option<LayerRecipe> {
     (!npm.is_empty()).then(|| LayerRecipe { name: flavor.name.clone(), npm })
 }
 
+/// Replaces the flavor's keys in `env` with placeholders and returns the
+/// shield that knows the real ones.
+fn shield_keys(s: &Settings, env: &mut [(String, String)]) -> Result<Shield, LaunchError> {
+    let mut secrets = Vec::new();
+    for (name, value) in env.iter_mut() {
+        if s.flavor.keys.contains(name) && !value.is_empty() {
+            let placeholder = shield::placeholder();
+            secrets.push((placeholder.clone(), std::mem::replace(value, placeholder)));
+        }
+    }
+    if secrets.is_empty() {
+        eprintln!("agentvm: warning: --shield-secrets: none of {} is set, so there is no key to shield", s.flavor.keys.join(", "));
+    }
+    let hosts = egress::AllowList::new(&s.flavor.secret_hosts).map_err(|e| LaunchError::Shield(e.to_string()))?;
+    Shield::new(hosts, secrets).map_err(|e| LaunchError::Shield(e.to_string()))
+}
+
+/// The guest's view of this launch; `env` is the program's environment
+/// before the network's and the shield's additions.
+#[allow(clippy::too_many_arguments)]
 fn launch_spec(
     s: &Settings,
+    env: Vec<(String, String)>,
+    ca_pem: Option<String>,
     image: &Image,
     layer_count: usize,
     shares: &[Share],
@@ -379,7 +407,12 @@ fn launch_spec(
         user: User { name: "agent".into(), uid: ids.guest_uid, gid: ids.guest_gid, home: GUEST_HOME.into() },
         cwd: GUEST_WORK.into(),
         argv: s.argv.clone(),
-        env: s.guest_env.vars.iter().cloned().chain(if allow { egress::guest_env() } else { Vec::new() }).collect(),
+        env: env
+            .into_iter()
+            .chain(if allow { egress::guest_env() } else { Vec::new() })
+            .chain(if ca_pem.is_some() { shield::guest_env() } else { Vec::new() })
+            .collect(),
+        ca_certs: ca_pem.into_iter().collect(),
         tty,
         winsize: if tty { console::winsize(0) } else { None },
         verbose: s.verbose,

@@ -26,6 +26,7 @@ pub mod net;
 pub mod paths;
 pub mod ps;
 pub mod settings;
+pub mod shield;
 pub mod share;
 pub mod tools;
 pub mod vm;

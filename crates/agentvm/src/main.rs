@@ -69,6 +69,7 @@ fn run(args: RunArgs) -> i32 {
         publish: args.publish,
         host_ports: args.host_ports,
         allow: args.allow,
+        shield_secrets: args.shield_secrets,
         cri: args.cri,
         cri_disk_size: args.cri_disk_size,
         devshell: args.devshell,

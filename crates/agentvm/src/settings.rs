@@ -63,6 +63,8 @@ pub struct Layer {
     /// the flavor's; the layers' lists add up.
     #[serde(default)]
     pub allow: Vec<String>,
+    /// Give the guest placeholders for the flavor's keys (`--shield-secrets`).
+    pub shield_secrets: Option<bool>,
     /// Container runtimes to start in the guest, e.g. "docker,podman".
     pub cri: Option<String>,
     /// Size limit of the project's container disk, e.g. "32G".
@@ -89,6 +91,7 @@ impl Layer {
             ports: self.ports.into_iter().chain(over.ports).collect(),
             host_ports: self.host_ports.into_iter().chain(over.host_ports).collect(),
             allow: self.allow.into_iter().chain(over.allow).collect(),
+            shield_secrets: over.shield_secrets.or(self.shield_secrets),
             cri: over.cri.or(self.cri),
             cri_disk_size: over.cri_disk_size.or(self.cri_disk_size),
             devshell: over.devshell.or(self.devshell),
@@ -119,6 +122,8 @@ pub struct Request {
     pub host_ports: Vec<u16>,
     /// `--allow NAME`, in order.
     pub allow: Vec<String>,
+    /// `--shield-secrets`.
+    pub shield_secrets: bool,
     /// `--cri LIST`.
     pub cri: Option<String>,
     /// `--cri-disk-size SIZE`.
@@ -151,6 +156,9 @@ pub struct Settings {
     /// Names the guest may reach under [`NetworkMode::Allow`]: the
     /// flavor's preset plus the user's.
     pub allow: AllowList,
+    /// Put placeholders for the flavor's keys in the guest; the proxy puts
+    /// the real ones in (implies [`NetworkMode::Allow`]).
+    pub shield_secrets: bool,
     /// Container runtimes to start in the guest, in the order given.
     pub cri: Vec<Runtime>,
     /// Size of the project's container disk when it is created.
@@ -194,6 +202,8 @@ pub enum SettingsError {
     Cri(#[from] crate::cri::CriError),
     #[error(transparent)]
     Egress(#[from] crate::egress::EgressError),
+    #[error(transparent)]
+    Shield(#[from] crate::shield::ShieldError),
     #[error("published ports need the network: drop --network none or the ports ({0})")]
     PortsWithoutNetwork(String),
     #[error("agent home {path}: {why}; pass a directory with --home or AGENT_HOME")]
@@ -276,6 +286,7 @@ fn env_layer(
         ports: Vec::new(),
         host_ports: Vec::new(),
         allow: Vec::new(),
+        shield_secrets: None,
         cri: get("ENABLE_CRI"),
         cri_disk_size: None,
         devshell,
@@ -354,6 +365,7 @@ pub fn resolve_with(
         ports: req.publish,
         host_ports: req.host_ports,
         allow: req.allow.clone(),
+        shield_secrets: req.shield_secrets.then_some(true),
         cri: req.cri,
         cri_disk_size: req.cri_disk_size,
         devshell: req.devshell,
@@ -399,12 +411,21 @@ pub fn resolve_with(
 
     let flavor = flavor::resolve(&flavors, layer.flavor.as_deref().unwrap_or(DEFAULT_FLAVOR))?;
     let guest_env = envvars::build(&flavor, &req.env, &req.env_files, get_env)?;
-    // --allow alone means --network allow; with another mode it is a mistake.
+    // --allow or shielding alone means --network allow; with another mode
+    // it is a mistake.
+    let shield_secrets = layer.shield_secrets.unwrap_or(false);
     let network = match (layer.network, req.allow.is_empty()) {
+        (Some(m), _) if shield_secrets && m != NetworkMode::Allow => {
+            return Err(crate::shield::ShieldError::NeedsAllowMode(format!("{m:?}").to_lowercase()).into())
+        }
+        (None, _) if shield_secrets => NetworkMode::Allow,
         (None, false) => NetworkMode::Allow,
         (Some(m), false) if m != NetworkMode::Allow => return Err(EgressError::AllowWithoutAllowMode.into()),
         (m, _) => m.unwrap_or_default(),
     };
+    if shield_secrets && flavor.secret_hosts.is_empty() {
+        return Err(crate::shield::ShieldError::NoSecretHosts { flavor: flavor.name.clone() }.into());
+    }
     // SAFETY: geteuid has no preconditions.
     let ports = net::check_ports(&layer.ports, unsafe { libc::geteuid() } == 0)?;
     if network == NetworkMode::None && !ports.is_empty() {
@@ -412,7 +433,10 @@ pub fn resolve_with(
     }
 
     let host_ports = crate::forwarding::check(&layer.host_ports)?;
-    let allow = AllowList::new(&flavor.allow.iter().chain(&layer.allow).cloned().collect::<Vec<_>>())?;
+    // Secret hosts must be reachable to be of use.
+    let allow = AllowList::new(
+        &flavor.allow.iter().chain(&flavor.secret_hosts).chain(&layer.allow).cloned().collect::<Vec<_>>(),
+    )?;
     if network == NetworkMode::Allow {
         if host_ports.contains(&crate::egress::PROXY_PORT) {
             return Err(EgressError::ProxyPortTaken.into());
@@ -439,6 +463,7 @@ pub fn resolve_with(
         ports,
         host_ports,
         allow,
+        shield_secrets,
         cri,
         cri_disk_mib,
         memory_mib,
