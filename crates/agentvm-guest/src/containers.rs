@@ -61,11 +61,13 @@ pub fn prepare(c: &Containers, user: &User) -> Result<()> {
     if has(c, "docker") {
         etc::add_to_group(Path::new("/"), "docker", &user.name)?;
     }
-    if has(c, "containerd") || has(c, "crun") {
+    if needs_containerd(c) {
         let dir = Path::new("/etc/containerd");
         fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
         let config = containerd_config(user.gid, has(c, "crun"));
         fs::write(dir.join("config.toml"), config).map_err(|e| Error::io("write", dir.join("config.toml"), e))?;
+    }
+    if has(c, "containerd") || has(c, "crun") {
         let wrapper = Path::new(CTR_WRAPPER);
         fs::write(wrapper, ctr_wrapper(has(c, "crun"))).map_err(|e| Error::io("write", wrapper, e))?;
         fs::set_permissions(wrapper, fs::Permissions::from_mode(0o755)).map_err(|e| Error::io("chmod", wrapper, e))?;
@@ -107,42 +109,27 @@ pub fn ctr_wrapper(crun: bool) -> String {
 /// Starts the daemons, waits until each socket answers, and returns what
 /// the program's environment needs.
 pub fn start(c: &Containers, user: &User) -> Result<Vec<(String, String)>> {
-    let mut sockets = Vec::new();
+    let deadline = Instant::now() + SOCKET_WAIT;
     let mut env = Vec::new();
-    if has(c, "containerd") || has(c, "crun") {
+    // containerd first, and ready, so dockerd never runs into its own
+    // timeout for starting one (a slow TCG guest hits it).
+    if needs_containerd(c) {
         spawn("containerd", &["--config", "/etc/containerd/config.toml"])?;
-        sockets.push(("containerd", CONTAINERD_SOCKET));
+        wait_ready("containerd", CONTAINERD_SOCKET, false, deadline)?;
     }
+    let mut apis = Vec::new();
     if has(c, "docker") {
-        let mut args = vec!["--host", "unix:///run/docker.sock", "--group", "docker"];
-        if has(c, "containerd") || has(c, "crun") {
-            args.extend(["--containerd", CONTAINERD_SOCKET]);
-        }
-        spawn("dockerd", &args)?;
-        sockets.push(("dockerd", DOCKER_SOCKET));
+        spawn("dockerd", &["--host", "unix:///run/docker.sock", "--group", "docker", "--containerd", CONTAINERD_SOCKET])?;
+        apis.push(("dockerd", DOCKER_SOCKET));
     }
     if has(c, "podman") {
         fs::create_dir_all("/run/podman").map_err(|e| Error::io("create directory", "/run/podman", e))?;
         spawn("podman", &["system", "service", "--time=0", &format!("unix://{PODMAN_SOCKET}")])?;
-        sockets.push(("podman", PODMAN_SOCKET));
+        apis.push(("podman", PODMAN_SOCKET));
         env.push(("CONTAINER_HOST".to_string(), format!("unix://{PODMAN_SOCKET}")));
     }
-    let deadline = Instant::now() + SOCKET_WAIT;
-    for (daemon, socket) in sockets {
-        while UnixStream::connect(socket).is_err() {
-            if Instant::now() > deadline {
-                let log = fs::read_to_string(log_path(daemon)).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(10).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                return Err(fail(format!(
-                    "{daemon} did not answer on {socket} within {} s; its log ends:\n{}",
-                    SOCKET_WAIT.as_secs(),
-                    tail.join("\n")
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        console::step(&format!("{daemon} answers on {socket}"));
+    for (daemon, socket) in apis {
+        wait_ready(daemon, socket, true, deadline)?;
     }
     if has(c, "podman") {
         // The service runs as root; the socket is the agent's group's.
@@ -152,6 +139,45 @@ pub fn start(c: &Containers, user: &User) -> Result<Vec<(String, String)>> {
             .map_err(|e| Error::io("chmod", PODMAN_SOCKET, e))?;
     }
     Ok(env)
+}
+
+/// Waits until `daemon` answers on `socket`: a connection for containerd
+/// (gRPC), a `GET /_ping` answered with 200 for the Docker-style APIs (their
+/// socket accepts connections before the daemon is ready).
+fn wait_ready(daemon: &str, socket: &str, ping: bool, deadline: Instant) -> Result<()> {
+    loop {
+        if let Ok(mut s) = UnixStream::connect(socket) {
+            if !ping || pings(&mut s) {
+                console::step(&format!("{daemon} answers on {socket}"));
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            let log = fs::read_to_string(log_path(daemon)).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(10).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(fail(format!(
+                "{daemon} did not answer on {socket} within {} s; its log ends:\n{}",
+                SOCKET_WAIT.as_secs(),
+                tail.join("\n")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn pings(s: &mut UnixStream) -> bool {
+    use std::io::{Read, Write};
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut answer = [0u8; 12];
+    s.write_all(b"GET /_ping HTTP/1.0\r\nHost: localhost\r\n\r\n").is_ok()
+        && s.read_exact(&mut answer).is_ok()
+        && answer.starts_with(b"HTTP/1.") && &answer[9..12] == b"200"
+}
+
+/// Docker uses the shared containerd too.
+fn needs_containerd(c: &Containers) -> bool {
+    has(c, "containerd") || has(c, "crun") || has(c, "docker")
 }
 
 fn log_path(daemon: &str) -> String {

@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use std::io::{Read, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -33,43 +32,18 @@ fn run_script(l: &Launch, cri: &str, script: &str) -> std::process::Output {
 fn docker_runs_a_local_image_publishes_its_port_and_keeps_the_image() {
     let l = with_mkimage(Launch::new());
     let host_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let script = "set -e; id -nG > /work/groups; \
+    // On failure, dockerd's log says why.
+    let script = "trap '[ $? -eq 0 ] || tail -n 40 /var/log/dockerd.log >&2' EXIT; set -e; id -nG > /work/groups; \
         python3 /work/mkimage.py /tmp/mini.tar; docker load -q -i /tmp/mini.tar; \
         docker run --rm localhost/mini /usr/bin/echo hello-from-docker > /work/echo.txt; \
         mkdir -p /tmp/www; echo CONTAINER-PORT-TOKEN > /tmp/www/t; \
         docker run -d -p 8000:8000 -v /usr:/usr:ro -v /tmp/www:/www:ro -w /www localhost/mini \
           /usr/bin/python3 -m http.server 8000 > /dev/null; \
         touch /work/ready; exec sleep 300";
-    let mut child = l
-        .command_with(&[
-            "run", "--memory", "2G", "--cri", "docker", "-p", &format!("{host_port}:8000"), "shell", "--", "sh", "-c",
-            script,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !l.work.join("ready").exists() {
-        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("the containers never started:\n{}\n{}", stdout(&out), stderr(&out));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let mut body = String::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !body.contains("CONTAINER-PORT-TOKEN") {
-        assert!(Instant::now() < deadline, "the container's port never answered: {body:?}");
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", host_port)) {
-            let _ = s.write_all(b"GET /t HTTP/1.0\r\n\r\n");
-            body.clear();
-            let _ = s.read_to_string(&mut body);
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let publish = format!("{host_port}:8000");
+    let args = ["run", "--memory", "2G", "--cri", "docker", "-p", &publish, "shell", "--", "sh", "-c", script];
+    let child = spawn_until_marker(&l, &args, "ready", Duration::from_secs(300));
+    http_get_until(host_port, "/t", "CONTAINER-PORT-TOKEN", Duration::from_secs(60));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();

@@ -132,30 +132,10 @@ fn published_port_reaches_a_server_in_the_guest(backend: &str) {
     let host_port = free_port();
     let l = launch(backend);
     let script = "cd /tmp && echo GUEST-SERVER-TOKEN > t && touch /work/ready && exec timeout 120 python3 -m http.server 8000";
-    let mut child = l
-        .command_with(&["run", "--memory", "512M", "-p", &format!("{host_port}:8000"), "shell", "--", "sh", "-c", script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while !l.work.join("ready").exists() {
-        assert!(Instant::now() < deadline, "the guest never started");
-        assert!(child.try_wait().unwrap().is_none(), "agentvm exited early");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let mut body = String::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !body.contains("GUEST-SERVER-TOKEN") {
-        assert!(Instant::now() < deadline, "the published port never answered: {body:?}");
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", host_port)) {
-            let _ = s.write_all(b"GET /t HTTP/1.0\r\n\r\n");
-            body.clear();
-            let _ = s.read_to_string(&mut body);
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let publish = format!("{host_port}:8000");
+    let args = ["run", "--memory", "512M", "-p", &publish, "shell", "--", "sh", "-c", script];
+    let child = spawn_until_marker(&l, &args, "ready", Duration::from_secs(180));
+    http_get_until(host_port, "/t", "GUEST-SERVER-TOKEN", Duration::from_secs(60));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();

@@ -265,3 +265,44 @@ impl Drop for Tmux {
     }
 }
 
+
+/// Starts `agentvm ARGS` for `l` in the background (output piped) and waits
+/// until the guest creates `marker` in the work dir; panics with agentvm's
+/// output if it exits first or `timeout` passes.
+pub fn spawn_until_marker(l: &Launch, args: &[&str], marker: &str, timeout: Duration) -> std::process::Child {
+    let mut child = l
+        .command_with(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("agentvm starts");
+    let deadline = Instant::now() + timeout;
+    while !l.work.join(marker).exists() {
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("the guest never created {marker}:\n{}\n{}", stdout(&out), stderr(&out));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child
+}
+
+/// GETs `path` from 127.0.0.1:`port` until the answer contains `token`;
+/// panics with the last answer after `timeout`.
+pub fn http_get_until(port: u16, path: &str, token: &str, timeout: Duration) -> String {
+    use std::io::Read;
+    let deadline = Instant::now() + timeout;
+    let mut body = String::new();
+    while !body.contains(token) {
+        assert!(Instant::now() < deadline, "127.0.0.1:{port}{path} never answered with {token}: {body:?}");
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = write!(s, "GET {path} HTTP/1.0\r\n\r\n");
+            body.clear();
+            let _ = s.read_to_string(&mut body);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    body
+}
