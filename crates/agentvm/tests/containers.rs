@@ -58,6 +58,17 @@ fn docker_runs_a_local_image_publishes_its_port_and_keeps_the_image() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).lines().any(|r| r == "localhost/mini"), "{}", stdout(&out));
     assert!(l.leftover_processes().is_empty(), "{:?}", l.leftover_processes());
+
+    // cri prune reclaims the disk; the next prune finds none.
+    let disks = l.data.join("agentvm/containers");
+    assert_eq!(std::fs::read_dir(&disks).unwrap().filter(|e| e.as_ref().unwrap().path().extension() == Some("ext4".as_ref())).count(), 1);
+    let work = l.work.to_str().unwrap();
+    let out = l.command_with(&["cri", "prune", "-w", work]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("removed "), "{}", stdout(&out));
+    assert!(!std::fs::read_dir(&disks).unwrap().any(|e| e.unwrap().path().extension() == Some("ext4".as_ref())));
+    let out = l.command_with(&["cri", "prune", "-w", work]).output().unwrap();
+    assert!(stdout(&out).starts_with("no container disk"), "{}", stdout(&out));
 }
 
 #[test]

@@ -20,7 +20,7 @@ fn each_agent_flavor_prints_its_version_from_the_registry_package() {
         eprintln!("{flavor}: {:?}\n{}\n{}", out.status, stdout(&out), stderr(&out));
         assert_eq!(out.status.code(), Some(0), "{flavor}");
         assert!(has_version_number(&stdout(&out)), "{flavor} printed no version: {}", stdout(&out));
-        assert!(l.leftover_processes().is_empty());
+        assert!(l.leftover_processes().is_empty(), "{:?}", l.leftover_processes());
     }
 }
 

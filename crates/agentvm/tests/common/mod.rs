@@ -161,8 +161,20 @@ impl Launch {
 
     /// agentvm, QEMU or virtiofsd processes whose command line mentions this
     /// launch's dirs (QEMU carries socket paths from the runtime dir,
-    /// virtiofsd the shared dirs).
+    /// virtiofsd the shared dirs), still there 3 s after the call: a
+    /// helper's own child may take a moment to follow it.
     pub fn leftover_processes(&self) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let found = self.helper_processes();
+            if found.is_empty() || Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn helper_processes(&self) -> Vec<String> {
         let needle = self.dirs.path().to_string_lossy().into_owned();
         let mut found = Vec::new();
         for e in std::fs::read_dir("/proc").unwrap().flatten() {
