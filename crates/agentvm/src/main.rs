@@ -9,9 +9,10 @@ use agentvm::image::{self, Recipe, Store};
 use agentvm::{doctor, launch, settings};
 
 fn main() -> ExitCode {
+    let started = std::time::Instant::now();
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Run(args) => run(*args),
+        Command::Run(args) => run(*args, started),
         Command::Image(cmd) => image_command(cmd),
         Command::Doctor => i32::from(!doctor::report(&doctor::run_checks())),
         Command::Completions { shell } => {
@@ -53,7 +54,7 @@ fn fail(e: impl std::fmt::Display) -> i32 {
     125
 }
 
-fn run(args: RunArgs) -> i32 {
+fn run(args: RunArgs, started: std::time::Instant) -> i32 {
     let req = settings::Request {
         work_dir: args.work_dir,
         home: args.home,
@@ -82,7 +83,7 @@ fn run(args: RunArgs) -> i32 {
     for warning in &settings.guest_env.warnings {
         eprintln!("agentvm: warning: {warning}");
     }
-    match launch::run(&settings) {
+    match launch::run(&settings, started) {
         Ok(code) => code,
         Err(e) => {
             let code = e.exit_code();

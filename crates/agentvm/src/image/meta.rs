@@ -81,8 +81,12 @@ impl Image {
 
     /// The boot modules (uncompressed `.ko`), in load order.
     pub fn module_paths(&self) -> Vec<PathBuf> {
-        let modules = self.dir.join(MODULES_DIR);
-        self.meta.modules.iter().map(|m| modules.join(m)).collect()
+        self.meta.modules.iter().map(|m| self.module_path(m)).collect()
+    }
+
+    /// One boot module's file, by its name in [`ImageMeta::modules`].
+    pub fn module_path(&self, file: &str) -> PathBuf {
+        self.dir.join(MODULES_DIR).join(file)
     }
 
     /// Whether the kernel, root and modules are all present.
