@@ -193,3 +193,49 @@ fn interactive_session_has_the_terminal_size_follows_resize_and_restores_the_ter
     // Raw mode was undone: canonical input and echo are back on.
     assert!(after.contains(" icanon") && after.contains(" echo "), "{after}");
 }
+
+/// Resident KiB of the guest RAM (QEMU's memfd mapping) of `qemu`.
+fn guest_ram_resident_kib(qemu: u64) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{qemu}/smaps")).unwrap();
+    let mut in_ram = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if !first.ends_with(':') {
+            in_ram = line.contains("memfd:memory-backend-memfd");
+        } else if in_ram && first == "Rss:" {
+            kib += line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap();
+        }
+    }
+    kib
+}
+
+#[test]
+fn memory_the_guest_frees_goes_back_to_the_host() {
+    let l = Launch::new();
+    let script = "dd if=/dev/zero of=/dev/shm/fill bs=1M count=384 2>/dev/null && touch /work/filled \
+                  && while [ ! -e /work/measured ]; do sleep 0.1; done; rm /dev/shm/fill; sleep 120";
+    let args = ["run", "--memory", "1G", "--cpus", "1", "shell", "--", "sh", "-c", script];
+    let child = spawn_until_marker(&l, &args, "filled", Duration::from_secs(120));
+    let instance = &l.leftover_instances()[0];
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(instance.join("instance.json")).unwrap()).unwrap();
+    let qemu = meta["qemu_pid"].as_u64().expect("instance.json names QEMU");
+    let filled = guest_ram_resident_kib(qemu);
+    std::fs::write(l.work.join("measured"), "").unwrap();
+    // Free page reporting hands memory back in passes two seconds apart.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut now = filled;
+    while filled - now.min(filled) < 256 * 1024 {
+        assert!(
+            Instant::now() < deadline,
+            "guest RAM resident on the host: {filled} KiB with 384 MiB filled, still {now} KiB a minute after it was freed"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        now = guest_ram_resident_kib(qemu);
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{}", stderr(&out));
+    assert!(l.leftover_processes().is_empty());
+}

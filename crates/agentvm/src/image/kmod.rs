@@ -8,6 +8,8 @@ use std::collections::{HashMap, HashSet};
 pub const BOOT_MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_blk",
+    // Free page reporting: freed guest memory goes back to the host.
+    "virtio_balloon",
     "squashfs",
     "overlay",
     "virtiofs",
@@ -177,6 +179,7 @@ kernel/fs/squashfs/squashfs.ko.xz:
 kernel/fs/overlayfs/overlay.ko.xz:
 kernel/drivers/virtio/virtio_mmio.ko.xz:
 kernel/drivers/block/virtio_blk.ko.xz:
+kernel/drivers/virtio/virtio_balloon.ko.xz:
 kernel/drivers/net/virtio_net.ko.xz: kernel/drivers/net/net_failover.ko.xz kernel/net/core/failover.ko.xz
 kernel/drivers/net/net_failover.ko.xz: kernel/net/core/failover.ko.xz
 kernel/net/core/failover.ko.xz:
@@ -256,7 +259,7 @@ kernel/drivers/virtio/virtio_pci.ko
     #[test]
     fn parse_modules_dep_reads_paths_and_deps() {
         let deps = parse_modules_dep(DEP);
-        assert_eq!(deps.len(), 8);
+        assert_eq!(deps.len(), 9);
         let net = &deps["virtio_net"];
         assert_eq!(net.path, "kernel/drivers/net/virtio_net.ko.xz");
         assert_eq!(net.deps, vec!["net_failover", "failover"]);
@@ -282,6 +285,7 @@ kernel/drivers/virtio/virtio_pci.ko
             [
                 "virtio_mmio",
                 "virtio_blk",
+                "virtio_balloon",
                 "squashfs",
                 "overlay",
                 "failover",

@@ -8,7 +8,7 @@ use super::ImageError;
 /// Version of the build procedure. Bump it whenever a change to the build
 /// (mmdebstrap options, file system format, layout) should invalidate every
 /// cached image; it is part of every key.
-pub const RECIPE_FORMAT: u32 = 1;
+pub const RECIPE_FORMAT: u32 = 2;
 
 /// The Debian suite images are built from by default.
 pub const DEFAULT_SUITE: &str = "trixie";

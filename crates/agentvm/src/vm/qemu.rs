@@ -136,6 +136,9 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
         a.flag("-device").val(format!("virtio-blk-device,drive={serial},serial={serial}"));
     }
 
+    // Free page reporting: the guest hands pages it frees back to the host.
+    a.flag("-device").val("virtio-balloon-device,free-page-reporting=on");
+
     if let Some(disk) = &cfg.data_disk {
         // Locked by QEMU too: a second VM cannot open it behind our back.
         let mut drive = OsString::from(format!("id={DATA_SERIAL},if=none,format=raw,discard=unmap,file="));
@@ -274,6 +277,12 @@ mod tests {
         let devices = value_of(&args, "-device");
         assert!(devices.contains(&"virtio-blk-device,drive=agentvm-root,serial=agentvm-root".to_string()));
         assert!(devices.contains(&"virtio-blk-device,drive=agentvm-layer0,serial=agentvm-layer0".to_string()));
+    }
+
+    #[test]
+    fn freed_guest_memory_is_reported_to_the_host() {
+        let devices = value_of(&strings(&cfg()), "-device");
+        assert!(devices.contains(&"virtio-balloon-device,free-page-reporting=on".to_string()));
     }
 
     #[test]
