@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::kmod::{self, BOOT_MODULES, OPTIONAL_BOOT_MODULES};
-use super::meta::{self, ImageMeta, KERNEL_FILE, LOG_FILE, META_FILE, MODULES_DIR, ROOT_FILE};
+use super::meta::{self, ImageMeta, KERNEL_FILE, LOG_FILE, META_FILE, MODULES_DIR, PVH_KERNEL_FILE, ROOT_FILE};
+use super::pvh;
 use super::{ImageError, Progress, Recipe};
 
 /// The tarball mmdebstrap writes, deleted once the squashfs exists.
@@ -142,6 +143,9 @@ pub(crate) fn build_in(
     make_squashfs(&mut steps, dir, compressor)?;
     remove_file(&dir.join(ROOT_TAR))?;
 
+    steps.begin("uncompressed kernel");
+    unpack_pvh_kernel(&mut steps, dir)?;
+
     steps.begin("boot modules");
     let modules = install_boot_modules(&mut steps, dir, &root)?;
     remove_dir(&dir.join(ALL_MODULES_DIR))?;
@@ -172,6 +176,9 @@ pub(crate) fn build_in(
 pub(crate) fn discard_bulk(dir: &Path) {
     let _ = fs::remove_file(dir.join(ROOT_TAR));
     let _ = fs::remove_file(dir.join(ROOT_FILE));
+    let _ = fs::remove_file(dir.join(format!("{PVH_KERNEL_FILE}.packed")));
+    let _ = fs::remove_file(dir.join(format!("{PVH_KERNEL_FILE}.tmp")));
+    let _ = fs::remove_file(dir.join(PVH_KERNEL_FILE));
     let _ = fs::remove_dir_all(dir.join(ALL_MODULES_DIR));
 }
 
@@ -267,6 +274,41 @@ fn install_boot_modules(
         names.push(file);
     }
     Ok(names)
+}
+
+/// Writes the bzImage's `vmlinux` beside it when the kernel has a PVH entry,
+/// so QEMU can load it directly and the guest skips decompressing itself.
+/// A kernel that cannot be unpacked (another format, a missing tool, no PVH
+/// entry) is booted as the bzImage instead; the reason goes to the build log.
+fn unpack_pvh_kernel(steps: &mut Steps, dir: &Path) -> Result<(), ImageError> {
+    let bz_path = dir.join(KERNEL_FILE);
+    let bz = fs::read(&bz_path).map_err(ImageError::io("cannot read", &bz_path))?;
+    let payload = match pvh::payload(&bz) {
+        Ok(p) => p,
+        Err(why) => return steps.note(&format!("booting the bzImage: {why}")),
+    };
+    let (tool, package) = payload.compression.tool();
+    if find_on_path(tool).is_none() {
+        return steps.note(&format!("booting the bzImage: no {tool} to unpack it (install {package})"));
+    }
+    let packed = dir.join(format!("{PVH_KERNEL_FILE}.packed"));
+    let unpacked = dir.join(format!("{PVH_KERNEL_FILE}.tmp"));
+    fs::write(&packed, payload.data).map_err(ImageError::io("cannot write", &packed))?;
+    let out = File::create(&unpacked).map_err(ImageError::io("cannot create", &unpacked))?;
+    let ran = steps.run_to(Command::new(tool).arg("-dc").arg(&packed), out);
+    remove_file(&packed)?;
+    ran?;
+    let elf = fs::read(&unpacked).map_err(ImageError::io("cannot read", &unpacked))?;
+    if elf.len() != payload.size as usize || !pvh::has_pvh_entry(&elf) {
+        remove_file(&unpacked)?;
+        return steps.note(&format!(
+            "booting the bzImage: the unpacked kernel ({} bytes, {} expected) has no PVH entry",
+            elf.len(),
+            payload.size
+        ));
+    }
+    let dst = dir.join(PVH_KERNEL_FILE);
+    fs::rename(&unpacked, &dst).map_err(ImageError::io("cannot rename", &unpacked))
 }
 
 /// Writes the uncompressed content of a `.ko`, `.ko.xz`, `.ko.zst` or `.ko.gz` to `dst`.
@@ -488,6 +530,11 @@ impl<'a> Steps<'a> {
             .map_err(ImageError::io("cannot write", &path))?;
         let _ = writeln!(file, "$ {command}");
         Ok(file)
+    }
+
+    /// Writes a remark to the step's log.
+    fn note(&self, text: &str) -> Result<(), ImageError> {
+        self.log_file(&format!("# {text}")).map(drop)
     }
 
     /// Runs `cmd` to completion with stdout and stderr in the step's log.

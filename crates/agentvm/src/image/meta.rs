@@ -11,6 +11,8 @@ use super::{ImageError, Recipe};
 pub const META_FILE: &str = "image.json";
 /// File name of the kernel (bzImage) in an image directory.
 pub const KERNEL_FILE: &str = "vmlinuz";
+/// The same kernel uncompressed, for a PVH boot; only when it has a PVH entry.
+pub const PVH_KERNEL_FILE: &str = "vmlinux";
 /// File name of the root file system in an image directory.
 pub const ROOT_FILE: &str = "root.squashfs";
 /// Directory of the uncompressed boot modules in an image directory.
@@ -69,9 +71,15 @@ impl Image {
         }))
     }
 
-    /// The kernel (bzImage).
+    /// The kernel to boot: the uncompressed PVH one where the build made
+    /// it, else the bzImage.
     pub fn kernel(&self) -> PathBuf {
-        self.dir.join(KERNEL_FILE)
+        let pvh = self.dir.join(PVH_KERNEL_FILE);
+        if pvh.is_file() {
+            pvh
+        } else {
+            self.dir.join(KERNEL_FILE)
+        }
     }
 
     /// The root file system (squashfs).

@@ -4,6 +4,7 @@
 //! ```text
 //! <images>/<name>-<key16>/
 //!   vmlinuz          kernel (bzImage)
+//!   vmlinux          the same, uncompressed, when it has a PVH entry (booted instead)
 //!   root.squashfs    root file system
 //!   modules/*.ko     boot modules, uncompressed, load order in image.json
 //!   image.json       ImageMeta
@@ -30,6 +31,7 @@
 mod build;
 mod error;
 pub mod kmod;
+mod pvh;
 mod layer;
 mod layer_build;
 mod meta;
@@ -71,6 +73,9 @@ mod real_build_tests {
 
         assert_eq!(image.dir, store.dir().join(recipe.dir_name()));
         assert!(std::fs::metadata(image.kernel()).unwrap().len() > 1 << 20);
+        // Debian's kernels have CONFIG_PVH: the uncompressed one is booted.
+        assert_eq!(image.kernel(), image.dir.join("vmlinux"));
+        assert!(pvh::has_pvh_entry(&std::fs::read(image.kernel()).unwrap()));
         let mut magic = [0u8; 4];
         std::io::Read::read_exact(&mut std::fs::File::open(image.root()).unwrap(), &mut magic)
             .unwrap();

@@ -571,6 +571,9 @@ mod tests {
         assert_eq!(image.kernel(), dir.join("vmlinuz"));
         assert_eq!(image.root(), dir.join("root.squashfs"));
         assert_eq!(image.module_paths(), vec![dir.join("modules/overlay.ko")]);
+        // The uncompressed PVH kernel is booted where the build made one.
+        fs::write(dir.join("vmlinux"), b"ELF").unwrap();
+        assert_eq!(image.kernel(), dir.join("vmlinux"));
     }
 
     #[test]
