@@ -174,6 +174,10 @@ pub fn kernel_cmdline(tsc_khz: Option<u64>, verbose: bool) -> String {
         "i8042.nomux".into(),
         "i8042.nopnp".into(),
         "i8042.dumbkbd".into(),
+        // The crypto self-tests take about 0.5 s of a TCG boot. They check
+        // the kernel's own algorithm implementations, not anything an
+        // attacker controls, and the same kernel passed them upstream.
+        "cryptomgr.notests".into(),
     ];
     if !verbose {
         c.push("quiet".into());
