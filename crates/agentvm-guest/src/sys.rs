@@ -292,8 +292,16 @@ pub fn sync() {
 
 /// Powers the machine off. Returns only if reboot(2) failed.
 pub fn power_off() -> io::Error {
+    // Without ACPI (e.g. its tables were not found) the kernel cannot power
+    // off and would halt with QEMU still running. A reset ends QEMU too,
+    // since agentvm runs it with -no-reboot.
+    let how = if std::path::Path::new("/sys/firmware/acpi").exists() {
+        libc::RB_POWER_OFF
+    } else {
+        libc::RB_AUTOBOOT
+    };
     // SAFETY: reboot has no memory effects; on success it does not return.
-    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    unsafe { libc::reboot(how) };
     io::Error::last_os_error()
 }
 

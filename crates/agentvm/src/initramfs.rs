@@ -40,6 +40,14 @@ impl Cpio {
         Ok(self.file(path, mode, &data))
     }
 
+    /// The archive, its size padded with zeros to a multiple of `align`
+    /// (the kernel skips zeros after an archive).
+    pub fn finish_padded(self, align: usize) -> Vec<u8> {
+        let mut out = self.finish();
+        out.resize(out.len().next_multiple_of(align), 0);
+        out
+    }
+
     /// Ends the archive and returns its bytes.
     pub fn finish(mut self) -> Vec<u8> {
         self.entry("TRAILER!!!", 0, &[]);
@@ -103,6 +111,21 @@ mod tests {
         assert_eq!(&bytes[112..115], b"xyz");
         assert_eq!(bytes.len() % 4, 0);
         assert!(bytes.windows(10).any(|w| w == b"TRAILER!!!"));
+    }
+
+    #[test]
+    fn padded_archive_is_a_whole_number_of_pages_ending_in_zeros() {
+        let mut c = Cpio::new();
+        c.file("init", 0o755, &[7; 5000]);
+        let plain = {
+            let mut c = Cpio::new();
+            c.file("init", 0o755, &[7; 5000]);
+            c.finish()
+        };
+        let bytes = c.finish_padded(4096);
+        assert_eq!(bytes.len(), 8192);
+        assert_eq!(&bytes[..plain.len()], &plain[..]);
+        assert!(bytes[plain.len()..].iter().all(|&b| b == 0));
     }
 
     /// The real cpio tool must read back what we wrote (skipped if absent).

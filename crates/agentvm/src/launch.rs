@@ -440,7 +440,12 @@ fn build_initramfs(guest_init: &Path, image: &Image, spec: &LaunchSpec) -> Resul
         c.file(&format!("{MODULES_DIR}/{name}"), 0o600, kmod::strip_signature(&ko));
     }
     c.file(SPEC_PATH, 0o600, &spec.to_bytes().expect("spec serializes"));
-    Ok(c.finish())
+    // QEMU loads the initrd page-aligned just under the top of low RAM,
+    // where microvm's firmware also keeps the ACPI tables (under 1 KiB). A
+    // size that is a whole number of pages leaves the top page to them;
+    // otherwise the archive's tail can overwrite them and the guest boots
+    // without ACPI: one vCPU, no devices, no power-off.
+    Ok(c.finish_padded(4096))
 }
 
 /// An anonymous in-memory file holding `data`.
