@@ -27,6 +27,9 @@ pub struct InstanceMeta {
     /// Published ports, as given on the command line (e.g. `8080:8080`).
     #[serde(default)]
     pub ports: Vec<String>,
+    /// Host loopback ports the guest reaches (`--host-port`).
+    #[serde(default)]
+    pub host_ports: Vec<u16>,
 }
 
 /// The metadata file in an instance dir.
@@ -195,6 +198,7 @@ mod tests {
             started: now_secs(),
             qemu_pid: None,
             ports: Vec::new(),
+            host_ports: Vec::new(),
         }
     }
 

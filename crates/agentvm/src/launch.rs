@@ -162,6 +162,7 @@ pub fn run(settings: &Settings, started: Instant) -> Result<i32, LaunchError> {
         started: instance::now_secs(),
         qemu_pid: None,
         ports: settings.ports.iter().map(ToString::to_string).collect(),
+        host_ports: settings.host_ports.clone(),
     };
     inst.write_meta(&meta)?;
 

@@ -193,6 +193,8 @@ pub struct PsEntry {
     /// QEMU's resident memory, when known.
     pub rss_mib: Option<u64>,
     pub ports: Vec<String>,
+    /// Host loopback ports the guest reaches as host.agentvm.internal.
+    pub host_ports: Vec<u16>,
     /// The launcher (`agentvm run`).
     pub pid: u32,
     pub qemu_pid: Option<u32>,
@@ -213,6 +215,7 @@ impl PsEntry {
             memory_mib: m.memory_mib,
             rss_mib: live.qemu_rss_kib().map(|k| k.div_ceil(1024)),
             ports: m.ports.clone(),
+            host_ports: m.host_ports.clone(),
             pid: m.pid,
             qemu_pid: m.qemu_pid,
         }
@@ -229,6 +232,17 @@ pub fn format_uptime(secs: u64) -> String {
     }
 }
 
+/// Published ports as given (`8080:80`), then host ports the guest reaches (`host:5432`).
+fn ports_cell(e: &PsEntry) -> String {
+    let all: Vec<String> =
+        e.ports.iter().cloned().chain(e.host_ports.iter().map(|p| format!("host:{p}"))).collect();
+    if all.is_empty() {
+        "-".into()
+    } else {
+        all.join(",")
+    }
+}
+
 /// The `agentvm ps` table (with its header line).
 pub fn format_table(entries: &[PsEntry]) -> String {
     let header = ["ID", "FLAVOR", "STATE", "UPTIME", "CPUS", "MEMORY", "RSS", "PORTS", "PROJECT"];
@@ -242,7 +256,7 @@ pub fn format_table(entries: &[PsEntry]) -> String {
             e.cpus.to_string(),
             format!("{}M", e.memory_mib),
             e.rss_mib.map_or("-".into(), |m| format!("{m}M")),
-            if e.ports.is_empty() { "-".into() } else { e.ports.join(",") },
+            ports_cell(e),
             e.work_dir.display().to_string(),
         ]);
     }
@@ -421,6 +435,7 @@ mod tests {
                 started: 0,
                 qemu_pid: None,
                 ports: vec![],
+                host_ports: vec![],
             },
             dir: PathBuf::from("/nonexistent").join(id),
         }
@@ -466,12 +481,13 @@ mod tests {
         let mut b = PsEntry::of(&live("bbbb00000000"), 100);
         b.flavor = "claude".into();
         b.ports = vec!["8080:80".into()];
+        b.host_ports = vec![5432];
         let t = format_table(&[a, b]);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3, "{t}");
         assert!(lines[0].starts_with("ID            FLAVOR  STATE"), "{t}");
-        assert!(lines[1].starts_with("aaaa00000000  shell   starting  1m      1     512M    180M  -        /src/p"), "{t}");
-        assert!(lines[2].contains("claude") && lines[2].contains("-     8080:80"), "{t}");
+        assert!(lines[1].starts_with("aaaa00000000  shell   starting  1m      1     512M    180M  -                  /src/p"), "{t}");
+        assert!(lines[2].contains("claude") && lines[2].contains("-     8080:80,host:5432"), "{t}");
         let col = |l: &str, w: &str| l.find(w).unwrap();
         assert_eq!(col(lines[0], "PROJECT"), col(lines[1], "/src/p"));
     }
