@@ -63,13 +63,15 @@ pub enum HomeError {
 /// Prepares `home` for `flavor`: the `.gitconfig` entries and the memory
 /// note. Every step is tried; the first failure is returned. The launch can
 /// go on after a failure (the caller should print it as a warning).
+/// `git_identity` (e.g. [`host_git_identity`], which runs git) is asked only
+/// when the home's `.gitconfig` lacks a name or an email.
 pub fn prepare(
     home: &Path,
     flavor: &Flavor,
     facts: &VmFacts,
-    git_identity: Option<(String, String)>,
+    git_identity: impl FnOnce() -> Option<(String, String)>,
 ) -> Result<(), HomeError> {
-    let git = ensure_gitconfig(home, git_identity.as_ref().map(|(n, e)| (n.as_str(), e.as_str())));
+    let git = ensure_gitconfig(home, git_identity);
     let note = match &flavor.memory_file {
         Some(rel) => write_note_once(home, rel, &memory_note(facts)).map(drop),
         None => Ok(()),
@@ -253,14 +255,20 @@ fn parse_value(raw: &str) -> String {
     out
 }
 
-/// Ensures `home/.gitconfig` has the safe directory and, if given and
-/// missing, the identity.
-fn ensure_gitconfig(home: &Path, identity: Option<(&str, &str)>) -> Result<(), HomeError> {
+/// Ensures `home/.gitconfig` has the safe directory and, if missing and
+/// `identity` gives one, the identity.
+fn ensure_gitconfig(
+    home: &Path,
+    identity: impl FnOnce() -> Option<(String, String)>,
+) -> Result<(), HomeError> {
     let path = home.join(".gitconfig");
     let lock_path = home.join(".gitconfig.lock");
     let dir = open_home(home)?;
     // Fast path without the lock: usually nothing is missing.
     let current = read_nofollow(&dir, ".gitconfig", &path)?;
+    let known = scan_gitconfig(&text_of(&current));
+    let identity = if known.user_name && known.user_email { None } else { identity() };
+    let identity = identity.as_ref().map(|(n, e)| (n.as_str(), e.as_str()));
     if gitconfig_addition(&text_of(&current), identity).is_none() {
         return Ok(());
     }
@@ -526,7 +534,7 @@ mod tests {
     fn gitconfig_created_then_left_alone_on_second_run() {
         let d = tempfile::tempdir().unwrap();
         let shell = &builtin_flavors()["shell"];
-        prepare(d.path(), shell, &FACTS, id()).unwrap();
+        prepare(d.path(), shell, &FACTS, id).unwrap();
         let first = read(&d.path().join(".gitconfig"));
         assert_eq!(
             first,
@@ -534,7 +542,7 @@ mod tests {
         );
         let facts = scan_gitconfig(&first);
         assert!(facts.safe_work && facts.user_name && facts.user_email);
-        prepare(d.path(), shell, &FACTS, Some(("Other".into(), "o@x".into()))).unwrap();
+        prepare(d.path(), shell, &FACTS, || panic!("the identity is asked only when one is missing")).unwrap();
         assert_eq!(read(&d.path().join(".gitconfig")), first);
         assert!(!d.path().join(".gitconfig.lock").exists());
         let mode = std::fs::metadata(d.path().join(".gitconfig")).unwrap().permissions().mode() & 0o777;
@@ -548,11 +556,11 @@ mod tests {
         let original = "# mine\n[core]\n\teditor = vim ; comment\n[alias]\n  st = status";
         std::fs::write(&p, original).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        prepare(d.path(), &builtin_flavors()["shell"], &FACTS, None).unwrap();
+        prepare(d.path(), &builtin_flavors()["shell"], &FACTS, || None).unwrap();
         let after = read(&p);
         assert_eq!(after, format!("{original}\n[safe]\n\tdirectory = /work\n"));
         assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600, "mode kept");
-        prepare(d.path(), &builtin_flavors()["shell"], &FACTS, None).unwrap();
+        prepare(d.path(), &builtin_flavors()["shell"], &FACTS, || None).unwrap();
         assert_eq!(read(&p), after);
     }
 
@@ -583,7 +591,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join(".gitconfig");
         std::fs::write(&p, "[user]\n\tname = Agent Smith\n").unwrap();
-        prepare(d.path(), &builtin_flavors()["shell"], &FACTS, id()).unwrap();
+        prepare(d.path(), &builtin_flavors()["shell"], &FACTS, id).unwrap();
         let text = read(&p);
         assert!(text.starts_with("[user]\n\tname = Agent Smith\n"), "{text}");
         assert!(!text.contains("Jane"), "{text}");
@@ -602,7 +610,7 @@ mod tests {
         let home = d.path().join("home");
         std::fs::create_dir(&home).unwrap();
         std::os::unix::fs::symlink(&secret, home.join(".gitconfig")).unwrap();
-        let e = prepare(&home, &builtin_flavors()["shell"], &FACTS, None).unwrap_err();
+        let e = prepare(&home, &builtin_flavors()["shell"], &FACTS, || None).unwrap_err();
         assert!(matches!(e, HomeError::NotPlain { .. }), "{e}");
         assert_eq!(read(&secret), "host secret");
         assert!(std::fs::symlink_metadata(home.join(".gitconfig")).unwrap().file_type().is_symlink());
@@ -612,7 +620,7 @@ mod tests {
     fn stale_lock_is_reported() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join(".gitconfig.lock"), "").unwrap();
-        let e = prepare(d.path(), &builtin_flavors()["shell"], &FACTS, None).unwrap_err().to_string();
+        let e = prepare(d.path(), &builtin_flavors()["shell"], &FACTS, || None).unwrap_err().to_string();
         assert!(e.contains(".gitconfig.lock"), "{e}");
         assert!(d.path().join(".gitconfig.lock").exists(), "someone else's lock is left alone");
     }
@@ -621,7 +629,7 @@ mod tests {
     fn memory_note_created_once_never_overwritten() {
         let d = tempfile::tempdir().unwrap();
         let claude = &builtin_flavors()["claude"];
-        prepare(d.path(), claude, &FACTS, None).unwrap();
+        prepare(d.path(), claude, &FACTS, || None).unwrap();
         let note = d.path().join(".claude/CLAUDE.md");
         let text = read(&note);
         assert!(text.contains("4096 MiB") && text.contains("/work") && text.contains("sudo"), "{text}");
@@ -630,7 +638,7 @@ mod tests {
         assert_eq!(dir_mode, 0o700);
 
         std::fs::write(&note, "my own notes").unwrap();
-        prepare(d.path(), claude, &VmFacts { memory_mib: 512, cpus: 1 }, None).unwrap();
+        prepare(d.path(), claude, &VmFacts { memory_mib: 512, cpus: 1 }, || None).unwrap();
         assert_eq!(read(&note), "my own notes");
         let leftovers: Vec<_> = std::fs::read_dir(d.path().join(".claude")).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary files remain");
@@ -644,7 +652,7 @@ mod tests {
         let home = d.path().join("home");
         std::fs::create_dir(&home).unwrap();
         std::os::unix::fs::symlink(&outside, home.join(".claude")).unwrap();
-        let e = prepare(&home, &builtin_flavors()["claude"], &FACTS, None).unwrap_err();
+        let e = prepare(&home, &builtin_flavors()["claude"], &FACTS, || None).unwrap_err();
         assert!(matches!(e, HomeError::NotPlain { .. }), "{e}");
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
         assert!(home.join(".gitconfig").exists(), "the other steps still ran");

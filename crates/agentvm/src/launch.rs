@@ -139,7 +139,7 @@ pub fn run(settings: &Settings, started: Instant) -> Result<i32, LaunchError> {
         .create(&settings.home_dir)
         .map_err(|source| LaunchError::Home { path: settings.home_dir.clone(), source })?;
     let facts = VmFacts { memory_mib: settings.memory_mib, cpus: settings.cpus };
-    if let Err(e) = homesetup::prepare(&settings.home_dir, &settings.flavor, &facts, homesetup::host_git_identity()) {
+    if let Err(e) = homesetup::prepare(&settings.home_dir, &settings.flavor, &facts, homesetup::host_git_identity) {
         eprintln!("agentvm: warning: could not prepare the agent home: {e}");
     }
 
