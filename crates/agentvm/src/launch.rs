@@ -31,7 +31,7 @@ use crate::initramfs::Cpio;
 use crate::instance::{self, Instance, InstanceMeta};
 use crate::net::{self, NetworkMode};
 use crate::settings::Settings;
-use crate::share::{self, IdMap, Share};
+use crate::share::{self, CacheMode, IdMap, Share};
 use crate::tools;
 use crate::vm::process::{self, Helper};
 use crate::vm::{self, accel, Accel, VmConfig};
@@ -321,11 +321,30 @@ fn prepare_devshell(settings: &Settings) -> Result<Option<DevShell>, LaunchError
 /// the host's Nix store (read-only) when the dev shell needs it.
 pub fn shares(settings: &Settings, devshell: Option<&DevShell>) -> Vec<Share> {
     let mut shares = vec![
-        Share { tag: "work".into(), host_dir: settings.work_dir.clone(), guest_path: GUEST_WORK.into(), read_only: false },
-        Share { tag: "home".into(), host_dir: settings.home_dir.clone(), guest_path: GUEST_HOME.into(), read_only: false },
+        Share {
+            tag: "work".into(),
+            host_dir: settings.work_dir.clone(),
+            guest_path: GUEST_WORK.into(),
+            read_only: false,
+            cache: settings.work_cache,
+        },
+        // Other instances of the project share the home: keep revalidating.
+        Share {
+            tag: "home".into(),
+            host_dir: settings.home_dir.clone(),
+            guest_path: GUEST_HOME.into(),
+            read_only: false,
+            cache: CacheMode::Auto,
+        },
     ];
     if let Some(store) = devshell.and_then(|d| d.nix_store.clone()) {
-        shares.push(Share { tag: "nixstore".into(), host_dir: store, guest_path: devshell::NIX_STORE.into(), read_only: true });
+        shares.push(Share {
+            tag: "nixstore".into(),
+            host_dir: store,
+            guest_path: devshell::NIX_STORE.into(),
+            read_only: true,
+            cache: CacheMode::Auto,
+        });
     }
     shares
 }

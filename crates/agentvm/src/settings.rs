@@ -21,6 +21,7 @@ use crate::cri::Runtime;
 use crate::egress::{AllowList, EgressError};
 use crate::net::{self, NetBackend, NetError, NetworkMode, PortSpec};
 use crate::paths;
+use crate::share::CacheMode;
 use crate::vm::AccelChoice;
 
 /// Default guest memory.
@@ -51,6 +52,8 @@ pub struct Layer {
     pub network: Option<NetworkMode>,
     /// `auto` (default), `passt` or `slirp`.
     pub net_backend: Option<NetBackend>,
+    /// virtiofs caching of /work: `auto` (default), `always`, `metadata`, `never`.
+    pub work_cache: Option<CacheMode>,
     /// Published ports, `[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]`; the
     /// layers' lists add up.
     #[serde(default)]
@@ -88,6 +91,7 @@ impl Layer {
             flavor: over.flavor.or(self.flavor),
             network: over.network.or(self.network),
             net_backend: over.net_backend.or(self.net_backend),
+            work_cache: over.work_cache.or(self.work_cache),
             ports: self.ports.into_iter().chain(over.ports).collect(),
             host_ports: self.host_ports.into_iter().chain(over.host_ports).collect(),
             allow: self.allow.into_iter().chain(over.allow).collect(),
@@ -149,6 +153,8 @@ pub struct Settings {
     pub guest_env: GuestEnv,
     pub network: NetworkMode,
     pub net_backend: NetBackend,
+    /// virtiofs caching of the work share.
+    pub work_cache: CacheMode,
     /// Published ports, checked: valid, unique, free at resolve time.
     pub ports: Vec<PortSpec>,
     /// Host loopback ports opened to the guest, checked: each once.
@@ -262,6 +268,14 @@ fn env_layer(
         })?),
         None => None,
     };
+    let work_cache = match get("AGENTVM_WORK_CACHE").filter(|s| !s.is_empty()) {
+        Some(v) => Some(<CacheMode as clap::ValueEnum>::from_str(&v, true).map_err(|_| SettingsError::Env {
+            var: "AGENTVM_WORK_CACHE",
+            value: v.clone(),
+            why: "use auto, always, metadata or never".into(),
+        })?),
+        None => None,
+    };
     // DIRENV_ALLOW is the original tool's switch: 1 turns the dev shell on.
     let devshell = match get("DIRENV_ALLOW").as_deref().map(str::trim) {
         None | Some("") => None,
@@ -283,6 +297,7 @@ fn env_layer(
         flavor: get("AGENTVM_FLAVOR").filter(|s| !s.is_empty()),
         network: None,
         net_backend,
+        work_cache,
         ports: Vec::new(),
         host_ports: Vec::new(),
         allow: Vec::new(),
@@ -362,6 +377,7 @@ pub fn resolve_with(
         flavor: req.flavor,
         network: req.network,
         net_backend: req.net_backend,
+        work_cache: None,
         ports: req.publish,
         host_ports: req.host_ports,
         allow: req.allow.clone(),
@@ -460,6 +476,7 @@ pub fn resolve_with(
         guest_env,
         network,
         net_backend: layer.net_backend.unwrap_or_default(),
+        work_cache: layer.work_cache.unwrap_or_default(),
         ports,
         host_ports,
         allow,
@@ -706,6 +723,24 @@ mod tests {
         assert_eq!(s.net_backend, NetBackend::Auto);
         let e = resolve_with(req(d.path()), &env(&[("AGENTVM_NET_BACKEND", "vde")]), Path::new("/x"), HOST);
         assert!(e.unwrap_err().to_string().contains("AGENTVM_NET_BACKEND=\"vde\""));
+    }
+
+    #[test]
+    fn work_cache_comes_from_config_and_env_and_bad_values_name_the_source() {
+        let d = tempfile::tempdir().unwrap();
+        let s = resolve_with(req(d.path()), &env(&[]), Path::new("/x"), HOST).unwrap();
+        assert_eq!(s.work_cache, CacheMode::Auto);
+        std::fs::write(d.path().join(PROJECT_CONFIG), "work_cache = \"always\"\n").unwrap();
+        let s = resolve_with(req(d.path()), &env(&[]), Path::new("/x"), HOST).unwrap();
+        assert_eq!(s.work_cache, CacheMode::Always);
+        let s = resolve_with(req(d.path()), &env(&[("AGENTVM_WORK_CACHE", "Never")]), Path::new("/x"), HOST).unwrap();
+        assert_eq!(s.work_cache, CacheMode::Never, "the environment wins over the project's file");
+        let e = resolve_with(req(d.path()), &env(&[("AGENTVM_WORK_CACHE", "fast")]), Path::new("/x"), HOST);
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("AGENTVM_WORK_CACHE=\"fast\"") && e.contains("auto, always, metadata or never"), "{e}");
+        std::fs::write(d.path().join(PROJECT_CONFIG), "work_cache = \"fast\"\n").unwrap();
+        let e = resolve_with(req(d.path()), &env(&[]), Path::new("/x"), HOST).unwrap_err().to_string();
+        assert!(e.contains(PROJECT_CONFIG) && e.contains("fast"), "{e}");
     }
 
     #[test]

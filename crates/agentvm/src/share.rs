@@ -18,6 +18,36 @@ pub struct Share {
     /// Mount point in the guest.
     pub guest_path: String,
     pub read_only: bool,
+    pub cache: CacheMode,
+}
+
+/// How long the guest may cache a share's names, attributes and data
+/// (virtiofsd's `--cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Cache for a second, then revalidate: edits on the host show up
+    /// within a second.
+    #[default]
+    Auto,
+    /// Cache until the guest drops it: fastest, but files the host changes
+    /// while the VM runs may look stale in the guest.
+    Always,
+    /// Cache names and attributes only; file data is always read from the host.
+    Metadata,
+    /// No caching: every access goes to the host.
+    Never,
+}
+
+impl CacheMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheMode::Auto => "auto",
+            CacheMode::Always => "always",
+            CacheMode::Metadata => "metadata",
+            CacheMode::Never => "never",
+        }
+    }
 }
 
 /// How guest and host user ids correspond.
@@ -80,7 +110,7 @@ pub fn virtiofsd_args(share: &Share, ids: IdMap, fd: i32) -> Vec<OsString> {
         share.host_dir.clone().into(),
         format!("--fd={fd}").into(),
         "--sandbox=namespace".into(),
-        "--cache=auto".into(),
+        format!("--cache={}", share.cache.as_str()).into(),
         "--log-level=error".into(),
     ];
     let (ns_uid, ns_gid) = if ids.host_uid == 0 {
@@ -127,7 +157,13 @@ mod tests {
     use super::*;
 
     fn share() -> Share {
-        Share { tag: "work".into(), host_dir: "/p".into(), guest_path: "/work".into(), read_only: false }
+        Share {
+            tag: "work".into(),
+            host_dir: "/p".into(),
+            guest_path: "/work".into(),
+            read_only: false,
+            cache: CacheMode::Auto,
+        }
     }
 
     fn args(ids: IdMap, s: &Share) -> Vec<String> {
@@ -160,5 +196,13 @@ mod tests {
         let s = Share { read_only: true, ..share() };
         assert!(args(IdMap::for_host(5, 5), &s).contains(&"--readonly".to_string()));
         assert!(!args(IdMap::for_host(5, 5), &share()).contains(&"--readonly".to_string()));
+    }
+
+    #[test]
+    fn cache_mode_reaches_virtiofsd() {
+        let ids = IdMap::for_host(1000, 1000);
+        assert!(args(ids, &share()).contains(&"--cache=auto".to_string()));
+        let s = Share { cache: CacheMode::Always, ..share() };
+        assert!(args(ids, &s).contains(&"--cache=always".to_string()));
     }
 }

@@ -239,3 +239,19 @@ fn memory_the_guest_frees_goes_back_to_the_host() {
     assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{}", stderr(&out));
     assert!(l.leftover_processes().is_empty());
 }
+
+#[test]
+fn host_edits_to_work_show_up_in_a_running_guest_with_the_default_cache() {
+    let l = Launch::new();
+    std::fs::write(l.work.join("f"), "before\n").unwrap();
+    let script = "cat /work/f > /work/seen1; touch /work/ready; \
+                  while [ ! -e /work/changed ]; do sleep 0.1; done; sleep 1.5; cat /work/f > /work/seen2";
+    let args = ["run", "--memory", "512M", "--cpus", "1", "shell", "--", "sh", "-c", script];
+    let child = spawn_until_marker(&l, &args, "ready", Duration::from_secs(120));
+    std::fs::write(l.work.join("f"), "after, and longer\n").unwrap();
+    std::fs::write(l.work.join("changed"), "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(l.work.join("seen1")).unwrap(), "before\n");
+    assert_eq!(std::fs::read_to_string(l.work.join("seen2")).unwrap(), "after, and longer\n");
+}
