@@ -299,13 +299,16 @@ fn unpack_pvh_kernel(steps: &mut Steps, dir: &Path) -> Result<(), ImageError> {
     remove_file(&packed)?;
     ran?;
     let elf = fs::read(&unpacked).map_err(ImageError::io("cannot read", &unpacked))?;
-    if elf.len() != payload.size as usize || !pvh::has_pvh_entry(&elf) {
+    let unusable = if elf.len() != payload.size as usize {
+        Some(format!("the unpacked kernel has {} bytes, the bzImage says {}", elf.len(), payload.size))
+    } else if !pvh::has_pvh_entry(&elf) {
+        Some("the kernel has no PVH entry (CONFIG_PVH)".to_string())
+    } else {
+        None
+    };
+    if let Some(why) = unusable {
         remove_file(&unpacked)?;
-        return steps.note(&format!(
-            "booting the bzImage: the unpacked kernel ({} bytes, {} expected) has no PVH entry",
-            elf.len(),
-            payload.size
-        ));
+        return steps.note(&format!("booting the bzImage: {why}"));
     }
     let dst = dir.join(PVH_KERNEL_FILE);
     fs::rename(&unpacked, &dst).map_err(ImageError::io("cannot rename", &unpacked))
