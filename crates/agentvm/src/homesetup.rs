@@ -266,10 +266,11 @@ fn ensure_gitconfig(
     let dir = open_home(home)?;
     // Fast path without the lock: usually nothing is missing.
     let current = read_nofollow(&dir, ".gitconfig", &path)?;
-    let known = scan_gitconfig(&text_of(&current));
+    let text = text_of(&current);
+    let known = scan_gitconfig(&text);
     let identity = if known.user_name && known.user_email { None } else { identity() };
     let identity = identity.as_ref().map(|(n, e)| (n.as_str(), e.as_str()));
-    if gitconfig_addition(&text_of(&current), identity).is_none() {
+    if gitconfig_addition(&text, identity).is_none() {
         return Ok(());
     }
 

@@ -242,6 +242,18 @@ impl HostLimits {
     }
 }
 
+/// `value` of the variable `var` as one of `T`'s choices (any case); `why`
+/// lists them for the error.
+fn env_choice<T: clap::ValueEnum>(
+    var: &'static str,
+    value: Option<String>,
+    why: &str,
+) -> Result<Option<T>, SettingsError> {
+    value
+        .map(|v| T::from_str(&v, true).map_err(|_| SettingsError::Env { var, value: v, why: why.into() }))
+        .transpose()
+}
+
 /// The environment variables agentvm reads, as a layer plus work dir.
 fn env_layer(
     get: &dyn Fn(&str) -> Option<String>,
@@ -254,28 +266,17 @@ fn env_layer(
         })?),
         None => None,
     };
-    let accel = match get("AGENTVM_ACCEL") {
-        Some(v) => Some(<AccelChoice as clap::ValueEnum>::from_str(&v, true).map_err(|_| {
-            SettingsError::Env { var: "AGENTVM_ACCEL", value: v.clone(), why: "use auto, kvm or tcg".into() }
-        })?),
-        None => None,
-    };
-    let net_backend = match get("AGENTVM_NET_BACKEND").filter(|s| !s.is_empty()) {
-        Some(v) => Some(<NetBackend as clap::ValueEnum>::from_str(&v, true).map_err(|_| SettingsError::Env {
-            var: "AGENTVM_NET_BACKEND",
-            value: v.clone(),
-            why: "use auto, passt or slirp".into(),
-        })?),
-        None => None,
-    };
-    let work_cache = match get("AGENTVM_WORK_CACHE").filter(|s| !s.is_empty()) {
-        Some(v) => Some(<CacheMode as clap::ValueEnum>::from_str(&v, true).map_err(|_| SettingsError::Env {
-            var: "AGENTVM_WORK_CACHE",
-            value: v.clone(),
-            why: "use auto, always, metadata or never".into(),
-        })?),
-        None => None,
-    };
+    let accel = env_choice::<AccelChoice>("AGENTVM_ACCEL", get("AGENTVM_ACCEL"), "use auto, kvm or tcg")?;
+    let net_backend = env_choice::<NetBackend>(
+        "AGENTVM_NET_BACKEND",
+        get("AGENTVM_NET_BACKEND").filter(|s| !s.is_empty()),
+        "use auto, passt or slirp",
+    )?;
+    let work_cache = env_choice::<CacheMode>(
+        "AGENTVM_WORK_CACHE",
+        get("AGENTVM_WORK_CACHE").filter(|s| !s.is_empty()),
+        "use auto, always, metadata or never",
+    )?;
     // DIRENV_ALLOW is the original tool's switch: 1 turns the dev shell on.
     let devshell = match get("DIRENV_ALLOW").as_deref().map(str::trim) {
         None | Some("") => None,

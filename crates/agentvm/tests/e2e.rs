@@ -195,7 +195,7 @@ fn interactive_session_has_the_terminal_size_follows_resize_and_restores_the_ter
 }
 
 /// Resident KiB of the guest RAM (QEMU's memfd mapping) of `qemu`.
-fn guest_ram_resident_kib(qemu: u64) -> u64 {
+fn guest_ram_resident_kib(qemu: u32) -> u64 {
     let smaps = std::fs::read_to_string(format!("/proc/{qemu}/smaps")).unwrap();
     let mut in_ram = false;
     let mut kib = 0;
@@ -217,10 +217,8 @@ fn memory_the_guest_frees_goes_back_to_the_host() {
                   && while [ ! -e /work/measured ]; do sleep 0.1; done; rm /dev/shm/fill; sleep 120";
     let args = ["run", "--memory", "1G", "--cpus", "1", "shell", "--", "sh", "-c", script];
     let child = spawn_until_marker(&l, &args, "filled", Duration::from_secs(120));
-    let instance = &l.leftover_instances()[0];
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(instance.join("instance.json")).unwrap()).unwrap();
-    let qemu = meta["qemu_pid"].as_u64().expect("instance.json names QEMU");
+    let meta = agentvm::instance::read_meta(&l.leftover_instances()[0]).expect("the instance's metadata");
+    let qemu = meta.qemu_pid.expect("instance.json names QEMU");
     let filled = guest_ram_resident_kib(qemu);
     std::fs::write(l.work.join("measured"), "").unwrap();
     // Free page reporting hands memory back in passes two seconds apart.
