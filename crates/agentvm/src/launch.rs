@@ -155,6 +155,7 @@ pub fn run(settings: &Settings, started: Instant) -> Result<i32, LaunchError> {
     let mut meta = InstanceMeta {
         id: inst.id.clone(),
         pid: std::process::id(),
+        pid_start: instance::process_start_ticks(std::process::id()),
         flavor: settings.flavor.name.clone(),
         work_dir: settings.work_dir.clone(),
         memory_mib: settings.memory_mib,
