@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod console;
+pub mod console_log;
 pub mod cri;
 pub mod devshell;
 pub mod doctor;

@@ -6,19 +6,18 @@
 //! launcher is gone are swept first.
 
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::console_log;
 use crate::instance::{self, InstanceMeta};
 
 /// Marker file `agentvm stop` leaves in an instance dir.
 const STOPPING_FILE: &str = "stopping";
-/// The guest's console log in an instance dir.
-pub const CONSOLE_LOG: &str = "console.log";
 /// How long a launcher gets to die after SIGKILL, and its QEMU after that.
 const KILL_WAIT: Duration = Duration::from_secs(3);
 
@@ -415,39 +414,20 @@ fn cmdline_mentions(pid: u32, path: &Path) -> bool {
     cmd.windows(needle.len()).any(|w| w == needle)
 }
 
-/// `agentvm logs`: writes the instance's console log to `out`; with
-/// `follow`, keeps writing what is added until the instance ends.
-/// Prints an instance's console log, or with `net` its network log (the
-/// egress proxy's decisions under `--network allow`).
+/// `agentvm logs`: writes an instance's console log (its rotated part
+/// first), or with `net` its network log (the egress proxy's decisions under
+/// `--network allow`), to `out`; with `follow`, keeps writing what is added
+/// until the instance ends.
 pub fn logs(base: &Path, query: &str, net: bool, follow: bool, out: &mut impl Write) -> Result<(), InstancesError> {
     let live = live_instances(base);
     let inst = resolve(&live, query)?;
-    let path = if net { crate::egress::log_path(&inst.dir) } else { inst.dir.join(CONSOLE_LOG) };
+    let path = if net { crate::egress::log_path(&inst.dir) } else { inst.dir.join(console_log::LOG) };
     if net && !path.exists() {
         return Err(InstancesError::NoNetLog { id: inst.meta.id.clone() });
     }
-    let mut file = fs::File::open(&path).map_err(|source| InstancesError::Read { path: path.clone(), source })?;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = file.read(&mut buf).map_err(|source| InstancesError::Read { path: path.clone(), source })?;
-        if n > 0 {
-            if out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
-                return Ok(()); // the reader went away
-            }
-            continue;
-        }
-        // At the end: done unless following a live instance. The file stays
-        // readable through our descriptor after its dir is removed.
-        if !follow || launcher_gone(&inst.meta) || !inst.dir.exists() {
-            let n = file.read(&mut buf).unwrap_or(0);
-            if n == 0 {
-                return Ok(());
-            }
-            let _ = out.write_all(&buf[..n]);
-            continue;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // The files stay readable through open descriptors after the dir is removed.
+    let following = || follow && !launcher_gone(&inst.meta) && inst.dir.exists();
+    console_log::copy_log(&path, following, out).map_err(|source| InstancesError::Read { path: path.clone(), source })
 }
 
 #[cfg(test)]

@@ -127,6 +127,24 @@ fn guest_kernel_panic_ends_the_run_with_console_lines() {
     assert!(l.leftover_processes().is_empty());
 }
 
+#[test]
+fn a_guest_that_floods_its_console_then_dies_shows_its_last_words_in_a_short_message() {
+    // A long line without a newline, then the last words, then power off
+    // without reporting an exit status.
+    let l = Launch::new().shell(
+        "sudo sh -c 'head -c 2M /dev/zero | tr \"\\0\" x > /dev/console; \
+         echo > /dev/console; echo last-words-4242 > /dev/console; echo o > /proc/sysrq-trigger'; sleep 60",
+    );
+    let out = l.run();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(err.contains("without reporting the program's exit status"), "{}", err.chars().take(2000).collect::<String>());
+    assert!(err.contains("last-words-4242"), "the console's last lines are missing");
+    assert!(err.len() < 64 << 10, "the message is {} bytes long", err.len());
+    assert!(l.leftover_instances().is_empty());
+    assert!(l.leftover_processes().is_empty());
+}
+
 /// The user the non-root tests run as (CI creates it; see scripts/test).
 const TEST_USER: &str = "agentvm-test";
 
