@@ -29,5 +29,6 @@ pub mod ps;
 pub mod settings;
 pub mod shield;
 pub mod share;
+pub mod share_filter;
 pub mod tools;
 pub mod vm;
