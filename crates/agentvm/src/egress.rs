@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::console_log::{self, RotatingLog};
+
 /// The guest port of the proxy, at `host.agentvm.internal`.
 pub const PROXY_PORT: u16 = 3128;
 /// Longest request head the proxy reads.
@@ -229,7 +231,7 @@ impl<'a> Reader<'a> {
 pub struct Proxy {
     allow: Arc<AllowList>,
     shield: Option<Arc<crate::shield::Shield>>,
-    log: Arc<Mutex<Option<std::fs::File>>>,
+    log: Arc<Mutex<Option<RotatingLog>>>,
     resolve: Arc<Vec<(String, std::net::IpAddr)>>,
 }
 
@@ -242,10 +244,11 @@ pub fn parse_resolve(s: &str) -> Vec<(String, std::net::IpAddr)> {
 }
 
 impl Proxy {
-    /// A proxy for `allow`, logging to `log_path`; with `shield`, it puts
-    /// secrets into the requests to the shield's hosts.
+    /// A proxy for `allow`, logging to `log_path` (rotated like the console
+    /// log: the guest decides how many lines there are); with `shield`, it
+    /// puts secrets into the requests to the shield's hosts.
     pub fn new(allow: AllowList, shield: Option<Arc<crate::shield::Shield>>, log_path: &Path) -> Proxy {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path).ok();
+        let log = RotatingLog::create(log_path, console_log::ROTATE_BYTES).ok();
         let resolve = std::env::var(RESOLVE_ENV).map(|s| parse_resolve(&s)).unwrap_or_default();
         Proxy { allow: Arc::new(allow), shield, log: Arc::new(Mutex::new(log)), resolve: Arc::new(resolve) }
     }
@@ -261,8 +264,8 @@ impl Proxy {
 
     fn note(&self, line: &str) {
         let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        if let Some(f) = self.log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            let _ = writeln!(f, "{secs} {line}");
+        if let Some(log) = self.log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            let _ = log.write(format!("{secs} {line}\n").as_bytes());
         }
     }
 
@@ -421,6 +424,23 @@ pub fn log_path(instance_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn net_log_of_a_guest_opening_connection_after_connection_stays_under_the_cap() {
+        let d = tempfile::tempdir().unwrap();
+        let path = log_path(d.path());
+        let proxy = Proxy::new(AllowList::new(&[]).unwrap(), None, &path);
+        let line = format!("denied CONNECT {}.example.com:443", "x".repeat(1000));
+        for _ in 0..10_000 {
+            proxy.note(&line);
+        }
+        let rotated = console_log::rotated(&path);
+        for p in [&path, &rotated] {
+            let len = std::fs::metadata(p).unwrap().len();
+            assert!(len <= console_log::ROTATE_BYTES + 1100, "{}: {len} bytes", p.display());
+        }
+        assert!(console_log::tail(&path, 2000).ends_with(format!("{line}\n").as_bytes()));
+    }
 
     fn list(p: &[&str]) -> AllowList {
         AllowList::new(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
