@@ -205,7 +205,9 @@ fn the_shield_puts_the_key_only_into_its_header_and_never_lets_it_back() {
          s.sendall(b'CONNECT api.test:{port} HTTP/1.1\\r\\nHost: api.test:{port}\\r\\n\\r\\n')\n\
          got = b''\n\
          while b'\\r\\n\\r\\n' not in got: got += s.recv(1024)\n\
-         t = ssl.create_default_context().wrap_socket(s, server_hostname='api.test')\n\
+         ctx = ssl.create_default_context()\n\
+         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # verifying is the urllib part's job\n\
+         t = ctx.wrap_socket(s, server_hostname='api.test')\n\
          t.sendall(b'POST /bomb HTTP/1.1\\r\\nHost: api.test\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n7fffffffff\\r\\n')\n\
          block, sent = b'x' * (1 << 20), 0\n\
          try:\n    for _ in range({BOMB_MIB}):\n        t.sendall(block); sent += 1\n\
