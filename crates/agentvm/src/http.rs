@@ -236,10 +236,12 @@ impl<S: Read> Read for Peer<S> {
 impl<S: Read> BufRead for Peer<S> {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
         if self.start == self.buf.len() {
-            self.buf.resize(READ_SIZE, 0);
-            let n = self.stream.read(&mut self.buf)?;
-            self.buf.truncate(n);
+            self.buf.clear();
             self.start = 0;
+            self.buf.resize(READ_SIZE, 0);
+            let got = self.stream.read(&mut self.buf);
+            self.buf.truncate(*got.as_ref().unwrap_or(&0));
+            got?;
         }
         Ok(&self.buf[self.start..])
     }
