@@ -468,8 +468,9 @@ impl Proxy {
         if let Err(e) = relay_response(Peer::new(up), &head.method, &mut client.stream) {
             self.note(&format!("FAIL {what}: relaying the response: {e}"));
         }
+        // The client sees the end at once; what it sent after is only logged.
+        let _ = client.stream.shutdown(Shutdown::Write);
         self.note_pipelined(&mut client);
-        let _ = client.stream.shutdown(Shutdown::Both);
     }
 
     /// Logs a request the client sent after the one served, which goes nowhere.
