@@ -126,8 +126,8 @@ pub struct RunArgs {
     pub allow: Vec<String>,
     /// Give the guest placeholders instead of the flavor's API keys; the
     /// egress proxy puts the real keys into requests to the flavor's API
-    /// hosts only (TLS through a per-instance CA the guest trusts). Implies
-    /// --network allow.
+    /// hosts only, in the headers its key_headers name (TLS through a
+    /// per-instance CA the guest trusts). Implies --network allow.
     #[arg(long)]
     pub shield_secrets: bool,
     /// Open one port of the host's loopback to the guest, where it is

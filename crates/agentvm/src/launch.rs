@@ -385,8 +385,10 @@ fn shield_keys(s: &Settings, env: &mut [(String, String)]) -> Result<Shield, Lau
     let mut secrets = Vec::new();
     for (name, value) in env.iter_mut() {
         if s.flavor.keys.contains(name) && !value.is_empty() {
-            let placeholder = shield::placeholder();
-            secrets.push((placeholder.clone(), std::mem::replace(value, placeholder)));
+            let placeholder = shield::placeholder().map_err(|e| LaunchError::Shield(e.to_string()))?;
+            let real = std::mem::replace(value, placeholder.clone());
+            let forms = s.flavor.key_headers.get(name).map_or(&[][..], Vec::as_slice);
+            secrets.push(shield::Secret::new(name, placeholder, real, forms).map_err(|e| LaunchError::Shield(e.to_string()))?);
         }
     }
     if secrets.is_empty() {

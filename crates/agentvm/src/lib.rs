@@ -18,6 +18,7 @@ pub mod exec;
 pub mod flavor;
 pub mod homesetup;
 pub mod forwarding;
+pub mod http;
 pub mod image;
 pub mod initramfs;
 pub mod instance;

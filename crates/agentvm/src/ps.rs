@@ -385,10 +385,12 @@ pub fn logs(base: &Path, query: &str, net: bool, follow: bool, out: &mut impl Wr
     }
     let mut file = fs::File::open(&path).map_err(|source| InstancesError::Read { path: path.clone(), source })?;
     let mut buf = vec![0u8; 64 * 1024];
+    // The net log holds text the guest chose: never raw to a terminal.
+    let shown = |b: &[u8]| if net { crate::egress::printable(b) } else { b.to_vec() };
     loop {
         let n = file.read(&mut buf).map_err(|source| InstancesError::Read { path: path.clone(), source })?;
         if n > 0 {
-            if out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+            if out.write_all(&shown(&buf[..n])).and_then(|()| out.flush()).is_err() {
                 return Ok(()); // the reader went away
             }
             continue;
@@ -400,7 +402,7 @@ pub fn logs(base: &Path, query: &str, net: bool, follow: bool, out: &mut impl Wr
             if n == 0 {
                 return Ok(());
             }
-            let _ = out.write_all(&buf[..n]);
+            let _ = out.write_all(&shown(&buf[..n]));
             continue;
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -440,8 +440,8 @@ pub fn resolve_with(
         (Some(m), false) if m != NetworkMode::Allow => return Err(EgressError::AllowWithoutAllowMode.into()),
         (m, _) => m.unwrap_or_default(),
     };
-    if shield_secrets && flavor.secret_hosts.is_empty() {
-        return Err(crate::shield::ShieldError::NoSecretHosts { flavor: flavor.name.clone() }.into());
+    if shield_secrets {
+        crate::shield::check_flavor(&flavor)?;
     }
     // SAFETY: geteuid has no preconditions.
     let ports = net::check_ports(&layer.ports, unsafe { libc::geteuid() } == 0)?;
