@@ -10,10 +10,16 @@
 //! | `flake.nix`         | `nix print-dev-env --no-update-lock-file <work dir>`          |
 //! | `.envrc`            | `direnv export json` (only if allowed in direnv)              |
 //!
+//! The guest can write these files, and Nix evaluates them on the host:
+//! [`KEY_FILES`] must be as the user trusted them (`agentvm trust`, see
+//! [`crate::trust`]), or the dev shell is refused before anything runs.
+//! An `.envrc` is left to direnv's own allow list, which works the same way.
+//!
 //! Nix output is cached in the project's state dir, keyed by a hash of the
-//! command and of [`KEY_FILES`], and reused until one of them changes; the
-//! cache is written (atomically) only after the command succeeded. direnv
-//! is run every time: it decides itself what an `.envrc` depends on.
+//! command and of [`KEY_FILES`] (the same bytes the trust check hashed),
+//! and reused until one of them changes; the cache is written (atomically)
+//! only after the command succeeded and the files did not change meanwhile.
+//! direnv is run every time: it decides itself what an `.envrc` depends on.
 //!
 //! Only exported string variables are applied. Shell internals and
 //! variables that describe the host or the build sandbox (HOME, PWD, TMPDIR,
@@ -40,6 +46,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::envvars;
+use crate::trust::{self, Record, TrustError};
 
 /// Whether and how to use the project's dev shell.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -72,7 +79,7 @@ pub const NIX_STORE: &str = "/nix/store";
 const ERROR_LINES: usize = 60;
 
 /// Bumped when the cache's meaning changes, so old entries are not reused.
-const CACHE_VERSION: u32 = 1;
+const CACHE_VERSION: u32 = 2;
 
 /// Variables never taken from a dev shell: they belong to the shell that
 /// evaluated it, to the build sandbox, or to the guest.
@@ -157,17 +164,20 @@ pub struct Request {
     /// The host's Nix store, shared read-only at /nix/store when it exists
     /// and the dev shell needs it.
     pub nix_store: PathBuf,
+    /// What the user trusted in the project: the Nix files must match it.
+    pub trusted: Option<Record>,
 }
 
 impl Request {
     /// A request for `work_dir` with this process's environment and the
     /// real Nix store (`$AGENTVM_NIX_STORE` overrides where it is, for tests).
-    pub fn for_host(work_dir: &Path, state_dir: PathBuf) -> Request {
+    pub fn for_host(work_dir: &Path, state_dir: PathBuf, trusted: Option<Record>) -> Request {
         Request {
             work_dir: work_dir.to_path_buf(),
             state_dir,
             host_env: std::env::vars_os().collect(),
             nix_store: std::env::var_os("AGENTVM_NIX_STORE").map_or_else(|| NIX_STORE.into(), PathBuf::from),
+            trusted,
         }
     }
 
@@ -219,8 +229,12 @@ pub enum DevshellError {
     Blocked { dir: PathBuf },
     #[error("cannot read the output of `{command}` ({why}); to see it: cd {dir} && {command}")]
     Output { dir: PathBuf, command: String, why: String },
-    #[error("cannot read {path} (it keys the dev shell cache): {source}")]
-    KeyFile { path: PathBuf, source: std::io::Error },
+    #[error("the dev shell of {dir} is not trusted: {files} {are} new or changed since `agentvm trust` (the guest can write {them}), and --devshell evaluates {them} on this host. Review {them}, then run `agentvm trust {dir}`, or run without --devshell", are = if files.contains(',') { "are" } else { "is" }, them = if files.contains(',') { "them" } else { "it" })]
+    Untrusted { dir: PathBuf, files: String },
+    #[error("the dev shell files of {dir} changed while `{command}` evaluated them, so its result is not used: review them, then run `agentvm trust {dir}`")]
+    ChangedDuringEvaluation { dir: PathBuf, command: String },
+    #[error("dev shell: {0}")]
+    Trust(#[from] TrustError),
 }
 
 /// The format of a dev shell command's output.
@@ -250,7 +264,8 @@ pub fn load(req: &Request) -> Result<Option<DevShell>, DevshellError> {
     let Some(source) = detect(&req.work_dir) else { return Ok(None) };
     let mut warnings = Vec::new();
     let (raw, base_path, from_cache) = if source.is_nix() {
-        let (raw, from_cache) = nix_env(req, source, &mut warnings)?;
+        let hashes = trusted_hashes(req)?;
+        let (raw, from_cache) = nix_env(req, source, &hashes, &mut warnings)?;
         (raw, None, from_cache)
     } else {
         let (raw, base_path) = direnv_env(req, &find_program(req, source)?)?;
@@ -332,28 +347,33 @@ pub fn nix_command(source: Source, work_dir: &Path) -> Vec<String> {
     cmd
 }
 
-/// The cache key: a hash of the command and of each [`KEY_FILES`] file
-/// (present or not, and its contents).
-pub fn cache_key(work_dir: &Path, command: &[String]) -> Result<String, DevshellError> {
+/// The hashes of [`KEY_FILES`] if each is as the user trusted it.
+fn trusted_hashes(req: &Request) -> Result<Vec<(&'static str, Option<String>)>, DevshellError> {
+    let hashes = trust::devshell_hashes(&req.work_dir)?;
+    let untrusted = Record::untrusted_devshell_files(req.trusted.as_ref(), &hashes);
+    if !untrusted.is_empty() {
+        return Err(DevshellError::Untrusted { dir: req.work_dir.clone(), files: untrusted.join(", ") });
+    }
+    Ok(hashes)
+}
+
+/// The cache key: a hash of the command and of each [`KEY_FILES`] file's
+/// hash (`None`: absent), as [`trust::devshell_hashes`] gives them.
+pub fn cache_key(hashes: &[(&'static str, Option<String>)], command: &[String]) -> String {
     let mut h = Sha256::new();
     h.update(format!("agentvm-devshell-v{CACHE_VERSION}\0"));
     for arg in command {
         h.update(arg.as_bytes());
         h.update(b"\0");
     }
-    for name in KEY_FILES {
-        let path = work_dir.join(name);
+    for (name, hash) in hashes {
         h.update(name.as_bytes());
-        match std::fs::read(&path) {
-            Ok(data) => {
-                h.update(format!("\0present\0{}\0", data.len()));
-                h.update(&data);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => h.update(b"\0absent\0"),
-            Err(source) => return Err(DevshellError::KeyFile { path, source }),
+        match hash {
+            Some(hash) => h.update(format!("\0present\0{hash}\0")),
+            None => h.update(b"\0absent\0"),
         }
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The Nix dev shell's variables, from the cache or a fresh evaluation (a
@@ -361,10 +381,11 @@ pub fn cache_key(work_dir: &Path, command: &[String]) -> Result<String, Devshell
 fn nix_env(
     req: &Request,
     source: Source,
+    hashes: &[(&'static str, Option<String>)],
     warnings: &mut Vec<String>,
 ) -> Result<(Vec<(String, String)>, bool), DevshellError> {
     let command = nix_command(source, &req.work_dir);
-    let key = cache_key(&req.work_dir, &command)?;
+    let key = cache_key(hashes, &command);
     let cache_path = req.state_dir.join(CACHE_FILE);
     if let Some(entry) = read_cache(&cache_path, &req.work_dir, &key) {
         if let Ok(raw) = parse_nix(entry.format, &entry.output) {
@@ -375,6 +396,11 @@ fn nix_env(
     let display = shell_words(&command);
     eprintln!("agentvm: evaluating the dev shell: {display} (cached until one of {} changes)", KEY_FILES.join(", "));
     let (format, output) = run_nix(req, source, &program, &command)?;
+    // A guest of another run of the project could have swapped the files
+    // while nix read them: such a result is neither used nor cached.
+    if trust::devshell_hashes(&req.work_dir)? != hashes {
+        return Err(DevshellError::ChangedDuringEvaluation { dir: req.work_dir.clone(), command: display });
+    }
     let raw = parse_nix(format, &output)
         .map_err(|why| DevshellError::Output { dir: req.work_dir.clone(), command: display, why })?;
     let entry = CacheEntry { version: CACHE_VERSION, work_dir: req.work_dir.clone(), key, command, format, output };
@@ -737,14 +763,24 @@ mod tests {
                 .map(String::from)
                 .collect()
         }
+        /// A request that trusts the dev shell files as they are now.
         fn request(&self) -> Request {
+            Request { trusted: Some(self.trust_now()), ..self.untrusted_request() }
+        }
+        fn untrusted_request(&self) -> Request {
             let path = self.dir.path().join("bin");
             Request {
                 work_dir: self.work(),
                 state_dir: self.dir.path().join("state"),
                 host_env: vec![("PATH".into(), path.into())],
                 nix_store: self.dir.path().join("no-store"),
+                trusted: None,
             }
+        }
+        /// What `agentvm trust` would record now.
+        fn trust_now(&self) -> Record {
+            let hashes = trust::devshell_hashes(&self.work()).unwrap();
+            Record::new(&self.work(), hashes.into_iter().filter_map(|(n, h)| h.map(|h| (n.to_string(), h))))
         }
     }
 
@@ -881,21 +917,22 @@ mod tests {
     fn cache_key_changes_with_each_key_file_and_the_command() {
         let f = Fixture::new();
         let cmd = nix_command(Source::Flake, &f.work());
-        let k0 = cache_key(&f.work(), &cmd).unwrap();
-        assert_eq!(k0, cache_key(&f.work(), &cmd).unwrap(), "stable");
+        let key = |cmd: &[String]| cache_key(&trust::devshell_hashes(&f.work()).unwrap(), cmd);
+        let k0 = key(&cmd);
+        assert_eq!(k0, key(&cmd), "stable");
         let mut seen = vec![k0];
         for name in KEY_FILES {
             f.file(name, "a");
-            let k = cache_key(&f.work(), &cmd).unwrap();
+            let k = key(&cmd);
             assert!(!seen.contains(&k), "{name} changes the key");
             seen.push(k);
         }
         f.file("flake.lock", "b");
-        let k = cache_key(&f.work(), &cmd).unwrap();
+        let k = key(&cmd);
         assert!(!seen.contains(&k), "new flake.lock contents change the key");
         f.file("README", "unrelated");
-        assert_eq!(cache_key(&f.work(), &cmd).unwrap(), k, "other files do not");
-        assert_ne!(cache_key(&f.work(), &nix_command(Source::DevenvNix, &f.work())).unwrap(), k);
+        assert_eq!(key(&cmd), k, "other files do not");
+        assert_ne!(key(&nix_command(Source::DevenvNix, &f.work())), k);
     }
 
     fn fake_nix_json(f: &Fixture) {
@@ -1011,4 +1048,42 @@ mod tests {
         assert_eq!(shell_words(&argv), "nix --x 'nix-command flakes' 'it'\\''s' /a/b");
         assert_eq!(strip_ansi("\u{1b}[31mdirenv: error\u{1b}[0m x"), "direnv: error x");
     }
+
+    #[test]
+    fn untrusted_or_changed_nix_files_are_refused_before_nix_runs_and_the_cache_is_not_used() {
+        let f = Fixture::new();
+        f.file("flake.nix", "{ outputs = _: {}; }");
+        fake_nix_json(&f);
+        let e = load(&f.untrusted_request()).unwrap_err().to_string();
+        assert!(e.contains("flake.nix is new or changed") && e.contains(&format!("agentvm trust {}", f.work().display())), "{e}");
+        assert!(f.calls().is_empty(), "nix did not run");
+
+        // Trusted: evaluated and cached. Then the guest changes flake.lock.
+        let trusted = f.trust_now();
+        let req = || Request { trusted: Some(trusted.clone()), ..f.untrusted_request() };
+        assert!(!load(&req()).unwrap().unwrap().from_cache);
+        assert!(load(&req()).unwrap().unwrap().from_cache);
+        f.file("flake.lock", "{\"nodes\": {}}");
+        let e = load(&req()).unwrap_err().to_string();
+        assert!(e.contains("flake.lock is new or changed"), "{e}");
+        // Back to the trusted content: the cached result is good again.
+        std::fs::remove_file(f.work().join("flake.lock")).unwrap();
+        assert!(load(&req()).unwrap().unwrap().from_cache);
+        // A trusted flake.nix that is swapped while nix evaluates it.
+        std::fs::remove_file(f.dir.path().join("state").join(CACHE_FILE)).unwrap();
+        f.program("nix", &format!("echo '{{ evil }}' > '{}/flake.nix'\ncat <<'JSON'\n{NIX_JSON}\nJSON", f.work().display()));
+        let e = load(&req()).unwrap_err().to_string();
+        assert!(e.contains("changed while"), "{e}");
+        assert!(!f.dir.path().join("state").join(CACHE_FILE).exists(), "not cached");
+    }
+
+    #[test]
+    fn envrc_needs_no_agentvm_trust_direnv_decides() {
+        let f = Fixture::new();
+        f.file(".envrc", "export A=1\n");
+        f.program("direnv", "echo '{\"A\":\"1\"}'");
+        let shell = load(&f.untrusted_request()).unwrap().unwrap();
+        assert_eq!((shell.source, shell.vars), (Source::Direnv, s(&[("A", "1")])));
+    }
 }
+

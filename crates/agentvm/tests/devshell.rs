@@ -148,6 +148,8 @@ impl NixProject {
         let launch = Launch::new().shell(script);
         std::fs::write(launch.work.join("flake.nix"), flake).unwrap();
         std::fs::write(launch.work.join("flake.lock"), FLAKE_LOCK).unwrap();
+        // The user reviewed the flake: --devshell evaluates it on the host.
+        launch.trust_project();
         let real = std::env::split_paths(&std::env::var_os("PATH").unwrap())
             .map(|d| d.join("nix"))
             .find(|p| p.is_file())
@@ -299,4 +301,26 @@ fn nix_failure_with_devshell_try_warns_and_runs_without() {
     let e = stderr(&out);
     assert!(e.contains("error: syntax error") && e.contains("starting without the dev shell"), "{e}");
     assert!(p.cache_files().is_empty());
+}
+
+#[test]
+fn changed_flake_stops_before_boot_and_devshell_try_runs_without_it() {
+    let p = NixProject::new("echo \"booted greeting=${GREETING:-unset}\"", FLAKE);
+    // A guest of an earlier run edits the trusted flake.
+    std::fs::write(p.launch.work.join("flake.nix"), FLAKE.replace("hello from a real flake", "from the guest")).unwrap();
+    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
+    let e = stderr(&out);
+    assert_eq!(out.status.code(), Some(125), "{e}");
+    let work = p.launch.work.canonicalize().unwrap();
+    assert!(e.contains("flake.nix is new or changed") && e.contains(&format!("agentvm trust {}", work.display())), "{e}");
+    assert!(!stdout(&out).contains("booted"));
+    assert_eq!(p.calls(), 0, "nix never ran on the changed flake");
+    assert!(p.launch.leftover_instances().is_empty());
+
+    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell=try"));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("booted greeting=unset"), "{}", stdout(&out));
+    let e = stderr(&out);
+    assert!(e.contains("agentvm trust") && e.contains("starting without the dev shell"), "{e}");
+    assert_eq!(p.calls(), 0);
 }

@@ -83,6 +83,7 @@ fn shielded_key_reaches_the_api_host_but_never_the_guest() {
         "[flavors.keyed]\ncommand = []\nkeys = [\"TEST_API_KEY\"]\nsecret_hosts = [\"api.test\"]\n",
     )
     .unwrap();
+    l.trust_project();
     let l = l
         .env("TEST_API_KEY", REAL_KEY)
         .env("AGENTVM_PROXY_RESOLVE", "api.test=127.0.0.1")
