@@ -223,7 +223,8 @@ pub struct RunArgs {
     pub accel: Option<AccelChoice>,
     /// Apply the project's dev shell to the program: a Nix flake
     /// (`nix print-dev-env`, cached until flake.nix, flake.lock or a devenv file changes),
-    /// devenv, or an `.envrc` that direnv allows. `--devshell` stops before
+    /// devenv, or an `.envrc` that direnv allows. Nix files must be as
+    /// trusted with `agentvm trust`. `--devshell` stops before
     /// boot if it fails; `--devshell=try` warns and goes on without it
     /// [env: DIRENV_ALLOW=1] [default: off]
     #[arg(
