@@ -565,6 +565,8 @@ impl GuardedDirs {
             agentvm: vec![
                 ("trust records", real_as_far_as_exists(trust.dir())),
                 ("data dir", real_as_far_as_exists(&data)),
+                // The file, and where it points if it is a link (dotfile managers).
+                ("config", real_parent(user_config)),
                 ("config", real_as_far_as_exists(user_config)),
                 ("image cache", real_as_far_as_exists(&paths::cache_dir()?)),
             ],
@@ -597,6 +599,14 @@ impl GuardedDirs {
             }
         }
         None
+    }
+}
+
+/// `p` in its parent's real path (a link `p` itself is not followed).
+fn real_parent(p: &Path) -> PathBuf {
+    match (p.parent(), p.file_name()) {
+        (Some(dir), Some(name)) => real_as_far_as_exists(dir).join(name),
+        _ => p.to_path_buf(),
     }
 }
 
@@ -1005,5 +1015,18 @@ mod tests {
         let e = resolve_with(work(&local), &env(&[]), Path::new("/x"), &trust, HOST).unwrap_err().to_string();
         assert!(e.contains("contains agentvm's trust records"), "{e}");
         assert!(resolve_with(work(&project), &env(&e_home), Path::new("/x"), &trust, HOST).is_ok());
+
+        // The user's config, and its target when it is a link, are the user's alone.
+        let config_dir = home.join(".config/agentvm");
+        std::fs::create_dir_all(&config_dir).unwrap();
+        let dotfiles = home.join("dotfiles");
+        std::fs::create_dir_all(&dotfiles).unwrap();
+        std::fs::write(dotfiles.join("agentvm.toml"), "").unwrap();
+        std::os::unix::fs::symlink(dotfiles.join("agentvm.toml"), config_dir.join("config.toml")).unwrap();
+        for dir in [home.join(".config"), dotfiles] {
+            let e = resolve_with(work(&dir), &env(&e_home), &config_dir.join("config.toml"), &trust, HOST);
+            let e = e.unwrap_err().to_string();
+            assert!(e.contains("contains agentvm's config"), "{e}");
+        }
     }
 }
