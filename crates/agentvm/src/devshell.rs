@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::envvars;
-use crate::trust::{self, Record, TrustError};
+use crate::trust::{self, Record, Sources, TrustError};
 
 /// Whether and how to use the project's dev shell.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -62,9 +62,14 @@ pub enum Mode {
     Try,
 }
 
-/// The files whose contents key the Nix dev shell cache.
+/// The dev shell files at the top of the work dir. With every other
+/// `*.nix` file in the tree they are the dev shell's sources
+/// ([`trust::devshell_sources`]): they must be trusted, and key the cache.
 pub const KEY_FILES: [&str; 6] =
     ["flake.nix", "flake.lock", ".devenv.flake.nix", "devenv.nix", "devenv.yaml", "devenv.lock"];
+
+/// The [`KEY_FILES`] that are not `*.nix` files.
+pub const DATA_FILES: [&str; 3] = ["flake.lock", "devenv.yaml", "devenv.lock"];
 
 /// The cache file's name in the project's state dir.
 pub const CACHE_FILE: &str = "devshell.json";
@@ -229,8 +234,8 @@ pub enum DevshellError {
     Blocked { dir: PathBuf },
     #[error("cannot read the output of `{command}` ({why}); to see it: cd {dir} && {command}")]
     Output { dir: PathBuf, command: String, why: String },
-    #[error("the dev shell of {dir} is not trusted: {files} {are} new or changed since `agentvm trust` (the guest can write {them}), and --devshell evaluates {them} on this host. Review {them}, then run `agentvm trust {dir}`, or run without --devshell", are = if files.contains(',') { "are" } else { "is" }, them = if files.contains(',') { "them" } else { "it" })]
-    Untrusted { dir: PathBuf, files: String },
+    #[error("the dev shell of {dir} is not trusted: {files} {are} new, changed or removed since `agentvm trust` (the guest can write {them}), and --devshell evaluates {them} on this host. Review {them}, then run `agentvm trust {dir}`, or run without --devshell", are = if *count == 1 { "is" } else { "are" }, them = if *count == 1 { "it" } else { "them" })]
+    Untrusted { dir: PathBuf, files: String, count: usize },
     #[error("the dev shell files of {dir} changed while `{command}` evaluated them, so its result is not used: review them, then run `agentvm trust {dir}`")]
     ChangedDuringEvaluation { dir: PathBuf, command: String },
     #[error("dev shell: {0}")]
@@ -264,8 +269,8 @@ pub fn load(req: &Request) -> Result<Option<DevShell>, DevshellError> {
     let Some(source) = detect(&req.work_dir) else { return Ok(None) };
     let mut warnings = Vec::new();
     let (raw, base_path, from_cache) = if source.is_nix() {
-        let hashes = trusted_hashes(req)?;
-        let (raw, from_cache) = nix_env(req, source, &hashes, &mut warnings)?;
+        let sources = trusted_sources(req)?;
+        let (raw, from_cache) = nix_env(req, source, &sources, &mut warnings)?;
         (raw, None, from_cache)
     } else {
         let (raw, base_path) = direnv_env(req, &find_program(req, source)?)?;
@@ -347,31 +352,37 @@ pub fn nix_command(source: Source, work_dir: &Path) -> Vec<String> {
     cmd
 }
 
-/// The hashes of [`KEY_FILES`] if each is as the user trusted it.
-fn trusted_hashes(req: &Request) -> Result<Vec<(&'static str, Option<String>)>, DevshellError> {
-    let hashes = trust::devshell_hashes(&req.work_dir)?;
-    let untrusted = Record::untrusted_devshell_files(req.trusted.as_ref(), &hashes);
+/// The project's dev shell sources (see [`trust::devshell_sources`]) if
+/// each is as the user trusted it.
+fn trusted_sources(req: &Request) -> Result<Sources, DevshellError> {
+    let sources = trust::devshell_sources(&req.work_dir)?;
+    let untrusted = Record::untrusted_devshell_files(req.trusted.as_ref(), &sources);
     if !untrusted.is_empty() {
-        return Err(DevshellError::Untrusted { dir: req.work_dir.clone(), files: untrusted.join(", ") });
+        return Err(DevshellError::Untrusted { dir: req.work_dir.clone(), files: name_list(&untrusted), count: untrusted.len() });
     }
-    Ok(hashes)
+    Ok(sources)
 }
 
-/// The cache key: a hash of the command and of each [`KEY_FILES`] file's
-/// hash (`None`: absent), as [`trust::devshell_hashes`] gives them.
-pub fn cache_key(hashes: &[(&'static str, Option<String>)], command: &[String]) -> String {
+/// Up to ten names, then how many more.
+fn name_list(names: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut list = names.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > SHOWN {
+        list.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    list
+}
+
+/// The cache key: a hash of the command and of each source's name and hash.
+pub fn cache_key(sources: &Sources, command: &[String]) -> String {
     let mut h = Sha256::new();
     h.update(format!("agentvm-devshell-v{CACHE_VERSION}\0"));
     for arg in command {
         h.update(arg.as_bytes());
         h.update(b"\0");
     }
-    for (name, hash) in hashes {
-        h.update(name.as_bytes());
-        match hash {
-            Some(hash) => h.update(format!("\0present\0{hash}\0")),
-            None => h.update(b"\0absent\0"),
-        }
+    for (name, file) in sources {
+        h.update(format!("{name}\0{}\0", file.hash));
     }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -381,11 +392,11 @@ pub fn cache_key(hashes: &[(&'static str, Option<String>)], command: &[String]) 
 fn nix_env(
     req: &Request,
     source: Source,
-    hashes: &[(&'static str, Option<String>)],
+    sources: &Sources,
     warnings: &mut Vec<String>,
 ) -> Result<(Vec<(String, String)>, bool), DevshellError> {
     let command = nix_command(source, &req.work_dir);
-    let key = cache_key(hashes, &command);
+    let key = cache_key(sources, &command);
     let cache_path = req.state_dir.join(CACHE_FILE);
     if let Some(entry) = read_cache(&cache_path, &req.work_dir, &key) {
         if let Ok(raw) = parse_nix(entry.format, &entry.output) {
@@ -394,11 +405,11 @@ fn nix_env(
     }
     let program = find_program(req, source)?;
     let display = shell_words(&command);
-    eprintln!("agentvm: evaluating the dev shell: {display} (cached until one of {} changes)", KEY_FILES.join(", "));
+    eprintln!("agentvm: evaluating the dev shell: {display} (cached until a *.nix file, {} changes)", DATA_FILES.join(", "));
     let (format, output) = run_nix(req, source, &program, &command)?;
     // A guest of another run of the project could have swapped the files
     // while nix read them: such a result is neither used nor cached.
-    if trust::devshell_hashes(&req.work_dir)? != hashes {
+    if trust::devshell_sources(&req.work_dir)? != *sources {
         return Err(DevshellError::ChangedDuringEvaluation { dir: req.work_dir.clone(), command: display });
     }
     let raw = parse_nix(format, &output)
@@ -779,8 +790,8 @@ mod tests {
         }
         /// What `agentvm trust` would record now.
         fn trust_now(&self) -> Record {
-            let hashes = trust::devshell_hashes(&self.work()).unwrap();
-            Record::new(&self.work(), hashes.into_iter().filter_map(|(n, h)| h.map(|h| (n.to_string(), h))))
+            let sources = trust::devshell_sources(&self.work()).unwrap();
+            Record::new(&self.work(), sources.into_iter().map(|(name, file)| (name, file.hash)))
         }
     }
 
@@ -917,11 +928,12 @@ mod tests {
     fn cache_key_changes_with_each_key_file_and_the_command() {
         let f = Fixture::new();
         let cmd = nix_command(Source::Flake, &f.work());
-        let key = |cmd: &[String]| cache_key(&trust::devshell_hashes(&f.work()).unwrap(), cmd);
+        let key = |cmd: &[String]| cache_key(&trust::devshell_sources(&f.work()).unwrap(), cmd);
         let k0 = key(&cmd);
         assert_eq!(k0, key(&cmd), "stable");
         let mut seen = vec![k0];
-        for name in KEY_FILES {
+        std::fs::create_dir(f.work().join("nix")).unwrap();
+        for name in KEY_FILES.iter().chain(&["nix/shell.nix"]) {
             f.file(name, "a");
             let k = key(&cmd);
             assert!(!seen.contains(&k), "{name} changes the key");
@@ -1055,7 +1067,7 @@ mod tests {
         f.file("flake.nix", "{ outputs = _: {}; }");
         fake_nix_json(&f);
         let e = load(&f.untrusted_request()).unwrap_err().to_string();
-        assert!(e.contains("flake.nix is new or changed") && e.contains(&format!("agentvm trust {}", f.work().display())), "{e}");
+        assert!(e.contains("flake.nix is new, changed or removed") && e.contains(&format!("agentvm trust {}", f.work().display())), "{e}");
         assert!(f.calls().is_empty(), "nix did not run");
 
         // Trusted: evaluated and cached. Then the guest changes flake.lock.
@@ -1065,7 +1077,7 @@ mod tests {
         assert!(load(&req()).unwrap().unwrap().from_cache);
         f.file("flake.lock", "{\"nodes\": {}}");
         let e = load(&req()).unwrap_err().to_string();
-        assert!(e.contains("flake.lock is new or changed"), "{e}");
+        assert!(e.contains("flake.lock is new, changed or removed"), "{e}");
         // Back to the trusted content: the cached result is good again.
         std::fs::remove_file(f.work().join("flake.lock")).unwrap();
         assert!(load(&req()).unwrap().unwrap().from_cache);
@@ -1075,6 +1087,29 @@ mod tests {
         let e = load(&req()).unwrap_err().to_string();
         assert!(e.contains("changed while"), "{e}");
         assert!(!f.dir.path().join("state").join(CACHE_FILE).exists(), "not cached");
+    }
+
+    #[test]
+    fn an_imported_nix_file_changed_after_trust_is_refused_and_trusted_anew_is_evaluated_again() {
+        let f = Fixture::new();
+        f.file("flake.nix", "{ outputs = _: import ./nix/shell.nix; }");
+        std::fs::create_dir(f.work().join("nix")).unwrap();
+        f.file("nix/shell.nix", "{ }");
+        fake_nix_json(&f);
+        let trusted = f.trust_now();
+        let req = |trusted: &Record| Request { trusted: Some(trusted.clone()), ..f.untrusted_request() };
+        assert!(!load(&req(&trusted)).unwrap().unwrap().from_cache);
+        assert_eq!(f.calls().len(), 1);
+
+        // The guest edits the file the trusted flake imports.
+        f.file("nix/shell.nix", "{ evil = builtins.readFile /etc/shadow; }");
+        let e = load(&req(&trusted)).unwrap_err().to_string();
+        assert!(e.contains("nix/shell.nix is new, changed or removed") && e.contains("agentvm trust"), "{e}");
+        assert_eq!(f.calls().len(), 1, "nix did not run, the cache was not used");
+        // The user trusts the new content: it is evaluated, not taken from the cache.
+        let retrusted = f.trust_now();
+        assert!(!load(&req(&retrusted)).unwrap().unwrap().from_cache);
+        assert_eq!(f.calls().len(), 2);
     }
 
     #[test]

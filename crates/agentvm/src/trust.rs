@@ -1,25 +1,32 @@
 //! Trust in a project's own files, the way `direnv allow` works.
 //!
-//! The project's `.agentvm.toml` and the dev shell files that `--devshell`
-//! evaluates on the host (`flake.nix`, `flake.lock`, the devenv files) live
-//! in the work dir, which the guest can write. They take effect only when
-//! the user has trusted their current content: `agentvm trust DIR` records
-//! the SHA-256 of each one in a per-project record under
+//! The project's `.agentvm.toml` and the dev shell sources that
+//! `--devshell` evaluates on the host (every `*.nix` file in the project
+//! tree, and `flake.lock`, `devenv.yaml`, `devenv.lock` at its top) live in
+//! the work dir, which the guest can write. They take effect only when the
+//! user has trusted their current content: `agentvm trust DIR` records the
+//! SHA-256 of each one in a per-project record under
 //! `$XDG_DATA_HOME/agentvm/trust/` (mode 0700, records 0600, written
 //! atomically), outside every share (settings refuses shares that overlap
 //! it). A file whose content differs from the record, or that is new, is
 //! not trusted. `.envrc` is left to direnv, which has its own allow list.
 //!
 //! Project files are opened without following a symbolic link in the last
-//! component (the work dir itself is a real path), as regular files of
-//! bounded size, and the bytes that are hashed are the bytes that are used.
+//! component (the work dir itself is a real path; the walk that finds the
+//! `*.nix` files opens each directory relative to its parent, never through
+//! a link), as regular files of bounded size, and the bytes that are
+//! hashed are the bytes that are used.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
+use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -31,6 +38,24 @@ use crate::settings::PROJECT_CONFIG;
 pub const CONFIG_LIMIT: u64 = 1 << 20;
 /// Largest dev shell file read (lock files can be large).
 pub const DEVSHELL_FILE_LIMIT: u64 = 16 << 20;
+/// How far the walk that finds the `*.nix` files may go: past a bound it
+/// fails, and the dev shell cannot be used.
+#[derive(Debug, Clone, Copy)]
+pub struct WalkBounds {
+    /// Directory entries seen.
+    pub entries: u64,
+    pub time: Duration,
+    /// Directories deep.
+    pub depth: usize,
+    /// Bytes of the sources together.
+    pub bytes: u64,
+}
+
+impl WalkBounds {
+    pub const DEFAULT: WalkBounds =
+        WalkBounds { entries: 2_000_000, time: Duration::from_secs(20), depth: 64, bytes: 64 << 20 };
+}
+
 /// The trust records' directory under the data dir.
 const TRUST_DIR: &str = "trust";
 /// Bumped when a record's meaning changes; other versions are not trusted.
@@ -56,6 +81,8 @@ pub enum TrustError {
     Remove { path: PathBuf, source: std::io::Error },
     #[error("the trust record {path} is damaged ({why}): run `agentvm trust --revoke {dir}`, then trust it again")]
     BadRecord { path: PathBuf, dir: PathBuf, why: String },
+    #[error("looking for the *.nix files of {dir} stopped: {why}. --devshell needs to know all of them: move that tree out of the project, or run without --devshell")]
+    WalkLimit { dir: PathBuf, why: String },
     #[error("project dir {path}: {why}; pass an existing directory")]
     Dir { path: PathBuf, why: String },
     #[error(transparent)]
@@ -71,12 +98,17 @@ pub fn read_project_file(dir: &Path, name: &str, limit: u64) -> Result<Option<Ve
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(&path);
-    let mut file = match file {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(TrustError::Symlink { path }),
-        Err(source) => return Err(TrustError::Read { path, source }),
-    };
+    match file {
+        Ok(f) => read_bounded(f, path, limit).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Err(TrustError::Symlink { path }),
+        Err(source) => Err(TrustError::Read { path, source }),
+    }
+}
+
+/// The bytes of the open `file` (named `path`), a regular file of at most
+/// `limit` bytes.
+fn read_bounded(mut file: std::fs::File, path: PathBuf, limit: u64) -> Result<Vec<u8>, TrustError> {
     let meta = file.metadata().map_err(|source| TrustError::Read { path: path.clone(), source })?;
     if !meta.is_file() {
         return Err(TrustError::NotRegular { path });
@@ -89,7 +121,7 @@ pub fn read_project_file(dir: &Path, name: &str, limit: u64) -> Result<Option<Ve
     if bytes.len() as u64 > limit {
         return Err(TrustError::TooLarge { path, limit });
     }
-    Ok(Some(bytes))
+    Ok(bytes)
 }
 
 /// SHA-256 of `bytes`, in hex.
@@ -97,13 +129,132 @@ pub fn digest(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The hashes of the dev shell files ([`devshell::KEY_FILES`]) in
-/// `work_dir`, in that order; `None`: absent.
-pub fn devshell_hashes(work_dir: &Path) -> Result<Vec<(&'static str, Option<String>)>, TrustError> {
-    devshell::KEY_FILES
-        .iter()
-        .map(|&name| Ok((name, read_project_file(work_dir, name, DEVSHELL_FILE_LIMIT)?.map(|b| digest(&b)))))
-        .collect()
+/// One dev shell source as it was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    /// SHA-256 (hex) of `bytes`.
+    pub hash: String,
+    pub bytes: Vec<u8>,
+}
+
+/// A project's dev shell sources: path relative to the work dir → file.
+pub type Sources = BTreeMap<String, SourceFile>;
+
+/// The project's dev shell sources as they are now: every `*.nix` file in
+/// the tree below `work_dir` (a real path), and [`devshell::KEY_FILES`] at
+/// its top. The walk does not follow symbolic links (a linked `*.nix` file
+/// is an error, a linked directory is not entered), skips `.git` and names
+/// that are not UTF-8, and is bounded by [`WalkBounds::DEFAULT`]: past a
+/// bound it fails with [`TrustError::WalkLimit`].
+pub fn devshell_sources(work_dir: &Path) -> Result<Sources, TrustError> {
+    devshell_sources_within(work_dir, WalkBounds::DEFAULT)
+}
+
+/// [`devshell_sources`] within `bounds`.
+pub fn devshell_sources_within(work_dir: &Path, bounds: WalkBounds) -> Result<Sources, TrustError> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let root = rustix::fs::open(work_dir, flags, Mode::empty())
+        .map_err(|e| TrustError::Read { path: work_dir.to_path_buf(), source: e.into() })?;
+    let deadline = Instant::now() + bounds.time;
+    let mut walk = Walk { work_dir, bounds, sources: Sources::new(), entries: 0, bytes: 0, deadline };
+    walk.dir(root, "", 0)?;
+    Ok(walk.sources)
+}
+
+/// Whether the entry `name`, at `rel` in the tree, is a dev shell source.
+fn is_source(name: &str, rel: &str) -> bool {
+    name.ends_with(".nix") || (rel == name && devshell::KEY_FILES.contains(&name))
+}
+
+/// The state of [`devshell_sources`]' walk.
+struct Walk<'a> {
+    work_dir: &'a Path,
+    bounds: WalkBounds,
+    sources: Sources,
+    entries: u64,
+    bytes: u64,
+    deadline: Instant,
+}
+
+impl Walk<'_> {
+    /// Reads the directory `fd` (at `rel`, `depth` levels down) and below.
+    fn dir(&mut self, fd: OwnedFd, rel: &str, depth: usize) -> Result<(), TrustError> {
+        let path = self.work_dir.join(rel);
+        let fail = |e: Errno| TrustError::Read { path: path.clone(), source: e.into() };
+        let mut dir = Dir::new(fd).map_err(fail)?;
+        while let Some(entry) = dir.read() {
+            let entry = entry.map_err(fail)?;
+            // Left out, so never evaluated: .git (git's, not the project's
+            // sources) and names Nix sources cannot have (not UTF-8).
+            let Ok(name) = entry.file_name().to_str() else { continue };
+            if matches!(name, "." | ".." | ".git") {
+                continue;
+            }
+            self.count()?;
+            let child = if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
+            let dir_fd = dir.fd().map_err(fail)?;
+            let kind = match entry.file_type() {
+                FileType::Unknown => rustix::fs::statat(dir_fd, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_or(FileType::Unknown, |st| FileType::from_raw_mode(st.st_mode)),
+                kind => kind,
+            };
+            if kind == FileType::Directory {
+                self.subdir(dir_fd, name, &child, depth + 1)?;
+            } else if is_source(name, &child) {
+                self.source(dir_fd, name, child)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Enters the directory `name` of `parent`, unless it is no longer one.
+    fn subdir(&mut self, parent: BorrowedFd, name: &str, rel: &str, depth: usize) -> Result<(), TrustError> {
+        if depth > self.bounds.depth {
+            return Err(self.limit(format!("{rel} is more than {} directories deep", self.bounds.depth)));
+        }
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        match rustix::fs::openat(parent, name, flags, Mode::empty()) {
+            Ok(fd) => self.dir(fd, rel, depth),
+            // Replaced or removed since it was listed: there is nothing to walk.
+            Err(Errno::LOOP | Errno::NOTDIR | Errno::NOENT) => Ok(()),
+            Err(e) => Err(TrustError::Read { path: self.work_dir.join(rel), source: e.into() }),
+        }
+    }
+
+    /// Reads the source `name` of `parent` (at `rel`).
+    fn source(&mut self, parent: BorrowedFd, name: &str, rel: String) -> Result<(), TrustError> {
+        let path = self.work_dir.join(&rel);
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+        let fd = match rustix::fs::openat(parent, name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(()),
+            Err(Errno::LOOP) => return Err(TrustError::Symlink { path }),
+            Err(e) => return Err(TrustError::Read { path, source: e.into() }),
+        };
+        let bytes = read_bounded(std::fs::File::from(fd), path, DEVSHELL_FILE_LIMIT)?;
+        self.bytes += bytes.len() as u64;
+        if self.bytes > self.bounds.bytes {
+            return Err(self.limit(format!("its dev shell files are larger than {} bytes together", self.bounds.bytes)));
+        }
+        self.sources.insert(rel, SourceFile { hash: digest(&bytes), bytes });
+        Ok(())
+    }
+
+    /// Counts one directory entry against the bounds.
+    fn count(&mut self) -> Result<(), TrustError> {
+        self.entries += 1;
+        if self.entries > self.bounds.entries {
+            return Err(self.limit(format!("the tree has more than {} entries", self.bounds.entries)));
+        }
+        if Instant::now() > self.deadline {
+            return Err(self.limit(format!("it took longer than {:?}", self.bounds.time)));
+        }
+        Ok(())
+    }
+
+    fn limit(&self, why: String) -> TrustError {
+        TrustError::WalkLimit { dir: self.work_dir.to_path_buf(), why }
+    }
 }
 
 /// What the user trusted in one project: each file's hash as it was.
@@ -146,12 +297,18 @@ impl Record {
         }
     }
 
-    /// The dev shell files of `hashes` that are not trusted as they are.
-    pub fn untrusted_devshell_files(record: Option<&Record>, hashes: &[(&'static str, Option<String>)]) -> Vec<&'static str> {
-        hashes
-            .iter()
-            .filter(|(name, hash)| Record::verdict(record, name, hash.as_deref()) != Verdict::Trusted)
-            .map(|(name, _)| *name)
+    /// The dev shell sources that are not as the record trusted them: new,
+    /// changed, or trusted and now absent.
+    pub fn untrusted_devshell_files(record: Option<&Record>, sources: &Sources) -> Vec<String> {
+        let recorded = record.into_iter().flat_map(|r| r.files.keys()).filter(|n| *n != PROJECT_CONFIG);
+        let names: std::collections::BTreeSet<&String> = sources.keys().chain(recorded).collect();
+        names
+            .into_iter()
+            .filter(|name| {
+                let current = sources.get(*name).map(|f| f.hash.as_str());
+                Record::verdict(record, name, current) != Verdict::Trusted
+            })
+            .cloned()
             .collect()
     }
 }
@@ -296,11 +453,18 @@ pub fn trust(store: &TrustStore, work_dir: &Path) -> Result<String, TrustError> 
         }
         files.push((PROJECT_CONFIG.to_string(), hash));
     }
-    for (name, hash) in devshell_hashes(work_dir)? {
-        if let Some(hash) = hash {
-            let _ = writeln!(out, "  {name:<18} sha256 {} (evaluated on this host by --devshell)", &hash[..16]);
-            files.push((name.to_string(), hash));
+    match devshell_sources(work_dir) {
+        Ok(sources) => {
+            for (name, file) in sources {
+                let _ = writeln!(out, "  {name:<18} sha256 {} (evaluated on this host by --devshell)", &file.hash[..16]);
+                files.push((name, file.hash));
+            }
         }
+        // The config alone can still be trusted; --devshell will give the same error.
+        Err(e) if !files.is_empty() => {
+            let _ = writeln!(out, "  dev shell files: none recorded: {e}");
+        }
+        Err(e) => return Err(e),
     }
     if work_dir.join(".envrc").exists() {
         let _ = writeln!(out, "  {:<18} not recorded here: direnv decides (`direnv allow`)", ".envrc");
@@ -308,9 +472,9 @@ pub fn trust(store: &TrustStore, work_dir: &Path) -> Result<String, TrustError> 
     if files.is_empty() {
         store.revoke(work_dir)?;
         return Ok(format!(
-            "{} has no {PROJECT_CONFIG} and no dev shell files ({}): nothing to trust\n{out}",
+            "{} has no {PROJECT_CONFIG} and no dev shell files (*.nix, {}): nothing to trust\n{out}",
             work_dir.display(),
-            devshell::KEY_FILES.join(", ")
+            devshell::DATA_FILES.join(", ")
         ));
     }
     let path = store.save(&Record::new(work_dir, files))?;
@@ -347,23 +511,38 @@ pub fn show(store: &TrustStore, work_dir: &Path) -> Result<String, TrustError> {
         return Ok(format!("nothing is trusted in {}\n", work_dir.display()));
     };
     let mut out = format!("trusted in {} (recorded in {}):\n", work_dir.display(), store.record_path(work_dir).display());
-    let names = std::iter::once(PROJECT_CONFIG).chain(devshell::KEY_FILES);
-    for name in names {
-        let limit = if name == PROJECT_CONFIG { CONFIG_LIMIT } else { DEVSHELL_FILE_LIMIT };
-        let current = read_project_file(work_dir, name, limit).map(|b| b.map(|b| digest(&b)));
-        let trusted = record.files.get(name);
-        let state = match (current, trusted) {
-            (Ok(None), None) => continue,
-            (Err(e), _) => format!("not trusted now: {e}"),
-            (Ok(c), t) if c.as_ref() == t => "trusted, unchanged".to_string(),
-            (Ok(None), Some(_)) => "trusted, but now absent".to_string(),
-            (Ok(Some(_)), None) => "not trusted (new since)".to_string(),
-            (Ok(Some(_)), Some(_)) => "not trusted: changed since it was trusted".to_string(),
-        };
-        let hash = trusted.map_or(String::new(), |h| format!(" (sha256 {})", &h[..16.min(h.len())]));
-        let _ = writeln!(out, "  {name:<18} {state}{hash}");
+    let config = read_project_file(work_dir, PROJECT_CONFIG, CONFIG_LIMIT).map(|b| b.map(|b| digest(&b)));
+    show_file(&mut out, &record, PROJECT_CONFIG, config);
+    match devshell_sources(work_dir) {
+        Ok(sources) => {
+            let recorded = record.files.keys().filter(|n| *n != PROJECT_CONFIG && !sources.contains_key(*n));
+            let mut names: Vec<String> = sources.keys().chain(recorded).cloned().collect();
+            names.sort();
+            for name in names {
+                let current = sources.get(&name).map(|f| f.hash.clone());
+                show_file(&mut out, &record, &name, Ok(current));
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(out, "  dev shell files: cannot be checked now: {e}");
+        }
     }
     Ok(out)
+}
+
+/// One line of [`show`]: how `name`, whose hash is now `current`, stands.
+fn show_file(out: &mut String, record: &Record, name: &str, current: Result<Option<String>, TrustError>) {
+    let trusted = record.files.get(name);
+    let state = match (current, trusted) {
+        (Ok(None), None) => return,
+        (Err(e), _) => format!("not trusted now: {e}"),
+        (Ok(c), t) if c.as_ref() == t => "trusted, unchanged".to_string(),
+        (Ok(None), Some(_)) => "trusted, but now absent".to_string(),
+        (Ok(Some(_)), None) => "not trusted (new since)".to_string(),
+        (Ok(Some(_)), Some(_)) => "not trusted: changed since it was trusted".to_string(),
+    };
+    let hash = trusted.map_or(String::new(), |h| format!(" (sha256 {})", &h[..16.min(h.len())]));
+    let _ = writeln!(out, "  {name:<18} {state}{hash}");
 }
 
 /// One line per value the config sets, `a.b.c = value`, values as TOML
@@ -502,21 +681,98 @@ mod tests {
     #[test]
     fn devshell_files_are_trusted_as_a_set() {
         let (_d, work, store) = fixture();
-        let hashes = || devshell_hashes(&work).unwrap();
-        assert!(Record::untrusted_devshell_files(None, &hashes()).is_empty(), "no files: nothing to trust");
+        let sources = || devshell_sources(&work).unwrap();
+        let untrusted = |record: Option<&Record>| Record::untrusted_devshell_files(record, &sources());
+        assert!(untrusted(None).is_empty(), "no files: nothing to trust");
         std::fs::write(work.join("flake.nix"), "{}").unwrap();
-        assert_eq!(Record::untrusted_devshell_files(None, &hashes()), ["flake.nix"]);
+        assert_eq!(untrusted(None), ["flake.nix"]);
         trust(&store, &work).unwrap();
         let record = store.load(&work).unwrap();
-        assert!(Record::untrusted_devshell_files(record.as_ref(), &hashes()).is_empty());
+        assert!(untrusted(record.as_ref()).is_empty());
         std::fs::write(work.join("flake.lock"), "{}").unwrap();
-        assert_eq!(Record::untrusted_devshell_files(record.as_ref(), &hashes()), ["flake.lock"], "a new file");
+        assert_eq!(untrusted(record.as_ref()), ["flake.lock"], "a new file");
         std::fs::remove_file(work.join("flake.lock")).unwrap();
         std::fs::write(work.join("flake.nix"), "{ }").unwrap();
-        assert_eq!(Record::untrusted_devshell_files(record.as_ref(), &hashes()), ["flake.nix"], "a changed file");
+        assert_eq!(untrusted(record.as_ref()), ["flake.nix"], "a changed file");
         std::fs::remove_file(work.join("flake.nix")).unwrap();
+        assert_eq!(untrusted(record.as_ref()), ["flake.nix"], "a removed file");
         std::os::unix::fs::symlink("/etc/passwd", work.join("flake.nix")).unwrap();
-        assert!(matches!(devshell_hashes(&work), Err(TrustError::Symlink { .. })));
+        assert!(matches!(devshell_sources(&work), Err(TrustError::Symlink { .. })));
+    }
+
+    #[test]
+    fn every_nix_file_in_the_tree_is_a_source_and_links_and_git_are_not_followed() {
+        let (d, work, store) = fixture();
+        let write = |rel: &str, text: &str| {
+            let path = work.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        };
+        write("flake.nix", "{ outputs = _: import ./nix/shell.nix; }");
+        write("nix/shell.nix", "{}");
+        write("a/b/c/d/deep.nix", "{}");
+        write("dir.nix/default.nix", "{}");
+        write("sub/flake.lock", "not a source below the top");
+        write("README.md", "not a source");
+        write(".git/hooks/x.nix", "git's, not a source");
+        write("vendor/.git/config.nix", "neither in a nested repo");
+        let outside = d.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("host.nix"), "a host file").unwrap();
+        std::os::unix::fs::symlink(&outside, work.join("linked-dir")).unwrap();
+        let names: Vec<String> = devshell_sources(&work).unwrap().into_keys().collect();
+        assert_eq!(names, ["a/b/c/d/deep.nix", "dir.nix/default.nix", "flake.nix", "nix/shell.nix"]);
+
+        trust(&store, &work).unwrap();
+        let record = store.load(&work).unwrap();
+        let untrusted = || Record::untrusted_devshell_files(record.as_ref(), &devshell_sources(&work).unwrap());
+        assert!(untrusted().is_empty());
+        write("nix/shell.nix", "{ evil = true; }");
+        assert_eq!(untrusted(), ["nix/shell.nix"], "a changed import");
+        write("nix/shell.nix", "{}");
+        write("nix/new.nix", "{}");
+        assert_eq!(untrusted(), ["nix/new.nix"], "a new file");
+        std::fs::remove_file(work.join("nix/new.nix")).unwrap();
+        std::fs::remove_file(work.join("a/b/c/d/deep.nix")).unwrap();
+        assert_eq!(untrusted(), ["a/b/c/d/deep.nix"], "a removed file");
+
+        std::os::unix::fs::symlink(outside.join("host.nix"), work.join("nix/link.nix")).unwrap();
+        let e = devshell_sources(&work).unwrap_err();
+        assert!(matches!(&e, TrustError::Symlink { path } if path.ends_with("nix/link.nix")), "{e}");
+        std::fs::remove_file(work.join("nix/link.nix")).unwrap();
+        let fifo = std::ffi::CString::new(work.join("nix/fifo.nix").to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo has no other preconditions.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        assert!(matches!(devshell_sources(&work), Err(TrustError::NotRegular { .. })), "a FIFO does not hang the walk");
+    }
+
+    #[test]
+    fn the_walk_is_bounded_and_says_which_bound_it_hit() {
+        let (_d, work, store) = fixture();
+        std::fs::write(work.join("flake.nix"), "{}").unwrap();
+        for i in 0..20 {
+            std::fs::write(work.join(format!("f{i}")), "").unwrap();
+        }
+        let bounds = WalkBounds::DEFAULT;
+        assert_eq!(devshell_sources_within(&work, bounds).unwrap().len(), 1);
+        let e = devshell_sources_within(&work, WalkBounds { entries: 10, ..bounds }).unwrap_err().to_string();
+        assert!(e.contains("more than 10 entries") && e.contains("without --devshell"), "{e}");
+        let e = devshell_sources_within(&work, WalkBounds { time: Duration::ZERO, ..bounds }).unwrap_err().to_string();
+        assert!(e.contains("took longer"), "{e}");
+        let e = devshell_sources_within(&work, WalkBounds { bytes: 1, ..bounds }).unwrap_err().to_string();
+        assert!(e.contains("larger than 1 bytes"), "{e}");
+        let deep: PathBuf = (0..=bounds.depth).map(|_| "d").collect();
+        std::fs::create_dir_all(work.join(&deep)).unwrap();
+        let e = devshell_sources(&work).unwrap_err().to_string();
+        assert!(e.contains(&format!("more than {} directories deep", bounds.depth)), "{e}");
+
+        // The config can still be trusted; the dev shell files are not recorded.
+        std::fs::write(work.join(PROJECT_CONFIG), "cpus = 1\n").unwrap();
+        let shown = trust(&store, &work).unwrap();
+        assert!(shown.contains("none recorded") && shown.contains("directories deep"), "{shown}");
+        assert_eq!(store.load(&work).unwrap().unwrap().files.keys().collect::<Vec<_>>(), [PROJECT_CONFIG]);
+        std::fs::remove_file(work.join(PROJECT_CONFIG)).unwrap();
+        assert!(trust(&store, &work).is_err(), "nothing else to trust: the error");
     }
 
     #[test]

@@ -312,7 +312,7 @@ fn changed_flake_stops_before_boot_and_devshell_try_runs_without_it() {
     let e = stderr(&out);
     assert_eq!(out.status.code(), Some(125), "{e}");
     let work = p.launch.work.canonicalize().unwrap();
-    assert!(e.contains("flake.nix is new or changed") && e.contains(&format!("agentvm trust {}", work.display())), "{e}");
+    assert!(e.contains("flake.nix is new, changed or removed") && e.contains(&format!("agentvm trust {}", work.display())), "{e}");
     assert!(!stdout(&out).contains("booted"));
     assert_eq!(p.calls(), 0, "nix never ran on the changed flake");
     assert!(p.launch.leftover_instances().is_empty());
