@@ -324,3 +324,30 @@ fn changed_flake_stops_before_boot_and_devshell_try_runs_without_it() {
     assert!(e.contains("agentvm trust") && e.contains("starting without the dev shell"), "{e}");
     assert_eq!(p.calls(), 0);
 }
+
+#[test]
+fn a_guest_edit_of_a_nix_file_the_flake_imports_stops_the_next_dev_shell() {
+    let flake = FLAKE.replace("GREETING = \"hello from a real flake\";", "GREETING = import ./nix/greeting.nix;");
+    let mut p = NixProject::new("", &flake);
+    std::fs::create_dir(p.launch.work.join("nix")).unwrap();
+    std::fs::write(p.launch.work.join("nix/greeting.nix"), "\"hello from an import\"\n").unwrap();
+    p.launch.trust_project();
+    p.prebuild();
+    let script = |p: &mut NixProject, s: &str| *p.launch.args.last_mut().unwrap() = s.to_string();
+
+    // Run 1: the trusted dev shell; the guest edits the imported file.
+    script(&mut p, "echo \"greeting=$GREETING\"; echo '\"from the guest\"' > /work/nix/greeting.nix");
+    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("greeting=hello from an import\n"), "{}", stdout(&out));
+    assert_eq!(std::fs::read_to_string(p.launch.work.join("nix/greeting.nix")).unwrap(), "\"from the guest\"\n");
+
+    // Run 2: refused before nix runs and before boot, neither is the cached result used.
+    script(&mut p, "echo booted");
+    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
+    let e = stderr(&out);
+    assert_eq!(out.status.code(), Some(125), "{e}");
+    assert!(e.contains("nix/greeting.nix is new, changed or removed") && e.contains("agentvm trust"), "{e}");
+    assert!(!stdout(&out).contains("booted"));
+    assert_eq!(p.calls(), 1, "nix ran only for run 1");
+}
