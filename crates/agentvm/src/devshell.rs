@@ -3,23 +3,29 @@
 //!
 //! What is evaluated, first match in the work dir:
 //!
-//! | file                | command (cwd: the work dir)                                   |
-//! |---------------------|---------------------------------------------------------------|
-//! | `.devenv.flake.nix` | `devenv print-dev-env`                                        |
-//! | `devenv.nix`        | `nix print-dev-env --no-update-lock-file --impure <work dir>` |
-//! | `flake.nix`         | `nix print-dev-env --no-update-lock-file <work dir>`          |
-//! | `.envrc`            | `direnv export json` (only if allowed in direnv)              |
+//! | file                | command                                                    |
+//! |---------------------|------------------------------------------------------------|
+//! | `.devenv.flake.nix` | `devenv print-dev-env`                                     |
+//! | `devenv.nix`        | `nix print-dev-env --no-update-lock-file --impure path:.`  |
+//! | `flake.nix`         | `nix print-dev-env --no-update-lock-file path:.`           |
+//! | `.envrc`            | `direnv export json` (only if allowed in direnv)           |
 //!
 //! The guest can write these files, and Nix evaluates them on the host:
-//! [`KEY_FILES`] must be as the user trusted them (`agentvm trust`, see
-//! [`crate::trust`]), or the dev shell is refused before anything runs.
-//! An `.envrc` is left to direnv's own allow list, which works the same way.
+//! the dev shell's sources (every `*.nix` file in the project and the
+//! [`DATA_FILES`], see [`trust::devshell_sources`]) must be as the user
+//! trusted them (`agentvm trust`), or the dev shell is refused before
+//! anything runs. Nix and devenv then run in a private copy of exactly
+//! those bytes (`private_copy`), not in the work dir: Nix evaluates
+//! nothing the user did not trust, and runs no git in the project (git
+//! runs programs named by the repository's config, which the guest can
+//! write). An `.envrc` is left to direnv's own allow list, which works the
+//! same way; direnv runs in the work dir.
 //!
 //! Nix output is cached in the project's state dir, keyed by a hash of the
-//! command and of [`KEY_FILES`] (the same bytes the trust check hashed),
-//! and reused until one of them changes; the cache is written (atomically)
-//! only after the command succeeded and the files did not change meanwhile.
-//! direnv is run every time: it decides itself what an `.envrc` depends on.
+//! command and of the sources (the bytes the trust check hashed), and
+//! reused until one of them changes; the cache is written (atomically)
+//! only after the command succeeded. direnv is run every time: it decides
+//! itself what an `.envrc` depends on.
 //!
 //! Only exported string variables are applied. Shell internals and
 //! variables that describe the host or the build sandbox (HOME, PWD, TMPDIR,
@@ -84,7 +90,7 @@ pub const NIX_STORE: &str = "/nix/store";
 const ERROR_LINES: usize = 60;
 
 /// Bumped when the cache's meaning changes, so old entries are not reused.
-const CACHE_VERSION: u32 = 2;
+const CACHE_VERSION: u32 = 3;
 
 /// Variables never taken from a dev shell: they belong to the shell that
 /// evaluated it, to the build sandbox, or to the guest.
@@ -228,8 +234,10 @@ pub enum DevshellError {
     NoProgram { dir: PathBuf, file: &'static str, program: &'static str, hint: &'static str },
     #[error("cannot start `{command}`: {source}")]
     Spawn { command: String, source: std::io::Error },
-    #[error("the dev shell of {dir} could not be evaluated: `{command}` ended with {status}\n--- its output (last lines) ---\n{output}\n--- to reproduce: cd {dir} && {command}\nfix the error above, or pass --devshell=try to start without the dev shell")]
-    Failed { dir: PathBuf, command: String, status: String, output: String },
+    #[error("the dev shell of {dir} could not be evaluated: `{command}` ended with {status}\n--- its output (last lines) ---\n{output}\n--- to reproduce: cd {dir} && {command}\n{note}fix the error above, or pass --devshell=try to start without the dev shell")]
+    Failed { dir: PathBuf, command: String, status: String, output: String, note: &'static str },
+    #[error("cannot write the private copy of the dev shell files at {path}: {source}")]
+    Copy { path: PathBuf, source: std::io::Error },
     #[error("{dir}/.envrc is blocked: direnv has not been allowed to load it. Review it, then run `direnv allow {dir}` (or start without --devshell)")]
     Blocked { dir: PathBuf },
     #[error("cannot read the output of `{command}` ({why}); to see it: cd {dir} && {command}")]
@@ -338,7 +346,11 @@ fn find_on_path(name: &str, path: Option<&OsString>) -> Option<PathBuf> {
 }
 
 /// The Nix command for `source`, without `--json` (the cache key's form).
-pub fn nix_command(source: Source, work_dir: &Path) -> Vec<String> {
+/// It runs in the private copy of the sources (`private_copy`). The
+/// flake is `path:.`: given a bare path inside a git repository, Nix would
+/// run git there; `path:` reads the directory itself (and a `path:` URL
+/// cannot hold every path, `.` can).
+pub fn nix_command(source: Source) -> Vec<String> {
     let mut cmd: Vec<String> = match source {
         Source::DevenvFlake => return vec!["devenv".into(), "print-dev-env".into()],
         _ => ["nix", "--extra-experimental-features", "nix-command flakes", "print-dev-env", "--no-update-lock-file"]
@@ -348,8 +360,37 @@ pub fn nix_command(source: Source, work_dir: &Path) -> Vec<String> {
     if source == Source::DevenvNix {
         cmd.push("--impure".into());
     }
-    cmd.push(work_dir.display().to_string());
+    cmd.push("path:.".into());
     cmd
+}
+
+/// Writes `sources` into a new private directory in the state dir, which
+/// is what Nix evaluates: exactly the bytes that were trusted, and no
+/// `.git` (Nix runs git in a flake's repository, and git runs programs
+/// that the repository's config names, which the guest can write).
+fn private_copy(req: &Request, sources: &Sources) -> Result<tempfile::TempDir, DevshellError> {
+    let fail = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DevshellError::Copy { path, source }
+    };
+    let state = &req.state_dir;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(state).map_err(fail(state))?;
+    let copy = tempfile::Builder::new().prefix("devshell-src.").tempdir_in(state).map_err(fail(state))?;
+    for (name, file) in sources {
+        // `name` is made of directory entry names below the work dir:
+        // relative, without `..`.
+        let path = copy.path().join(name);
+        let dir = path.parent().expect("below the copy");
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(fail(dir))?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(&file.bytes))
+            .map_err(fail(&path))?;
+    }
+    Ok(copy)
 }
 
 /// The project's dev shell sources (see [`trust::devshell_sources`]) if
@@ -395,7 +436,7 @@ fn nix_env(
     sources: &Sources,
     warnings: &mut Vec<String>,
 ) -> Result<(Vec<(String, String)>, bool), DevshellError> {
-    let command = nix_command(source, &req.work_dir);
+    let command = nix_command(source);
     let key = cache_key(sources, &command);
     let cache_path = req.state_dir.join(CACHE_FILE);
     if let Some(entry) = read_cache(&cache_path, &req.work_dir, &key) {
@@ -406,12 +447,10 @@ fn nix_env(
     let program = find_program(req, source)?;
     let display = shell_words(&command);
     eprintln!("agentvm: evaluating the dev shell: {display} (cached until a *.nix file, {} changes)", DATA_FILES.join(", "));
-    let (format, output) = run_nix(req, source, &program, &command)?;
-    // A guest of another run of the project could have swapped the files
-    // while nix read them: such a result is neither used nor cached.
-    if trust::devshell_sources(&req.work_dir)? != *sources {
-        return Err(DevshellError::ChangedDuringEvaluation { dir: req.work_dir.clone(), command: display });
-    }
+    let copy = private_copy(req, sources)?;
+    let (format, output) = run_nix(req, source, &program, &command, copy.path())?;
+    // Paths in the copy are paths in the project.
+    let output = output.replace(&copy.path().display().to_string(), &req.work_dir.display().to_string());
     let raw = parse_nix(format, &output)
         .map_err(|why| DevshellError::Output { dir: req.work_dir.clone(), command: display, why })?;
     let entry = CacheEntry { version: CACHE_VERSION, work_dir: req.work_dir.clone(), key, command, format, output };
@@ -421,22 +460,38 @@ fn nix_env(
     Ok((raw, false))
 }
 
-/// Runs the Nix command: `nix ... --json` first, without `--json` if this
-/// nix does not know the flag; devenv always prints bash.
-fn run_nix(req: &Request, source: Source, program: &Path, command: &[String]) -> Result<(Format, String), DevshellError> {
+/// Runs the Nix command in the private `copy` of the sources: `nix ...
+/// --json` first, without `--json` if this nix does not know the flag;
+/// devenv always prints bash.
+fn run_nix(
+    req: &Request,
+    source: Source,
+    program: &Path,
+    command: &[String],
+    copy: &Path,
+) -> Result<(Format, String), DevshellError> {
+    let run = |argv: &[String]| {
+        run(req, program, &argv[1..], copy, argv).map_err(|e| match e {
+            DevshellError::Failed { dir, command, status, output, .. } => {
+                DevshellError::Failed { dir, command, status, output, note: PRIVATE_COPY_NOTE }
+            }
+            e => e,
+        })
+    };
     if source == Source::DevenvFlake {
-        return Ok((Format::NixBash, run(req, program, &command[1..], &req.work_dir, command)?));
+        return Ok((Format::NixBash, run(command)?));
     }
     let mut with_json = command.to_vec();
     with_json.insert(with_json.len() - 1, "--json".into());
-    match run(req, program, &with_json[1..], &req.work_dir, &with_json) {
+    match run(&with_json) {
         Ok(out) => Ok((Format::NixJson, out)),
-        Err(DevshellError::Failed { output, .. }) if json_unsupported(&output) => {
-            Ok((Format::NixBash, run(req, program, &command[1..], &req.work_dir, command)?))
-        }
+        Err(DevshellError::Failed { output, .. }) if json_unsupported(&output) => Ok((Format::NixBash, run(command)?)),
         Err(e) => Err(e),
     }
 }
+
+/// What a failed Nix evaluation's error adds.
+const PRIVATE_COPY_NOTE: &str = "agentvm evaluated a private copy of the trusted files only (every *.nix file, flake.lock, devenv.yaml, devenv.lock; no .git): a dev shell that reads other files of the project does not find them\n";
 
 /// Whether nix's error output says it does not know `--json`.
 pub fn json_unsupported(stderr: &str) -> bool {
@@ -473,6 +528,7 @@ fn run_with_env(
             command,
             status: crate::vm::process::describe(out.status),
             output: crate::vm::process::tail_lines(strip_ansi(&String::from_utf8_lossy(&out.stderr)).as_bytes(), ERROR_LINES),
+            note: "",
         });
     }
     String::from_utf8(out.stdout)
@@ -917,17 +973,17 @@ mod tests {
         assert_eq!(detect(&f.work()), Some(Source::Flake));
         f.file("devenv.nix", "{}");
         assert_eq!(detect(&f.work()), Some(Source::DevenvNix));
-        assert!(nix_command(Source::DevenvNix, &f.work()).contains(&"--impure".to_string()));
-        assert!(!nix_command(Source::Flake, &f.work()).contains(&"--impure".to_string()));
+        assert!(nix_command(Source::DevenvNix).contains(&"--impure".to_string()));
+        assert!(!nix_command(Source::Flake).contains(&"--impure".to_string()));
         f.file(".devenv.flake.nix", "{}");
         assert_eq!(detect(&f.work()), Some(Source::DevenvFlake));
-        assert_eq!(nix_command(Source::DevenvFlake, &f.work()), ["devenv", "print-dev-env"]);
+        assert_eq!(nix_command(Source::DevenvFlake), ["devenv", "print-dev-env"]);
     }
 
     #[test]
     fn cache_key_changes_with_each_key_file_and_the_command() {
         let f = Fixture::new();
-        let cmd = nix_command(Source::Flake, &f.work());
+        let cmd = nix_command(Source::Flake);
         let key = |cmd: &[String]| cache_key(&trust::devshell_sources(&f.work()).unwrap(), cmd);
         let k0 = key(&cmd);
         assert_eq!(k0, key(&cmd), "stable");
@@ -944,7 +1000,7 @@ mod tests {
         assert!(!seen.contains(&k), "new flake.lock contents change the key");
         f.file("README", "unrelated");
         assert_eq!(key(&cmd), k, "other files do not");
-        assert_ne!(key(&nix_command(Source::DevenvNix, &f.work())), k);
+        assert_ne!(key(&nix_command(Source::DevenvNix)), k);
     }
 
     fn fake_nix_json(f: &Fixture) {
@@ -962,8 +1018,7 @@ mod tests {
         assert_eq!(shell.path, ["/nix/store/aaa-hello/bin", "/nix/store/bbb-coreutils/bin"]);
         let calls = f.calls();
         assert_eq!(calls.len(), 1);
-        assert!(calls[0].contains("print-dev-env --no-update-lock-file --json"), "{calls:?}");
-        assert!(calls[0].ends_with(&f.work().display().to_string()), "{calls:?}");
+        assert!(calls[0].contains("print-dev-env --no-update-lock-file --json path:."), "{calls:?}");
         let cache = f.dir.path().join("state").join(CACHE_FILE);
         let mode = cache.metadata().unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
@@ -1081,12 +1136,41 @@ mod tests {
         // Back to the trusted content: the cached result is good again.
         std::fs::remove_file(f.work().join("flake.lock")).unwrap();
         assert!(load(&req()).unwrap().unwrap().from_cache);
-        // A trusted flake.nix that is swapped while nix evaluates it.
-        std::fs::remove_file(f.dir.path().join("state").join(CACHE_FILE)).unwrap();
-        f.program("nix", &format!("echo '{{ evil }}' > '{}/flake.nix'\ncat <<'JSON'\n{NIX_JSON}\nJSON", f.work().display()));
-        let e = load(&req()).unwrap_err().to_string();
-        assert!(e.contains("changed while"), "{e}");
-        assert!(!f.dir.path().join("state").join(CACHE_FILE).exists(), "not cached");
+    }
+
+    #[test]
+    fn nix_evaluates_a_private_copy_of_the_trusted_files_and_its_paths_become_project_paths() {
+        let f = Fixture::new();
+        f.file("flake.nix", "{ outputs = _: import ./nix/shell.nix; }");
+        f.file("flake.lock", "{}");
+        f.file("README", "not a source");
+        for dir in ["nix", ".git"] {
+            std::fs::create_dir(f.work().join(dir)).unwrap();
+        }
+        f.file("nix/shell.nix", "{ }");
+        f.file(".git/config", "[core]\n\tfsmonitor = ./evil.sh\n");
+        let seen = f.dir.path().join("seen");
+        // The stand-in lists where it runs and what is there, and gives a
+        // variable naming a path in it; then the guest swaps flake.nix.
+        f.program(
+            "nix",
+            &format!(
+                "echo \"$PWD\" > '{seen}'; /usr/bin/find . | /usr/bin/sort >> '{seen}'; /bin/cat flake.nix >> '{seen}'\n\
+                 echo '{{ evil }}' > '{work}/flake.nix'\n\
+                 printf '{{\"variables\":{{\"ROOT\":{{\"type\":\"exported\",\"value\":\"%s/sub\"}}}}}}' \"$PWD\"",
+                seen = seen.display(),
+                work = f.work().display()
+            ),
+        );
+        let shell = load(&f.request()).unwrap().unwrap();
+        assert_eq!(shell.vars, s(&[("ROOT", "/work/sub")]));
+        let seen = std::fs::read_to_string(seen).unwrap();
+        let mut lines = seen.lines();
+        let copy = PathBuf::from(lines.next().unwrap());
+        assert!(copy.starts_with(f.dir.path().join("state")) && copy.file_name().unwrap().to_str().unwrap().starts_with("devshell-src."), "{seen}");
+        assert_eq!(lines.collect::<Vec<_>>(), [".", "./flake.lock", "./flake.nix", "./nix", "./nix/shell.nix", "{ outputs = _: import ./nix/shell.nix; }"]);
+        assert!(f.calls()[0].ends_with(" --json path:."), "{:?}", f.calls());
+        assert!(!copy.exists(), "the copy is removed");
     }
 
     #[test]

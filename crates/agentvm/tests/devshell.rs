@@ -351,3 +351,41 @@ fn a_guest_edit_of_a_nix_file_the_flake_imports_stops_the_next_dev_shell() {
     assert!(!stdout(&out).contains("booted"));
     assert_eq!(p.calls(), 1, "nix ran only for run 1");
 }
+
+/// `git ARGS` in `dir`, with an identity for commits.
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .args(["-c", "user.name=agentvm test", "-c", "user.email=test@agentvm.invalid"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git is installed");
+    assert!(out.status.success(), "git {args:?}: {}", stderr(&out));
+}
+
+#[test]
+fn guest_written_git_config_is_not_run_on_the_host_by_the_dev_shell() {
+    let p = NixProject::new("echo \"greeting=$GREETING\"", FLAKE);
+    let work = &p.launch.work;
+    // The user's project is a git repository with the trusted flake committed.
+    git(work, &["init", "-q"]);
+    git(work, &["add", "flake.nix", "flake.lock"]);
+    git(work, &["commit", "-q", "-m", "flake"]);
+    p.prebuild();
+
+    // A guest of an earlier run writes git configuration that makes git run
+    // its program: an fsmonitor hook and a filter driver for every file.
+    let marker = p.launch.dirs.path().join("host-marker");
+    write_exec(&work.join("evil.sh"), &format!("#!/bin/sh\necho \"ran $*\" >> '{}'\ncat\n", marker.display()));
+    let config = std::fs::read_to_string(work.join(".git/config")).unwrap();
+    let evil = "[core]\n\tfsmonitor = ./evil.sh\n[filter \"x\"]\n\tclean = ./evil.sh clean\n\tsmudge = ./evil.sh smudge\n";
+    std::fs::write(work.join(".git/config"), config + evil).unwrap();
+    std::fs::write(work.join(".git/info/attributes"), "* filter=x\n").unwrap();
+
+    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
+    let ran = std::fs::read_to_string(&marker).unwrap_or_default();
+    assert!(ran.is_empty(), "the host ran the guest's program: {ran}");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("greeting=hello from a real flake\n"), "{}", stdout(&out));
+    assert_eq!(p.calls(), 1);
+}
