@@ -73,3 +73,20 @@ fn guest_written_project_config_applies_only_after_agentvm_trust() {
     assert!(victim.join("home-marker").is_file());
     assert!(l.leftover_processes().is_empty());
 }
+
+#[test]
+fn a_guest_written_dot_git_does_not_change_the_git_identity_the_host_looks_up() {
+    // The host user's identity, in a home of the test's own.
+    let l = Launch::new();
+    let host_home = l.dirs.path().join("host-home");
+    std::fs::create_dir(&host_home).unwrap();
+    std::fs::write(host_home.join(".gitconfig"), "[user]\n\tname = Host User\n\temail = host@example.invalid\n").unwrap();
+    // A guest of an earlier run made the project's .git point nowhere: git
+    // run in the project would fail ("not a git repository").
+    std::fs::write(l.work.join(".git"), "gitdir: /nonexistent\n").unwrap();
+    let host_home = host_home.to_str().unwrap();
+    let l = l.env("HOME", host_home).shell("cd / && git config --global user.name && git config --global user.email");
+    let out = l.run();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "Host User\nhost@example.invalid\n");
+}
