@@ -19,7 +19,10 @@
 //! nothing the user did not trust, and runs no git in the project (git
 //! runs programs named by the repository's config, which the guest can
 //! write). An `.envrc` is left to direnv's own allow list, which works the
-//! same way; direnv runs in the work dir.
+//! same way; direnv runs in the work dir, and the Nix sources must be
+//! trusted for it too (an `.envrc` with `use nix` has nix-shell evaluate
+//! `shell.nix` and run its hooks on the host). What else an allowed
+//! `.envrc` runs or reads in the project is the user's to judge.
 //!
 //! Nix output is cached in the project's state dir, keyed by a hash of the
 //! command and of the sources (the bytes the trust check hashed), and
@@ -276,12 +279,17 @@ struct CacheEntry {
 pub fn load(req: &Request) -> Result<Option<DevShell>, DevshellError> {
     let Some(source) = detect(&req.work_dir) else { return Ok(None) };
     let mut warnings = Vec::new();
+    // An .envrc too may evaluate the project's Nix files (`use nix`).
+    let sources = trusted_sources(req)?;
     let (raw, base_path, from_cache) = if source.is_nix() {
-        let sources = trusted_sources(req)?;
         let (raw, from_cache) = nix_env(req, source, &sources, &mut warnings)?;
         (raw, None, from_cache)
     } else {
         let (raw, base_path) = direnv_env(req, &find_program(req, source)?)?;
+        // direnv reads them in the work dir: a result of other files is not used.
+        if trust::devshell_sources(&req.work_dir)? != sources {
+            return Err(DevshellError::ChangedDuringEvaluation { dir: req.work_dir.clone(), command: "direnv export json".into() });
+        }
         (raw, Some(base_path), false)
     };
     let (vars, path) = guest_vars(raw, &req.work_dir, base_path.as_deref());
@@ -1194,6 +1202,24 @@ mod tests {
         let retrusted = f.trust_now();
         assert!(!load(&req(&retrusted)).unwrap().unwrap().from_cache);
         assert_eq!(f.calls().len(), 2);
+    }
+
+    #[test]
+    fn an_envrc_runs_only_with_trusted_nix_files_and_not_if_they_change_meanwhile() {
+        let f = Fixture::new();
+        f.file(".envrc", "use nix\n");
+        f.file("shell.nix", "{ }");
+        f.program("direnv", "echo '{\"A\":\"1\"}'");
+        let e = load(&f.untrusted_request()).unwrap_err().to_string();
+        assert!(e.contains("shell.nix is new, changed or removed") && e.contains("agentvm trust"), "{e}");
+        assert!(f.calls().is_empty(), "direnv did not run");
+        let shell = load(&f.request()).unwrap().unwrap();
+        assert_eq!((shell.source, shell.vars), (Source::Direnv, s(&[("A", "1")])));
+        // Swapped while direnv ran: the result is not used.
+        let trusted = f.request();
+        f.program("direnv", &format!("echo '{{ evil }}' > '{}/shell.nix'; echo '{{}}'", f.work().display()));
+        let e = load(&trusted).unwrap_err().to_string();
+        assert!(e.contains("changed while `direnv export json`"), "{e}");
     }
 
     #[test]
