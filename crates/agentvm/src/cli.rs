@@ -95,10 +95,10 @@ pub enum Command {
         /// Instance id or unique prefix.
         id: String,
     },
-    /// Trust the project's .agentvm.toml and dev shell files (flake.nix,
-    /// flake.lock, devenv.*) as they are now, after reviewing them. The guest
-    /// can write them: a new or changed one is ignored (the config) or
-    /// stops --devshell, until trusted again.
+    /// Trust the project's .agentvm.toml and dev shell files (every *.nix
+    /// file, flake.lock, devenv.yaml, devenv.lock) as they are now, after
+    /// reviewing them. The guest can write them: a new or changed one is
+    /// ignored (the config) or stops --devshell, until trusted again.
     #[command(after_help = "Examples:\n  agentvm trust              trust ./.agentvm.toml (and ./flake.nix ...) as they are\n  agentvm trust --show ~/src/app\n  agentvm trust --revoke")]
     Trust {
         /// The project [env: WORK_DIR] [default: .]
@@ -222,7 +222,7 @@ pub struct RunArgs {
     #[arg(long, value_enum, value_name = "ACCEL")]
     pub accel: Option<AccelChoice>,
     /// Apply the project's dev shell to the program: a Nix flake
-    /// (`nix print-dev-env`, cached until flake.nix, flake.lock or a devenv file changes),
+    /// (`nix print-dev-env` on a private copy of the trusted Nix files, cached until one changes),
     /// devenv, or an `.envrc` that direnv allows. Nix files must be as
     /// trusted with `agentvm trust`. `--devshell` stops before
     /// boot if it fails; `--devshell=try` warns and goes on without it
