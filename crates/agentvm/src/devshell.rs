@@ -1070,6 +1070,7 @@ mod tests {
         assert!(e.contains("error: syntax error, unexpected end of file"), "{e}");
         assert!(e.contains(&format!("cd {} && nix", f.work().display())), "{e}");
         assert!(e.contains("print-dev-env") && e.contains("--devshell=try"), "{e}");
+        assert!(e.contains("private copy of the trusted files only"), "what nix could not see is explained: {e}");
         assert!(!f.dir.path().join("state").join(CACHE_FILE).exists());
         // Output that is not the expected format is an error too.
         f.program("nix", "echo garbage");
@@ -1122,6 +1123,9 @@ mod tests {
         let argv: Vec<String> = ["nix", "--x", "nix-command flakes", "it's", "/a/b"].map(String::from).to_vec();
         assert_eq!(shell_words(&argv), "nix --x 'nix-command flakes' 'it'\\''s' /a/b");
         assert_eq!(strip_ansi("\u{1b}[31mdirenv: error\u{1b}[0m x"), "direnv: error x");
+        let names: Vec<String> = (0..12).map(|i| format!("f{i}.nix")).collect();
+        assert_eq!(name_list(&names[..2]), "f0.nix, f1.nix");
+        assert!(name_list(&names).ends_with("f9.nix and 2 more"), "{}", name_list(&names));
     }
 
     #[test]
