@@ -454,7 +454,7 @@ fn nix_env(
     }
     let program = find_program(req, source)?;
     let display = shell_words(&command);
-    eprintln!("agentvm: evaluating the dev shell: {display} (cached until a *.nix file, {} changes)", DATA_FILES.join(", "));
+    eprintln!("agentvm: evaluating the dev shell: {display} (cached until a *.nix file, flake.lock, devenv.yaml or devenv.lock changes)");
     let copy = private_copy(req, sources)?;
     let (format, output) = run_nix(req, source, &program, &command, copy.path())?;
     // Paths in the copy are paths in the project.
