@@ -169,8 +169,10 @@ pub fn parse_flavor_tables(
         #[serde(default)]
         flavors: BTreeMap<String, FlavorOverride>,
     }
-    let file: ConfigFile = toml::from_str(toml_text)
-        .map_err(|e| FlavorError::Parse { path: path.to_path_buf(), why: e.to_string() })?;
+    let file: ConfigFile = toml::from_str(toml_text).map_err(|e| FlavorError::Parse {
+        path: path.to_path_buf(),
+        why: crate::settings::describe_toml_error(&e, toml_text),
+    })?;
     for (name, o) in &file.flavors {
         check_override(name, o)
             .map_err(|e| FlavorError::InFile { path: path.to_path_buf(), source: Box::new(e) })?;
@@ -321,7 +323,7 @@ pub fn describe(f: &Flavor) -> String {
     out
 }
 
-fn looks_secret(name: &str) -> bool {
+pub(crate) fn looks_secret(name: &str) -> bool {
     let n = name.to_ascii_uppercase();
     ["KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL"].iter().any(|w| n.contains(w))
 }

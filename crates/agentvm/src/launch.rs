@@ -288,14 +288,19 @@ pub fn run(settings: &Settings, started: Instant) -> Result<i32, LaunchError> {
     result
 }
 
-/// Evaluates the project's dev shell when the settings ask for it. With
-/// `--devshell=try` a failure is a warning and the launch goes on without.
+/// Evaluates the project's dev shell when the settings ask for it, if the
+/// user trusted its files. With `--devshell=try` a failure (an untrusted
+/// file too) is a warning and the launch goes on without.
 fn prepare_devshell(settings: &Settings) -> Result<Option<DevShell>, LaunchError> {
     if settings.devshell == devshell::Mode::Off {
         return Ok(None);
     }
     let state_dir = crate::paths::project_state_dir(&settings.work_dir)?;
-    match devshell::load(&devshell::Request::for_host(&settings.work_dir, state_dir)) {
+    let trusted = crate::trust::TrustStore::default_location()?.load(&settings.work_dir);
+    let loaded = trusted.map_err(devshell::DevshellError::from).and_then(|trusted| {
+        devshell::load(&devshell::Request::for_host(&settings.work_dir, state_dir, trusted))
+    });
+    match loaded {
         Ok(Some(shell)) => {
             for w in &shell.warnings {
                 eprintln!("agentvm: warning: {w}");

@@ -30,4 +30,5 @@ pub mod settings;
 pub mod shield;
 pub mod share;
 pub mod tools;
+pub mod trust;
 pub mod vm;

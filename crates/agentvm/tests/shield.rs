@@ -117,6 +117,7 @@ fn keyed_launch(ca_pem: &str) -> Launch {
          key_headers = { TEST_API_KEY = [\"x-api-key: {key}\"] }\n",
     )
     .unwrap();
+    l.trust_project();
     l.env("TEST_API_KEY", REAL_KEY)
         .env("AGENTVM_PROXY_RESOLVE", "api.test=127.0.0.1")
         .env("AGENTVM_PROXY_CA", ca_file.to_str().unwrap())
@@ -171,6 +172,7 @@ fn a_flavor_that_does_not_say_where_its_key_travels_is_refused_before_boot() {
         "[flavors.keyed]\ncommand = []\nkeys = [\"TEST_API_KEY\"]\nsecret_hosts = [\"api.test\"]\n",
     )
     .unwrap();
+    l.trust_project();
     let out = l.env("TEST_API_KEY", REAL_KEY).command_with(&["run", "--shield-secrets", "keyed"]).stdin(Stdio::null()).output().unwrap();
     assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
     assert!(stderr(&out).contains("key_headers = { TEST_API_KEY"), "{}", stderr(&out));
