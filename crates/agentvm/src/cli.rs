@@ -95,6 +95,57 @@ pub enum Command {
         /// Instance id or unique prefix.
         id: String,
     },
+    /// Trust the project's .agentvm.toml and dev shell files (every *.nix
+    /// file, flake.lock, devenv.yaml, devenv.lock) as they are now, after
+    /// reviewing them. The guest can write them: a new or changed one is
+    /// ignored (the config) or stops --devshell, until trusted again.
+    #[command(after_help = "Examples:\n  agentvm trust              trust ./.agentvm.toml (and ./flake.nix ...) as they are\n  agentvm trust --show ~/src/app\n  agentvm trust --revoke")]
+    Trust {
+        /// The project [env: WORK_DIR] [default: .]
+        dir: Option<PathBuf>,
+        /// Forget what was trusted in the project.
+        #[arg(long, conflicts_with = "show")]
+        revoke: bool,
+        /// Show what is trusted, and whether each file is unchanged.
+        #[arg(long)]
+        show: bool,
+    },
+}
+
+/// A command line (`args`, without the program name) that cannot be
+/// parsed, as one line: what was wrong, with which input, and whose help
+/// to read. The caller exits 125, as for agentvm's other errors.
+pub fn usage_error(e: &clap::Error, args: &[String]) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let help = format!("see `{} --help`", command_path(args));
+    if matches!(e.kind(), ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand) {
+        return format!("a command is missing; {help}");
+    }
+    // clap's first paragraph, e.g. "error: invalid value 'x' for '--network
+    // <MODE>'" and "[possible values: ...]"; its tips and usage follow.
+    let rendered = e.render().to_string();
+    let first: Vec<&str> = rendered.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+    let mut line = first.join(" ");
+    if let Some(rest) = line.strip_prefix("error: ") {
+        line = rest.to_string();
+    }
+    if let Some(ContextValue::Strings(similar)) = e.get(ContextKind::SuggestedSubcommand) {
+        line.push_str(&format!(" (did you mean {}?)", similar.join(" or ")));
+    }
+    format!("{line}; {help}")
+}
+
+/// `agentvm` and the subcommands named in `args`, e.g. `agentvm image build`.
+fn command_path(args: &[String]) -> String {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let mut path = vec!["agentvm".to_string()];
+    for arg in args.iter().take_while(|a| *a != "--") {
+        let Some(sub) = cmd.find_subcommand(arg).cloned() else { continue };
+        path.push(arg.clone());
+        cmd = sub;
+    }
+    path.join(" ")
 }
 
 /// `agentvm run [OPTIONS] [FLAVOR] [-- ARGS...]`
@@ -126,8 +177,8 @@ pub struct RunArgs {
     pub allow: Vec<String>,
     /// Give the guest placeholders instead of the flavor's API keys; the
     /// egress proxy puts the real keys into requests to the flavor's API
-    /// hosts only (TLS through a per-instance CA the guest trusts). Implies
-    /// --network allow.
+    /// hosts only, in the headers its key_headers name (TLS through a
+    /// per-instance CA the guest trusts). Implies --network allow.
     #[arg(long)]
     pub shield_secrets: bool,
     /// Open one port of the host's loopback to the guest, where it is
@@ -165,14 +216,15 @@ pub struct RunArgs {
     #[arg(short, long, value_name = "SIZE")]
     pub memory: Option<String>,
     /// Virtual CPUs [env: AGENTVM_CPUS] [default: min(4, host cores)]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub cpus: Option<u32>,
     /// Accelerator: auto probes KVM and falls back to TCG [env: AGENTVM_ACCEL]
     #[arg(long, value_enum, value_name = "ACCEL")]
     pub accel: Option<AccelChoice>,
     /// Apply the project's dev shell to the program: a Nix flake
-    /// (`nix print-dev-env`, cached until flake.nix, flake.lock or a devenv file changes),
-    /// devenv, or an `.envrc` that direnv allows. `--devshell` stops before
+    /// (`nix print-dev-env` on a private copy of the trusted Nix files, cached until one changes),
+    /// devenv, or an `.envrc` that direnv allows. Nix files must be as
+    /// trusted with `agentvm trust`. `--devshell` stops before
     /// boot if it fails; `--devshell=try` warns and goes on without it
     /// [env: DIRENV_ALLOW=1] [default: off]
     #[arg(

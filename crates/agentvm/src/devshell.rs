@@ -3,17 +3,32 @@
 //!
 //! What is evaluated, first match in the work dir:
 //!
-//! | file                | command (cwd: the work dir)                                   |
-//! |---------------------|---------------------------------------------------------------|
-//! | `.devenv.flake.nix` | `devenv print-dev-env`                                        |
-//! | `devenv.nix`        | `nix print-dev-env --no-update-lock-file --impure <work dir>` |
-//! | `flake.nix`         | `nix print-dev-env --no-update-lock-file <work dir>`          |
-//! | `.envrc`            | `direnv export json` (only if allowed in direnv)              |
+//! | file                | command                                                    |
+//! |---------------------|------------------------------------------------------------|
+//! | `.devenv.flake.nix` | `devenv print-dev-env`                                     |
+//! | `devenv.nix`        | `nix print-dev-env --no-update-lock-file --impure path:.`  |
+//! | `flake.nix`         | `nix print-dev-env --no-update-lock-file path:.`           |
+//! | `.envrc`            | `direnv export json` (only if allowed in direnv)           |
+//!
+//! The guest can write these files, and Nix evaluates them on the host:
+//! the dev shell's sources (every `*.nix` file in the project and the
+//! [`DATA_FILES`], see [`trust::devshell_sources`]) must be as the user
+//! trusted them (`agentvm trust`), or the dev shell is refused before
+//! anything runs. Nix and devenv then run in a private copy of exactly
+//! those bytes (`private_copy`), not in the work dir: Nix evaluates
+//! nothing the user did not trust, and runs no git in the project (git
+//! runs programs named by the repository's config, which the guest can
+//! write). An `.envrc` is left to direnv's own allow list, which works the
+//! same way; direnv runs in the work dir, and the Nix sources must be
+//! trusted for it too (an `.envrc` with `use nix` has nix-shell evaluate
+//! `shell.nix` and run its hooks on the host). What else an allowed
+//! `.envrc` runs or reads in the project is the user's to judge.
 //!
 //! Nix output is cached in the project's state dir, keyed by a hash of the
-//! command and of [`KEY_FILES`], and reused until one of them changes; the
-//! cache is written (atomically) only after the command succeeded. direnv
-//! is run every time: it decides itself what an `.envrc` depends on.
+//! command and of the sources (the bytes the trust check hashed), and
+//! reused until one of them changes; the cache is written (atomically)
+//! only after the command succeeded. direnv is run every time: it decides
+//! itself what an `.envrc` depends on.
 //!
 //! Only exported string variables are applied. Shell internals and
 //! variables that describe the host or the build sandbox (HOME, PWD, TMPDIR,
@@ -40,6 +55,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::envvars;
+use crate::trust::{self, Record, Sources, TrustError};
 
 /// Whether and how to use the project's dev shell.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -55,9 +71,14 @@ pub enum Mode {
     Try,
 }
 
-/// The files whose contents key the Nix dev shell cache.
+/// The dev shell files at the top of the work dir. With every other
+/// `*.nix` file in the tree they are the dev shell's sources
+/// ([`trust::devshell_sources`]): they must be trusted, and key the cache.
 pub const KEY_FILES: [&str; 6] =
     ["flake.nix", "flake.lock", ".devenv.flake.nix", "devenv.nix", "devenv.yaml", "devenv.lock"];
+
+/// The [`KEY_FILES`] that are not `*.nix` files.
+pub const DATA_FILES: [&str; 3] = ["flake.lock", "devenv.yaml", "devenv.lock"];
 
 /// The cache file's name in the project's state dir.
 pub const CACHE_FILE: &str = "devshell.json";
@@ -72,7 +93,7 @@ pub const NIX_STORE: &str = "/nix/store";
 const ERROR_LINES: usize = 60;
 
 /// Bumped when the cache's meaning changes, so old entries are not reused.
-const CACHE_VERSION: u32 = 1;
+const CACHE_VERSION: u32 = 3;
 
 /// Variables never taken from a dev shell: they belong to the shell that
 /// evaluated it, to the build sandbox, or to the guest.
@@ -157,17 +178,20 @@ pub struct Request {
     /// The host's Nix store, shared read-only at /nix/store when it exists
     /// and the dev shell needs it.
     pub nix_store: PathBuf,
+    /// What the user trusted in the project: the Nix files must match it.
+    pub trusted: Option<Record>,
 }
 
 impl Request {
     /// A request for `work_dir` with this process's environment and the
     /// real Nix store (`$AGENTVM_NIX_STORE` overrides where it is, for tests).
-    pub fn for_host(work_dir: &Path, state_dir: PathBuf) -> Request {
+    pub fn for_host(work_dir: &Path, state_dir: PathBuf, trusted: Option<Record>) -> Request {
         Request {
             work_dir: work_dir.to_path_buf(),
             state_dir,
             host_env: std::env::vars_os().collect(),
             nix_store: std::env::var_os("AGENTVM_NIX_STORE").map_or_else(|| NIX_STORE.into(), PathBuf::from),
+            trusted,
         }
     }
 
@@ -213,14 +237,20 @@ pub enum DevshellError {
     NoProgram { dir: PathBuf, file: &'static str, program: &'static str, hint: &'static str },
     #[error("cannot start `{command}`: {source}")]
     Spawn { command: String, source: std::io::Error },
-    #[error("the dev shell of {dir} could not be evaluated: `{command}` ended with {status}\n--- its output (last lines) ---\n{output}\n--- to reproduce: cd {dir} && {command}\nfix the error above, or pass --devshell=try to start without the dev shell")]
-    Failed { dir: PathBuf, command: String, status: String, output: String },
+    #[error("the dev shell of {dir} could not be evaluated: `{command}` ended with {status}\n--- its output (last lines) ---\n{output}\n--- to reproduce: cd {dir} && {command}\n{note}fix the error above, or pass --devshell=try to start without the dev shell")]
+    Failed { dir: PathBuf, command: String, status: String, output: String, note: &'static str },
+    #[error("cannot write the private copy of the dev shell files at {path}: {source}")]
+    Copy { path: PathBuf, source: std::io::Error },
     #[error("{dir}/.envrc is blocked: direnv has not been allowed to load it. Review it, then run `direnv allow {dir}` (or start without --devshell)")]
     Blocked { dir: PathBuf },
     #[error("cannot read the output of `{command}` ({why}); to see it: cd {dir} && {command}")]
     Output { dir: PathBuf, command: String, why: String },
-    #[error("cannot read {path} (it keys the dev shell cache): {source}")]
-    KeyFile { path: PathBuf, source: std::io::Error },
+    #[error("the dev shell of {dir} is not trusted: {files} {are} new, changed or removed since `agentvm trust` (the guest can write {them}), and --devshell evaluates {them} on this host. Review {them}, then run `agentvm trust {dir}`, or run without --devshell", are = if *count == 1 { "is" } else { "are" }, them = if *count == 1 { "it" } else { "them" })]
+    Untrusted { dir: PathBuf, files: String, count: usize },
+    #[error("the dev shell files of {dir} changed while `{command}` evaluated them, so its result is not used: review them, then run `agentvm trust {dir}`")]
+    ChangedDuringEvaluation { dir: PathBuf, command: String },
+    #[error("dev shell: {0}")]
+    Trust(#[from] TrustError),
 }
 
 /// The format of a dev shell command's output.
@@ -249,11 +279,17 @@ struct CacheEntry {
 pub fn load(req: &Request) -> Result<Option<DevShell>, DevshellError> {
     let Some(source) = detect(&req.work_dir) else { return Ok(None) };
     let mut warnings = Vec::new();
+    // An .envrc too may evaluate the project's Nix files (`use nix`).
+    let sources = trusted_sources(req)?;
     let (raw, base_path, from_cache) = if source.is_nix() {
-        let (raw, from_cache) = nix_env(req, source, &mut warnings)?;
+        let (raw, from_cache) = nix_env(req, source, &sources, &mut warnings)?;
         (raw, None, from_cache)
     } else {
         let (raw, base_path) = direnv_env(req, &find_program(req, source)?)?;
+        // direnv reads them in the work dir: a result of other files is not used.
+        if trust::devshell_sources(&req.work_dir)? != sources {
+            return Err(DevshellError::ChangedDuringEvaluation { dir: req.work_dir.clone(), command: "direnv export json".into() });
+        }
         (raw, Some(base_path), false)
     };
     let (vars, path) = guest_vars(raw, &req.work_dir, base_path.as_deref());
@@ -318,7 +354,11 @@ fn find_on_path(name: &str, path: Option<&OsString>) -> Option<PathBuf> {
 }
 
 /// The Nix command for `source`, without `--json` (the cache key's form).
-pub fn nix_command(source: Source, work_dir: &Path) -> Vec<String> {
+/// It runs in the private copy of the sources (`private_copy`). The
+/// flake is `path:.`: given a bare path inside a git repository, Nix would
+/// run git there; `path:` reads the directory itself (and a `path:` URL
+/// cannot hold every path, `.` can).
+pub fn nix_command(source: Source) -> Vec<String> {
     let mut cmd: Vec<String> = match source {
         Source::DevenvFlake => return vec!["devenv".into(), "print-dev-env".into()],
         _ => ["nix", "--extra-experimental-features", "nix-command flakes", "print-dev-env", "--no-update-lock-file"]
@@ -328,32 +368,72 @@ pub fn nix_command(source: Source, work_dir: &Path) -> Vec<String> {
     if source == Source::DevenvNix {
         cmd.push("--impure".into());
     }
-    cmd.push(work_dir.display().to_string());
+    cmd.push("path:.".into());
     cmd
 }
 
-/// The cache key: a hash of the command and of each [`KEY_FILES`] file
-/// (present or not, and its contents).
-pub fn cache_key(work_dir: &Path, command: &[String]) -> Result<String, DevshellError> {
+/// Writes `sources` into a new private directory in the state dir, which
+/// is what Nix evaluates: exactly the bytes that were trusted, and no
+/// `.git` (Nix runs git in a flake's repository, and git runs programs
+/// that the repository's config names, which the guest can write).
+fn private_copy(req: &Request, sources: &Sources) -> Result<tempfile::TempDir, DevshellError> {
+    let fail = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DevshellError::Copy { path, source }
+    };
+    let state = &req.state_dir;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(state).map_err(fail(state))?;
+    let copy = tempfile::Builder::new().prefix("devshell-src.").tempdir_in(state).map_err(fail(state))?;
+    for (name, file) in sources {
+        // `name` is made of directory entry names below the work dir:
+        // relative, without `..`.
+        let path = copy.path().join(name);
+        let dir = path.parent().expect("below the copy");
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(fail(dir))?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(&file.bytes))
+            .map_err(fail(&path))?;
+    }
+    Ok(copy)
+}
+
+/// The project's dev shell sources (see [`trust::devshell_sources`]) if
+/// each is as the user trusted it.
+fn trusted_sources(req: &Request) -> Result<Sources, DevshellError> {
+    let sources = trust::devshell_sources(&req.work_dir)?;
+    let untrusted = Record::untrusted_devshell_files(req.trusted.as_ref(), &sources);
+    if !untrusted.is_empty() {
+        return Err(DevshellError::Untrusted { dir: req.work_dir.clone(), files: name_list(&untrusted), count: untrusted.len() });
+    }
+    Ok(sources)
+}
+
+/// Up to ten names, then how many more.
+fn name_list(names: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut list = names.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > SHOWN {
+        list.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    list
+}
+
+/// The cache key: a hash of the command and of each source's name and hash.
+pub fn cache_key(sources: &Sources, command: &[String]) -> String {
     let mut h = Sha256::new();
     h.update(format!("agentvm-devshell-v{CACHE_VERSION}\0"));
     for arg in command {
         h.update(arg.as_bytes());
         h.update(b"\0");
     }
-    for name in KEY_FILES {
-        let path = work_dir.join(name);
-        h.update(name.as_bytes());
-        match std::fs::read(&path) {
-            Ok(data) => {
-                h.update(format!("\0present\0{}\0", data.len()));
-                h.update(&data);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => h.update(b"\0absent\0"),
-            Err(source) => return Err(DevshellError::KeyFile { path, source }),
-        }
+    for (name, file) in sources {
+        h.update(format!("{name}\0{}\0", file.hash));
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The Nix dev shell's variables, from the cache or a fresh evaluation (a
@@ -361,10 +441,11 @@ pub fn cache_key(work_dir: &Path, command: &[String]) -> Result<String, Devshell
 fn nix_env(
     req: &Request,
     source: Source,
+    sources: &Sources,
     warnings: &mut Vec<String>,
 ) -> Result<(Vec<(String, String)>, bool), DevshellError> {
-    let command = nix_command(source, &req.work_dir);
-    let key = cache_key(&req.work_dir, &command)?;
+    let command = nix_command(source);
+    let key = cache_key(sources, &command);
     let cache_path = req.state_dir.join(CACHE_FILE);
     if let Some(entry) = read_cache(&cache_path, &req.work_dir, &key) {
         if let Ok(raw) = parse_nix(entry.format, &entry.output) {
@@ -373,8 +454,11 @@ fn nix_env(
     }
     let program = find_program(req, source)?;
     let display = shell_words(&command);
-    eprintln!("agentvm: evaluating the dev shell: {display} (cached until one of {} changes)", KEY_FILES.join(", "));
-    let (format, output) = run_nix(req, source, &program, &command)?;
+    eprintln!("agentvm: evaluating the dev shell: {display} (cached until a *.nix file, flake.lock, devenv.yaml or devenv.lock changes)");
+    let copy = private_copy(req, sources)?;
+    let (format, output) = run_nix(req, source, &program, &command, copy.path())?;
+    // Paths in the copy are paths in the project.
+    let output = output.replace(&copy.path().display().to_string(), &req.work_dir.display().to_string());
     let raw = parse_nix(format, &output)
         .map_err(|why| DevshellError::Output { dir: req.work_dir.clone(), command: display, why })?;
     let entry = CacheEntry { version: CACHE_VERSION, work_dir: req.work_dir.clone(), key, command, format, output };
@@ -384,22 +468,38 @@ fn nix_env(
     Ok((raw, false))
 }
 
-/// Runs the Nix command: `nix ... --json` first, without `--json` if this
-/// nix does not know the flag; devenv always prints bash.
-fn run_nix(req: &Request, source: Source, program: &Path, command: &[String]) -> Result<(Format, String), DevshellError> {
+/// Runs the Nix command in the private `copy` of the sources: `nix ...
+/// --json` first, without `--json` if this nix does not know the flag;
+/// devenv always prints bash.
+fn run_nix(
+    req: &Request,
+    source: Source,
+    program: &Path,
+    command: &[String],
+    copy: &Path,
+) -> Result<(Format, String), DevshellError> {
+    let run = |argv: &[String]| {
+        run(req, program, &argv[1..], copy, argv).map_err(|e| match e {
+            DevshellError::Failed { dir, command, status, output, .. } => {
+                DevshellError::Failed { dir, command, status, output, note: PRIVATE_COPY_NOTE }
+            }
+            e => e,
+        })
+    };
     if source == Source::DevenvFlake {
-        return Ok((Format::NixBash, run(req, program, &command[1..], &req.work_dir, command)?));
+        return Ok((Format::NixBash, run(command)?));
     }
     let mut with_json = command.to_vec();
     with_json.insert(with_json.len() - 1, "--json".into());
-    match run(req, program, &with_json[1..], &req.work_dir, &with_json) {
+    match run(&with_json) {
         Ok(out) => Ok((Format::NixJson, out)),
-        Err(DevshellError::Failed { output, .. }) if json_unsupported(&output) => {
-            Ok((Format::NixBash, run(req, program, &command[1..], &req.work_dir, command)?))
-        }
+        Err(DevshellError::Failed { output, .. }) if json_unsupported(&output) => Ok((Format::NixBash, run(command)?)),
         Err(e) => Err(e),
     }
 }
+
+/// What a failed Nix evaluation's error adds.
+const PRIVATE_COPY_NOTE: &str = "agentvm evaluated a private copy of the trusted files only (every *.nix file, flake.lock, devenv.yaml, devenv.lock; no .git): a dev shell that reads other files of the project does not find them\n";
 
 /// Whether nix's error output says it does not know `--json`.
 pub fn json_unsupported(stderr: &str) -> bool {
@@ -436,6 +536,7 @@ fn run_with_env(
             command,
             status: crate::vm::process::describe(out.status),
             output: crate::vm::process::tail_lines(strip_ansi(&String::from_utf8_lossy(&out.stderr)).as_bytes(), ERROR_LINES),
+            note: "",
         });
     }
     String::from_utf8(out.stdout)
@@ -737,14 +838,24 @@ mod tests {
                 .map(String::from)
                 .collect()
         }
+        /// A request that trusts the dev shell files as they are now.
         fn request(&self) -> Request {
+            Request { trusted: Some(self.trust_now()), ..self.untrusted_request() }
+        }
+        fn untrusted_request(&self) -> Request {
             let path = self.dir.path().join("bin");
             Request {
                 work_dir: self.work(),
                 state_dir: self.dir.path().join("state"),
                 host_env: vec![("PATH".into(), path.into())],
                 nix_store: self.dir.path().join("no-store"),
+                trusted: None,
             }
+        }
+        /// What `agentvm trust` would record now.
+        fn trust_now(&self) -> Record {
+            let sources = trust::devshell_sources(&self.work()).unwrap();
+            Record::new(&self.work(), sources.into_iter().map(|(name, file)| (name, file.hash)))
         }
     }
 
@@ -870,32 +981,34 @@ mod tests {
         assert_eq!(detect(&f.work()), Some(Source::Flake));
         f.file("devenv.nix", "{}");
         assert_eq!(detect(&f.work()), Some(Source::DevenvNix));
-        assert!(nix_command(Source::DevenvNix, &f.work()).contains(&"--impure".to_string()));
-        assert!(!nix_command(Source::Flake, &f.work()).contains(&"--impure".to_string()));
+        assert!(nix_command(Source::DevenvNix).contains(&"--impure".to_string()));
+        assert!(!nix_command(Source::Flake).contains(&"--impure".to_string()));
         f.file(".devenv.flake.nix", "{}");
         assert_eq!(detect(&f.work()), Some(Source::DevenvFlake));
-        assert_eq!(nix_command(Source::DevenvFlake, &f.work()), ["devenv", "print-dev-env"]);
+        assert_eq!(nix_command(Source::DevenvFlake), ["devenv", "print-dev-env"]);
     }
 
     #[test]
     fn cache_key_changes_with_each_key_file_and_the_command() {
         let f = Fixture::new();
-        let cmd = nix_command(Source::Flake, &f.work());
-        let k0 = cache_key(&f.work(), &cmd).unwrap();
-        assert_eq!(k0, cache_key(&f.work(), &cmd).unwrap(), "stable");
+        let cmd = nix_command(Source::Flake);
+        let key = |cmd: &[String]| cache_key(&trust::devshell_sources(&f.work()).unwrap(), cmd);
+        let k0 = key(&cmd);
+        assert_eq!(k0, key(&cmd), "stable");
         let mut seen = vec![k0];
-        for name in KEY_FILES {
+        std::fs::create_dir(f.work().join("nix")).unwrap();
+        for name in KEY_FILES.iter().chain(&["nix/shell.nix"]) {
             f.file(name, "a");
-            let k = cache_key(&f.work(), &cmd).unwrap();
+            let k = key(&cmd);
             assert!(!seen.contains(&k), "{name} changes the key");
             seen.push(k);
         }
         f.file("flake.lock", "b");
-        let k = cache_key(&f.work(), &cmd).unwrap();
+        let k = key(&cmd);
         assert!(!seen.contains(&k), "new flake.lock contents change the key");
         f.file("README", "unrelated");
-        assert_eq!(cache_key(&f.work(), &cmd).unwrap(), k, "other files do not");
-        assert_ne!(cache_key(&f.work(), &nix_command(Source::DevenvNix, &f.work())).unwrap(), k);
+        assert_eq!(key(&cmd), k, "other files do not");
+        assert_ne!(key(&nix_command(Source::DevenvNix)), k);
     }
 
     fn fake_nix_json(f: &Fixture) {
@@ -913,8 +1026,7 @@ mod tests {
         assert_eq!(shell.path, ["/nix/store/aaa-hello/bin", "/nix/store/bbb-coreutils/bin"]);
         let calls = f.calls();
         assert_eq!(calls.len(), 1);
-        assert!(calls[0].contains("print-dev-env --no-update-lock-file --json"), "{calls:?}");
-        assert!(calls[0].ends_with(&f.work().display().to_string()), "{calls:?}");
+        assert!(calls[0].contains("print-dev-env --no-update-lock-file --json path:."), "{calls:?}");
         let cache = f.dir.path().join("state").join(CACHE_FILE);
         let mode = cache.metadata().unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
@@ -958,6 +1070,7 @@ mod tests {
         assert!(e.contains("error: syntax error, unexpected end of file"), "{e}");
         assert!(e.contains(&format!("cd {} && nix", f.work().display())), "{e}");
         assert!(e.contains("print-dev-env") && e.contains("--devshell=try"), "{e}");
+        assert!(e.contains("private copy of the trusted files only"), "what nix could not see is explained: {e}");
         assert!(!f.dir.path().join("state").join(CACHE_FILE).exists());
         // Output that is not the expected format is an error too.
         f.program("nix", "echo garbage");
@@ -1010,5 +1123,116 @@ mod tests {
         let argv: Vec<String> = ["nix", "--x", "nix-command flakes", "it's", "/a/b"].map(String::from).to_vec();
         assert_eq!(shell_words(&argv), "nix --x 'nix-command flakes' 'it'\\''s' /a/b");
         assert_eq!(strip_ansi("\u{1b}[31mdirenv: error\u{1b}[0m x"), "direnv: error x");
+        let names: Vec<String> = (0..12).map(|i| format!("f{i}.nix")).collect();
+        assert_eq!(name_list(&names[..2]), "f0.nix, f1.nix");
+        assert!(name_list(&names).ends_with("f9.nix and 2 more"), "{}", name_list(&names));
+    }
+
+    #[test]
+    fn untrusted_or_changed_nix_files_are_refused_before_nix_runs_and_the_cache_is_not_used() {
+        let f = Fixture::new();
+        f.file("flake.nix", "{ outputs = _: {}; }");
+        fake_nix_json(&f);
+        let e = load(&f.untrusted_request()).unwrap_err().to_string();
+        assert!(e.contains("flake.nix is new, changed or removed") && e.contains(&format!("agentvm trust {}", f.work().display())), "{e}");
+        assert!(f.calls().is_empty(), "nix did not run");
+
+        // Trusted: evaluated and cached. Then the guest changes flake.lock.
+        let trusted = f.trust_now();
+        let req = || Request { trusted: Some(trusted.clone()), ..f.untrusted_request() };
+        assert!(!load(&req()).unwrap().unwrap().from_cache);
+        assert!(load(&req()).unwrap().unwrap().from_cache);
+        f.file("flake.lock", "{\"nodes\": {}}");
+        let e = load(&req()).unwrap_err().to_string();
+        assert!(e.contains("flake.lock is new, changed or removed"), "{e}");
+        // Back to the trusted content: the cached result is good again.
+        std::fs::remove_file(f.work().join("flake.lock")).unwrap();
+        assert!(load(&req()).unwrap().unwrap().from_cache);
+    }
+
+    #[test]
+    fn nix_evaluates_a_private_copy_of_the_trusted_files_and_its_paths_become_project_paths() {
+        let f = Fixture::new();
+        f.file("flake.nix", "{ outputs = _: import ./nix/shell.nix; }");
+        f.file("flake.lock", "{}");
+        f.file("README", "not a source");
+        for dir in ["nix", ".git"] {
+            std::fs::create_dir(f.work().join(dir)).unwrap();
+        }
+        f.file("nix/shell.nix", "{ }");
+        f.file(".git/config", "[core]\n\tfsmonitor = ./evil.sh\n");
+        let seen = f.dir.path().join("seen");
+        // The stand-in lists where it runs and what is there, and gives a
+        // variable naming a path in it; then the guest swaps flake.nix.
+        f.program(
+            "nix",
+            &format!(
+                "echo \"$PWD\" > '{seen}'; /usr/bin/find . | /usr/bin/sort >> '{seen}'; /bin/cat flake.nix >> '{seen}'\n\
+                 echo '{{ evil }}' > '{work}/flake.nix'\n\
+                 printf '{{\"variables\":{{\"ROOT\":{{\"type\":\"exported\",\"value\":\"%s/sub\"}}}}}}' \"$PWD\"",
+                seen = seen.display(),
+                work = f.work().display()
+            ),
+        );
+        let shell = load(&f.request()).unwrap().unwrap();
+        assert_eq!(shell.vars, s(&[("ROOT", "/work/sub")]));
+        let seen = std::fs::read_to_string(seen).unwrap();
+        let mut lines = seen.lines();
+        let copy = PathBuf::from(lines.next().unwrap());
+        assert!(copy.starts_with(f.dir.path().join("state")) && copy.file_name().unwrap().to_str().unwrap().starts_with("devshell-src."), "{seen}");
+        assert_eq!(lines.collect::<Vec<_>>(), [".", "./flake.lock", "./flake.nix", "./nix", "./nix/shell.nix", "{ outputs = _: import ./nix/shell.nix; }"]);
+        assert!(f.calls()[0].ends_with(" --json path:."), "{:?}", f.calls());
+        assert!(!copy.exists(), "the copy is removed");
+    }
+
+    #[test]
+    fn an_imported_nix_file_changed_after_trust_is_refused_and_trusted_anew_is_evaluated_again() {
+        let f = Fixture::new();
+        f.file("flake.nix", "{ outputs = _: import ./nix/shell.nix; }");
+        std::fs::create_dir(f.work().join("nix")).unwrap();
+        f.file("nix/shell.nix", "{ }");
+        fake_nix_json(&f);
+        let trusted = f.trust_now();
+        let req = |trusted: &Record| Request { trusted: Some(trusted.clone()), ..f.untrusted_request() };
+        assert!(!load(&req(&trusted)).unwrap().unwrap().from_cache);
+        assert_eq!(f.calls().len(), 1);
+
+        // The guest edits the file the trusted flake imports.
+        f.file("nix/shell.nix", "{ evil = builtins.readFile /etc/shadow; }");
+        let e = load(&req(&trusted)).unwrap_err().to_string();
+        assert!(e.contains("nix/shell.nix is new, changed or removed") && e.contains("agentvm trust"), "{e}");
+        assert_eq!(f.calls().len(), 1, "nix did not run, the cache was not used");
+        // The user trusts the new content: it is evaluated, not taken from the cache.
+        let retrusted = f.trust_now();
+        assert!(!load(&req(&retrusted)).unwrap().unwrap().from_cache);
+        assert_eq!(f.calls().len(), 2);
+    }
+
+    #[test]
+    fn an_envrc_runs_only_with_trusted_nix_files_and_not_if_they_change_meanwhile() {
+        let f = Fixture::new();
+        f.file(".envrc", "use nix\n");
+        f.file("shell.nix", "{ }");
+        f.program("direnv", "echo '{\"A\":\"1\"}'");
+        let e = load(&f.untrusted_request()).unwrap_err().to_string();
+        assert!(e.contains("shell.nix is new, changed or removed") && e.contains("agentvm trust"), "{e}");
+        assert!(f.calls().is_empty(), "direnv did not run");
+        let shell = load(&f.request()).unwrap().unwrap();
+        assert_eq!((shell.source, shell.vars), (Source::Direnv, s(&[("A", "1")])));
+        // Swapped while direnv ran: the result is not used.
+        let trusted = f.request();
+        f.program("direnv", &format!("echo '{{ evil }}' > '{}/shell.nix'; echo '{{}}'", f.work().display()));
+        let e = load(&trusted).unwrap_err().to_string();
+        assert!(e.contains("changed while `direnv export json`"), "{e}");
+    }
+
+    #[test]
+    fn envrc_needs_no_agentvm_trust_direnv_decides() {
+        let f = Fixture::new();
+        f.file(".envrc", "export A=1\n");
+        f.program("direnv", "echo '{\"A\":\"1\"}'");
+        let shell = load(&f.untrusted_request()).unwrap().unwrap();
+        assert_eq!((shell.source, shell.vars), (Source::Direnv, s(&[("A", "1")])));
     }
 }
+

@@ -1,28 +1,40 @@
 //! `--network allow`: the guest has no network interface at all, only an
 //! HTTP proxy in the launcher (reached over the forwarding channel) that
 //! lets through the names on the allow list: plain HTTP by the request's
-//! host, HTTPS by the CONNECT host and the TLS SNI, which must agree. Each
-//! decision goes to the instance's `net.log`. A tool that ignores the proxy
-//! settings has nothing to connect through.
+//! host (one request per connection, its Host header pinned to it), HTTPS
+//! by the CONNECT host and the TLS hello's server name, which must agree.
+//! Tunnels carry TLS only. The proxy connects to public addresses only: the
+//! host's loopback and private networks stay closed whatever a name
+//! resolves to. Each decision goes to the instance's `net.log`, with the
+//! guest's text escaped. A tool that ignores the proxy settings has nothing
+//! to connect through.
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::io::{self, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::console_log::{self, RotatingLog};
+use crate::http::{self, BodyKind, HttpError, Peer, RequestHead};
 
 /// The guest port of the proxy, at `host.agentvm.internal`.
 pub const PROXY_PORT: u16 = 3128;
-/// Longest request head the proxy reads.
-const MAX_HEAD: usize = 64 * 1024;
-/// How long a client may take to send its request head or TLS hello.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send a whole request head or TLS hello.
+pub(crate) const HEAD_DEADLINE: Duration = Duration::from_secs(15);
+/// How long a request body may pause.
+pub(crate) const BODY_IDLE: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Proxy connections served at once; more are refused. As many as the
+/// forwarding channel carries, but counted until each one's thread ends.
+const MAX_CONNECTIONS: usize = agentvm_proto::forward::MAX_CONNECTIONS;
 /// `name=address,...`: names the proxy resolves to fixed addresses instead
-/// of asking DNS (like curl's --resolve). For tests against loopback.
+/// of asking DNS (like curl's --resolve), for tests against loopback. Only
+/// the user sets agentvm's environment, so these addresses are trusted:
+/// they skip the check that keeps the proxy off loopback and private
+/// addresses.
 pub const RESOLVE_ENV: &str = "AGENTVM_PROXY_RESOLVE";
 
 /// An allow list entry that cannot be used.
@@ -30,6 +42,10 @@ pub const RESOLVE_ENV: &str = "AGENTVM_PROXY_RESOLVE";
 pub enum EgressError {
     #[error("allowed name {0:?} is not a host name: use e.g. api.example.com or *.example.com")]
     BadPattern(String),
+    #[error("allowed name {0:?} is this host itself: the proxy never connects to the host's loopback; open one port of it with --host-port PORT instead")]
+    LocalName(String),
+    #[error("allowed name {0:?} is an address, not a host name: name the host (e.g. api.example.com); the proxy connects only to public addresses")]
+    AddressName(String),
     #[error("--allow needs --network allow (the allow list has no effect on an open or absent network)")]
     AllowWithoutAllowMode,
     #[error("published port {0} is UDP: with --network allow only TCP ports can be published")]
@@ -44,7 +60,8 @@ pub enum EgressError {
 pub struct AllowList(Vec<String>);
 
 impl AllowList {
-    /// Checks and lower-cases the patterns; duplicates are merged.
+    /// Checks and lower-cases the patterns; duplicates are merged. Names of
+    /// the host itself (`localhost`) and numeric names are refused.
     pub fn new(patterns: &[String]) -> Result<AllowList, EgressError> {
         let mut out: Vec<String> = Vec::new();
         for p in patterns {
@@ -52,6 +69,12 @@ impl AllowList {
             let name = lower.strip_prefix("*.").unwrap_or(&lower);
             if !is_host_name(name) {
                 return Err(EgressError::BadPattern(p.clone()));
+            }
+            if is_local_name(name) {
+                return Err(EgressError::LocalName(p.clone()));
+            }
+            if is_numeric_name(name) {
+                return Err(EgressError::AddressName(p.clone()));
             }
             if !out.contains(&lower) {
                 out.push(lower);
@@ -82,6 +105,91 @@ fn is_host_name(s: &str) -> bool {
         })
 }
 
+/// Names that mean this host (RFC 6761 and Debian's /etc/hosts). Others
+/// that resolve to loopback are caught when the proxy connects.
+fn is_local_name(name: &str) -> bool {
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || ["localhost.localdomain", "ip6-localhost", "ip6-loopback"].contains(&name)
+}
+
+/// Names the resolver reads as an IPv4 address (`127.0.0.1`, `127.1`,
+/// `2130706433`, `0x7f.1`): no top-level domain is numeric.
+fn is_numeric_name(name: &str) -> bool {
+    let last = name.rsplit('.').next().unwrap_or_default();
+    let hex = last.strip_prefix("0x").is_some_and(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit()));
+    hex || last.chars().all(|c| c.is_ascii_digit())
+}
+
+/// Why the proxy does not connect to `ip`, or `None` for a public address.
+pub fn non_public(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => non_public_v4(v4),
+        IpAddr::V6(v6) => non_public_v6(v6),
+    }
+}
+
+fn non_public_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    let [a, b, ..] = ip.octets();
+    Some(match (a, b) {
+        (0, _) => "an unspecified (0.0.0.0/8) address",
+        (127, _) => "a loopback address",
+        (10, _) | (192, 168) => "a private address",
+        (172, 16..=31) => "a private address",
+        (100, 64..=127) => "a shared (carrier-grade NAT) address",
+        (169, 254) => "a link-local address",
+        (224..=239, _) => "a multicast address",
+        (240..=255, _) => "a reserved or broadcast address",
+        _ => return None,
+    })
+}
+
+fn non_public_v6(ip: Ipv6Addr) -> Option<&'static str> {
+    let s = ip.segments();
+    let embedded_v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    match s {
+        [0, 0, 0, 0, 0, 0, 0, 0] => Some("an unspecified address"),
+        [0, 0, 0, 0, 0, 0, 0, 1] => Some("a loopback address"),
+        // IPv4-mapped (::ffff:a.b.c.d) and NAT64 (64:ff9b::a.b.c.d): the IPv4 address decides.
+        [0, 0, 0, 0, 0, 0xffff, hi, lo] | [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => non_public_v4(embedded_v4(hi, lo)),
+        // 6to4 (2002:a.b.c.d::/48): the same.
+        [0x2002, hi, lo, ..] => non_public_v4(embedded_v4(hi, lo)),
+        [0, 0, 0, 0, 0, 0, _, _] => Some("a reserved (IPv4-compatible) address"),
+        [x, ..] if x & 0xfe00 == 0xfc00 => Some("a private (unique local) address"),
+        [x, ..] if x & 0xffc0 == 0xfe80 => Some("a link-local address"),
+        [x, ..] if x & 0xffc0 == 0xfec0 => Some("a private (site-local) address"),
+        [x, ..] if x & 0xff00 == 0xff00 => Some("a multicast address"),
+        [0x64, 0xff9b, 1, ..] => Some("a private (local NAT64) address"),
+        _ => None,
+    }
+}
+
+/// Text from the guest as one line of printable ASCII: control characters,
+/// non-ASCII bytes and backslashes become `\xNN`, so a request cannot forge
+/// log lines or send escape sequences to the terminal that shows the log.
+pub fn escape_log(text: &str) -> String {
+    String::from_utf8(escape_bytes(text.as_bytes(), false)).unwrap_or_default()
+}
+
+/// `bytes` for a terminal: as [`escape_log`] but newlines are kept and
+/// backslashes are left alone (for printing a log written escaped).
+pub fn printable(bytes: &[u8]) -> Vec<u8> {
+    escape_bytes(bytes, true)
+}
+
+fn escape_bytes(bytes: &[u8], lines: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    for &b in bytes {
+        let keep = (b' '..=b'~').contains(&b) && (lines || b != b'\\') || (lines && b == b'\n');
+        if keep {
+            out.push(b);
+        } else {
+            out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
+        }
+    }
+    out
+}
+
 /// The guest environment that points every proxy-aware tool at the proxy.
 pub fn guest_env() -> Vec<(String, String)> {
     let url = format!("http://{}:{PROXY_PORT}", agentvm_proto::forward::HOST_NAME);
@@ -95,36 +203,6 @@ pub fn guest_env() -> Vec<(String, String)> {
     env
 }
 
-/// A parsed request head.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Head {
-    pub method: String,
-    pub target: String,
-    pub version: String,
-    pub headers: Vec<(String, String)>,
-    /// Bytes of the head, including the blank line.
-    pub len: usize,
-}
-
-/// Parses a request head from `buf`; `None` until the blank line is there.
-pub fn parse_head(buf: &[u8]) -> Option<Result<Head, String>> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    let text = match std::str::from_utf8(&buf[..end]) {
-        Ok(t) => t,
-        Err(_) => return Some(Err("the request head is not text".into())),
-    };
-    let mut lines = text.split("\r\n");
-    let mut first = lines.next().unwrap_or_default().split(' ');
-    let (Some(method), Some(target), Some(version)) = (first.next(), first.next(), first.next()) else {
-        return Some(Err("malformed request line".into()));
-    };
-    let headers = lines
-        .filter(|l| !l.is_empty())
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
-        .collect();
-    Some(Ok(Head { method: method.into(), target: target.into(), version: version.into(), headers, len: end }))
-}
-
 /// Where a request wants to go: host, port, and for plain HTTP the path.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Destination {
@@ -132,8 +210,16 @@ pub enum Destination {
     Http { host: String, port: u16, path: String },
 }
 
+impl Destination {
+    fn host_port(&self) -> (&str, u16) {
+        match self {
+            Destination::Tunnel { host, port } | Destination::Http { host, port, .. } => (host, *port),
+        }
+    }
+}
+
 /// The destination of a proxy request, or why it is not one.
-pub fn destination(head: &Head) -> Result<Destination, String> {
+pub fn destination(head: &RequestHead) -> Result<Destination, String> {
     if head.method.eq_ignore_ascii_case("CONNECT") {
         let (host, port) = split_host_port(&head.target, None)?;
         return Ok(Destination::Tunnel { host, port });
@@ -142,87 +228,82 @@ pub fn destination(head: &Head) -> Result<Destination, String> {
         .target
         .strip_prefix("http://")
         .ok_or_else(|| format!("{} is not a proxy request (https goes through CONNECT)", head.target))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) if rest[i..].starts_with('/') => (&rest[..i], rest[i..].to_string()),
+        Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
+        None => (rest, "/".to_string()),
     };
     let (host, port) = split_host_port(authority, Some(80))?;
-    Ok(Destination::Http { host, port, path: path.to_string() })
+    Ok(Destination::Http { host, port, path })
 }
 
+/// `host[:port]` or `[v6]:port`, without user info; the host lower-cased.
 fn split_host_port(authority: &str, default: Option<u16>) -> Result<(String, u16), String> {
     let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-            (h, p.parse::<u16>().map_err(|_| format!("bad port in {authority:?}"))?)
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (host, after) = v6.split_once(']').ok_or_else(|| format!("{authority:?} is not host:port"))?;
+            (host, after.strip_prefix(':'))
         }
-        _ => (authority, default.ok_or_else(|| format!("{authority:?} has no port"))?),
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
     };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = match port {
+        Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("bad port in {authority:?}"))?,
+        None => default.ok_or_else(|| format!("{authority:?} has no port"))?,
+    };
     if host.is_empty() {
         return Err(format!("{authority:?} has no host"));
     }
     Ok((host.to_ascii_lowercase(), port))
 }
 
-/// The server name (SNI) of a TLS ClientHello at the start of `buf`:
-/// `Some(Some(name))`, `Some(None)` when it is a hello without one, `None`
-/// when `buf` is not (or not yet) a whole ClientHello.
-pub fn client_hello_sni(buf: &[u8]) -> Option<Option<String>> {
-    // Record: type 22 (handshake), version, length; then handshake type 1.
-    if buf.len() < 9 || buf[0] != 22 || buf[5] != 1 {
-        return None;
+/// `host` or `host:port` (`[v6]:port`), as a Host header says it.
+pub fn authority(host: &str, port: u16, default_port: u16) -> String {
+    let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+    if port == default_port {
+        host
+    } else {
+        format!("{host}:{port}")
     }
-    let record_len = u16::from_be_bytes([buf[3], buf[4]]) as usize;
-    let body = buf.get(5..5 + record_len)?;
-    let mut r = Reader(body);
-    r.skip(4)?; // handshake type and length
-    r.skip(2 + 32)?; // version, random
-    let session = r.u8()? as usize;
-    r.skip(session)?;
-    let suites = r.u16()? as usize;
-    r.skip(suites)?;
-    let compression = r.u8()? as usize;
-    r.skip(compression)?;
-    if r.0.is_empty() {
-        return Some(None);
-    }
-    let ext_len = r.u16()? as usize;
-    let mut exts = Reader(r.take(ext_len)?);
-    while !exts.0.is_empty() {
-        let kind = exts.u16()?;
-        let len = exts.u16()? as usize;
-        let data = exts.take(len)?;
-        if kind == 0 {
-            // server_name: list length, then (type 0, length, name).
-            let mut d = Reader(data);
-            d.skip(2)?;
-            if d.u8()? != 0 {
-                return Some(None);
-            }
-            let n = d.u16()? as usize;
-            return Some(Some(String::from_utf8_lossy(d.take(n)?).to_ascii_lowercase()));
-        }
-    }
-    Some(None)
 }
 
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let (a, b) = (self.0.get(..n)?, self.0.get(n..)?);
-        self.0 = b;
-        Some(a)
-    }
-    fn skip(&mut self, n: usize) -> Option<()> {
-        self.take(n).map(|_| ())
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take(1).map(|b| b[0])
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+/// Reads the client's TLS hello (however many records it spans) within
+/// `deadline` and returns the server name it asks for. Everything read
+/// stays buffered in `client`, to be passed on.
+pub fn read_client_hello<S>(client: &mut Peer<S>, deadline: Instant) -> Result<String, String>
+where
+    S: std::io::Read + http::ReadTimeout,
+{
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut fed = 0;
+    loop {
+        while fed < client.buffered().len() {
+            let mut rest = &client.buffered()[fed..];
+            let before = rest.len();
+            acceptor.read_tls(&mut rest).map_err(|e| format!("not a TLS hello: {e}"))?;
+            fed += before - rest.len();
+            match acceptor.accept() {
+                Ok(Some(accepted)) => {
+                    return accepted.client_hello().server_name().map(str::to_string).ok_or_else(|| {
+                        "the TLS hello names no server (SNI): the proxy tunnels only TLS that names the CONNECT host".to_string()
+                    })
+                }
+                Ok(None) => {}
+                Err((e, _)) => return Err(format!("not a TLS hello (the proxy tunnels only TLS): {e}")),
+            }
+        }
+        if client.buffered().len() > http::MAX_HEAD {
+            return Err("the TLS hello is too long".into());
+        }
+        match client.read_more(Some(deadline)) {
+            Ok(0) => return Err("closed before its TLS hello was whole".into()),
+            Ok(_) => {}
+            Err(HttpError::Timeout(_)) => return Err(format!("no whole TLS hello within {}s", HEAD_DEADLINE.as_secs())),
+            Err(e) => return Err(e.to_string()),
+        }
     }
 }
 
@@ -232,16 +313,29 @@ pub struct Proxy {
     allow: Arc<AllowList>,
     shield: Option<Arc<crate::shield::Shield>>,
     log: Arc<Mutex<Option<RotatingLog>>>,
-    resolve: Arc<Vec<(String, std::net::IpAddr)>>,
+    resolve: Arc<Vec<(String, IpAddr)>>,
+    active: Arc<AtomicUsize>,
 }
 
 /// Parses [`RESOLVE_ENV`]'s `name=address,...`; bad entries are skipped.
-pub fn parse_resolve(s: &str) -> Vec<(String, std::net::IpAddr)> {
+pub fn parse_resolve(s: &str) -> Vec<(String, IpAddr)> {
     s.split(',')
         .filter_map(|e| e.split_once('='))
         .filter_map(|(n, a)| Some((n.trim().to_ascii_lowercase(), a.trim().parse().ok()?)))
         .collect()
 }
+
+/// Counts a connection as open until it is dropped.
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A request refused: the status for the client and why.
+struct Refusal(u16, String);
 
 impl Proxy {
     /// A proxy for `allow`, logging to `log_path` (rotated like the console
@@ -250,142 +344,192 @@ impl Proxy {
     pub fn new(allow: AllowList, shield: Option<Arc<crate::shield::Shield>>, log_path: &Path) -> Proxy {
         let log = RotatingLog::create(log_path, console_log::ROTATE_BYTES).ok();
         let resolve = std::env::var(RESOLVE_ENV).map(|s| parse_resolve(&s)).unwrap_or_default();
-        Proxy { allow: Arc::new(allow), shield, log: Arc::new(Mutex::new(log)), resolve: Arc::new(resolve) }
+        Proxy {
+            allow: Arc::new(allow),
+            shield,
+            log: Arc::new(Mutex::new(log)),
+            resolve: Arc::new(resolve),
+            active: Arc::default(),
+        }
     }
 
     /// A new client connection: the proxy serves it on a thread of its own
-    /// and the returned end goes to the forwarding channel.
+    /// and the returned end goes to the forwarding channel. Refused when
+    /// [`MAX_CONNECTIONS`] are open.
     pub fn connect(&self) -> io::Result<UnixStream> {
+        let open = Open(self.active.clone());
+        if self.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            self.note(&format!("DENY - (more than {MAX_CONNECTIONS} proxy connections at once)"));
+            return Err(io::Error::other("too many proxy connections"));
+        }
         let (ours, theirs) = UnixStream::pair()?;
         let me = self.clone();
-        std::thread::spawn(move || me.serve(ours));
+        std::thread::spawn(move || {
+            let _open = open;
+            me.serve(ours)
+        });
         Ok(theirs)
     }
 
     fn note(&self, line: &str) {
         let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         if let Some(log) = self.log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            let _ = log.write(format!("{secs} {line}\n").as_bytes());
+            let _ = log.write(format!("{secs} {}\n", escape_log(line)).as_bytes());
         }
     }
 
-    fn serve(&self, mut client: UnixStream) {
-        let _ = client.set_read_timeout(Some(CLIENT_TIMEOUT));
-        let mut buf = Vec::new();
-        let head = loop {
-            let mut chunk = [0u8; 4096];
-            match client.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-            match parse_head(&buf) {
-                Some(Ok(h)) => break h,
-                Some(Err(why)) => return self.refuse(&mut client, 400, "-", &why),
-                None if buf.len() > MAX_HEAD => return self.refuse(&mut client, 400, "-", "request head too long"),
-                None => {}
-            }
+    fn serve(&self, client: UnixStream) {
+        let mut client = Peer::new(client);
+        let head = match client.read_head(http::parse_request, Some(Instant::now() + HEAD_DEADLINE)) {
+            Ok(h) => h,
+            Err(HttpError::ClosedEarly) => return,
+            Err(e @ HttpError::Timeout(_)) => return self.refuse(&mut client.stream, 408, "-", &format!("reading the request: {e}")),
+            Err(e) => return self.refuse(&mut client.stream, 400, "-", &format!("reading the request: {e}")),
         };
         let dest = match destination(&head) {
             Ok(d) => d,
-            Err(why) => return self.refuse(&mut client, 400, &head.target, &why),
+            Err(why) => return self.refuse(&mut client.stream, 400, &head.target, &why),
         };
-        let (host, port) = match &dest {
-            Destination::Tunnel { host, port } | Destination::Http { host, port, .. } => (host.clone(), *port),
-        };
+        let (host, port) = dest.host_port();
         let what = format!("{} {host}:{port}", head.method);
-        if !self.allow.allows(&host) {
-            return self.refuse(
-                &mut client,
-                403,
-                &what,
-                &format!("egress to {host} is not allowed: allow it with --allow {host} (or allow = [\"{host}\"] in .agentvm.toml)"),
-            );
+        if !self.allow.allows(host) {
+            let why = match AllowList::new(&[host.to_string()]) {
+                Ok(_) => format!("egress to {host} is not allowed: allow it with --allow {host} (or allow = [\"{host}\"] in .agentvm.toml)"),
+                Err(_) => format!("egress to {host} is not allowed: the proxy reaches only host names on the allow list, never an address or this host itself"),
+            };
+            return self.refuse(&mut client.stream, 403, &what, &why);
         }
-        let upstream = match self.dial(&host, port) {
+        let upstream = match self.dial(host, port) {
             Ok(u) => u,
-            Err(e) => return self.refuse(&mut client, 502, &what, &format!("cannot connect to {host}:{port}: {e}")),
+            Err(Refusal(status, why)) => return self.refuse(&mut client.stream, status, &what, &why),
         };
-        let rest = buf[head.len..].to_vec();
-        match dest {
-            Destination::Tunnel { .. } if self.shield.as_ref().is_some_and(|s| s.covers(&host)) => {
-                if client.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").is_err() {
+        match &dest {
+            Destination::Tunnel { .. } if self.shield.as_ref().is_some_and(|s| s.covers(host)) => {
+                if client.stream.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").is_err() {
                     return;
                 }
                 let shield = self.shield.as_ref().expect("checked above");
-                match shield.intercept(client, upstream, &host) {
+                match shield.intercept(client, upstream, host, port) {
                     Ok(()) => self.note(&format!("ALLOW {what} (secrets put in)")),
                     Err(why) => self.note(&format!("FAIL {what} (secrets put in): {why}")),
                 }
             }
-            Destination::Tunnel { .. } => self.tunnel(client, upstream, &host, &what, rest),
-            Destination::Http { path, .. } => {
-                self.note(&format!("ALLOW {what}"));
-                let mut up = upstream;
-                let mut out = format!("{} {path} {}\r\n", head.method, head.version);
-                for (k, v) in &head.headers {
-                    let k_lower = k.to_ascii_lowercase();
-                    if !["proxy-connection", "proxy-authorization", "connection"].contains(&k_lower.as_str()) {
-                        out.push_str(&format!("{k}: {v}\r\n"));
-                    }
-                }
-                // One request per upstream connection: the next one comes
-                // through the proxy again and is checked again.
-                out.push_str("Connection: close\r\n\r\n");
-                if up.write_all(out.as_bytes()).and_then(|_| up.write_all(&rest)).is_ok() {
-                    splice(client, up);
-                }
-            }
+            Destination::Tunnel { .. } => self.tunnel(client, upstream, host, &what),
+            Destination::Http { path, .. } => self.forward(client, &head, upstream, (host, port, path), &what),
         }
     }
 
-    fn tunnel(&self, mut client: UnixStream, upstream: TcpStream, host: &str, what: &str, mut first: Vec<u8>) {
-        if client.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").is_err() {
+    /// A CONNECT tunnel: the client's TLS hello must name `host`.
+    fn tunnel(&self, mut client: Peer<UnixStream>, mut upstream: TcpStream, host: &str, what: &str) {
+        if client.stream.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").is_err() {
             return;
         }
-        // The client's first bytes: a TLS hello must name the CONNECT host.
-        loop {
-            let settled = client_hello_sni(&first).is_some() || (!first.is_empty() && !looks_like_tls(&first));
-            if settled || first.len() > 16 * 1024 {
-                break;
+        match read_client_hello(&mut client, Instant::now() + HEAD_DEADLINE) {
+            Err(why) => return self.note(&format!("DENY {what} ({why})")),
+            Ok(sni) if !sni.trim_end_matches('.').eq_ignore_ascii_case(host.trim_end_matches('.')) => {
+                return self.note(&format!("DENY {what} (the TLS hello names {sni})"));
             }
-            let mut chunk = [0u8; 4096];
-            match client.read(&mut chunk) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => first.extend_from_slice(&chunk[..n]),
-            }
+            Ok(_) => self.note(&format!("ALLOW {what}")),
         }
-        if let Some(Some(sni)) = client_hello_sni(&first) {
-            if sni != host {
-                self.note(&format!("DENY {what} (the TLS hello names {sni})"));
-                return;
-            }
-        }
-        self.note(&format!("ALLOW {what}"));
-        let mut up = upstream;
-        if up.write_all(&first).is_ok() {
-            splice(client, up);
+        if upstream.write_all(client.buffered()).is_ok() {
+            splice(client.stream, upstream);
         }
     }
 
-    fn dial(&self, host: &str, port: u16) -> io::Result<TcpStream> {
+    /// One plain HTTP request, sent on with its Host pinned to the checked
+    /// host, and its response; then the connection ends. A request the
+    /// client sent after it is not sent anywhere: it is logged as refused.
+    fn forward(&self, mut client: Peer<UnixStream>, head: &RequestHead, upstream: TcpStream, to: (&str, u16, &str), what: &str) {
+        let (host, port, path) = to;
+        let kind = match http::request_body(&head.headers) {
+            Ok(BodyKind::Length(n)) if n > http::MAX_REQUEST_BODY => {
+                return self.refuse(&mut client.stream, 413, what, &HttpError::BodyTooLarge(http::MAX_REQUEST_BODY).to_string())
+            }
+            Ok(k) => k,
+            Err(e) => return self.refuse(&mut client.stream, 400, what, &e.to_string()),
+        };
+        self.note(&format!("ALLOW {what}"));
+        let mut out = format!("{} {path} HTTP/1.1\r\n", head.method).into_bytes();
+        http::put_header(&mut out, "Host", authority(host, port, 80).as_bytes());
+        for h in head.headers.iter().filter(|h| !http::is_hop_header(h) && !h.is("host")) {
+            http::put_header(&mut out, &h.name, &h.value);
+        }
+        http::put_framing(&mut out, kind);
+        out.extend_from_slice(b"Connection: close\r\n\r\n");
+        if http::expects_continue(head) && client.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err() {
+            return;
+        }
+        let mut up = upstream;
+        let _ = client.stream.set_read_timeout(Some(BODY_IDLE));
+        let sent = up.write_all(&out).map_err(HttpError::from).and_then(|()| {
+            http::copy_body(&mut client, &mut up, kind, Some(http::MAX_REQUEST_BODY), &[])
+        });
+        if let Err(e) = sent {
+            return self.note(&format!("FAIL {what}: sending the request: {e}"));
+        }
+        if let Err(e) = relay_response(Peer::new(up), &head.method, &mut client.stream) {
+            self.note(&format!("FAIL {what}: relaying the response: {e}"));
+        }
+        // The client sees the end at once; what it sent after is only logged.
+        let _ = client.stream.shutdown(Shutdown::Write);
+        self.note_pipelined(&mut client);
+    }
+
+    /// Logs a request the client sent after the one served, which goes nowhere.
+    fn note_pipelined(&self, client: &mut Peer<UnixStream>) {
+        if client.buffered().is_empty() {
+            let _ = client.read_more(Some(Instant::now() + Duration::from_millis(200)));
+        }
+        if client.buffered().is_empty() {
+            return;
+        }
+        let what = match http::parse_request(client.buffered()) {
+            Ok(Some((h, _))) => match destination(&h) {
+                Ok(d) => format!("{} {}:{}", h.method, d.host_port().0, d.host_port().1),
+                Err(_) => format!("{} {}", h.method, h.target),
+            },
+            _ => "-".to_string(),
+        };
+        self.note(&format!("DENY {what} (a second request on one connection: the proxy takes one request per connection)"));
+    }
+
+    /// Resolves `host` and connects to the first address that answers,
+    /// never to a loopback, private or otherwise non-public one (checked on
+    /// the addresses actually dialled, so DNS rebinding gains nothing).
+    fn dial(&self, host: &str, port: u16) -> Result<TcpStream, Refusal> {
         let addrs: Vec<SocketAddr> = match self.resolve.iter().find(|(n, _)| n == host) {
             Some((_, ip)) => vec![SocketAddr::new(*ip, port)],
-            None => (host, port).to_socket_addrs()?.collect(),
+            None => {
+                let all: Vec<SocketAddr> = (host, port)
+                    .to_socket_addrs()
+                    .map_err(|e| Refusal(502, format!("cannot resolve {host}: {e}")))?
+                    .collect();
+                let public: Vec<SocketAddr> = all.iter().copied().filter(|a| non_public(a.ip()).is_none()).collect();
+                if public.is_empty() {
+                    return Err(match all.first() {
+                        Some(a) => Refusal(403, refused_address(host, a.ip())),
+                        None => Refusal(502, format!("{host} has no address")),
+                    });
+                }
+                public
+            }
         };
-        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+        let mut last = String::from("no address");
         for a in addrs {
             match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
                 Ok(s) => return Ok(s),
-                Err(e) => last = e,
+                Err(e) => last = e.to_string(),
             }
         }
-        Err(last)
+        Err(Refusal(502, format!("cannot connect to {host}:{port}: {last}")))
     }
 
     fn refuse(&self, client: &mut UnixStream, status: u16, what: &str, why: &str) {
         self.note(&format!("DENY {what} ({why})"));
         let reason = match status {
             403 => "Forbidden",
+            408 => "Request Timeout",
+            413 => "Content Too Large",
             502 => "Bad Gateway",
             _ => "Bad Request",
         };
@@ -398,8 +542,29 @@ impl Proxy {
     }
 }
 
-fn looks_like_tls(b: &[u8]) -> bool {
-    b.first() == Some(&22)
+fn refused_address(host: &str, ip: IpAddr) -> String {
+    let kind = non_public(ip).unwrap_or("not public");
+    format!(
+        "{host} resolves to {ip}, {kind}: the proxy connects only to public addresses \
+         (to reach a service on this host's loopback, open its port with --host-port PORT)"
+    )
+}
+
+/// Copies the response to a `method` request: its head with `Connection:
+/// close`, then its body, to its end (a server may keep the connection
+/// open although it was asked to close it).
+fn relay_response(mut up: Peer<TcpStream>, method: &str, client: &mut UnixStream) -> Result<(), HttpError> {
+    let head = loop {
+        let head = up.read_head(http::parse_response, None)?;
+        // Interim responses (the request's Expect was answered here).
+        if !(100..200).contains(&head.code) || head.code == 101 {
+            break head;
+        }
+    };
+    let kind = http::response_body(&head, method)?;
+    client.write_all(&http::response_head_to_pass_on(&head, kind))?;
+    http::copy_body(&mut up, client, kind, None, &[])?;
+    Ok(())
 }
 
 /// Copies both ways until each side ends.
@@ -424,6 +589,8 @@ pub fn log_path(instance_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
 
     #[test]
     fn net_log_of_a_guest_opening_connection_after_connection_stays_under_the_cap() {
@@ -453,61 +620,169 @@ mod tests {
         assert!(!a.allows("example.com") && !a.allows("evilapi.example.com"));
         assert!(a.allows("registry.npmjs.org") && a.allows("a.b.npmjs.org"));
         assert!(!a.allows("npmjs.org") && !a.allows("evilnpmjs.org"));
-        for bad in ["", "*.", "a b", "http://x.com", "x.com/", "-x.com", "*"] {
+        for bad in ["", "*.", "a b", "http://x.com", "x.com/", "-x.com", "*", "[::1]", "::1"] {
             assert!(AllowList::new(&[bad.to_string()]).is_err(), "{bad:?}");
         }
     }
 
     #[test]
-    fn heads_parse_once_complete() {
-        assert!(parse_head(b"GET http://a/ HTTP/1.1\r\nHost: a\r\n").is_none());
-        let h = parse_head(b"CONNECT a.com:443 HTTP/1.1\r\nHost: a.com:443\r\n\r\nxyz").unwrap().unwrap();
-        assert_eq!((h.method.as_str(), h.target.as_str(), h.len), ("CONNECT", "a.com:443", 47));
-        assert_eq!(destination(&h).unwrap(), Destination::Tunnel { host: "a.com".into(), port: 443 });
-        let h = parse_head(b"GET http://A.com:8080/x?y HTTP/1.1\r\n\r\n").unwrap().unwrap();
-        assert_eq!(destination(&h).unwrap(), Destination::Http { host: "a.com".into(), port: 8080, path: "/x?y".into() });
-        let h = parse_head(b"GET http://user@b.org HTTP/1.0\r\n\r\n").unwrap().unwrap();
-        assert_eq!(destination(&h).unwrap(), Destination::Http { host: "b.org".into(), port: 80, path: "/".into() });
-        let h = parse_head(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").unwrap().unwrap();
-        assert!(destination(&h).is_err(), "origin-form is not a proxy request");
-        let h = parse_head(b"CONNECT a.com HTTP/1.1\r\n\r\n").unwrap().unwrap();
-        assert!(destination(&h).is_err(), "CONNECT needs a port");
-    }
-
-    /// A minimal ClientHello with the server name `name`.
-    fn hello(name: &str) -> Vec<u8> {
-        let mut sni = vec![0u8];
-        sni.extend_from_slice(&(name.len() as u16).to_be_bytes());
-        sni.extend_from_slice(name.as_bytes());
-        let mut ext = 0u16.to_be_bytes().to_vec();
-        ext.extend_from_slice(&((sni.len() + 2) as u16).to_be_bytes());
-        ext.extend_from_slice(&(sni.len() as u16).to_be_bytes());
-        ext.extend_from_slice(&sni);
-        let mut body = vec![3, 3];
-        body.extend_from_slice(&[0u8; 32]);
-        body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
-        body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-        body.extend_from_slice(&ext);
-        let mut hs = vec![1, 0];
-        hs.extend_from_slice(&(body.len() as u16).to_be_bytes());
-        hs.extend_from_slice(&body);
-        let mut rec = vec![22, 3, 1];
-        rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
-        rec.extend_from_slice(&hs);
-        rec
+    fn names_of_this_host_and_addresses_are_refused_at_parse_time() {
+        for local in ["localhost", "LOCALHOST", "*.localhost", "db.localhost", "ip6-localhost", "localhost.localdomain"] {
+            assert!(matches!(AllowList::new(&[local.to_string()]), Err(EgressError::LocalName(_))), "{local}");
+        }
+        for numeric in ["127.0.0.1", "127.1", "2130706433", "0x7f000001", "0x7f.1", "*.0.0.1", "10.0.0.1"] {
+            assert!(matches!(AllowList::new(&[numeric.to_string()]), Err(EgressError::AddressName(_))), "{numeric}");
+        }
+        assert!(EgressError::LocalName("localhost".into()).to_string().contains("--host-port"));
+        list(&["localhost-tools.example.com", "v1.api.example.com", "1password.com", "x.0x"]);
     }
 
     #[test]
-    fn sni_is_read_from_a_client_hello() {
-        let h = hello("API.example.com");
-        assert_eq!(client_hello_sni(&h), Some(Some("api.example.com".into())));
-        assert_eq!(client_hello_sni(&h[..h.len() - 3]), None, "incomplete");
-        assert_eq!(client_hello_sni(b"GET / HTTP/1.1\r\n\r\n"), None);
+    fn only_public_addresses_are_dialled() {
+        let refused = [
+            "0.0.0.0", "0.1.2.3", "127.0.0.1", "127.9.9.9", "10.1.2.3", "172.16.0.1", "172.31.255.255", "192.168.1.1",
+            "100.64.0.1", "100.127.255.255", "169.254.169.254", "224.0.0.1", "239.1.1.1", "240.0.0.1",
+            "255.255.255.255", "::", "::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "::ffff:169.254.169.254", "::127.0.0.1",
+            "64:ff9b::7f00:1", "64:ff9b:1::1", "2002:7f00:1::1", "2002:c0a8:101::1", "fc00::1", "fd12:3456::1",
+            "fe80::1", "febf::1", "fec0::1", "ff02::1", "ff0e::1",
+        ];
+        for a in refused {
+            assert!(non_public(a.parse().unwrap()).is_some(), "{a} counts as public");
+        }
+        for a in ["1.1.1.1", "8.8.8.8", "172.32.0.1", "100.128.0.1", "192.169.0.1", "2606:4700::1111", "::ffff:8.8.8.8", "2002:808:808::1"] {
+            assert_eq!(non_public(a.parse().unwrap()), None, "{a}");
+        }
+    }
+
+    fn proxy(allow: &[&str]) -> (Proxy, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Proxy::new(list(allow), None, &log_path(dir.path()));
+        p.resolve = Arc::new(Vec::new());
+        (p, dir)
+    }
+
+    #[test]
+    fn names_and_addresses_of_loopback_are_not_dialled_even_with_a_listener_there() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (p, _dir) = proxy(&[]);
+        for host in ["localhost", "127.0.0.1", "::ffff:127.0.0.1", "0.0.0.0"] {
+            let Err(Refusal(status, why)) = p.dial(host, port) else { panic!("{host} was dialled") };
+            assert_eq!(status, 403, "{host}: {why}");
+            assert!(why.contains("--host-port") && why.contains("only to public addresses"), "{why}");
+        }
+        // The trusted test override may map a name to loopback.
+        let mut trusted = p.clone();
+        trusted.resolve = Arc::new(parse_resolve("api.test=127.0.0.1"));
+        assert!(trusted.dial("api.test", port).is_ok());
+    }
+
+    #[test]
+    fn destinations_are_read_from_the_request_target() {
+        let head = |t: &[u8]| http::parse_request(t).unwrap().unwrap().0;
+        let dest = |t: &[u8]| destination(&head(t));
+        assert_eq!(dest(b"CONNECT a.com:443 HTTP/1.1\r\n\r\n").unwrap(), Destination::Tunnel { host: "a.com".into(), port: 443 });
+        assert_eq!(dest(b"CONNECT [::1]:22 HTTP/1.1\r\n\r\n").unwrap(), Destination::Tunnel { host: "::1".into(), port: 22 });
+        assert_eq!(
+            dest(b"GET http://A.com:8080/x?y HTTP/1.1\r\n\r\n").unwrap(),
+            Destination::Http { host: "a.com".into(), port: 8080, path: "/x?y".into() }
+        );
+        assert_eq!(
+            dest(b"GET http://user@b.org HTTP/1.0\r\n\r\n").unwrap(),
+            Destination::Http { host: "b.org".into(), port: 80, path: "/".into() }
+        );
+        assert_eq!(dest(b"GET http://b.org?q HTTP/1.1\r\n\r\n").unwrap(), Destination::Http { host: "b.org".into(), port: 80, path: "/?q".into() });
+        assert!(dest(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").is_err(), "origin-form is not a proxy request");
+        assert!(dest(b"CONNECT a.com HTTP/1.1\r\n\r\n").is_err(), "CONNECT needs a port");
+        assert!(dest(b"CONNECT a.com:0 HTTP/1.1\r\n\r\n").is_err());
+        assert!(dest(b"CONNECT [::1 HTTP/1.1\r\n\r\n").is_err());
+        assert_eq!(authority("::1", 8080, 80), "[::1]:8080");
+        assert_eq!(authority("a.com", 443, 443), "a.com");
+    }
+
+    /// The TLS records of a real ClientHello for `sni` (none: no SNI).
+    fn client_hello(sni: Option<&str>) -> Vec<u8> {
+        let roots = rustls::RootCertStore::empty();
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.enable_sni = sni.is_some();
+        let name = rustls::pki_types::ServerName::try_from(sni.unwrap_or("unnamed.test").to_string()).unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).unwrap();
+        out
+    }
+
+    /// The same handshake message split over two TLS records.
+    fn split_in_two_records(hello: &[u8]) -> Vec<u8> {
+        let body = &hello[5..];
+        let (a, b) = body.split_at(body.len() / 2);
+        let mut out = Vec::new();
+        for part in [a, b] {
+            out.extend_from_slice(&[22, 3, 1]);
+            out.extend_from_slice(&(part.len() as u16).to_be_bytes());
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    fn hello_over_socket(bytes: &[u8]) -> (Result<String, String>, Duration) {
+        let (mut guest, ours) = UnixStream::pair().unwrap();
+        guest.write_all(bytes).unwrap();
+        let mut peer = Peer::new(ours);
+        let started = Instant::now();
+        let got = read_client_hello(&mut peer, Instant::now() + Duration::from_secs(2));
+        if got.is_ok() {
+            assert_eq!(peer.buffered(), bytes, "the hello stays buffered for upstream");
+        }
+        (got, started.elapsed())
+    }
+
+    #[test]
+    fn the_whole_tls_hello_is_read_however_it_is_split() {
+        let hello = client_hello(Some("Evil.test"));
+        assert_eq!(hello_over_socket(&hello).0.unwrap().to_ascii_lowercase(), "evil.test");
+        let (got, took) = hello_over_socket(&split_in_two_records(&hello));
+        assert_eq!(got.unwrap().to_ascii_lowercase(), "evil.test", "a hello over two records is read whole");
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        let (got, _) = hello_over_socket(&client_hello(None));
+        assert!(got.unwrap_err().contains("names no server"));
+        let (got, _) = hello_over_socket(b"SSH-2.0-OpenSSH_9.2\r\n");
+        assert!(got.unwrap_err().contains("not a TLS hello"));
+        let (got, took) = hello_over_socket(&hello[..hello.len() - 10]);
+        assert!(got.unwrap_err().contains("no whole TLS hello"), "an incomplete hello waits for the deadline only");
+        assert!(took < Duration::from_secs(3));
+    }
+
+    #[test]
+    fn log_text_is_escaped_and_printing_keeps_only_lines() {
+        assert_eq!(escape_log("CONNECT a\n1 ALLOW x\x1b[2J\\é"), "CONNECT a\\x0a1 ALLOW x\\x1b[2J\\x5c\\xc3\\xa9");
+        assert_eq!(printable(b"1 DENY a\n2 ALLOW \x1b]0;x\x07 \\x1b\n"), b"1 DENY a\n2 ALLOW \\x1b]0;x\\x07 \\x1b\n");
     }
 
     #[test]
     fn resolve_overrides_parse() {
         let r = parse_resolve("a.test=127.0.0.1, B.test = ::1,bad,c=notip");
         assert_eq!(r, vec![("a.test".into(), "127.0.0.1".parse().unwrap()), ("b.test".into(), "::1".parse().unwrap())]);
+    }
+
+    #[test]
+    fn connections_past_the_limit_are_refused() {
+        let (p, _dir) = proxy(&[]);
+        let held: Vec<UnixStream> = (0..MAX_CONNECTIONS).map(|_| p.connect().unwrap()).collect();
+        assert!(p.connect().is_err());
+        drop(held);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while p.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut again = p.connect().expect("closed connections free their places");
+        write!(again, "GET http://denied.test/ HTTP/1.1\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        again.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     }
 }

@@ -40,6 +40,7 @@ description = "Claude Code, Anthropic's coding agent"
 npm = ["@anthropic-ai/claude-code"]
 command = ["claude"]
 keys = ["ANTHROPIC_API_KEY"]
+key_headers = { ANTHROPIC_API_KEY = ["x-api-key: {key}", "authorization: Bearer {key}"] }
 secret_hosts = ["api.anthropic.com"]
 allow = ["api.anthropic.com", "console.anthropic.com", "statsig.anthropic.com", "claude.ai", "*.claude.ai", "registry.npmjs.org"]
 memory_file = ".claude/CLAUDE.md"
@@ -50,6 +51,7 @@ description = "Gemini CLI, Google's coding agent"
 npm = ["@google/gemini-cli"]
 command = ["gemini"]
 keys = ["GEMINI_API_KEY", "GOOGLE_API_KEY"]
+key_headers = { GEMINI_API_KEY = ["x-goog-api-key: {key}"], GOOGLE_API_KEY = ["x-goog-api-key: {key}"] }
 secret_hosts = ["generativelanguage.googleapis.com"]
 allow = ["generativelanguage.googleapis.com", "cloudcode-pa.googleapis.com", "oauth2.googleapis.com", "accounts.google.com", "registry.npmjs.org"]
 memory_file = ".gemini/GEMINI.md"
@@ -59,6 +61,7 @@ description = "Codex CLI, OpenAI's coding agent"
 npm = ["@openai/codex"]
 command = ["codex"]
 keys = ["OPENAI_API_KEY"]
+key_headers = { OPENAI_API_KEY = ["authorization: Bearer {key}"] }
 secret_hosts = ["api.openai.com"]
 allow = ["api.openai.com", "auth.openai.com", "chatgpt.com", "registry.npmjs.org"]
 memory_file = ".codex/AGENTS.md"
@@ -95,6 +98,11 @@ pub struct Flavor {
     /// (the agent's API).
     #[serde(default)]
     pub secret_hosts: Vec<String>,
+    /// For each key, the headers it travels in under `--shield-secrets`,
+    /// as `name: text{key}text` (e.g. `authorization: Bearer {key}`): only
+    /// there is the placeholder replaced by the real key.
+    #[serde(default)]
+    pub key_headers: BTreeMap<String, Vec<String>>,
     /// Extra guest environment.
     pub env: BTreeMap<String, String>,
     /// Path under the agent home of the agent's memory note, e.g.
@@ -115,6 +123,7 @@ pub struct FlavorOverride {
     pub keys: Option<Vec<String>>,
     pub allow: Option<Vec<String>>,
     pub secret_hosts: Option<Vec<String>>,
+    pub key_headers: Option<BTreeMap<String, Vec<String>>>,
     pub env: Option<BTreeMap<String, String>>,
     pub memory_file: Option<String>,
     pub version: Option<String>,
@@ -160,8 +169,10 @@ pub fn parse_flavor_tables(
         #[serde(default)]
         flavors: BTreeMap<String, FlavorOverride>,
     }
-    let file: ConfigFile = toml::from_str(toml_text)
-        .map_err(|e| FlavorError::Parse { path: path.to_path_buf(), why: e.to_string() })?;
+    let file: ConfigFile = toml::from_str(toml_text).map_err(|e| FlavorError::Parse {
+        path: path.to_path_buf(),
+        why: crate::settings::describe_toml_error(&e, toml_text),
+    })?;
     for (name, o) in &file.flavors {
         check_override(name, o)
             .map_err(|e| FlavorError::InFile { path: path.to_path_buf(), source: Box::new(e) })?;
@@ -193,6 +204,7 @@ pub fn merge(
                     keys: Vec::new(),
                     allow: Vec::new(),
                     secret_hosts: Vec::new(),
+                    key_headers: BTreeMap::new(),
                     env: BTreeMap::new(),
                     memory_file: None,
                     version: None,
@@ -228,6 +240,9 @@ fn apply(mut f: Flavor, o: &FlavorOverride) -> Flavor {
     }
     if let Some(v) = &o.secret_hosts {
         f.secret_hosts = v.clone();
+    }
+    if let Some(v) = &o.key_headers {
+        f.key_headers = v.clone();
     }
     if let Some(env) = &o.env {
         f.env.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -289,6 +304,8 @@ pub fn describe(f: &Flavor) -> String {
     let _ = writeln!(out, "  keys:        {}", list(&f.keys));
     let _ = writeln!(out, "  allow:       {}", list(&f.allow));
     let _ = writeln!(out, "  secret hosts: {}", list(&f.secret_hosts));
+    let forms: Vec<String> = f.key_headers.iter().map(|(k, forms)| format!("{k} in \"{}\"", forms.join("\", \""))).collect();
+    let _ = writeln!(out, "  key headers: {}", if forms.is_empty() { "(none)".into() } else { forms.join("; ") });
     let env: Vec<String> = f
         .env
         .iter()
@@ -306,7 +323,7 @@ pub fn describe(f: &Flavor) -> String {
     out
 }
 
-fn looks_secret(name: &str) -> bool {
+pub(crate) fn looks_secret(name: &str) -> bool {
     let n = name.to_ascii_uppercase();
     ["KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL"].iter().any(|w| n.contains(w))
 }
@@ -341,6 +358,12 @@ fn check_override(name: &str, o: &FlavorOverride) -> Result<(), FlavorError> {
     for key in o.keys.iter().flatten() {
         envvars::check_guest_name(key).map_err(|why| err("keys", why))?;
     }
+    for (key, forms) in o.key_headers.iter().flatten() {
+        envvars::check_guest_name(key).map_err(|why| err("key_headers", why))?;
+        for form in forms {
+            crate::shield::parse_key_form(form).map_err(|why| err("key_headers", format!("{key}: {why}")))?;
+        }
+    }
     for var in o.env.iter().flat_map(|e| e.keys()) {
         envvars::check_guest_name(var).map_err(|why| err("env", why))?;
     }
@@ -362,6 +385,9 @@ fn check_override(name: &str, o: &FlavorOverride) -> Result<(), FlavorError> {
 fn check_flavor(f: &Flavor) -> Result<(), FlavorError> {
     crate::egress::AllowList::new(&f.allow).map_err(|e| invalid(&f.name, "allow", e.to_string()))?;
     crate::egress::AllowList::new(&f.secret_hosts).map_err(|e| invalid(&f.name, "secret_hosts", e.to_string()))?;
+    if let Some(key) = f.key_headers.keys().find(|k| !f.keys.contains(k)) {
+        return Err(invalid(&f.name, "key_headers", format!("{key} is not one of the flavor's keys; add it to `keys` or remove it here")));
+    }
     if let Some(v) = &f.version {
         match f.npm.first() {
             None => {
@@ -495,6 +521,7 @@ mod tests {
         assert!(bad("[flavors.x]\ncommand = [\"a\"]\nenv = { \"1BAD\" = \"v\" }\n").contains("env"));
         assert!(bad("[flavors.x]\ncommand = [\"a\"]\nenv = { HOME = \"/root\" }\n").contains("HOME"));
         assert!(bad("[flavors.x]\ncommand = [\"a\"]\nkeys = [\"A-B\"]\n").contains("keys"));
+        assert!(bad("[flavors.x]\ncommand = [\"a\"]\nkeys = [\"K\"]\nkey_headers = { K = [\"x-api-key\"] }\n").contains("key_headers"));
         assert!(bad("[flavors.x]\ncommand = [\"a\"]\nmemory_file = \"../x\"\n").contains("memory_file"));
         assert!(bad("[flavors.x]\ncommand = [\"a\"]\nmemory_file = \"/etc/x\"\n").contains("memory_file"));
         assert!(bad("[flavors.x]\ncommand = [\"a\"]\nnpm = [\"--global\"]\n").contains("npm"));
@@ -538,6 +565,21 @@ mod tests {
         let e = resolve(&builtin_flavors(), "emacs").unwrap_err().to_string();
         assert!(e.contains("\"emacs\"") && e.contains("claude, codex, gemini, shell"), "{e}");
         assert_eq!(resolve(&builtin_flavors(), "codex").unwrap().command, ["codex"]);
+    }
+
+    #[test]
+    fn key_headers_say_where_each_key_travels() {
+        let all = builtin_flavors();
+        assert_eq!(all["claude"].key_headers["ANTHROPIC_API_KEY"], ["x-api-key: {key}", "authorization: Bearer {key}"]);
+        assert_eq!(all["gemini"].key_headers["GOOGLE_API_KEY"], ["x-goog-api-key: {key}"]);
+        assert_eq!(all["codex"].key_headers["OPENAI_API_KEY"], ["authorization: Bearer {key}"]);
+        assert!(describe(&all["claude"]).contains("key headers: ANTHROPIC_API_KEY in \"x-api-key: {key}\", \"authorization: Bearer {key}\""));
+        let e = merge(all.clone(), &layer("[flavors.claude]\nkey_headers = { OTHER_KEY = [\"x-api-key: {key}\"] }\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key_headers") && e.contains("OTHER_KEY is not one of the flavor's keys"), "{e}");
+        let all = merge(all, &layer("[flavors.claude]\nkey_headers = { ANTHROPIC_API_KEY = [\"x-api-key: {key}\"] }\n")).unwrap();
+        assert_eq!(all["claude"].key_headers["ANTHROPIC_API_KEY"], ["x-api-key: {key}"], "the table replaces the old one");
     }
 
     #[test]

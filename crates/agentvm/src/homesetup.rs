@@ -86,11 +86,13 @@ pub fn prepare(
 }
 
 /// The host user's `git config --global user.name` and `user.email`; None
-/// if git is missing or either is unset.
+/// if git is missing or either is unset. git runs in `/`, not in agentvm's
+/// directory: that is usually the project, whose `.git` the guest writes.
 pub fn host_git_identity() -> Option<(String, String)> {
     let get = |key: &str| {
         let out = Command::new("git")
             .args(["config", "--global", "--get", key])
+            .current_dir("/")
             .stdin(Stdio::null())
             .stderr(Stdio::null())
             .output()

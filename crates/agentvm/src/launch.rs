@@ -305,14 +305,19 @@ pub fn run(settings: &Settings, started: Instant) -> Result<i32, LaunchError> {
     result
 }
 
-/// Evaluates the project's dev shell when the settings ask for it. With
-/// `--devshell=try` a failure is a warning and the launch goes on without.
+/// Evaluates the project's dev shell when the settings ask for it, if the
+/// user trusted its files. With `--devshell=try` a failure (an untrusted
+/// file too) is a warning and the launch goes on without.
 fn prepare_devshell(settings: &Settings) -> Result<Option<DevShell>, LaunchError> {
     if settings.devshell == devshell::Mode::Off {
         return Ok(None);
     }
     let state_dir = crate::paths::project_state_dir(&settings.work_dir)?;
-    match devshell::load(&devshell::Request::for_host(&settings.work_dir, state_dir)) {
+    let trusted = crate::trust::TrustStore::default_location()?.load(&settings.work_dir);
+    let loaded = trusted.map_err(devshell::DevshellError::from).and_then(|trusted| {
+        devshell::load(&devshell::Request::for_host(&settings.work_dir, state_dir, trusted))
+    });
+    match loaded {
         Ok(Some(shell)) => {
             for w in &shell.warnings {
                 eprintln!("agentvm: warning: {w}");
@@ -424,8 +429,10 @@ fn shield_keys(s: &Settings, env: &mut [(String, String)]) -> Result<Shield, Lau
     let mut secrets = Vec::new();
     for (name, value) in env.iter_mut() {
         if s.flavor.keys.contains(name) && !value.is_empty() {
-            let placeholder = shield::placeholder();
-            secrets.push((placeholder.clone(), std::mem::replace(value, placeholder)));
+            let placeholder = shield::placeholder().map_err(|e| LaunchError::Shield(e.to_string()))?;
+            let real = std::mem::replace(value, placeholder.clone());
+            let forms = s.flavor.key_headers.get(name).map_or(&[][..], Vec::as_slice);
+            secrets.push(shield::Secret::new(name, placeholder, real, forms).map_err(|e| LaunchError::Shield(e.to_string()))?);
         }
     }
     if secrets.is_empty() {

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
+use std::path::PathBuf;
 
 use agentvm::cli::{Cli, Command, CriCommand, FlavorCommand, ImageCommand, RunArgs};
 use agentvm::image::{self, Recipe, Store};
@@ -10,7 +11,14 @@ use agentvm::{doctor, launch, settings};
 
 fn main() -> ExitCode {
     let started = std::time::Instant::now();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.exit_code() == 0 => e.exit(),
+        Err(e) => {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            return ExitCode::from(fail(agentvm::cli::usage_error(&e, &args)) as u8);
+        }
+    };
     let code = match cli.command {
         Command::Run(args) => run(*args, started),
         Command::Image(cmd) => image_command(cmd),
@@ -45,6 +53,7 @@ fn main() -> ExitCode {
             let tty = Some(agentvm::console::is_tty(0));
             exec(&id, agentvm::exec::ExecOptions { argv: Vec::new(), tty })
         }
+        Command::Trust { dir, revoke, show } => trust(dir, revoke, show),
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }
@@ -80,7 +89,7 @@ fn run(args: RunArgs, started: std::time::Instant) -> i32 {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    for warning in &settings.guest_env.warnings {
+    for warning in settings.warnings.iter().chain(&settings.guest_env.warnings) {
         eprintln!("agentvm: warning: {warning}");
     }
     match launch::run(&settings, started) {
@@ -139,11 +148,7 @@ fn stop(ids: &[String], all: bool, timeout: u64) -> i32 {
 }
 
 fn flavor_command(cmd: FlavorCommand) -> i32 {
-    let cwd = match std::env::current_dir() {
-        Ok(d) => d,
-        Err(e) => return fail(format!("cannot read the current directory: {e}")),
-    };
-    let flavors = match settings::flavors_for(&cwd) {
+    let flavors = match flavors_here() {
         Ok(f) => f,
         Err(e) => return fail(e),
     };
@@ -164,8 +169,36 @@ fn flavor_command(cmd: FlavorCommand) -> i32 {
     }
 }
 
-fn cri_prune(work_dir: Option<std::path::PathBuf>) -> i32 {
-    let dir = work_dir.or_else(|| std::env::var_os("WORK_DIR").map(Into::into)).unwrap_or_else(|| ".".into());
+/// The flavors as seen from the current directory (a project config only
+/// if trusted; the warning when it is not).
+fn flavors_here() -> Result<std::collections::BTreeMap<String, agentvm::flavor::Flavor>, String> {
+    let cwd = std::env::current_dir().map_err(|e| format!("cannot read the current directory: {e}"))?;
+    let (flavors, warning) = settings::flavors_for(&cwd).map_err(|e| e.to_string())?;
+    if let Some(w) = warning {
+        eprintln!("agentvm: warning: {w}");
+    }
+    Ok(flavors)
+}
+
+/// The project dir a command names: DIR, else $WORK_DIR, else `.`.
+fn project_dir(dir: Option<PathBuf>) -> PathBuf {
+    dir.or_else(|| std::env::var_os("WORK_DIR").map(Into::into)).unwrap_or_else(|| ".".into())
+}
+
+fn trust(dir: Option<PathBuf>, revoke: bool, show: bool) -> i32 {
+    use agentvm::trust::Action;
+    let action = if revoke { Action::Revoke } else if show { Action::Show } else { Action::Trust };
+    match agentvm::trust::command(action, &project_dir(dir)) {
+        Ok(text) => {
+            print!("{text}");
+            0
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn cri_prune(work_dir: Option<PathBuf>) -> i32 {
+    let dir = project_dir(work_dir);
     let real = match dir.canonicalize() {
         Ok(r) => r,
         Err(e) => return fail(format!("work dir {}: {e}; pass an existing directory with --work-dir", dir.display())),
@@ -201,8 +234,7 @@ fn exec(id: &str, opts: agentvm::exec::ExecOptions) -> i32 {
 /// The recipes of every flavor known here (built-in and configured), which
 /// `image prune` keeps.
 fn prune_recipes() -> Result<(Vec<Recipe>, Vec<image::LayerRecipe>), String> {
-    let cwd = std::env::current_dir().map_err(|e| e.to_string())?;
-    let flavors = settings::flavors_for(&cwd).map_err(|e| e.to_string())?;
+    let flavors = flavors_here()?;
     // With and without the container runtimes: both are in use.
     let bases = flavors.values().flat_map(|f| [launch::base_recipe(f, false), launch::base_recipe(f, true)]).collect();
     let layers = flavors.values().filter_map(launch::layer_recipe).collect();
@@ -210,8 +242,7 @@ fn prune_recipes() -> Result<(Vec<Recipe>, Vec<image::LayerRecipe>), String> {
 }
 
 fn build_images(store: &Store, names: &[String], refresh: bool, base: bool, cri: bool) -> Result<(), String> {
-    let cwd = std::env::current_dir().map_err(|e| e.to_string())?;
-    let flavors = settings::flavors_for(&cwd).map_err(|e| e.to_string())?;
+    let flavors = flavors_here()?;
     let chosen = names
         .iter()
         .map(|n| agentvm::flavor::resolve(&flavors, n))

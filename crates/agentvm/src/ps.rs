@@ -427,7 +427,28 @@ pub fn logs(base: &Path, query: &str, net: bool, follow: bool, out: &mut impl Wr
     }
     // The files stay readable through open descriptors after the dir is removed.
     let following = || follow && !launcher_gone(&inst.meta) && inst.dir.exists();
-    console_log::copy_log(&path, following, out).map_err(|source| InstancesError::Read { path: path.clone(), source })
+    let copied = if net {
+        // The net log holds text the guest chose: never raw to a terminal.
+        console_log::copy_log(&path, following, &mut Printable(out))
+    } else {
+        console_log::copy_log(&path, following, out)
+    };
+    copied.map_err(|source| InstancesError::Read { path: path.clone(), source })
+}
+
+/// Writes what it is given with the guest's control characters escaped
+/// ([`crate::egress::printable`]).
+struct Printable<'a, W: Write>(&'a mut W);
+
+impl<W: Write> Write for Printable<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_all(&crate::egress::printable(buf))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
 }
 
 #[cfg(test)]

@@ -1,29 +1,39 @@
 //! `--shield-secrets`: the guest gets a placeholder instead of each of the
 //! flavor's keys; the egress proxy terminates TLS for the flavor's secret
 //! hosts with a certificate from a per-instance CA (which the guest trusts)
-//! and puts the real key in place of the placeholder in each request head
-//! before it goes upstream over a verified TLS connection. The real key
-//! stays in agentvm's memory: never in the VM's memory, disk or logs.
+//! and sends each request on over a TLS connection verified against the
+//! host's trust store. The real key goes only where the flavor says the key
+//! travels (`key_headers`, e.g. `x-api-key: {key}`), and only in place of
+//! a header whose whole value is the placeholder in that form: never into
+//! the path, the query, another header or the body. The request's Host is
+//! the secret host. Should the response carry a real key anyway (an API
+//! that echoes the request's headers), it is masked before the guest sees
+//! it. The real key stays in agentvm's memory: never in the VM's memory,
+//! disk or logs.
 //!
 //! One request per connection: the head going up and the one coming back
 //! both say `Connection: close`, so every request is rewritten.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned};
 
-use crate::egress::{parse_head, AllowList};
+use crate::egress::{authority, AllowList};
+use crate::flavor::Flavor;
+use crate::http::{self, BodyKind, Header, HttpError, Peer, ReadTimeout, RequestHead, ResponseHead};
 
 /// A PEM file of extra CA certificates the proxy trusts upstream (besides
-/// the public web roots). For tests against a local server.
+/// the host's). For tests against a local server.
 pub const EXTRA_CA_ENV: &str = "AGENTVM_PROXY_CA";
-const MAX_HEAD: usize = 64 * 1024;
+/// Stands for the key in a `key_headers` form.
+pub const KEY_MARK: &str = "{key}";
 
 /// Shielding that cannot be set up.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +46,12 @@ pub enum ShieldError {
     NeedsAllowMode(String),
     #[error("--shield-secrets: flavor {flavor:?} has no secret_hosts, so its keys could never be used; add secret_hosts = [\"api.example.com\"] to [flavors.{flavor}]")]
     NoSecretHosts { flavor: String },
+    #[error("--shield-secrets: flavor {flavor:?} does not say in which header {key} travels, so it could never be put in; add key_headers = {{ {key} = [\"x-api-key: {{key}}\"] }} (or \"authorization: Bearer {{key}}\") to [flavors.{flavor}]")]
+    NoKeyHeaders { flavor: String, key: String },
+    #[error("the value of {0} holds control characters, which no header may carry: check the variable")]
+    BadKey(String),
+    #[error("the system's random source failed: {0}")]
+    Random(io::Error),
 }
 
 /// The guest environment that makes common tools trust the instance CA
@@ -51,41 +67,97 @@ pub fn guest_env() -> Vec<(String, String)> {
 /// The guest's system CA bundle, which the instance CA is appended to.
 pub const GUEST_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// A placeholder for one secret: recognisable, unguessable, as long as a
-/// typical key so tools that check the format are less likely to balk.
-pub fn placeholder() -> String {
+/// A placeholder for one secret: recognisable, unguessable (128 bits from
+/// getrandom), as long as a typical key so tools that check the format are
+/// less likely to balk.
+pub fn placeholder() -> Result<String, ShieldError> {
     let mut bytes = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut bytes);
+    // SAFETY: getrandom writes at most bytes.len() bytes into bytes.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        return Err(ShieldError::Random(io::Error::last_os_error()));
     }
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("agentvm-shielded-{hex}")
+    Ok(format!("agentvm-shielded-{hex}"))
 }
 
-/// `head` with every placeholder replaced by its secret.
-pub fn reveal(head: &str, secrets: &[(String, String)]) -> String {
-    secrets.iter().fold(head.to_string(), |h, (placeholder, real)| h.replace(placeholder.as_str(), real))
+/// One way a key travels: a header and its value around the key, e.g.
+/// `authorization: Bearer {key}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyForm {
+    /// The header's name, lower-case.
+    pub name: String,
+    pub prefix: String,
+    pub suffix: String,
 }
 
-/// `head` (request or response, with its blank line) with its Connection
-/// headers replaced by `Connection: close`.
-pub fn with_close(head: &str) -> String {
-    let mut out = String::new();
-    for line in head.trim_end_matches("\r\n").split("\r\n") {
-        let name = line.split(':').next().unwrap_or_default().trim();
-        if !name.eq_ignore_ascii_case("connection") && !name.eq_ignore_ascii_case("keep-alive") {
-            out.push_str(line);
-            out.push_str("\r\n");
-        }
+impl KeyForm {
+    fn value(&self, key: &str) -> Vec<u8> {
+        format!("{}{key}{}", self.prefix, self.suffix).into_bytes()
     }
-    out.push_str("Connection: close\r\n\r\n");
-    out
+}
+
+/// Parses `name: text{key}text`, or says what is wrong with it.
+pub fn parse_key_form(form: &str) -> Result<KeyForm, String> {
+    let example = "write it as \"x-api-key: {key}\" or \"authorization: Bearer {key}\"";
+    let (name, value) = form.split_once(':').ok_or_else(|| format!("{form:?} has no ':' after the header name: {example}"))?;
+    let name = name.trim();
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if name.is_empty() || !name.chars().all(token) {
+        return Err(format!("{name:?} in {form:?} is not a header name: {example}"));
+    }
+    let probe = Header { name: name.into(), value: Vec::new() };
+    if http::is_hop_header(&probe) || probe.is("host") {
+        return Err(format!("{name:?} in {form:?} is a header the proxy writes itself: name the header that carries the key"));
+    }
+    let value = value.trim();
+    if value.matches(KEY_MARK).count() != 1 {
+        return Err(format!("{form:?} must hold {KEY_MARK} exactly once: {example}"));
+    }
+    if !value.chars().all(|c| (' '..='~').contains(&c)) {
+        return Err(format!("{form:?} holds characters a header value cannot: {example}"));
+    }
+    let (prefix, suffix) = value.split_once(KEY_MARK).expect("counted above");
+    Ok(KeyForm { name: name.to_ascii_lowercase(), prefix: prefix.into(), suffix: suffix.into() })
+}
+
+/// Checks that a flavor can be shielded: it has secret hosts, and each of
+/// its keys says in which header it travels.
+pub fn check_flavor(flavor: &Flavor) -> Result<(), ShieldError> {
+    if flavor.secret_hosts.is_empty() {
+        return Err(ShieldError::NoSecretHosts { flavor: flavor.name.clone() });
+    }
+    match flavor.keys.iter().find(|k| flavor.key_headers.get(*k).map_or(0, Vec::len) == 0) {
+        Some(key) => Err(ShieldError::NoKeyHeaders { flavor: flavor.name.clone(), key: key.clone() }),
+        None => Ok(()),
+    }
+}
+
+/// One shielded key.
+#[derive(Debug, Clone)]
+pub struct Secret {
+    pub placeholder: String,
+    pub real: String,
+    /// Where it may be put in.
+    pub forms: Vec<KeyForm>,
+}
+
+impl Secret {
+    /// `placeholder` for `real`, put in where `forms` (flavor syntax) say.
+    pub fn new(name: &str, placeholder: String, real: String, forms: &[String]) -> Result<Secret, ShieldError> {
+        if real.chars().any(|c| c.is_control()) {
+            return Err(ShieldError::BadKey(name.to_string()));
+        }
+        // The flavor was checked when loaded.
+        let forms = forms.iter().filter_map(|f| parse_key_form(f).ok()).collect();
+        Ok(Secret { placeholder, real, forms })
+    }
 }
 
 /// The per-instance CA and the secrets, shared by the proxy's threads.
 pub struct Shield {
     hosts: AllowList,
-    secrets: Vec<(String, String)>,
+    secrets: Vec<Secret>,
     ca_pem: String,
     ca_der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
@@ -97,28 +169,39 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The roots the upstream side trusts: the host's own trust store (which
+/// has any company or local CA the host trusts), or the public web roots
+/// if it has none; plus [`EXTRA_CA_ENV`]'s.
+fn upstream_roots() -> Result<RootCertStore, ShieldError> {
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if roots.is_empty() {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    if let Ok(path) = std::env::var(EXTRA_CA_ENV) {
+        use rustls::pki_types::pem::PemObject;
+        let extra = |why: String| ShieldError::ExtraCa { path: path.clone(), why };
+        for c in CertificateDer::pem_file_iter(&path).map_err(|e| extra(e.to_string()))? {
+            roots.add(c.map_err(|e| extra(e.to_string()))?).map_err(|e| extra(e.to_string()))?;
+        }
+    }
+    Ok(roots)
+}
+
 impl Shield {
-    /// A fresh CA for `hosts` (where secrets may go) and `secrets`
-    /// (placeholder, real value) pairs.
-    pub fn new(hosts: AllowList, secrets: Vec<(String, String)>) -> Result<Shield, ShieldError> {
+    /// A fresh CA for `hosts` (where secrets may go) and `secrets`.
+    pub fn new(hosts: AllowList, secrets: Vec<Secret>) -> Result<Shield, ShieldError> {
         let ca_err = |e: &dyn std::fmt::Display| ShieldError::Ca(e.to_string());
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| ca_err(&e))?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.distinguished_name.push(DnType::CommonName, "agentvm instance CA");
         let key = KeyPair::generate().map_err(|e| ca_err(&e))?;
         let cert = params.self_signed(&key).map_err(|e| ca_err(&e))?;
-        let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-        if let Ok(path) = std::env::var(EXTRA_CA_ENV) {
-            use rustls::pki_types::pem::PemObject;
-            let extra = |why: String| ShieldError::ExtraCa { path: path.clone(), why };
-            for c in CertificateDer::pem_file_iter(&path).map_err(|e| extra(e.to_string()))? {
-                roots.add(c.map_err(|e| extra(e.to_string()))?).map_err(|e| extra(e.to_string()))?;
-            }
-        }
         let mut upstream = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| ca_err(&e))?
-            .with_root_certificates(roots)
+            .with_root_certificates(upstream_roots()?)
             .with_no_client_auth();
         upstream.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Shield {
@@ -142,14 +225,26 @@ impl Shield {
         self.hosts.allows(host)
     }
 
+    /// A leaf certificate for `host` signed by the CA, with what strict
+    /// verifiers (Python 3.13's default context) require: an Authority Key
+    /// Identifier, key usage and the server-auth purpose.
+    fn leaf(&self, host: &str) -> Result<(rcgen::Certificate, KeyPair), String> {
+        let mut params = CertificateParams::new(vec![host.to_string()]).map_err(|e| e.to_string())?;
+        params.distinguished_name.push(DnType::CommonName, host);
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+        let leaf = params.signed_by(&key, &self.issuer).map_err(|e| e.to_string())?;
+        Ok((leaf, key))
+    }
+
     /// A TLS server set-up for `host`, with a leaf signed by the CA.
     fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, String> {
         if let Some(c) = self.leaves.lock().unwrap_or_else(|e| e.into_inner()).get(host) {
             return Ok(c.clone());
         }
-        let params = CertificateParams::new(vec![host.to_string()]).map_err(|e| e.to_string())?;
-        let key = KeyPair::generate().map_err(|e| e.to_string())?;
-        let leaf = params.signed_by(&key, &self.issuer).map_err(|e| e.to_string())?;
+        let (leaf, key) = self.leaf(host)?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -164,170 +259,226 @@ impl Shield {
         Ok(config)
     }
 
+    /// A header's value with the real key in place of a placeholder, if the
+    /// header is one that key travels in and its whole value is the
+    /// placeholder in that form; otherwise the value as it is.
+    fn reveal(&self, h: &Header) -> Vec<u8> {
+        for secret in &self.secrets {
+            for form in secret.forms.iter().filter(|f| h.is(&f.name)) {
+                if h.value == form.value(&secret.placeholder) {
+                    return form.value(&secret.real);
+                }
+            }
+        }
+        h.value.clone()
+    }
+
+    /// The head sent upstream: origin-form target, Host pinned to the
+    /// secret host, keys put in, framing and `Connection: close` ours, and
+    /// no content coding, so that the response can be searched for keys.
+    fn upstream_head(&self, req: &RequestHead, host: &str, port: u16, kind: BodyKind) -> Result<Vec<u8>, String> {
+        if !req.target.starts_with('/') {
+            return Err(format!("{:?} is not a path: a request to {host} names only the path", req.target));
+        }
+        let mut out = format!("{} {} HTTP/1.1\r\n", req.method, req.target).into_bytes();
+        http::put_header(&mut out, "Host", authority(host, port, 443).as_bytes());
+        for h in &req.headers {
+            if !http::is_hop_header(h) && !h.is("host") && !h.is("accept-encoding") {
+                http::put_header(&mut out, &h.name, &self.reveal(h));
+            }
+        }
+        http::put_header(&mut out, "Accept-Encoding", b"identity");
+        http::put_framing(&mut out, kind);
+        out.extend_from_slice(b"Connection: close\r\n\r\n");
+        Ok(out)
+    }
+
+    fn real_keys(&self) -> Vec<&[u8]> {
+        self.secrets.iter().map(|s| s.real.as_bytes()).collect()
+    }
+
+    /// The response head for the guest, with `kind`'s framing, `Connection:
+    /// close` and any real key masked.
+    fn guest_head(&self, resp: &ResponseHead, kind: BodyKind) -> Vec<u8> {
+        let out = http::response_head_to_pass_on(resp, kind);
+        let mut masked = http::Redactor::new(Vec::new(), &self.real_keys());
+        masked.write_all(&out).expect("writing to memory");
+        masked.finish().expect("writing to memory")
+    }
+
     /// Serves one tunnelled connection to `host` (the client already got
     /// its 200): TLS to the client as `host`, TLS to `upstream`, one request
-    /// with its secrets put in, and the response back.
-    pub fn intercept(&self, client: UnixStream, upstream: TcpStream, host: &str) -> Result<(), String> {
+    /// with its keys put in, and the response back with any key masked.
+    pub fn intercept(&self, client: Peer<UnixStream>, upstream: TcpStream, host: &str, port: u16) -> Result<(), String> {
         let server = ServerConnection::new(self.server_config(host)?).map_err(|e| e.to_string())?;
-        let mut guest = StreamOwned::new(server, client);
+        let mut guest = Peer::new(StreamOwned::new(server, client));
+        // The TLS handshake happens while the head is read, within the deadline.
+        let request = guest
+            .read_head(http::parse_request, Some(Instant::now() + crate::egress::HEAD_DEADLINE))
+            .map_err(|e| format!("reading the request: {e}"))?;
+        let kind = match http::request_body(&request.headers) {
+            Ok(BodyKind::Length(n)) if n > http::MAX_REQUEST_BODY => {
+                return answer(&mut guest, 413, &HttpError::BodyTooLarge(http::MAX_REQUEST_BODY).to_string())
+            }
+            Ok(kind) => kind,
+            Err(e) => return answer(&mut guest, 400, &e.to_string()),
+        };
+        let head = match self.upstream_head(&request, host, port, kind) {
+            Ok(head) => head,
+            Err(why) => return answer(&mut guest, 400, &why),
+        };
         let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
         let conn = ClientConnection::new(self.upstream.clone(), name).map_err(|e| e.to_string())?;
         let mut up = StreamOwned::new(conn, upstream);
-
-        let (head, mut rest) = read_head(&mut guest).map_err(|e| format!("reading the request: {e}"))?;
-        let request = parse_head(head.as_bytes()).and_then(Result::ok).ok_or("malformed request")?;
-        let body_len = content_length(&request.headers);
-        let chunked = request.headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked"));
-        up.write_all(with_close(&reveal(&head, &self.secrets)).as_bytes()).map_err(|e| format!("upstream: {e}"))?;
-        if chunked {
-            copy_chunked(&mut guest, &mut up, rest).map_err(|e| format!("request body: {e}"))?;
-        } else {
-            let want = body_len.unwrap_or(0);
-            let have = rest.len().min(want);
-            up.write_all(&rest[..have]).map_err(|e| format!("request body: {e}"))?;
-            rest.clear();
-            copy_exact(&mut guest, &mut up, (want - have) as u64).map_err(|e| format!("request body: {e}"))?;
+        if http::expects_continue(&request) {
+            guest.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").map_err(|e| e.to_string())?;
         }
-        up.flush().map_err(|e| format!("upstream: {e}"))?;
+        up.write_all(&head).map_err(|e| format!("upstream: {e}"))?;
+        guest.set_read_timeout(Some(crate::egress::BODY_IDLE)).map_err(|e| e.to_string())?;
+        http::copy_body(&mut guest, &mut up, kind, Some(http::MAX_REQUEST_BODY), &[])
+            .map_err(|e| format!("request body: {e}"))?;
 
-        let (head, rest) = read_head(&mut up).map_err(|e| format!("reading the response: {e}"))?;
-        guest.write_all(with_close(&head).as_bytes()).map_err(|e| e.to_string())?;
-        guest.write_all(&rest).map_err(|e| e.to_string())?;
-        // The response ends when upstream closes (we asked it to).
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            match up.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    guest.write_all(&buf[..n]).map_err(|e| e.to_string())?;
-                    guest.flush().map_err(|e| e.to_string())?;
-                }
-                // Servers that close without close_notify end the body too.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
-                Err(e) => return Err(format!("response body: {e}")),
+        let mut up = Peer::new(up);
+        let response = loop {
+            let head = up.read_head(http::parse_response, None).map_err(|e| format!("reading the response: {e}"))?;
+            // Interim responses (the request's Expect was answered here).
+            if !(100..200).contains(&head.code) {
+                break head;
             }
-        }
-        guest.conn.send_close_notify();
+            if head.code == 101 {
+                return Err("the server switched protocols, which the shield does not relay".into());
+            }
+        };
+        let kind = http::response_body(&response, &request.method).map_err(|e| format!("the response: {e}"))?;
+        // An HTTP/1.0 client knows no chunks: it reads to the end.
+        let to_guest = if request.minor == 0 && kind == BodyKind::Chunked { BodyKind::UntilClose } else { kind };
+        guest.write_all(&self.guest_head(&response, to_guest)).map_err(|e| e.to_string())?;
+        http::copy_body_as(&mut up, kind, &mut guest, to_guest, None, &self.real_keys())
+            .map_err(|e| format!("response body: {e}"))?;
+        guest.stream.conn.send_close_notify();
         let _ = guest.flush();
         Ok(())
     }
 }
 
-/// Reads up to and including the blank line; returns the head and what came after.
-fn read_head(r: &mut impl Read) -> io::Result<(String, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let rest = buf.split_off(end + 4);
-            let head = String::from_utf8(buf).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "head is not text"))?;
-            return Ok((head, rest));
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "head too long"));
-        }
-        let n = r.read(&mut chunk)?;
-        if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before the end of the head"));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-fn content_length(headers: &[(String, String)]) -> Option<usize> {
-    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-length")).and_then(|(_, v)| v.parse().ok())
-}
-
-fn copy_exact(from: &mut impl Read, to: &mut impl Write, n: u64) -> io::Result<()> {
-    let copied = io::copy(&mut from.take(n), to)?;
-    if copied < n {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "body shorter than its Content-Length"));
-    }
-    Ok(())
-}
-
-/// Copies a chunked body as is, up to and including its last chunk and
-/// trailers, starting with the bytes already read (`pending`).
-fn copy_chunked(from: &mut impl Read, to: &mut impl Write, mut pending: Vec<u8>) -> io::Result<()> {
-    let mut need_more = |pending: &mut Vec<u8>| -> io::Result<()> {
-        let mut chunk = [0u8; 8192];
-        let n = from.read(&mut chunk)?;
-        if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "chunked body cut short"));
-        }
-        pending.extend_from_slice(&chunk[..n]);
-        Ok(())
-    };
-    loop {
-        // A size line.
-        let line_end = loop {
-            if let Some(i) = pending.windows(2).position(|w| w == b"\r\n") {
-                break i;
-            }
-            need_more(&mut pending)?;
-        };
-        let size_text = String::from_utf8_lossy(&pending[..line_end]).to_string();
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
-        if size == 0 {
-            // Trailers until a blank line.
-            loop {
-                if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                    return to.write_all(&pending[..i + 4]);
-                }
-                need_more(&mut pending)?;
-            }
-        }
-        let whole = line_end + 2 + size + 2;
-        while pending.len() < whole {
-            need_more(&mut pending)?;
-        }
-        to.write_all(&pending[..whole])?;
-        pending.drain(..whole);
-    }
+/// Answers the guest with an error of our own and ends the connection.
+fn answer<W: Write>(guest: &mut W, status: u16, why: &str) -> Result<(), String> {
+    let reason = if status == 413 { "Content Too Large" } else { "Bad Request" };
+    let body = format!("agentvm: {why}\n");
+    let _ = write!(
+        guest,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = guest.flush();
+    Err(format!("refused: {why}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn shield_with(forms: &[&str]) -> (Shield, String) {
+        let p = placeholder().unwrap();
+        let forms: Vec<String> = forms.iter().map(|s| s.to_string()).collect();
+        let secret = Secret::new("K", p.clone(), "sk-real".into(), &forms).unwrap();
+        (Shield::new(AllowList::new(&["api.test".to_string()]).unwrap(), vec![secret]).unwrap(), p)
+    }
+
     #[test]
-    fn placeholders_are_unique_and_revealed_only_where_they_are() {
-        let (a, b) = (placeholder(), placeholder());
+    fn placeholders_are_random_and_long() {
+        let (a, b) = (placeholder().unwrap(), placeholder().unwrap());
         assert_ne!(a, b);
         assert!(a.starts_with("agentvm-shielded-") && a.len() == 17 + 32);
-        let secrets = vec![(a.clone(), "sk-real".to_string())];
-        let head = format!("POST /v1?key={a} HTTP/1.1\r\nx-api-key: {a}\r\nAuthorization: Bearer {a}\r\nX-Other: {b}\r\n\r\n");
-        let out = reveal(&head, &secrets);
-        assert_eq!(out.matches("sk-real").count(), 3);
-        assert!(out.contains(&b) && !out.contains(&a));
+        assert_ne!(&a[17..], "0".repeat(32));
     }
 
     #[test]
-    fn connection_headers_become_close() {
-        let h = "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\n";
-        assert_eq!(with_close(h), "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n");
+    fn key_forms_parse_and_refuse_what_cannot_carry_a_key() {
+        assert_eq!(
+            parse_key_form("Authorization: Bearer {key}").unwrap(),
+            KeyForm { name: "authorization".into(), prefix: "Bearer ".into(), suffix: String::new() }
+        );
+        assert_eq!(parse_key_form(" x-api-key:{key} ").unwrap().prefix, "");
+        for bad in ["x-api-key", "x-api-key: key", "x api: {key}", "host: {key}", "content-length: {key}", "a: {key}{key}", "a: \u{7f}{key}"] {
+            assert!(parse_key_form(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn head_for(shield: &Shield, request: &str) -> String {
+        let (req, _) = http::parse_request(request.as_bytes()).unwrap().unwrap();
+        String::from_utf8(shield.upstream_head(&req, "api.test", 443, BodyKind::Empty).unwrap()).unwrap()
     }
 
     #[test]
-    fn chunked_bodies_are_copied_to_their_end_only() {
-        let body = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nTrailer: x\r\n\r\nNEXT".to_vec();
-        let (first, second) = body.split_at(7);
-        let mut out = Vec::new();
-        copy_chunked(&mut &second[..], &mut out, first.to_vec()).unwrap();
-        assert_eq!(out, &body[..body.len() - 4]);
-        let mut out = Vec::new();
-        copy_chunked(&mut &b""[..], &mut out, b"0\r\n\r\n".to_vec()).unwrap();
-        assert_eq!(out, b"0\r\n\r\n");
-        assert!(copy_chunked(&mut &b"4\r\nWi"[..], &mut Vec::new(), Vec::new()).is_err());
+    fn the_key_goes_only_into_its_headers_in_their_exact_form() {
+        let (s, p) = shield_with(&["x-api-key: {key}", "authorization: Bearer {key}"]);
+        let head = head_for(
+            &s,
+            &format!(
+                "POST /v1/{p}?key={p} HTTP/1.1\r\nHost: evil.test\r\nX-Api-Key: {p}\r\nAuthorization: Bearer {p}\r\n\
+                 X-Reflect: {p}\r\nConnection: keep-alive\r\nAccept-Encoding: gzip\r\n\r\n"
+            ),
+        );
+        assert_eq!(
+            head,
+            format!(
+                "POST /v1/{p}?key={p} HTTP/1.1\r\nHost: api.test\r\nX-Api-Key: sk-real\r\nAuthorization: Bearer sk-real\r\n\
+                 X-Reflect: {p}\r\nAccept-Encoding: identity\r\nConnection: close\r\n\r\n"
+            )
+        );
+        // Not the exact form: left alone.
+        let head = head_for(&s, &format!("GET / HTTP/1.1\r\nx-api-key: x{p}\r\nauthorization: Basic {p}\r\n\r\n"));
+        assert!(!head.contains("sk-real"), "{head}");
+        let (req, _) = http::parse_request(b"GET http://evil.test/ HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert!(s.upstream_head(&req, "api.test", 443, BodyKind::Empty).is_err(), "absolute-form targets are refused");
     }
 
     #[test]
-    fn the_ca_signs_leaves_for_the_hosts() {
-        let s = Shield::new(AllowList::new(&["api.test".to_string()]).unwrap(), Vec::new()).unwrap();
+    fn response_heads_have_keys_masked_and_close() {
+        let (s, _) = shield_with(&["x-api-key: {key}"]);
+        let resp = http::parse_response(b"HTTP/1.1 401 sk-real\r\nX-Echo: sk-real\r\nKeep-Alive: 5\r\nContent-Length: 7\r\n\r\n")
+            .unwrap()
+            .unwrap()
+            .0;
+        let head = String::from_utf8(s.guest_head(&resp, BodyKind::Length(7))).unwrap();
+        assert_eq!(head, "HTTP/1.1 401 [agentv\r\nX-Echo: [agentv\r\nContent-Length: 7\r\nConnection: close\r\n\r\n");
+    }
+
+    #[test]
+    fn flavors_must_say_where_their_keys_travel() {
+        let all = crate::flavor::builtin_flavors();
+        for name in ["claude", "gemini", "codex"] {
+            check_flavor(&all[name]).unwrap();
+        }
+        let mut f = all["claude"].clone();
+        f.key_headers.clear();
+        let e = check_flavor(&f).unwrap_err().to_string();
+        assert!(e.contains("key_headers") && e.contains("ANTHROPIC_API_KEY") && e.contains("[flavors.claude]"), "{e}");
+        f.secret_hosts.clear();
+        assert!(check_flavor(&f).unwrap_err().to_string().contains("secret_hosts"));
+    }
+
+    #[test]
+    fn the_ca_signs_leaves_that_strict_verifiers_accept() {
+        let (s, _) = shield_with(&[]);
         assert!(s.ca_pem().starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(s.covers("api.test") && !s.covers("other.test"));
         let a = s.server_config("api.test").unwrap();
         assert!(Arc::ptr_eq(&a, &s.server_config("api.test").unwrap()), "leaves are cached");
+
+        // OpenSSL's strict mode is what Python 3.13's default context turns on.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), s.ca_pem()).unwrap();
+        std::fs::write(dir.path().join("leaf.pem"), s.leaf("api.test").unwrap().0.pem()).unwrap();
+        let out = match std::process::Command::new("openssl")
+            .args(["verify", "-x509_strict", "-purpose", "sslserver", "-CAfile", "ca.pem", "leaf.pem"])
+            .current_dir(dir.path())
+            .output()
+        {
+            Ok(out) => out,
+            Err(e) => return eprintln!("skipped the strict check: openssl cannot run: {e}"),
+        };
+        assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
 }

@@ -148,6 +148,8 @@ impl NixProject {
         let launch = Launch::new().shell(script);
         std::fs::write(launch.work.join("flake.nix"), flake).unwrap();
         std::fs::write(launch.work.join("flake.lock"), FLAKE_LOCK).unwrap();
+        // The user reviewed the flake: --devshell evaluates it on the host.
+        launch.trust_project();
         let real = std::env::split_paths(&std::env::var_os("PATH").unwrap())
             .map(|d| d.join("nix"))
             .find(|p| p.is_file())
@@ -299,4 +301,91 @@ fn nix_failure_with_devshell_try_warns_and_runs_without() {
     let e = stderr(&out);
     assert!(e.contains("error: syntax error") && e.contains("starting without the dev shell"), "{e}");
     assert!(p.cache_files().is_empty());
+}
+
+#[test]
+fn changed_flake_stops_before_boot_and_devshell_try_runs_without_it() {
+    let p = NixProject::new("echo \"booted greeting=${GREETING:-unset}\"", FLAKE);
+    // A guest of an earlier run edits the trusted flake.
+    std::fs::write(p.launch.work.join("flake.nix"), FLAKE.replace("hello from a real flake", "from the guest")).unwrap();
+    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
+    let e = stderr(&out);
+    assert_eq!(out.status.code(), Some(125), "{e}");
+    let work = p.launch.work.canonicalize().unwrap();
+    assert!(e.contains("flake.nix is new, changed or removed") && e.contains(&format!("agentvm trust {}", work.display())), "{e}");
+    assert!(!stdout(&out).contains("booted"));
+    assert_eq!(p.calls(), 0, "nix never ran on the changed flake");
+    assert!(p.launch.leftover_instances().is_empty());
+
+    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell=try"));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("booted greeting=unset"), "{}", stdout(&out));
+    let e = stderr(&out);
+    assert!(e.contains("agentvm trust") && e.contains("starting without the dev shell"), "{e}");
+    assert_eq!(p.calls(), 0);
+}
+
+#[test]
+fn a_guest_edit_of_a_nix_file_the_flake_imports_stops_the_next_dev_shell() {
+    let flake = FLAKE.replace("GREETING = \"hello from a real flake\";", "GREETING = import ./nix/greeting.nix;");
+    let mut p = NixProject::new("", &flake);
+    std::fs::create_dir(p.launch.work.join("nix")).unwrap();
+    std::fs::write(p.launch.work.join("nix/greeting.nix"), "\"hello from an import\"\n").unwrap();
+    p.launch.trust_project();
+    p.prebuild();
+    let script = |p: &mut NixProject, s: &str| *p.launch.args.last_mut().unwrap() = s.to_string();
+
+    // Run 1: the trusted dev shell; the guest edits the imported file.
+    script(&mut p, "echo \"greeting=$GREETING\"; echo '\"from the guest\"' > /work/nix/greeting.nix");
+    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("greeting=hello from an import\n"), "{}", stdout(&out));
+    assert_eq!(std::fs::read_to_string(p.launch.work.join("nix/greeting.nix")).unwrap(), "\"from the guest\"\n");
+
+    // Run 2: refused before nix runs and before boot, neither is the cached result used.
+    script(&mut p, "echo booted");
+    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
+    let e = stderr(&out);
+    assert_eq!(out.status.code(), Some(125), "{e}");
+    assert!(e.contains("nix/greeting.nix is new, changed or removed") && e.contains("agentvm trust"), "{e}");
+    assert!(!stdout(&out).contains("booted"));
+    assert_eq!(p.calls(), 1, "nix ran only for run 1");
+}
+
+/// `git ARGS` in `dir`, with an identity for commits.
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .args(["-c", "user.name=agentvm test", "-c", "user.email=test@agentvm.invalid"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git is installed");
+    assert!(out.status.success(), "git {args:?}: {}", stderr(&out));
+}
+
+#[test]
+fn guest_written_git_config_is_not_run_on_the_host_by_the_dev_shell() {
+    let p = NixProject::new("echo \"greeting=$GREETING\"", FLAKE);
+    let work = &p.launch.work;
+    // The user's project is a git repository with the trusted flake committed.
+    git(work, &["init", "-q"]);
+    git(work, &["add", "flake.nix", "flake.lock"]);
+    git(work, &["commit", "-q", "-m", "flake"]);
+    p.prebuild();
+
+    // A guest of an earlier run writes git configuration that makes git run
+    // its program: an fsmonitor hook and a filter driver for every file.
+    let marker = p.launch.dirs.path().join("host-marker");
+    write_exec(&work.join("evil.sh"), &format!("#!/bin/sh\necho \"ran $*\" >> '{}'\ncat\n", marker.display()));
+    let config = std::fs::read_to_string(work.join(".git/config")).unwrap();
+    let evil = "[core]\n\tfsmonitor = ./evil.sh\n[filter \"x\"]\n\tclean = ./evil.sh clean\n\tsmudge = ./evil.sh smudge\n";
+    std::fs::write(work.join(".git/config"), config + evil).unwrap();
+    std::fs::write(work.join(".git/info/attributes"), "* filter=x\n").unwrap();
+
+    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
+    let ran = std::fs::read_to_string(&marker).unwrap_or_default();
+    assert!(ran.is_empty(), "the host ran the guest's program: {ran}");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("greeting=hello from a real flake\n"), "{}", stdout(&out));
+    assert_eq!(p.calls(), 1);
 }

@@ -72,6 +72,7 @@ env = { FROM_FLAVOR = "flavor-value" }
 "#,
     )
     .unwrap();
+    l.trust_project();
     let env_file = l.dirs.path().join("extra.env");
     std::fs::write(&env_file, "# comment\nexport FROM_FILE='file value'\n").unwrap();
     let secret = format!("sk-test-{}", std::process::id() as u64 * 7919 + 1234567);
@@ -121,6 +122,7 @@ fn missing_key_is_a_warning_not_an_error() {
     let l = Launch::new();
     std::fs::write(l.work.join(".agentvm.toml"), "[flavors.k]\ncommand = [\"true\"]\nkeys = [\"AGENTVM_TEST_ABSENT_KEY\"]\n")
         .unwrap();
+    l.trust_project();
     let out = l.command_with(&["run", "--memory", "512M", "k"]).env_remove("AGENTVM_TEST_ABSENT_KEY").stdin(Stdio::null()).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stderr(&out).contains("AGENTVM_TEST_ABSENT_KEY is not set"), "{}", stderr(&out));
@@ -134,6 +136,7 @@ fn agent_home_gets_safe_directory_once_and_a_memory_note_never_overwritten() {
         "[flavors.noted]\ncommand = []\nmemory_file = \"notes/AGENT.md\"\n",
     )
     .unwrap();
+    first.trust_project();
     let script = "git config --global --get-all safe.directory; head -c 200 ~/notes/AGENT.md >/dev/null && echo note-ok";
     let out = first.command_with(&["run", "--memory", "512M", "noted", "--", "sh", "-c", script]).stdin(Stdio::null()).output().unwrap();
     assert_eq!(stdout(&out), "/work\nnote-ok\n", "{}", stderr(&out));

@@ -8,14 +8,14 @@ use common::*;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::Stdio;
+use std::time::Duration;
 use std::sync::Arc;
 
 const REAL_KEY: &str = "real-secret-key-4f1c9e";
 
-/// An HTTPS server for `api.test` that answers whether the request's
-/// x-api-key was the real key (never echoing it), and the body length.
-/// Returns its port and its CA's PEM.
-fn https_key_checker() -> (u16, String) {
+/// A TLS server set-up for `api.test` with a certificate from a test CA;
+/// and that CA's PEM.
+fn api_test_tls() -> (Arc<rustls::ServerConfig>, String) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -31,7 +31,17 @@ fn https_key_checker() -> (u16, String) {
         .with_no_client_auth()
         .with_single_cert(vec![leaf.der().clone()], key)
         .unwrap();
-    let config = Arc::new(config);
+    (Arc::new(config), ca.pem())
+}
+
+/// What the stand-in API answers to a request head (lower-cased) and body size.
+type Answer = fn(&str, usize) -> (Vec<String>, String);
+
+/// An HTTPS server for `api.test` on loopback that reads one request per
+/// connection (a chunked body to its end, discarded) and answers with
+/// `answer`'s headers and body. Returns its port and its CA's PEM.
+fn https_api(answer: Answer) -> (u16, String) {
+    let (config, ca_pem) = api_test_tls();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -41,7 +51,7 @@ fn https_key_checker() -> (u16, String) {
                 let conn = rustls::ServerConnection::new(config).unwrap();
                 let mut s = rustls::StreamOwned::new(conn, tcp);
                 let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
+                let mut chunk = [0u8; 64 * 1024];
                 while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
                     match s.read(&mut chunk) {
                         Ok(0) | Err(_) => return,
@@ -50,43 +60,73 @@ fn https_key_checker() -> (u16, String) {
                 }
                 let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
                 let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                let chunked = head.contains("transfer-encoding: chunked");
                 let len: usize = head
                     .lines()
                     .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
                     .unwrap_or(0);
-                while buf.len() < end + len {
+                let mut body = buf.len() - end;
+                while chunked || body < len {
                     match s.read(&mut chunk) {
                         Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        Ok(n) => body += n,
                     }
                 }
-                let key = head.lines().find_map(|l| l.strip_prefix("x-api-key:")).map(str::trim).unwrap_or("");
-                let verdict = if key == REAL_KEY { "KEY-REAL" } else { "KEY-NOT-REAL" };
-                let body = format!("{verdict} body={}", buf.len() - end);
-                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                let (headers, text) = answer(&head, body);
+                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n", text.len());
+                for h in headers {
+                    let _ = write!(s, "{h}\r\n");
+                }
+                let _ = write!(s, "\r\n{text}");
                 s.conn.send_close_notify();
                 let _ = s.flush();
             });
         }
     });
-    (port, ca.pem())
+    (port, ca_pem)
 }
 
-#[test]
-fn shielded_key_reaches_the_api_host_but_never_the_guest() {
-    let (port, ca_pem) = https_key_checker();
+/// The request's x-api-key, as the server got it.
+fn api_key_of(head: &str) -> &str {
+    head.lines().find_map(|l| l.strip_prefix("x-api-key:")).map(str::trim).unwrap_or("")
+}
+
+/// Whether the request's x-api-key was the real key (never echoing it),
+/// and the body length.
+fn key_verdict(head: &str, body: usize) -> (Vec<String>, String) {
+    let verdict = if api_key_of(head) == REAL_KEY.to_lowercase() { "KEY-REAL" } else { "KEY-NOT-REAL" };
+    (Vec::new(), format!("{verdict} body={body}"))
+}
+
+/// An API that echoes: the verdict, then the whole request head in the
+/// body and its x-api-key in a response header.
+fn echo_all(head: &str, body: usize) -> (Vec<String>, String) {
+    let (_, verdict) = key_verdict(head, body);
+    (vec![format!("x-echo-api-key: {}", api_key_of(head))], format!("{verdict}\n{head}"))
+}
+
+/// A launch of the flavor `keyed` (key TEST_API_KEY, sent in x-api-key to
+/// api.test, which the proxy maps to loopback and trusts `ca_pem` for).
+fn keyed_launch(ca_pem: &str) -> Launch {
     let l = Launch::new();
     let ca_file = l.dirs.path().join("test-ca.pem");
     std::fs::write(&ca_file, ca_pem).unwrap();
     std::fs::write(
         l.work.join(".agentvm.toml"),
-        "[flavors.keyed]\ncommand = []\nkeys = [\"TEST_API_KEY\"]\nsecret_hosts = [\"api.test\"]\n",
+        "[flavors.keyed]\ncommand = []\nkeys = [\"TEST_API_KEY\"]\nsecret_hosts = [\"api.test\"]\n\
+         key_headers = { TEST_API_KEY = [\"x-api-key: {key}\"] }\n",
     )
     .unwrap();
-    let l = l
-        .env("TEST_API_KEY", REAL_KEY)
+    l.trust_project();
+    l.env("TEST_API_KEY", REAL_KEY)
         .env("AGENTVM_PROXY_RESOLVE", "api.test=127.0.0.1")
-        .env("AGENTVM_PROXY_CA", ca_file.to_str().unwrap());
+        .env("AGENTVM_PROXY_CA", ca_file.to_str().unwrap())
+}
+
+#[test]
+fn shielded_key_reaches_the_api_host_but_never_the_guest() {
+    let (port, ca_pem) = https_api(key_verdict);
+    let l = keyed_launch(&ca_pem);
     let script = format!(
         "echo \"key=$TEST_API_KEY\"; \
          curl -sS https://api.test:{port}/v1 -H \"x-api-key: $TEST_API_KEY\"; echo; \
@@ -122,4 +162,88 @@ fn shielding_with_an_open_network_is_refused_before_boot() {
         .unwrap();
     assert_eq!(out.status.code(), Some(125));
     assert!(stderr(&out).contains("--shield-secrets needs --network allow"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_flavor_that_does_not_say_where_its_key_travels_is_refused_before_boot() {
+    let l = Launch::new();
+    std::fs::write(
+        l.work.join(".agentvm.toml"),
+        "[flavors.keyed]\ncommand = []\nkeys = [\"TEST_API_KEY\"]\nsecret_hosts = [\"api.test\"]\n",
+    )
+    .unwrap();
+    l.trust_project();
+    let out = l.env("TEST_API_KEY", REAL_KEY).command_with(&["run", "--shield-secrets", "keyed"]).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert!(stderr(&out).contains("key_headers = { TEST_API_KEY"), "{}", stderr(&out));
+}
+
+/// Peak resident memory of process `pid`, in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap();
+    kib / 1024
+}
+
+/// The attacks on the shield, from a real guest against a stand-in API
+/// that echoes the request (path, headers) back: the key reflected through
+/// the path or another header must not come back, nor the real key echoed
+/// from its own header; the Host is the secret host's; Python's default
+/// (strict) TLS context accepts the leaf; a chunked request with a chunk
+/// of 0x7fffffffff bytes and a stream of data is streamed, not buffered.
+#[test]
+fn the_shield_puts_the_key_only_into_its_header_and_never_lets_it_back() {
+    const BOMB_MIB: u64 = 128;
+    let (port, ca_pem) = https_api(echo_all);
+    let l = keyed_launch(&ca_pem);
+    let python_get = format!(
+        "import os, urllib.request; \
+         r = urllib.request.Request('https://api.test:{port}/py', headers={{'x-api-key': os.environ['TEST_API_KEY']}}); \
+         print('python:', urllib.request.urlopen(r).read().decode().splitlines()[0])"
+    );
+    let bomb = format!(
+        "import socket, ssl\n\
+         s = socket.create_connection(('host.agentvm.internal', 3128))\n\
+         s.sendall(b'CONNECT api.test:{port} HTTP/1.1\\r\\nHost: api.test:{port}\\r\\n\\r\\n')\n\
+         got = b''\n\
+         while b'\\r\\n\\r\\n' not in got: got += s.recv(1024)\n\
+         ctx = ssl.create_default_context()\n\
+         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # verifying is the urllib part's job\n\
+         t = ctx.wrap_socket(s, server_hostname='api.test')\n\
+         t.sendall(b'POST /bomb HTTP/1.1\\r\\nHost: api.test\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n7fffffffff\\r\\n')\n\
+         block, sent = b'x' * (1 << 20), 0\n\
+         try:\n    for _ in range({BOMB_MIB}):\n        t.sendall(block); sent += 1\n\
+         except OSError as e:\n    print('bomb stopped:', e)\n\
+         print('bomb sent', sent, 'MiB')\n"
+    );
+    std::fs::write(l.work.join("bomb.py"), bomb).unwrap();
+    let script = format!(
+        "echo \"key=$TEST_API_KEY\"; \
+         curl -sS -D - https://api.test:{port}/v1/$TEST_API_KEY -H \"x-api-key: $TEST_API_KEY\" \
+           -H \"X-Reflect: $TEST_API_KEY\" -H 'Host: evil.test'; echo; \
+         python3 -c \"{python_get}\" 2>&1 | tail -1; \
+         python3 /work/bomb.py 2>&1 | tail -2; \
+         touch /work/done; exec sleep 300"
+    );
+    let args = ["run", "--memory", "512M", "--shield-secrets", "keyed", "--", "sh", "-c", &script];
+    let child = spawn_until_marker(&l, &args, "done", Duration::from_secs(400));
+    let peak = peak_rss_mib(child.id());
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let text = stdout(&out);
+    eprintln!("--- stdout:\n{text}\n--- stderr:\n{}\n--- agentvm peak RSS: {peak} MiB", stderr(&out));
+
+    let placeholder = text.lines().next().unwrap().strip_prefix("key=").unwrap().to_lowercase();
+    assert!(placeholder.starts_with("agentvm-shielded-"), "{text}");
+    assert!(!text.contains(REAL_KEY), "the real key came back to the guest: {text}");
+    assert!(text.contains("\nKEY-REAL body=0\n"), "the key did not reach its header: {text}");
+    assert!(text.contains(&format!("post /v1/{placeholder} http/1.1")) || text.contains(&format!("get /v1/{placeholder} http/1.1")), "{text}");
+    assert!(text.contains(&format!("x-reflect: {placeholder}")), "another header got the key: {text}");
+    assert!(text.contains(&format!("host: api.test:{port}")) && !text.contains("host: evil.test"), "Host not pinned: {text}");
+    assert!(text.contains("[agentvm: redacted]"), "the echoed key was not masked: {text}");
+    assert!(text.contains("python: KEY-REAL"), "Python's default context refused the leaf: {text}");
+    assert!(text.contains(&format!("bomb sent {BOMB_MIB} MiB")), "{text}");
+    assert!(peak < BOMB_MIB / 2 + 40, "agentvm grew to {peak} MiB while the guest sent a {BOMB_MIB} MiB chunk");
+    assert!(l.leftover_processes().is_empty(), "{:?}", l.leftover_processes());
 }

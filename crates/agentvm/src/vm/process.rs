@@ -43,6 +43,11 @@ pub fn spawn(name: &str, mut cmd: Command, pass: &[(RawFd, RawFd)], log: &Path) 
             cmd.env(k, v);
         }
     }
+    // Not in agentvm's own directory, usually the project, which the guest
+    // writes: a helper that read anything there would read the guest's.
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir("/");
+    }
 
     // Move the passed fds out of the way of their targets first, so one
     // dup2 can never overwrite another's source.
@@ -194,6 +199,16 @@ mod tests {
         let env = std::fs::read_to_string(dir.path().join("env.txt")).unwrap();
         assert!(!env.contains("s3cr3t"), "{env}");
         assert!(env.contains("PATH="), "{env}");
+    }
+
+    #[test]
+    fn child_runs_in_the_root_dir_unless_given_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("pwd");
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &format!("pwd > '{}'", out.display())]);
+        spawn("sh", cmd, &[], &dir.path().join("log")).unwrap().stop(Duration::from_secs(5));
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "/\n");
     }
 
     #[test]

@@ -129,6 +129,14 @@ impl Launch {
         c
     }
 
+    /// `agentvm trust` of this launch's project, as the user would run it
+    /// after reviewing its .agentvm.toml (and dev shell files).
+    pub fn trust_project(&self) -> String {
+        let out = self.command_with(&["trust"]).stdin(Stdio::null()).output().unwrap();
+        assert!(out.status.success(), "agentvm trust: {}", stderr(&out));
+        stdout(&out)
+    }
+
     pub fn run(&self) -> Output {
         let mut child = self
             .command()
