@@ -13,16 +13,20 @@
 //!
 //! Both sides run the same [`Mux`]: a thread reading the channel and routing
 //! messages, plus two threads per connection (socket to channel, queue to
-//! socket). Each connection's queue is bounded, so a peer that stops reading
-//! holds up the channel rather than growing memory without limit.
+//! socket). What waits in the queues is bounded per connection
+//! ([`CONN_QUEUE_BYTES`]) and for all of them together
+//! ([`TOTAL_QUEUE_BYTES`]): when either is full, the mux stops reading the
+//! channel until a socket takes some, so a peer that opens many connections
+//! and sends into sockets that never read holds up the channel rather than
+//! growing memory without limit.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// The virtio-serial port name of the forwarding channel.
 pub const PORT_NAME: &str = "org.agentvm.fwd";
@@ -34,9 +38,15 @@ pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(127, 0, 2, 2);
 /// Connections open at once per VM; more are refused.
 pub const MAX_CONNECTIONS: usize = 256;
 
+/// Bytes queued for one connection's socket before the channel waits.
+pub const CONN_QUEUE_BYTES: usize = 1 << 20;
+/// Bytes queued for all connections together before the channel waits
+/// (without it, [`MAX_CONNECTIONS`] full queues would be 256 MiB).
+pub const TOTAL_QUEUE_BYTES: usize = 16 << 20;
+
 /// Bytes per data message.
 const CHUNK: usize = 64 * 1024;
-/// Chunks queued per connection before the channel waits (4 MiB).
+/// Messages queued per connection, however small, before the channel waits.
 const QUEUE: usize = 64;
 const HEADER_LEN: usize = 9;
 
@@ -77,9 +87,7 @@ impl Msg {
             Msg::Close { conn } => (kind::CLOSE, *conn, &[]),
         };
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-        out.push(k);
-        out.extend_from_slice(&conn.to_le_bytes());
-        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&header(k, conn, payload.len()));
         out.extend_from_slice(payload);
         out
     }
@@ -110,6 +118,14 @@ impl Msg {
             other => return Err(bad(format!("unknown message kind {other}"))),
         }))
     }
+}
+
+fn header(k: u8, conn: u32, len: usize) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0] = k;
+    h[1..5].copy_from_slice(&conn.to_le_bytes());
+    h[5..9].copy_from_slice(&(len as u32).to_le_bytes());
+    h
 }
 
 fn bad(why: String) -> io::Error {
@@ -164,9 +180,63 @@ impl Write for Conn {
 
 /// What a connection's writer thread gets from the channel.
 enum Chunk {
-    Data(Vec<u8>),
+    Data(Queued),
     Eof,
     Close,
+}
+
+/// Bytes waiting for a connection's socket. They count against the
+/// connection's and the mux's budgets until written or dropped.
+struct Queued {
+    data: Vec<u8>,
+    budgets: [Arc<Budget>; 2],
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        for b in &self.budgets {
+            b.give(self.data.len());
+        }
+    }
+}
+
+/// A number of bytes that may be queued: taking more than is left waits
+/// until enough is given back.
+struct Budget {
+    used: Mutex<usize>,
+    freed: Condvar,
+    limit: usize,
+}
+
+impl Budget {
+    fn new(limit: usize) -> Arc<Budget> {
+        Arc::new(Budget { used: Mutex::new(0), freed: Condvar::new(), limit })
+    }
+
+    fn take(&self, n: usize) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        // An empty budget lets anything through, so nothing waits forever.
+        while *used > 0 && *used + n > self.limit {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += n;
+    }
+
+    fn give(&self, n: usize) {
+        *self.used.lock().unwrap_or_else(|e| e.into_inner()) -= n;
+        self.freed.notify_all();
+    }
+
+    fn used(&self) -> usize {
+        *self.used.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Where the channel's messages for one connection go.
+#[derive(Clone)]
+struct Route {
+    queue: SyncSender<Chunk>,
+    budget: Arc<Budget>,
 }
 
 /// The channel's writing end, shared by every connection.
@@ -176,8 +246,10 @@ type Sink = Arc<Mutex<Box<dyn Write + Send>>>;
 #[derive(Clone)]
 pub struct Mux {
     sink: Sink,
-    conns: Arc<Mutex<HashMap<u32, SyncSender<Chunk>>>>,
+    conns: Arc<Mutex<HashMap<u32, Route>>>,
     next_conn: Arc<AtomicU32>,
+    /// Bytes queued for all connections.
+    budget: Arc<Budget>,
 }
 
 impl Mux {
@@ -187,13 +259,27 @@ impl Mux {
             Side::Guest => 0,
             Side::Host => 1,
         };
-        Mux { sink: Arc::new(Mutex::new(sink)), conns: Arc::default(), next_conn: Arc::new(AtomicU32::new(first)) }
+        Mux {
+            sink: Arc::new(Mutex::new(sink)),
+            conns: Arc::default(),
+            next_conn: Arc::new(AtomicU32::new(first)),
+            budget: Budget::new(TOTAL_QUEUE_BYTES),
+        }
+    }
+
+    /// Bytes received from the channel and not yet written to their
+    /// sockets, over all connections; at most [`TOTAL_QUEUE_BYTES`].
+    pub fn queued_bytes(&self) -> usize {
+        self.budget.used()
     }
 
     fn send(&self, msg: &Msg) -> io::Result<()> {
-        let bytes = msg.encode();
+        self.send_bytes(&msg.encode())
+    }
+
+    fn send_bytes(&self, bytes: &[u8]) -> io::Result<()> {
         let mut sink = self.sink.lock().unwrap_or_else(|e| e.into_inner());
-        sink.write_all(&bytes)?;
+        sink.write_all(bytes)?;
         sink.flush()
     }
 
@@ -239,7 +325,7 @@ impl Mux {
                         _ => self.send(&Msg::Close { conn })?,
                     }
                 }
-                Msg::Data { conn, data } => self.deliver(conn, Chunk::Data(data)),
+                Msg::Data { conn, data } => self.deliver_data(conn, data),
                 Msg::Eof { conn } => self.deliver(conn, Chunk::Eof),
                 Msg::Close { conn } => self.deliver(conn, Chunk::Close),
             }
@@ -247,22 +333,34 @@ impl Mux {
         Ok(())
     }
 
-    fn register(&self, conn: u32) -> std::sync::mpsc::Receiver<Chunk> {
-        let (tx, rx) = sync_channel(QUEUE);
-        self.conns.lock().unwrap().insert(conn, tx);
+    fn register(&self, conn: u32) -> Receiver<Chunk> {
+        let (queue, rx) = sync_channel(QUEUE);
+        self.conns.lock().unwrap().insert(conn, Route { queue, budget: Budget::new(CONN_QUEUE_BYTES) });
         rx
     }
 
+    /// Queues the end of `conn` (an [`Chunk::Eof`] or [`Chunk::Close`]).
     fn deliver(&self, conn: u32, chunk: Chunk) {
-        let tx = self.conns.lock().unwrap().get(&conn).cloned();
+        let route = self.conns.lock().unwrap().get(&conn).cloned();
         // Unknown ids belong to connections already gone: drop the chunk.
-        if let Some(tx) = tx {
-            let _ = tx.send(chunk);
+        if let Some(route) = route {
+            // A send that fails drops the chunk, which gives its bytes back.
+            let _ = route.queue.send(chunk);
         }
     }
 
+    /// Queues data for `conn`, waiting while its connection's or the mux's
+    /// budget is used up: the channel is not read meanwhile.
+    fn deliver_data(&self, conn: u32, data: Vec<u8>) {
+        let Some(route) = self.conns.lock().unwrap().get(&conn).cloned() else { return };
+        route.budget.take(data.len());
+        self.budget.take(data.len());
+        let queued = Queued { data, budgets: [route.budget.clone(), self.budget.clone()] };
+        let _ = route.queue.send(Chunk::Data(queued));
+    }
+
     /// Starts the two threads of one connection.
-    fn pump(&self, conn: u32, stream: Conn, queue: std::sync::mpsc::Receiver<Chunk>) {
+    fn pump(&self, conn: u32, stream: Conn, queue: Receiver<Chunk>) {
         let Ok(mut reader) = stream.try_clone() else {
             self.conns.lock().unwrap().remove(&conn);
             let _ = self.send(&Msg::Close { conn });
@@ -270,12 +368,14 @@ impl Mux {
         };
         let me = self.clone();
         std::thread::spawn(move || {
-            let mut buf = vec![0u8; CHUNK];
+            // The message is built in place: one buffer per connection.
+            let mut buf = vec![0u8; HEADER_LEN + CHUNK];
             let last = loop {
-                match reader.read(&mut buf) {
+                match reader.read(&mut buf[HEADER_LEN..]) {
                     Ok(0) => break Msg::Eof { conn },
                     Ok(n) => {
-                        if me.send(&Msg::Data { conn, data: buf[..n].to_vec() }).is_err() {
+                        buf[..HEADER_LEN].copy_from_slice(&header(kind::DATA, conn, n));
+                        if me.send_bytes(&buf[..HEADER_LEN + n]).is_err() {
                             return;
                         }
                     }
@@ -291,7 +391,7 @@ impl Mux {
             for chunk in queue.iter() {
                 match chunk {
                     Chunk::Data(d) => {
-                        if writer.write_all(&d).is_err() {
+                        if writer.write_all(&d.data).is_err() {
                             let _ = me.send(&Msg::Close { conn });
                             break;
                         }
@@ -364,6 +464,81 @@ mod tests {
         std::thread::spawn(move || g2.serve(g, None).unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         (guest, listener)
+    }
+
+    /// A host mux on one end of a socket pair, answering every open with a
+    /// socket that nobody reads; the other end is the guest's, raw.
+    fn host_with_unread_sockets() -> (Mux, UnixStream, Arc<Mutex<Vec<UnixStream>>>) {
+        let (guest, host_end) = UnixStream::pair().unwrap();
+        let host = Mux::new(Box::new(host_end.try_clone().unwrap()), Side::Host);
+        let unread = Arc::new(Mutex::new(Vec::new()));
+        let (h, kept) = (host.clone(), unread.clone());
+        std::thread::spawn(move || {
+            let dial = move |_port: u16| {
+                let (ours, theirs) = UnixStream::pair()?;
+                kept.lock().unwrap().push(theirs);
+                Ok(Conn::Unix(ours))
+            };
+            let _ = h.serve(host_end, Some(&dial));
+        });
+        (host, guest, unread)
+    }
+
+    /// Opens `conns` connections from the raw guest end and sends into all of
+    /// them until the host stops reading; never reads the channel. Returns
+    /// the host's peak of queued bytes, checking each sample against `bound`.
+    fn flood(host: &Mux, guest: &UnixStream, conns: u32, bound: usize) -> usize {
+        use std::sync::atomic::AtomicU64;
+        use std::time::{Duration, Instant};
+        let sent = Arc::new(AtomicU64::new(0));
+        let (mut g, counter) = (guest.try_clone().unwrap(), sent.clone());
+        std::thread::spawn(move || {
+            for i in 0..conns {
+                g.write_all(&Msg::Open { conn: 2 * i, port: 1 }.encode()).unwrap();
+            }
+            let data = vec![b'x'; CHUNK];
+            loop {
+                for i in 0..conns {
+                    if g.write_all(&Msg::Data { conn: 2 * i, data: data.clone() }.encode()).is_err() {
+                        return;
+                    }
+                    counter.fetch_add(CHUNK as u64, Ordering::Relaxed);
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let (mut last, mut peak) = (0, 0);
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let queued = host.queued_bytes();
+            assert!(queued <= bound, "the host queued {queued} bytes, over {bound}");
+            peak = peak.max(queued);
+            let now = sent.load(Ordering::Relaxed);
+            if now == last && now > 0 {
+                return peak; // the guest's writes stall: backpressure
+            }
+            last = now;
+            assert!(Instant::now() < deadline, "the guest's flood never stalled ({now} bytes sent)");
+        }
+    }
+
+    #[test]
+    fn a_guest_flooding_many_connections_cannot_make_the_host_queue_more_than_the_bound() {
+        let (host, guest, unread) = host_with_unread_sockets();
+        let peak = flood(&host, &guest, MAX_CONNECTIONS as u32, TOTAL_QUEUE_BYTES);
+        assert!(peak > TOTAL_QUEUE_BYTES - CHUNK, "the flood never filled the queues: {peak} bytes");
+        assert_eq!(unread.lock().unwrap().len(), MAX_CONNECTIONS);
+        guest.shutdown(Shutdown::Both).unwrap();
+        unread.lock().unwrap().clear();
+    }
+
+    #[test]
+    fn one_connection_queues_at_most_its_own_bound() {
+        let (host, guest, unread) = host_with_unread_sockets();
+        let peak = flood(&host, &guest, 1, CONN_QUEUE_BYTES);
+        assert!(peak > CONN_QUEUE_BYTES - CHUNK, "the flood never filled the queue: {peak} bytes");
+        guest.shutdown(Shutdown::Both).unwrap();
+        unread.lock().unwrap().clear();
     }
 
     #[test]

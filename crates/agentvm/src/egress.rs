@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::console_log::{self, RotatingLog};
 use crate::http::{self, BodyKind, HttpError, Peer, RequestHead};
 
 /// The guest port of the proxy, at `host.agentvm.internal`.
@@ -311,7 +312,7 @@ where
 pub struct Proxy {
     allow: Arc<AllowList>,
     shield: Option<Arc<crate::shield::Shield>>,
-    log: Arc<Mutex<Option<std::fs::File>>>,
+    log: Arc<Mutex<Option<RotatingLog>>>,
     resolve: Arc<Vec<(String, IpAddr)>>,
     active: Arc<AtomicUsize>,
 }
@@ -337,10 +338,11 @@ impl Drop for Open {
 struct Refusal(u16, String);
 
 impl Proxy {
-    /// A proxy for `allow`, logging to `log_path`; with `shield`, it puts
-    /// secrets into the requests to the shield's hosts.
+    /// A proxy for `allow`, logging to `log_path` (rotated like the console
+    /// log: the guest decides how many lines there are); with `shield`, it
+    /// puts secrets into the requests to the shield's hosts.
     pub fn new(allow: AllowList, shield: Option<Arc<crate::shield::Shield>>, log_path: &Path) -> Proxy {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path).ok();
+        let log = RotatingLog::create(log_path, console_log::ROTATE_BYTES).ok();
         let resolve = std::env::var(RESOLVE_ENV).map(|s| parse_resolve(&s)).unwrap_or_default();
         Proxy {
             allow: Arc::new(allow),
@@ -371,8 +373,8 @@ impl Proxy {
 
     fn note(&self, line: &str) {
         let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        if let Some(f) = self.log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            let _ = writeln!(f, "{secs} {}", escape_log(line));
+        if let Some(log) = self.log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            let _ = log.write(format!("{secs} {}\n", escape_log(line)).as_bytes());
         }
     }
 
@@ -589,6 +591,23 @@ mod tests {
     use super::*;
     use std::io::Read;
     use std::net::TcpListener;
+
+    #[test]
+    fn net_log_of_a_guest_opening_connection_after_connection_stays_under_the_cap() {
+        let d = tempfile::tempdir().unwrap();
+        let path = log_path(d.path());
+        let proxy = Proxy::new(AllowList::new(&[]).unwrap(), None, &path);
+        let line = format!("denied CONNECT {}.example.com:443", "x".repeat(1000));
+        for _ in 0..10_000 {
+            proxy.note(&line);
+        }
+        let rotated = console_log::rotated(&path);
+        for p in [&path, &rotated] {
+            let len = std::fs::metadata(p).unwrap().len();
+            assert!(len <= console_log::ROTATE_BYTES + 1100, "{}: {len} bytes", p.display());
+        }
+        assert!(console_log::tail(&path, 2000).ends_with(format!("{line}\n").as_bytes()));
+    }
 
     fn list(p: &[&str]) -> AllowList {
         AllowList::new(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()

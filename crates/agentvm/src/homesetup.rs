@@ -11,11 +11,12 @@
 //! VM of the same project running now) controls what is in it. Nothing here
 //! follows a symlink inside the home: paths are walked with `openat` and
 //! `O_NOFOLLOW` from the home's directory fd, and a symlink where a file or
-//! directory is expected is an error. Writes are atomic: `.gitconfig` is
-//! replaced through git's own lock file (`.gitconfig.lock`, created with
-//! `O_EXCL`, then renamed), and a new note is written to a temporary file
-//! and hard-linked into place, so concurrent launches never clobber each
-//! other or leave a half-written file.
+//! directory is expected is an error. A file is read only up to
+//! [`MAX_READ`] bytes: a larger one is left alone, with a warning. Writes
+//! are atomic: `.gitconfig` is replaced through git's own lock file
+//! (`.gitconfig.lock`, created with `O_EXCL`, then renamed), and a new note
+//! is written to a temporary file and hard-linked into place, so concurrent
+//! launches never clobber each other or leave a half-written file.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -37,6 +38,9 @@ const FILE_MODE: libc::mode_t = 0o644;
 const DIR_MODE: libc::mode_t = 0o700;
 /// How long to wait for another writer's `.gitconfig.lock`.
 const LOCK_WAIT: Duration = Duration::from_secs(2);
+/// The largest home file read here. A real `.gitconfig` is a few KB; the
+/// guest can put anything in the home, and a larger file is left alone.
+pub const MAX_READ: u64 = 1 << 20;
 
 /// Facts about the VM, for the memory note.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +58,8 @@ pub enum HomeError {
     Io { what: &'static str, path: PathBuf, source: io::Error },
     #[error("{path} is a symlink or not a regular {kind}; agentvm does not follow or replace it (remove it to let agentvm create it)")]
     NotPlain { path: PathBuf, kind: &'static str },
+    #[error("{path} is larger than the {limit} bytes agentvm reads from the agent home ({size} bytes); it was left alone, without the entries agentvm adds (a real one is a few KB: if this one is not yours, remove it)")]
+    TooLarge { path: PathBuf, size: u64, limit: u64 },
     #[error("{path} is being changed by another program ({lock} exists); if no git or agentvm is running, remove {lock}")]
     Locked { path: PathBuf, lock: PathBuf },
     #[error("memory note path {path:?} must be relative to the agent home, without '..'")]
@@ -474,7 +480,8 @@ fn open_or_create_dir(dir: &OwnedFd, name: &std::ffi::OsStr, path: &Path) -> Res
 }
 
 /// The contents and permission bits of the regular file `name` in `dir`;
-/// None if it does not exist; an error if it is a symlink or not a file.
+/// None if it does not exist; an error if it is a symlink, not a file, or
+/// larger than [`MAX_READ`] (then nothing of it is read).
 fn read_nofollow(dir: &OwnedFd, name: &str, path: &Path) -> Result<Option<(Vec<u8>, libc::mode_t)>, HomeError> {
     let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
     let fd = match openat(dir, &cstr(name), flags, 0) {
@@ -490,8 +497,19 @@ fn read_nofollow(dir: &OwnedFd, name: &str, path: &Path) -> Result<Option<(Vec<u
     if !meta.is_file() {
         return Err(HomeError::NotPlain { path: path.into(), kind: "file" });
     }
+    let too_large = |size| HomeError::TooLarge { path: path.into(), size, limit: MAX_READ };
+    if meta.len() > MAX_READ {
+        return Err(too_large(meta.len()));
+    }
+    // The guest may be growing it right now: read at most one byte more.
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).map_err(|source| HomeError::Io { what: "read", path: path.into(), source })?;
+    (&mut file)
+        .take(MAX_READ + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| HomeError::Io { what: "read", path: path.into(), source })?;
+    if bytes.len() as u64 > MAX_READ {
+        return Err(too_large(bytes.len() as u64));
+    }
     Ok(Some((bytes, std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777)))
 }
 
@@ -617,6 +635,47 @@ mod tests {
         assert!(matches!(e, HomeError::NotPlain { .. }), "{e}");
         assert_eq!(read(&secret), "host secret");
         assert!(std::fs::symlink_metadata(home.join(".gitconfig")).unwrap().file_type().is_symlink());
+    }
+
+    /// The peak resident memory of this process so far, in KiB.
+    fn peak_rss_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn huge_sparse_gitconfig_is_left_alone_without_reading_it() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(".gitconfig");
+        std::fs::File::create(&p).unwrap().set_len(512 << 20).unwrap();
+        let before = std::fs::metadata(&p).unwrap();
+        let peak_before = peak_rss_kib();
+        let result = prepare(d.path(), &builtin_flavors()["shell"], &FACTS, id);
+        let grown_mib = (peak_rss_kib() - peak_before) / 1024;
+        assert!(grown_mib < 32, "reading the home took {grown_mib} MiB more memory at its peak");
+        let e = result.unwrap_err();
+        assert!(matches!(e, HomeError::TooLarge { size: 536_870_912, .. }), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains(".gitconfig") && msg.contains("left alone") && msg.contains("remove it"), "{msg}");
+        let after = std::fs::metadata(&p).unwrap();
+        assert_eq!((after.len(), after.mtime(), after.mtime_nsec()), (before.len(), before.mtime(), before.mtime_nsec()));
+        assert!(!d.path().join(".gitconfig.lock").exists());
+    }
+
+    #[test]
+    fn gitconfig_at_the_limit_is_read_and_one_byte_more_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(".gitconfig");
+        let mut text = format!("[safe]\n\tdirectory = {GUEST_WORK}\n[user]\n\tname = a\n\temail = b\n#");
+        text.push_str(&"x".repeat(MAX_READ as usize - text.len()));
+        std::fs::write(&p, &text).unwrap();
+        prepare(d.path(), &builtin_flavors()["shell"], &FACTS, || None).unwrap();
+        text.push('x');
+        std::fs::write(&p, &text).unwrap();
+        let e = prepare(d.path(), &builtin_flavors()["shell"], &FACTS, || None).unwrap_err();
+        assert!(matches!(e, HomeError::TooLarge { .. }), "{e}");
     }
 
     #[test]

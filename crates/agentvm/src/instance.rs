@@ -15,6 +15,11 @@ pub struct InstanceMeta {
     pub id: String,
     /// The launcher's pid.
     pub pid: u32,
+    /// The launcher's start time (clock ticks after boot, field 22 of
+    /// `/proc/PID/stat`): tells the launcher from a later process that got
+    /// its pid. None in metadata written before it was recorded.
+    #[serde(default)]
+    pub pid_start: Option<u64>,
     pub flavor: String,
     pub work_dir: PathBuf,
     pub memory_mib: u64,
@@ -128,7 +133,7 @@ pub fn sweep_stale(base: &Path) -> Vec<String> {
         }
         let meta = read_meta(&dir);
         let stale = match meta {
-            Some(m) => !pid_alive(m.pid),
+            Some(m) => !launcher_alive(&m),
             // No metadata: either being created right now, or abandoned
             // before it was written. Only old ones are abandoned.
             None => e
@@ -142,6 +147,30 @@ pub fn sweep_stale(base: &Path) -> Vec<String> {
         }
     }
     removed
+}
+
+/// Whether the instance's launcher still runs: its pid exists and, when the
+/// metadata recorded it, still has the launcher's start time (a pid that
+/// was reused belongs to another process).
+pub fn launcher_alive(meta: &InstanceMeta) -> bool {
+    let same_start = match meta.pid_start {
+        Some(start) => process_start_ticks(meta.pid) == Some(start),
+        None => true,
+    };
+    pid_alive(meta.pid) && same_start
+}
+
+/// When process `pid` started, in clock ticks after boot; None if it is gone.
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    parse_start_ticks(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// The start time (field 22) of a `/proc/PID/stat` line. The command name
+/// (field 2, in parentheses) may hold spaces and parentheses, so fields are
+/// counted after its last `)`, where field 3 comes first.
+pub fn parse_start_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
 /// Whether a process with this pid exists (a zombie counts as existing).
@@ -191,6 +220,7 @@ mod tests {
         InstanceMeta {
             id: id.into(),
             pid,
+            pid_start: process_start_ticks(pid),
             flavor: "shell".into(),
             work_dir: "/p".into(),
             memory_mib: 1024,
@@ -206,7 +236,25 @@ mod tests {
     fn meta_without_new_fields_still_reads() {
         let old = r#"{"id":"abc","pid":1,"flavor":"shell","work_dir":"/p","memory_mib":512,"cpus":1,"started":5}"#;
         let m: InstanceMeta = serde_json::from_str(old).unwrap();
-        assert_eq!((m.qemu_pid, m.ports.len()), (None, 0));
+        assert_eq!((m.qemu_pid, m.ports.len(), m.pid_start), (None, 0, None));
+    }
+
+    #[test]
+    fn start_time_is_field_22_even_with_parentheses_in_the_name() {
+        let stat = "4242 (a) b (c) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 1 0 987654 1000 200 18446744073709551615";
+        assert_eq!(parse_start_ticks(stat), Some(987_654));
+        assert_eq!(parse_start_ticks("4242 (truncated) S 1"), None);
+        assert!(process_start_ticks(std::process::id()).is_some());
+    }
+
+    #[test]
+    fn launcher_whose_pid_now_has_another_start_time_is_not_alive() {
+        let mut m = meta("abc", std::process::id());
+        assert!(launcher_alive(&m));
+        m.pid_start = m.pid_start.map(|t| t + 1);
+        assert!(!launcher_alive(&m), "a reused pid counts as the launcher");
+        m.pid_start = None;
+        assert!(launcher_alive(&m), "old metadata without a start time");
     }
 
     #[test]

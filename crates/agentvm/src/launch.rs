@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use agentvm_proto::{Containers, Frame, FrameReader, LaunchSpec, Mount, User, MODULES_DIR, SPEC_PATH};
 
 use crate::console::{self, RawMode};
+use crate::console_log;
 use crate::cri;
 use crate::devshell::{self, DevShell};
 use crate::flavor::Flavor;
@@ -38,6 +39,16 @@ use crate::vm::{self, accel, Accel, VmConfig};
 
 /// Lines of the guest console shown when a launch fails.
 const CONSOLE_TAIL_LINES: usize = 25;
+/// The end of the console those lines are taken from (a guest may write
+/// lines of any length).
+const CONSOLE_TAIL_BYTES: u64 = 16 << 10;
+/// The end of the console `--verbose` prints when the run ends.
+const VERBOSE_CONSOLE_BYTES: u64 = 1 << 20;
+/// Capacity asked for the console pipe.
+const CONSOLE_PIPE_BYTES: i32 = 1 << 20;
+/// How long the console's last bytes may take to reach the log after QEMU
+/// exited.
+const CONSOLE_DRAIN: Duration = Duration::from_secs(2);
 /// How long the guest may take to power off after the program ended, or to
 /// react to a stop request, before QEMU is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -155,6 +166,7 @@ pub fn run(settings: &Settings, started: Instant) -> Result<i32, LaunchError> {
     let mut meta = InstanceMeta {
         id: inst.id.clone(),
         pid: std::process::id(),
+        pid_start: instance::process_start_ticks(std::process::id()),
         flavor: settings.flavor.name.clone(),
         work_dir: settings.work_dir.clone(),
         memory_mib: settings.memory_mib,
@@ -207,6 +219,10 @@ pub fn run(settings: &Settings, started: Instant) -> Result<i32, LaunchError> {
     }
 
     let (ctl, ctl_guest) = socketpair()?;
+    let (console_ours, console_qemu) = console_pipe()?;
+    let console_path = inst.dir.join(console_log::LOG);
+    let console_recorder = console_log::Recorder::start(std::fs::File::from(console_ours), &console_path)
+        .map_err(os("record the guest console"))?;
     // Started after the signals are blocked, so its threads never take one.
     let allow_mode = settings.network == NetworkMode::Allow;
     let forward_guest = if settings.host_ports.is_empty() && !allow_mode {
@@ -239,7 +255,7 @@ pub fn run(settings: &Settings, started: Instant) -> Result<i32, LaunchError> {
         ),
         root_image: image.root(),
         layers,
-        console_log: inst.dir.join("console.log"),
+        console_fd: 7,
         control_fd: 3,
         shares: share_sockets,
         exec_sockets: (0..agentvm_proto::EXEC_PORTS).map(|i| inst.dir.join(format!("exec-{i}.sock"))).collect(),
@@ -253,7 +269,7 @@ pub fn run(settings: &Settings, started: Instant) -> Result<i32, LaunchError> {
     let qemu = process::spawn(
         "QEMU",
         cmd,
-        &qemu_fds(&ctl_guest, &initrd, net_fd.as_ref(), forward_guest.as_ref()),
+        &qemu_fds(&ctl_guest, &initrd, net_fd.as_ref(), forward_guest.as_ref(), &console_qemu),
         &inst.dir.join("qemu.log"),
     )
     .map_err(LaunchError::QemuSpawn)?;
@@ -262,6 +278,7 @@ pub fn run(settings: &Settings, started: Instant) -> Result<i32, LaunchError> {
         eprintln!("agentvm: QEMU started {:.1} ms after agentvm", started.elapsed().as_secs_f64() * 1000.0);
     }
     drop(ctl_guest);
+    drop(console_qemu);
     drop(initrd);
     drop(net_fd);
     drop(forward_guest);
@@ -278,11 +295,11 @@ pub fn run(settings: &Settings, started: Instant) -> Result<i32, LaunchError> {
         h.signal(libc::SIGTERM);
         h.stop(Duration::from_secs(2));
     }
-    let console_log = std::fs::read(&cfg.console_log).unwrap_or_default();
+    let console_bytes = console_recorder.finish(CONSOLE_DRAIN);
     if settings.verbose {
-        eprintln!("--- guest console ---\n{}", String::from_utf8_lossy(&console_log));
+        print_console(&console_path, console_bytes);
     }
-    let console = process::tail_lines(&console_log, CONSOLE_TAIL_LINES);
+    let console = process::tail_lines(&console_log::tail(&console_path, CONSOLE_TAIL_BYTES), CONSOLE_TAIL_LINES);
     let result = end.into_result(console);
     drop(inst);
     result
@@ -355,12 +372,34 @@ pub fn shares(settings: &Settings, devshell: Option<&DevShell>) -> Vec<Share> {
 }
 
 /// The fds QEMU inherits: control port as 3, initramfs as 4, network as 5,
-/// host-port forwarding as 6.
-fn qemu_fds(ctl: &OwnedFd, initrd: &OwnedFd, net: Option<&OwnedFd>, forward: Option<&OwnedFd>) -> Vec<(RawFd, RawFd)> {
+/// host-port forwarding as 6, serial console as 7.
+fn qemu_fds(
+    ctl: &OwnedFd,
+    initrd: &OwnedFd,
+    net: Option<&OwnedFd>,
+    forward: Option<&OwnedFd>,
+    console: &OwnedFd,
+) -> Vec<(RawFd, RawFd)> {
     let mut fds = vec![(ctl.as_raw_fd(), 3), (initrd.as_raw_fd(), 4)];
     fds.extend(net.map(|n| (n.as_raw_fd(), 5)));
     fds.extend(forward.map(|f| (f.as_raw_fd(), 6)));
+    fds.push((console.as_raw_fd(), 7));
     fds
+}
+
+/// Prints the end of the guest console (`--verbose`); `total` is how much
+/// the guest wrote, when known.
+fn print_console(path: &Path, total: Option<u64>) {
+    let shown = console_log::tail(path, VERBOSE_CONSOLE_BYTES);
+    match total {
+        Some(total) if total > shown.len() as u64 => eprintln!(
+            "--- guest console (its last {} KiB of {} KiB) ---",
+            shown.len() / 1024,
+            total / 1024
+        ),
+        _ => eprintln!("--- guest console ---"),
+    }
+    eprintln!("{}", String::from_utf8_lossy(&shown));
 }
 
 /// The base image for a flavor: the shared base, plus the flavor's Debian
@@ -497,6 +536,22 @@ fn socketpair() -> Result<(OwnedFd, OwnedFd), LaunchError> {
     }
     // SAFETY: both fds are fresh and ours.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// The pipe of the guest console: (read end, write end for QEMU).
+fn console_pipe() -> Result<(OwnedFd, OwnedFd), LaunchError> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(os("pipe")(io::Error::last_os_error()));
+    }
+    // SAFETY: both fds are fresh and ours.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // More room for a console burst while the recorder waits; the default
+    // (64 KiB) is fine too, so a refusal is ignored.
+    // SAFETY: F_SETPIPE_SZ on a pipe we own.
+    unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, CONSOLE_PIPE_BYTES) };
+    Ok((read, write))
 }
 
 /// Signals the launcher handles, read synchronously from a signalfd.

@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod console;
+pub mod console_log;
 pub mod cri;
 pub mod devshell;
 pub mod doctor;
@@ -29,6 +30,7 @@ pub mod ps;
 pub mod settings;
 pub mod shield;
 pub mod share;
+pub mod share_filter;
 pub mod tools;
 pub mod trust;
 pub mod vm;

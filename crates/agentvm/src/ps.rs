@@ -6,18 +6,18 @@
 //! launcher is gone are swept first.
 
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::console_log;
 use crate::instance::{self, InstanceMeta};
 
 /// Marker file `agentvm stop` leaves in an instance dir.
 const STOPPING_FILE: &str = "stopping";
-/// The guest's console log in an instance dir.
-pub const CONSOLE_LOG: &str = "console.log";
 /// How long a launcher gets to die after SIGKILL, and its QEMU after that.
 const KILL_WAIT: Duration = Duration::from_secs(3);
 
@@ -111,7 +111,7 @@ pub fn live_instances(base: &Path) -> Vec<Live> {
     for e in entries.flatten() {
         let dir = e.path();
         if let Some(meta) = instance::read_meta(&dir) {
-            if !process_gone(meta.pid) {
+            if !launcher_gone(&meta) {
                 found.push(Live { meta, dir });
             }
         }
@@ -175,6 +175,12 @@ pub fn process_gone(pid: u32) -> bool {
         Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
         Err(_) => !instance::pid_alive(pid),
     }
+}
+
+/// Whether an instance's launcher is gone: exited, a zombie, or its pid now
+/// belongs to another process (the start time differs).
+pub fn launcher_gone(meta: &InstanceMeta) -> bool {
+    process_gone(meta.pid) || !instance::launcher_alive(meta)
 }
 
 /// One row of `agentvm ps`, also its JSON form.
@@ -320,15 +326,15 @@ pub fn stop(base: &Path, queries: &[String], all: bool, timeout: Duration) -> Re
         signal(t, libc::SIGTERM)?;
     }
     let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline && !targets.iter().all(|t| process_gone(t.meta.pid)) {
+    while Instant::now() < deadline && !targets.iter().all(|t| launcher_gone(&t.meta)) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut stopped = Vec::new();
     for t in &targets {
-        let killed = !process_gone(t.meta.pid);
+        let killed = !launcher_gone(&t.meta);
         if killed {
             signal(t, libc::SIGKILL)?;
-            if !wait_gone(t.meta.pid, KILL_WAIT) {
+            if !wait_launcher_gone(&t.meta, KILL_WAIT) {
                 return Err(InstancesError::Unkillable { id: t.meta.id.clone(), pid: t.meta.pid });
             }
         }
@@ -343,15 +349,51 @@ pub fn stop(base: &Path, queries: &[String], all: bool, timeout: Duration) -> Re
     Ok(stopped)
 }
 
+/// Sends `sig` to the instance's launcher unless it is gone. The process is
+/// pinned with a pidfd before its start time is checked, so the signal
+/// cannot reach another process that took over the pid in between.
 fn signal(t: &Live, sig: i32) -> Result<(), InstancesError> {
-    // SAFETY: kill has no memory effects.
-    if unsafe { libc::kill(t.meta.pid as i32, sig) } != 0 {
+    let fail = |source| InstancesError::Signal { id: t.meta.id.clone(), pid: t.meta.pid, source };
+    let pidfd = match pidfd_open(t.meta.pid) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
+        Err(e) => return Err(fail(e)),
+    };
+    if !instance::launcher_alive(&t.meta) {
+        return Ok(());
+    }
+    // SAFETY: pidfd_send_signal on a pidfd we own, without siginfo.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0) };
+    if r != 0 {
         let source = io::Error::last_os_error();
         if source.raw_os_error() != Some(libc::ESRCH) {
-            return Err(InstancesError::Signal { id: t.meta.id.clone(), pid: t.meta.pid, source });
+            return Err(fail(source));
         }
     }
     Ok(())
+}
+
+/// A pidfd for process `pid`: it keeps naming that process even if the pid
+/// is reused after it exits.
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags; the fd returned is ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn wait_launcher_gone(meta: &InstanceMeta, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !launcher_gone(meta) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
 }
 
 fn wait_gone(pid: u32, timeout: Duration) -> bool {
@@ -372,40 +414,40 @@ fn cmdline_mentions(pid: u32, path: &Path) -> bool {
     cmd.windows(needle.len()).any(|w| w == needle)
 }
 
-/// `agentvm logs`: writes the instance's console log to `out`; with
-/// `follow`, keeps writing what is added until the instance ends.
-/// Prints an instance's console log, or with `net` its network log (the
-/// egress proxy's decisions under `--network allow`).
+/// `agentvm logs`: writes an instance's console log (its rotated part
+/// first), or with `net` its network log (the egress proxy's decisions under
+/// `--network allow`), to `out`; with `follow`, keeps writing what is added
+/// until the instance ends.
 pub fn logs(base: &Path, query: &str, net: bool, follow: bool, out: &mut impl Write) -> Result<(), InstancesError> {
     let live = live_instances(base);
     let inst = resolve(&live, query)?;
-    let path = if net { crate::egress::log_path(&inst.dir) } else { inst.dir.join(CONSOLE_LOG) };
+    let path = if net { crate::egress::log_path(&inst.dir) } else { inst.dir.join(console_log::LOG) };
     if net && !path.exists() {
         return Err(InstancesError::NoNetLog { id: inst.meta.id.clone() });
     }
-    let mut file = fs::File::open(&path).map_err(|source| InstancesError::Read { path: path.clone(), source })?;
-    let mut buf = vec![0u8; 64 * 1024];
-    // The net log holds text the guest chose: never raw to a terminal.
-    let shown = |b: &[u8]| if net { crate::egress::printable(b) } else { b.to_vec() };
-    loop {
-        let n = file.read(&mut buf).map_err(|source| InstancesError::Read { path: path.clone(), source })?;
-        if n > 0 {
-            if out.write_all(&shown(&buf[..n])).and_then(|()| out.flush()).is_err() {
-                return Ok(()); // the reader went away
-            }
-            continue;
-        }
-        // At the end: done unless following a live instance. The file stays
-        // readable through our descriptor after its dir is removed.
-        if !follow || process_gone(inst.meta.pid) || !inst.dir.exists() {
-            let n = file.read(&mut buf).unwrap_or(0);
-            if n == 0 {
-                return Ok(());
-            }
-            let _ = out.write_all(&shown(&buf[..n]));
-            continue;
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    // The files stay readable through open descriptors after the dir is removed.
+    let following = || follow && !launcher_gone(&inst.meta) && inst.dir.exists();
+    let copied = if net {
+        // The net log holds text the guest chose: never raw to a terminal.
+        console_log::copy_log(&path, following, &mut Printable(out))
+    } else {
+        console_log::copy_log(&path, following, out)
+    };
+    copied.map_err(|source| InstancesError::Read { path: path.clone(), source })
+}
+
+/// Writes what it is given with the guest's control characters escaped
+/// ([`crate::egress::printable`]).
+struct Printable<'a, W: Write>(&'a mut W);
+
+impl<W: Write> Write for Printable<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_all(&crate::egress::printable(buf))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
     }
 }
 
@@ -430,6 +472,7 @@ mod tests {
             meta: InstanceMeta {
                 id: id.into(),
                 pid: 1,
+                pid_start: None,
                 flavor: "shell".into(),
                 work_dir: "/src/p".into(),
                 memory_mib: 512,
@@ -501,6 +544,51 @@ mod tests {
         assert_eq!(v[0]["state"], "starting");
         assert_eq!(v[0]["work_dir"], "/src/p");
         assert!(v[0]["rss_mib"].is_null());
+    }
+
+    /// A runtime base holding one instance whose launcher is `pid`, recorded
+    /// with start time `start`.
+    fn base_with_instance(pid: u32, start: Option<u64>) -> (tempfile::TempDir, String) {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        fs::set_permissions(base.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        let inst = instance::Instance::create(base.path()).unwrap();
+        let mut meta = live(&inst.id).meta;
+        (meta.pid, meta.pid_start) = (pid, start);
+        inst.write_meta(&meta).unwrap();
+        let id = inst.id.clone();
+        std::mem::forget(inst); // the dir stays for stop to find
+        (base, id)
+    }
+
+    fn sleeper() -> std::process::Child {
+        std::process::Command::new("sleep").arg("60").spawn().unwrap()
+    }
+
+    #[test]
+    fn stop_leaves_a_process_that_reused_the_launchers_pid_alone() {
+        let mut other = sleeper();
+        let start = instance::process_start_ticks(other.id()).unwrap();
+        let (base, id) = base_with_instance(other.id(), Some(start + 1));
+        let e = stop(base.path(), std::slice::from_ref(&id), false, Duration::from_secs(2)).unwrap_err();
+        assert!(matches!(e, InstancesError::NotFound { .. }), "{e}");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(other.try_wait().unwrap().is_none(), "the process that took over the pid was signalled");
+        assert!(!base.path().join(&id).exists(), "the stale instance dir is swept");
+        other.kill().unwrap();
+        other.wait().unwrap();
+    }
+
+    #[test]
+    fn stop_signals_the_launcher_whose_start_time_matches() {
+        let mut launcher = sleeper();
+        let start = instance::process_start_ticks(launcher.id());
+        let (base, id) = base_with_instance(launcher.id(), start);
+        let waiter = std::thread::spawn(move || launcher.wait().unwrap());
+        let stopped = stop(base.path(), std::slice::from_ref(&id), false, Duration::from_secs(5)).unwrap();
+        assert_eq!(stopped, vec![Stopped { id, killed: false }]);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(waiter.join().unwrap().signal(), Some(libc::SIGTERM));
     }
 
     #[test]

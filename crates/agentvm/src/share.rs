@@ -1,12 +1,15 @@
 //! Directory shares: one virtiofsd per share, sandboxed, with the guest's
-//! agent user mapped to the invoking host user.
+//! agent user mapped to the invoking host user, and kept from making device
+//! nodes or setuid and setgid files on the host ([`crate::share_filter`]).
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::share_filter::{self, VIRTIOFSD_MODCAPS};
 use crate::vm::process::{self, Helper};
 
 /// A host directory shared into the guest.
@@ -91,6 +94,8 @@ pub enum ShareError {
     Socket { tag: String, path: PathBuf, source: std::io::Error },
     #[error("cannot start virtiofsd for {dir}: {source}")]
     Spawn { dir: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Filter(#[from] share_filter::FilterError),
 }
 
 /// Finds the virtiofsd binary.
@@ -103,13 +108,15 @@ pub fn find_virtiofsd() -> Option<PathBuf> {
 /// virtiofsd always runs in its namespace sandbox (it sees only the shared
 /// dir). As a normal user, its user namespace maps only the invoking user
 /// (as 0), and the guest's agent uid translates to that 0; other guest ids
-/// cannot create files. As root, the guest's agent uid maps to root.
+/// cannot create files. As root, the guest's agent uid maps to root. In
+/// both cases it may not make device nodes or keep setuid bits.
 pub fn virtiofsd_args(share: &Share, ids: IdMap, fd: i32) -> Vec<OsString> {
     let mut a: Vec<OsString> = vec![
         "--shared-dir".into(),
         share.host_dir.clone().into(),
         format!("--fd={fd}").into(),
         "--sandbox=namespace".into(),
+        VIRTIOFSD_MODCAPS.into(),
         format!("--cache={}", share.cache.as_str()).into(),
         "--log-level=error".into(),
     ];
@@ -140,8 +147,12 @@ pub fn start(share: &Share, ids: IdMap, runtime_dir: &Path) -> Result<(Helper, P
         source,
     })?;
     let listener = OwnedFd::from(listener);
+    let filters = share_filter::programs()?;
     let mut cmd = Command::new(bin);
     cmd.args(virtiofsd_args(share, ids, 3));
+    // SAFETY: install only makes system calls (prctl, seccomp), which is
+    // safe between fork and exec.
+    unsafe { cmd.pre_exec(move || share_filter::install(&filters)) };
     let helper = process::spawn(
         &format!("virtiofsd for {}", share.guest_path),
         cmd,
@@ -179,6 +190,13 @@ mod tests {
         assert!(a.contains(&"--translate-gid=map:1002:0:1".to_string()));
         assert!(a.contains(&"--sandbox=namespace".to_string()));
         assert!(a.contains(&"--fd=3".to_string()));
+    }
+
+    #[test]
+    fn virtiofsd_drops_mknod_fsetid_and_setfcap_as_root_and_as_a_user() {
+        for ids in [IdMap::for_host(0, 0), IdMap::for_host(1001, 1001)] {
+            assert!(args(ids, &share()).contains(&"--modcaps=-mknod:-fsetid:-setfcap".to_string()));
+        }
     }
 
     #[test]

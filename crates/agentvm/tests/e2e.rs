@@ -127,6 +127,24 @@ fn guest_kernel_panic_ends_the_run_with_console_lines() {
     assert!(l.leftover_processes().is_empty());
 }
 
+#[test]
+fn a_guest_that_floods_its_console_then_dies_shows_its_last_words_in_a_short_message() {
+    // A long line without a newline, then the last words, then power off
+    // without reporting an exit status.
+    let l = Launch::new().shell(
+        "sudo sh -c 'head -c 2M /dev/zero | tr \"\\0\" x > /dev/console; \
+         echo > /dev/console; echo last-words-4242 > /dev/console; echo o > /proc/sysrq-trigger'; sleep 60",
+    );
+    let out = l.run();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(err.contains("without reporting the program's exit status"), "{}", err.chars().take(2000).collect::<String>());
+    assert!(err.contains("last-words-4242"), "the console's last lines are missing");
+    assert!(err.len() < 64 << 10, "the message is {} bytes long", err.len());
+    assert!(l.leftover_instances().is_empty());
+    assert!(l.leftover_processes().is_empty());
+}
+
 /// The user the non-root tests run as (CI creates it; see scripts/test).
 const TEST_USER: &str = "agentvm-test";
 
@@ -159,6 +177,76 @@ fn normal_user_runs_without_root_and_owns_what_the_guest_writes() {
     }
     assert!(l.leftover_instances().is_empty());
     assert!(l.leftover_processes().is_empty(), "{:?}", l.leftover_processes());
+}
+
+/// What a guest tries in the directory `$1` (as the agent and through
+/// sudo) to leave a setuid or setgid file or a device node on the host,
+/// then the plain file work that must keep working.
+const SETID_ATTEMPTS: &str = r#"cd "$1" && mkdir t && cd t || exit 1
+sudo cp /bin/bash sbash; sudo chmod 4755 sbash; sudo chmod g+s sbash
+echo x > mine; chmod u+s mine; chmod g+s mine
+install -m 4755 mine installed; sudo install -m 6755 mine installed-root
+python3 -c 'import os; os.close(os.open("created", os.O_CREAT | os.O_WRONLY, 0o4755))'
+sudo python3 -c 'import os; os.close(os.open("created-root", os.O_CREAT | os.O_WRONLY, 0o6755))'
+sudo python3 -c 'import os, stat; os.mknod("node", stat.S_IFREG | 0o4755)'
+mkdir -m 2755 sgid-dir
+sudo mknod blk b 7 0; sudo mknod chr c 1 3
+printf '#!/bin/sh\necho script-ran\n' > script && chmod +x script && ./script
+chmod 755 mine && chmod 644 mine && stat -c 'mine %a' mine
+mkdir -p deep/er && chmod 700 deep && stat -c 'deep %a' deep
+git init -q repo && cd repo && git -c user.name=a -c user.email=a@b commit -q --allow-empty -m committed && git log --format=%s
+"#;
+
+/// Files under `dir` that are setuid, setgid or device nodes.
+fn setid_files_and_devices(dir: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let meta = std::fs::symlink_metadata(e.path()).unwrap();
+        let kind = meta.file_type();
+        if meta.mode() & 0o6000 != 0 || kind.is_block_device() || kind.is_char_device() {
+            found.push(format!("{} (mode {:o})", e.path().display(), meta.mode()));
+        }
+        if kind.is_dir() {
+            found.extend(setid_files_and_devices(&e.path()));
+        }
+    }
+    found
+}
+
+/// Runs [`SETID_ATTEMPTS`] in /work and in the agent home, then checks the
+/// host side of both.
+fn guest_leaves_no_setid_file_or_device_on_the_host(l: Launch) {
+    std::fs::write(l.work.join("attempts.sh"), SETID_ATTEMPTS).unwrap();
+    let l = l.shell("sh /work/attempts.sh /work && sh /work/attempts.sh /home/agent");
+    let out = l.run();
+    let plain = "script-ran\nmine 644\ndeep 700\ncommitted\n";
+    assert_eq!(stdout(&out), plain.repeat(2), "plain file work failed in the guest");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(l.work.join("t/repo/.git").is_dir());
+    let homes = l.data.join("agentvm/homes");
+    assert!(std::fs::read_dir(&homes).unwrap().flatten().any(|h| h.path().join("t/script").is_file()));
+    let found: Vec<String> = [&l.work, &homes].iter().flat_map(|d| setid_files_and_devices(d)).collect();
+    assert!(found.is_empty(), "the guest left these on the host: {found:#?}");
+}
+
+#[test]
+fn guest_root_leaves_no_setid_file_or_device_on_the_host() {
+    guest_leaves_no_setid_file_or_device_on_the_host(Launch::new());
+}
+
+#[test]
+fn guest_root_leaves_no_setid_file_on_the_host_of_a_normal_user() {
+    if my_uid() != 0 {
+        // The test above already runs as this normal user.
+        return;
+    }
+    let Some((uid, gid)) = test_user_ids() else {
+        assert!(std::env::var_os("CI").is_none(), "CI must create the user {TEST_USER} (scripts/test does)");
+        eprintln!("skipping: no user {TEST_USER}; scripts/test creates it");
+        return;
+    };
+    guest_leaves_no_setid_file_or_device_on_the_host(Launch::new().run_as(uid, gid));
 }
 
 #[test]

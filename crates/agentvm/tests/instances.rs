@@ -488,3 +488,68 @@ fn soak_twenty_runs_in_a_row_then_four_at_once_all_clean() {
     assert!(base.leftover_instances().is_empty());
     assert_helpers_gone_within(&base, Duration::from_secs(2));
 }
+
+/// The sizes of the console log files in an instance dir.
+fn console_files(dir: &Path) -> Vec<(String, u64)> {
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("console.log"))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().len()))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn a_guest_flooding_its_console_stays_under_the_cap_on_disk_in_logs_and_at_exit() {
+    use agentvm::console_log::ROTATE_BYTES;
+    // Past both files the log keeps; the serial console takes ~0.25 MB/s under TCG.
+    let flood_mib = 2 * ROTATE_BYTES / (1 << 20) + 1;
+    let script = format!(
+        "sudo sh -c 'head -c {flood_mib}M /dev/zero | tr \"\\0\" x > /dev/console'; touch /work/flooded; \
+         while [ ! -e /work/checked ]; do sleep 0.1; done; echo survived"
+    );
+    let l = Launch::new();
+    let args = ["run", "--verbose", "--memory", "512M", "--cpus", "1", "shell", "--", "sh", "-c", &script];
+    // Output to files: --verbose prints more at exit than a pipe holds.
+    let (out_path, err_path) = (l.dirs.path().join("stdout"), l.dirs.path().join("stderr"));
+    let mut child = Bg(Some(
+        l.command_with(&args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out_path).unwrap())
+            .stderr(std::fs::File::create(&err_path).unwrap())
+            .spawn()
+            .unwrap(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(400);
+    while !l.work.join("flooded").exists() {
+        assert!(child.try_wait().unwrap().is_none(), "agentvm exited: {}", std::fs::read_to_string(&err_path).unwrap());
+        assert!(Instant::now() < deadline, "the flood did not end within 400 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let dir = l.leftover_instances().pop().expect("the instance dir");
+    // One read of the socket may land past the limit before the file rotates.
+    let per_file = ROTATE_BYTES + 64 * 1024;
+    let files = console_files(&dir);
+    eprintln!("console files after a {flood_mib} MiB flood: {files:?}");
+    assert!(files.iter().all(|(_, len)| *len <= per_file), "{files:?}");
+    assert!(files.len() <= 2, "{files:?}");
+
+    let id = dir.file_name().unwrap().to_str().unwrap().to_string();
+    let out = l.command_with(&["logs", &id]).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.len() as u64 <= 2 * per_file, "logs printed {} bytes", out.stdout.len());
+    assert!(out.stdout.ends_with(b"xxxxxxxx"), "logs ends with the flood");
+
+    std::fs::write(l.work.join("checked"), "").unwrap();
+    let status = wait_exit(child, Duration::from_secs(60)).status;
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(std::fs::read_to_string(&out_path).unwrap(), "survived\n");
+    // --verbose prints the console's end, not all of it.
+    let err = std::fs::read(&err_path).unwrap();
+    assert!(err.len() < (1 << 20) + (64 << 10), "--verbose printed {} bytes", err.len());
+    let err = String::from_utf8_lossy(&err);
+    assert!(err.contains("--- guest console (its last 1024 KiB of "), "{}", err.chars().take(2000).collect::<String>());
+    assert_helpers_gone_within(&l, Duration::from_secs(2));
+}

@@ -22,8 +22,9 @@ pub struct VmConfig {
     /// Read-only layers above the root, topmost first (serials from
     /// [`layer_serial`]).
     pub layers: Vec<PathBuf>,
-    /// Where the guest's serial console (kernel and init messages) goes.
-    pub console_log: PathBuf,
+    /// File descriptor (inherited by QEMU) of the write end of a pipe that
+    /// takes the guest's serial console (kernel and init messages).
+    pub console_fd: i32,
     /// File descriptor (inherited by QEMU) of a connected stream socket for
     /// the control port.
     pub control_fd: i32,
@@ -56,6 +57,9 @@ pub fn qemu_memory_mib(requested: u64) -> u64 {
         requested
     }
 }
+
+/// The fd set (`-add-fd`) holding the console pipe.
+const CONSOLE_FDSET: u32 = 1;
 
 /// Serial number of the root image's disk.
 pub const ROOT_SERIAL: &str = "agentvm-root";
@@ -100,9 +104,12 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
     a.flag("-initrd").val(&cfg.initrd);
     a.flag("-append").val(&cfg.cmdline);
 
-    let mut log = OsString::from("file,id=console,path=");
-    log.push(escape_commas(&cfg.console_log));
-    a.flag("-chardev").val(log);
+    // A file chardev on the inherited pipe: QEMU makes it non-blocking, and
+    // a pipe packs the serial port's one-byte writes into pages (a socket
+    // takes a buffer per write and fills after a few hundred bytes).
+    // QEMU's file chardev opens an fd set only in append mode.
+    a.flag("-add-fd").val(format!("fd={},set={CONSOLE_FDSET},opaque=console", cfg.console_fd));
+    a.flag("-chardev").val(format!("file,id=console,path=/dev/fdset/{CONSOLE_FDSET},append=on"));
     a.flag("-serial").val("chardev:console");
 
     // Port 0 is reserved for a console; the control port, then the exec ports.
@@ -231,7 +238,7 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             root_image: "/img/root,1.squashfs".into(),
             layers: vec![],
-            console_log: "/run/x/console.log".into(),
+            console_fd: 7,
             control_fd: 4,
             shares: vec![("work".into(), "/run/x/work.sock".into())],
             exec_sockets: vec![],
@@ -361,6 +368,14 @@ mod tests {
         assert!(value_of(&args, "-chardev")
             .contains(&"socket,id=exec0,server=on,wait=off,path=/run/x/exec-0.sock".to_string()));
         assert!(value_of(&strings(&cfg()), "-device").contains(&"virtio-serial-device,max_ports=2".to_string()));
+    }
+
+    #[test]
+    fn serial_console_goes_to_its_inherited_pipe() {
+        let args = strings(&cfg());
+        assert_eq!(value_of(&args, "-add-fd"), ["fd=7,set=1,opaque=console"]);
+        assert!(value_of(&args, "-chardev").contains(&"file,id=console,path=/dev/fdset/1,append=on".to_string()));
+        assert_eq!(value_of(&args, "-serial"), ["chardev:console"]);
     }
 
     #[test]
