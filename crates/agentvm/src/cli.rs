@@ -159,7 +159,8 @@ pub struct RunArgs {
     #[arg(last = true)]
     pub args: Vec<String>,
     /// Pass NAME from the host, or set NAME=VALUE, in the program's
-    /// environment (repeatable).
+    /// environment (repeatable). A VALUE here is visible to other users in
+    /// `ps`: pass secrets as `-e NAME` or in an --env-file.
     #[arg(short = 'e', long = "env", value_name = "NAME[=VALUE]")]
     pub env: Vec<String>,
     /// Read NAME=VALUE lines from FILE into the program's environment
