@@ -74,8 +74,9 @@ pub enum Mode {
 }
 
 /// The dev shell files at the top of the work dir. With every other
-/// `*.nix` file in the tree they are the dev shell's sources
-/// ([`trust::devshell_sources`]): they must be trusted, and key the cache.
+/// `*.nix` file in the tree and the `devshell_files` they are the dev
+/// shell's sources ([`trust::devshell_sources`]): they must be trusted, and
+/// key the cache.
 pub const KEY_FILES: [&str; 6] =
     ["flake.nix", "flake.lock", ".devenv.flake.nix", "devenv.nix", "devenv.yaml", "devenv.lock"];
 
@@ -460,8 +461,11 @@ fn nix_env(
     }
     let program = find_program(req, source)?;
     let display = shell_words(&command);
-    let extra = if req.devshell_files.is_empty() { "" } else { ", a devshell_files file" };
-    eprintln!("agentvm: evaluating the dev shell: {display} (cached until a *.nix file, flake.lock, devenv.yaml{extra} or devenv.lock changes)");
+    let files = match req.devshell_files.is_empty() {
+        true => "a *.nix file, flake.lock, devenv.yaml or devenv.lock",
+        false => "a *.nix file, flake.lock, devenv.yaml, devenv.lock or a devshell_files file",
+    };
+    eprintln!("agentvm: evaluating the dev shell: {display} (cached until {files} changes)");
     let copy = private_copy(req, sources)?;
     let (format, output) = run_nix(req, source, &program, &command, (copy.path(), sources))?;
     // Paths in the copy are paths in the project.
