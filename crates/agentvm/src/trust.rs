@@ -350,32 +350,49 @@ impl Walk<'_> {
 
     /// Reads the files `pattern` names, from the work dir `root` down.
     fn pattern(&mut self, root: OwnedFd, pattern: &FilePattern) -> Result<(), TrustError> {
+        let Some((dir, rel)) = self.pattern_dir(root, pattern)? else { return Ok(()) };
+        let child = |name: &str| if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
+        if pattern.name.contains('*') {
+            return self.matching(dir, &rel, pattern, child);
+        }
+        match self.sources.contains_key(&child(&pattern.name)) {
+            true => Ok(()),
+            false => self.source(dir.as_fd(), &pattern.name, child(&pattern.name)),
+        }
+    }
+
+    /// The directory `pattern`'s file is in, opened from `root` one name
+    /// at a time without following a link, and its path in the project;
+    /// `None` if it does not exist.
+    fn pattern_dir(&self, root: OwnedFd, pattern: &FilePattern) -> Result<Option<(OwnedFd, String)>, TrustError> {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let mut dir = root;
         let mut rel = String::new();
         for name in &pattern.dirs {
             rel = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            let path = || self.work_dir.join(&rel);
             dir = match rustix::fs::openat(&dir, name.as_str(), flags, Mode::empty()) {
                 Ok(fd) => fd,
-                // No such directory: the pattern names no file now.
-                Err(Errno::NOENT) => return Ok(()),
+                Err(Errno::NOENT) => return Ok(None),
+                Err(Errno::LOOP) => return Err(TrustError::Symlink { path: path() }),
                 // O_DIRECTORY | O_NOFOLLOW on a link fails with ENOTDIR.
-                Err(Errno::LOOP) => return Err(TrustError::Symlink { path: self.work_dir.join(&rel) }),
-                Err(Errno::NOTDIR) if is_symlink(&dir, name) => {
-                    return Err(TrustError::Symlink { path: self.work_dir.join(&rel) })
-                }
-                Err(e) => return Err(TrustError::Read { path: self.work_dir.join(&rel), source: e.into() }),
+                Err(Errno::NOTDIR) if is_symlink(&dir, name) => return Err(TrustError::Symlink { path: path() }),
+                Err(e) => return Err(TrustError::Read { path: path(), source: e.into() }),
             };
         }
-        let child = |name: &str| if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
-        if !pattern.name.contains('*') {
-            let rel = child(&pattern.name);
-            return match self.sources.contains_key(&rel) {
-                true => Ok(()),
-                false => self.source(dir.as_fd(), &pattern.name, rel),
-            };
-        }
-        let path = self.work_dir.join(&rel);
+        Ok(Some((dir, rel)))
+    }
+
+    /// Reads the files of `dir` (at `rel`) whose names match `pattern`'s
+    /// last component; `child` makes a name a path in the project.
+    fn matching(
+        &mut self,
+        dir: OwnedFd,
+        rel: &str,
+        pattern: &FilePattern,
+        child: impl Fn(&str) -> String,
+    ) -> Result<(), TrustError> {
+        let path = self.work_dir.join(rel);
         let fail = |e: Errno| TrustError::Read { path: path.clone(), source: e.into() };
         let mut entries = Dir::new(dir).map_err(fail)?;
         while let Some(entry) = entries.read() {
@@ -385,13 +402,12 @@ impl Walk<'_> {
                 continue;
             }
             self.count()?;
-            let rel = child(name);
             let dir_fd = entries.fd().map_err(fail)?;
             let is_dir = rustix::fs::statat(dir_fd, name, AtFlags::SYMLINK_NOFOLLOW)
                 .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory);
             // A pattern names files; a directory that matches is not one.
-            if !is_dir && !self.sources.contains_key(&rel) {
-                self.source(dir_fd, name, rel)?;
+            if !is_dir && !self.sources.contains_key(&child(name)) {
+                self.source(dir_fd, name, child(name))?;
             }
         }
         Ok(())
