@@ -14,8 +14,9 @@
 //! the dev shell's sources (every `*.nix` file in the project, the
 //! [`DATA_FILES`], and the files the `devshell_files` setting names, see
 //! [`trust::devshell_sources`]) must be as the user trusted them (`agentvm
-//! trust`), or the dev shell is refused before anything runs. Nix and devenv then run in a private copy of exactly
-//! those bytes (`private_copy`), not in the work dir: Nix evaluates
+//! trust`), or the dev shell is refused before anything runs. Nix and
+//! devenv then run in a private copy of exactly those bytes
+//! (`private_copy`), not in the work dir: Nix evaluates
 //! nothing the user did not trust, and runs no git in the project (git
 //! runs programs named by the repository's config, which the guest can
 //! write). When Nix fails looking for a project file that is not in the
@@ -467,7 +468,7 @@ fn nix_env(
     };
     eprintln!("agentvm: evaluating the dev shell: {display} (cached until {files} changes)");
     let copy = private_copy(req, sources)?;
-    let (format, output) = run_nix(req, source, &program, &command, (copy.path(), sources))?;
+    let (format, output) = run_nix(req, source, &program, &command, copy.path(), sources)?;
     // Paths in the copy are paths in the project.
     let output = output.replace(&copy.path().display().to_string(), &req.work_dir.display().to_string());
     let raw = parse_nix(format, &output)
@@ -487,7 +488,8 @@ fn run_nix(
     source: Source,
     program: &Path,
     command: &[String],
-    (copy, sources): (&Path, &Sources),
+    copy: &Path,
+    sources: &Sources,
 ) -> Result<(Format, String), DevshellError> {
     let run = |argv: &[String]| {
         run(req, program, &argv[1..], copy, argv).map_err(|e| match e {
