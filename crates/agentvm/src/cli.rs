@@ -96,7 +96,8 @@ pub enum Command {
         id: String,
     },
     /// Trust the project's .agentvm.toml and dev shell files (every *.nix
-    /// file, flake.lock, devenv.yaml, devenv.lock) as they are now, after
+    /// file, flake.lock, devenv.yaml, devenv.lock, the devshell_files of
+    /// your config and of that .agentvm.toml) as they are now, after
     /// reviewing them. The guest can write them: a new or changed one is
     /// ignored (the config) or stops --devshell, until trusted again.
     #[command(after_help = "Examples:\n  agentvm trust              trust ./.agentvm.toml (and ./flake.nix ...) as they are\n  agentvm trust --show ~/src/app\n  agentvm trust --revoke")]
@@ -223,7 +224,8 @@ pub struct RunArgs {
     #[arg(long, value_enum, value_name = "ACCEL")]
     pub accel: Option<AccelChoice>,
     /// Apply the project's dev shell to the program: a Nix flake
-    /// (`nix print-dev-env` on a private copy of the trusted Nix files, cached until one changes),
+    /// (`nix print-dev-env` on a private copy of the trusted Nix files and
+    /// the `devshell_files` of the config, cached until one changes),
     /// devenv, or an `.envrc` that direnv allows. Nix files must be as
     /// trusted with `agentvm trust`. `--devshell` stops before
     /// boot if it fails; `--devshell=try` warns and goes on without it

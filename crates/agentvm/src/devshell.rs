@@ -11,14 +11,17 @@
 //! | `.envrc`            | `direnv export json` (only if allowed in direnv)           |
 //!
 //! The guest can write these files, and Nix evaluates them on the host:
-//! the dev shell's sources (every `*.nix` file in the project and the
-//! [`DATA_FILES`], see [`trust::devshell_sources`]) must be as the user
-//! trusted them (`agentvm trust`), or the dev shell is refused before
-//! anything runs. Nix and devenv then run in a private copy of exactly
-//! those bytes (`private_copy`), not in the work dir: Nix evaluates
+//! the dev shell's sources (every `*.nix` file in the project, the
+//! [`DATA_FILES`], and the files the `devshell_files` setting names, see
+//! [`trust::devshell_sources`]) must be as the user trusted them (`agentvm
+//! trust`), or the dev shell is refused before anything runs. Nix and
+//! devenv then run in a private copy of exactly those bytes
+//! (`private_copy`), not in the work dir: Nix evaluates
 //! nothing the user did not trust, and runs no git in the project (git
 //! runs programs named by the repository's config, which the guest can
-//! write). An `.envrc` is left to direnv's own allow list, which works the
+//! write). When Nix fails looking for a project file that is not in the
+//! copy, the error names it and says to add it to `devshell_files`. An
+//! `.envrc` is left to direnv's own allow list, which works the
 //! same way; direnv runs in the work dir, and the Nix sources must be
 //! trusted for it too (an `.envrc` with `use nix` has nix-shell evaluate
 //! `shell.nix` and run its hooks on the host). What else an allowed
@@ -55,7 +58,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::envvars;
-use crate::trust::{self, Record, Sources, TrustError};
+use crate::trust::{self, FilePattern, Record, Sources, TrustError};
 
 /// Whether and how to use the project's dev shell.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -72,8 +75,9 @@ pub enum Mode {
 }
 
 /// The dev shell files at the top of the work dir. With every other
-/// `*.nix` file in the tree they are the dev shell's sources
-/// ([`trust::devshell_sources`]): they must be trusted, and key the cache.
+/// `*.nix` file in the tree and the `devshell_files` they are the dev
+/// shell's sources ([`trust::devshell_sources`]): they must be trusted, and
+/// key the cache.
 pub const KEY_FILES: [&str; 6] =
     ["flake.nix", "flake.lock", ".devenv.flake.nix", "devenv.nix", "devenv.yaml", "devenv.lock"];
 
@@ -180,18 +184,22 @@ pub struct Request {
     pub nix_store: PathBuf,
     /// What the user trusted in the project: the Nix files must match it.
     pub trusted: Option<Record>,
+    /// The `devshell_files` setting: project files the dev shell reads
+    /// besides the Nix files.
+    pub devshell_files: Vec<FilePattern>,
 }
 
 impl Request {
     /// A request for `work_dir` with this process's environment and the
     /// real Nix store (`$AGENTVM_NIX_STORE` overrides where it is, for tests).
-    pub fn for_host(work_dir: &Path, state_dir: PathBuf, trusted: Option<Record>) -> Request {
+    pub fn for_host(work_dir: &Path, state_dir: PathBuf, trusted: Option<Record>, devshell_files: Vec<FilePattern>) -> Request {
         Request {
             work_dir: work_dir.to_path_buf(),
             state_dir,
             host_env: std::env::vars_os().collect(),
             nix_store: std::env::var_os("AGENTVM_NIX_STORE").map_or_else(|| NIX_STORE.into(), PathBuf::from),
             trusted,
+            devshell_files,
         }
     }
 
@@ -238,7 +246,7 @@ pub enum DevshellError {
     #[error("cannot start `{command}`: {source}")]
     Spawn { command: String, source: std::io::Error },
     #[error("the dev shell of {dir} could not be evaluated: `{command}` ended with {status}\n--- its output (last lines) ---\n{output}\n--- to reproduce: cd {dir} && {command}\n{note}fix the error above, or pass --devshell=try to start without the dev shell")]
-    Failed { dir: PathBuf, command: String, status: String, output: String, note: &'static str },
+    Failed { dir: PathBuf, command: String, status: String, output: String, note: String },
     #[error("cannot write the private copy of the dev shell files at {path}: {source}")]
     Copy { path: PathBuf, source: std::io::Error },
     #[error("{dir}/.envrc is blocked: direnv has not been allowed to load it. Review it, then run `direnv allow {dir}` (or start without --devshell)")]
@@ -287,7 +295,7 @@ pub fn load(req: &Request) -> Result<Option<DevShell>, DevshellError> {
     } else {
         let (raw, base_path) = direnv_env(req, &find_program(req, source)?)?;
         // direnv reads them in the work dir: a result of other files is not used.
-        if trust::devshell_sources(&req.work_dir)? != sources {
+        if trust::devshell_sources(&req.work_dir, &req.devshell_files)? != sources {
             return Err(DevshellError::ChangedDuringEvaluation { dir: req.work_dir.clone(), command: "direnv export json".into() });
         }
         (raw, Some(base_path), false)
@@ -404,7 +412,7 @@ fn private_copy(req: &Request, sources: &Sources) -> Result<tempfile::TempDir, D
 /// The project's dev shell sources (see [`trust::devshell_sources`]) if
 /// each is as the user trusted it.
 fn trusted_sources(req: &Request) -> Result<Sources, DevshellError> {
-    let sources = trust::devshell_sources(&req.work_dir)?;
+    let sources = trust::devshell_sources(&req.work_dir, &req.devshell_files)?;
     let untrusted = Record::untrusted_devshell_files(req.trusted.as_ref(), &sources);
     if !untrusted.is_empty() {
         return Err(DevshellError::Untrusted { dir: req.work_dir.clone(), files: name_list(&untrusted), count: untrusted.len() });
@@ -454,9 +462,13 @@ fn nix_env(
     }
     let program = find_program(req, source)?;
     let display = shell_words(&command);
-    eprintln!("agentvm: evaluating the dev shell: {display} (cached until a *.nix file, flake.lock, devenv.yaml or devenv.lock changes)");
+    let files = match req.devshell_files.is_empty() {
+        true => "a *.nix file, flake.lock, devenv.yaml or devenv.lock",
+        false => "a *.nix file, flake.lock, devenv.yaml, devenv.lock or a devshell_files file",
+    };
+    eprintln!("agentvm: evaluating the dev shell: {display} (cached until {files} changes)");
     let copy = private_copy(req, sources)?;
-    let (format, output) = run_nix(req, source, &program, &command, copy.path())?;
+    let (format, output) = run_nix(req, source, &program, &command, copy.path(), sources)?;
     // Paths in the copy are paths in the project.
     let output = output.replace(&copy.path().display().to_string(), &req.work_dir.display().to_string());
     let raw = parse_nix(format, &output)
@@ -468,7 +480,7 @@ fn nix_env(
     Ok((raw, false))
 }
 
-/// Runs the Nix command in the private `copy` of the sources: `nix ...
+/// Runs the Nix command in the private `copy` of the `sources`: `nix ...
 /// --json` first, without `--json` if this nix does not know the flag;
 /// devenv always prints bash.
 fn run_nix(
@@ -477,11 +489,13 @@ fn run_nix(
     program: &Path,
     command: &[String],
     copy: &Path,
+    sources: &Sources,
 ) -> Result<(Format, String), DevshellError> {
     let run = |argv: &[String]| {
         run(req, program, &argv[1..], copy, argv).map_err(|e| match e {
             DevshellError::Failed { dir, command, status, output, .. } => {
-                DevshellError::Failed { dir, command, status, output, note: PRIVATE_COPY_NOTE }
+                let note = copy_note(req, &missing_from_copy(&output, copy, req, sources));
+                DevshellError::Failed { dir, command, status, output, note }
             }
             e => e,
         })
@@ -498,8 +512,72 @@ fn run_nix(
     }
 }
 
-/// What a failed Nix evaluation's error adds.
-const PRIVATE_COPY_NOTE: &str = "agentvm evaluated a private copy of the trusted files only (every *.nix file, flake.lock, devenv.yaml, devenv.lock; no .git): a dev shell that reads other files of the project does not find them\n";
+/// What a failed Nix evaluation's error adds: what Nix could see, and
+/// for each of the project's `missing` files, how to let it see them.
+fn copy_note(req: &Request, missing: &[String]) -> String {
+    let mut note = String::from(
+        "agentvm evaluated a private copy of the trusted files only (every *.nix file, flake.lock, devenv.yaml, \
+         devenv.lock, the devshell_files; no .git): a dev shell that reads other files of the project does not find them\n",
+    );
+    if missing.is_empty() {
+        return note;
+    }
+    let entries: Vec<String> = missing
+        .iter()
+        .map(|rel| if req.work_dir.join(rel).is_dir() { format!("\"{rel}/*\"") } else { format!("\"{rel}\"") })
+        .collect();
+    note.push_str(&format!(
+        "the dev shell reads {} of the project, which {} not in that copy: if it needs {}, add {} to devshell_files \
+         (devshell_files = [{}] in ~/.config/agentvm/config.toml or the project's .agentvm.toml), then run `agentvm trust {}`\n",
+        name_list(missing),
+        if missing.len() == 1 { "is" } else { "are" },
+        if missing.len() == 1 { "it" } else { "them" },
+        if missing.len() == 1 { "it" } else { "them" },
+        entries.join(", "),
+        req.work_dir.display()
+    ));
+    note
+}
+
+/// The project files Nix's `output` says it did not find in the private
+/// `copy` of the `sources`, as paths in the project, if the project has
+/// them. Nix names such a file by its place in the copy (`<copy>/rel`) or
+/// in the store path it copied it to (`/nix/store/<hash>-source/rel`), on
+/// a line that says it does not exist (`getting status of '...': No such
+/// file or directory`, `path '...' does not exist`).
+fn missing_from_copy(output: &str, copy: &Path, req: &Request, sources: &Sources) -> Vec<String> {
+    let copy = copy.display().to_string();
+    let mut found: Vec<String> = Vec::new();
+    let lines = output.lines().filter(|l| l.contains("No such file or directory") || l.contains("does not exist"));
+    for line in lines {
+        let in_copy = line.match_indices(&copy).map(|(at, _)| &line[at + copy.len()..]);
+        let in_store = line.match_indices("/nix/store/").filter_map(|(at, m)| store_source_rest(&line[at + m.len()..]));
+        for rest in in_copy.chain(in_store) {
+            let Some(rest) = rest.strip_prefix('»').unwrap_or(rest).strip_prefix('/') else { continue };
+            let rel = &rest[..rest.find(['\'', '"', '`', '»']).unwrap_or(rest.len())];
+            let rel = rel.trim_end();
+            let in_project = FilePattern::try_from(rel.to_string()).is_ok()
+                && !rel.contains('*')
+                && !sources.contains_key(rel)
+                && std::fs::symlink_metadata(req.work_dir.join(rel)).is_ok();
+            if in_project && !found.iter().any(|f| f == rel) {
+                found.push(rel.to_string());
+            }
+        }
+    }
+    found
+}
+
+/// After `/nix/store/`: the rest after `<hash>-source`, the name Nix
+/// gives a flake's source tree in the store.
+fn store_source_rest(after_store: &str) -> Option<&str> {
+    const HASH_LEN: usize = 32;
+    let hash = after_store.get(..HASH_LEN)?;
+    if !hash.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+        return None;
+    }
+    after_store[HASH_LEN..].strip_prefix("-source")
+}
 
 /// Whether nix's error output says it does not know `--json`.
 pub fn json_unsupported(stderr: &str) -> bool {
@@ -536,7 +614,7 @@ fn run_with_env(
             command,
             status: crate::vm::process::describe(out.status),
             output: crate::vm::process::tail_lines(strip_ansi(&String::from_utf8_lossy(&out.stderr)).as_bytes(), ERROR_LINES),
-            note: "",
+            note: String::new(),
         });
     }
     String::from_utf8(out.stdout)
@@ -850,11 +928,16 @@ mod tests {
                 host_env: vec![("PATH".into(), path.into())],
                 nix_store: self.dir.path().join("no-store"),
                 trusted: None,
+                devshell_files: Vec::new(),
             }
         }
         /// What `agentvm trust` would record now.
         fn trust_now(&self) -> Record {
-            let sources = trust::devshell_sources(&self.work()).unwrap();
+            self.trust_now_with(&[])
+        }
+        /// What `agentvm trust` would record now with these `devshell_files`.
+        fn trust_now_with(&self, files: &[FilePattern]) -> Record {
+            let sources = trust::devshell_sources(&self.work(), files).unwrap();
             Record::new(&self.work(), sources.into_iter().map(|(name, file)| (name, file.hash)))
         }
     }
@@ -992,7 +1075,7 @@ mod tests {
     fn cache_key_changes_with_each_key_file_and_the_command() {
         let f = Fixture::new();
         let cmd = nix_command(Source::Flake);
-        let key = |cmd: &[String]| cache_key(&trust::devshell_sources(&f.work()).unwrap(), cmd);
+        let key = |cmd: &[String]| cache_key(&trust::devshell_sources(&f.work(), &[]).unwrap(), cmd);
         let k0 = key(&cmd);
         assert_eq!(k0, key(&cmd), "stable");
         let mut seen = vec![k0];
@@ -1234,5 +1317,76 @@ mod tests {
         let shell = load(&f.untrusted_request()).unwrap().unwrap();
         assert_eq!((shell.source, shell.vars), (Source::Direnv, s(&[("A", "1")])));
     }
-}
 
+    /// A stand-in nix that reads `extra.txt` into a variable as a flake's
+    /// `builtins.readFile ./extra.txt` would, failing as nix 2.8 does when
+    /// the file is not in the tree it evaluates.
+    fn nix_reading_extra_txt(f: &Fixture) {
+        f.program(
+            "nix",
+            "if [ -e extra.txt ]; then printf '{\"variables\":{\"EXTRA\":{\"type\":\"exported\",\"value\":\"%s\"}}}' \"$(cat extra.txt)\"\n\
+             else echo \"error: getting status of '/nix/store/0123456789abcdfghijklmnpqrsvwxyz-source/extra.txt': No such file or directory\" >&2; exit 1; fi",
+        );
+    }
+
+    #[test]
+    fn a_project_file_the_flake_reads_is_copied_trusted_and_cached_once_named_in_devshell_files() {
+        let f = Fixture::new();
+        f.file("flake.nix", "{ outputs = _: builtins.readFile ./extra.txt; }");
+        f.file("extra.txt", "first");
+        nix_reading_extra_txt(&f);
+
+        // Not named: nix does not find it, and the error says what to do.
+        let e = load(&f.request()).unwrap_err().to_string();
+        let hint = e.lines().find(|l| l.contains("devshell_files =")).unwrap_or_else(|| panic!("no hint: {e}"));
+        assert!(hint.contains("reads extra.txt of the project") && hint.contains("[\"extra.txt\"]"), "{hint}");
+        assert!(hint.contains(&format!("agentvm trust {}", f.work().display())) && !hint.contains("/nix/store"), "{hint}");
+
+        // Named and trusted: copied for nix, and its content keys the cache.
+        let files = vec![FilePattern::try_from("extra.txt".to_string()).unwrap()];
+        let req = |trusted: &Record| Request { trusted: Some(trusted.clone()), devshell_files: files.clone(), ..f.untrusted_request() };
+        let trusted = f.trust_now_with(&files);
+        assert!(trusted.files.contains_key("extra.txt"));
+        let shell = load(&req(&trusted)).unwrap().unwrap();
+        assert_eq!((shell.vars, shell.from_cache), (s(&[("EXTRA", "first")]), false));
+        assert!(load(&req(&trusted)).unwrap().unwrap().from_cache);
+        let calls = f.calls().len();
+
+        // The guest edits it: refused before nix runs, the cache unused.
+        f.file("extra.txt", "from the guest");
+        let e = load(&req(&trusted)).unwrap_err().to_string();
+        assert!(e.contains("extra.txt is new, changed or removed") && e.contains("agentvm trust"), "{e}");
+        assert_eq!(f.calls().len(), calls);
+        // Trusted anew: evaluated again, not taken from the cache.
+        let shell = load(&req(&f.trust_now_with(&files))).unwrap().unwrap();
+        assert_eq!((shell.vars, shell.from_cache), (s(&[("EXTRA", "from the guest")]), false));
+    }
+
+    #[test]
+    fn missing_files_are_named_as_project_paths_only_if_the_project_has_them_outside_the_copy() {
+        let f = Fixture::new();
+        f.file("flake.nix", "{}");
+        f.file("rust-toolchain.toml", "");
+        std::fs::create_dir(f.work().join("data")).unwrap();
+        let sources = trust::devshell_sources(&f.work(), &[]).unwrap();
+        let copy = f.dir.path().join("state/devshell-src.abc");
+        let req = f.request();
+        let store = "/tmp/x/nix/store/0123456789abcdfghijklmnpqrsvwxyz-source";
+        let output = format!(
+            "error: getting status of '{store}/rust-toolchain.toml': No such file or directory\n\
+             error: path '{copy}/data' does not exist\n\
+             error: path '«path:{copy}»/rust-toolchain.toml' does not exist\n\
+             error: getting status of '{store}/not-in-project.txt': No such file or directory\n\
+             error: getting status of '{store}/flake.nix': No such file or directory\n\
+             error: getting status of '{store}/../etc/passwd': No such file or directory\n\
+             error: getting status of '{store}/.git/config': No such file or directory\n\
+             warning: '{store}/data' is mentioned on a line that says nothing is missing\n",
+            copy = copy.display()
+        );
+        let missing = missing_from_copy(&output, &copy, &req, &sources);
+        assert_eq!(missing, ["rust-toolchain.toml", "data"]);
+        let note = copy_note(&req, &missing);
+        assert!(note.contains("devshell_files = [\"rust-toolchain.toml\", \"data/*\"]") && note.contains("which are not"), "{note}");
+        assert!(copy_note(&req, &[]).contains("private copy") && !copy_note(&req, &[]).contains("devshell_files ="));
+    }
+}

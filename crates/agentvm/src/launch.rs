@@ -315,7 +315,7 @@ fn prepare_devshell(settings: &Settings) -> Result<Option<DevShell>, LaunchError
     let state_dir = crate::paths::project_state_dir(&settings.work_dir)?;
     let trusted = crate::trust::TrustStore::default_location()?.load(&settings.work_dir);
     let loaded = trusted.map_err(devshell::DevshellError::from).and_then(|trusted| {
-        devshell::load(&devshell::Request::for_host(&settings.work_dir, state_dir, trusted))
+        devshell::load(&devshell::Request::for_host(&settings.work_dir, state_dir, trusted, settings.devshell_files.clone()))
     });
     match loaded {
         Ok(Some(shell)) => {

@@ -188,7 +188,15 @@ fn project_dir(dir: Option<PathBuf>) -> PathBuf {
 fn trust(dir: Option<PathBuf>, revoke: bool, show: bool) -> i32 {
     use agentvm::trust::Action;
     let action = if revoke { Action::Revoke } else if show { Action::Show } else { Action::Trust };
-    match agentvm::trust::command(action, &project_dir(dir)) {
+    // The user's devshell_files are dev shell files too (forgetting needs none).
+    let user_files = match action {
+        Action::Revoke => Vec::new(),
+        _ => match settings::user_layer() {
+            Ok(layer) => layer.devshell_files,
+            Err(e) => return fail(e),
+        },
+    };
+    match agentvm::trust::command(action, &project_dir(dir), &user_files) {
         Ok(text) => {
             print!("{text}");
             0

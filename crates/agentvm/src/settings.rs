@@ -27,7 +27,7 @@ use crate::egress::{AllowList, EgressError};
 use crate::net::{self, NetBackend, NetError, NetworkMode, PortSpec};
 use crate::paths;
 use crate::share::CacheMode;
-use crate::trust::{self, ProjectConfig, TrustError, TrustStore};
+use crate::trust::{self, FilePattern, ProjectConfig, TrustError, TrustStore};
 use crate::vm::AccelChoice;
 
 /// Default guest memory.
@@ -80,6 +80,10 @@ pub struct Layer {
     pub cri_disk_size: Option<String>,
     /// The project's dev shell: `off` (default), `on` or `try`.
     pub devshell: Option<devshell::Mode>,
+    /// Project files the dev shell reads besides the Nix files (trusted,
+    /// copied and cached with them); the layers' lists add up.
+    #[serde(default)]
+    pub devshell_files: Vec<FilePattern>,
     /// `[flavors.NAME]` tables: new flavors or changes to existing ones.
     /// Not merged by [`Layer::merge`]: flavors merge field by field.
     #[serde(default)]
@@ -105,6 +109,7 @@ impl Layer {
             cri: over.cri.or(self.cri),
             cri_disk_size: over.cri_disk_size.or(self.cri_disk_size),
             devshell: over.devshell.or(self.devshell),
+            devshell_files: self.devshell_files.into_iter().chain(over.devshell_files).collect(),
             flavors: BTreeMap::new(),
         }
     }
@@ -180,6 +185,8 @@ pub struct Settings {
     pub accel: AccelChoice,
     /// Whether to apply the project's dev shell (Nix, devenv, direnv).
     pub devshell: devshell::Mode,
+    /// Project files the dev shell reads besides the Nix files.
+    pub devshell_files: Vec<FilePattern>,
     pub verbose: bool,
     /// Things the user should know (printed by the caller as warnings),
     /// e.g. an untrusted project config that was ignored.
@@ -319,9 +326,15 @@ fn env_layer(
         cri: get("ENABLE_CRI"),
         cri_disk_size: None,
         devshell,
+        devshell_files: Vec::new(),
         flavors: BTreeMap::new(),
     };
     Ok((layer, get("WORK_DIR").filter(|s| !s.is_empty()).map(PathBuf::from)))
+}
+
+/// The user's config (`~/.config/agentvm/config.toml`); none is an empty layer.
+pub fn user_layer() -> Result<Layer, SettingsError> {
+    read_layer(&paths::user_config_file()?)
 }
 
 /// Reads the user's config file; a missing file is an empty layer.
@@ -438,6 +451,7 @@ pub fn resolve_with(
         cri: req.cri,
         cri_disk_size: req.cri_disk_size,
         devshell: req.devshell,
+        devshell_files: Vec::new(),
         flavors: BTreeMap::new(),
     };
     let user = read_layer(user_config)?;
@@ -541,6 +555,7 @@ pub fn resolve_with(
         cpus,
         accel: layer.accel.unwrap_or_default(),
         devshell: layer.devshell.unwrap_or_default(),
+        devshell_files: layer.devshell_files,
         verbose: req.verbose,
         warnings: project_warning.into_iter().collect(),
     })
@@ -833,6 +848,24 @@ mod tests {
         assert_eq!(mode_with(req(d.path()), &[("DIRENV_ALLOW", "0")], &trust).unwrap(), Mode::Off);
         let e = mode(req(d.path()), &[("DIRENV_ALLOW", "maybe")]).unwrap_err().to_string();
         assert!(e.contains("DIRENV_ALLOW"), "{e}");
+    }
+
+    #[test]
+    fn devshell_files_from_the_user_and_the_trusted_project_config_add_up() {
+        let d = tempfile::tempdir().unwrap();
+        let config_dir = tempfile::tempdir().unwrap();
+        let user = config_dir.path().join("user.toml");
+        std::fs::write(&user, "devshell_files = [\"rust-toolchain.toml\"]\n").unwrap();
+        let (_t, trust) = trusted_config(d.path(), "devshell_files = [\"nix/*.json\"]\n");
+        let s = resolve_with(req(d.path()), &env(&[]), &user, &trust, HOST).unwrap();
+        let names: Vec<String> = s.devshell_files.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["rust-toolchain.toml", "nix/*.json"]);
+        let s = resolve_with(req(d.path()), &env(&[]), &user, &no_trust(), HOST).unwrap();
+        assert_eq!(s.devshell_files.len(), 1, "an untrusted project config adds none");
+        std::fs::write(&user, "cpus = 1\ndevshell_files = [\"/home/SECRET-NAME\"]\n").unwrap();
+        let e = resolve_with(req(d.path()), &env(&[]), &user, &no_trust(), HOST).unwrap_err().to_string();
+        assert!(e.contains("user.toml") && e.contains("line 2") && e.contains("absolute"), "{e}");
+        assert!(!e.contains("SECRET-NAME"), "{e}");
     }
 
     #[test]

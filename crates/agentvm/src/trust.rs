@@ -2,7 +2,8 @@
 //!
 //! The project's `.agentvm.toml` and the dev shell sources that
 //! `--devshell` evaluates on the host (every `*.nix` file in the project
-//! tree, and `flake.lock`, `devenv.yaml`, `devenv.lock` at its top) live in
+//! tree, `flake.lock`, `devenv.yaml`, `devenv.lock` at its top, and the
+//! files the `devshell_files` setting names, see [`FilePattern`]) live in
 //! the work dir, which the guest can write. They take effect only when the
 //! user has trusted their current content: `agentvm trust DIR` records the
 //! SHA-256 of each one in a per-project record under
@@ -21,7 +22,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -129,6 +130,97 @@ pub fn digest(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A `devshell_files` entry: a project file the dev shell reads besides
+/// the Nix files (`rust-toolchain.toml`), or with a `*` in its last
+/// component, the matching files of one directory (`nix/data/*.json`).
+/// A path relative to the project, without `.`, `..` or empty components,
+/// and nothing in `.git`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct FilePattern {
+    /// As written.
+    text: String,
+    /// The directories leading to the file, each a plain name.
+    dirs: Vec<String>,
+    /// The file's name, or a pattern in which `*` stands for any run of
+    /// characters (not a leading `.`, as in the shell).
+    name: String,
+}
+
+/// Longest `devshell_files` entry accepted.
+const PATTERN_LIMIT: usize = 4096;
+
+impl TryFrom<String> for FilePattern {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<FilePattern, String> {
+        // The entry itself is not repeated: a config's content never
+        // reaches an error (the place does, see settings).
+        let refuse = |why: &str| {
+            format!(
+                "a devshell_files entry {why}: name a file by its path in the project, e.g. \"rust-toolchain.toml\" \
+                 or \"nix/data/*.json\" (a `*` only in the last component)"
+            )
+        };
+        if text.is_empty() || text.len() > PATTERN_LIMIT || text.contains('\0') {
+            return Err(refuse("is empty, too long or holds a NUL"));
+        }
+        if text.starts_with('/') {
+            return Err(refuse("is an absolute path"));
+        }
+        let mut parts: Vec<String> = text.split('/').map(String::from).collect();
+        let name = parts.pop().expect("split yields one part at least");
+        for part in parts.iter().chain([&name]) {
+            match part.as_str() {
+                "" => return Err(refuse("has an empty component (a doubled or trailing `/`)")),
+                "." | ".." => return Err(refuse("has a `.` or `..` component")),
+                ".git" => return Err(refuse("is in .git, which is git's and never a dev shell source")),
+                _ => {}
+            }
+        }
+        if parts.iter().any(|p| p.contains('*')) {
+            return Err(refuse("has a `*` before its last component"));
+        }
+        Ok(FilePattern { text, dirs: parts, name })
+    }
+}
+
+impl std::fmt::Display for FilePattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl FilePattern {
+    /// Whether the pattern names the file at `rel` (a path in the project).
+    pub fn matches(&self, rel: &str) -> bool {
+        let (dir, name) = rel.rsplit_once('/').unwrap_or(("", rel));
+        dir.split('/').filter(|d| !d.is_empty()).eq(self.dirs.iter().map(String::as_str)) && self.matches_name(name)
+    }
+
+    /// Whether the last component matches the file name `name`.
+    fn matches_name(&self, name: &str) -> bool {
+        if !self.name.contains('*') {
+            return name == self.name;
+        }
+        if name.starts_with('.') && !self.name.starts_with('.') {
+            return false;
+        }
+        let mut pieces = self.name.split('*');
+        let first = pieces.next().expect("split yields one piece at least");
+        let Some(mut rest) = name.strip_prefix(first) else { return false };
+        let mut pieces: Vec<&str> = pieces.collect();
+        let last = pieces.pop().expect("the name has a `*`");
+        for piece in pieces {
+            match rest.find(piece) {
+                Some(at) => rest = &rest[at + piece.len()..],
+                None => return false,
+            }
+        }
+        rest.len() >= last.len() && rest.ends_with(last)
+    }
+}
+
 /// One dev shell source as it was read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceFile {
@@ -141,24 +233,40 @@ pub struct SourceFile {
 pub type Sources = BTreeMap<String, SourceFile>;
 
 /// The project's dev shell sources as they are now: every `*.nix` file in
-/// the tree below `work_dir` (a real path), and [`devshell::KEY_FILES`] at
-/// its top. The walk does not follow symbolic links (a linked `*.nix` file
-/// is an error, a linked directory is not entered), skips `.git` and names
-/// that are not UTF-8, and is bounded by [`WalkBounds::DEFAULT`]: past a
-/// bound it fails with [`TrustError::WalkLimit`].
-pub fn devshell_sources(work_dir: &Path) -> Result<Sources, TrustError> {
-    devshell_sources_within(work_dir, WalkBounds::DEFAULT)
+/// the tree below `work_dir` (a real path), [`devshell::KEY_FILES`] at its
+/// top, and the files `files` (the `devshell_files` setting) name. The walk
+/// does not follow symbolic links (a linked `*.nix` file is an error, a
+/// linked directory is not entered), skips `.git` and names that are not
+/// UTF-8, and is bounded by [`WalkBounds::DEFAULT`]: past a bound it fails
+/// with [`TrustError::WalkLimit`]. A file `files` names is read the same
+/// way, through no link (a linked file or directory on its path is an
+/// error); one that is absent is no source.
+pub fn devshell_sources(work_dir: &Path, files: &[FilePattern]) -> Result<Sources, TrustError> {
+    devshell_sources_within(work_dir, files, WalkBounds::DEFAULT)
 }
 
 /// [`devshell_sources`] within `bounds`.
-pub fn devshell_sources_within(work_dir: &Path, bounds: WalkBounds) -> Result<Sources, TrustError> {
-    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let root = rustix::fs::open(work_dir, flags, Mode::empty())
-        .map_err(|e| TrustError::Read { path: work_dir.to_path_buf(), source: e.into() })?;
+pub fn devshell_sources_within(work_dir: &Path, files: &[FilePattern], bounds: WalkBounds) -> Result<Sources, TrustError> {
+    let root = open_dir(work_dir)?;
     let deadline = Instant::now() + bounds.time;
     let mut walk = Walk { work_dir, bounds, sources: Sources::new(), entries: 0, bytes: 0, deadline };
     walk.dir(root, "", 0)?;
+    for pattern in files {
+        walk.pattern(open_dir(work_dir)?, pattern)?;
+    }
     Ok(walk.sources)
+}
+
+/// Whether `name` in the directory `dir` is a symbolic link.
+fn is_symlink(dir: &OwnedFd, name: &str) -> bool {
+    rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
+}
+
+/// Opens the directory `path` itself, not a link to one.
+fn open_dir(path: &Path) -> Result<OwnedFd, TrustError> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    rustix::fs::open(path, flags, Mode::empty()).map_err(|e| TrustError::Read { path: path.to_path_buf(), source: e.into() })
 }
 
 /// Whether the entry `name`, at `rel` in the tree, is a dev shell source.
@@ -237,6 +345,71 @@ impl Walk<'_> {
             return Err(self.limit(format!("its dev shell files are larger than {} bytes together", self.bounds.bytes)));
         }
         self.sources.insert(rel, SourceFile { hash: digest(&bytes), bytes });
+        Ok(())
+    }
+
+    /// Reads the files `pattern` names, from the work dir `root` down.
+    fn pattern(&mut self, root: OwnedFd, pattern: &FilePattern) -> Result<(), TrustError> {
+        let Some((dir, rel)) = self.pattern_dir(root, pattern)? else { return Ok(()) };
+        let child = |name: &str| if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
+        if pattern.name.contains('*') {
+            return self.matching(dir, &rel, pattern, child);
+        }
+        match self.sources.contains_key(&child(&pattern.name)) {
+            true => Ok(()),
+            false => self.source(dir.as_fd(), &pattern.name, child(&pattern.name)),
+        }
+    }
+
+    /// The directory `pattern`'s file is in, opened from `root` one name
+    /// at a time without following a link, and its path in the project;
+    /// `None` if it does not exist.
+    fn pattern_dir(&self, root: OwnedFd, pattern: &FilePattern) -> Result<Option<(OwnedFd, String)>, TrustError> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mut dir = root;
+        let mut rel = String::new();
+        for name in &pattern.dirs {
+            rel = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            let path = || self.work_dir.join(&rel);
+            dir = match rustix::fs::openat(&dir, name.as_str(), flags, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) => return Ok(None),
+                Err(Errno::LOOP) => return Err(TrustError::Symlink { path: path() }),
+                // O_DIRECTORY | O_NOFOLLOW on a link fails with ENOTDIR.
+                Err(Errno::NOTDIR) if is_symlink(&dir, name) => return Err(TrustError::Symlink { path: path() }),
+                Err(e) => return Err(TrustError::Read { path: path(), source: e.into() }),
+            };
+        }
+        Ok(Some((dir, rel)))
+    }
+
+    /// Reads the files of `dir` (at `rel`) whose names match `pattern`'s
+    /// last component; `child` makes a name a path in the project.
+    fn matching(
+        &mut self,
+        dir: OwnedFd,
+        rel: &str,
+        pattern: &FilePattern,
+        child: impl Fn(&str) -> String,
+    ) -> Result<(), TrustError> {
+        let path = self.work_dir.join(rel);
+        let fail = |e: Errno| TrustError::Read { path: path.clone(), source: e.into() };
+        let mut entries = Dir::new(dir).map_err(fail)?;
+        while let Some(entry) = entries.read() {
+            let entry = entry.map_err(fail)?;
+            let Ok(name) = entry.file_name().to_str() else { continue };
+            if matches!(name, "." | "..") || !pattern.matches_name(name) {
+                continue;
+            }
+            self.count()?;
+            let dir_fd = entries.fd().map_err(fail)?;
+            let is_dir = rustix::fs::statat(dir_fd, name, AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory);
+            // A pattern names files; a directory that matches is not one.
+            if !is_dir && !self.sources.contains_key(&child(name)) {
+                self.source(dir_fd, name, child(name))?;
+            }
+        }
         Ok(())
     }
 
@@ -437,15 +610,19 @@ pub fn real_project_dir(dir: &Path) -> Result<PathBuf, TrustError> {
 
 /// Trusts the project's config and dev shell files as they are now (an
 /// invalid config is refused) and returns what was trusted, for the user.
-pub fn trust(store: &TrustStore, work_dir: &Path) -> Result<String, TrustError> {
+/// The dev shell files include those `user_files` (the user config's
+/// `devshell_files`) and the config's own `devshell_files` name.
+pub fn trust(store: &TrustStore, work_dir: &Path, user_files: &[FilePattern]) -> Result<String, TrustError> {
     let mut files = Vec::new();
     let mut out = String::new();
+    let mut patterns = user_files.to_vec();
     if let Some(bytes) = read_project_file(work_dir, PROJECT_CONFIG, CONFIG_LIMIT)? {
         let path = work_dir.join(PROJECT_CONFIG);
         let text = std::str::from_utf8(&bytes)
             .map_err(|_| TrustError::Invalid { path: path.clone(), why: "not UTF-8 text".into() })?;
-        crate::settings::parse_layer(text, &path)
+        let layer = crate::settings::parse_layer(text, &path)
             .map_err(|e| TrustError::Invalid { path: path.clone(), why: e.to_string() })?;
+        patterns.extend(layer.devshell_files);
         let hash = digest(&bytes);
         let _ = writeln!(out, "  {PROJECT_CONFIG:<18} sha256 {}, which sets:", &hash[..16]);
         for line in summarize(text) {
@@ -453,10 +630,11 @@ pub fn trust(store: &TrustStore, work_dir: &Path) -> Result<String, TrustError> 
         }
         files.push((PROJECT_CONFIG.to_string(), hash));
     }
-    match devshell_sources(work_dir) {
+    match devshell_sources(work_dir, &patterns) {
         Ok(sources) => {
             for (name, file) in sources {
-                let _ = writeln!(out, "  {name:<18} sha256 {} (evaluated on this host by --devshell)", &file.hash[..16]);
+                let how = if is_nix_source(&name) { "evaluated" } else { "read" };
+                let _ = writeln!(out, "  {name:<18} sha256 {} ({how} on this host by --devshell)", &file.hash[..16]);
                 files.push((name, file.hash));
             }
         }
@@ -465,6 +643,9 @@ pub fn trust(store: &TrustStore, work_dir: &Path) -> Result<String, TrustError> 
             let _ = writeln!(out, "  dev shell files: none recorded: {e}");
         }
         Err(e) => return Err(e),
+    }
+    for pattern in patterns.iter().filter(|p| !files.iter().any(|(name, _)| p.matches(name))) {
+        let _ = writeln!(out, "  {:<18} devshell_files names it, but there is no such file", pattern.to_string());
     }
     if work_dir.join(".envrc").exists() {
         let _ = writeln!(out, "  {:<18} not recorded here: direnv decides (`direnv allow`)", ".envrc");
@@ -481,6 +662,22 @@ pub fn trust(store: &TrustStore, work_dir: &Path) -> Result<String, TrustError> 
     Ok(format!("trusted in {} (recorded in {}):\n{out}", work_dir.display(), path.display()))
 }
 
+/// Whether the dev shell source `rel` is one of the Nix files (found by
+/// the walk, not named by `devshell_files`).
+fn is_nix_source(rel: &str) -> bool {
+    is_source(rel.rsplit('/').next().unwrap_or(rel), rel)
+}
+
+/// The `devshell_files` of the project's config, if it is trusted as it
+/// is now (what a launch uses); none otherwise.
+pub fn trusted_project_files(work_dir: &Path, store: &TrustStore) -> Result<Vec<FilePattern>, TrustError> {
+    let ProjectConfig::Trusted(bytes) = project_config(work_dir, store)? else { return Ok(Vec::new()) };
+    let path = work_dir.join(PROJECT_CONFIG);
+    let text = std::str::from_utf8(&bytes).map_err(|_| TrustError::Invalid { path: path.clone(), why: "not UTF-8 text".into() })?;
+    let layer = crate::settings::parse_layer(text, &path).map_err(|e| TrustError::Invalid { path, why: e.to_string() })?;
+    Ok(layer.devshell_files)
+}
+
 /// What `agentvm trust` does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -492,28 +689,30 @@ pub enum Action {
     Revoke,
 }
 
-/// `agentvm trust` on the project at `dir`, with the default store: the
-/// text to print.
-pub fn command(action: Action, dir: &Path) -> Result<String, TrustError> {
+/// `agentvm trust` on the project at `dir`, with the default store and
+/// the user config's `devshell_files`: the text to print.
+pub fn command(action: Action, dir: &Path, user_files: &[FilePattern]) -> Result<String, TrustError> {
     let store = TrustStore::default_location()?;
     let dir = real_project_dir(dir)?;
     match action {
-        Action::Trust => trust(&store, &dir),
-        Action::Show => show(&store, &dir),
+        Action::Trust => trust(&store, &dir, user_files),
+        Action::Show => show(&store, &dir, user_files),
         Action::Revoke if store.revoke(&dir)? => Ok(format!("{} is no longer trusted\n", dir.display())),
         Action::Revoke => Ok(format!("nothing was trusted in {}\n", dir.display())),
     }
 }
 
-/// What is trusted in the project, and how each file stands now.
-pub fn show(store: &TrustStore, work_dir: &Path) -> Result<String, TrustError> {
+/// What is trusted in the project, and how each file stands now (the dev
+/// shell files with `user_files` and the trusted config's `devshell_files`).
+pub fn show(store: &TrustStore, work_dir: &Path, user_files: &[FilePattern]) -> Result<String, TrustError> {
     let Some(record) = store.load(work_dir)? else {
         return Ok(format!("nothing is trusted in {}\n", work_dir.display()));
     };
     let mut out = format!("trusted in {} (recorded in {}):\n", work_dir.display(), store.record_path(work_dir).display());
     let config = read_project_file(work_dir, PROJECT_CONFIG, CONFIG_LIMIT).map(|b| b.map(|b| digest(&b)));
     show_file(&mut out, &record, PROJECT_CONFIG, config);
-    match devshell_sources(work_dir) {
+    let patterns = [user_files, &trusted_project_files(work_dir, store)?].concat();
+    match devshell_sources(work_dir, &patterns) {
         Ok(sources) => {
             let recorded = record.files.keys().filter(|n| *n != PROJECT_CONFIG && !sources.contains_key(*n));
             let mut names: Vec<String> = sources.keys().chain(recorded).cloned().collect();
@@ -598,7 +797,7 @@ mod tests {
         assert!(w.contains(&work.join(PROJECT_CONFIG).display().to_string()), "{w}");
         assert!(w.contains(&format!("agentvm trust {}", work.display())) && w.contains("not trusted"), "{w}");
 
-        let shown = trust(&store, &work).unwrap();
+        let shown = trust(&store, &work, &[]).unwrap();
         assert!(shown.contains("memory = \"2G\""), "{shown}");
         assert_eq!(config(&work, &store), ProjectConfig::Trusted(b"memory = \"2G\"\n".to_vec()));
 
@@ -621,7 +820,7 @@ mod tests {
         std::os::unix::fs::symlink(&secret, work.join(PROJECT_CONFIG)).unwrap();
         let ProjectConfig::Ignored(w) = config(&work, &store) else { panic!("a symlinked config is used") };
         assert!(w.contains("symbolic link") && !w.contains("TOPSECRET"), "{w}");
-        let e = trust(&store, &work).unwrap_err().to_string();
+        let e = trust(&store, &work, &[]).unwrap_err().to_string();
         assert!(e.contains("symbolic link") && !e.contains("TOPSECRET"), "{e}");
         assert!(store.load(&work).unwrap().is_none());
     }
@@ -648,7 +847,7 @@ mod tests {
     fn invalid_config_is_not_trusted_and_the_error_shows_no_content() {
         let (_d, work, store) = fixture();
         std::fs::write(work.join(PROJECT_CONFIG), "# ok\nroot:$y$j9T$SECRETHASH:19000:0:99999:7:::\n").unwrap();
-        let e = trust(&store, &work).unwrap_err().to_string();
+        let e = trust(&store, &work, &[]).unwrap_err().to_string();
         assert!(e.contains("line 2") && !e.contains("SECRETHASH"), "{e}");
         assert!(store.load(&work).unwrap().is_none());
     }
@@ -658,7 +857,7 @@ mod tests {
         let (d, work, store) = fixture();
         std::fs::write(work.join(PROJECT_CONFIG), "cpus = 1\n").unwrap();
         std::fs::write(work.join("flake.nix"), "{}").unwrap();
-        trust(&store, &work).unwrap();
+        trust(&store, &work, &[]).unwrap();
         let path = store.record_path(&work);
         assert_eq!(path.metadata().unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(store.dir().metadata().unwrap().permissions().mode() & 0o777, 0o700);
@@ -681,12 +880,12 @@ mod tests {
     #[test]
     fn devshell_files_are_trusted_as_a_set() {
         let (_d, work, store) = fixture();
-        let sources = || devshell_sources(&work).unwrap();
+        let sources = || devshell_sources(&work, &[]).unwrap();
         let untrusted = |record: Option<&Record>| Record::untrusted_devshell_files(record, &sources());
         assert!(untrusted(None).is_empty(), "no files: nothing to trust");
         std::fs::write(work.join("flake.nix"), "{}").unwrap();
         assert_eq!(untrusted(None), ["flake.nix"]);
-        trust(&store, &work).unwrap();
+        trust(&store, &work, &[]).unwrap();
         let record = store.load(&work).unwrap();
         assert!(untrusted(record.as_ref()).is_empty());
         std::fs::write(work.join("flake.lock"), "{}").unwrap();
@@ -697,7 +896,7 @@ mod tests {
         std::fs::remove_file(work.join("flake.nix")).unwrap();
         assert_eq!(untrusted(record.as_ref()), ["flake.nix"], "a removed file");
         std::os::unix::fs::symlink("/etc/passwd", work.join("flake.nix")).unwrap();
-        assert!(matches!(devshell_sources(&work), Err(TrustError::Symlink { .. })));
+        assert!(matches!(devshell_sources(&work, &[]), Err(TrustError::Symlink { .. })));
     }
 
     #[test]
@@ -720,12 +919,12 @@ mod tests {
         std::fs::create_dir(&outside).unwrap();
         std::fs::write(outside.join("host.nix"), "a host file").unwrap();
         std::os::unix::fs::symlink(&outside, work.join("linked-dir")).unwrap();
-        let names: Vec<String> = devshell_sources(&work).unwrap().into_keys().collect();
+        let names: Vec<String> = devshell_sources(&work, &[]).unwrap().into_keys().collect();
         assert_eq!(names, ["a/b/c/d/deep.nix", "dir.nix/default.nix", "flake.nix", "nix/shell.nix"]);
 
-        trust(&store, &work).unwrap();
+        trust(&store, &work, &[]).unwrap();
         let record = store.load(&work).unwrap();
-        let untrusted = || Record::untrusted_devshell_files(record.as_ref(), &devshell_sources(&work).unwrap());
+        let untrusted = || Record::untrusted_devshell_files(record.as_ref(), &devshell_sources(&work, &[]).unwrap());
         assert!(untrusted().is_empty());
         write("nix/shell.nix", "{ evil = true; }");
         assert_eq!(untrusted(), ["nix/shell.nix"], "a changed import");
@@ -737,13 +936,126 @@ mod tests {
         assert_eq!(untrusted(), ["a/b/c/d/deep.nix"], "a removed file");
 
         std::os::unix::fs::symlink(outside.join("host.nix"), work.join("nix/link.nix")).unwrap();
-        let e = devshell_sources(&work).unwrap_err();
+        let e = devshell_sources(&work, &[]).unwrap_err();
         assert!(matches!(&e, TrustError::Symlink { path } if path.ends_with("nix/link.nix")), "{e}");
         std::fs::remove_file(work.join("nix/link.nix")).unwrap();
         let fifo = std::ffi::CString::new(work.join("nix/fifo.nix").to_str().unwrap()).unwrap();
         // SAFETY: a valid NUL-terminated path; mkfifo has no other preconditions.
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
-        assert!(matches!(devshell_sources(&work), Err(TrustError::NotRegular { .. })), "a FIFO does not hang the walk");
+        assert!(matches!(devshell_sources(&work, &[]), Err(TrustError::NotRegular { .. })), "a FIFO does not hang the walk");
+    }
+
+    fn patterns(list: &[&str]) -> Vec<FilePattern> {
+        list.iter().map(|p| FilePattern::try_from(p.to_string()).unwrap()).collect()
+    }
+
+    #[test]
+    fn devshell_files_entries_are_plain_project_paths_with_a_star_at_most_in_the_last_component() {
+        for good in ["rust-toolchain.toml", "nix/data/*.json", "a/b/c", "*", ".python-version", "pyproject.*"] {
+            assert!(FilePattern::try_from(good.to_string()).is_ok(), "{good}");
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("/etc/passwd", "absolute"),
+            ("../secret", "`..`"),
+            ("a/../../b", "`..`"),
+            ("./Cargo.lock", "`.`"),
+            ("a//b", "empty component"),
+            ("dir/", "empty component"),
+            (".git/config", ".git"),
+            ("vendor/.git/hooks/x", ".git"),
+            ("*/data.json", "`*` before"),
+            ("a\0b", "NUL"),
+        ] {
+            let e = FilePattern::try_from(bad.to_string()).unwrap_err();
+            assert!(e.contains(why) && e.contains("rust-toolchain.toml"), "{bad:?}: {e}");
+        }
+        let star = &patterns(&["nix/data/*.json", "*", "a*b*c"]);
+        assert!(star[0].matches("nix/data/x.json") && !star[0].matches("nix/data/.x.json"));
+        assert!(!star[0].matches("nix/data/x.json.bak") && !star[0].matches("nix/x.json") && !star[0].matches("nix/data/sub/x.json"));
+        assert!(star[1].matches("README") && !star[1].matches(".hidden") && !star[1].matches("a/README"));
+        assert!(star[2].matches("abc") && star[2].matches("a-b-c") && !star[2].matches("acb") && !star[2].matches("ab"));
+    }
+
+    #[test]
+    fn devshell_files_are_read_like_the_nix_files_and_trusted_with_them() {
+        let (d, work, store) = fixture();
+        let write = |rel: &str, text: &str| {
+            let path = work.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        };
+        write("flake.nix", "{}");
+        write("rust-toolchain.toml", "[toolchain]\nchannel = \"1.80\"\n");
+        write("nix/data/a.json", "{}");
+        write("nix/data/b.json", "[]");
+        write("nix/data/.hidden.json", "not matched, as in the shell");
+        write("nix/data/c.txt", "not matched");
+        write("nix/data/d.json/inner", "a directory that matches is not entered");
+        write("unlisted.toml", "not a source");
+        let files = patterns(&["rust-toolchain.toml", "nix/data/*.json", "absent.txt", "nodir/*.json"]);
+        let names: Vec<String> = devshell_sources(&work, &files).unwrap().into_keys().collect();
+        assert_eq!(names, ["flake.nix", "nix/data/a.json", "nix/data/b.json", "rust-toolchain.toml"]);
+
+        // `agentvm trust` lists them, and says which entry names nothing.
+        let shown = trust(&store, &work, &files).unwrap();
+        assert!(shown.contains("rust-toolchain.toml") && shown.contains("read on this host"), "{shown}");
+        assert!(shown.contains("flake.nix") && shown.contains("evaluated on this host"), "{shown}");
+        assert!(shown.contains("absent.txt") && shown.contains("nodir/*.json") && shown.contains("no such file"), "{shown}");
+        assert!(!shown.contains("nix/data/*.json   devshell_files names it"), "{shown}");
+        let record = store.load(&work).unwrap();
+        let untrusted = || Record::untrusted_devshell_files(record.as_ref(), &devshell_sources(&work, &files).unwrap());
+        assert!(untrusted().is_empty());
+        write("rust-toolchain.toml", "[toolchain]\nchannel = \"nightly\"\n");
+        write("nix/data/new.json", "{}");
+        std::fs::remove_file(work.join("nix/data/a.json")).unwrap();
+        assert_eq!(untrusted(), ["nix/data/a.json", "nix/data/new.json", "rust-toolchain.toml"], "changed, new, removed");
+        // The record was made with them: without the setting they count as removed.
+        write("rust-toolchain.toml", "[toolchain]\nchannel = \"1.80\"\n");
+        let sources = devshell_sources(&work, &[]).unwrap();
+        assert!(Record::untrusted_devshell_files(record.as_ref(), &sources).contains(&"rust-toolchain.toml".to_string()));
+
+        // No link is followed, in the last component or before it; no FIFO hangs.
+        let outside = d.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("host.json"), "a host file").unwrap();
+        std::os::unix::fs::symlink(&outside, work.join("linkdir")).unwrap();
+        std::os::unix::fs::symlink(outside.join("host.json"), work.join("link.json")).unwrap();
+        for (pattern, at) in [("linkdir/host.json", "linkdir"), ("linkdir/*.json", "linkdir"), ("link.json", "link.json"), ("*.json", "link.json")] {
+            let e = devshell_sources(&work, &patterns(&[pattern])).unwrap_err();
+            assert!(matches!(&e, TrustError::Symlink { path } if path.ends_with(at)), "{pattern}: {e}");
+        }
+        let fifo = std::ffi::CString::new(work.join("fifo.txt").to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo has no other preconditions.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        assert!(matches!(devshell_sources(&work, &patterns(&["fifo.txt"])), Err(TrustError::NotRegular { .. })));
+        assert!(matches!(devshell_sources(&work, &patterns(&["nix"])), Err(TrustError::NotRegular { .. })), "a directory");
+        write("big.bin", "0123456789");
+        let bounds = WalkBounds { bytes: 8, ..WalkBounds::DEFAULT };
+        let e = devshell_sources_within(&work, &patterns(&["big.bin"]), bounds).unwrap_err().to_string();
+        assert!(e.contains("larger than 8 bytes"), "{e}");
+    }
+
+    #[test]
+    fn the_project_configs_devshell_files_count_once_it_is_trusted() {
+        let (_d, work, store) = fixture();
+        std::fs::write(work.join("flake.nix"), "{}").unwrap();
+        std::fs::write(work.join("extra.txt"), "data").unwrap();
+        std::fs::write(work.join(PROJECT_CONFIG), "devshell_files = [\"extra.txt\"]\n").unwrap();
+        let shown = trust(&store, &work, &[]).unwrap();
+        assert!(shown.contains("devshell_files = [\"extra.txt\"]") && shown.contains("extra.txt          sha256"), "{shown}");
+        let record = store.load(&work).unwrap().unwrap();
+        assert_eq!(record.files.keys().collect::<Vec<_>>(), [PROJECT_CONFIG, "extra.txt", "flake.nix"]);
+        assert_eq!(trusted_project_files(&work, &store).unwrap(), patterns(&["extra.txt"]));
+        let s = show(&store, &work, &[]).unwrap();
+        assert!(s.lines().any(|l| l.contains("extra.txt") && l.contains("trusted, unchanged")), "{s}");
+        // Changed by the guest, the config is not used: neither are its devshell_files.
+        std::fs::write(work.join(PROJECT_CONFIG), "devshell_files = [\"extra.txt\", \"more.txt\"]\n").unwrap();
+        assert!(trusted_project_files(&work, &store).unwrap().is_empty());
+        // A bad entry is refused with its place, not its content.
+        std::fs::write(work.join(PROJECT_CONFIG), "cpus = 1\ndevshell_files = [\"../SECRET-NAME\"]\n").unwrap();
+        let e = trust(&store, &work, &[]).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("`..`") && !e.contains("SECRET-NAME"), "{e}");
     }
 
     #[test]
@@ -754,40 +1066,40 @@ mod tests {
             std::fs::write(work.join(format!("f{i}")), "").unwrap();
         }
         let bounds = WalkBounds::DEFAULT;
-        assert_eq!(devshell_sources_within(&work, bounds).unwrap().len(), 1);
-        let e = devshell_sources_within(&work, WalkBounds { entries: 10, ..bounds }).unwrap_err().to_string();
+        assert_eq!(devshell_sources_within(&work, &[], bounds).unwrap().len(), 1);
+        let e = devshell_sources_within(&work, &[], WalkBounds { entries: 10, ..bounds }).unwrap_err().to_string();
         assert!(e.contains("more than 10 entries") && e.contains("without --devshell"), "{e}");
-        let e = devshell_sources_within(&work, WalkBounds { time: Duration::ZERO, ..bounds }).unwrap_err().to_string();
+        let e = devshell_sources_within(&work, &[], WalkBounds { time: Duration::ZERO, ..bounds }).unwrap_err().to_string();
         assert!(e.contains("took longer"), "{e}");
-        let e = devshell_sources_within(&work, WalkBounds { bytes: 1, ..bounds }).unwrap_err().to_string();
+        let e = devshell_sources_within(&work, &[], WalkBounds { bytes: 1, ..bounds }).unwrap_err().to_string();
         assert!(e.contains("larger than 1 bytes"), "{e}");
         let deep: PathBuf = (0..=bounds.depth).map(|_| "d").collect();
         std::fs::create_dir_all(work.join(&deep)).unwrap();
-        let e = devshell_sources(&work).unwrap_err().to_string();
+        let e = devshell_sources(&work, &[]).unwrap_err().to_string();
         assert!(e.contains(&format!("more than {} directories deep", bounds.depth)), "{e}");
 
         // The config can still be trusted; the dev shell files are not recorded.
         std::fs::write(work.join(PROJECT_CONFIG), "cpus = 1\n").unwrap();
-        let shown = trust(&store, &work).unwrap();
+        let shown = trust(&store, &work, &[]).unwrap();
         assert!(shown.contains("none recorded") && shown.contains("directories deep"), "{shown}");
         assert_eq!(store.load(&work).unwrap().unwrap().files.keys().collect::<Vec<_>>(), [PROJECT_CONFIG]);
         std::fs::remove_file(work.join(PROJECT_CONFIG)).unwrap();
-        assert!(trust(&store, &work).is_err(), "nothing else to trust: the error");
+        assert!(trust(&store, &work, &[]).is_err(), "nothing else to trust: the error");
     }
 
     #[test]
     fn show_tells_each_files_standing_and_summary_escapes_control_characters() {
         let (_d, work, store) = fixture();
-        assert!(show(&store, &work).unwrap().starts_with("nothing is trusted"));
+        assert!(show(&store, &work, &[]).unwrap().starts_with("nothing is trusted"));
         std::fs::write(work.join(PROJECT_CONFIG), "[flavors.x]\ncommand = [\"a\\u001b[2J\"]\nenv = { API_TOKEN = \"t0k\" }\n")
             .unwrap();
         std::fs::write(work.join("flake.nix"), "{}").unwrap();
-        let shown = trust(&store, &work).unwrap();
+        let shown = trust(&store, &work, &[]).unwrap();
         assert!(!shown.contains('\u{1b}') && shown.contains("flavors.x.command"), "{shown}");
         assert!(shown.contains("flavors.x.env.API_TOKEN = (hidden)") && !shown.contains("t0k"), "{shown}");
         std::fs::write(work.join("flake.nix"), "{ }").unwrap();
         std::fs::write(work.join("devenv.nix"), "{ }").unwrap();
-        let s = show(&store, &work).unwrap();
+        let s = show(&store, &work, &[]).unwrap();
         assert!(s.contains(".agentvm.toml") && s.contains("trusted, unchanged"), "{s}");
         assert!(s.contains("flake.nix") && s.contains("changed since it was trusted"), "{s}");
         assert!(s.contains("devenv.nix") && s.contains("new since"), "{s}");

@@ -389,3 +389,47 @@ fn guest_written_git_config_is_not_run_on_the_host_by_the_dev_shell() {
     assert!(stdout(&out).contains("greeting=hello from a real flake\n"), "{}", stdout(&out));
     assert_eq!(p.calls(), 1);
 }
+
+#[test]
+fn a_flake_reads_a_project_file_named_in_devshell_files_and_a_guest_edit_of_it_stops_the_next_run() {
+    let flake = FLAKE.replace("GREETING = \"hello from a real flake\";", "GREETING = builtins.readFile ./extra.txt;");
+    let mut p = NixProject::new("echo booted", &flake);
+    let work = p.launch.work.clone();
+    std::fs::write(work.join("extra.txt"), "hello from extra.txt").unwrap();
+    let script = |p: &mut NixProject, s: &str| *p.launch.args.last_mut().unwrap() = s.to_string();
+
+    // Run 1: extra.txt is not part of the dev shell's sources, so the
+    // private copy nix evaluates lacks it: the error names it and the fix.
+    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
+    let e = stderr(&out);
+    assert_eq!(out.status.code(), Some(125), "{e}");
+    assert!(!stdout(&out).contains("booted"));
+    assert!(e.contains("No such file or directory") || e.contains("does not exist"), "nix's own error is shown: {e}");
+    let hint = e.lines().find(|l| l.contains("devshell_files =")).unwrap_or_else(|| panic!("no devshell_files hint: {e}"));
+    assert!(hint.contains("extra.txt") && !hint.contains("/nix/store") && !hint.contains("devshell-src."), "{hint}");
+    let real = work.canonicalize().unwrap();
+    assert!(e.contains(&format!("agentvm trust {}", real.display())), "{e}");
+
+    // The user lists it in the project config and trusts both.
+    std::fs::write(work.join(".agentvm.toml"), "devshell_files = [\"extra.txt\"]\n").unwrap();
+    let trusted = p.launch.trust_project();
+    assert!(trusted.lines().any(|l| l.trim_start().starts_with("extra.txt ")), "trust lists extra.txt: {trusted}");
+    p.prebuild();
+
+    // Run 2: the variable reaches the guest; the guest edits extra.txt.
+    script(&mut p, "echo \"greeting=$GREETING\"; echo 'from the guest' > /work/extra.txt");
+    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("greeting=hello from extra.txt\n"), "{}", stdout(&out));
+
+    // Run 3: stopped before nix runs and before boot.
+    script(&mut p, "echo booted");
+    let calls = p.calls();
+    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
+    let e = stderr(&out);
+    assert_eq!(out.status.code(), Some(125), "{e}");
+    assert!(e.contains("extra.txt is new, changed or removed") && e.contains("agentvm trust"), "{e}");
+    assert!(!stdout(&out).contains("booted"));
+    assert_eq!(p.calls(), calls, "nix did not run on the edited file");
+    assert!(p.launch.leftover_instances().is_empty());
+}
