@@ -238,7 +238,7 @@ pub struct RunArgs {
         require_equals = true,
         default_missing_value = "on"
     )]
-    pub devshell: Option<crate::devshell::Mode>,
+    pub devshell: Option<crate::guest_env::devshell::Mode>,
     /// Print the guest's boot log (kernel and init messages, with timings)
     /// to stderr when the VM stops.
     #[arg(short, long)]

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::{paths, share, tools, vm::accel};
+use crate::{paths, tools, vm::accel, vm::share};
 
 /// The outcome of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,36 +1,31 @@
 //! agentvm: run AI coding agents in fast, isolated KVM microVMs.
 //!
 //! The `agentvm` binary is a thin CLI ([`cli`]) over this library. One
-//! `agentvm run` flows through [`settings`] (what to run, validated once),
-//! [`image`] (the cached root image), [`instance`] (runtime dir), [`share`]
-//! (virtiofsd), [`vm`] (accelerator, QEMU command line, helper processes)
-//! and [`launch`] (the whole sequence and the stdio relay); [`devshell`]
-//! evaluates a project's Nix, devenv or direnv environment on the host.
+//! `agentvm run` goes through these stages, each a folder:
+//!
+//! 1. [`config`]: what to run, from flags, environment and config files
+//!    (a project's file only once trusted), validated once.
+//! 2. [`image`]: the cached root image and agent layers (built if missing).
+//! 3. [`guest_env`]: what the guest finds: the agent home, the dev shell,
+//!    the container runtimes' disk.
+//! 4. [`launch`]: the whole run: plan, start the helpers and QEMU, relay
+//!    the terminal or the streams, and the program's exit status.
+//! 5. [`net`] and [`vm`]: the network back ends, the forwarding channel,
+//!    the egress proxy and the shield; the accelerator, QEMU's command
+//!    line, helper processes and virtiofsd shares.
+//!
+//! [`instance`] keeps each running VM's runtime dir and serves `ps`,
+//! `stop`, `logs` and `exec`; [`doctor`] checks the host.
 
 pub mod cli;
+pub mod config;
 pub mod console;
-pub mod console_log;
-pub mod cri;
-pub mod devshell;
 pub mod doctor;
-pub mod egress;
-pub mod envvars;
-pub mod exec;
-pub mod flavor;
-pub mod homesetup;
-pub mod forwarding;
-pub mod http;
+pub mod guest_env;
 pub mod image;
-pub mod initramfs;
 pub mod instance;
 pub mod launch;
 pub mod net;
 pub mod paths;
-pub mod ps;
-pub mod settings;
-pub mod shield;
-pub mod share;
-pub mod share_filter;
 pub mod tools;
-pub mod trust;
 pub mod vm;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use agentvm::cli::{Cli, Command, CriCommand, FlavorCommand, ImageCommand, RunArgs};
 use agentvm::image::{self, Recipe, Store};
-use agentvm::{doctor, launch, settings};
+use agentvm::{config, doctor, launch};
 
 fn main() -> ExitCode {
     let started = std::time::Instant::now();
@@ -33,25 +33,25 @@ fn main() -> ExitCode {
             Err(e) => fail(e),
         },
         Command::Ps { json } => {
-            print!("{}", agentvm::ps::ps(&agentvm::paths::runtime_base(), json));
+            print!("{}", agentvm::instance::ps::ps(&agentvm::paths::runtime_base(), json));
             0
         }
         Command::Stop { ids, all, timeout } => stop(&ids, all, timeout),
         Command::Logs { id, follow, net } => {
-            match agentvm::ps::logs(&agentvm::paths::runtime_base(), &id, net, follow, &mut std::io::stdout()) {
+            match agentvm::instance::ps::logs(&agentvm::paths::runtime_base(), &id, net, follow, &mut std::io::stdout()) {
                 Ok(()) => 0,
                 Err(e) => fail(e),
             }
         }
         Command::Exec { id, tty, no_tty, command } => {
             let tty = if tty { Some(true) } else if no_tty { Some(false) } else { None };
-            exec(&id, agentvm::exec::ExecOptions { argv: command, tty })
+            exec(&id, agentvm::instance::exec::ExecOptions { argv: command, tty })
         }
         Command::Cri(CriCommand::Prune { work_dir }) => cri_prune(work_dir),
         Command::Flavor(cmd) => flavor_command(cmd),
         Command::Shell { id } => {
             let tty = Some(agentvm::console::is_tty(0));
-            exec(&id, agentvm::exec::ExecOptions { argv: Vec::new(), tty })
+            exec(&id, agentvm::instance::exec::ExecOptions { argv: Vec::new(), tty })
         }
         Command::Trust { dir, revoke, show } => trust(dir, revoke, show),
     };
@@ -64,7 +64,7 @@ fn fail(e: impl std::fmt::Display) -> i32 {
 }
 
 fn run(args: RunArgs, started: std::time::Instant) -> i32 {
-    let req = settings::Request {
+    let req = config::Request {
         work_dir: args.work_dir,
         home: args.home,
         memory: args.memory,
@@ -85,7 +85,7 @@ fn run(args: RunArgs, started: std::time::Instant) -> i32 {
         devshell: args.devshell,
         verbose: args.verbose,
     };
-    let settings = match settings::resolve(req) {
+    let settings = match config::resolve(req) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
@@ -132,7 +132,7 @@ fn image_command(cmd: ImageCommand) -> i32 {
 
 fn stop(ids: &[String], all: bool, timeout: u64) -> i32 {
     let base = agentvm::paths::runtime_base();
-    match agentvm::ps::stop(&base, ids, all, std::time::Duration::from_secs(timeout)) {
+    match agentvm::instance::ps::stop(&base, ids, all, std::time::Duration::from_secs(timeout)) {
         Ok(stopped) => {
             for s in stopped {
                 if s.killed {
@@ -159,9 +159,9 @@ fn flavor_command(cmd: FlavorCommand) -> i32 {
             }
             0
         }
-        FlavorCommand::Show { name } => match agentvm::flavor::resolve(&flavors, &name) {
+        FlavorCommand::Show { name } => match agentvm::config::flavor::resolve(&flavors, &name) {
             Ok(f) => {
-                print!("{}", agentvm::flavor::describe(&f));
+                print!("{}", agentvm::config::flavor::describe(&f));
                 0
             }
             Err(e) => fail(e),
@@ -171,9 +171,9 @@ fn flavor_command(cmd: FlavorCommand) -> i32 {
 
 /// The flavors as seen from the current directory (a project config only
 /// if trusted; the warning when it is not).
-fn flavors_here() -> Result<std::collections::BTreeMap<String, agentvm::flavor::Flavor>, String> {
+fn flavors_here() -> Result<std::collections::BTreeMap<String, agentvm::config::flavor::Flavor>, String> {
     let cwd = std::env::current_dir().map_err(|e| format!("cannot read the current directory: {e}"))?;
-    let (flavors, warning) = settings::flavors_for(&cwd).map_err(|e| e.to_string())?;
+    let (flavors, warning) = config::flavors_for(&cwd).map_err(|e| e.to_string())?;
     if let Some(w) = warning {
         eprintln!("agentvm: warning: {w}");
     }
@@ -186,17 +186,17 @@ fn project_dir(dir: Option<PathBuf>) -> PathBuf {
 }
 
 fn trust(dir: Option<PathBuf>, revoke: bool, show: bool) -> i32 {
-    use agentvm::trust::Action;
+    use agentvm::config::trust::Action;
     let action = if revoke { Action::Revoke } else if show { Action::Show } else { Action::Trust };
     // The user's devshell_files are dev shell files too (forgetting needs none).
     let user_files = match action {
         Action::Revoke => Vec::new(),
-        _ => match settings::user_layer() {
+        _ => match config::user_layer() {
             Ok(layer) => layer.devshell_files,
             Err(e) => return fail(e),
         },
     };
-    match agentvm::trust::command(action, &project_dir(dir), &user_files) {
+    match agentvm::config::trust::command(action, &project_dir(dir), &user_files) {
         Ok(text) => {
             print!("{text}");
             0
@@ -215,8 +215,8 @@ fn cri_prune(work_dir: Option<PathBuf>) -> i32 {
         Ok(d) => d,
         Err(e) => return fail(e),
     };
-    let disk = agentvm::cri::disk_path(&data, &agentvm::paths::project_home_name(&real));
-    match agentvm::cri::remove_disk(&disk) {
+    let disk = agentvm::guest_env::cri::disk_path(&data, &agentvm::paths::project_home_name(&real));
+    match agentvm::guest_env::cri::remove_disk(&disk) {
         Ok(true) => {
             println!("removed {}", disk.display());
             0
@@ -229,8 +229,8 @@ fn cri_prune(work_dir: Option<PathBuf>) -> i32 {
     }
 }
 
-fn exec(id: &str, opts: agentvm::exec::ExecOptions) -> i32 {
-    match agentvm::exec::exec(&agentvm::paths::runtime_base(), id, opts) {
+fn exec(id: &str, opts: agentvm::instance::exec::ExecOptions) -> i32 {
+    match agentvm::instance::exec::exec(&agentvm::paths::runtime_base(), id, opts) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("agentvm: error: {e}");
@@ -253,14 +253,14 @@ fn build_images(store: &Store, names: &[String], refresh: bool, base: bool, cri:
     let flavors = flavors_here()?;
     let chosen = names
         .iter()
-        .map(|n| agentvm::flavor::resolve(&flavors, n))
+        .map(|n| agentvm::config::flavor::resolve(&flavors, n))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     let mut progress = image::TerminalProgress::new();
     let mut bases = vec![Recipe::base()];
     bases.extend(chosen.iter().map(|f| launch::base_recipe(f, false)));
     if cri {
-        let shell = agentvm::flavor::resolve(&flavors, "shell").map_err(|e| e.to_string())?;
+        let shell = agentvm::config::flavor::resolve(&flavors, "shell").map_err(|e| e.to_string())?;
         bases.push(launch::base_recipe(&shell, true));
         bases.extend(chosen.iter().map(|f| launch::base_recipe(f, true)));
     }

@@ -68,7 +68,7 @@ fn loopback_name_in_etc_hosts() -> Option<String> {
         if !ip.is_loopback() {
             return None;
         }
-        words.find(|name| agentvm::egress::AllowList::new(&[name.to_string()]).is_ok()).map(str::to_string)
+        words.find(|name| agentvm::net::egress::AllowList::new(&[name.to_string()]).is_ok()).map(str::to_string)
     })
 }
 

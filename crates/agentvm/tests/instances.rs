@@ -503,7 +503,7 @@ fn console_files(dir: &Path) -> Vec<(String, u64)> {
 
 #[test]
 fn a_guest_flooding_its_console_stays_under_the_cap_on_disk_in_logs_and_at_exit() {
-    use agentvm::console_log::ROTATE_BYTES;
+    use agentvm::instance::console_log::ROTATE_BYTES;
     // Past both files the log keeps; the serial console takes ~0.25 MB/s under TCG.
     let flood_mib = 2 * ROTATE_BYTES / (1 << 20) + 1;
     let script = format!(

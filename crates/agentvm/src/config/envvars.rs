@@ -18,7 +18,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::flavor::Flavor;
+use crate::config::flavor::Flavor;
 
 /// Variables the guest init sets for the agent user; never overridden.
 pub const RESERVED: [&str; 3] = ["HOME", "USER", "LOGNAME"];
@@ -223,7 +223,7 @@ pub fn parse_env_file(text: &str, path: &Path) -> Result<Vec<(usize, String, Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flavor::builtin_flavors;
+    use crate::config::flavor::builtin_flavors;
     use std::collections::HashMap;
 
     fn host(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {

@@ -57,8 +57,8 @@ use std::process::{Command, Stdio};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::envvars;
-use crate::trust::{self, FilePattern, Record, Sources, TrustError};
+use crate::config::envvars;
+use crate::config::trust::{self, FilePattern, Record, Sources, TrustError};
 
 /// Whether and how to use the project's dev shell.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]

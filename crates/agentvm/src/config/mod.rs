@@ -7,11 +7,15 @@
 //! command-line flags. Flavors (`[flavors.NAME]`) merge field by field:
 //! built-in < user config < project config.
 //! The project config is written where the guest can write too: it is used
-//! only when the user trusted its current content ([`crate::trust`]), and
+//! only when the user trusted its current content ([`crate::config::trust`]), and
 //! is otherwise ignored with a warning.
 //! The result is validated once, here, before anything starts; shares that
 //! would hand the guest the whole host, the user's home or agentvm's own
 //! state are refused.
+
+pub mod envvars;
+pub mod flavor;
+pub mod trust;
 
 use std::path::{Path, PathBuf};
 
@@ -19,15 +23,15 @@ use serde::Deserialize;
 
 use std::collections::BTreeMap;
 
-use crate::devshell;
-use crate::envvars::{self, EnvError, GuestEnv};
-use crate::flavor::{self, Flavor, FlavorError, FlavorOverride, DEFAULT_FLAVOR};
-use crate::cri::Runtime;
-use crate::egress::{AllowList, EgressError};
+use crate::guest_env::devshell;
+use envvars::{EnvError, GuestEnv};
+use flavor::{Flavor, FlavorError, FlavorOverride, DEFAULT_FLAVOR};
+use crate::guest_env::cri::Runtime;
+use crate::net::egress::{AllowList, EgressError};
 use crate::net::{self, NetBackend, NetError, NetworkMode, PortSpec};
 use crate::paths;
-use crate::share::CacheMode;
-use crate::trust::{self, FilePattern, ProjectConfig, TrustError, TrustStore};
+use crate::vm::share::CacheMode;
+use trust::{FilePattern, ProjectConfig, TrustError, TrustStore};
 use crate::vm::AccelChoice;
 
 /// Default guest memory.
@@ -219,13 +223,13 @@ pub enum SettingsError {
     #[error(transparent)]
     Net(#[from] NetError),
     #[error(transparent)]
-    HostPort(#[from] crate::forwarding::HostPortError),
+    HostPort(#[from] crate::net::forwarding::HostPortError),
     #[error(transparent)]
-    Cri(#[from] crate::cri::CriError),
+    Cri(#[from] crate::guest_env::cri::CriError),
     #[error(transparent)]
-    Egress(#[from] crate::egress::EgressError),
+    Egress(#[from] crate::net::egress::EgressError),
     #[error(transparent)]
-    Shield(#[from] crate::shield::ShieldError),
+    Shield(#[from] crate::net::shield::ShieldError),
     #[error("published ports need the network: drop --network none or the ports ({0})")]
     PortsWithoutNetwork(String),
     #[error("agent home {path}: {why}; pass a directory with --home or AGENT_HOME")]
@@ -465,10 +469,10 @@ pub fn resolve_with(
         "cri in a config file"
     };
     let layer = Layer::default().merge(user).merge(project).merge(env).merge(flags);
-    let cri = crate::cri::parse_list(layer.cri.as_deref().unwrap_or_default(), cri_source)?;
+    let cri = crate::guest_env::cri::parse_list(layer.cri.as_deref().unwrap_or_default(), cri_source)?;
     let cri_disk_mib = match &layer.cri_disk_size {
-        None => crate::cri::DEFAULT_DISK_MIB,
-        Some(v) => parse_memory_mib(v).map_err(|_| crate::cri::CriError::DiskSize(v.clone()))?,
+        None => crate::guest_env::cri::DEFAULT_DISK_MIB,
+        Some(v) => parse_memory_mib(v).map_err(|_| crate::guest_env::cri::CriError::DiskSize(v.clone()))?,
     };
 
     let memory_mib = match &layer.memory {
@@ -499,7 +503,7 @@ pub fn resolve_with(
     let shield_secrets = layer.shield_secrets.unwrap_or(false);
     let network = match (layer.network, req.allow.is_empty()) {
         (Some(m), _) if shield_secrets && m != NetworkMode::Allow => {
-            return Err(crate::shield::ShieldError::NeedsAllowMode(format!("{m:?}").to_lowercase()).into())
+            return Err(crate::net::shield::ShieldError::NeedsAllowMode(format!("{m:?}").to_lowercase()).into())
         }
         (None, _) if shield_secrets => NetworkMode::Allow,
         (None, false) => NetworkMode::Allow,
@@ -507,7 +511,7 @@ pub fn resolve_with(
         (m, _) => m.unwrap_or_default(),
     };
     if shield_secrets {
-        crate::shield::check_flavor(&flavor)?;
+        crate::net::shield::check_flavor(&flavor)?;
     }
     // SAFETY: geteuid has no preconditions.
     let ports = net::check_ports(&layer.ports, unsafe { libc::geteuid() } == 0)?;
@@ -515,13 +519,13 @@ pub fn resolve_with(
         return Err(SettingsError::PortsWithoutNetwork(layer.ports.join(", ")));
     }
 
-    let host_ports = crate::forwarding::check(&layer.host_ports)?;
+    let host_ports = crate::net::forwarding::check(&layer.host_ports)?;
     // Secret hosts must be reachable to be of use.
     let allow = AllowList::new(
         &flavor.allow.iter().chain(&flavor.secret_hosts).chain(&layer.allow).cloned().collect::<Vec<_>>(),
     )?;
     if network == NetworkMode::Allow {
-        if host_ports.contains(&crate::egress::PROXY_PORT) {
+        if host_ports.contains(&crate::net::egress::PROXY_PORT) {
             return Err(EgressError::ProxyPortTaken.into());
         }
         if let Some(p) = ports.iter().find(|p| p.proto == net::Proto::Udp) {

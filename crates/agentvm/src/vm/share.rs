@@ -1,6 +1,6 @@
 //! Directory shares: one virtiofsd per share, sandboxed, with the guest's
 //! agent user mapped to the invoking host user, and kept from making device
-//! nodes or setuid and setgid files on the host ([`crate::share_filter`]).
+//! nodes or setuid and setgid files on the host ([`crate::vm::share_filter`]).
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -9,7 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::share_filter::{self, VIRTIOFSD_MODCAPS};
+use crate::vm::share_filter::{self, VIRTIOFSD_MODCAPS};
 use crate::vm::process::{self, Helper};
 
 /// A host directory shared into the guest.

@@ -2,6 +2,10 @@
 //! sockets, logs and a small metadata file for `ps`. The dir is removed when
 //! the launch ends; dirs left by launchers that died are swept by the next.
 
+pub mod console_log;
+pub mod exec;
+pub mod ps;
+
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};

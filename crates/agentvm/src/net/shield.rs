@@ -25,9 +25,9 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned};
 
-use crate::egress::{authority, AllowList};
-use crate::flavor::Flavor;
-use crate::http::{self, BodyKind, Header, HttpError, Peer, ReadTimeout, RequestHead, ResponseHead};
+use crate::net::egress::{authority, AllowList};
+use crate::config::flavor::Flavor;
+use crate::net::http::{self, BodyKind, Header, HttpError, Peer, ReadTimeout, RequestHead, ResponseHead};
 
 /// A PEM file of extra CA certificates the proxy trusts upstream (besides
 /// the host's). For tests against a local server.
@@ -314,7 +314,7 @@ impl Shield {
         let mut guest = Peer::new(StreamOwned::new(server, client));
         // The TLS handshake happens while the head is read, within the deadline.
         let request = guest
-            .read_head(http::parse_request, Some(Instant::now() + crate::egress::HEAD_DEADLINE))
+            .read_head(http::parse_request, Some(Instant::now() + crate::net::egress::HEAD_DEADLINE))
             .map_err(|e| format!("reading the request: {e}"))?;
         let kind = match http::request_body(&request.headers) {
             Ok(BodyKind::Length(n)) if n > http::MAX_REQUEST_BODY => {
@@ -334,7 +334,7 @@ impl Shield {
             guest.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").map_err(|e| e.to_string())?;
         }
         up.write_all(&head).map_err(|e| format!("upstream: {e}"))?;
-        guest.set_read_timeout(Some(crate::egress::BODY_IDLE)).map_err(|e| e.to_string())?;
+        guest.set_read_timeout(Some(crate::net::egress::BODY_IDLE)).map_err(|e| e.to_string())?;
         http::copy_body(&mut guest, &mut up, kind, Some(http::MAX_REQUEST_BODY), &[])
             .map_err(|e| format!("request body: {e}"))?;
 
@@ -447,7 +447,7 @@ mod tests {
 
     #[test]
     fn flavors_must_say_where_their_keys_travel() {
-        let all = crate::flavor::builtin_flavors();
+        let all = crate::config::flavor::builtin_flavors();
         for name in ["claude", "gemini", "codex"] {
             check_flavor(&all[name]).unwrap();
         }

@@ -31,9 +31,9 @@ use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::devshell;
+use crate::guest_env::devshell;
 use crate::paths;
-use crate::settings::PROJECT_CONFIG;
+use crate::config::PROJECT_CONFIG;
 
 /// Largest project config read.
 pub const CONFIG_LIMIT: u64 = 1 << 20;
@@ -620,7 +620,7 @@ pub fn trust(store: &TrustStore, work_dir: &Path, user_files: &[FilePattern]) ->
         let path = work_dir.join(PROJECT_CONFIG);
         let text = std::str::from_utf8(&bytes)
             .map_err(|_| TrustError::Invalid { path: path.clone(), why: "not UTF-8 text".into() })?;
-        let layer = crate::settings::parse_layer(text, &path)
+        let layer = crate::config::parse_layer(text, &path)
             .map_err(|e| TrustError::Invalid { path: path.clone(), why: e.to_string() })?;
         patterns.extend(layer.devshell_files);
         let hash = digest(&bytes);
@@ -674,7 +674,7 @@ pub fn trusted_project_files(work_dir: &Path, store: &TrustStore) -> Result<Vec<
     let ProjectConfig::Trusted(bytes) = project_config(work_dir, store)? else { return Ok(Vec::new()) };
     let path = work_dir.join(PROJECT_CONFIG);
     let text = std::str::from_utf8(&bytes).map_err(|_| TrustError::Invalid { path: path.clone(), why: "not UTF-8 text".into() })?;
-    let layer = crate::settings::parse_layer(text, &path).map_err(|e| TrustError::Invalid { path, why: e.to_string() })?;
+    let layer = crate::config::parse_layer(text, &path).map_err(|e| TrustError::Invalid { path, why: e.to_string() })?;
     Ok(layer.devshell_files)
 }
 
@@ -753,7 +753,7 @@ fn summarize(text: &str) -> Vec<String> {
             let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
             match value {
                 toml::Value::Table(t) => walk(&path, t, out),
-                _ if prefix.ends_with(".env") && crate::flavor::looks_secret(key) => {
+                _ if prefix.ends_with(".env") && crate::config::flavor::looks_secret(key) => {
                     out.push(format!("{path} = (hidden)"))
                 }
                 v => out.push(format!("{path} = {v}")),

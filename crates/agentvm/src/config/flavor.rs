@@ -28,7 +28,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::envvars;
+use crate::config::envvars;
 
 /// The flavor `agentvm run` starts when none is named.
 pub const DEFAULT_FLAVOR: &str = "claude";
@@ -171,7 +171,7 @@ pub fn parse_flavor_tables(
     }
     let file: ConfigFile = toml::from_str(toml_text).map_err(|e| FlavorError::Parse {
         path: path.to_path_buf(),
-        why: crate::settings::describe_toml_error(&e, toml_text),
+        why: crate::config::describe_toml_error(&e, toml_text),
     })?;
     for (name, o) in &file.flavors {
         check_override(name, o)
@@ -361,7 +361,7 @@ fn check_override(name: &str, o: &FlavorOverride) -> Result<(), FlavorError> {
     for (key, forms) in o.key_headers.iter().flatten() {
         envvars::check_guest_name(key).map_err(|why| err("key_headers", why))?;
         for form in forms {
-            crate::shield::parse_key_form(form).map_err(|why| err("key_headers", format!("{key}: {why}")))?;
+            crate::net::shield::parse_key_form(form).map_err(|why| err("key_headers", format!("{key}: {why}")))?;
         }
     }
     for var in o.env.iter().flat_map(|e| e.keys()) {
@@ -383,8 +383,8 @@ fn check_override(name: &str, o: &FlavorOverride) -> Result<(), FlavorError> {
 
 /// Checks a whole flavor (after merging).
 fn check_flavor(f: &Flavor) -> Result<(), FlavorError> {
-    crate::egress::AllowList::new(&f.allow).map_err(|e| invalid(&f.name, "allow", e.to_string()))?;
-    crate::egress::AllowList::new(&f.secret_hosts).map_err(|e| invalid(&f.name, "secret_hosts", e.to_string()))?;
+    crate::net::egress::AllowList::new(&f.allow).map_err(|e| invalid(&f.name, "allow", e.to_string()))?;
+    crate::net::egress::AllowList::new(&f.secret_hosts).map_err(|e| invalid(&f.name, "secret_hosts", e.to_string()))?;
     if let Some(key) = f.key_headers.keys().find(|k| !f.keys.contains(k)) {
         return Err(invalid(&f.name, "key_headers", format!("{key} is not one of the flavor's keys; add it to `keys` or remove it here")));
     }

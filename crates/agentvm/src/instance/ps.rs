@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::console_log;
+use crate::instance::console_log;
 use crate::instance::{self, InstanceMeta};
 
 /// Marker file `agentvm stop` leaves in an instance dir.
@@ -421,7 +421,7 @@ fn cmdline_mentions(pid: u32, path: &Path) -> bool {
 pub fn logs(base: &Path, query: &str, net: bool, follow: bool, out: &mut impl Write) -> Result<(), InstancesError> {
     let live = live_instances(base);
     let inst = resolve(&live, query)?;
-    let path = if net { crate::egress::log_path(&inst.dir) } else { inst.dir.join(console_log::LOG) };
+    let path = if net { crate::net::egress::log_path(&inst.dir) } else { inst.dir.join(console_log::LOG) };
     if net && !path.exists() {
         return Err(InstancesError::NoNetLog { id: inst.meta.id.clone() });
     }
@@ -437,12 +437,12 @@ pub fn logs(base: &Path, query: &str, net: bool, follow: bool, out: &mut impl Wr
 }
 
 /// Writes what it is given with the guest's control characters escaped
-/// ([`crate::egress::printable`]).
+/// ([`crate::net::egress::printable`]).
 struct Printable<'a, W: Write>(&'a mut W);
 
 impl<W: Write> Write for Printable<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write_all(&crate::egress::printable(buf))?;
+        self.0.write_all(&crate::net::egress::printable(buf))?;
         Ok(buf.len())
     }
 

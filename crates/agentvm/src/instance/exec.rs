@@ -17,7 +17,7 @@ use std::path::Path;
 use agentvm_proto::{ExecRequest, Frame, FrameReader, EXEC_PORTS};
 
 use crate::console::{self, RawMode};
-use crate::ps::{self, InstancesError};
+use crate::instance::ps::{self, InstancesError};
 
 /// An exec session that failed; the program's own failures are exit codes.
 #[derive(Debug, thiserror::Error)]

@@ -28,7 +28,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::flavor::Flavor;
+use crate::config::flavor::Flavor;
 
 /// The guest path of the project, made a git safe.directory.
 pub const GUEST_WORK: &str = "/work";
@@ -538,7 +538,7 @@ fn fchmod(file: &File, mode: libc::mode_t) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flavor::builtin_flavors;
+    use crate::config::flavor::builtin_flavors;
     use std::os::unix::fs::PermissionsExt;
 
     const FACTS: VmFacts = VmFacts { memory_mib: 4096, cpus: 4 };

@@ -7,6 +7,8 @@
 //! status and powers off, then stop and reap every helper and remove the
 //! instance dir.
 
+pub mod initramfs;
+
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
@@ -19,20 +21,20 @@ use std::time::{Duration, Instant};
 use agentvm_proto::{Containers, Frame, FrameReader, LaunchSpec, Mount, User, MODULES_DIR, SPEC_PATH};
 
 use crate::console::{self, RawMode};
-use crate::console_log;
-use crate::cri;
-use crate::devshell::{self, DevShell};
-use crate::flavor::Flavor;
-use crate::homesetup::{self, VmFacts};
-use crate::egress;
-use crate::shield::{self, Shield};
-use crate::forwarding;
+use crate::instance::console_log;
+use crate::guest_env::cri;
+use crate::guest_env::devshell::{self, DevShell};
+use crate::config::flavor::Flavor;
+use crate::guest_env::home::{self, VmFacts};
+use crate::net::egress;
+use crate::net::shield::{self, Shield};
+use crate::net::forwarding;
 use crate::image::{self, kmod, Image, LayerRecipe, Recipe, Store};
-use crate::initramfs::Cpio;
+use crate::launch::initramfs::Cpio;
 use crate::instance::{self, Instance, InstanceMeta};
 use crate::net::{self, NetworkMode};
-use crate::settings::Settings;
-use crate::share::{self, CacheMode, IdMap, Share};
+use crate::config::Settings;
+use crate::vm::share::{self, CacheMode, IdMap, Share};
 use crate::tools;
 use crate::vm::process::{self, Helper};
 use crate::vm::{self, accel, Accel, VmConfig};
@@ -150,7 +152,7 @@ pub fn run(settings: &Settings, started: Instant) -> Result<i32, LaunchError> {
         .create(&settings.home_dir)
         .map_err(|source| LaunchError::Home { path: settings.home_dir.clone(), source })?;
     let facts = VmFacts { memory_mib: settings.memory_mib, cpus: settings.cpus };
-    if let Err(e) = homesetup::prepare(&settings.home_dir, &settings.flavor, &facts, homesetup::host_git_identity) {
+    if let Err(e) = home::prepare(&settings.home_dir, &settings.flavor, &facts, home::host_git_identity) {
         eprintln!("agentvm: warning: could not prepare the agent home: {e}");
     }
 
@@ -313,7 +315,7 @@ fn prepare_devshell(settings: &Settings) -> Result<Option<DevShell>, LaunchError
         return Ok(None);
     }
     let state_dir = crate::paths::project_state_dir(&settings.work_dir)?;
-    let trusted = crate::trust::TrustStore::default_location()?.load(&settings.work_dir);
+    let trusted = crate::config::trust::TrustStore::default_location()?.load(&settings.work_dir);
     let loaded = trusted.map_err(devshell::DevshellError::from).and_then(|trusted| {
         devshell::load(&devshell::Request::for_host(&settings.work_dir, state_dir, trusted, settings.devshell_files.clone()))
     });
@@ -581,8 +583,9 @@ impl SignalFd {
     fn read(&self) -> Vec<i32> {
         let mut out = Vec::new();
         loop {
-            // SAFETY: reading whole signalfd_siginfo records into one we own.
+            // SAFETY: signalfd_siginfo is plain data; all zeroes is valid.
             let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            // SAFETY: reading whole signalfd_siginfo records into one we own.
             let n = unsafe {
                 libc::read(
                     self.0.as_raw_fd(),

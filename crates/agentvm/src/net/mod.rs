@@ -2,6 +2,11 @@
 //! (the host's loopback closed to the guest) or QEMU's slirp (the fallback,
 //! which cannot close it), and published ports.
 
+pub mod egress;
+pub mod forwarding;
+pub mod http;
+pub mod shield;
+
 use std::ffi::OsString;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};

@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::console_log::{self, RotatingLog};
-use crate::http::{self, BodyKind, HttpError, Peer, RequestHead};
+use crate::instance::console_log::{self, RotatingLog};
+use crate::net::http::{self, BodyKind, HttpError, Peer, RequestHead};
 
 /// The guest port of the proxy, at `host.agentvm.internal`.
 pub const PROXY_PORT: u16 = 3128;
@@ -311,7 +311,7 @@ where
 #[derive(Clone)]
 pub struct Proxy {
     allow: Arc<AllowList>,
-    shield: Option<Arc<crate::shield::Shield>>,
+    shield: Option<Arc<crate::net::shield::Shield>>,
     log: Arc<Mutex<Option<RotatingLog>>>,
     resolve: Arc<Vec<(String, IpAddr)>>,
     active: Arc<AtomicUsize>,
@@ -341,7 +341,7 @@ impl Proxy {
     /// A proxy for `allow`, logging to `log_path` (rotated like the console
     /// log: the guest decides how many lines there are); with `shield`, it
     /// puts secrets into the requests to the shield's hosts.
-    pub fn new(allow: AllowList, shield: Option<Arc<crate::shield::Shield>>, log_path: &Path) -> Proxy {
+    pub fn new(allow: AllowList, shield: Option<Arc<crate::net::shield::Shield>>, log_path: &Path) -> Proxy {
         let log = RotatingLog::create(log_path, console_log::ROTATE_BYTES).ok();
         let resolve = std::env::var(RESOLVE_ENV).map(|s| parse_resolve(&s)).unwrap_or_default();
         Proxy {

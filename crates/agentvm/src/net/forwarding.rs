@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use agentvm_proto::forward::{Conn, Mux, Side};
 
-use crate::egress::{self, Proxy};
+use crate::net::egress::{self, Proxy};
 use crate::net::PortSpec;
 
 /// How long connecting to a host port may take (it is on loopback).
