@@ -11,8 +11,9 @@ pub fn is_tty(fd: RawFd) -> bool {
 
 /// The terminal size of `fd` as (rows, columns), if it is a terminal.
 pub fn winsize(fd: RawFd) -> Option<(u16, u16)> {
-    // SAFETY: TIOCGWINSZ fills a winsize struct we own.
+    // SAFETY: winsize is plain data; all zeroes is a valid value.
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ fills a winsize struct we own.
     let r = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) };
     (r == 0 && ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
 }
@@ -26,8 +27,9 @@ pub struct RawMode {
 
 impl RawMode {
     pub fn enable(fd: RawFd) -> io::Result<RawMode> {
-        // SAFETY: tcgetattr fills a termios we own.
+        // SAFETY: termios is plain data; all zeroes is a valid value.
         let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: tcgetattr fills a termios we own.
         if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
             return Err(io::Error::last_os_error());
         }

@@ -320,6 +320,7 @@ fn memory_the_guest_frees_goes_back_to_the_host() {
         std::thread::sleep(Duration::from_millis(500));
         now = guest_ram_resident_kib(qemu);
     }
+    // SAFETY: kill has no memory effects; the child is ours and not reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{}", stderr(&out));
