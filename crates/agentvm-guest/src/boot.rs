@@ -24,20 +24,10 @@ const NEWROOT: &str = "/newroot";
 const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
 
 fn mkdir_p(path: &Path, mode: u32) -> Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(path)
-        .ctx("create directory", path)
+    fs::DirBuilder::new().recursive(true).mode(mode).create(path).ctx("create directory", path)
 }
 
-fn mount(
-    what: &str,
-    target: &str,
-    fstype: &str,
-    flags: libc::c_ulong,
-    data: Option<&str>,
-) -> Result<()> {
+fn mount(what: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: Option<&str>) -> Result<()> {
     step(&format!("mount {fstype} {what} on {target}"));
     sys::mount(what, Path::new(target), fstype, flags, data).map_err(|source| Error::Mount {
         fstype: fstype.to_owned(),
@@ -52,11 +42,7 @@ fn mount(
 pub fn early_mounts() -> Result<()> {
     for (fstype, target) in [("proc", "/proc"), ("sysfs", "/sys"), ("devtmpfs", "/dev")] {
         mkdir_p(Path::new(target), 0o755)?;
-        let flags = if fstype == "devtmpfs" {
-            libc::MS_NOSUID
-        } else {
-            NOSUID_NODEV | libc::MS_NOEXEC
-        };
+        let flags = if fstype == "devtmpfs" { libc::MS_NOSUID } else { NOSUID_NODEV | libc::MS_NOEXEC };
         mount(fstype, target, fstype, flags, None)?;
     }
     if !(0..3).all(sys::fd_is_open) {
@@ -73,10 +59,7 @@ pub fn early_mounts() -> Result<()> {
 pub fn read_spec() -> Result<LaunchSpec> {
     let bytes = fs::read(SPEC_PATH).ctx("read", SPEC_PATH)?;
     fs::remove_file(SPEC_PATH).ctx("delete", SPEC_PATH)?;
-    LaunchSpec::from_bytes(&bytes).map_err(|source| Error::Spec {
-        path: SPEC_PATH,
-        source,
-    })
+    LaunchSpec::from_bytes(&bytes).map_err(|source| Error::Spec { path: SPEC_PATH, source })
 }
 
 /// Loads the modules in order from [`MODULES_DIR`], then deletes them from
@@ -84,35 +67,23 @@ pub fn read_spec() -> Result<LaunchSpec> {
 pub fn load_modules(names: &[String]) -> Result<()> {
     for name in names {
         if name.is_empty() || name.contains('/') {
-            return Err(Error::BadSpec(format!(
-                "module name {name:?} must be a plain file name"
-            )));
+            return Err(Error::BadSpec(format!("module name {name:?} must be a plain file name")));
         }
         let path = Path::new(MODULES_DIR).join(name);
         step(&format!("load module {name}"));
         let fd = sys::open(&path, libc::O_RDONLY).ctx("open kernel module", &path)?;
         let compressed = [".xz", ".zst", ".gz"].iter().any(|ext| name.ends_with(ext));
-        let flags = if compressed {
-            MODULE_INIT_COMPRESSED_FILE
-        } else {
-            0
-        };
+        let flags = if compressed { MODULE_INIT_COMPRESSED_FILE } else { 0 };
         match sys::finit_module(fd.as_raw_fd(), flags) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(source) => {
                 let hint = match source.raw_os_error() {
-                    Some(libc::ENOENT) => {
-                        " (unknown symbol: is a module it depends on missing or listed after it?)"
-                    }
+                    Some(libc::ENOENT) => " (unknown symbol: is a module it depends on missing or listed after it?)",
                     Some(libc::ENOEXEC) => " (not a kernel module, or built for another kernel?)",
                     _ => "",
                 };
-                return Err(Error::Module {
-                    path: path.display().to_string(),
-                    source,
-                    hint,
-                });
+                return Err(Error::Module { path: path.display().to_string(), source, hint });
             }
         }
     }
@@ -159,13 +130,7 @@ pub fn mount_root(spec: &LaunchSpec) -> Result<()> {
     for dir in [LOWER, RW, NEWROOT] {
         mkdir_p(Path::new(dir), 0o755)?;
     }
-    mount(
-        &root_device,
-        LOWER,
-        &spec.root_fstype,
-        libc::MS_RDONLY,
-        None,
-    )?;
+    mount(&root_device, LOWER, &spec.root_fstype, libc::MS_RDONLY, None)?;
     mount("tmpfs", RW, "tmpfs", 0, Some("mode=0755"))?;
     for dir in ["upper", "work"] {
         mkdir_p(&Path::new(RW).join(dir), 0o755)?;
@@ -232,18 +197,11 @@ pub fn setup_system(spec: &LaunchSpec) -> Result<()> {
     symlink("pts/ptmx", "/dev/ptmx")?;
     for (target, mode) in [("/dev/shm", "1777"), ("/run", "0755"), ("/tmp", "1777")] {
         mkdir_p(Path::new(target), 0o755)?;
-        mount(
-            "tmpfs",
-            target,
-            "tmpfs",
-            NOSUID_NODEV,
-            Some(&format!("mode={mode}")),
-        )?;
+        mount("tmpfs", target, "tmpfs", NOSUID_NODEV, Some(&format!("mode={mode}")))?;
     }
     let run_lock = Path::new("/run/lock");
     mkdir_p(run_lock, 0o755)?;
-    fs::set_permissions(run_lock, fs::Permissions::from_mode(0o1777))
-        .ctx("set the mode of", run_lock)?;
+    fs::set_permissions(run_lock, fs::Permissions::from_mode(0o1777)).ctx("set the mode of", run_lock)?;
     for (link, target) in [
         ("/dev/fd", "/proc/self/fd"),
         ("/dev/stdin", "/proc/self/fd/0"),
@@ -255,13 +213,7 @@ pub fn setup_system(spec: &LaunchSpec) -> Result<()> {
     // Not every program needs cgroups; a kernel without cgroup2 is no reason to fail.
     let cgroup = Path::new("/sys/fs/cgroup");
     if cgroup.is_dir() {
-        if let Err(e) = mount(
-            "cgroup2",
-            "/sys/fs/cgroup",
-            "cgroup2",
-            NOSUID_NODEV | libc::MS_NOEXEC,
-            None,
-        ) {
+        if let Err(e) = mount("cgroup2", "/sys/fs/cgroup", "cgroup2", NOSUID_NODEV | libc::MS_NOEXEC, None) {
             step(&format!("{e} (ignored)"));
         }
     }
@@ -275,10 +227,7 @@ pub fn setup_system(spec: &LaunchSpec) -> Result<()> {
 pub fn mount_shares(mounts: &[Mount]) -> Result<()> {
     for m in mounts {
         if !m.path.starts_with('/') {
-            return Err(Error::BadSpec(format!(
-                "mount point {:?} of share {:?} is not absolute",
-                m.path, m.tag
-            )));
+            return Err(Error::BadSpec(format!("mount point {:?} of share {:?} is not absolute", m.path, m.tag)));
         }
         mkdir_p(Path::new(&m.path), 0o755)?;
         let ro = if m.read_only { libc::MS_RDONLY } else { 0 };

@@ -28,10 +28,6 @@ pub fn line(msg: &str) {
 pub fn step(msg: &str) {
     if VERBOSE.load(Ordering::Relaxed) {
         let t = crate::sys::monotonic();
-        line(&format!(
-            "[{:5}.{:06}] {msg}",
-            t.as_secs(),
-            t.subsec_micros()
-        ));
+        line(&format!("[{:5}.{:06}] {msg}", t.as_secs(), t.subsec_micros()));
     }
 }

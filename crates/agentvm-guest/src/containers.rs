@@ -20,11 +20,8 @@ use crate::sys;
 /// Where the container disk is mounted; each runtime's state dir is a bind
 /// mount of a directory on it.
 const STORE: &str = "/var/lib/agentvm-cri";
-const STATE_DIRS: &[(&str, &str)] = &[
-    ("docker", "/var/lib/docker"),
-    ("containerd", "/var/lib/containerd"),
-    ("containers", "/var/lib/containers"),
-];
+const STATE_DIRS: &[(&str, &str)] =
+    &[("docker", "/var/lib/docker"), ("containerd", "/var/lib/containerd"), ("containers", "/var/lib/containers")];
 const DISK_WAIT: Duration = Duration::from_secs(10);
 /// Daemons start slowly under TCG.
 const SOCKET_WAIT: Duration = Duration::from_secs(180);
@@ -119,7 +116,10 @@ pub fn start(c: &Containers, user: &User) -> Result<Vec<(String, String)>> {
     }
     let mut apis = Vec::new();
     if has(c, "docker") {
-        spawn("dockerd", &["--host", "unix:///run/docker.sock", "--group", "docker", "--containerd", CONTAINERD_SOCKET])?;
+        spawn(
+            "dockerd",
+            &["--host", "unix:///run/docker.sock", "--group", "docker", "--containerd", CONTAINERD_SOCKET],
+        )?;
         apis.push(("dockerd", DOCKER_SOCKET));
     }
     if has(c, "podman") {
@@ -172,7 +172,8 @@ fn pings(s: &mut UnixStream) -> bool {
     let mut answer = [0u8; 12];
     s.write_all(b"GET /_ping HTTP/1.0\r\nHost: localhost\r\n\r\n").is_ok()
         && s.read_exact(&mut answer).is_ok()
-        && answer.starts_with(b"HTTP/1.") && &answer[9..12] == b"200"
+        && answer.starts_with(b"HTTP/1.")
+        && &answer[9..12] == b"200"
 }
 
 /// Docker uses the shared containerd too.

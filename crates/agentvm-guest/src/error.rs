@@ -94,19 +94,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// An [`Error::Io`] for `op` on `path`.
     pub fn io(op: &'static str, path: impl AsRef<std::path::Path>, source: io::Error) -> Self {
-        Error::Io {
-            op,
-            path: path.as_ref().display().to_string(),
-            source,
-        }
+        Error::Io { op, path: path.as_ref().display().to_string(), source }
     }
 
     /// An [`Error::Sys`] for the call described by `op`.
     pub fn sys(op: impl Into<String>, source: io::Error) -> Self {
-        Error::Sys {
-            op: op.into(),
-            source,
-        }
+        Error::Sys { op: op.into(), source }
     }
 }
 

@@ -14,18 +14,12 @@ const SUDO_GROUP: &str = "sudo";
 
 /// `content` without the entries named `name` or whose numeric field
 /// `id_field` equals `id`, with `new_line` appended.
-pub fn replace_entry(
-    content: &str,
-    name: &str,
-    id: Option<(usize, u32)>,
-    new_line: &str,
-) -> String {
+pub fn replace_entry(content: &str, name: &str, id: Option<(usize, u32)>, new_line: &str) -> String {
     let mut out = String::with_capacity(content.len() + new_line.len() + 1);
     for line in content.lines() {
         let fields: Vec<&str> = line.split(':').collect();
         let same_name = fields[0] == name;
-        let same_id =
-            id.is_some_and(|(i, id)| fields.get(i).and_then(|f| f.parse::<u32>().ok()) == Some(id));
+        let same_id = id.is_some_and(|(i, id)| fields.get(i).and_then(|f| f.parse::<u32>().ok()) == Some(id));
         if !line.is_empty() && !same_name && !same_id {
             out.push_str(line);
             out.push('\n');
@@ -44,8 +38,7 @@ pub fn add_member(content: &str, group: &str, user: &str) -> String {
         let mut fields: Vec<&str> = line.split(':').collect();
         if fields[0] == group && fields.len() >= 4 {
             let last = fields.len() - 1;
-            let mut members: Vec<&str> =
-                fields[last].split(',').filter(|m| !m.is_empty()).collect();
+            let mut members: Vec<&str> = fields[last].split(',').filter(|m| !m.is_empty()).collect();
             if !members.contains(&user) {
                 members.push(user);
             }
@@ -76,9 +69,7 @@ pub fn supplementary_gids(group_content: &str, user: &str) -> Vec<u32> {
 /// and a localhost line if there was none.
 pub fn hosts_with_hostname(content: &str, hostname: &str) -> String {
     let mut out = String::new();
-    let has_localhost = content
-        .lines()
-        .any(|l| l.split_whitespace().next() == Some("127.0.0.1"));
+    let has_localhost = content.lines().any(|l| l.split_whitespace().next() == Some("127.0.0.1"));
     if !has_localhost {
         out.push_str("127.0.0.1\tlocalhost\n");
     }
@@ -121,7 +112,9 @@ pub fn add_ca_certs(root: &Path, certs: &[String]) -> Result<()> {
     let pem: String = certs.iter().map(|c| format!("{}\n", c.trim_end())).collect();
     let path = root.join(agentvm_proto::spec::EXTRA_CA_PATH.trim_start_matches('/'));
     fs::write(&path, &pem).ctx("write", &path)?;
-    edit_file(&root.join(CA_BUNDLE), 0o644, |c| format!("{c}{}{pem}", if c.is_empty() || c.ends_with('\n') { "" } else { "\n" }))
+    edit_file(&root.join(CA_BUNDLE), 0o644, |c| {
+        format!("{c}{}{pem}", if c.is_empty() || c.ends_with('\n') { "" } else { "\n" })
+    })
 }
 
 /// Makes `name` resolve to `addr` in the root's /etc/hosts.
@@ -132,9 +125,7 @@ pub fn add_host_alias(root: &Path, name: &str, addr: std::net::Ipv4Addr) -> Resu
 /// Checks that a name can go into the colon-separated account files.
 fn check_field(what: &str, value: &str) -> Result<()> {
     if value.is_empty() || value.contains([':', '\n', ',']) {
-        return Err(Error::BadSpec(format!(
-            "{what} {value:?} is empty or contains ':', ',' or a newline"
-        )));
+        return Err(Error::BadSpec(format!("{what} {value:?} is empty or contains ':', ',' or a newline")));
     }
     Ok(())
 }
@@ -165,59 +156,31 @@ pub fn setup_user(root: &Path, user: &User) -> Result<()> {
     check_field("user name", &user.name)?;
     check_field("home directory", &user.home)?;
     let etc = root.join("etc");
-    let passwd = format!(
-        "{}:x:{}:{}::{}:/bin/bash",
-        user.name, user.uid, user.gid, user.home
-    );
-    edit_file(&etc.join("passwd"), 0o644, |c| {
-        replace_entry(c, &user.name, Some((2, user.uid)), &passwd)
-    })?;
+    let passwd = format!("{}:x:{}:{}::{}:/bin/bash", user.name, user.uid, user.gid, user.home);
+    edit_file(&etc.join("passwd"), 0o644, |c| replace_entry(c, &user.name, Some((2, user.uid)), &passwd))?;
     let shadow = format!("{}:*::0:99999:7:::", user.name);
-    edit_file(&etc.join("shadow"), 0o600, |c| {
-        replace_entry(c, &user.name, None, &shadow)
-    })?;
+    edit_file(&etc.join("shadow"), 0o600, |c| replace_entry(c, &user.name, None, &shadow))?;
     let group = format!("{}:x:{}:", user.name, user.gid);
     edit_file(&etc.join("group"), 0o644, |c| {
-        add_member(
-            &replace_entry(c, &user.name, Some((2, user.gid)), &group),
-            SUDO_GROUP,
-            &user.name,
-        )
+        add_member(&replace_entry(c, &user.name, Some((2, user.gid)), &group), SUDO_GROUP, &user.name)
     })?;
     let gshadow_path = etc.join("gshadow");
     if gshadow_path.exists() {
         let gshadow = format!("{}:!::", user.name);
         edit_file(&gshadow_path, 0o600, |c| {
-            add_member(
-                &replace_entry(c, &user.name, None, &gshadow),
-                SUDO_GROUP,
-                &user.name,
-            )
+            add_member(&replace_entry(c, &user.name, None, &gshadow), SUDO_GROUP, &user.name)
         })?;
     }
 
     let sudoers_d = etc.join("sudoers.d");
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o750)
-        .create(&sudoers_d)
-        .ctx("create directory", &sudoers_d)?;
+    fs::DirBuilder::new().recursive(true).mode(0o750).create(&sudoers_d).ctx("create directory", &sudoers_d)?;
     let sudoers = sudoers_d.join("agentvm");
-    fs::write(
-        &sudoers,
-        format!("{} ALL=(ALL:ALL) NOPASSWD: ALL\n", user.name),
-    )
-    .ctx("write", &sudoers)?;
-    fs::set_permissions(&sudoers, fs::Permissions::from_mode(0o440))
-        .ctx("set the mode of", &sudoers)?;
+    fs::write(&sudoers, format!("{} ALL=(ALL:ALL) NOPASSWD: ALL\n", user.name)).ctx("write", &sudoers)?;
+    fs::set_permissions(&sudoers, fs::Permissions::from_mode(0o440)).ctx("set the mode of", &sudoers)?;
 
     let home = root.join(user.home.trim_start_matches('/'));
     if !home.exists() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(&home)
-            .ctx("create home directory", &home)?;
+        fs::DirBuilder::new().recursive(true).mode(0o755).create(&home).ctx("create home directory", &home)?;
         crate::sys::chown(&home, user.uid, user.gid).ctx("chown", &home)?;
     }
     Ok(())
@@ -257,32 +220,20 @@ pub fn setup_login_path(root: &Path, env: &[(String, String)]) -> Result<()> {
     };
     let script = root.join(PROFILE_PATH_SCRIPT);
     if let Some(dir) = script.parent() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .ctx("create directory", dir)?;
+        fs::DirBuilder::new().recursive(true).mode(0o755).create(dir).ctx("create directory", dir)?;
     }
     fs::write(&script, profile_path_script(path)).ctx("write", &script)
 }
 
 /// Sets the kernel hostname and writes /etc/hostname and /etc/hosts.
 pub fn setup_hostname(root: &Path, hostname: &str) -> Result<()> {
-    if hostname.is_empty()
-        || hostname.len() > 64
-        || hostname.contains(|c: char| c.is_whitespace() || c == '/')
-    {
-        return Err(Error::BadSpec(format!(
-            "hostname {hostname:?} is not a valid host name"
-        )));
+    if hostname.is_empty() || hostname.len() > 64 || hostname.contains(|c: char| c.is_whitespace() || c == '/') {
+        return Err(Error::BadSpec(format!("hostname {hostname:?} is not a valid host name")));
     }
-    crate::sys::sethostname(hostname)
-        .map_err(|e| Error::sys(format!("sethostname({hostname})"), e))?;
+    crate::sys::sethostname(hostname).map_err(|e| Error::sys(format!("sethostname({hostname})"), e))?;
     let path = root.join("etc/hostname");
     fs::write(&path, format!("{hostname}\n")).ctx("write", &path)?;
-    edit_file(&root.join("etc/hosts"), 0o644, |c| {
-        hosts_with_hostname(c, hostname)
-    })
+    edit_file(&root.join("etc/hosts"), 0o644, |c| hosts_with_hostname(c, hostname))
 }
 
 #[cfg(test)]
@@ -308,28 +259,18 @@ mod tests {
         assert_eq!(after, "127.0.0.1\tlocalhost\n10.0.0.1 other\n127.0.2.2\thost.agentvm.internal\n");
     }
 
-    const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\nold:x:1000:1000::/home/old:/bin/sh\nagent:x:1001:1001::/x:/bin/sh\n";
+    const PASSWD: &str =
+        "root:x:0:0:root:/root:/bin/bash\nold:x:1000:1000::/home/old:/bin/sh\nagent:x:1001:1001::/x:/bin/sh\n";
 
     #[test]
     fn replace_entry_removes_same_name_and_same_uid() {
-        let out = replace_entry(
-            PASSWD,
-            "agent",
-            Some((2, 1000)),
-            "agent:x:1000:1000::/home/agent:/bin/bash",
-        );
-        assert_eq!(
-            out,
-            "root:x:0:0:root:/root:/bin/bash\nagent:x:1000:1000::/home/agent:/bin/bash\n"
-        );
+        let out = replace_entry(PASSWD, "agent", Some((2, 1000)), "agent:x:1000:1000::/home/agent:/bin/bash");
+        assert_eq!(out, "root:x:0:0:root:/root:/bin/bash\nagent:x:1000:1000::/home/agent:/bin/bash\n");
     }
 
     #[test]
     fn replace_entry_on_empty_file_adds_the_line() {
-        assert_eq!(
-            replace_entry("", "a", None, "a:*::0:99999:7:::"),
-            "a:*::0:99999:7:::\n"
-        );
+        assert_eq!(replace_entry("", "a", None, "a:*::0:99999:7:::"), "a:*::0:99999:7:::\n");
     }
 
     #[test]
@@ -370,10 +311,7 @@ mod tests {
 
     #[test]
     fn hosts_missing_gets_localhost() {
-        assert_eq!(
-            hosts_with_hostname("", "vm"),
-            "127.0.0.1\tlocalhost\n127.0.1.1\tvm\n"
-        );
+        assert_eq!(hosts_with_hostname("", "vm"), "127.0.0.1\tlocalhost\n127.0.1.1\tvm\n");
     }
 
     #[test]
@@ -385,33 +323,15 @@ mod tests {
         fs::write(etc.join("group"), "root:x:0:\nsudo:x:27:\n").unwrap();
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        let user = User {
-            name: "agent".into(),
-            uid,
-            gid: 4242,
-            home: "/home/agent".into(),
-        };
-        let user = User {
-            gid: if uid == 0 { user.gid } else { gid },
-            ..user
-        };
+        let user = User { name: "agent".into(), uid, gid: 4242, home: "/home/agent".into() };
+        let user = User { gid: if uid == 0 { user.gid } else { gid }, ..user };
         setup_user(&root, &user).unwrap();
         let passwd = fs::read_to_string(etc.join("passwd")).unwrap();
-        assert!(passwd.ends_with(&format!(
-            "agent:x:{uid}:{}::/home/agent:/bin/bash\n",
-            user.gid
-        )));
-        assert!(fs::read_to_string(etc.join("group"))
-            .unwrap()
-            .contains("sudo:x:27:agent\n"));
-        assert!(fs::read_to_string(etc.join("shadow"))
-            .unwrap()
-            .starts_with("agent:*:"));
+        assert!(passwd.ends_with(&format!("agent:x:{uid}:{}::/home/agent:/bin/bash\n", user.gid)));
+        assert!(fs::read_to_string(etc.join("group")).unwrap().contains("sudo:x:27:agent\n"));
+        assert!(fs::read_to_string(etc.join("shadow")).unwrap().starts_with("agent:*:"));
         let sudoers = etc.join("sudoers.d/agentvm");
-        assert_eq!(
-            fs::metadata(&sudoers).unwrap().permissions().mode() & 0o777,
-            0o440
-        );
+        assert_eq!(fs::metadata(&sudoers).unwrap().permissions().mode() & 0o777, 0o440);
         assert!(root.join("home/agent").is_dir());
         assert_eq!(user_groups(&root, &user).unwrap(), vec![user.gid, 27]);
         fs::remove_dir_all(&root).unwrap();
@@ -430,15 +350,7 @@ mod tests {
 
     #[test]
     fn bad_user_name_is_rejected() {
-        let user = User {
-            name: "a:b".into(),
-            uid: 1,
-            gid: 1,
-            home: "/h".into(),
-        };
-        assert!(matches!(
-            setup_user(Path::new("/nonexistent"), &user),
-            Err(Error::BadSpec(_))
-        ));
+        let user = User { name: "a:b".into(), uid: 1, gid: 1, home: "/h".into() };
+        assert!(matches!(setup_user(Path::new("/nonexistent"), &user), Err(Error::BadSpec(_))));
     }
 }

@@ -91,11 +91,7 @@ impl ExecPorts {
                 Err(e) => console::line(&format!("cannot open exec port {}: {e}", path.display())),
             }
         }
-        ExecPorts {
-            ports,
-            base: spec.clone(),
-            groups,
-        }
+        ExecPorts { ports, base: spec.clone(), groups }
     }
 
     /// The longest the relay may sleep before [`ExecPorts::tick`] is due.
@@ -115,11 +111,7 @@ impl ExecPorts {
     pub fn poll_fds(&self, fds: &mut Vec<libc::pollfd>) -> Vec<Token> {
         let mut tokens = Vec::new();
         for (i, p) in self.ports.iter().enumerate() {
-            let out = if p.to_host.is_empty() {
-                0
-            } else {
-                libc::POLLOUT
-            };
+            let out = if p.to_host.is_empty() { 0 } else { libc::POLLOUT };
             match &p.state {
                 State::Idle | State::Ending { .. } => {}
                 State::Waiting => {
@@ -134,10 +126,7 @@ impl ExecPorts {
                     s.poll_fds(p.to_host.len() < OUTPUT_HIGH_WATER, &mut slots);
                     for (fd, slot) in slots {
                         fds.push(fd);
-                        tokens.push(Token {
-                            port: i,
-                            slot: Some(slot),
-                        });
+                        tokens.push(Token { port: i, slot: Some(slot) });
                     }
                 }
             }
@@ -191,14 +180,10 @@ impl ExecPorts {
     /// Time-driven work: notices new host connections, ends finished
     /// sessions, kills programs whose host went away.
     pub fn tick(&mut self, now: Instant) {
-        let idle: Vec<usize> = (0..self.ports.len())
-            .filter(|&i| matches!(self.ports[i].state, State::Idle))
-            .collect();
+        let idle: Vec<usize> = (0..self.ports.len()).filter(|&i| matches!(self.ports[i].state, State::Idle)).collect();
         if !idle.is_empty() {
-            let mut fds: Vec<libc::pollfd> = idle
-                .iter()
-                .map(|&i| pollfd(self.ports[i].fd.as_raw_fd(), libc::POLLIN))
-                .collect();
+            let mut fds: Vec<libc::pollfd> =
+                idle.iter().map(|&i| pollfd(self.ports[i].fd.as_raw_fd(), libc::POLLIN)).collect();
             if sys::poll(&mut fds, Some(Duration::ZERO)).is_ok() {
                 for (fd, &i) in fds.iter().zip(&idle) {
                     if fd.revents & libc::POLLHUP == 0 {
@@ -277,8 +262,7 @@ impl ExecPort {
                 Ok(Some(frame)) => self.on_frame(frame, base, groups),
                 Ok(None) => break,
                 Err(e) => {
-                    Frame::InitError(format!("corrupt data on {}: {e}", self.name))
-                        .encode(&mut self.to_host);
+                    Frame::InitError(format!("corrupt data on {}: {e}", self.name)).encode(&mut self.to_host);
                     self.flush();
                     closed = true;
                     break;
@@ -304,13 +288,7 @@ impl ExecPort {
         console::step(&format!("{}: start {program}", self.name));
         let mut env = base.env.clone();
         env.extend(req.env);
-        let spec = LaunchSpec {
-            argv: req.argv,
-            env,
-            tty: req.tty,
-            winsize: req.winsize,
-            ..base.clone()
-        };
+        let spec = LaunchSpec { argv: req.argv, env, tty: req.tty, winsize: req.winsize, ..base.clone() };
         match program::spawn(&spec, groups.to_vec()) {
             Ok(child) => {
                 Frame::Started.encode(&mut self.to_host);
@@ -331,10 +309,7 @@ impl ExecPort {
             if s.status().is_none() {
                 s.signal(libc::SIGHUP);
                 s.signal(libc::SIGCONT);
-                self.state = State::Ending {
-                    pid: s.pid(),
-                    kill_at: Instant::now() + HANGUP_GRACE,
-                };
+                self.state = State::Ending { pid: s.pid(), kill_at: Instant::now() + HANGUP_GRACE };
             }
         }
     }

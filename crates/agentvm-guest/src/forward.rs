@@ -19,8 +19,9 @@ pub fn start(ports: &[u16], published: &[u16]) -> Result<()> {
     if ports.is_empty() && published.is_empty() {
         return Ok(());
     }
-    let dev = find_port(Path::new(PORTS_SYSFS), PORT_NAME)
-        .ok_or_else(|| Error::Network(format!("host ports were asked for, but the virtio-serial port {PORT_NAME} is missing")))?;
+    let dev = find_port(Path::new(PORTS_SYSFS), PORT_NAME).ok_or_else(|| {
+        Error::Network(format!("host ports were asked for, but the virtio-serial port {PORT_NAME} is missing"))
+    })?;
     let path = Path::new("/dev").join(dev);
     let channel = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| Error::io("open", &path, e))?;
     let reader = channel.try_clone().map_err(|e| Error::io("duplicate", &path, e))?;

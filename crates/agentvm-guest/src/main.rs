@@ -9,10 +9,10 @@ mod boot;
 mod console;
 mod containers;
 mod error;
-mod net;
 mod etc;
 mod exec;
 mod forward;
+mod net;
 mod port;
 mod power;
 mod program;
@@ -30,9 +30,7 @@ const PORT_WAIT: Duration = Duration::from_secs(5);
 
 fn main() {
     if sys::getpid() != 1 {
-        eprintln!(
-            "agentvm-guest: must run as PID 1 inside an agentvm guest (it powers the machine off)"
-        );
+        eprintln!("agentvm-guest: must run as PID 1 inside an agentvm guest (it powers the machine off)");
         std::process::exit(2);
     }
     power::install_panic_hook();

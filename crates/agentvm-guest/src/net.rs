@@ -40,10 +40,7 @@ pub fn configure(net: &Network) -> Result<()> {
     step(&format!("network {} via {}", net.address, net.gateway));
     let ip = find_ip().ok_or_else(|| Error::Network("the image has no `ip` command (iproute2)".into()))?;
     for args in ip_commands(net) {
-        let out = Command::new(ip)
-            .args(&args)
-            .output()
-            .map_err(|e| Error::Network(format!("cannot run {ip}: {e}")))?;
+        let out = Command::new(ip).args(&args).output().map_err(|e| Error::Network(format!("cannot run {ip}: {e}")))?;
         if !out.status.success() {
             return Err(Error::Network(format!(
                 "`ip {}` failed: {}",

@@ -74,11 +74,7 @@ impl Port {
             .map_err(|e| Error::io("open", &path, e))?;
         let fd = fd.into_raw_fd();
         PORT_FD.store(fd, Ordering::SeqCst);
-        Ok(Port {
-            fd,
-            path,
-            reader: FrameReader::new(),
-        })
+        Ok(Port { fd, path, reader: FrameReader::new() })
     }
 
     /// The raw descriptor, for poll.
@@ -89,10 +85,8 @@ impl Port {
     /// Sends one frame, waiting as long as the host needs to take it.
     /// Fails when the host disconnected.
     pub fn send(&self, frame: &Frame) -> Result<()> {
-        write_frame(self.raw_fd(), frame, None).map_err(|source| Error::Port {
-            path: self.path.display().to_string(),
-            source,
-        })
+        write_frame(self.raw_fd(), frame, None)
+            .map_err(|source| Error::Port { path: self.path.display().to_string(), source })
     }
 
     /// Reads what is available (call when poll says readable).
@@ -102,12 +96,7 @@ impl Port {
             Ok(0) => return Ok(Input::Closed),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(source) => {
-                return Err(Error::Port {
-                    path: self.path.display().to_string(),
-                    source,
-                })
-            }
+            Err(source) => return Err(Error::Port { path: self.path.display().to_string(), source }),
         };
         self.reader.push(&buf[..n]);
         let mut frames = Vec::new();
@@ -142,25 +131,13 @@ fn write_frame(fd: RawFd, frame: &Frame, timeout: Option<Duration>) -> io::Resul
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
                 if left == Some(Duration::ZERO) {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the host does not read",
-                    ));
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "the host does not read"));
                 }
-                let mut p = [libc::pollfd {
-                    fd,
-                    events: libc::POLLOUT,
-                    revents: 0,
-                }];
+                let mut p = [libc::pollfd { fd, events: libc::POLLOUT, revents: 0 }];
                 sys::poll(&mut p, left)?;
-                if p[0].revents & libc::POLLOUT == 0
-                    && p[0].revents & (libc::POLLHUP | libc::POLLERR) != 0
-                {
+                if p[0].revents & libc::POLLOUT == 0 && p[0].revents & (libc::POLLHUP | libc::POLLERR) != 0 {
                     if CONNECTED.load(Ordering::Relaxed) {
-                        return Err(io::Error::new(
-                            io::ErrorKind::BrokenPipe,
-                            "the host disconnected",
-                        ));
+                        return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the host disconnected"));
                     }
                     // Not connected yet: poll reports the hang-up at once, so pace the retries.
                     std::thread::sleep(Duration::from_millis(10));

@@ -139,49 +139,28 @@ impl Plan {
         let (program, argv) = command_line(&spec.argv);
         let argv = argv
             .iter()
-            .map(|a| {
-                sys::cstr(a)
-                    .map_err(|_| Error::BadSpec(format!("argument {a:?} contains a NUL byte")))
-            })
+            .map(|a| sys::cstr(a).map_err(|_| Error::BadSpec(format!("argument {a:?} contains a NUL byte"))))
             .collect::<Result<Vec<_>>>()?;
         let env = environment(&spec.user, &spec.env);
-        let path = env
-            .iter()
-            .find(|(k, _)| k == "PATH")
-            .map_or(DEFAULT_PATH.to_owned(), |(_, v)| v.clone());
+        let path = env.iter().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH.to_owned(), |(_, v)| v.clone());
         let env = env
             .iter()
             .map(|(k, v)| {
                 if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
                     // Only the name: values may be secrets.
-                    return Err(Error::BadSpec(format!(
-                        "environment variable {k:?} has an invalid name or value"
-                    )));
+                    return Err(Error::BadSpec(format!("environment variable {k:?} has an invalid name or value")));
                 }
                 Ok(CString::new(format!("{k}={v}")).expect("checked for NUL above"))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Plan {
-            program,
-            argv,
-            env,
-            path,
-            cwd: spec.cwd.clone(),
-            uid: spec.user.uid,
-            gid: spec.user.gid,
-            groups,
-        })
+        Ok(Plan { program, argv, env, path, cwd: spec.cwd.clone(), uid: spec.user.uid, gid: spec.user.gid, groups })
     }
 }
 
 /// The child's standard descriptors: a pty slave, or three pipe ends.
 enum Stdio {
     Pty(OwnedFd),
-    Pipes {
-        stdin: OwnedFd,
-        stdout: OwnedFd,
-        stderr: OwnedFd,
-    },
+    Pipes { stdin: OwnedFd, stdout: OwnedFd, stderr: OwnedFd },
 }
 
 /// Starts the program as described by `spec`, with the supplementary `groups`.
@@ -193,30 +172,17 @@ pub fn spawn(spec: &LaunchSpec, groups: Vec<u32>) -> Result<Child> {
     let pipe_err = |e| Error::sys("pipe", e);
     let (stdio, parent_in, parent_out, parent_err) = if spec.tty {
         let ptmx = Path::new("/dev/ptmx");
-        let (master, slave) =
-            sys::open_pty(ptmx).map_err(|e| Error::io("open a pseudo-terminal at", ptmx, e))?;
+        let (master, slave) = sys::open_pty(ptmx).map_err(|e| Error::io("open a pseudo-terminal at", ptmx, e))?;
         if let Some((rows, cols)) = spec.winsize {
-            sys::set_winsize(master.as_raw_fd(), rows, cols)
-                .map_err(|e| Error::sys("TIOCSWINSZ", e))?;
+            sys::set_winsize(master.as_raw_fd(), rows, cols).map_err(|e| Error::sys("TIOCSWINSZ", e))?;
         }
-        let input = master
-            .try_clone()
-            .map_err(|e| Error::sys("dup of the pty master", e))?;
+        let input = master.try_clone().map_err(|e| Error::sys("dup of the pty master", e))?;
         (Stdio::Pty(slave), input, master, None)
     } else {
         let (in_r, in_w) = sys::pipe().map_err(pipe_err)?;
         let (out_r, out_w) = sys::pipe().map_err(pipe_err)?;
         let (err_r, err_w) = sys::pipe().map_err(pipe_err)?;
-        (
-            Stdio::Pipes {
-                stdin: in_r,
-                stdout: out_w,
-                stderr: err_w,
-            },
-            in_w,
-            out_r,
-            Some(err_r),
-        )
+        (Stdio::Pipes { stdin: in_r, stdout: out_w, stderr: err_w }, in_w, out_r, Some(err_r))
     };
     let (report_r, report_w) = sys::pipe().map_err(pipe_err)?;
 
@@ -241,29 +207,17 @@ pub fn spawn(spec: &LaunchSpec, groups: Vec<u32>) -> Result<Child> {
     if !report.is_empty() {
         return Err(Error::Spawn(String::from_utf8_lossy(&report).into_owned()));
     }
-    for fd in [Some(&parent_in), Some(&parent_out), parent_err.as_ref()]
-        .into_iter()
-        .flatten()
-    {
-        sys::set_nonblocking(fd.as_raw_fd(), true)
-            .map_err(|e| Error::sys("fcntl(O_NONBLOCK)", e))?;
+    for fd in [Some(&parent_in), Some(&parent_out), parent_err.as_ref()].into_iter().flatten() {
+        sys::set_nonblocking(fd.as_raw_fd(), true).map_err(|e| Error::sys("fcntl(O_NONBLOCK)", e))?;
     }
-    Ok(Child {
-        pid,
-        stdin: parent_in,
-        stdout: parent_out,
-        stderr: parent_err,
-        tty: spec.tty,
-    })
+    Ok(Child { pid, stdin: parent_in, stdout: parent_out, stderr: parent_err, tty: spec.tty })
 }
 
 /// How a file on PATH looks to the current (already unprivileged) user.
 fn probe_file(path: &Path) -> Probe {
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() => {
-            let executable = sys::cstr(path)
-                .map(|c| child::executable(&c))
-                .unwrap_or(false);
+            let executable = sys::cstr(path).map(|c| child::executable(&c)).unwrap_or(false);
             if executable && m.permissions().mode() & 0o111 != 0 {
                 Probe::Executable
             } else {
@@ -300,17 +254,12 @@ fn run_child(plan: &Plan, stdio: &Stdio, report: RawFd) -> ! {
         }
         Lookup::NotFound => not_found(&plan.program),
     };
-    let Ok(cpath) = sys::cstr(&path) else {
-        not_found(&plan.program)
-    };
+    let Ok(cpath) = sys::cstr(&path) else { not_found(&plan.program) };
     let err = child::execve(&cpath, &plan.argv, &plan.env);
     if err.raw_os_error() == Some(libc::ENOENT) {
         not_found(&plan.program);
     }
-    say(
-        2,
-        &format!("agentvm: cannot execute {}: {err}\n", path.display()),
-    );
+    say(2, &format!("agentvm: cannot execute {}: {err}\n", path.display()));
     child::exit(EXIT_NOT_EXECUTABLE);
 }
 
@@ -327,11 +276,7 @@ fn prepare_child(plan: &Plan, stdio: &Stdio) -> std::result::Result<(), String> 
                 sys::dup2(fd, target).map_err(|e| fail("dup2 of the pty", e))?;
             }
         }
-        Stdio::Pipes {
-            stdin,
-            stdout,
-            stderr,
-        } => {
+        Stdio::Pipes { stdin, stdout, stderr } => {
             for (fd, target) in [(stdin, 0), (stdout, 1), (stderr, 2)] {
                 sys::dup2(fd.as_raw_fd(), target).map_err(|e| fail("dup2 of a pipe", e))?;
             }
@@ -339,8 +284,7 @@ fn prepare_child(plan: &Plan, stdio: &Stdio) -> std::result::Result<(), String> 
     }
     child::become_user(plan.uid, plan.gid, &plan.groups)
         .map_err(|e| fail(&format!("switch to uid {} gid {}", plan.uid, plan.gid), e))?;
-    std::env::set_current_dir(&plan.cwd)
-        .map_err(|e| fail(&format!("working directory {}", plan.cwd), e))?;
+    std::env::set_current_dir(&plan.cwd).map_err(|e| fail(&format!("working directory {}", plan.cwd), e))?;
     Ok(())
 }
 
@@ -348,10 +292,7 @@ fn prepare_child(plan: &Plan, stdio: &Stdio) -> std::result::Result<(), String> 
 mod tests {
     use super::*;
 
-    fn fake(
-        exec: &'static [&'static str],
-        plain: &'static [&'static str],
-    ) -> impl Fn(&Path) -> Probe {
+    fn fake(exec: &'static [&'static str], plain: &'static [&'static str]) -> impl Fn(&Path) -> Probe {
         move |p: &Path| {
             let s = p.to_str().unwrap();
             if exec.contains(&s) {
@@ -367,53 +308,35 @@ mod tests {
     #[test]
     fn lookup_finds_first_executable_on_path() {
         let probe = fake(&["/usr/bin/ls", "/bin/ls"], &[]);
-        assert_eq!(
-            lookup("ls", "/usr/local/bin:/usr/bin:/bin", probe),
-            Lookup::Found("/usr/bin/ls".into())
-        );
+        assert_eq!(lookup("ls", "/usr/local/bin:/usr/bin:/bin", probe), Lookup::Found("/usr/bin/ls".into()));
     }
 
     #[test]
     fn lookup_skips_non_executable_for_a_later_executable() {
         let probe = fake(&["/bin/x"], &["/usr/bin/x"]);
-        assert_eq!(
-            lookup("x", "/usr/bin:/bin", probe),
-            Lookup::Found("/bin/x".into())
-        );
+        assert_eq!(lookup("x", "/usr/bin:/bin", probe), Lookup::Found("/bin/x".into()));
     }
 
     #[test]
     fn lookup_only_non_executable_is_not_executable() {
         let probe = fake(&[], &["/usr/bin/x"]);
-        assert_eq!(
-            lookup("x", "/usr/bin:/bin", probe),
-            Lookup::NotExecutable("/usr/bin/x".into())
-        );
+        assert_eq!(lookup("x", "/usr/bin:/bin", probe), Lookup::NotExecutable("/usr/bin/x".into()));
     }
 
     #[test]
     fn lookup_missing_is_not_found() {
-        assert_eq!(
-            lookup("nope", "/usr/bin:/bin", fake(&[], &[])),
-            Lookup::NotFound
-        );
+        assert_eq!(lookup("nope", "/usr/bin:/bin", fake(&[], &[])), Lookup::NotFound);
         assert_eq!(lookup("", "/usr/bin", fake(&[], &[])), Lookup::NotFound);
     }
 
     #[test]
     fn lookup_with_slash_is_used_as_is() {
-        assert_eq!(
-            lookup("./run.sh", "/bin", fake(&[], &[])),
-            Lookup::Found("./run.sh".into())
-        );
+        assert_eq!(lookup("./run.sh", "/bin", fake(&[], &[])), Lookup::Found("./run.sh".into()));
     }
 
     #[test]
     fn lookup_empty_path_entry_is_current_directory() {
-        assert_eq!(
-            lookup("t", ":/bin", fake(&["./t"], &[])),
-            Lookup::Found("./t".into())
-        );
+        assert_eq!(lookup("t", ":/bin", fake(&["./t"], &[])), Lookup::Found("./t".into()));
     }
 
     #[test]
@@ -426,16 +349,8 @@ mod tests {
 
     #[test]
     fn environment_defaults_then_overrides_in_place() {
-        let user = User {
-            name: "agent".into(),
-            uid: 1000,
-            gid: 1000,
-            home: "/home/agent".into(),
-        };
-        let extra = vec![
-            ("TERM".into(), "xterm-256color".into()),
-            ("FOO".into(), "bar".into()),
-        ];
+        let user = User { name: "agent".into(), uid: 1000, gid: 1000, home: "/home/agent".into() };
+        let extra = vec![("TERM".into(), "xterm-256color".into()), ("FOO".into(), "bar".into())];
         let env = environment(&user, &extra);
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         assert_eq!(get("HOME"), Some("/home/agent"));
@@ -449,10 +364,7 @@ mod tests {
 
     #[test]
     fn empty_argv_is_a_login_bash() {
-        assert_eq!(
-            command_line(&[]),
-            ("/bin/bash".to_owned(), vec!["-bash".to_owned()])
-        );
+        assert_eq!(command_line(&[]), ("/bin/bash".to_owned(), vec!["-bash".to_owned()]));
         let argv = vec!["sh".to_owned(), "-c".to_owned()];
         assert_eq!(command_line(&argv), ("sh".to_owned(), argv.clone()));
     }

@@ -23,12 +23,7 @@ pub enum Outcome {
 /// Relays between the port and `child` until the child exited and its output
 /// is drained, or the host is gone; serves the exec ports meanwhile. Reaps
 /// every child of the init.
-pub fn run(
-    port: &mut Port,
-    child: Child,
-    sigchld: &OwnedFd,
-    exec: &mut ExecPorts,
-) -> Result<Outcome> {
+pub fn run(port: &mut Port, child: Child, sigchld: &OwnedFd, exec: &mut ExecPorts) -> Result<Outcome> {
     let sigfd = sigchld.as_raw_fd();
     let mut main = Session::new(child);
     loop {
@@ -36,16 +31,9 @@ pub fn run(
         if let Some(code) = main.finished(now) {
             return Ok(Outcome::Exited(code));
         }
-        let timeout = [main.timeout(now), exec.timeout(now)]
-            .into_iter()
-            .flatten()
-            .min();
+        let timeout = [main.timeout(now), exec.timeout(now)].into_iter().flatten().min();
 
-        let port_events = if main.wants_input() {
-            libc::POLLIN
-        } else {
-            0
-        };
+        let port_events = if main.wants_input() { libc::POLLIN } else { 0 };
         let mut fds = vec![pollfd(sigfd, libc::POLLIN), pollfd(port.raw_fd(), port_events)];
         let mut slots = Vec::new();
         main.poll_fds(true, &mut slots);

@@ -109,10 +109,7 @@ pub struct Session {
 impl Session {
     /// Takes over a started program.
     pub fn new(child: Child) -> Session {
-        let mut outputs = vec![Some(Output {
-            fd: child.stdout,
-            stderr: false,
-        })];
+        let mut outputs = vec![Some(Output { fd: child.stdout, stderr: false })];
         if let Some(fd) = child.stderr {
             outputs.push(Some(Output { fd, stderr: true }));
         }
@@ -251,10 +248,7 @@ impl Session {
         match self.input.flush(|b| sys::write(raw, b)) {
             Ok(false) => {}
             Ok(true) | Err(_) => {
-                self.input = InputBuffer {
-                    buf: Vec::new(),
-                    eof: true,
-                };
+                self.input = InputBuffer { buf: Vec::new(), eof: true };
                 if !self.tty {
                     self.stdin = None;
                 }
@@ -265,11 +259,7 @@ impl Session {
 
 /// A poll entry for `fd`.
 pub fn pollfd(fd: libc::c_int, events: libc::c_short) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    }
+    libc::pollfd { fd, events, revents: 0 }
 }
 
 #[cfg(test)]
@@ -322,10 +312,7 @@ mod tests {
     #[test]
     fn output_frame_kind_follows_the_stream() {
         let (r, _w) = sys::pipe().unwrap();
-        let out = Output {
-            fd: r,
-            stderr: true,
-        };
+        let out = Output { fd: r, stderr: true };
         assert_eq!(out.frame(b"e"), Frame::Stderr(b"e".to_vec()));
     }
 
@@ -336,13 +323,7 @@ mod tests {
         for fd in [&in_w, &out_r, &err_r] {
             sys::set_nonblocking(fd.as_raw_fd(), true).unwrap();
         }
-        let child = Child {
-            pid: i32::MAX,
-            stdin: in_w,
-            stdout: out_r,
-            stderr: Some(err_r),
-            tty: false,
-        };
+        let child = Child { pid: i32::MAX, stdin: in_w, stdout: out_r, stderr: Some(err_r), tty: false };
         (Session::new(child), in_r, out_w, err_w)
     }
 
@@ -366,10 +347,6 @@ mod tests {
         s.on_host_frame(Frame::StdinEof);
         let mut buf = [0u8; 8];
         assert_eq!(sys::read(in_r.as_raw_fd(), &mut buf).unwrap(), 3);
-        assert_eq!(
-            sys::read(in_r.as_raw_fd(), &mut buf).unwrap(),
-            0,
-            "write end closed"
-        );
+        assert_eq!(sys::read(in_r.as_raw_fd(), &mut buf).unwrap(), 0, "write end closed");
     }
 }

@@ -12,8 +12,7 @@ use std::time::Duration;
 
 /// A C string from a path or string; interior NUL bytes are an `InvalidInput` error.
 pub fn cstr(s: impl AsRef<OsStr>) -> io::Result<CString> {
-    CString::new(s.as_ref().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "contains a NUL byte"))
+    CString::new(s.as_ref().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "contains a NUL byte"))
 }
 
 /// Turns a `-1` return value into the current `errno`.
@@ -26,31 +25,15 @@ fn check<T: PartialEq + From<i8>>(ret: T) -> io::Result<T> {
 }
 
 /// mount(2).
-pub fn mount(
-    source: &str,
-    target: &Path,
-    fstype: &str,
-    flags: libc::c_ulong,
-    data: Option<&str>,
-) -> io::Result<()> {
+pub fn mount(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong, data: Option<&str>) -> io::Result<()> {
     let source = cstr(source)?;
     let target = cstr(target)?;
     let fstype = cstr(fstype)?;
     let data = data.map(cstr).transpose()?;
-    let data_ptr = data
-        .as_ref()
-        .map_or(std::ptr::null(), |d| d.as_ptr().cast());
+    let data_ptr = data.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast());
     // SAFETY: all pointers are valid NUL-terminated strings (or null for data)
     // that outlive the call.
-    check(unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            flags,
-            data_ptr,
-        )
-    })?;
+    check(unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data_ptr) })?;
     Ok(())
 }
 
@@ -59,15 +42,7 @@ pub fn move_mount(from: &Path, to: &Path) -> io::Result<()> {
     let from = cstr(from)?;
     let to = cstr(to)?;
     // SAFETY: valid NUL-terminated strings; fstype and data may be null for MS_MOVE.
-    check(unsafe {
-        libc::mount(
-            from.as_ptr(),
-            to.as_ptr(),
-            std::ptr::null(),
-            libc::MS_MOVE,
-            std::ptr::null(),
-        )
-    })?;
+    check(unsafe { libc::mount(from.as_ptr(), to.as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()) })?;
     Ok(())
 }
 
@@ -98,8 +73,7 @@ pub fn sethostname(name: &str) -> io::Result<()> {
 /// Brings the loopback interface up (SIOCGIFFLAGS / SIOCSIFFLAGS on `lo`).
 pub fn loopback_up() -> io::Result<()> {
     // SAFETY: plain socket(2) call; the result is checked and owned below.
-    let fd =
-        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: `fd` is a fresh descriptor we own.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
@@ -120,12 +94,7 @@ pub fn loopback_up() -> io::Result<()> {
 
 /// Sets a terminal's window size (TIOCSWINSZ).
 pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> io::Result<()> {
-    let ws = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
     // SAFETY: TIOCSWINSZ reads a winsize struct that lives across the call.
     check(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) })?;
     Ok(())
@@ -168,11 +137,7 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
     // SAFETY: F_GETFL on a descriptor has no memory effects.
     let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
-    let flags = if on {
-        flags | libc::O_NONBLOCK
-    } else {
-        flags & !libc::O_NONBLOCK
-    };
+    let flags = if on { flags | libc::O_NONBLOCK } else { flags & !libc::O_NONBLOCK };
     // SAFETY: F_SETFL with an int argument has no memory effects.
     check(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) })?;
     Ok(())
@@ -295,11 +260,7 @@ pub fn power_off() -> io::Error {
     // Without ACPI (e.g. its tables were not found) the kernel cannot power
     // off and would halt with QEMU still running. A reset ends QEMU too,
     // since agentvm runs it with -no-reboot.
-    let how = if std::path::Path::new("/sys/firmware/acpi").exists() {
-        libc::RB_POWER_OFF
-    } else {
-        libc::RB_AUTOBOOT
-    };
+    let how = if std::path::Path::new("/sys/firmware/acpi").exists() { libc::RB_POWER_OFF } else { libc::RB_AUTOBOOT };
     // SAFETY: reboot has no memory effects; on success it does not return.
     unsafe { libc::reboot(how) };
     io::Error::last_os_error()
@@ -370,14 +331,7 @@ pub mod child {
         // SAFETY: setuid has no memory effects.
         check(unsafe { libc::setuid(uid) })?;
         // SAFETY: these getters cannot fail.
-        let (ruid, euid, rgid, egid) = unsafe {
-            (
-                libc::getuid(),
-                libc::geteuid(),
-                libc::getgid(),
-                libc::getegid(),
-            )
-        };
+        let (ruid, euid, rgid, egid) = unsafe { (libc::getuid(), libc::geteuid(), libc::getgid(), libc::getegid()) };
         // SAFETY: setuid has no memory effects; it must fail for a non-root user.
         let regained = uid != 0 && unsafe { libc::setuid(0) } == 0;
         if ruid != uid || euid != uid || rgid != gid || egid != gid || regained {

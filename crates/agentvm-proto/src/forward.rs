@@ -306,11 +306,7 @@ impl Mux {
     /// Reads the channel and routes its messages until it ends. `dial`
     /// answers an [`Msg::Open`]: it decides which ports may be reached;
     /// `None` means opens are refused.
-    pub fn serve(
-        &self,
-        mut channel: impl Read,
-        dial: Option<&dyn Fn(u16) -> io::Result<Conn>>,
-    ) -> io::Result<()> {
+    pub fn serve(&self, mut channel: impl Read, dial: Option<&dyn Fn(u16) -> io::Result<Conn>>) -> io::Result<()> {
         while let Some(msg) = Msg::read_from(&mut channel)? {
             match msg {
                 Msg::Open { conn, port } => {

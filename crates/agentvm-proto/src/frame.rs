@@ -118,10 +118,7 @@ impl Frame {
             kind::STDIN_EOF => Frame::StdinEof,
             kind::RESIZE => {
                 let b: [u8; 4] = p.try_into().map_err(|_| bad())?;
-                Frame::Resize {
-                    rows: u16::from_le_bytes([b[0], b[1]]),
-                    cols: u16::from_le_bytes([b[2], b[3]]),
-                }
+                Frame::Resize { rows: u16::from_le_bytes([b[0], b[1]]), cols: u16::from_le_bytes([b[2], b[3]]) }
             }
             kind::SIGNAL => Frame::Signal(*p.first().filter(|_| p.len() == 1).ok_or_else(bad)?),
             kind::EXEC => Frame::Exec(serde_json::from_slice(p).map_err(|_| bad())?),

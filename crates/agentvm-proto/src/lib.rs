@@ -13,4 +13,6 @@ pub mod frame;
 pub mod spec;
 
 pub use frame::{exec_port_name, Frame, FrameError, FrameReader, EXEC_PORTS, PORT_NAME};
-pub use spec::{Containers, ExecRequest, LaunchSpec, Mount, SpecError, User, DEFAULT_PATH, MODULES_DIR, SPEC_PATH, Network};
+pub use spec::{
+    Containers, ExecRequest, LaunchSpec, Mount, Network, SpecError, User, DEFAULT_PATH, MODULES_DIR, SPEC_PATH,
+};

@@ -162,7 +162,11 @@ mod tests {
             root_fstype: "squashfs".into(),
             layers: vec!["/dev/vdb".into()],
             mounts: vec![Mount { tag: "work".into(), path: "/work".into(), read_only: false }],
-            network: Some(Network { address: "10.0.2.15/24".into(), gateway: "10.0.2.2".into(), dns: vec!["10.0.2.3".into()] }),
+            network: Some(Network {
+                address: "10.0.2.15/24".into(),
+                gateway: "10.0.2.2".into(),
+                dns: vec!["10.0.2.3".into()],
+            }),
             host_ports: vec![5432],
             published_ports: vec![8000],
             ca_certs: vec!["-----BEGIN CERTIFICATE-----\n...".into()],

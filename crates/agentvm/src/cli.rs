@@ -68,7 +68,9 @@ pub enum Command {
     },
     /// Run a command in a running instance, as the agent user in /work; its
     /// exit status becomes agentvm's.
-    #[command(after_help = "Examples:\n  agentvm exec 3f2a -- git status\n  echo hi | agentvm exec 3f2a -- sh -c 'cat > /work/in.txt'")]
+    #[command(
+        after_help = "Examples:\n  agentvm exec 3f2a -- git status\n  echo hi | agentvm exec 3f2a -- sh -c 'cat > /work/in.txt'"
+    )]
     Exec {
         /// Instance id or unique prefix.
         id: String,
@@ -100,7 +102,9 @@ pub enum Command {
     /// your config and of that .agentvm.toml) as they are now, after
     /// reviewing them. The guest can write them: a new or changed one is
     /// ignored (the config) or stops --devshell, until trusted again.
-    #[command(after_help = "Examples:\n  agentvm trust              trust ./.agentvm.toml (and ./flake.nix ...) as they are\n  agentvm trust --show ~/src/app\n  agentvm trust --revoke")]
+    #[command(
+        after_help = "Examples:\n  agentvm trust              trust ./.agentvm.toml (and ./flake.nix ...) as they are\n  agentvm trust --show ~/src/app\n  agentvm trust --revoke"
+    )]
     Trust {
         /// The project [env: WORK_DIR] [default: .]
         dir: Option<PathBuf>,
@@ -151,7 +155,9 @@ fn command_path(args: &[String]) -> String {
 
 /// `agentvm run [OPTIONS] [FLAVOR] [-- ARGS...]`
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  agentvm run                         Claude Code in ./ (the default flavor)\n  agentvm run claude -- -p \"fix the failing test\"\n  agentvm run shell                   interactive bash in /work\n  agentvm run shell -- make test      one command; its exit status comes back\n  echo hi | agentvm run shell -- sh -c 'cat > /work/in.txt'")]
+#[command(
+    after_help = "Examples:\n  agentvm run                         Claude Code in ./ (the default flavor)\n  agentvm run claude -- -p \"fix the failing test\"\n  agentvm run shell                   interactive bash in /work\n  agentvm run shell -- make test      one command; its exit status comes back\n  echo hi | agentvm run shell -- sh -c 'cat > /work/in.txt'"
+)]
 pub struct RunArgs {
     /// What to run: claude (default), gemini, codex, shell, or a flavor
     /// from [flavors.NAME] in the config [env: AGENTVM_FLAVOR]

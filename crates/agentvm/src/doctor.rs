@@ -254,7 +254,11 @@ fn check_dir(name: &'static str, dir: Result<std::path::PathBuf, paths::PathsErr
     let _ = std::fs::remove_file(&probe);
     match result {
         Ok(()) => ok(name, format!("{} is writable", dir.display())),
-        Err(e) => fail(name, format!("{}: {e}", dir.display()), format!("make {} writable, or point the XDG variable elsewhere", dir.display())),
+        Err(e) => fail(
+            name,
+            format!("{}: {e}", dir.display()),
+            format!("make {} writable, or point the XDG variable elsewhere", dir.display()),
+        ),
     }
 }
 

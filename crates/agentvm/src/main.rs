@@ -38,13 +38,20 @@ fn main() -> ExitCode {
         }
         Command::Stop { ids, all, timeout } => stop(&ids, all, timeout),
         Command::Logs { id, follow, net } => {
-            match agentvm::instance::ps::logs(&agentvm::paths::runtime_base(), &id, net, follow, &mut std::io::stdout()) {
+            match agentvm::instance::ps::logs(&agentvm::paths::runtime_base(), &id, net, follow, &mut std::io::stdout())
+            {
                 Ok(()) => 0,
                 Err(e) => fail(e),
             }
         }
         Command::Exec { id, tty, no_tty, command } => {
-            let tty = if tty { Some(true) } else if no_tty { Some(false) } else { None };
+            let tty = if tty {
+                Some(true)
+            } else if no_tty {
+                Some(false)
+            } else {
+                None
+            };
             exec(&id, agentvm::instance::exec::ExecOptions { argv: command, tty })
         }
         Command::Cri(CriCommand::Prune { work_dir }) => cri_prune(work_dir),
@@ -187,7 +194,13 @@ fn project_dir(dir: Option<PathBuf>) -> PathBuf {
 
 fn trust(dir: Option<PathBuf>, revoke: bool, show: bool) -> i32 {
     use agentvm::config::trust::Action;
-    let action = if revoke { Action::Revoke } else if show { Action::Show } else { Action::Trust };
+    let action = if revoke {
+        Action::Revoke
+    } else if show {
+        Action::Show
+    } else {
+        Action::Trust
+    };
     // The user's devshell_files are dev shell files too (forgetting needs none).
     let user_files = match action {
         Action::Revoke => Vec::new(),
@@ -266,11 +279,16 @@ fn build_images(store: &Store, names: &[String], refresh: bool, base: bool, cri:
     }
     bases.dedup();
     for recipe in &bases {
-        let img = if refresh && base { store.build(recipe, &mut progress) } else { store.ensure(recipe, &mut progress) };
+        let img =
+            if refresh && base { store.build(recipe, &mut progress) } else { store.ensure(recipe, &mut progress) };
         println!("{}", img.map_err(|e| e.to_string())?.dir.display());
     }
     for recipe in chosen.iter().filter_map(launch::layer_recipe) {
-        let layer = if refresh { store.build_layer(&recipe, &mut progress) } else { store.ensure_layer(&recipe, &mut progress) };
+        let layer = if refresh {
+            store.build_layer(&recipe, &mut progress)
+        } else {
+            store.ensure_layer(&recipe, &mut progress)
+        };
         let layer = layer.map_err(|e| e.to_string())?;
         let versions: Vec<String> = layer.meta.versions.iter().map(|(p, v)| format!("{p}@{v}")).collect();
         println!("{} ({})", layer.dir.display(), versions.join(", "));

@@ -61,7 +61,13 @@ fn docker_runs_a_local_image_publishes_its_port_and_keeps_the_image() {
 
     // cri prune reclaims the disk; the next prune finds none.
     let disks = l.data.join("agentvm/containers");
-    assert_eq!(std::fs::read_dir(&disks).unwrap().filter(|e| e.as_ref().unwrap().path().extension() == Some("ext4".as_ref())).count(), 1);
+    assert_eq!(
+        std::fs::read_dir(&disks)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension() == Some("ext4".as_ref()))
+            .count(),
+        1
+    );
     let work = l.work.to_str().unwrap();
     let out = l.command_with(&["cri", "prune", "-w", work]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));

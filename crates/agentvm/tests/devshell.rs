@@ -307,12 +307,16 @@ fn nix_failure_with_devshell_try_warns_and_runs_without() {
 fn changed_flake_stops_before_boot_and_devshell_try_runs_without_it() {
     let p = NixProject::new("echo \"booted greeting=${GREETING:-unset}\"", FLAKE);
     // A guest of an earlier run edits the trusted flake.
-    std::fs::write(p.launch.work.join("flake.nix"), FLAKE.replace("hello from a real flake", "from the guest")).unwrap();
+    std::fs::write(p.launch.work.join("flake.nix"), FLAKE.replace("hello from a real flake", "from the guest"))
+        .unwrap();
     let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
     let e = stderr(&out);
     assert_eq!(out.status.code(), Some(125), "{e}");
     let work = p.launch.work.canonicalize().unwrap();
-    assert!(e.contains("flake.nix is new, changed or removed") && e.contains(&format!("agentvm trust {}", work.display())), "{e}");
+    assert!(
+        e.contains("flake.nix is new, changed or removed") && e.contains(&format!("agentvm trust {}", work.display())),
+        "{e}"
+    );
     assert!(!stdout(&out).contains("booted"));
     assert_eq!(p.calls(), 0, "nix never ran on the changed flake");
     assert!(p.launch.leftover_instances().is_empty());
@@ -378,7 +382,8 @@ fn guest_written_git_config_is_not_run_on_the_host_by_the_dev_shell() {
     let marker = p.launch.dirs.path().join("host-marker");
     write_exec(&work.join("evil.sh"), &format!("#!/bin/sh\necho \"ran $*\" >> '{}'\ncat\n", marker.display()));
     let config = std::fs::read_to_string(work.join(".git/config")).unwrap();
-    let evil = "[core]\n\tfsmonitor = ./evil.sh\n[filter \"x\"]\n\tclean = ./evil.sh clean\n\tsmudge = ./evil.sh smudge\n";
+    let evil =
+        "[core]\n\tfsmonitor = ./evil.sh\n[filter \"x\"]\n\tclean = ./evil.sh clean\n\tsmudge = ./evil.sh smudge\n";
     std::fs::write(work.join(".git/config"), config + evil).unwrap();
     std::fs::write(work.join(".git/info/attributes"), "* filter=x\n").unwrap();
 
@@ -405,7 +410,8 @@ fn a_flake_reads_a_project_file_named_in_devshell_files_and_a_guest_edit_of_it_s
     assert_eq!(out.status.code(), Some(125), "{e}");
     assert!(!stdout(&out).contains("booted"));
     assert!(e.contains("No such file or directory") || e.contains("does not exist"), "nix's own error is shown: {e}");
-    let hint = e.lines().find(|l| l.contains("devshell_files =")).unwrap_or_else(|| panic!("no devshell_files hint: {e}"));
+    let hint =
+        e.lines().find(|l| l.contains("devshell_files =")).unwrap_or_else(|| panic!("no devshell_files hint: {e}"));
     assert!(hint.contains("extra.txt") && !hint.contains("/nix/store") && !hint.contains("devshell-src."), "{hint}");
     let real = work.canonicalize().unwrap();
     assert!(e.contains(&format!("agentvm trust {}", real.display())), "{e}");

@@ -138,7 +138,11 @@ fn a_guest_that_floods_its_console_then_dies_shows_its_last_words_in_a_short_mes
     let out = l.run();
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(125));
-    assert!(err.contains("without reporting the program's exit status"), "{}", err.chars().take(2000).collect::<String>());
+    assert!(
+        err.contains("without reporting the program's exit status"),
+        "{}",
+        err.chars().take(2000).collect::<String>()
+    );
     assert!(err.contains("last-words-4242"), "the console's last lines are missing");
     assert!(err.len() < 64 << 10, "the message is {} bytes long", err.len());
     assert!(l.leftover_instances().is_empty());

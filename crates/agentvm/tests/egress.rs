@@ -46,7 +46,8 @@ fn http_echo_server() -> u16 {
                         }
                     }
                     let target = head[0].split(' ').nth(1).unwrap_or("").to_string();
-                    let host = head.iter().find_map(|l| l.to_lowercase().strip_prefix("host:").map(|h| h.trim().to_string()));
+                    let host =
+                        head.iter().find_map(|l| l.to_lowercase().strip_prefix("host:").map(|h| h.trim().to_string()));
                     let body = format!("ECHO host={} target={target}\n", host.unwrap_or_default());
                     if write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len()).is_err() {
                         return;
@@ -116,7 +117,8 @@ impl Drop for HttpsServer {
 fn allow_mode_lets_through_allowed_names_only_and_logs_each_decision() {
     let http = http_token_server("HTTP-ALLOWED-TOKEN");
     let opened = http_token_server("HOST-PORT-TOKEN");
-    let l = Launch::new().env("AGENTVM_PROXY_RESOLVE", "allowed.test=127.0.0.1,denied.test=127.0.0.1,secure.test=127.0.0.1");
+    let l = Launch::new()
+        .env("AGENTVM_PROXY_RESOLVE", "allowed.test=127.0.0.1,denied.test=127.0.0.1,secure.test=127.0.0.1");
     let www = l.dirs.path().join("www");
     std::fs::create_dir(&www).unwrap();
     std::fs::write(www.join("token.txt"), "HTTPS-ALLOWED-TOKEN").unwrap();
@@ -140,8 +142,22 @@ fn allow_mode_lets_through_allowed_names_only_and_logs_each_decision() {
     );
     let (opened, publish) = (opened.to_string(), format!("{published}:8000"));
     let args = [
-        "run", "--memory", "512M", "--allow", "allowed.test", "--allow", "secure.test", "--host-port", &opened, "-p",
-        &publish, "shell", "--", "sh", "-c", &script,
+        "run",
+        "--memory",
+        "512M",
+        "--allow",
+        "allowed.test",
+        "--allow",
+        "secure.test",
+        "--host-port",
+        &opened,
+        "-p",
+        &publish,
+        "shell",
+        "--",
+        "sh",
+        "-c",
+        &script,
     ];
     let child = spawn_until_marker(&l, &args, "done", Duration::from_secs(240));
     // A published port still reaches a server in the guest (over the channel).
@@ -158,7 +174,10 @@ fn allow_mode_lets_through_allowed_names_only_and_logs_each_decision() {
 
     assert!(text.starts_with("lo\n"), "the guest has an interface besides lo: {text}");
     assert!(text.contains("HTTP-ALLOWED-TOKEN"), "{text}");
-    assert!(text.contains("agentvm: egress to denied.test is not allowed: allow it with --allow denied.test"), "{text}");
+    assert!(
+        text.contains("agentvm: egress to denied.test is not allowed: allow it with --allow denied.test"),
+        "{text}"
+    );
     assert!(text.contains(" 403"), "{text}");
     assert!(text.contains("HTTPS-ALLOWED-TOKEN"), "{text}");
     assert!(text.contains("sni-mismatch-refused"), "{text}");
@@ -205,7 +224,8 @@ fn allow_mode_cannot_be_slipped_past() {
     };
     let echo = http_echo_server();
     let loopback_only = http_token_server("LOOPBACK-REACHED");
-    let l = Launch::new().env("AGENTVM_PROXY_RESOLVE", "allowed.test=127.0.0.1,denied.test=127.0.0.1,secure.test=127.0.0.1");
+    let l = Launch::new()
+        .env("AGENTVM_PROXY_RESOLVE", "allowed.test=127.0.0.1,denied.test=127.0.0.1,secure.test=127.0.0.1");
     let www = l.dirs.path().join("www");
     std::fs::create_dir(&www).unwrap();
     let https = HttpsServer::start(&www, &l.work.join("cert.pem"));
@@ -271,7 +291,22 @@ talk(b"CONNECT x.test:443\n1700000000 ALLOW CONNECT forged.test:443 HTTP/1.1\r\n
          curl -s -w ' %{{http_code}}' http://{loopback_name}:{loopback_only}/; echo; \
          touch /work/done; exec sleep 300"
     );
-    let args = ["run", "--memory", "512M", "--allow", "allowed.test", "--allow", "secure.test", "--allow", &loopback_name, "shell", "--", "sh", "-c", &script];
+    let args = [
+        "run",
+        "--memory",
+        "512M",
+        "--allow",
+        "allowed.test",
+        "--allow",
+        "secure.test",
+        "--allow",
+        &loopback_name,
+        "shell",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ];
     let child = spawn_until_marker(&l, &args, "done", Duration::from_secs(300));
     let ps = l.command_with(&["ps", "--json"]).output().unwrap();
     let listed: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();

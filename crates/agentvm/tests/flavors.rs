@@ -16,7 +16,11 @@ fn has_version_number(s: &str) -> bool {
 fn each_agent_flavor_prints_its_version_from_the_registry_package() {
     for flavor in ["claude", "gemini", "codex"] {
         let l = Launch::new();
-        let out = l.command_with(&["run", "--memory", "1G", flavor, "--", "--version"]).stdin(Stdio::null()).output().unwrap();
+        let out = l
+            .command_with(&["run", "--memory", "1G", flavor, "--", "--version"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
         eprintln!("{flavor}: {:?}\n{}\n{}", out.status, stdout(&out), stderr(&out));
         assert_eq!(out.status.code(), Some(0), "{flavor}");
         assert!(has_version_number(&stdout(&out)), "{flavor} printed no version: {}", stdout(&out));
@@ -120,10 +124,18 @@ env = { FROM_FLAVOR = "flavor-value" }
 #[test]
 fn missing_key_is_a_warning_not_an_error() {
     let l = Launch::new();
-    std::fs::write(l.work.join(".agentvm.toml"), "[flavors.k]\ncommand = [\"true\"]\nkeys = [\"AGENTVM_TEST_ABSENT_KEY\"]\n")
-        .unwrap();
+    std::fs::write(
+        l.work.join(".agentvm.toml"),
+        "[flavors.k]\ncommand = [\"true\"]\nkeys = [\"AGENTVM_TEST_ABSENT_KEY\"]\n",
+    )
+    .unwrap();
     l.trust_project();
-    let out = l.command_with(&["run", "--memory", "512M", "k"]).env_remove("AGENTVM_TEST_ABSENT_KEY").stdin(Stdio::null()).output().unwrap();
+    let out = l
+        .command_with(&["run", "--memory", "512M", "k"])
+        .env_remove("AGENTVM_TEST_ABSENT_KEY")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stderr(&out).contains("AGENTVM_TEST_ABSENT_KEY is not set"), "{}", stderr(&out));
 }
@@ -137,15 +149,24 @@ fn agent_home_gets_safe_directory_once_and_a_memory_note_never_overwritten() {
     )
     .unwrap();
     first.trust_project();
-    let script = "git config --global --get-all safe.directory; head -c 200 ~/notes/AGENT.md >/dev/null && echo note-ok";
-    let out = first.command_with(&["run", "--memory", "512M", "noted", "--", "sh", "-c", script]).stdin(Stdio::null()).output().unwrap();
+    let script =
+        "git config --global --get-all safe.directory; head -c 200 ~/notes/AGENT.md >/dev/null && echo note-ok";
+    let out = first
+        .command_with(&["run", "--memory", "512M", "noted", "--", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(stdout(&out), "/work\nnote-ok\n", "{}", stderr(&out));
 
     // The user edits the note; a second run keeps it and adds no duplicate.
     let home = std::fs::read_dir(first.data.join("agentvm/homes")).unwrap().next().unwrap().unwrap().path();
     std::fs::write(home.join("notes/AGENT.md"), "mine\n").unwrap();
     let second = Launch::new().same_data_as(&first).work_dir(&first.work);
-    let out = second.command_with(&["run", "--memory", "512M", "noted", "--", "sh", "-c", script]).stdin(Stdio::null()).output().unwrap();
+    let out = second
+        .command_with(&["run", "--memory", "512M", "noted", "--", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(stdout(&out), "/work\nnote-ok\n", "{}", stderr(&out));
     assert_eq!(std::fs::read_to_string(home.join("notes/AGENT.md")).unwrap(), "mine\n");
 }

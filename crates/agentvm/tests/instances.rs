@@ -48,7 +48,9 @@ impl Drop for Bg {
 
 /// Starts the launch in the background (stdin closed, output captured).
 fn spawn(l: &Launch) -> Bg {
-    Bg(Some(l.command().stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("agentvm starts")))
+    Bg(Some(
+        l.command().stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("agentvm starts"),
+    ))
 }
 
 /// Starts `agentvm ARGS` in the background.
@@ -109,7 +111,8 @@ fn wait_started(dir: &Path, n: usize, child: &mut [&mut Bg]) {
 /// Runs `agentvm ARGS` with the launch's environment.
 fn tool(l: &Launch, args: &[&str], input: &[u8]) -> Output {
     use std::io::Write;
-    let mut c = l.command_with(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut c =
+        l.command_with(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     c.stdin.take().unwrap().write_all(input).unwrap();
     let out = c.wait_with_output().unwrap();
     eprintln!("--- agentvm {args:?} -> {:?}\n{}{}", out.status, stdout(&out), stderr(&out));

@@ -113,8 +113,18 @@ fn host_port_opens_that_host_port_under_its_name_and_nothing_else(backend: &str)
     let l = launch(backend);
     let out = l
         .command_with(&[
-            "run", "--memory", "512M", "--host-port", &opened.to_string(), "--host-port", &counting.to_string(),
-            "shell", "--", "sh", "-c", &script,
+            "run",
+            "--memory",
+            "512M",
+            "--host-port",
+            &opened.to_string(),
+            "--host-port",
+            &counting.to_string(),
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            &script,
         ])
         .stdin(Stdio::null())
         .output()
@@ -131,7 +141,8 @@ fn host_port_opens_that_host_port_under_its_name_and_nothing_else(backend: &str)
 fn published_port_reaches_a_server_in_the_guest(backend: &str) {
     let host_port = free_port();
     let l = launch(backend);
-    let script = "cd /tmp && echo GUEST-SERVER-TOKEN > t && touch /work/ready && exec timeout 120 python3 -m http.server 8000";
+    let script =
+        "cd /tmp && echo GUEST-SERVER-TOKEN > t && touch /work/ready && exec timeout 120 python3 -m http.server 8000";
     let publish = format!("{host_port}:8000");
     let args = ["run", "--memory", "512M", "-p", &publish, "shell", "--", "sh", "-c", script];
     let child = spawn_until_marker(&l, &args, "ready", Duration::from_secs(180));
@@ -149,8 +160,18 @@ fn network_none_leaves_only_loopback_and_host_ports_still_work(backend: &str) {
     let l = launch(backend);
     let out = l
         .command_with(&[
-            "run", "--memory", "512M", "--network", "none", "--host-port", &opened.to_string(), "shell", "--", "sh",
-            "-c", &script,
+            "run",
+            "--memory",
+            "512M",
+            "--network",
+            "none",
+            "--host-port",
+            &opened.to_string(),
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            &script,
         ])
         .stdin(Stdio::null())
         .output()
@@ -169,9 +190,10 @@ fn bad_or_busy_published_ports_fail_before_boot() {
         (vec!["-p".into(), "18000:80".into(), "-p".into(), "18000:81".into()], "published twice".into()),
         (vec!["--network".into(), "none".into(), "-p".into(), "18001:80".into()], "need the network".into()),
     ];
-    let host_ports = [
-        (vec!["--host-port".to_string(), "5432".into(), "--host-port".into(), "5432".into()], "host port 5432 is given twice".to_string()),
-    ];
+    let host_ports = [(
+        vec!["--host-port".to_string(), "5432".into(), "--host-port".into(), "5432".into()],
+        "host port 5432 is given twice".to_string(),
+    )];
     for (args, needle) in cases.into_iter().chain(host_ports) {
         let l = Launch::new();
         let started = Instant::now();

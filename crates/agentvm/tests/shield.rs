@@ -8,8 +8,8 @@ use common::*;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::Stdio;
-use std::time::Duration;
 use std::sync::Arc;
+use std::time::Duration;
 
 const REAL_KEY: &str = "real-secret-key-4f1c9e";
 
@@ -173,7 +173,12 @@ fn a_flavor_that_does_not_say_where_its_key_travels_is_refused_before_boot() {
     )
     .unwrap();
     l.trust_project();
-    let out = l.env("TEST_API_KEY", REAL_KEY).command_with(&["run", "--shield-secrets", "keyed"]).stdin(Stdio::null()).output().unwrap();
+    let out = l
+        .env("TEST_API_KEY", REAL_KEY)
+        .command_with(&["run", "--shield-secrets", "keyed"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
     assert!(stderr(&out).contains("key_headers = { TEST_API_KEY"), "{}", stderr(&out));
 }
@@ -181,7 +186,15 @@ fn a_flavor_that_does_not_say_where_its_key_travels_is_refused_before_boot() {
 /// Peak resident memory of process `pid`, in MiB.
 fn peak_rss_mib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
     kib / 1024
 }
 
@@ -238,9 +251,16 @@ fn the_shield_puts_the_key_only_into_its_header_and_never_lets_it_back() {
     assert!(placeholder.starts_with("agentvm-shielded-"), "{text}");
     assert!(!text.contains(REAL_KEY), "the real key came back to the guest: {text}");
     assert!(text.contains("\nKEY-REAL body=0\n"), "the key did not reach its header: {text}");
-    assert!(text.contains(&format!("post /v1/{placeholder} http/1.1")) || text.contains(&format!("get /v1/{placeholder} http/1.1")), "{text}");
+    assert!(
+        text.contains(&format!("post /v1/{placeholder} http/1.1"))
+            || text.contains(&format!("get /v1/{placeholder} http/1.1")),
+        "{text}"
+    );
     assert!(text.contains(&format!("x-reflect: {placeholder}")), "another header got the key: {text}");
-    assert!(text.contains(&format!("host: api.test:{port}")) && !text.contains("host: evil.test"), "Host not pinned: {text}");
+    assert!(
+        text.contains(&format!("host: api.test:{port}")) && !text.contains("host: evil.test"),
+        "Host not pinned: {text}"
+    );
     assert!(text.contains("[agentvm: redacted]"), "the echoed key was not masked: {text}");
     assert!(text.contains("python: KEY-REAL"), "Python's default context refused the leaf: {text}");
     assert!(text.contains(&format!("bomb sent {BOMB_MIB} MiB")), "{text}");

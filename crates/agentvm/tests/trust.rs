@@ -60,7 +60,11 @@ fn guest_written_project_config_applies_only_after_agentvm_trust() {
     let warnings: Vec<&str> = e.lines().filter(|l| l.contains(".agentvm.toml")).collect();
     assert_eq!(warnings.len(), 1, "{e}");
     let work = l.work.canonicalize().unwrap();
-    assert!(warnings[0].starts_with("agentvm: warning: ignoring") && warnings[0].contains(&format!("agentvm trust {}", work.display())), "{e}");
+    assert!(
+        warnings[0].starts_with("agentvm: warning: ignoring")
+            && warnings[0].contains(&format!("agentvm trust {}", work.display())),
+        "{e}"
+    );
 
     // The user reviews it and trusts it: now it applies.
     let shown = l.trust_project();
@@ -80,7 +84,8 @@ fn a_guest_written_dot_git_does_not_change_the_git_identity_the_host_looks_up() 
     let l = Launch::new();
     let host_home = l.dirs.path().join("host-home");
     std::fs::create_dir(&host_home).unwrap();
-    std::fs::write(host_home.join(".gitconfig"), "[user]\n\tname = Host User\n\temail = host@example.invalid\n").unwrap();
+    std::fs::write(host_home.join(".gitconfig"), "[user]\n\tname = Host User\n\temail = host@example.invalid\n")
+        .unwrap();
     // A guest of an earlier run made the project's .git point nowhere: git
     // run in the project would fail ("not a git repository").
     std::fs::write(l.work.join(".git"), "gitdir: /nonexistent\n").unwrap();

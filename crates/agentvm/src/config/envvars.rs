@@ -59,10 +59,7 @@ impl fmt::Debug for GuestEnv {
                 f.debug_map().entries(self.0.iter().map(|(n, _)| (n, "<redacted>"))).finish()
             }
         }
-        f.debug_struct("GuestEnv")
-            .field("vars", &Redacted(&self.vars))
-            .field("warnings", &self.warnings)
-            .finish()
+        f.debug_struct("GuestEnv").field("vars", &Redacted(&self.vars)).field("warnings", &self.warnings).finish()
     }
 }
 
@@ -92,14 +89,10 @@ pub fn valid_name(name: &str) -> bool {
 /// Checks that `name` may be set in the guest; the error says why not.
 pub fn check_guest_name(name: &str) -> Result<(), String> {
     if !valid_name(name) {
-        return Err(format!(
-            "{name:?} is not a variable name: use letters, digits and '_', not starting with a digit"
-        ));
+        return Err(format!("{name:?} is not a variable name: use letters, digits and '_', not starting with a digit"));
     }
     if RESERVED.contains(&name) {
-        return Err(format!(
-            "{name} is set by the guest for the agent user and cannot be overridden"
-        ));
+        return Err(format!("{name} is set by the guest for the agent user and cannot be overridden"));
     }
     Ok(())
 }
@@ -136,8 +129,7 @@ pub fn build(
         }
     }
     for path in env_files {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| EnvError::ReadFile { path: path.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| EnvError::ReadFile { path: path.clone(), source })?;
         for (line, name, value) in parse_env_file(&text, path)? {
             put(&mut env, &|| format!("env file {}, line {line}", path.display()), &name, value)?;
         }
@@ -162,10 +154,8 @@ pub fn build(
             [one] => format!("{one} is not set"),
             many => format!("none of {} is set", many.join(", ")),
         };
-        env.warnings.push(format!(
-            "{which}; {} will ask you to log in (its login persists in the agent home)",
-            flavor.name
-        ));
+        env.warnings
+            .push(format!("{which}; {} will ask you to log in (its login persists in the agent home)", flavor.name));
     }
     Ok(env)
 }
@@ -227,8 +217,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn host(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| m.get(k).cloned()
     }
 
@@ -324,8 +313,8 @@ mod tests {
         assert!(env.warnings.is_empty());
         assert_eq!(env.get("GOOGLE_API_KEY"), Some("g"));
         // A key given with -e counts too; an empty host key does not.
-        let env = build(&all["claude"], &args(&["ANTHROPIC_API_KEY=k"]), &[], &host(&[("ANTHROPIC_API_KEY", "")]))
-            .unwrap();
+        let env =
+            build(&all["claude"], &args(&["ANTHROPIC_API_KEY=k"]), &[], &host(&[("ANTHROPIC_API_KEY", "")])).unwrap();
         assert!(env.warnings.is_empty());
         assert!(build(&all["shell"], &[], &[], &host(&[])).unwrap().warnings.is_empty());
     }

@@ -152,18 +152,14 @@ fn invalid(flavor: &str, field: &'static str, why: impl Into<String>) -> FlavorE
 
 /// The built-in flavors, parsed from [`BUILTIN_TOML`].
 pub fn builtin_flavors() -> BTreeMap<String, Flavor> {
-    let layer = parse_flavor_tables(BUILTIN_TOML, Path::new("<built-in flavors>"))
-        .expect("built-in flavors parse");
+    let layer = parse_flavor_tables(BUILTIN_TOML, Path::new("<built-in flavors>")).expect("built-in flavors parse");
     merge(BTreeMap::new(), &layer).expect("built-in flavors are valid")
 }
 
 /// Reads the `[flavors.*]` tables of a whole config file's text. Other
 /// top-level keys are ignored (settings validates them); unknown keys inside
 /// a flavor table, bad names and bad values are errors naming `path`.
-pub fn parse_flavor_tables(
-    toml_text: &str,
-    path: &Path,
-) -> Result<BTreeMap<String, FlavorOverride>, FlavorError> {
+pub fn parse_flavor_tables(toml_text: &str, path: &Path) -> Result<BTreeMap<String, FlavorOverride>, FlavorError> {
     #[derive(Deserialize)]
     struct ConfigFile {
         #[serde(default)]
@@ -174,8 +170,7 @@ pub fn parse_flavor_tables(
         why: crate::config::describe_toml_error(&e, toml_text),
     })?;
     for (name, o) in &file.flavors {
-        check_override(name, o)
-            .map_err(|e| FlavorError::InFile { path: path.to_path_buf(), source: Box::new(e) })?;
+        check_override(name, o).map_err(|e| FlavorError::InFile { path: path.to_path_buf(), source: Box::new(e) })?;
     }
     Ok(file.flavors)
 }
@@ -258,10 +253,10 @@ fn apply(mut f: Flavor, o: &FlavorOverride) -> Flavor {
 
 /// The flavor called `name`.
 pub fn resolve(flavors: &BTreeMap<String, Flavor>, name: &str) -> Result<Flavor, FlavorError> {
-    flavors.get(name).cloned().ok_or_else(|| FlavorError::Unknown {
-        name: name.to_string(),
-        available: flavors.keys().cloned().collect(),
-    })
+    flavors
+        .get(name)
+        .cloned()
+        .ok_or_else(|| FlavorError::Unknown { name: name.to_string(), available: flavors.keys().cloned().collect() })
 }
 
 impl Flavor {
@@ -304,18 +299,13 @@ pub fn describe(f: &Flavor) -> String {
     let _ = writeln!(out, "  keys:        {}", list(&f.keys));
     let _ = writeln!(out, "  allow:       {}", list(&f.allow));
     let _ = writeln!(out, "  secret hosts: {}", list(&f.secret_hosts));
-    let forms: Vec<String> = f.key_headers.iter().map(|(k, forms)| format!("{k} in \"{}\"", forms.join("\", \""))).collect();
+    let forms: Vec<String> =
+        f.key_headers.iter().map(|(k, forms)| format!("{k} in \"{}\"", forms.join("\", \""))).collect();
     let _ = writeln!(out, "  key headers: {}", if forms.is_empty() { "(none)".into() } else { forms.join("; ") });
     let env: Vec<String> = f
         .env
         .iter()
-        .map(|(k, v)| {
-            if f.keys.contains(k) || looks_secret(k) {
-                format!("{k}=(hidden)")
-            } else {
-                format!("{k}={v}")
-            }
-        })
+        .map(|(k, v)| if f.keys.contains(k) || looks_secret(k) { format!("{k}=(hidden)") } else { format!("{k}={v}") })
         .collect();
     let _ = writeln!(out, "  env:         {}", list(&env));
     let note = f.memory_file.as_deref().map_or("(none)".to_string(), |m| format!("~/{m}"));
@@ -344,12 +334,18 @@ fn check_override(name: &str, o: &FlavorOverride) -> Result<(), FlavorError> {
     let err = |field, why: String| invalid(name, field, why);
     for spec in o.npm.iter().flatten() {
         if spec.is_empty() || spec.starts_with('-') || spec.chars().any(char::is_whitespace) {
-            return Err(err("npm", format!("{spec:?} is not an npm package spec (e.g. \"@openai/codex\" or \"cowsay@1.6.0\")")));
+            return Err(err(
+                "npm",
+                format!("{spec:?} is not an npm package spec (e.g. \"@openai/codex\" or \"cowsay@1.6.0\")"),
+            ));
         }
     }
     for pkg in o.apt.iter().flatten() {
         if !valid_apt(pkg) {
-            return Err(err("apt", format!("{pkg:?} is not a Debian package name (e.g. \"python3-pip\" or \"jq=1.7.1-3\")")));
+            return Err(err(
+                "apt",
+                format!("{pkg:?} is not a Debian package name (e.g. \"python3-pip\" or \"jq=1.7.1-3\")"),
+            ));
         }
     }
     if o.command.iter().flatten().any(|a| a.is_empty()) {
@@ -370,7 +366,10 @@ fn check_override(name: &str, o: &FlavorOverride) -> Result<(), FlavorError> {
     if let Some(m) = o.memory_file.as_deref().filter(|m| !m.is_empty()) {
         let p = Path::new(m);
         if !p.components().all(|c| matches!(c, Component::Normal(_))) {
-            return Err(err("memory_file", format!("{m:?} must be a relative path under the agent home without '..', e.g. \".claude/CLAUDE.md\"")));
+            return Err(err(
+                "memory_file",
+                format!("{m:?} must be a relative path under the agent home without '..', e.g. \".claude/CLAUDE.md\""),
+            ));
         }
     }
     if let Some(v) = &o.version {
@@ -386,12 +385,20 @@ fn check_flavor(f: &Flavor) -> Result<(), FlavorError> {
     crate::net::egress::AllowList::new(&f.allow).map_err(|e| invalid(&f.name, "allow", e.to_string()))?;
     crate::net::egress::AllowList::new(&f.secret_hosts).map_err(|e| invalid(&f.name, "secret_hosts", e.to_string()))?;
     if let Some(key) = f.key_headers.keys().find(|k| !f.keys.contains(k)) {
-        return Err(invalid(&f.name, "key_headers", format!("{key} is not one of the flavor's keys; add it to `keys` or remove it here")));
+        return Err(invalid(
+            &f.name,
+            "key_headers",
+            format!("{key} is not one of the flavor's keys; add it to `keys` or remove it here"),
+        ));
     }
     if let Some(v) = &f.version {
         match f.npm.first() {
             None => {
-                return Err(invalid(&f.name, "version", format!("{v:?} pins nothing: the flavor has no npm package; remove `version`")))
+                return Err(invalid(
+                    &f.name,
+                    "version",
+                    format!("{v:?} pins nothing: the flavor has no npm package; remove `version`"),
+                ))
             }
             Some(first) if npm_version(first).is_some() => {
                 return Err(invalid(
@@ -464,7 +471,9 @@ mod tests {
 
     #[test]
     fn project_overrides_user_overrides_builtin() {
-        let user = layer("[flavors.claude]\nversion = \"1.0.1\"\ndescription = \"mine\"\nenv = { A = \"user\", B = \"user\" }\n");
+        let user = layer(
+            "[flavors.claude]\nversion = \"1.0.1\"\ndescription = \"mine\"\nenv = { A = \"user\", B = \"user\" }\n",
+        );
         let project = layer("[flavors.claude]\nversion = \"2.0.0\"\nenv = { B = \"project\" }\n");
         let all = merge(merge(builtin_flavors(), &user).unwrap(), &project).unwrap();
         let c = &all["claude"];
@@ -505,8 +514,9 @@ mod tests {
 
     #[test]
     fn other_top_level_keys_are_ignored() {
-        let l = parse_flavor_tables("memory = \"2G\"\ncpus = 2\n[flavors.shell]\ndescription = \"x\"\n", Path::new("c"))
-            .unwrap();
+        let l =
+            parse_flavor_tables("memory = \"2G\"\ncpus = 2\n[flavors.shell]\ndescription = \"x\"\n", Path::new("c"))
+                .unwrap();
         assert_eq!(l.len(), 1);
         assert!(parse_flavor_tables("memory = \"2G\"\n", Path::new("c")).unwrap().is_empty());
     }
@@ -521,7 +531,8 @@ mod tests {
         assert!(bad("[flavors.x]\ncommand = [\"a\"]\nenv = { \"1BAD\" = \"v\" }\n").contains("env"));
         assert!(bad("[flavors.x]\ncommand = [\"a\"]\nenv = { HOME = \"/root\" }\n").contains("HOME"));
         assert!(bad("[flavors.x]\ncommand = [\"a\"]\nkeys = [\"A-B\"]\n").contains("keys"));
-        assert!(bad("[flavors.x]\ncommand = [\"a\"]\nkeys = [\"K\"]\nkey_headers = { K = [\"x-api-key\"] }\n").contains("key_headers"));
+        assert!(bad("[flavors.x]\ncommand = [\"a\"]\nkeys = [\"K\"]\nkey_headers = { K = [\"x-api-key\"] }\n")
+            .contains("key_headers"));
         assert!(bad("[flavors.x]\ncommand = [\"a\"]\nmemory_file = \"../x\"\n").contains("memory_file"));
         assert!(bad("[flavors.x]\ncommand = [\"a\"]\nmemory_file = \"/etc/x\"\n").contains("memory_file"));
         assert!(bad("[flavors.x]\ncommand = [\"a\"]\nnpm = [\"--global\"]\n").contains("npm"));
@@ -573,13 +584,20 @@ mod tests {
         assert_eq!(all["claude"].key_headers["ANTHROPIC_API_KEY"], ["x-api-key: {key}", "authorization: Bearer {key}"]);
         assert_eq!(all["gemini"].key_headers["GOOGLE_API_KEY"], ["x-goog-api-key: {key}"]);
         assert_eq!(all["codex"].key_headers["OPENAI_API_KEY"], ["authorization: Bearer {key}"]);
-        assert!(describe(&all["claude"]).contains("key headers: ANTHROPIC_API_KEY in \"x-api-key: {key}\", \"authorization: Bearer {key}\""));
+        assert!(describe(&all["claude"])
+            .contains("key headers: ANTHROPIC_API_KEY in \"x-api-key: {key}\", \"authorization: Bearer {key}\""));
         let e = merge(all.clone(), &layer("[flavors.claude]\nkey_headers = { OTHER_KEY = [\"x-api-key: {key}\"] }\n"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("key_headers") && e.contains("OTHER_KEY is not one of the flavor's keys"), "{e}");
-        let all = merge(all, &layer("[flavors.claude]\nkey_headers = { ANTHROPIC_API_KEY = [\"x-api-key: {key}\"] }\n")).unwrap();
-        assert_eq!(all["claude"].key_headers["ANTHROPIC_API_KEY"], ["x-api-key: {key}"], "the table replaces the old one");
+        let all =
+            merge(all, &layer("[flavors.claude]\nkey_headers = { ANTHROPIC_API_KEY = [\"x-api-key: {key}\"] }\n"))
+                .unwrap();
+        assert_eq!(
+            all["claude"].key_headers["ANTHROPIC_API_KEY"],
+            ["x-api-key: {key}"],
+            "the table replaces the old one"
+        );
     }
 
     #[test]

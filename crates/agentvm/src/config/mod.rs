@@ -23,16 +23,16 @@ use serde::Deserialize;
 
 use std::collections::BTreeMap;
 
-use crate::guest_env::devshell;
-use envvars::{EnvError, GuestEnv};
-use flavor::{Flavor, FlavorError, FlavorOverride, DEFAULT_FLAVOR};
 use crate::guest_env::cri::Runtime;
+use crate::guest_env::devshell;
 use crate::net::egress::{AllowList, EgressError};
 use crate::net::{self, NetBackend, NetError, NetworkMode, PortSpec};
 use crate::paths;
 use crate::vm::share::CacheMode;
-use trust::{FilePattern, ProjectConfig, TrustError, TrustStore};
 use crate::vm::AccelChoice;
+use envvars::{EnvError, GuestEnv};
+use flavor::{Flavor, FlavorError, FlavorOverride, DEFAULT_FLAVOR};
+use trust::{FilePattern, ProjectConfig, TrustError, TrustStore};
 
 /// Default guest memory.
 pub const DEFAULT_MEMORY_MIB: u64 = 4096;
@@ -273,15 +273,11 @@ fn env_choice<T: clap::ValueEnum>(
     value: Option<String>,
     why: &str,
 ) -> Result<Option<T>, SettingsError> {
-    value
-        .map(|v| T::from_str(&v, true).map_err(|_| SettingsError::Env { var, value: v, why: why.into() }))
-        .transpose()
+    value.map(|v| T::from_str(&v, true).map_err(|_| SettingsError::Env { var, value: v, why: why.into() })).transpose()
 }
 
 /// The environment variables agentvm reads, as a layer plus work dir.
-fn env_layer(
-    get: &dyn Fn(&str) -> Option<String>,
-) -> Result<(Layer, Option<PathBuf>), SettingsError> {
+fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<(Layer, Option<PathBuf>), SettingsError> {
     let cpus = match get("AGENTVM_CPUS") {
         Some(v) => Some(v.parse().map_err(|_| SettingsError::Env {
             var: "AGENTVM_CPUS",
@@ -368,8 +364,7 @@ pub fn parse_layer(text: &str, path: &Path) -> Result<Layer, SettingsError> {
 /// Display, which quotes the offending line: whatever the file holds
 /// never reaches an error message.
 pub(crate) fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
-    let message: String =
-        e.message().trim_end().chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let message: String = e.message().trim_end().chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     let Some(span) = e.span() else { return message };
     let before = &text.as_bytes()[..span.start.min(text.len())];
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
@@ -434,9 +429,7 @@ pub fn resolve_with(
     host: HostLimits,
 ) -> Result<Settings, SettingsError> {
     let (env, env_work_dir) = env_layer(get_env)?;
-    let work_dir = real_work_dir(
-        req.work_dir.or(env_work_dir).unwrap_or_else(|| PathBuf::from(".")),
-    )?;
+    let work_dir = real_work_dir(req.work_dir.or(env_work_dir).unwrap_or_else(|| PathBuf::from(".")))?;
     let guarded = GuardedDirs::new(get_env, user_config, trust)?;
     guarded.check("work dir", &work_dir, "pass a project directory with --work-dir or WORK_DIR")?;
     let flags = Layer {
@@ -577,10 +570,16 @@ struct GuardedDirs {
 }
 
 impl GuardedDirs {
-    fn new(get_env: &dyn Fn(&str) -> Option<String>, user_config: &Path, trust: &TrustStore) -> Result<GuardedDirs, SettingsError> {
+    fn new(
+        get_env: &dyn Fn(&str) -> Option<String>,
+        user_config: &Path,
+        trust: &TrustStore,
+    ) -> Result<GuardedDirs, SettingsError> {
         let data = paths::data_dir()?;
         Ok(GuardedDirs {
-            user_home: get_env("HOME").filter(|h| Path::new(h).is_absolute()).map(|h| real_as_far_as_exists(Path::new(&h))),
+            user_home: get_env("HOME")
+                .filter(|h| Path::new(h).is_absolute())
+                .map(|h| real_as_far_as_exists(Path::new(&h))),
             agentvm: vec![
                 ("trust records", real_as_far_as_exists(trust.dir())),
                 ("data dir", real_as_far_as_exists(&data)),
@@ -602,19 +601,31 @@ impl GuardedDirs {
 
     fn problem(&self, dir: &Path) -> Option<String> {
         if dir.parent().is_none() {
-            return Some("is the root of the host's file system: the guest would get every host file read-write".into());
+            return Some(
+                "is the root of the host's file system: the guest would get every host file read-write".into(),
+            );
         }
         if let Some(home) = self.user_home.as_deref().filter(|h| h.starts_with(dir)) {
-            let whose = if home == dir { "is your home directory".to_string() } else { format!("contains your home directory {}", home.display()) };
+            let whose = if home == dir {
+                "is your home directory".to_string()
+            } else {
+                format!("contains your home directory {}", home.display())
+            };
             return Some(format!("{whose}: the guest would get all of it read-write (~/.ssh, shell startup files, agentvm's trust records)"));
         }
         for (name, guarded) in &self.agentvm {
             if guarded.starts_with(dir) {
-                return Some(format!("contains agentvm's {name} {}: the guest could change what later runs trust and get", guarded.display()));
+                return Some(format!(
+                    "contains agentvm's {name} {}: the guest could change what later runs trust and get",
+                    guarded.display()
+                ));
             }
             let in_a_home = dir.starts_with(&self.homes) && dir != self.homes;
             if dir.starts_with(guarded) && !in_a_home {
-                return Some(format!("is inside agentvm's {name} {}: the guest could change what later runs trust and get", guarded.display()));
+                return Some(format!(
+                    "is inside agentvm's {name} {}: the guest could change what later runs trust and get",
+                    guarded.display()
+                ));
             }
         }
         None
@@ -687,8 +698,7 @@ mod tests {
     const HOST: HostLimits = HostLimits { cores: 8, memory_mib: 16384 };
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| m.get(k).cloned()
     }
 
@@ -757,8 +767,14 @@ mod tests {
     fn work_dir_comes_from_env_when_no_flag() {
         let d = tempfile::tempdir().unwrap();
         let r = Request { home: Some(d.path().join("h")), ..Default::default() };
-        let s = resolve_with(r, &env(&[("WORK_DIR", d.path().to_str().unwrap())]), Path::new("/nonexistent"), &no_trust(), HOST)
-            .unwrap();
+        let s = resolve_with(
+            r,
+            &env(&[("WORK_DIR", d.path().to_str().unwrap())]),
+            Path::new("/nonexistent"),
+            &no_trust(),
+            HOST,
+        )
+        .unwrap();
         assert_eq!(s.work_dir, d.path().canonicalize().unwrap());
     }
 
@@ -821,7 +837,8 @@ mod tests {
     fn flag_flavor_beats_env_and_config_default() {
         let d = tempfile::tempdir().unwrap();
         let (_t, trust) = trusted_config(d.path(), "flavor = \"codex\"\n");
-        let s = resolve_with(req(d.path()), &env(&[("AGENTVM_FLAVOR", "gemini")]), Path::new("/x"), &trust, HOST).unwrap();
+        let s =
+            resolve_with(req(d.path()), &env(&[("AGENTVM_FLAVOR", "gemini")]), Path::new("/x"), &trust, HOST).unwrap();
         assert_eq!(s.flavor.name, "gemini");
         let r = Request { flavor: Some("shell".into()), args: vec!["make".into()], ..req(d.path()) };
         let s = resolve_with(r, &env(&[("AGENTVM_FLAVOR", "gemini")]), Path::new("/x"), &trust, HOST).unwrap();
@@ -841,7 +858,9 @@ mod tests {
         use devshell::Mode;
         let d = tempfile::tempdir().unwrap();
         let none = PathBuf::from("/nonexistent/none.toml");
-        let mode_with = |r: Request, e: &[(&str, &str)], t: &TrustStore| resolve_with(r, &env(e), &none, t, HOST).map(|s| s.devshell);
+        let mode_with = |r: Request, e: &[(&str, &str)], t: &TrustStore| {
+            resolve_with(r, &env(e), &none, t, HOST).map(|s| s.devshell)
+        };
         let mode = |r: Request, e: &[(&str, &str)]| mode_with(r, e, &no_trust());
         assert_eq!(mode(req(d.path()), &[]).unwrap(), Mode::Off);
         assert_eq!(mode(req(d.path()), &[("DIRENV_ALLOW", "1")]).unwrap(), Mode::On);
@@ -908,7 +927,8 @@ mod tests {
         let (_t, trust) = trusted_config(d.path(), "net_backend = \"slirp\"\n");
         let s = resolve_with(req(d.path()), &env(&[]), Path::new("/x"), &trust, HOST).unwrap();
         assert_eq!(s.net_backend, NetBackend::Slirp);
-        let s = resolve_with(req(d.path()), &env(&[("AGENTVM_NET_BACKEND", "passt")]), Path::new("/x"), &trust, HOST).unwrap();
+        let s = resolve_with(req(d.path()), &env(&[("AGENTVM_NET_BACKEND", "passt")]), Path::new("/x"), &trust, HOST)
+            .unwrap();
         assert_eq!(s.net_backend, NetBackend::Passt);
         let r = Request { net_backend: Some(NetBackend::Auto), ..req(d.path()) };
         let s = resolve_with(r, &env(&[("AGENTVM_NET_BACKEND", "passt")]), Path::new("/x"), &trust, HOST).unwrap();
@@ -925,7 +945,8 @@ mod tests {
         let (_t, trust) = trusted_config(d.path(), "work_cache = \"always\"\n");
         let s = resolve_with(req(d.path()), &env(&[]), Path::new("/x"), &trust, HOST).unwrap();
         assert_eq!(s.work_cache, CacheMode::Always);
-        let s = resolve_with(req(d.path()), &env(&[("AGENTVM_WORK_CACHE", "Never")]), Path::new("/x"), &trust, HOST).unwrap();
+        let s = resolve_with(req(d.path()), &env(&[("AGENTVM_WORK_CACHE", "Never")]), Path::new("/x"), &trust, HOST)
+            .unwrap();
         assert_eq!(s.work_cache, CacheMode::Never, "the environment wins over the project's file");
         let e = resolve_with(req(d.path()), &env(&[("AGENTVM_WORK_CACHE", "fast")]), Path::new("/x"), &trust, HOST);
         let e = e.unwrap_err().to_string();
@@ -942,12 +963,19 @@ mod tests {
         let s = resolve_with(req(d.path()), &env(&[]), Path::new("/x"), &trust, HOST).unwrap();
         assert_eq!(s.cri, [Runtime::Podman]);
         assert_eq!(s.memory_mib, 8192);
-        let s = resolve_with(req(d.path()), &env(&[("ENABLE_CRI", "docker, containerd")]), Path::new("/x"), &trust, HOST).unwrap();
+        let s =
+            resolve_with(req(d.path()), &env(&[("ENABLE_CRI", "docker, containerd")]), Path::new("/x"), &trust, HOST)
+                .unwrap();
         assert_eq!(s.cri, [Runtime::Docker, Runtime::Containerd]);
         let r = Request { cri: Some("docker".into()), memory: Some("2G".into()), ..req(d.path()) };
         let s = resolve_with(r, &env(&[("ENABLE_CRI", "bogus")]), Path::new("/x"), &trust, HOST).unwrap();
-        assert_eq!((s.cri.as_slice(), s.memory_mib), (&[Runtime::Docker][..], 2048), "the flag wins; memory stays the user's");
-        let e = resolve_with(req(d.path()), &env(&[("ENABLE_CRI", "bogus")]), Path::new("/x"), &trust, HOST).unwrap_err();
+        assert_eq!(
+            (s.cri.as_slice(), s.memory_mib),
+            (&[Runtime::Docker][..], 2048),
+            "the flag wins; memory stays the user's"
+        );
+        let e =
+            resolve_with(req(d.path()), &env(&[("ENABLE_CRI", "bogus")]), Path::new("/x"), &trust, HOST).unwrap_err();
         assert!(e.to_string().contains("ENABLE_CRI"), "{e}");
     }
 
@@ -1000,7 +1028,9 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let trust = TrustStore::at(t.path().join("trust"));
         let hash = trust::digest(&std::fs::read(&target).unwrap());
-        trust.save(&trust::Record::new(&d.path().canonicalize().unwrap(), [(PROJECT_CONFIG.to_string(), hash)])).unwrap();
+        trust
+            .save(&trust::Record::new(&d.path().canonicalize().unwrap(), [(PROJECT_CONFIG.to_string(), hash)]))
+            .unwrap();
         let s = resolve_with(req(d.path()), &env(&[]), Path::new("/x"), &trust, HOST).unwrap();
         assert_eq!(s.memory_mib, DEFAULT_MEMORY_MIB);
         assert!(s.warnings[0].contains("symbolic link") && !s.warnings[0].contains("HOSTFILE"), "{:?}", s.warnings);
@@ -1028,8 +1058,10 @@ mod tests {
         std::fs::create_dir_all(&project).unwrap();
         let trust = TrustStore::at(home.join(".local/share/agentvm/trust"));
         let e_home = [("HOME", home.to_str().unwrap())];
-        let refused = |r: Request| resolve_with(r, &env(&e_home), Path::new("/x"), &trust, HOST).unwrap_err().to_string();
-        let work = |dir: &Path| Request { work_dir: Some(dir.into()), home: Some(project.join("h")), ..Default::default() };
+        let refused =
+            |r: Request| resolve_with(r, &env(&e_home), Path::new("/x"), &trust, HOST).unwrap_err().to_string();
+        let work =
+            |dir: &Path| Request { work_dir: Some(dir.into()), home: Some(project.join("h")), ..Default::default() };
 
         let e = refused(work(Path::new("/")));
         assert!(e.contains("work dir / is the root of the host's file system") && e.contains("--work-dir"), "{e}");
@@ -1039,7 +1071,13 @@ mod tests {
         assert!(e.contains("contains your home directory"), "{e}");
         let e = refused(work(&home.join("src/../.")));
         assert!(e.contains("is your home directory"), "the real path counts: {e}");
-        let e = resolve_with(Request::default(), &env(&[("WORK_DIR", "/"), ("HOME", home.to_str().unwrap())]), Path::new("/x"), &trust, HOST);
+        let e = resolve_with(
+            Request::default(),
+            &env(&[("WORK_DIR", "/"), ("HOME", home.to_str().unwrap())]),
+            Path::new("/x"),
+            &trust,
+            HOST,
+        );
         assert!(e.unwrap_err().to_string().contains("root of the host"));
         let e = refused(Request { home: Some(home.clone()), ..work(&project) });
         assert!(e.contains("agent home") && e.contains("is your home directory") && e.contains("--home"), "{e}");

@@ -21,8 +21,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -31,9 +31,9 @@ use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::config::PROJECT_CONFIG;
 use crate::guest_env::devshell;
 use crate::paths;
-use crate::config::PROJECT_CONFIG;
 
 /// Largest project config read.
 pub const CONFIG_LIMIT: u64 = 1 << 20;
@@ -246,7 +246,11 @@ pub fn devshell_sources(work_dir: &Path, files: &[FilePattern]) -> Result<Source
 }
 
 /// [`devshell_sources`] within `bounds`.
-pub fn devshell_sources_within(work_dir: &Path, files: &[FilePattern], bounds: WalkBounds) -> Result<Sources, TrustError> {
+pub fn devshell_sources_within(
+    work_dir: &Path,
+    files: &[FilePattern],
+    bounds: WalkBounds,
+) -> Result<Sources, TrustError> {
     let root = open_dir(work_dir)?;
     let deadline = Instant::now() + bounds.time;
     let mut walk = Walk { work_dir, bounds, sources: Sources::new(), entries: 0, bytes: 0, deadline };
@@ -266,7 +270,8 @@ fn is_symlink(dir: &OwnedFd, name: &str) -> bool {
 /// Opens the directory `path` itself, not a link to one.
 fn open_dir(path: &Path) -> Result<OwnedFd, TrustError> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    rustix::fs::open(path, flags, Mode::empty()).map_err(|e| TrustError::Read { path: path.to_path_buf(), source: e.into() })
+    rustix::fs::open(path, flags, Mode::empty())
+        .map_err(|e| TrustError::Read { path: path.to_path_buf(), source: e.into() })
 }
 
 /// Whether the entry `name`, at `rel` in the tree, is a dev shell source.
@@ -673,8 +678,10 @@ fn is_nix_source(rel: &str) -> bool {
 pub fn trusted_project_files(work_dir: &Path, store: &TrustStore) -> Result<Vec<FilePattern>, TrustError> {
     let ProjectConfig::Trusted(bytes) = project_config(work_dir, store)? else { return Ok(Vec::new()) };
     let path = work_dir.join(PROJECT_CONFIG);
-    let text = std::str::from_utf8(&bytes).map_err(|_| TrustError::Invalid { path: path.clone(), why: "not UTF-8 text".into() })?;
-    let layer = crate::config::parse_layer(text, &path).map_err(|e| TrustError::Invalid { path, why: e.to_string() })?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| TrustError::Invalid { path: path.clone(), why: "not UTF-8 text".into() })?;
+    let layer =
+        crate::config::parse_layer(text, &path).map_err(|e| TrustError::Invalid { path, why: e.to_string() })?;
     Ok(layer.devshell_files)
 }
 
@@ -708,7 +715,8 @@ pub fn show(store: &TrustStore, work_dir: &Path, user_files: &[FilePattern]) -> 
     let Some(record) = store.load(work_dir)? else {
         return Ok(format!("nothing is trusted in {}\n", work_dir.display()));
     };
-    let mut out = format!("trusted in {} (recorded in {}):\n", work_dir.display(), store.record_path(work_dir).display());
+    let mut out =
+        format!("trusted in {} (recorded in {}):\n", work_dir.display(), store.record_path(work_dir).display());
     let config = read_project_file(work_dir, PROJECT_CONFIG, CONFIG_LIMIT).map(|b| b.map(|b| digest(&b)));
     show_file(&mut out, &record, PROJECT_CONFIG, config);
     let patterns = [user_files, &trusted_project_files(work_dir, store)?].concat();
@@ -942,7 +950,10 @@ mod tests {
         let fifo = std::ffi::CString::new(work.join("nix/fifo.nix").to_str().unwrap()).unwrap();
         // SAFETY: a valid NUL-terminated path; mkfifo has no other preconditions.
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
-        assert!(matches!(devshell_sources(&work, &[]), Err(TrustError::NotRegular { .. })), "a FIFO does not hang the walk");
+        assert!(
+            matches!(devshell_sources(&work, &[]), Err(TrustError::NotRegular { .. })),
+            "a FIFO does not hang the walk"
+        );
     }
 
     fn patterns(list: &[&str]) -> Vec<FilePattern> {
@@ -972,9 +983,15 @@ mod tests {
         }
         let star = &patterns(&["nix/data/*.json", "*", "a*b*c"]);
         assert!(star[0].matches("nix/data/x.json") && !star[0].matches("nix/data/.x.json"));
-        assert!(!star[0].matches("nix/data/x.json.bak") && !star[0].matches("nix/x.json") && !star[0].matches("nix/data/sub/x.json"));
+        assert!(
+            !star[0].matches("nix/data/x.json.bak")
+                && !star[0].matches("nix/x.json")
+                && !star[0].matches("nix/data/sub/x.json")
+        );
         assert!(star[1].matches("README") && !star[1].matches(".hidden") && !star[1].matches("a/README"));
-        assert!(star[2].matches("abc") && star[2].matches("a-b-c") && !star[2].matches("acb") && !star[2].matches("ab"));
+        assert!(
+            star[2].matches("abc") && star[2].matches("a-b-c") && !star[2].matches("acb") && !star[2].matches("ab")
+        );
     }
 
     #[test]
@@ -1001,7 +1018,10 @@ mod tests {
         let shown = trust(&store, &work, &files).unwrap();
         assert!(shown.contains("rust-toolchain.toml") && shown.contains("read on this host"), "{shown}");
         assert!(shown.contains("flake.nix") && shown.contains("evaluated on this host"), "{shown}");
-        assert!(shown.contains("absent.txt") && shown.contains("nodir/*.json") && shown.contains("no such file"), "{shown}");
+        assert!(
+            shown.contains("absent.txt") && shown.contains("nodir/*.json") && shown.contains("no such file"),
+            "{shown}"
+        );
         assert!(!shown.contains("nix/data/*.json   devshell_files names it"), "{shown}");
         let record = store.load(&work).unwrap();
         let untrusted = || Record::untrusted_devshell_files(record.as_ref(), &devshell_sources(&work, &files).unwrap());
@@ -1009,11 +1029,17 @@ mod tests {
         write("rust-toolchain.toml", "[toolchain]\nchannel = \"nightly\"\n");
         write("nix/data/new.json", "{}");
         std::fs::remove_file(work.join("nix/data/a.json")).unwrap();
-        assert_eq!(untrusted(), ["nix/data/a.json", "nix/data/new.json", "rust-toolchain.toml"], "changed, new, removed");
+        assert_eq!(
+            untrusted(),
+            ["nix/data/a.json", "nix/data/new.json", "rust-toolchain.toml"],
+            "changed, new, removed"
+        );
         // The record was made with them: without the setting they count as removed.
         write("rust-toolchain.toml", "[toolchain]\nchannel = \"1.80\"\n");
         let sources = devshell_sources(&work, &[]).unwrap();
-        assert!(Record::untrusted_devshell_files(record.as_ref(), &sources).contains(&"rust-toolchain.toml".to_string()));
+        assert!(
+            Record::untrusted_devshell_files(record.as_ref(), &sources).contains(&"rust-toolchain.toml".to_string())
+        );
 
         // No link is followed, in the last component or before it; no FIFO hangs.
         let outside = d.path().join("outside");
@@ -1021,7 +1047,12 @@ mod tests {
         std::fs::write(outside.join("host.json"), "a host file").unwrap();
         std::os::unix::fs::symlink(&outside, work.join("linkdir")).unwrap();
         std::os::unix::fs::symlink(outside.join("host.json"), work.join("link.json")).unwrap();
-        for (pattern, at) in [("linkdir/host.json", "linkdir"), ("linkdir/*.json", "linkdir"), ("link.json", "link.json"), ("*.json", "link.json")] {
+        for (pattern, at) in [
+            ("linkdir/host.json", "linkdir"),
+            ("linkdir/*.json", "linkdir"),
+            ("link.json", "link.json"),
+            ("*.json", "link.json"),
+        ] {
             let e = devshell_sources(&work, &patterns(&[pattern])).unwrap_err();
             assert!(matches!(&e, TrustError::Symlink { path } if path.ends_with(at)), "{pattern}: {e}");
         }
@@ -1029,7 +1060,10 @@ mod tests {
         // SAFETY: a valid NUL-terminated path; mkfifo has no other preconditions.
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
         assert!(matches!(devshell_sources(&work, &patterns(&["fifo.txt"])), Err(TrustError::NotRegular { .. })));
-        assert!(matches!(devshell_sources(&work, &patterns(&["nix"])), Err(TrustError::NotRegular { .. })), "a directory");
+        assert!(
+            matches!(devshell_sources(&work, &patterns(&["nix"])), Err(TrustError::NotRegular { .. })),
+            "a directory"
+        );
         write("big.bin", "0123456789");
         let bounds = WalkBounds { bytes: 8, ..WalkBounds::DEFAULT };
         let e = devshell_sources_within(&work, &patterns(&["big.bin"]), bounds).unwrap_err().to_string();
@@ -1043,7 +1077,10 @@ mod tests {
         std::fs::write(work.join("extra.txt"), "data").unwrap();
         std::fs::write(work.join(PROJECT_CONFIG), "devshell_files = [\"extra.txt\"]\n").unwrap();
         let shown = trust(&store, &work, &[]).unwrap();
-        assert!(shown.contains("devshell_files = [\"extra.txt\"]") && shown.contains("extra.txt          sha256"), "{shown}");
+        assert!(
+            shown.contains("devshell_files = [\"extra.txt\"]") && shown.contains("extra.txt          sha256"),
+            "{shown}"
+        );
         let record = store.load(&work).unwrap().unwrap();
         assert_eq!(record.files.keys().collect::<Vec<_>>(), [PROJECT_CONFIG, "extra.txt", "flake.nix"]);
         assert_eq!(trusted_project_files(&work, &store).unwrap(), patterns(&["extra.txt"]));
@@ -1069,7 +1106,8 @@ mod tests {
         assert_eq!(devshell_sources_within(&work, &[], bounds).unwrap().len(), 1);
         let e = devshell_sources_within(&work, &[], WalkBounds { entries: 10, ..bounds }).unwrap_err().to_string();
         assert!(e.contains("more than 10 entries") && e.contains("without --devshell"), "{e}");
-        let e = devshell_sources_within(&work, &[], WalkBounds { time: Duration::ZERO, ..bounds }).unwrap_err().to_string();
+        let e =
+            devshell_sources_within(&work, &[], WalkBounds { time: Duration::ZERO, ..bounds }).unwrap_err().to_string();
         assert!(e.contains("took longer"), "{e}");
         let e = devshell_sources_within(&work, &[], WalkBounds { bytes: 1, ..bounds }).unwrap_err().to_string();
         assert!(e.contains("larger than 1 bytes"), "{e}");
@@ -1091,8 +1129,11 @@ mod tests {
     fn show_tells_each_files_standing_and_summary_escapes_control_characters() {
         let (_d, work, store) = fixture();
         assert!(show(&store, &work, &[]).unwrap().starts_with("nothing is trusted"));
-        std::fs::write(work.join(PROJECT_CONFIG), "[flavors.x]\ncommand = [\"a\\u001b[2J\"]\nenv = { API_TOKEN = \"t0k\" }\n")
-            .unwrap();
+        std::fs::write(
+            work.join(PROJECT_CONFIG),
+            "[flavors.x]\ncommand = [\"a\\u001b[2J\"]\nenv = { API_TOKEN = \"t0k\" }\n",
+        )
+        .unwrap();
         std::fs::write(work.join("flake.nix"), "{}").unwrap();
         let shown = trust(&store, &work, &[]).unwrap();
         assert!(!shown.contains('\u{1b}') && shown.contains("flavors.x.command"), "{shown}");

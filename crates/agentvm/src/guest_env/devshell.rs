@@ -102,10 +102,36 @@ const CACHE_VERSION: u32 = 3;
 /// Variables never taken from a dev shell: they belong to the shell that
 /// evaluated it, to the build sandbox, or to the guest.
 const DROPPED: [&str; 30] = [
-    "BASHOPTS", "SHELLOPTS", "BASHPID", "BASH_ARGV0", "PWD", "OLDPWD", "HOME", "USER", "LOGNAME",
-    "TERM", "SHLVL", "SHELL", "PPID", "UID", "EUID", "HOSTNAME", "HOSTTYPE", "MACHTYPE", "OSTYPE",
-    "IFS", "_", "TZ", "NIX_BUILD_TOP", "NIX_LOG_FD", "NIX_ENFORCE_PURITY", "NIX_REMOTE",
-    "NIX_BUILD_CORES", "SSL_CERT_FILE", "DIRENV_DIFF", "DIRENV_WATCHES",
+    "BASHOPTS",
+    "SHELLOPTS",
+    "BASHPID",
+    "BASH_ARGV0",
+    "PWD",
+    "OLDPWD",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "TERM",
+    "SHLVL",
+    "SHELL",
+    "PPID",
+    "UID",
+    "EUID",
+    "HOSTNAME",
+    "HOSTTYPE",
+    "MACHTYPE",
+    "OSTYPE",
+    "IFS",
+    "_",
+    "TZ",
+    "NIX_BUILD_TOP",
+    "NIX_LOG_FD",
+    "NIX_ENFORCE_PURITY",
+    "NIX_REMOTE",
+    "NIX_BUILD_CORES",
+    "SSL_CERT_FILE",
+    "DIRENV_DIFF",
+    "DIRENV_WATCHES",
 ];
 
 /// Temporary-directory variables: kept only when they point into the work dir.
@@ -192,7 +218,12 @@ pub struct Request {
 impl Request {
     /// A request for `work_dir` with this process's environment and the
     /// real Nix store (`$AGENTVM_NIX_STORE` overrides where it is, for tests).
-    pub fn for_host(work_dir: &Path, state_dir: PathBuf, trusted: Option<Record>, devshell_files: Vec<FilePattern>) -> Request {
+    pub fn for_host(
+        work_dir: &Path,
+        state_dir: PathBuf,
+        trusted: Option<Record>,
+        devshell_files: Vec<FilePattern>,
+    ) -> Request {
         Request {
             work_dir: work_dir.to_path_buf(),
             state_dir,
@@ -296,7 +327,10 @@ pub fn load(req: &Request) -> Result<Option<DevShell>, DevshellError> {
         let (raw, base_path) = direnv_env(req, &find_program(req, source)?)?;
         // direnv reads them in the work dir: a result of other files is not used.
         if trust::devshell_sources(&req.work_dir, &req.devshell_files)? != sources {
-            return Err(DevshellError::ChangedDuringEvaluation { dir: req.work_dir.clone(), command: "direnv export json".into() });
+            return Err(DevshellError::ChangedDuringEvaluation {
+                dir: req.work_dir.clone(),
+                command: "direnv export json".into(),
+            });
         }
         (raw, Some(base_path), false)
     };
@@ -415,7 +449,11 @@ fn trusted_sources(req: &Request) -> Result<Sources, DevshellError> {
     let sources = trust::devshell_sources(&req.work_dir, &req.devshell_files)?;
     let untrusted = Record::untrusted_devshell_files(req.trusted.as_ref(), &sources);
     if !untrusted.is_empty() {
-        return Err(DevshellError::Untrusted { dir: req.work_dir.clone(), files: name_list(&untrusted), count: untrusted.len() });
+        return Err(DevshellError::Untrusted {
+            dir: req.work_dir.clone(),
+            files: name_list(&untrusted),
+            count: untrusted.len(),
+        });
     }
     Ok(sources)
 }
@@ -471,11 +509,17 @@ fn nix_env(
     let (format, output) = run_nix(req, source, &program, &command, copy.path(), sources)?;
     // Paths in the copy are paths in the project.
     let output = output.replace(&copy.path().display().to_string(), &req.work_dir.display().to_string());
-    let raw = parse_nix(format, &output)
-        .map_err(|why| DevshellError::Output { dir: req.work_dir.clone(), command: display, why })?;
+    let raw = parse_nix(format, &output).map_err(|why| DevshellError::Output {
+        dir: req.work_dir.clone(),
+        command: display,
+        why,
+    })?;
     let entry = CacheEntry { version: CACHE_VERSION, work_dir: req.work_dir.clone(), key, command, format, output };
     if let Err(e) = write_cache(&cache_path, &entry) {
-        warnings.push(format!("dev shell: cannot write the cache {}: {e}; it is evaluated again next time", cache_path.display()));
+        warnings.push(format!(
+            "dev shell: cannot write the cache {}: {e}; it is evaluated again next time",
+            cache_path.display()
+        ));
     }
     Ok((raw, false))
 }
@@ -613,12 +657,18 @@ fn run_with_env(
             dir: dir.to_path_buf(),
             command,
             status: crate::vm::process::describe(out.status),
-            output: crate::vm::process::tail_lines(strip_ansi(&String::from_utf8_lossy(&out.stderr)).as_bytes(), ERROR_LINES),
+            output: crate::vm::process::tail_lines(
+                strip_ansi(&String::from_utf8_lossy(&out.stderr)).as_bytes(),
+                ERROR_LINES,
+            ),
             note: String::new(),
         });
     }
-    String::from_utf8(out.stdout)
-        .map_err(|_| DevshellError::Output { dir: dir.to_path_buf(), command, why: "not UTF-8".into() })
+    String::from_utf8(out.stdout).map_err(|_| DevshellError::Output {
+        dir: dir.to_path_buf(),
+        command,
+        why: "not UTF-8".into(),
+    })
 }
 
 /// direnv's environment for the work dir, and the PATH it started from.
@@ -634,8 +684,11 @@ fn direnv_env(req: &Request, program: &Path) -> Result<(Vec<(String, String)>, S
     if env.contains_key(&OsString::from("DIRENV_DIFF")) {
         let flat: Vec<(OsString, OsString)> = env.clone().into_iter().collect();
         let undo = run_with_env(program, args, Path::new("/"), &flat, &shown, &req.work_dir)?;
-        let undo = parse_direnv_json(&undo)
-            .map_err(|why| DevshellError::Output { dir: req.work_dir.clone(), command: shell_words(&shown), why })?;
+        let undo = parse_direnv_json(&undo).map_err(|why| DevshellError::Output {
+            dir: req.work_dir.clone(),
+            command: shell_words(&shown),
+            why,
+        })?;
         for (name, value) in undo {
             match value {
                 Some(v) => env.insert(name.into(), v.into()),
@@ -654,8 +707,11 @@ fn direnv_env(req: &Request, program: &Path) -> Result<(Vec<(String, String)>, S
         }
         e => e,
     })?;
-    let diff = parse_direnv_json(&out)
-        .map_err(|why| DevshellError::Output { dir: req.work_dir.clone(), command: shell_words(&shown), why })?;
+    let diff = parse_direnv_json(&out).map_err(|why| DevshellError::Output {
+        dir: req.work_dir.clone(),
+        command: shell_words(&shown),
+        why,
+    })?;
     // A null is a variable the .envrc unsets: the dev shell just does not set it.
     let set = diff.into_iter().filter_map(|(n, v)| v.map(|v| (n, v))).collect();
     Ok((set, base_path))
@@ -783,7 +839,8 @@ pub fn parse_direnv_json(output: &str) -> Result<Vec<(String, Option<String>)>, 
     if output.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let map: BTreeMap<String, Option<String>> = serde_json::from_str(output).map_err(|e| format!("not direnv's JSON: {e}"))?;
+    let map: BTreeMap<String, Option<String>> =
+        serde_json::from_str(output).map_err(|e| format!("not direnv's JSON: {e}"))?;
     Ok(map.into_iter().collect())
 }
 
@@ -846,7 +903,11 @@ pub fn shell_words(argv: &[String]) -> String {
     argv.iter()
         .map(|a| {
             let plain = !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:@+,".contains(c));
-            if plain { a.clone() } else { format!("'{}'", a.replace('\'', "'\\''")) }
+            if plain {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
         })
         .collect::<Vec<_>>()
         .join(" ")
@@ -1045,10 +1106,7 @@ mod tests {
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         assert_eq!(get("GREETING"), Some("flag"));
         assert_eq!(get("ONLY_SHELL"), Some("1"));
-        assert_eq!(
-            get("PATH"),
-            Some("/nix/store/a/bin:/usr/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/sbin:/bin")
-        );
+        assert_eq!(get("PATH"), Some("/nix/store/a/bin:/usr/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/sbin:/bin"));
         let env = apply(&s(&[("PATH", "/mine")]), &shell);
         assert_eq!(env.iter().filter(|(n, _)| n == "PATH").map(|(_, v)| v.as_str()).collect::<Vec<_>>(), ["/mine"]);
         assert!(!format!("{shell:?}").contains("flag") && !format!("{shell:?}").contains("shell\""));
@@ -1217,7 +1275,11 @@ mod tests {
         f.file("flake.nix", "{ outputs = _: {}; }");
         fake_nix_json(&f);
         let e = load(&f.untrusted_request()).unwrap_err().to_string();
-        assert!(e.contains("flake.nix is new, changed or removed") && e.contains(&format!("agentvm trust {}", f.work().display())), "{e}");
+        assert!(
+            e.contains("flake.nix is new, changed or removed")
+                && e.contains(&format!("agentvm trust {}", f.work().display())),
+            "{e}"
+        );
         assert!(f.calls().is_empty(), "nix did not run");
 
         // Trusted: evaluated and cached. Then the guest changes flake.lock.
@@ -1262,8 +1324,22 @@ mod tests {
         let seen = std::fs::read_to_string(seen).unwrap();
         let mut lines = seen.lines();
         let copy = PathBuf::from(lines.next().unwrap());
-        assert!(copy.starts_with(f.dir.path().join("state")) && copy.file_name().unwrap().to_str().unwrap().starts_with("devshell-src."), "{seen}");
-        assert_eq!(lines.collect::<Vec<_>>(), [".", "./flake.lock", "./flake.nix", "./nix", "./nix/shell.nix", "{ outputs = _: import ./nix/shell.nix; }"]);
+        assert!(
+            copy.starts_with(f.dir.path().join("state"))
+                && copy.file_name().unwrap().to_str().unwrap().starts_with("devshell-src."),
+            "{seen}"
+        );
+        assert_eq!(
+            lines.collect::<Vec<_>>(),
+            [
+                ".",
+                "./flake.lock",
+                "./flake.nix",
+                "./nix",
+                "./nix/shell.nix",
+                "{ outputs = _: import ./nix/shell.nix; }"
+            ]
+        );
         assert!(f.calls()[0].ends_with(" --json path:."), "{:?}", f.calls());
         assert!(!copy.exists(), "the copy is removed");
     }
@@ -1340,11 +1416,18 @@ mod tests {
         let e = load(&f.request()).unwrap_err().to_string();
         let hint = e.lines().find(|l| l.contains("devshell_files =")).unwrap_or_else(|| panic!("no hint: {e}"));
         assert!(hint.contains("reads extra.txt of the project") && hint.contains("[\"extra.txt\"]"), "{hint}");
-        assert!(hint.contains(&format!("agentvm trust {}", f.work().display())) && !hint.contains("/nix/store"), "{hint}");
+        assert!(
+            hint.contains(&format!("agentvm trust {}", f.work().display())) && !hint.contains("/nix/store"),
+            "{hint}"
+        );
 
         // Named and trusted: copied for nix, and its content keys the cache.
         let files = vec![FilePattern::try_from("extra.txt".to_string()).unwrap()];
-        let req = |trusted: &Record| Request { trusted: Some(trusted.clone()), devshell_files: files.clone(), ..f.untrusted_request() };
+        let req = |trusted: &Record| Request {
+            trusted: Some(trusted.clone()),
+            devshell_files: files.clone(),
+            ..f.untrusted_request()
+        };
         let trusted = f.trust_now_with(&files);
         assert!(trusted.files.contains_key("extra.txt"));
         let shell = load(&req(&trusted)).unwrap().unwrap();
@@ -1386,7 +1469,10 @@ mod tests {
         let missing = missing_from_copy(&output, &copy, &req, &sources);
         assert_eq!(missing, ["rust-toolchain.toml", "data"]);
         let note = copy_note(&req, &missing);
-        assert!(note.contains("devshell_files = [\"rust-toolchain.toml\", \"data/*\"]") && note.contains("which are not"), "{note}");
+        assert!(
+            note.contains("devshell_files = [\"rust-toolchain.toml\", \"data/*\"]") && note.contains("which are not"),
+            "{note}"
+        );
         assert!(copy_note(&req, &[]).contains("private copy") && !copy_note(&req, &[]).contains("devshell_files ="));
     }
 }

@@ -60,7 +60,9 @@ pub enum HomeError {
     NotPlain { path: PathBuf, kind: &'static str },
     #[error("{path} is larger than the {limit} bytes agentvm reads from the agent home ({size} bytes); it was left alone, without the entries agentvm adds (a real one is a few KB: if this one is not yours, remove it)")]
     TooLarge { path: PathBuf, size: u64, limit: u64 },
-    #[error("{path} is being changed by another program ({lock} exists); if no git or agentvm is running, remove {lock}")]
+    #[error(
+        "{path} is being changed by another program ({lock} exists); if no git or agentvm is running, remove {lock}"
+    )]
     Locked { path: PathBuf, lock: PathBuf },
     #[error("memory note path {path:?} must be relative to the agent home, without '..'")]
     BadNotePath { path: String },
@@ -208,7 +210,9 @@ fn scan_gitconfig(text: &str) -> GitFacts {
         let value = parse_value(&raw);
         match (section.as_str(), key.as_str()) {
             // An empty safe.directory resets the list; `*` trusts everything.
-            ("safe", "directory") => facts.safe_work = value == GUEST_WORK || value == "*" || (facts.safe_work && !value.is_empty()),
+            ("safe", "directory") => {
+                facts.safe_work = value == GUEST_WORK || value == "*" || (facts.safe_work && !value.is_empty())
+            }
             ("user", "name") => facts.user_name = true,
             ("user", "email") => facts.user_email = true,
             _ => {}
@@ -265,10 +269,7 @@ fn parse_value(raw: &str) -> String {
 
 /// Ensures `home/.gitconfig` has the safe directory and, if missing and
 /// `identity` gives one, the identity.
-fn ensure_gitconfig(
-    home: &Path,
-    identity: impl FnOnce() -> Option<(String, String)>,
-) -> Result<(), HomeError> {
+fn ensure_gitconfig(home: &Path, identity: impl FnOnce() -> Option<(String, String)>) -> Result<(), HomeError> {
     let path = home.join(".gitconfig");
     let lock_path = home.join(".gitconfig.lock");
     let dir = open_home(home)?;
@@ -402,7 +403,11 @@ fn write_note_once(home: &Path, rel: &str, contents: &str) -> Result<bool, HomeE
             Ok(true)
         } else {
             let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::AlreadyExists { Ok(false) } else { Err(e) }
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                Ok(false)
+            } else {
+                Err(e)
+            }
         }
     })();
     // SAFETY: removing our temporary name in a directory fd we hold.
@@ -419,9 +424,7 @@ fn cstr(s: &str) -> CString {
 
 fn unique() -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     format!("{}-{nanos}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
@@ -503,10 +506,11 @@ fn read_nofollow(dir: &OwnedFd, name: &str, path: &Path) -> Result<Option<(Vec<u
     }
     // The guest may be growing it right now: read at most one byte more.
     let mut bytes = Vec::new();
-    (&mut file)
-        .take(MAX_READ + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|source| HomeError::Io { what: "read", path: path.into(), source })?;
+    (&mut file).take(MAX_READ + 1).read_to_end(&mut bytes).map_err(|source| HomeError::Io {
+        what: "read",
+        path: path.into(),
+        source,
+    })?;
     if bytes.len() as u64 > MAX_READ {
         return Err(too_large(bytes.len() as u64));
     }
@@ -524,7 +528,11 @@ fn exists_nofollow(dir: &OwnedFd, name: &CString) -> io::Result<bool> {
         return Ok(true);
     }
     let e = io::Error::last_os_error();
-    if e.kind() == io::ErrorKind::NotFound { Ok(false) } else { Err(e) }
+    if e.kind() == io::ErrorKind::NotFound {
+        Ok(false)
+    } else {
+        Err(e)
+    }
 }
 
 fn fchmod(file: &File, mode: libc::mode_t) -> io::Result<()> {
@@ -660,7 +668,10 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains(".gitconfig") && msg.contains("left alone") && msg.contains("remove it"), "{msg}");
         let after = std::fs::metadata(&p).unwrap();
-        assert_eq!((after.len(), after.mtime(), after.mtime_nsec()), (before.len(), before.mtime(), before.mtime_nsec()));
+        assert_eq!(
+            (after.len(), after.mtime(), after.mtime_nsec()),
+            (before.len(), before.mtime(), before.mtime_nsec())
+        );
         assert!(!d.path().join(".gitconfig.lock").exists());
     }
 

@@ -56,11 +56,9 @@ impl Mode {
 /// Checks that the host can build: the tools are installed and, for a
 /// normal user, subordinate ids exist. Returns the mmdebstrap mode to use.
 pub(crate) fn check_host() -> Result<Mode, ImageError> {
-    for (tool, package) in [
-        ("mmdebstrap", "mmdebstrap"),
-        ("mmtarfilter", "mmdebstrap"),
-        ("tar2sqfs", "squashfs-tools-ng"),
-    ] {
+    for (tool, package) in
+        [("mmdebstrap", "mmdebstrap"), ("mmtarfilter", "mmdebstrap"), ("tar2sqfs", "squashfs-tools-ng")]
+    {
         require_tool(tool, package)?;
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -75,20 +73,14 @@ pub(crate) fn check_host() -> Result<Mode, ImageError> {
     for file in ["/etc/subuid", "/etc/subgid"] {
         let text = fs::read_to_string(file).unwrap_or_default();
         if !has_subordinate_ids(&text, user.as_deref(), uid) {
-            return Err(ImageError::NoSubordinateIds {
-                user: user.clone().unwrap_or(uid.to_string()),
-                file,
-            });
+            return Err(ImageError::NoSubordinateIds { user: user.clone().unwrap_or(uid.to_string()), file });
         }
     }
     Ok(Mode::Unshare)
 }
 
 /// `Err(MissingTool)` unless `tool` is an executable on `$PATH`.
-pub(super) fn require_tool(
-    tool: &'static str,
-    package: &'static str,
-) -> Result<PathBuf, ImageError> {
+pub(super) fn require_tool(tool: &'static str, package: &'static str) -> Result<PathBuf, ImageError> {
     find_on_path(tool).ok_or(ImageError::MissingTool { tool, package })
 }
 
@@ -159,9 +151,7 @@ pub(crate) fn build_in(
         recipe: recipe.clone(),
         kernel_release: root.release.clone(),
         modules,
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         size_bytes: 0,
         compressor: compressor.to_string(),
         package_versions: meta::installed_versions(&root.dpkg_status, &recipe.packages),
@@ -183,12 +173,7 @@ pub(crate) fn discard_bulk(dir: &Path) {
 }
 
 /// Step 1: the root as a tarball.
-fn run_mmdebstrap(
-    steps: &mut Steps,
-    dir: &Path,
-    recipe: &Recipe,
-    mode: Mode,
-) -> Result<(), ImageError> {
+fn run_mmdebstrap(steps: &mut Steps, dir: &Path, recipe: &Recipe, mode: Mode) -> Result<(), ImageError> {
     let mut cmd = Command::new("mmdebstrap");
     cmd.arg("--variant=minbase")
         .arg(mode.as_arg())
@@ -197,9 +182,7 @@ fn run_mmdebstrap(
     for opt in DPKG_EXCLUDES {
         cmd.arg(format!("--dpkgopt={opt}"));
     }
-    cmd.arg(&recipe.suite)
-        .arg(dir.join(ROOT_TAR))
-        .arg(&recipe.mirror);
+    cmd.arg(&recipe.suite).arg(dir.join(ROOT_TAR)).arg(&recipe.mirror);
     steps.begin("mmdebstrap");
     steps.run(&mut cmd)
 }
@@ -235,11 +218,7 @@ pub(crate) fn tar2sqfs(compressor: &str, out: &Path) -> Command {
 /// The squashfs compressor: lz4 decompresses fastest (it matters under TCG);
 /// fall back to what the kernel config says it supports.
 pub(crate) fn pick_compressor(kernel_config: &str) -> &'static str {
-    let has = |opt: &str| {
-        kernel_config
-            .lines()
-            .any(|l| l.trim() == format!("CONFIG_SQUASHFS_{opt}=y"))
-    };
+    let has = |opt: &str| kernel_config.lines().any(|l| l.trim() == format!("CONFIG_SQUASHFS_{opt}=y"));
     if kernel_config.is_empty() {
         return "lz4";
     }
@@ -251,19 +230,11 @@ pub(crate) fn pick_compressor(kernel_config: &str) -> &'static str {
 
 /// Step 4: the boot modules' closure, uncompressed into `modules/`.
 /// Returns their file names in load order.
-fn install_boot_modules(
-    steps: &mut Steps,
-    dir: &Path,
-    root: &Extracted,
-) -> Result<Vec<String>, ImageError> {
+fn install_boot_modules(steps: &mut Steps, dir: &Path, root: &Extracted) -> Result<Vec<String>, ImageError> {
     let deps = kmod::parse_modules_dep(&root.modules_dep);
     let builtin = kmod::parse_modules_builtin(&root.modules_builtin);
-    let order = kmod::load_order(&deps, &builtin, BOOT_MODULES, OPTIONAL_BOOT_MODULES).map_err(
-        |module| ImageError::MissingModule {
-            module,
-            release: root.release.clone(),
-        },
-    )?;
+    let order = kmod::load_order(&deps, &builtin, BOOT_MODULES, OPTIONAL_BOOT_MODULES)
+        .map_err(|module| ImageError::MissingModule { module, release: root.release.clone() })?;
     let out_dir = dir.join(MODULES_DIR);
     fs::create_dir(&out_dir).map_err(ImageError::io("cannot create", &out_dir))?;
     let src_dir = dir.join(ALL_MODULES_DIR).join(&root.release);
@@ -359,24 +330,18 @@ impl Extracted {
         let mut configs = BTreeMap::new();
         let mut module_files: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         let mut dpkg_status = String::new();
-        let entries = archive
-            .entries()
-            .map_err(ImageError::io("cannot read tar", tar_path))?;
+        let entries = archive.entries().map_err(ImageError::io("cannot read tar", tar_path))?;
         for entry in entries {
             let mut entry = entry.map_err(ImageError::io("cannot read tar", tar_path))?;
             if !entry.header().entry_type().is_file() {
                 continue;
             }
-            let path = entry
-                .path()
-                .map_err(ImageError::io("cannot read tar", tar_path))?;
+            let path = entry.path().map_err(ImageError::io("cannot read tar", tar_path))?;
             let path = path.to_string_lossy().trim_start_matches("./").to_string();
             match classify(&path) {
                 Member::Kernel(release) => {
                     let dst = dir.join(KERNEL_FILE);
-                    entry
-                        .unpack(&dst)
-                        .map_err(ImageError::io("cannot unpack kernel to", &dst))?;
+                    entry.unpack(&dst).map_err(ImageError::io("cannot unpack kernel to", &dst))?;
                     kernels.push(release);
                 }
                 Member::Config(release) => {
@@ -389,12 +354,9 @@ impl Extracted {
                 Member::Module(release, rel) => {
                     let dst = dir.join(ALL_MODULES_DIR).join(&release).join(&rel);
                     if let Some(parent) = dst.parent() {
-                        fs::create_dir_all(parent)
-                            .map_err(ImageError::io("cannot create", parent))?;
+                        fs::create_dir_all(parent).map_err(ImageError::io("cannot create", parent))?;
                     }
-                    entry
-                        .unpack(&dst)
-                        .map_err(ImageError::io("cannot unpack module to", &dst))?;
+                    entry.unpack(&dst).map_err(ImageError::io("cannot unpack module to", &dst))?;
                 }
                 Member::DpkgStatus => dpkg_status = read_text(&mut entry, tar_path)?,
                 Member::Other => {}
@@ -402,22 +364,12 @@ impl Extracted {
         }
         let release = match kernels.as_slice() {
             [one] => one.clone(),
-            [] => {
-                return Err(ImageError::Kernel {
-                    reason: "no boot/vmlinuz-* file".into(),
-                })
-            }
-            many => {
-                return Err(ImageError::Kernel {
-                    reason: format!("several kernels ({})", many.join(", ")),
-                })
-            }
+            [] => return Err(ImageError::Kernel { reason: "no boot/vmlinuz-* file".into() }),
+            many => return Err(ImageError::Kernel { reason: format!("several kernels ({})", many.join(", ")) }),
         };
         let mut meta = module_files.remove(&release).unwrap_or_default();
         let Some(modules_dep) = meta.remove("modules.dep") else {
-            return Err(ImageError::Kernel {
-                reason: format!("no lib/modules/{release}/modules.dep"),
-            });
+            return Err(ImageError::Kernel { reason: format!("no lib/modules/{release}/modules.dep") });
         };
         Ok(Extracted {
             config: configs.remove(&release),
@@ -458,19 +410,13 @@ fn classify(path: &str) -> Member {
     if path == "var/lib/dpkg/status" {
         return Member::DpkgStatus;
     }
-    let in_modules = path
-        .strip_prefix("usr/lib/modules/")
-        .or_else(|| path.strip_prefix("lib/modules/"));
+    let in_modules = path.strip_prefix("usr/lib/modules/").or_else(|| path.strip_prefix("lib/modules/"));
     let Some((release, rest)) = in_modules.and_then(|p| p.split_once('/')) else {
         return Member::Other;
     };
     match rest {
-        "modules.dep" | "modules.builtin" => {
-            Member::ModuleMeta(release.to_string(), rest.to_string())
-        }
-        _ if rest.contains(".ko") && !rest.contains("..") => {
-            Member::Module(release.to_string(), rest.to_string())
-        }
+        "modules.dep" | "modules.builtin" => Member::ModuleMeta(release.to_string(), rest.to_string()),
+        _ if rest.contains(".ko") && !rest.contains("..") => Member::Module(release.to_string(), rest.to_string()),
         _ => Member::Other,
     }
 }
@@ -478,9 +424,7 @@ fn classify(path: &str) -> Member {
 /// Reads a tar member as UTF-8 text (lossily).
 fn read_text(entry: &mut impl Read, tar_path: &Path) -> Result<String, ImageError> {
     let mut bytes = Vec::new();
-    entry
-        .read_to_end(&mut bytes)
-        .map_err(ImageError::io("cannot read tar", tar_path))?;
+    entry.read_to_end(&mut bytes).map_err(ImageError::io("cannot read tar", tar_path))?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
@@ -498,12 +442,7 @@ impl<'a> Steps<'a> {
     pub(super) fn new(dir: &Path, progress: &'a mut dyn Progress) -> Result<Steps<'a>, ImageError> {
         let logs = dir.join(LOGS_DIR);
         fs::create_dir_all(&logs).map_err(ImageError::io("cannot create", &logs))?;
-        Ok(Steps {
-            logs,
-            progress,
-            step: String::new(),
-            count: 0,
-        })
+        Ok(Steps { logs, progress, step: String::new(), count: 0 })
     }
 
     /// Starts a step: shows it and opens its log.
@@ -515,11 +454,7 @@ impl<'a> Steps<'a> {
 
     /// The current step's log file.
     fn log_path(&self) -> PathBuf {
-        self.logs.join(format!(
-            "{:02}-{}.log",
-            self.count,
-            self.step.replace(' ', "-")
-        ))
+        self.logs.join(format!("{:02}-{}.log", self.count, self.step.replace(' ', "-")))
     }
 
     /// Opens the current step's log for appending (a step may run several commands).
@@ -543,9 +478,7 @@ impl<'a> Steps<'a> {
     /// Runs `cmd` to completion with stdout and stderr in the step's log.
     pub(super) fn run(&mut self, cmd: &mut Command) -> Result<(), ImageError> {
         let log = self.log_file(&show_command(cmd))?;
-        let out = log
-            .try_clone()
-            .map_err(ImageError::io("cannot write", self.log_path()))?;
+        let out = log.try_clone().map_err(ImageError::io("cannot write", self.log_path()))?;
         self.run_logged(cmd, out, log)
     }
 
@@ -558,9 +491,7 @@ impl<'a> Steps<'a> {
     fn run_logged(&mut self, cmd: &mut Command, out: File, log: File) -> Result<(), ImageError> {
         let command = show_command(cmd);
         cmd.stdin(Stdio::null()).stdout(out).stderr(log);
-        let status = cmd
-            .status()
-            .map_err(|source| self.spawn_error(&command, source))?;
+        let status = cmd.status().map_err(|source| self.spawn_error(&command, source))?;
         self.check(&command, status)
     }
 
@@ -573,20 +504,11 @@ impl<'a> Steps<'a> {
         second: &mut Command,
     ) -> Result<(), ImageError> {
         let redirect = input.map_or(String::new(), |i| format!(" < {}", i.display()));
-        let command = format!(
-            "{}{redirect} | {}",
-            show_command(first),
-            show_command(second)
-        );
+        let command = format!("{}{redirect} | {}", show_command(first), show_command(second));
         let log = self.log_file(&command)?;
-        let clone = |f: &File| {
-            f.try_clone()
-                .map_err(ImageError::io("cannot write", self.log_path()))
-        };
+        let clone = |f: &File| f.try_clone().map_err(ImageError::io("cannot write", self.log_path()));
         let stdin = match input {
-            Some(input) => {
-                Stdio::from(File::open(input).map_err(ImageError::io("cannot open", input))?)
-            }
+            Some(input) => Stdio::from(File::open(input).map_err(ImageError::io("cannot open", input))?),
             None => Stdio::null(),
         };
         let mut head = first
@@ -605,11 +527,7 @@ impl<'a> Steps<'a> {
     }
 
     fn spawn_error(&self, command: &str, source: std::io::Error) -> ImageError {
-        ImageError::Spawn {
-            step: self.step.clone(),
-            command: command.to_string(),
-            source,
-        }
+        ImageError::Spawn { step: self.step.clone(), command: command.to_string(), source }
     }
 
     /// `Err(StepFailed)` with the log's tail unless `status` is success.
@@ -634,9 +552,7 @@ fn show_command(cmd: &Command) -> String {
         .chain(cmd.get_args())
         .map(|a| {
             let a = a.to_string_lossy();
-            if a.chars()
-                .any(|c| c.is_whitespace() || "*?'\"$;&|<>".contains(c))
-            {
+            if a.chars().any(|c| c.is_whitespace() || "*?'\"$;&|<>".contains(c)) {
                 format!("'{}'", a.replace('\'', "'\\''"))
             } else {
                 a.into_owned()
@@ -675,15 +591,12 @@ pub(super) fn collect_logs(dir: &Path) -> Result<(), ImageError> {
 /// user whose cache points here can boot the image.
 pub(crate) fn make_world_readable(dir: &Path) -> Result<(), ImageError> {
     let set = |path: &Path, mode: u32| {
-        fs::set_permissions(path, fs::Permissions::from_mode(mode))
-            .map_err(ImageError::io("cannot chmod", path))
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(ImageError::io("cannot chmod", path))
     };
     set(dir, 0o755)?;
     for entry in fs::read_dir(dir).map_err(ImageError::io("cannot read", dir))? {
         let entry = entry.map_err(ImageError::io("cannot read", dir))?;
-        let kind = entry
-            .file_type()
-            .map_err(ImageError::io("cannot stat", entry.path()))?;
+        let kind = entry.file_type().map_err(ImageError::io("cannot stat", entry.path()))?;
         if kind.is_dir() {
             make_world_readable(&entry.path())?;
         } else if kind.is_file() {
@@ -698,14 +611,8 @@ pub(crate) fn dir_size(dir: &Path) -> Result<u64, ImageError> {
     let mut total = 0;
     for entry in fs::read_dir(dir).map_err(ImageError::io("cannot read", dir))? {
         let entry = entry.map_err(ImageError::io("cannot read", dir))?;
-        let meta = entry
-            .metadata()
-            .map_err(ImageError::io("cannot stat", entry.path()))?;
-        total += if meta.is_dir() {
-            dir_size(&entry.path())?
-        } else {
-            meta.len()
-        };
+        let meta = entry.metadata().map_err(ImageError::io("cannot stat", entry.path()))?;
+        total += if meta.is_dir() { dir_size(&entry.path())? } else { meta.len() };
     }
     Ok(total)
 }
@@ -719,8 +626,7 @@ fn write_meta(dir: &Path, meta: &ImageMeta) -> Result<(), ImageError> {
 pub(super) fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), ImageError> {
     let json = serde_json::to_string_pretty(value).expect("metadata serializes");
     fs::write(path, json + "\n").map_err(ImageError::io("cannot write", path))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o644))
-        .map_err(ImageError::io("cannot chmod", path))
+    fs::set_permissions(path, fs::Permissions::from_mode(0o644)).map_err(ImageError::io("cannot chmod", path))
 }
 
 fn remove_file(path: &Path) -> Result<(), ImageError> {
@@ -737,14 +643,8 @@ mod tests {
 
     #[test]
     fn classify_finds_kernel_modules_and_status_in_both_layouts() {
-        assert_eq!(
-            classify("boot/vmlinuz-6.12-cloud"),
-            Member::Kernel("6.12-cloud".into())
-        );
-        assert_eq!(
-            classify("boot/config-6.12-cloud"),
-            Member::Config("6.12-cloud".into())
-        );
+        assert_eq!(classify("boot/vmlinuz-6.12-cloud"), Member::Kernel("6.12-cloud".into()));
+        assert_eq!(classify("boot/config-6.12-cloud"), Member::Config("6.12-cloud".into()));
         assert_eq!(
             classify("usr/lib/modules/6.12/modules.dep"),
             Member::ModuleMeta("6.12".into(), "modules.dep".into())
@@ -753,24 +653,15 @@ mod tests {
             classify("lib/modules/6.12/kernel/fs/overlayfs/overlay.ko.xz"),
             Member::Module("6.12".into(), "kernel/fs/overlayfs/overlay.ko.xz".into())
         );
-        assert_eq!(
-            classify("usr/lib/modules/6.12/modules.alias"),
-            Member::Other
-        );
+        assert_eq!(classify("usr/lib/modules/6.12/modules.alias"), Member::Other);
         assert_eq!(classify("var/lib/dpkg/status"), Member::DpkgStatus);
         assert_eq!(classify("usr/bin/git"), Member::Other);
     }
 
     #[test]
     fn pick_compressor_prefers_lz4_then_falls_back() {
-        assert_eq!(
-            pick_compressor("CONFIG_SQUASHFS_LZ4=y\nCONFIG_SQUASHFS_XZ=y\n"),
-            "lz4"
-        );
-        assert_eq!(
-            pick_compressor("# CONFIG_SQUASHFS_LZ4 is not set\nCONFIG_SQUASHFS_ZSTD=y\n"),
-            "zstd"
-        );
+        assert_eq!(pick_compressor("CONFIG_SQUASHFS_LZ4=y\nCONFIG_SQUASHFS_XZ=y\n"), "lz4");
+        assert_eq!(pick_compressor("# CONFIG_SQUASHFS_LZ4 is not set\nCONFIG_SQUASHFS_ZSTD=y\n"), "zstd");
         assert_eq!(pick_compressor("CONFIG_SQUASHFS_ZLIB=y\n"), "gzip");
         assert_eq!(pick_compressor(""), "lz4");
     }

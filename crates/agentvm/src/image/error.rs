@@ -8,7 +8,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     /// Neither `$XDG_CACHE_HOME` nor `$HOME` gives a cache directory.
-    #[error("cannot find the image cache: neither $XDG_CACHE_HOME nor $HOME is set to an absolute path; set one of them")]
+    #[error(
+        "cannot find the image cache: neither $XDG_CACHE_HOME nor $HOME is set to an absolute path; set one of them"
+    )]
     NoCacheDir,
 
     /// A file system operation failed.
@@ -128,15 +130,8 @@ pub enum ImageError {
 
 impl ImageError {
     /// Wraps an I/O error with what was being done to which path.
-    pub(crate) fn io(
-        action: &'static str,
-        path: impl Into<PathBuf>,
-    ) -> impl FnOnce(std::io::Error) -> ImageError {
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ImageError {
         let path = path.into();
-        move |source| ImageError::Io {
-            action,
-            path,
-            source,
-        }
+        move |source| ImageError::Io { action, path, source }
     }
 }

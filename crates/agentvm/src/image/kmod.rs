@@ -39,11 +39,7 @@ pub fn module_name(path: &str) -> String {
 /// The image's boot module files (e.g. `virtio_net.ko`) a launch loads:
 /// all of them, less [`NETWORK_MODULES`] when the guest gets no interface.
 pub fn modules_for_launch(files: &[String], network: bool) -> Vec<String> {
-    files
-        .iter()
-        .filter(|f| network || !NETWORK_MODULES.contains(&module_name(f).as_str()))
-        .cloned()
-        .collect()
+    files.iter().filter(|f| network || !NETWORK_MODULES.contains(&module_name(f).as_str())).cloned().collect()
 }
 
 /// The trailer the kernel's sign-file appends after a module's signature.
@@ -102,11 +98,7 @@ pub fn parse_modules_dep(text: &str) -> ModuleDeps {
 
 /// Parses `modules.builtin` (one path per line) into module names.
 pub fn parse_modules_builtin(text: &str) -> HashSet<String> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(module_name)
-        .collect()
+    text.lines().map(str::trim).filter(|l| !l.is_empty()).map(module_name).collect()
 }
 
 /// A module to load, in order.
@@ -129,9 +121,7 @@ pub fn load_order(
     optional: &[&str],
 ) -> Result<Vec<BootModule>, String> {
     let known = |n: &str| deps.contains_key(n) || builtin.contains(n);
-    let roots = required
-        .iter()
-        .chain(optional.iter().filter(|n| known(&module_name(n))));
+    let roots = required.iter().chain(optional.iter().filter(|n| known(&module_name(n))));
     let mut order = Vec::new();
     let mut seen = HashSet::new();
     for root in roots {
@@ -152,21 +142,14 @@ fn visit(
         return Ok(());
     }
     let Some(entry) = deps.get(name) else {
-        return if builtin.contains(name) {
-            Ok(())
-        } else {
-            Err(name.to_string())
-        };
+        return if builtin.contains(name) { Ok(()) } else { Err(name.to_string()) };
     };
     // modprobe loads the listed dependencies last to first; follow it so the
     // order matches what a stock initramfs would do.
     for dep in entry.deps.iter().rev() {
         visit(dep, deps, builtin, seen, order)?;
     }
-    order.push(BootModule {
-        name: name.to_string(),
-        path: entry.path.clone(),
-    });
+    order.push(BootModule { name: name.to_string(), path: entry.path.clone() });
     Ok(())
 }
 
@@ -247,10 +230,7 @@ kernel/drivers/virtio/virtio_pci.ko
 
     #[test]
     fn module_name_strips_dir_suffix_and_dashes() {
-        assert_eq!(
-            module_name("kernel/drivers/char/hw_random/virtio-rng.ko.xz"),
-            "virtio_rng"
-        );
+        assert_eq!(module_name("kernel/drivers/char/hw_random/virtio-rng.ko.xz"), "virtio_rng");
         assert_eq!(module_name("overlay.ko"), "overlay");
         assert_eq!(module_name("x/fuse.ko.zst"), "fuse");
         assert_eq!(module_name("virtio-net"), "virtio_net");

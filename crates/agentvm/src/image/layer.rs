@@ -58,21 +58,14 @@ struct LayerKeyInput<'a> {
 impl LayerRecipe {
     /// A layer named `name` of the npm packages `specs`.
     pub fn new(name: &str, specs: &[&str]) -> LayerRecipe {
-        LayerRecipe {
-            name: name.to_string(),
-            npm: specs.iter().map(|s| s.to_string()).collect(),
-        }
+        LayerRecipe { name: name.to_string(), npm: specs.iter().map(|s| s.to_string()).collect() }
     }
 
     /// SHA-256 (64 lowercase hex digits) of the canonical JSON of the recipe
     /// and [`LAYER_FORMAT`]. Spec order and duplicates do not matter.
     pub fn key(&self) -> String {
-        let input = LayerKeyInput {
-            format: LAYER_FORMAT,
-            kind: "npm-layer",
-            name: &self.name,
-            npm: self.sorted_specs(),
-        };
+        let input =
+            LayerKeyInput { format: LAYER_FORMAT, kind: "npm-layer", name: &self.name, npm: self.sorted_specs() };
         // Struct fields serialize in declaration order: the JSON is canonical.
         let json = serde_json::to_vec(&input).expect("layer recipe serializes");
         hex(&Sha256::digest(json))
@@ -102,10 +95,7 @@ impl LayerRecipe {
     /// Checks that the name is usable in a directory name and every spec is
     /// a registry package name with an optional version.
     pub fn validate(&self) -> Result<(), ImageError> {
-        let invalid = |reason: String| ImageError::InvalidRecipe {
-            name: self.name.clone(),
-            reason,
-        };
+        let invalid = |reason: String| ImageError::InvalidRecipe { name: self.name.clone(), reason };
         if !is_valid_name(&self.name) {
             return Err(invalid(NAME_RULE.into()));
         }
@@ -139,14 +129,12 @@ pub fn package_name(spec: &str) -> Option<&str> {
         !w.is_empty()
             && !w.starts_with(['.', '_', '-'])
             && w.len() <= 214
-            && w.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-._~".contains(c))
+            && w.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-._~".contains(c))
     };
     let version_ok = |v: &str| {
         !v.is_empty()
             && !v.starts_with('-')
-            && v.chars()
-                .all(|c| c.is_ascii_alphanumeric() || ".-+_^~<>=*|".contains(c))
+            && v.chars().all(|c| c.is_ascii_alphanumeric() || ".-+_^~<>=*|".contains(c))
     };
     if !word_ok(name) || !scope.is_none_or(word_ok) || !version.is_none_or(version_ok) {
         return None;
@@ -196,12 +184,8 @@ impl Layer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(ImageError::io("cannot read", path)(e)),
         };
-        let meta =
-            serde_json::from_slice(&text).map_err(|source| ImageError::BadMeta { path, source })?;
-        Ok(Some(Layer {
-            dir: dir.to_path_buf(),
-            meta,
-        }))
+        let meta = serde_json::from_slice(&text).map_err(|source| ImageError::BadMeta { path, source })?;
+        Ok(Some(Layer { dir: dir.to_path_buf(), meta }))
     }
 
     /// The squashfs holding the layer's `/usr/local` (its root is the guest's `/`).
@@ -217,20 +201,14 @@ impl Layer {
 
 /// The `version` of each package in `node_modules/<package>/package.json`.
 /// A package without a readable version is an error: npm did not install it.
-pub fn installed_versions(
-    node_modules: &Path,
-    packages: &[&str],
-) -> Result<BTreeMap<String, String>, String> {
+pub fn installed_versions(node_modules: &Path, packages: &[&str]) -> Result<BTreeMap<String, String>, String> {
     packages
         .iter()
         .map(|package| {
             let manifest = read_manifest(node_modules, package)?;
             match manifest.get("version").and_then(|v| v.as_str()) {
                 Some(version) => Ok((package.to_string(), version.to_string())),
-                None => Err(format!(
-                    "{} has no version",
-                    manifest_path(node_modules, package).display()
-                )),
+                None => Err(format!("{} has no version", manifest_path(node_modules, package).display())),
             }
         })
         .collect()
@@ -267,9 +245,7 @@ mod tests {
         let r = LayerRecipe::new("claude", &["@anthropic-ai/claude-code"]);
         let key = r.key();
         assert_eq!(key.len(), 64);
-        assert!(key
-            .chars()
-            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(key.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert_eq!(key, r.clone().key());
     }
 
@@ -309,10 +285,7 @@ mod tests {
         assert_eq!(package_name("left-pad"), Some("left-pad"));
         assert_eq!(package_name("left-pad@1.3.0"), Some("left-pad"));
         assert_eq!(package_name("@openai/codex"), Some("@openai/codex"));
-        assert_eq!(
-            package_name("@anthropic-ai/claude-code@2.0.1"),
-            Some("@anthropic-ai/claude-code")
-        );
+        assert_eq!(package_name("@anthropic-ai/claude-code@2.0.1"), Some("@anthropic-ai/claude-code"));
         assert_eq!(package_name("x@^1.2 || >=3"), None);
         assert_eq!(package_name("x@latest"), Some("x"));
         for bad in [
@@ -337,9 +310,7 @@ mod tests {
 
     #[test]
     fn validate_rejects_bad_names_and_specs() {
-        assert!(LayerRecipe::new("claude", &["@anthropic-ai/claude-code"])
-            .validate()
-            .is_ok());
+        assert!(LayerRecipe::new("claude", &["@anthropic-ai/claude-code"]).validate().is_ok());
         assert!(LayerRecipe::new("../x", &["a"]).validate().is_err());
         assert!(LayerRecipe::new("x", &[]).validate().is_err());
         assert!(LayerRecipe::new("x", &["--prefix=/"]).validate().is_err());
@@ -361,16 +332,8 @@ mod tests {
     fn installed_versions_reads_package_json_of_each_package() {
         let tmp = tempfile::tempdir().unwrap();
         let nm = tmp.path();
-        write_manifest(
-            nm,
-            "@openai/codex",
-            r#"{"name":"@openai/codex","version":"0.171.0"}"#,
-        );
-        write_manifest(
-            nm,
-            "plain",
-            r#"{"name":"plain","version":"1.2.3","bin":"cli.js"}"#,
-        );
+        write_manifest(nm, "@openai/codex", r#"{"name":"@openai/codex","version":"0.171.0"}"#);
+        write_manifest(nm, "plain", r#"{"name":"plain","version":"1.2.3","bin":"cli.js"}"#);
         let v = installed_versions(nm, &["@openai/codex", "plain"]).unwrap();
         assert_eq!(v.len(), 2);
         assert_eq!(v["@openai/codex"], "0.171.0");
@@ -382,12 +345,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let nm = tmp.path();
         write_manifest(nm, "noversion", r#"{"name":"noversion"}"#);
-        assert!(installed_versions(nm, &["absent"])
-            .unwrap_err()
-            .contains("absent/package.json"));
-        assert!(installed_versions(nm, &["noversion"])
-            .unwrap_err()
-            .contains("no version"));
+        assert!(installed_versions(nm, &["absent"]).unwrap_err().contains("absent/package.json"));
+        assert!(installed_versions(nm, &["noversion"]).unwrap_err().contains("no version"));
     }
 
     #[test]
@@ -395,11 +354,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let nm = tmp.path();
         write_manifest(nm, "@s/tool", r#"{"version":"1.0.0","bin":"cli.js"}"#);
-        write_manifest(
-            nm,
-            "multi",
-            r#"{"version":"1.0.0","bin":{"a":"a.js","b":"b.js"}}"#,
-        );
+        write_manifest(nm, "multi", r#"{"version":"1.0.0","bin":{"a":"a.js","b":"b.js"}}"#);
         write_manifest(nm, "lib", r#"{"version":"1.0.0"}"#);
         assert_eq!(declared_bins(nm, "@s/tool").unwrap(), ["tool"]);
         assert_eq!(declared_bins(nm, "multi").unwrap(), ["a", "b"]);
@@ -421,11 +376,7 @@ mod tests {
             compressor: "lz4".into(),
             host_node: "v20.0.0".into(),
         };
-        std::fs::write(
-            tmp.path().join(LAYER_META_FILE),
-            serde_json::to_string(&meta).unwrap(),
-        )
-        .unwrap();
+        std::fs::write(tmp.path().join(LAYER_META_FILE), serde_json::to_string(&meta).unwrap()).unwrap();
         let layer = Layer::load(tmp.path()).unwrap().unwrap();
         assert_eq!(layer.meta, meta);
         assert_eq!(layer.squashfs(), tmp.path().join("layer.squashfs"));

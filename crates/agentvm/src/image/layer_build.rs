@@ -58,9 +58,7 @@ pub(crate) fn build_layer_in(
         key: recipe.key(),
         recipe: recipe.clone(),
         versions,
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         size_bytes: 0,
         compressor: LAYER_COMPRESSOR.to_string(),
         host_node: host_node_version(),
@@ -84,8 +82,7 @@ pub(crate) fn discard_bulk(dir: &Path) {
 fn make_staging_root(staging: &Path, prefix: &Path) -> Result<(), ImageError> {
     fs::create_dir_all(prefix).map_err(ImageError::io("cannot create", prefix))?;
     for path in prefix.ancestors().take_while(|p| p.starts_with(staging)) {
-        fs::set_permissions(path, fs::Permissions::from_mode(0o755))
-            .map_err(ImageError::io("cannot chmod", path))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755)).map_err(ImageError::io("cannot chmod", path))?;
     }
     Ok(())
 }
@@ -95,12 +92,7 @@ fn make_staging_root(staging: &Path, prefix: &Path) -> Result<(), ImageError> {
 /// Code's native binary) for this host: x86-64 Linux with glibc, like the
 /// guest. Install scripts run (Claude Code's links its binary); an addon
 /// they compile targets the host's Node ABI, recorded as `host_node`.
-fn run_npm(
-    steps: &mut Steps,
-    dir: &Path,
-    prefix: &Path,
-    recipe: &LayerRecipe,
-) -> Result<(), ImageError> {
+fn run_npm(steps: &mut Steps, dir: &Path, prefix: &Path, recipe: &LayerRecipe) -> Result<(), ImageError> {
     let mut cmd = Command::new("npm");
     cmd.args(["install", "--global", "--prefix"])
         .arg(prefix)
@@ -110,10 +102,7 @@ fn run_npm(
         .args(recipe.sorted_specs())
         .env("npm_config_update_notifier", "false")
         // node-gyp (packages that compile an addon) keeps headers here, not in ~/.cache.
-        .env(
-            "npm_config_devdir",
-            dir.join(NPM_CACHE_DIR).join("node-gyp"),
-        );
+        .env("npm_config_devdir", dir.join(NPM_CACHE_DIR).join("node-gyp"));
     steps.begin("npm install");
     steps.run(&mut cmd)
 }
@@ -126,10 +115,7 @@ fn check_installed(
     dir: &Path,
     prefix: &Path,
 ) -> Result<std::collections::BTreeMap<String, String>, ImageError> {
-    let bad = |reason: String| ImageError::BadLayer {
-        name: recipe.name.clone(),
-        reason,
-    };
+    let bad = |reason: String| ImageError::BadLayer { name: recipe.name.clone(), reason };
     let node_modules = prefix.join("lib/node_modules");
     let packages = recipe.packages();
     let versions = layer::installed_versions(&node_modules, &packages).map_err(bad)?;
@@ -146,11 +132,7 @@ fn check_installed(
         }
     }
     if let Some(link) = find_link_into(prefix, dir).map_err(bad)? {
-        return Err(bad(format!(
-            "{} points into the build directory {}",
-            link.display(),
-            dir.display()
-        )));
+        return Err(bad(format!("{} points into the build directory {}", link.display(), dir.display())));
     }
     Ok(versions)
 }
@@ -161,12 +143,9 @@ fn find_link_into(root: &Path, dir: &Path) -> Result<Option<std::path::PathBuf>,
     for entry in entries {
         let entry = entry.map_err(|e| format!("cannot read {}: {e}", root.display()))?;
         let path = entry.path();
-        let kind = entry
-            .file_type()
-            .map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+        let kind = entry.file_type().map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
         if kind.is_symlink() {
-            let target = fs::read_link(&path)
-                .map_err(|e| format!("cannot read link {}: {e}", path.display()))?;
+            let target = fs::read_link(&path).map_err(|e| format!("cannot read link {}: {e}", path.display()))?;
             if target.is_absolute() && target.starts_with(dir) {
                 return Ok(Some(path));
             }
@@ -183,16 +162,14 @@ fn find_link_into(root: &Path, dir: &Path) -> Result<Option<std::path::PathBuf>,
 /// root's and drops group/other write; tar2sqfs packs the stream.
 fn make_squashfs(steps: &mut Steps, staging: &Path, out: &Path) -> Result<(), ImageError> {
     let mut tar = Command::new("tar");
-    tar.args(["--create", "--file=-", "--directory"])
-        .arg(staging)
-        .args([
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-            "--mode=go-w,a+rX",
-            "--sort=name",
-            ".",
-        ]);
+    tar.args(["--create", "--file=-", "--directory"]).arg(staging).args([
+        "--owner=0",
+        "--group=0",
+        "--numeric-owner",
+        "--mode=go-w,a+rX",
+        "--sort=name",
+        ".",
+    ]);
     let mut squash = build::tar2sqfs(LAYER_COMPRESSOR, out);
     steps.begin("squashfs");
     steps.run_pipe(None, &mut tar, &mut squash)

@@ -63,12 +63,8 @@ impl Image {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(ImageError::io("cannot read", path)(e)),
         };
-        let meta =
-            serde_json::from_slice(&text).map_err(|source| ImageError::BadMeta { path, source })?;
-        Ok(Some(Image {
-            dir: dir.to_path_buf(),
-            meta,
-        }))
+        let meta = serde_json::from_slice(&text).map_err(|source| ImageError::BadMeta { path, source })?;
+        Ok(Some(Image { dir: dir.to_path_buf(), meta }))
     }
 
     /// The kernel to boot: the uncompressed PVH one where the build made
@@ -99,9 +95,7 @@ impl Image {
 
     /// Whether the kernel, root and modules are all present.
     pub fn is_complete(&self) -> bool {
-        self.kernel().is_file()
-            && self.root().is_file()
-            && self.module_paths().iter().all(|p| p.is_file())
+        self.kernel().is_file() && self.root().is_file() && self.module_paths().iter().all(|p| p.is_file())
     }
 }
 
@@ -110,15 +104,9 @@ pub fn installed_versions(status: &str, wanted: &[String]) -> BTreeMap<String, S
     let mut versions = BTreeMap::new();
     for para in status.split("\n\n") {
         let field = |name: &str| {
-            para.lines().find_map(|l| {
-                l.strip_prefix(name)
-                    .and_then(|v| v.strip_prefix(':'))
-                    .map(str::trim)
-            })
+            para.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':')).map(str::trim))
         };
-        let (Some(package), Some(version), Some(state)) =
-            (field("Package"), field("Version"), field("Status"))
-        else {
+        let (Some(package), Some(version), Some(state)) = (field("Package"), field("Version"), field("Status")) else {
             continue;
         };
         if state.ends_with(" installed") && wanted.iter().any(|w| w == package) {

@@ -31,18 +31,16 @@
 mod build;
 mod error;
 pub mod kmod;
-mod pvh;
 mod layer;
 mod layer_build;
 mod meta;
 mod progress;
+mod pvh;
 mod recipe;
 mod store;
 
 pub use error::ImageError;
-pub use layer::{
-    package_name, Layer, LayerMeta, LayerRecipe, LAYER_FILE, LAYER_FORMAT, LAYER_META_FILE,
-};
+pub use layer::{package_name, Layer, LayerMeta, LayerRecipe, LAYER_FILE, LAYER_FORMAT, LAYER_META_FILE};
 pub use meta::{Image, ImageMeta};
 pub use progress::{NullProgress, Progress, TerminalProgress};
 pub use recipe::{Recipe, BASE_PACKAGES, DEFAULT_MIRROR, DEFAULT_SUITE, RECIPE_FORMAT};
@@ -65,9 +63,7 @@ mod real_build_tests {
         let store = Store::open(keep_dir.unwrap_or_else(|| tmp.path().join("images")));
         let recipe = Recipe::base();
         let started = std::time::Instant::now();
-        let image = store
-            .build(&recipe, &mut TerminalProgress::labeled("image base"))
-            .unwrap();
+        let image = store.build(&recipe, &mut TerminalProgress::labeled("image base")).unwrap();
         eprintln!("built {} in {:.0?}", image.dir.display(), started.elapsed());
         eprintln!("{}", serde_json::to_string_pretty(&image.meta).unwrap());
 
@@ -77,18 +73,12 @@ mod real_build_tests {
         assert_eq!(image.kernel(), image.dir.join("vmlinux"));
         assert!(pvh::has_pvh_entry(&std::fs::read(image.kernel()).unwrap()));
         let mut magic = [0u8; 4];
-        std::io::Read::read_exact(&mut std::fs::File::open(image.root()).unwrap(), &mut magic)
-            .unwrap();
+        std::io::Read::read_exact(&mut std::fs::File::open(image.root()).unwrap(), &mut magic).unwrap();
         assert_eq!(&magic, b"hsqs", "root is a squashfs");
         assert!(image.meta.modules.iter().any(|m| m == "virtio_blk.ko"));
         for module in image.module_paths() {
             let head = std::fs::read(&module).unwrap();
-            assert_eq!(
-                &head[..4],
-                b"\x7fELF",
-                "{} is uncompressed",
-                module.display()
-            );
+            assert_eq!(&head[..4], b"\x7fELF", "{} is uncompressed", module.display());
         }
         assert!(image.dir.join("build.log").is_file());
         assert_eq!(store.find(&recipe).unwrap(), Some(image.clone()));
@@ -109,26 +99,15 @@ mod real_build_tests {
         let store = Store::open(tmp.path().join("images"));
         let mut recipe = Recipe::base();
         recipe.suite = "no-such-suite".into();
-        let err = store
-            .build(&recipe, &mut TerminalProgress::labeled("image bad"))
-            .unwrap_err();
+        let err = store.build(&recipe, &mut TerminalProgress::labeled("image bad")).unwrap_err();
         eprintln!("{err}");
-        let ImageError::StepFailed {
-            step, command, log, ..
-        } = &err
-        else {
-            panic!("{err:?}")
-        };
+        let ImageError::StepFailed { step, command, log, .. } = &err else { panic!("{err:?}") };
         assert_eq!(step, "mmdebstrap");
         assert!(command.contains("no-such-suite"));
         assert!(log.is_file());
         assert!(store.find(&recipe).unwrap().is_none());
         assert!(store.list().unwrap().is_empty());
-        assert_eq!(
-            store.prune(&[], &[]).unwrap().len(),
-            1,
-            "the dead build dir is pruned"
-        );
+        assert_eq!(store.prune(&[], &[]).unwrap().len(), 1, "the dead build dir is pruned");
     }
 }
 
@@ -139,11 +118,7 @@ mod real_layer_tests {
 
     /// The squashfs's entries as (path, uid, gid, mode, link target), via sqfs2tar.
     fn squashfs_entries(path: &std::path::Path) -> Vec<(String, u64, u64, u32, Option<String>)> {
-        let mut child = Command::new("sqfs2tar")
-            .arg(path)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("sqfs2tar runs");
+        let mut child = Command::new("sqfs2tar").arg(path).stdout(Stdio::piped()).spawn().expect("sqfs2tar runs");
         let mut archive = tar::Archive::new(child.stdout.take().unwrap());
         let entries = archive
             .entries()
@@ -151,10 +126,7 @@ mod real_layer_tests {
             .map(|e| {
                 let e = e.unwrap();
                 let h = e.header();
-                let link = e
-                    .link_name()
-                    .unwrap()
-                    .map(|l| l.to_string_lossy().into_owned());
+                let link = e.link_name().unwrap().map(|l| l.to_string_lossy().into_owned());
                 (
                     e.path().unwrap().to_string_lossy().into_owned(),
                     h.uid().unwrap(),
@@ -181,9 +153,7 @@ mod real_layer_tests {
         let store = Store::open(keep_dir.unwrap_or_else(|| tmp.path().join("images")));
         let recipe = LayerRecipe::new("codex", &["@openai/codex"]);
         let started = std::time::Instant::now();
-        let layer = store
-            .build_layer(&recipe, &mut TerminalProgress::labeled("layer codex"))
-            .unwrap();
+        let layer = store.build_layer(&recipe, &mut TerminalProgress::labeled("layer codex")).unwrap();
         eprintln!("built {} in {:.0?}", layer.dir.display(), started.elapsed());
         eprintln!("{}", serde_json::to_string_pretty(&layer.meta).unwrap());
 
@@ -191,60 +161,29 @@ mod real_layer_tests {
         assert!(layer.meta.versions["@openai/codex"].starts_with(|c: char| c.is_ascii_digit()));
         assert!(layer.dir.join("build.log").is_file());
         assert_eq!(store.find_layer(&recipe).unwrap(), Some(layer.clone()));
-        assert_eq!(
-            store.ensure_layer(&recipe, &mut NullProgress).unwrap(),
-            layer,
-            "a second ensure is a cache hit"
-        );
+        assert_eq!(store.ensure_layer(&recipe, &mut NullProgress).unwrap(), layer, "a second ensure is a cache hit");
         let mut magic = [0u8; 4];
-        std::io::Read::read_exact(
-            &mut std::fs::File::open(layer.squashfs()).unwrap(),
-            &mut magic,
-        )
-        .unwrap();
+        std::io::Read::read_exact(&mut std::fs::File::open(layer.squashfs()).unwrap(), &mut magic).unwrap();
         assert_eq!(&magic, b"hsqs");
 
         let entries = squashfs_entries(&layer.squashfs());
-        assert!(
-            entries.iter().all(|e| e.1 == 0 && e.2 == 0),
-            "all owned by root"
-        );
-        let writable: Vec<_> = entries
-            .iter()
-            .filter(|e| e.4.is_none() && e.3 & 0o022 != 0)
-            .collect();
+        assert!(entries.iter().all(|e| e.1 == 0 && e.2 == 0), "all owned by root");
+        let writable: Vec<_> = entries.iter().filter(|e| e.4.is_none() && e.3 & 0o022 != 0).collect();
         assert!(writable.is_empty(), "group/other writable: {writable:?}");
-        assert!(
-            entries
-                .iter()
-                .filter(|e| e.4.is_none())
-                .all(|e| e.3 & 0o444 == 0o444),
-            "all world-readable"
-        );
+        assert!(entries.iter().filter(|e| e.4.is_none()).all(|e| e.3 & 0o444 == 0o444), "all world-readable");
         let bin = entries
             .iter()
             .find(|e| e.0.trim_start_matches("./") == "usr/local/bin/codex")
             .expect("usr/local/bin/codex in the layer");
         let target = bin.4.as_deref().expect("bin/codex is a symlink");
-        assert!(
-            target.starts_with("../lib/node_modules/@openai/codex/"),
-            "{target}"
-        );
-        assert!(
-            entries
-                .iter()
-                .all(|e| e.0.trim_start_matches("./").starts_with("usr")),
-            "only /usr/local"
-        );
+        assert!(target.starts_with("../lib/node_modules/@openai/codex/"), "{target}");
+        assert!(entries.iter().all(|e| e.0.trim_start_matches("./").starts_with("usr")), "only /usr/local");
         let leftovers: Vec<_> = std::fs::read_dir(store.dir())
             .unwrap()
             .filter_map(|e| e.ok())
             .filter(|e| e.file_name().to_string_lossy().starts_with(".build-"))
             .collect();
-        assert!(
-            leftovers.is_empty(),
-            "temporary build dirs left: {leftovers:?}"
-        );
+        assert!(leftovers.is_empty(), "temporary build dirs left: {leftovers:?}");
         let files: Vec<_> = std::fs::read_dir(&layer.dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -289,10 +228,7 @@ mod real_layer_tests {
             );
             let entries = squashfs_entries(&layer.squashfs());
             let path = format!("usr/local/bin/{bin}");
-            assert!(
-                entries.iter().any(|e| e.0.trim_start_matches("./") == path),
-                "{path} in {name}"
-            );
+            assert!(entries.iter().any(|e| e.0.trim_start_matches("./") == path), "{path} in {name}");
         }
     }
 
@@ -304,16 +240,9 @@ mod real_layer_tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::open(tmp.path().join("images"));
         let recipe = LayerRecipe::new("bad", &["@agentvm-test/no-such-package-hopefully"]);
-        let err = store
-            .build_layer(&recipe, &mut TerminalProgress::labeled("layer bad"))
-            .unwrap_err();
+        let err = store.build_layer(&recipe, &mut TerminalProgress::labeled("layer bad")).unwrap_err();
         eprintln!("{err}");
-        let ImageError::StepFailed {
-            step, command, log, ..
-        } = &err
-        else {
-            panic!("{err:?}")
-        };
+        let ImageError::StepFailed { step, command, log, .. } = &err else { panic!("{err:?}") };
         assert_eq!(step, "npm install");
         assert!(command.contains("no-such-package-hopefully"));
         assert!(log.is_file());
@@ -321,10 +250,6 @@ mod real_layer_tests {
         assert!(store.list_layers().unwrap().is_empty());
         let build_dir = log.parent().unwrap().parent().unwrap();
         assert!(!build_dir.join("staging").exists() && !build_dir.join("npm-cache").exists());
-        assert_eq!(
-            store.prune(&[], &[]).unwrap().len(),
-            1,
-            "the dead build dir is pruned"
-        );
+        assert_eq!(store.prune(&[], &[]).unwrap().len(), 1, "the dead build dir is pruned");
     }
 }

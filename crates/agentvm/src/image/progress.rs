@@ -48,11 +48,7 @@ impl TerminalProgress {
 
     /// Progress lines start with `label` (e.g. "agentvm: image base").
     pub fn labeled(label: &str) -> TerminalProgress {
-        TerminalProgress {
-            label: label.to_string(),
-            live: std::io::stderr().is_terminal(),
-            current: None,
-        }
+        TerminalProgress { label: label.to_string(), live: std::io::stderr().is_terminal(), current: None }
     }
 
     /// Ends the current step with `outcome` ("ok", "failed").
@@ -66,10 +62,7 @@ impl TerminalProgress {
         }
         let secs = running.start.elapsed().as_secs_f64();
         let clear = if self.live { "\r\x1b[2K" } else { "" };
-        eprintln!(
-            "{clear}{}: {} {outcome} ({secs:.1}s)",
-            self.label, running.name
-        );
+        eprintln!("{clear}{}: {} {outcome} ({secs:.1}s)", self.label, running.name);
     }
 }
 
@@ -78,11 +71,7 @@ fn spawn_ticker(label: String, name: String, start: Instant) -> (Sender<()>, Joi
     let (stop, stopped) = mpsc::channel::<()>();
     let handle = std::thread::spawn(move || loop {
         let mut err = std::io::stderr().lock();
-        let _ = write!(
-            err,
-            "\r\x1b[2K{label}: {name} {}s",
-            start.elapsed().as_secs()
-        );
+        let _ = write!(err, "\r\x1b[2K{label}: {name} {}s", start.elapsed().as_secs());
         let _ = err.flush();
         drop(err);
         match stopped.recv_timeout(Duration::from_millis(500)) {
@@ -103,14 +92,8 @@ impl Progress for TerminalProgress {
     fn step(&mut self, name: &str) {
         self.finish("ok");
         let start = Instant::now();
-        let ticker = self
-            .live
-            .then(|| spawn_ticker(self.label.clone(), name.to_string(), start));
-        self.current = Some(Running {
-            name: name.to_string(),
-            start,
-            ticker,
-        });
+        let ticker = self.live.then(|| spawn_ticker(self.label.clone(), name.to_string(), start));
+        self.current = Some(Running { name: name.to_string(), start, ticker });
     }
 
     fn done(&mut self) {

@@ -58,10 +58,8 @@ pub fn payload(bzimage: &[u8]) -> Result<Payload<'_>, String> {
         return Err("setup header too short".into());
     };
     let start = (setup_sects + 1) * 512 + offset as usize;
-    let stream = bzimage
-        .get(start..start + length as usize)
-        .filter(|s| s.len() > 4)
-        .ok_or("payload outside the file")?;
+    let stream =
+        bzimage.get(start..start + length as usize).filter(|s| s.len() > 4).ok_or("payload outside the file")?;
     let compression = match stream {
         [0x28, 0xb5, 0x2f, 0xfd, ..] => Compression::Zstd,
         [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => Compression::Xz,

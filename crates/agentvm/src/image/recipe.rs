@@ -90,9 +90,7 @@ impl Recipe {
     pub fn with_layer(&self, name: &str, packages: &[&str]) -> Recipe {
         let mut layered = self.clone();
         layered.name = name.to_string();
-        layered
-            .packages
-            .extend(packages.iter().map(|p| p.to_string()));
+        layered.packages.extend(packages.iter().map(|p| p.to_string()));
         layered
     }
 
@@ -102,13 +100,8 @@ impl Recipe {
         let mut packages: Vec<&str> = self.packages.iter().map(String::as_str).collect();
         packages.sort_unstable();
         packages.dedup();
-        let input = KeyInput {
-            format: RECIPE_FORMAT,
-            name: &self.name,
-            suite: &self.suite,
-            mirror: &self.mirror,
-            packages,
-        };
+        let input =
+            KeyInput { format: RECIPE_FORMAT, name: &self.name, suite: &self.suite, mirror: &self.mirror, packages };
         // Struct fields serialize in declaration order: the JSON is canonical.
         let json = serde_json::to_vec(&input).expect("recipe serializes");
         hex(&Sha256::digest(json))
@@ -129,57 +122,39 @@ impl Recipe {
 
     /// Checks that the name is usable in a directory name and the rest in a command line.
     pub fn validate(&self) -> Result<(), ImageError> {
-        let invalid = |reason: String| ImageError::InvalidRecipe {
-            name: self.name.clone(),
-            reason,
-        };
+        let invalid = |reason: String| ImageError::InvalidRecipe { name: self.name.clone(), reason };
         if !is_valid_name(&self.name) {
             return Err(invalid(NAME_RULE.into()));
         }
         if !is_word(&self.suite) {
-            return Err(invalid(format!(
-                "suite {:?} must be a single word such as \"trixie\"",
-                self.suite
-            )));
+            return Err(invalid(format!("suite {:?} must be a single word such as \"trixie\"", self.suite)));
         }
         if !(self.mirror.starts_with("http://")
             || self.mirror.starts_with("https://")
             || self.mirror.starts_with("file:/"))
             || self.mirror.contains(char::is_whitespace)
         {
-            return Err(invalid(format!(
-                "mirror {:?} must be an http(s):// or file:/ URL",
-                self.mirror
-            )));
+            return Err(invalid(format!("mirror {:?} must be an http(s):// or file:/ URL", self.mirror)));
         }
         if self.packages.is_empty() {
             return Err(invalid("the package list is empty".into()));
         }
-        if let Some(bad) = self
-            .packages
-            .iter()
-            .find(|p| !is_word(p) || p.contains(','))
-        {
-            return Err(invalid(format!(
-                "package {bad:?} is not a Debian package name"
-            )));
+        if let Some(bad) = self.packages.iter().find(|p| !is_word(p) || p.contains(',')) {
+            return Err(invalid(format!("package {bad:?} is not a Debian package name")));
         }
         Ok(())
     }
 }
 
 /// What [`is_valid_name`] accepts, for error messages.
-pub(super) const NAME_RULE: &str =
-    "the name must be 1-64 characters of [A-Za-z0-9._+-], not starting with '.'";
+pub(super) const NAME_RULE: &str = "the name must be 1-64 characters of [A-Za-z0-9._+-], not starting with '.'";
 
 /// Whether `name` is usable as the first part of a directory name in the store.
 pub(super) fn is_valid_name(name: &str) -> bool {
     !name.is_empty()
         && !name.starts_with('.')
         && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c))
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c))
 }
 
 /// Non-empty, no white space, no leading dash (it would read as an option).
@@ -200,9 +175,7 @@ mod tests {
     fn key_is_64_hex_and_stable() {
         let a = Recipe::base().key();
         assert_eq!(a.len(), 64);
-        assert!(a
-            .chars()
-            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert_eq!(a, Recipe::base().key());
     }
 

@@ -61,9 +61,7 @@ impl Store {
 
     /// `$XDG_CACHE_HOME/agentvm/images`, or `$HOME/.cache/agentvm/images`.
     pub fn default_dir() -> Result<PathBuf, ImageError> {
-        crate::paths::cache_dir()
-            .map(|c| c.join("images"))
-            .map_err(|_| ImageError::NoCacheDir)
+        crate::paths::cache_dir().map(|c| c.join("images")).map_err(|_| ImageError::NoCacheDir)
     }
 
     /// The images directory.
@@ -84,11 +82,7 @@ impl Store {
 
     /// The image of `recipe`, built first if it is not cached. When another
     /// process is building the same recipe, waits for it and reuses its result.
-    pub fn ensure(
-        &self,
-        recipe: &Recipe,
-        progress: &mut dyn Progress,
-    ) -> Result<Image, ImageError> {
+    pub fn ensure(&self, recipe: &Recipe, progress: &mut dyn Progress) -> Result<Image, ImageError> {
         self.ensure_with(
             &recipe.dir_name(),
             progress,
@@ -118,11 +112,7 @@ impl Store {
     /// The layer of `recipe`, built first if it is not cached (an unpinned
     /// package is then at its latest version). When another process is
     /// building the same layer, waits for it and reuses its result.
-    pub fn ensure_layer(
-        &self,
-        recipe: &LayerRecipe,
-        progress: &mut dyn Progress,
-    ) -> Result<Layer, ImageError> {
+    pub fn ensure_layer(&self, recipe: &LayerRecipe, progress: &mut dyn Progress) -> Result<Layer, ImageError> {
         self.ensure_with(
             &recipe.dir_name(),
             progress,
@@ -134,11 +124,7 @@ impl Store {
     /// Builds the layer of `recipe` even if it is cached, picking up the
     /// latest versions of unpinned packages; the new layer replaces the old
     /// one atomically.
-    pub fn build_layer(
-        &self,
-        recipe: &LayerRecipe,
-        progress: &mut dyn Progress,
-    ) -> Result<Layer, ImageError> {
+    pub fn build_layer(&self, recipe: &LayerRecipe, progress: &mut dyn Progress) -> Result<Layer, ImageError> {
         let _lock = self.lock(&recipe.dir_name(), progress)?;
         self.build_layer_locked(recipe, progress)
     }
@@ -154,12 +140,7 @@ impl Store {
                 layers.push(layer);
             }
         }
-        layers.sort_by(|a, b| {
-            a.meta
-                .name
-                .cmp(&b.meta.name)
-                .then(b.meta.created.cmp(&a.meta.created))
-        });
+        layers.sort_by(|a, b| a.meta.name.cmp(&b.meta.name).then(b.meta.created.cmp(&a.meta.created)));
         Ok(layers)
     }
 
@@ -175,12 +156,7 @@ impl Store {
                 images.push(image);
             }
         }
-        images.sort_by(|a, b| {
-            a.meta
-                .name
-                .cmp(&b.meta.name)
-                .then(b.meta.created.cmp(&a.meta.created))
-        });
+        images.sort_by(|a, b| a.meta.name.cmp(&b.meta.name).then(b.meta.created.cmp(&a.meta.created)));
         Ok(images)
     }
 
@@ -194,8 +170,7 @@ impl Store {
             .published()?
             .into_iter()
             .filter(|entry| {
-                let dir_name =
-                    entry.dir.file_name().map(|n| n.as_bytes()) == Some(query.as_bytes());
+                let dir_name = entry.dir.file_name().map(|n| n.as_bytes()) == Some(query.as_bytes());
                 let key_prefix = query.len() >= 4
                     && query.chars().all(|c| c.is_ascii_hexdigit())
                     && entry.key.starts_with(&query.to_ascii_lowercase());
@@ -204,10 +179,7 @@ impl Store {
             })
             .collect();
         if matches.is_empty() {
-            return Err(ImageError::NoMatch {
-                query: query.to_string(),
-                dir: self.dir.clone(),
-            });
+            return Err(ImageError::NoMatch { query: query.to_string(), dir: self.dir.clone() });
         }
         for entry in &matches {
             self.discard(&entry.dir)?;
@@ -218,11 +190,7 @@ impl Store {
     /// Removes images whose key is not one of `keep`'s, layers whose key is
     /// not one of `keep_layers`', dead builds and leftovers of interrupted
     /// removals. Returns the paths removed.
-    pub fn prune(
-        &self,
-        keep: &[Recipe],
-        keep_layers: &[LayerRecipe],
-    ) -> Result<Vec<PathBuf>, ImageError> {
+    pub fn prune(&self, keep: &[Recipe], keep_layers: &[LayerRecipe]) -> Result<Vec<PathBuf>, ImageError> {
         let image_keys: Vec<String> = keep.iter().map(Recipe::key).collect();
         let layer_keys: Vec<String> = keep_layers.iter().map(LayerRecipe::key).collect();
         let mut removed = Vec::new();
@@ -291,11 +259,7 @@ impl Store {
 
     /// Builds the image into a fresh temporary directory and publishes it.
     /// The caller holds the key's lock.
-    fn build_locked(
-        &self,
-        recipe: &Recipe,
-        progress: &mut dyn Progress,
-    ) -> Result<Image, ImageError> {
+    fn build_locked(&self, recipe: &Recipe, progress: &mut dyn Progress) -> Result<Image, ImageError> {
         recipe.validate()?;
         let mode: Mode = build::check_host()?;
         let (dir, meta) = self.build_and_publish(
@@ -309,11 +273,7 @@ impl Store {
 
     /// Builds the layer into a fresh temporary directory and publishes it.
     /// The caller holds the key's lock.
-    fn build_layer_locked(
-        &self,
-        recipe: &LayerRecipe,
-        progress: &mut dyn Progress,
-    ) -> Result<Layer, ImageError> {
+    fn build_layer_locked(&self, recipe: &LayerRecipe, progress: &mut dyn Progress) -> Result<Layer, ImageError> {
         recipe.validate()?;
         layer_build::check_host()?;
         let (dir, meta) = self.build_and_publish(
@@ -337,9 +297,7 @@ impl Store {
         discard_bulk: fn(&Path),
     ) -> Result<(PathBuf, T), ImageError> {
         self.remove_dead_builds(dir_name)?;
-        let tmp = self
-            .dir
-            .join(format!("{BUILD_PREFIX}{dir_name}-{}", std::process::id()));
+        let tmp = self.dir.join(format!("{BUILD_PREFIX}{dir_name}-{}", std::process::id()));
         fs::create_dir(&tmp).map_err(ImageError::io("cannot create", &tmp))?;
         let meta = match build(&tmp, progress) {
             Ok(meta) => meta,
@@ -363,8 +321,7 @@ impl Store {
         }
         progress.step("waiting for another build of this image");
         let file = self.open_lock(dir_name)?;
-        flock(&file, libc::LOCK_EX)
-            .map_err(ImageError::io("cannot lock", self.lock_path(dir_name)))?;
+        flock(&file, libc::LOCK_EX).map_err(ImageError::io("cannot lock", self.lock_path(dir_name)))?;
         Ok(file)
     }
 
@@ -433,14 +390,8 @@ impl Store {
     }
 
     fn trash_path(&self, dir: &Path) -> PathBuf {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        self.dir.join(format!(
-            "{TRASH_PREFIX}{}-{}-{nanos}",
-            file_name(dir),
-            std::process::id()
-        ))
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        self.dir.join(format!("{TRASH_PREFIX}{}-{}-{nanos}", file_name(dir), std::process::id()))
     }
 
     /// Paths of the entries of the images directory (none if it does not exist).
@@ -459,10 +410,7 @@ fn build_dir_key(rest: &str) -> &str {
 }
 
 fn file_name(path: &Path) -> String {
-    path.file_name()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .into_owned()
+    path.file_name().unwrap_or_default().to_string_lossy().into_owned()
 }
 
 fn is_hidden(path: &Path) -> bool {
@@ -472,9 +420,7 @@ fn is_hidden(path: &Path) -> bool {
 /// Removes a directory tree; one that is already gone is fine.
 fn remove_tree(path: &Path) -> Result<(), ImageError> {
     match fs::remove_dir_all(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(ImageError::io("cannot remove", path)(e))
-        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ImageError::io("cannot remove", path)(e)),
         _ => Ok(()),
     }
 }
@@ -499,15 +445,7 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
     let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
     let (a, b) = (c(a)?, c(b)?);
     // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            a.as_ptr(),
-            libc::AT_FDCWD,
-            b.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
+    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
     if rc == 0 {
         Ok(())
     } else {
@@ -611,12 +549,8 @@ mod tests {
         fake_image(&store, &recipe("b", "x1"), 5);
         fake_image(&store, &recipe("a", "x1"), 1);
         fake_image(&store, &recipe("a", "x2"), 9);
-        let listed: Vec<(String, u64)> = store
-            .list()
-            .unwrap()
-            .into_iter()
-            .map(|i| (i.meta.name, i.meta.created))
-            .collect();
+        let listed: Vec<(String, u64)> =
+            store.list().unwrap().into_iter().map(|i| (i.meta.name, i.meta.created)).collect();
         assert_eq!(listed, [("a".into(), 9), ("a".into(), 1), ("b".into(), 5)]);
     }
 
@@ -634,10 +568,7 @@ mod tests {
         assert_eq!(store.remove("a").unwrap()[0].key, a.key());
         assert_eq!(store.remove(&b.key()[..8]).unwrap()[0].key, b.key());
         assert_eq!(store.remove(&c.dir_name()).unwrap()[0].key, c.key());
-        assert_eq!(
-            store.remove(d_dir.to_str().unwrap()).unwrap()[0].key,
-            d.key()
-        );
+        assert_eq!(store.remove(d_dir.to_str().unwrap()).unwrap()[0].key, d.key());
         assert!(store.list().unwrap().is_empty());
         let leftovers: Vec<_> = fs::read_dir(store.dir()).unwrap().collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
@@ -647,14 +578,8 @@ mod tests {
     fn remove_nothing_matching_errs() {
         let (_tmp, store) = store();
         fake_image(&store, &Recipe::base(), 1);
-        assert!(matches!(
-            store.remove("nope"),
-            Err(ImageError::NoMatch { .. })
-        ));
-        assert!(matches!(
-            store.remove("ab"),
-            Err(ImageError::NoMatch { .. })
-        ));
+        assert!(matches!(store.remove("nope"), Err(ImageError::NoMatch { .. })));
+        assert!(matches!(store.remove("ab"), Err(ImageError::NoMatch { .. })));
         assert_eq!(store.list().unwrap().len(), 1);
     }
 
@@ -665,9 +590,7 @@ mod tests {
         let old = recipe("old", "x1");
         fake_image(&store, &keep, 1);
         let old_dir = fake_image(&store, &old, 1);
-        let dead = store
-            .dir()
-            .join(format!(".build-{}-999999", old.dir_name()));
+        let dead = store.dir().join(format!(".build-{}-999999", old.dir_name()));
         fs::create_dir_all(dead.join("logs")).unwrap();
         let trash = store.dir().join(".trash-x-1-2");
         fs::create_dir(&trash).unwrap();
@@ -723,11 +646,7 @@ mod tests {
             compressor: "lz4".into(),
             host_node: "v20.0.0".into(),
         };
-        fs::write(
-            dir.join(LAYER_META_FILE),
-            serde_json::to_string(&meta).unwrap(),
-        )
-        .unwrap();
+        fs::write(dir.join(LAYER_META_FILE), serde_json::to_string(&meta).unwrap()).unwrap();
         dir
     }
 
@@ -745,15 +664,8 @@ mod tests {
         assert_eq!(found.dir, dir);
         assert_eq!(found.squashfs(), dir.join("layer.squashfs"));
         assert_eq!(store.list().unwrap().len(), 1, "layers are not images");
-        assert_eq!(
-            store.list_layers().unwrap().len(),
-            1,
-            "images are not layers"
-        );
-        assert!(store
-            .find_layer(&layer("codex", "@openai/codex@1.0.0"))
-            .unwrap()
-            .is_none());
+        assert_eq!(store.list_layers().unwrap().len(), 1, "images are not layers");
+        assert!(store.find_layer(&layer("codex", "@openai/codex@1.0.0")).unwrap().is_none());
     }
 
     #[test]
@@ -783,10 +695,7 @@ mod tests {
     fn ensure_layer_invalid_recipe_errs_and_leaves_no_build_dir() {
         let (_tmp, store) = store();
         let r = layer("codex", "--prefix=/");
-        assert!(matches!(
-            store.ensure_layer(&r, &mut NullProgress),
-            Err(ImageError::InvalidRecipe { .. })
-        ));
+        assert!(matches!(store.ensure_layer(&r, &mut NullProgress), Err(ImageError::InvalidRecipe { .. })));
         assert!(store.list_layers().unwrap().is_empty());
         let builds = fs::read_dir(store.dir())
             .unwrap()
@@ -800,25 +709,10 @@ mod tests {
         let (_tmp, store) = store();
         fake_layer(&store, &layer("gemini", "@google/gemini-cli"), 5);
         fake_layer(&store, &layer("claude", "@anthropic-ai/claude-code"), 1);
-        fake_layer(
-            &store,
-            &layer("claude", "@anthropic-ai/claude-code@2.0.0"),
-            9,
-        );
-        let listed: Vec<(String, u64)> = store
-            .list_layers()
-            .unwrap()
-            .into_iter()
-            .map(|l| (l.meta.name, l.meta.created))
-            .collect();
-        assert_eq!(
-            listed,
-            [
-                ("claude".into(), 9),
-                ("claude".into(), 1),
-                ("gemini".into(), 5)
-            ]
-        );
+        fake_layer(&store, &layer("claude", "@anthropic-ai/claude-code@2.0.0"), 9);
+        let listed: Vec<(String, u64)> =
+            store.list_layers().unwrap().into_iter().map(|l| (l.meta.name, l.meta.created)).collect();
+        assert_eq!(listed, [("claude".into(), 9), ("claude".into(), 1), ("gemini".into(), 5)]);
     }
 
     #[test]
@@ -837,10 +731,7 @@ mod tests {
         assert_eq!(removed[0].kind, EntryKind::Layer);
         assert_eq!(removed[0].key, claude.key());
         assert_eq!(store.remove(&codex.key()[..8]).unwrap()[0].key, codex.key());
-        assert_eq!(
-            store.remove(&gemini.dir_name()).unwrap()[0].key,
-            gemini.key()
-        );
+        assert_eq!(store.remove(&gemini.dir_name()).unwrap()[0].key, gemini.key());
         assert!(store.list_layers().unwrap().is_empty());
         assert!(store.find(&base).unwrap().is_some(), "the image stays");
         let base_removed = store.remove("base").unwrap();
@@ -858,14 +749,10 @@ mod tests {
         fake_layer(&store, &keep, 2);
         let old_dir = fake_layer(&store, &old, 1);
         let other_dir = fake_layer(&store, &other, 1);
-        let dead = store
-            .dir()
-            .join(format!(".build-{}-999999", keep.dir_name()));
+        let dead = store.dir().join(format!(".build-{}-999999", keep.dir_name()));
         fs::create_dir_all(dead.join("staging/usr/local")).unwrap();
 
-        let mut removed = store
-            .prune(std::slice::from_ref(&base), std::slice::from_ref(&keep))
-            .unwrap();
+        let mut removed = store.prune(std::slice::from_ref(&base), std::slice::from_ref(&keep)).unwrap();
         removed.sort();
         let mut expected = vec![old_dir, other_dir, dead];
         expected.sort();
@@ -881,20 +768,14 @@ mod tests {
         let base = Recipe::base();
         fake_image(&store, &base, 1);
         fake_layer(&store, &layer("codex", "@openai/codex"), 1);
-        assert_eq!(
-            store.prune(std::slice::from_ref(&base), &[]).unwrap().len(),
-            1
-        );
+        assert_eq!(store.prune(std::slice::from_ref(&base), &[]).unwrap().len(), 1);
         assert!(store.list_layers().unwrap().is_empty());
         assert_eq!(store.list().unwrap().len(), 1);
     }
 
     #[test]
     fn build_dir_key_strips_pid() {
-        assert_eq!(
-            build_dir_key("base-0123456789abcdef-42"),
-            "base-0123456789abcdef"
-        );
+        assert_eq!(build_dir_key("base-0123456789abcdef-42"), "base-0123456789abcdef");
     }
 
     #[test]

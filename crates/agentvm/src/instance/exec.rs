@@ -72,12 +72,7 @@ pub fn exec(base: &Path, query: &str, opts: ExecOptions) -> Result<i32, ExecErro
             env.push((var.to_string(), v));
         }
     }
-    let req = ExecRequest {
-        argv: opts.argv,
-        env,
-        tty,
-        winsize: if tty { console::winsize(0) } else { None },
-    };
+    let req = ExecRequest { argv: opts.argv, env, tty, winsize: if tty { console::winsize(0) } else { None } };
     let signals = SignalFd::block_and_open()?;
     let raw = if tty && console::is_tty(0) { RawMode::enable(0).ok() } else { None };
     let mut client = Client::new(stream, signals, tty && console::is_tty(0), &id);
@@ -215,14 +210,10 @@ impl<'a> Client<'a> {
                 Ok(Some(Frame::Stdout(d))) => write_fd(1, &d),
                 Ok(Some(Frame::Stderr(d))) => write_fd(2, &d),
                 Ok(Some(Frame::Exit(code))) => return Ok(Some(code)),
-                Ok(Some(Frame::InitError(message))) => {
-                    return Err(ExecError::Guest { id: self.id.into(), message })
-                }
+                Ok(Some(Frame::InitError(message))) => return Err(ExecError::Guest { id: self.id.into(), message }),
                 Ok(Some(_)) => {}
                 Ok(None) => break,
-                Err(e) => {
-                    return Err(ExecError::Guest { id: self.id.into(), message: format!("corrupt data: {e}") })
-                }
+                Err(e) => return Err(ExecError::Guest { id: self.id.into(), message: format!("corrupt data: {e}") }),
             }
         }
         if open {

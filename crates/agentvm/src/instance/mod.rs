@@ -245,7 +245,8 @@ mod tests {
 
     #[test]
     fn start_time_is_field_22_even_with_parentheses_in_the_name() {
-        let stat = "4242 (a) b (c) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 1 0 987654 1000 200 18446744073709551615";
+        let stat =
+            "4242 (a) b (c) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 1 0 987654 1000 200 18446744073709551615";
         assert_eq!(parse_start_ticks(stat), Some(987_654));
         assert_eq!(parse_start_ticks("4242 (truncated) S 1"), None);
         assert!(process_start_ticks(std::process::id()).is_some());

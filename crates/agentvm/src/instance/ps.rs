@@ -125,10 +125,9 @@ pub fn resolve<'a>(live: &'a [Live], query: &str) -> Result<&'a Live, InstancesE
     let ids: Vec<&str> = live.iter().map(|l| l.meta.id.as_str()).collect();
     match match_prefix(&ids, query) {
         Ok(i) => Ok(&live[i]),
-        Err(matches) if matches.is_empty() => Err(InstancesError::NotFound {
-            query: query.into(),
-            running: live.iter().map(Live::describe).collect(),
-        }),
+        Err(matches) if matches.is_empty() => {
+            Err(InstancesError::NotFound { query: query.into(), running: live.iter().map(Live::describe).collect() })
+        }
         Err(matches) => Err(InstancesError::Ambiguous {
             query: query.into(),
             matches: matches.into_iter().map(|i| ids[i].to_string()).collect(),
@@ -142,11 +141,8 @@ pub fn match_prefix(ids: &[&str], query: &str) -> Result<usize, Vec<usize>> {
     if let Some(i) = ids.iter().position(|id| *id == query) {
         return Ok(i);
     }
-    let matches: Vec<usize> = if query.is_empty() {
-        Vec::new()
-    } else {
-        (0..ids.len()).filter(|&i| ids[i].starts_with(query)).collect()
-    };
+    let matches: Vec<usize> =
+        if query.is_empty() { Vec::new() } else { (0..ids.len()).filter(|&i| ids[i].starts_with(query)).collect() };
     match matches[..] {
         [one] => Ok(one),
         _ => Err(matches),
@@ -240,8 +236,7 @@ pub fn format_uptime(secs: u64) -> String {
 
 /// Published ports as given (`8080:80`), then host ports the guest reaches (`host:5432`).
 fn ports_cell(e: &PsEntry) -> String {
-    let all: Vec<String> =
-        e.ports.iter().cloned().chain(e.host_ports.iter().map(|p| format!("host:{p}"))).collect();
+    let all: Vec<String> = e.ports.iter().cloned().chain(e.host_ports.iter().map(|p| format!("host:{p}"))).collect();
     if all.is_empty() {
         "-".into()
     } else {
@@ -363,7 +358,9 @@ fn signal(t: &Live, sig: i32) -> Result<(), InstancesError> {
         return Ok(());
     }
     // SAFETY: pidfd_send_signal on a pidfd we own, without siginfo.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0) };
+    let r = unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0)
+    };
     if r != 0 {
         let source = io::Error::last_os_error();
         if source.raw_os_error() != Some(libc::ESRCH) {
@@ -531,7 +528,11 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3, "{t}");
         assert!(lines[0].starts_with("ID            FLAVOR  STATE"), "{t}");
-        assert!(lines[1].starts_with("aaaa00000000  shell   starting  1m      1     512M    180M  -                  /src/p"), "{t}");
+        assert!(
+            lines[1]
+                .starts_with("aaaa00000000  shell   starting  1m      1     512M    180M  -                  /src/p"),
+            "{t}"
+        );
         assert!(lines[2].contains("claude") && lines[2].contains("-     8080:80,host:5432"), "{t}");
         let col = |l: &str, w: &str| l.find(w).unwrap();
         assert_eq!(col(lines[0], "PROJECT"), col(lines[1], "/src/p"));

@@ -61,21 +61,7 @@ impl Cpio {
         let nlink = if mode & S_IFDIR != 0 { 2 } else { 1 };
         // Fields: magic, ino, mode, uid, gid, nlink, mtime, filesize,
         // devmajor, devminor, rdevmajor, rdevminor, namesize, check.
-        let fields = [
-            ino,
-            mode,
-            0,
-            0,
-            nlink,
-            0,
-            data.len() as u32,
-            0,
-            0,
-            0,
-            0,
-            name.len() as u32 + 1,
-            0,
-        ];
+        let fields = [ino, mode, 0, 0, nlink, 0, data.len() as u32, 0, 0, 0, 0, name.len() as u32 + 1, 0];
         self.buf.extend_from_slice(b"070701");
         for f in fields {
             self.buf.extend_from_slice(format!("{f:08x}").as_bytes());

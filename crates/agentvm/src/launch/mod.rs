@@ -20,23 +20,23 @@ use std::time::{Duration, Instant};
 
 use agentvm_proto::{Containers, Frame, FrameReader, LaunchSpec, Mount, User, MODULES_DIR, SPEC_PATH};
 
+use crate::config::flavor::Flavor;
+use crate::config::Settings;
 use crate::console::{self, RawMode};
-use crate::instance::console_log;
 use crate::guest_env::cri;
 use crate::guest_env::devshell::{self, DevShell};
-use crate::config::flavor::Flavor;
 use crate::guest_env::home::{self, VmFacts};
-use crate::net::egress;
-use crate::net::shield::{self, Shield};
-use crate::net::forwarding;
 use crate::image::{self, kmod, Image, LayerRecipe, Recipe, Store};
-use crate::launch::initramfs::Cpio;
+use crate::instance::console_log;
 use crate::instance::{self, Instance, InstanceMeta};
+use crate::launch::initramfs::Cpio;
+use crate::net::egress;
+use crate::net::forwarding;
+use crate::net::shield::{self, Shield};
 use crate::net::{self, NetworkMode};
-use crate::config::Settings;
-use crate::vm::share::{self, CacheMode, IdMap, Share};
 use crate::tools;
 use crate::vm::process::{self, Helper};
+use crate::vm::share::{self, CacheMode, IdMap, Share};
 use crate::vm::{self, accel, Accel, VmConfig};
 
 /// Lines of the guest console shown when a launch fails.
@@ -251,10 +251,7 @@ pub fn run(settings: &Settings, started: Instant) -> Result<i32, LaunchError> {
         memory_mib: vm::qemu_memory_mib(settings.memory_mib),
         kernel: image.kernel(),
         initrd: PathBuf::from("/proc/self/fd/4"),
-        cmdline: vm::kernel_cmdline(
-            if accel == Accel::Tcg { accel::host_tsc_khz() } else { None },
-            settings.verbose,
-        ),
+        cmdline: vm::kernel_cmdline(if accel == Accel::Tcg { accel::host_tsc_khz() } else { None }, settings.verbose),
         root_image: image.root(),
         layers,
         console_fd: 7,
@@ -317,7 +314,12 @@ fn prepare_devshell(settings: &Settings) -> Result<Option<DevShell>, LaunchError
     let state_dir = crate::paths::project_state_dir(&settings.work_dir)?;
     let trusted = crate::config::trust::TrustStore::default_location()?.load(&settings.work_dir);
     let loaded = trusted.map_err(devshell::DevshellError::from).and_then(|trusted| {
-        devshell::load(&devshell::Request::for_host(&settings.work_dir, state_dir, trusted, settings.devshell_files.clone()))
+        devshell::load(&devshell::Request::for_host(
+            &settings.work_dir,
+            state_dir,
+            trusted,
+            settings.devshell_files.clone(),
+        ))
     });
     match loaded {
         Ok(Some(shell)) => {
@@ -394,11 +396,9 @@ fn qemu_fds(
 fn print_console(path: &Path, total: Option<u64>) {
     let shown = console_log::tail(path, VERBOSE_CONSOLE_BYTES);
     match total {
-        Some(total) if total > shown.len() as u64 => eprintln!(
-            "--- guest console (its last {} KiB of {} KiB) ---",
-            shown.len() / 1024,
-            total / 1024
-        ),
+        Some(total) if total > shown.len() as u64 => {
+            eprintln!("--- guest console (its last {} KiB of {} KiB) ---", shown.len() / 1024, total / 1024)
+        }
         _ => eprintln!("--- guest console ---"),
     }
     eprintln!("{}", String::from_utf8_lossy(&shown));
@@ -434,11 +434,16 @@ fn shield_keys(s: &Settings, env: &mut [(String, String)]) -> Result<Shield, Lau
             let placeholder = shield::placeholder().map_err(|e| LaunchError::Shield(e.to_string()))?;
             let real = std::mem::replace(value, placeholder.clone());
             let forms = s.flavor.key_headers.get(name).map_or(&[][..], Vec::as_slice);
-            secrets.push(shield::Secret::new(name, placeholder, real, forms).map_err(|e| LaunchError::Shield(e.to_string()))?);
+            secrets.push(
+                shield::Secret::new(name, placeholder, real, forms).map_err(|e| LaunchError::Shield(e.to_string()))?,
+            );
         }
     }
     if secrets.is_empty() {
-        eprintln!("agentvm: warning: --shield-secrets: none of {} is set, so there is no key to shield", s.flavor.keys.join(", "));
+        eprintln!(
+            "agentvm: warning: --shield-secrets: none of {} is set, so there is no key to shield",
+            s.flavor.keys.join(", ")
+        );
     }
     let hosts = egress::AllowList::new(&s.flavor.secret_hosts).map_err(|e| LaunchError::Shield(e.to_string()))?;
     Shield::new(hosts, secrets).map_err(|e| LaunchError::Shield(e.to_string()))
@@ -880,7 +885,11 @@ impl Read for &File {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: reading into a buffer we own from a borrowed fd.
         let n = unsafe { libc::read(self.0, buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
     }
 }
 
@@ -888,7 +897,11 @@ impl Write for &File {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         // SAFETY: writing a buffer we own to a borrowed fd.
         let n = unsafe { libc::write(self.0, buf.as_ptr().cast(), buf.len()) };
-        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())

@@ -91,7 +91,11 @@ impl AllowList {
     pub fn allows(&self, host: &str) -> bool {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         self.0.iter().any(|p| match p.strip_prefix("*.") {
-            Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(suffix) && host[..host.len() - suffix.len()].ends_with('.'),
+            Some(suffix) => {
+                host.len() > suffix.len() + 1
+                    && host.ends_with(suffix)
+                    && host[..host.len() - suffix.len()].ends_with('.')
+            }
             None => *p == host,
         })
     }
@@ -101,7 +105,10 @@ fn is_host_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
         && s.split('.').all(|l| {
-            !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         })
 }
 
@@ -286,11 +293,12 @@ where
             acceptor.read_tls(&mut rest).map_err(|e| format!("not a TLS hello: {e}"))?;
             fed += before - rest.len();
             match acceptor.accept() {
-                Ok(Some(accepted)) => {
-                    return accepted.client_hello().server_name().map(str::to_string).ok_or_else(|| {
-                        "the TLS hello names no server (SNI): the proxy tunnels only TLS that names the CONNECT host".to_string()
-                    })
-                }
+                Ok(Some(accepted)) => return accepted.client_hello().server_name().map(str::to_string).ok_or_else(
+                    || {
+                        "the TLS hello names no server (SNI): the proxy tunnels only TLS that names the CONNECT host"
+                            .to_string()
+                    },
+                ),
                 Ok(None) => {}
                 Err((e, _)) => return Err(format!("not a TLS hello (the proxy tunnels only TLS): {e}")),
             }
@@ -301,7 +309,9 @@ where
         match client.read_more(Some(deadline)) {
             Ok(0) => return Err("closed before its TLS hello was whole".into()),
             Ok(_) => {}
-            Err(HttpError::Timeout(_)) => return Err(format!("no whole TLS hello within {}s", HEAD_DEADLINE.as_secs())),
+            Err(HttpError::Timeout(_)) => {
+                return Err(format!("no whole TLS hello within {}s", HEAD_DEADLINE.as_secs()))
+            }
             Err(e) => return Err(e.to_string()),
         }
     }
@@ -383,7 +393,9 @@ impl Proxy {
         let head = match client.read_head(http::parse_request, Some(Instant::now() + HEAD_DEADLINE)) {
             Ok(h) => h,
             Err(HttpError::ClosedEarly) => return,
-            Err(e @ HttpError::Timeout(_)) => return self.refuse(&mut client.stream, 408, "-", &format!("reading the request: {e}")),
+            Err(e @ HttpError::Timeout(_)) => {
+                return self.refuse(&mut client.stream, 408, "-", &format!("reading the request: {e}"))
+            }
             Err(e) => return self.refuse(&mut client.stream, 400, "-", &format!("reading the request: {e}")),
         };
         let dest = match destination(&head) {
@@ -439,11 +451,23 @@ impl Proxy {
     /// One plain HTTP request, sent on with its Host pinned to the checked
     /// host, and its response; then the connection ends. A request the
     /// client sent after it is not sent anywhere: it is logged as refused.
-    fn forward(&self, mut client: Peer<UnixStream>, head: &RequestHead, upstream: TcpStream, to: (&str, u16, &str), what: &str) {
+    fn forward(
+        &self,
+        mut client: Peer<UnixStream>,
+        head: &RequestHead,
+        upstream: TcpStream,
+        to: (&str, u16, &str),
+        what: &str,
+    ) {
         let (host, port, path) = to;
         let kind = match http::request_body(&head.headers) {
             Ok(BodyKind::Length(n)) if n > http::MAX_REQUEST_BODY => {
-                return self.refuse(&mut client.stream, 413, what, &HttpError::BodyTooLarge(http::MAX_REQUEST_BODY).to_string())
+                return self.refuse(
+                    &mut client.stream,
+                    413,
+                    what,
+                    &HttpError::BodyTooLarge(http::MAX_REQUEST_BODY).to_string(),
+                )
             }
             Ok(k) => k,
             Err(e) => return self.refuse(&mut client.stream, 400, what, &e.to_string()),
@@ -461,9 +485,10 @@ impl Proxy {
         }
         let mut up = upstream;
         let _ = client.stream.set_read_timeout(Some(BODY_IDLE));
-        let sent = up.write_all(&out).map_err(HttpError::from).and_then(|()| {
-            http::copy_body(&mut client, &mut up, kind, Some(http::MAX_REQUEST_BODY), &[])
-        });
+        let sent = up
+            .write_all(&out)
+            .map_err(HttpError::from)
+            .and_then(|()| http::copy_body(&mut client, &mut up, kind, Some(http::MAX_REQUEST_BODY), &[]));
         if let Err(e) = sent {
             return self.note(&format!("FAIL {what}: sending the request: {e}"));
         }
@@ -490,7 +515,9 @@ impl Proxy {
             },
             _ => "-".to_string(),
         };
-        self.note(&format!("DENY {what} (a second request on one connection: the proxy takes one request per connection)"));
+        self.note(&format!(
+            "DENY {what} (a second request on one connection: the proxy takes one request per connection)"
+        ));
     }
 
     /// Resolves `host` and connects to the first address that answers,
@@ -627,7 +654,8 @@ mod tests {
 
     #[test]
     fn names_of_this_host_and_addresses_are_refused_at_parse_time() {
-        for local in ["localhost", "LOCALHOST", "*.localhost", "db.localhost", "ip6-localhost", "localhost.localdomain"] {
+        for local in ["localhost", "LOCALHOST", "*.localhost", "db.localhost", "ip6-localhost", "localhost.localdomain"]
+        {
             assert!(matches!(AllowList::new(&[local.to_string()]), Err(EgressError::LocalName(_))), "{local}");
         }
         for numeric in ["127.0.0.1", "127.1", "2130706433", "0x7f000001", "0x7f.1", "*.0.0.1", "10.0.0.1"] {
@@ -640,16 +668,52 @@ mod tests {
     #[test]
     fn only_public_addresses_are_dialled() {
         let refused = [
-            "0.0.0.0", "0.1.2.3", "127.0.0.1", "127.9.9.9", "10.1.2.3", "172.16.0.1", "172.31.255.255", "192.168.1.1",
-            "100.64.0.1", "100.127.255.255", "169.254.169.254", "224.0.0.1", "239.1.1.1", "240.0.0.1",
-            "255.255.255.255", "::", "::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "::ffff:169.254.169.254", "::127.0.0.1",
-            "64:ff9b::7f00:1", "64:ff9b:1::1", "2002:7f00:1::1", "2002:c0a8:101::1", "fc00::1", "fd12:3456::1",
-            "fe80::1", "febf::1", "fec0::1", "ff02::1", "ff0e::1",
+            "0.0.0.0",
+            "0.1.2.3",
+            "127.0.0.1",
+            "127.9.9.9",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "100.64.0.1",
+            "100.127.255.255",
+            "169.254.169.254",
+            "224.0.0.1",
+            "239.1.1.1",
+            "240.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "64:ff9b::7f00:1",
+            "64:ff9b:1::1",
+            "2002:7f00:1::1",
+            "2002:c0a8:101::1",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "febf::1",
+            "fec0::1",
+            "ff02::1",
+            "ff0e::1",
         ];
         for a in refused {
             assert!(non_public(a.parse().unwrap()).is_some(), "{a} counts as public");
         }
-        for a in ["1.1.1.1", "8.8.8.8", "172.32.0.1", "100.128.0.1", "192.169.0.1", "2606:4700::1111", "::ffff:8.8.8.8", "2002:808:808::1"] {
+        for a in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "172.32.0.1",
+            "100.128.0.1",
+            "192.169.0.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+            "2002:808:808::1",
+        ] {
             assert_eq!(non_public(a.parse().unwrap()), None, "{a}");
         }
     }
@@ -681,8 +745,14 @@ mod tests {
     fn destinations_are_read_from_the_request_target() {
         let head = |t: &[u8]| http::parse_request(t).unwrap().unwrap().0;
         let dest = |t: &[u8]| destination(&head(t));
-        assert_eq!(dest(b"CONNECT a.com:443 HTTP/1.1\r\n\r\n").unwrap(), Destination::Tunnel { host: "a.com".into(), port: 443 });
-        assert_eq!(dest(b"CONNECT [::1]:22 HTTP/1.1\r\n\r\n").unwrap(), Destination::Tunnel { host: "::1".into(), port: 22 });
+        assert_eq!(
+            dest(b"CONNECT a.com:443 HTTP/1.1\r\n\r\n").unwrap(),
+            Destination::Tunnel { host: "a.com".into(), port: 443 }
+        );
+        assert_eq!(
+            dest(b"CONNECT [::1]:22 HTTP/1.1\r\n\r\n").unwrap(),
+            Destination::Tunnel { host: "::1".into(), port: 22 }
+        );
         assert_eq!(
             dest(b"GET http://A.com:8080/x?y HTTP/1.1\r\n\r\n").unwrap(),
             Destination::Http { host: "a.com".into(), port: 8080, path: "/x?y".into() }
@@ -691,7 +761,10 @@ mod tests {
             dest(b"GET http://user@b.org HTTP/1.0\r\n\r\n").unwrap(),
             Destination::Http { host: "b.org".into(), port: 80, path: "/".into() }
         );
-        assert_eq!(dest(b"GET http://b.org?q HTTP/1.1\r\n\r\n").unwrap(), Destination::Http { host: "b.org".into(), port: 80, path: "/?q".into() });
+        assert_eq!(
+            dest(b"GET http://b.org?q HTTP/1.1\r\n\r\n").unwrap(),
+            Destination::Http { host: "b.org".into(), port: 80, path: "/?q".into() }
+        );
         assert!(dest(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").is_err(), "origin-form is not a proxy request");
         assert!(dest(b"CONNECT a.com HTTP/1.1\r\n\r\n").is_err(), "CONNECT needs a port");
         assert!(dest(b"CONNECT a.com:0 HTTP/1.1\r\n\r\n").is_err());
@@ -703,11 +776,12 @@ mod tests {
     /// The TLS records of a real ClientHello for `sni` (none: no SNI).
     fn client_hello(sni: Option<&str>) -> Vec<u8> {
         let roots = rustls::RootCertStore::empty();
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         config.enable_sni = sni.is_some();
         let name = rustls::pki_types::ServerName::try_from(sni.unwrap_or("unnamed.test").to_string()).unwrap();
         let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();

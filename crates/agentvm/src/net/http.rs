@@ -5,8 +5,8 @@
 //! overflow. A head must arrive before a deadline, not just byte by byte.
 
 use std::io::{self, BufRead, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 /// Longest head (request or response) read.
@@ -195,11 +195,7 @@ impl<S: Read + ReadTimeout> Peer<S> {
 
     /// Reads a whole head with `parse`, within `deadline`, and consumes it;
     /// what follows it stays buffered. Reads are left without a time limit.
-    pub fn read_head<T>(
-        &mut self,
-        parse: HeadParser<T>,
-        deadline: Option<Instant>,
-    ) -> Result<T, HttpError> {
+    pub fn read_head<T>(&mut self, parse: HeadParser<T>, deadline: Option<Instant>) -> Result<T, HttpError> {
         let started = Instant::now();
         let head = loop {
             if let Some((head, len)) = parse(self.buffered())? {
@@ -329,7 +325,9 @@ pub fn response_body(head: &ResponseHead, method: &str) -> Result<BodyKind, Http
 
 /// The size of a chunk-size line (hex, then maybe `;extensions`, CRLF).
 fn chunk_size(line: &[u8]) -> io::Result<u64> {
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk-size line {:?}", String::from_utf8_lossy(line)));
+    let bad = || {
+        io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk-size line {:?}", String::from_utf8_lossy(line)))
+    };
     let line = line.strip_suffix(b"\r\n").ok_or_else(bad)?;
     if line.contains(&b'\r') || line.contains(&b'\n') {
         return Err(bad());
@@ -348,7 +346,11 @@ fn read_line(from: &mut impl BufRead, max: u64, what: &str) -> io::Result<Vec<u8
     let mut line = Vec::new();
     from.take(max).read_until(b'\n', &mut line)?;
     if line.last() != Some(&b'\n') {
-        let why = if line.len() as u64 >= max { format!("{what} longer than {max} bytes") } else { format!("{what} cut short") };
+        let why = if line.len() as u64 >= max {
+            format!("{what} longer than {max} bytes")
+        } else {
+            format!("{what} cut short")
+        };
         return Err(io::Error::new(io::ErrorKind::InvalidData, why));
     }
     Ok(line)
@@ -379,7 +381,9 @@ impl<'a, R: BufRead> BodyReader<'a, R> {
     pub fn new(from: &'a mut R, kind: BodyKind, limit: Option<u64>) -> Result<BodyReader<'a, R>, HttpError> {
         let state = match kind {
             BodyKind::Empty => State::Done,
-            BodyKind::Length(n) if limit.is_some_and(|l| n > l) => return Err(HttpError::BodyTooLarge(limit.unwrap_or(0))),
+            BodyKind::Length(n) if limit.is_some_and(|l| n > l) => {
+                return Err(HttpError::BodyTooLarge(limit.unwrap_or(0)))
+            }
             BodyKind::Length(n) => State::Length(n),
             BodyKind::Chunked => State::ChunkSize,
             BodyKind::UntilClose => State::UntilClose,
@@ -657,7 +661,8 @@ mod tests {
     #[test]
     fn heads_parse_with_httparse_once_whole() {
         assert!(parse_request(b"GET http://a/ HTTP/1.1\r\nHost: a\r\n").unwrap().is_none());
-        let (head, len) = parse_request(b"CONNECT a.com:443 HTTP/1.1\r\nHost:  a.com:443  \r\n\r\nxyz").unwrap().unwrap();
+        let (head, len) =
+            parse_request(b"CONNECT a.com:443 HTTP/1.1\r\nHost:  a.com:443  \r\n\r\nxyz").unwrap().unwrap();
         assert_eq!((head.method.as_str(), head.target.as_str(), head.minor, len), ("CONNECT", "a.com:443", 1, 50));
         assert_eq!(head.headers, vec![h("Host", "a.com:443")]);
         assert!(parse_request(b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n").is_err());
@@ -701,7 +706,10 @@ mod tests {
         let head = p.read_head(parse_request, Some(Instant::now() + Duration::from_secs(5))).unwrap();
         assert_eq!(head.target, "http://a/");
         let mut endless = Peer::new(Trickle { data: vec![b'a'; 2 * MAX_HEAD], pos: 0 });
-        assert!(matches!(endless.read_head(parse_request, None), Err(HttpError::Malformed(_) | HttpError::HeadTooLong)));
+        assert!(matches!(
+            endless.read_head(parse_request, None),
+            Err(HttpError::Malformed(_) | HttpError::HeadTooLong)
+        ));
     }
 
     #[test]
@@ -722,7 +730,10 @@ mod tests {
         let resp = |code, headers| ResponseHead { code, reason: String::new(), headers };
         assert_eq!(response_body(&resp(200, vec![h("content-length", "5")]), "HEAD").unwrap(), BodyKind::Empty);
         assert_eq!(response_body(&resp(204, vec![]), "GET").unwrap(), BodyKind::Empty);
-        assert_eq!(response_body(&resp(200, vec![h("transfer-encoding", "gzip, chunked")]), "GET").unwrap(), BodyKind::Chunked);
+        assert_eq!(
+            response_body(&resp(200, vec![h("transfer-encoding", "gzip, chunked")]), "GET").unwrap(),
+            BodyKind::Chunked
+        );
         assert_eq!(response_body(&resp(200, vec![]), "GET").unwrap(), BodyKind::UntilClose);
     }
 
@@ -747,7 +758,8 @@ mod tests {
         assert_eq!(decode(b"0\r\n\r\n", BodyKind::Chunked, None).unwrap().0, b"0\r\n\r\n");
         let (out, rest) = decode(b"0123456789", BodyKind::Length(4), None).unwrap();
         assert_eq!((out.as_slice(), rest.as_slice()), (&b"0123"[..], &b"456789"[..]));
-        for bad in [&b"4\r\nWi"[..], b"4\r\nWikiXX\r\n0\r\n\r\n", b"-4\r\nWiki\r\n", b"x\r\n", b"4\nWiki\r\n0\r\n\r\n"] {
+        for bad in [&b"4\r\nWi"[..], b"4\r\nWikiXX\r\n0\r\n\r\n", b"-4\r\nWiki\r\n", b"x\r\n", b"4\nWiki\r\n0\r\n\r\n"]
+        {
             assert!(decode(bad, BodyKind::Chunked, None).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
         assert!(decode(b"012", BodyKind::Length(4), None).is_err());
@@ -813,7 +825,9 @@ mod tests {
         let masked = String::from_utf8(mask(secret.len())).unwrap();
         assert_eq!(masked, "[agentvm: redacted]*****");
         let mut r = Redactor::new(Vec::new(), &[secret]);
-        for piece in [&b"echo: sk-re"[..], b"al-01234", b"56789abcdef and sk-", b"rea", b" done sk-real-0123456789abcdef"] {
+        for piece in
+            [&b"echo: sk-re"[..], b"al-01234", b"56789abcdef and sk-", b"rea", b" done sk-real-0123456789abcdef"]
+        {
             r.write_all(piece).unwrap();
         }
         let text = String::from_utf8(r.finish().unwrap()).unwrap();

@@ -67,7 +67,10 @@ and use --net-backend passt or auto to close it";
 
 /// Picks the stack for `backend`, given where passt is (if installed).
 /// Returns a warning to print when the choice leaves the host open.
-pub fn choose_stack(backend: NetBackend, passt: Option<std::path::PathBuf>) -> Result<(Stack, Option<String>), NetError> {
+pub fn choose_stack(
+    backend: NetBackend,
+    passt: Option<std::path::PathBuf>,
+) -> Result<(Stack, Option<String>), NetError> {
     match (backend, passt) {
         (NetBackend::Passt | NetBackend::Auto, Some(bin)) => Ok((Stack::Passt(bin), None)),
         (NetBackend::Passt, None) => Err(NetError::NoPasst),
@@ -272,7 +275,10 @@ mod tests {
 
     #[test]
     fn port_specs_parse_with_defaults() {
-        assert_eq!(p("8080:80"), PortSpec { host_ip: "127.0.0.1".parse().unwrap(), host_port: 8080, guest_port: 80, proto: Proto::Tcp });
+        assert_eq!(
+            p("8080:80"),
+            PortSpec { host_ip: "127.0.0.1".parse().unwrap(), host_port: 8080, guest_port: 80, proto: Proto::Tcp }
+        );
         assert_eq!(p("0.0.0.0:5353:53/udp").proto, Proto::Udp);
         assert_eq!(p("0.0.0.0:5353:53/udp").host_ip, "0.0.0.0".parse::<IpAddr>().unwrap());
         assert_eq!(p("[::1]:8080:80").host_ip, "::1".parse::<IpAddr>().unwrap());
@@ -330,7 +336,8 @@ mod tests {
 
     #[test]
     fn passt_keeps_the_gateway_off_the_host_loopback_and_forwards_ports() {
-        let args: Vec<String> = passt_args(&[p("8080:80"), p("5353:53/udp")], 3).into_iter().map(|s| s.into_string().unwrap()).collect();
+        let args: Vec<String> =
+            passt_args(&[p("8080:80"), p("5353:53/udp")], 3).into_iter().map(|s| s.into_string().unwrap()).collect();
         assert!(args.contains(&"--no-map-gw".to_string()));
         assert!(args.contains(&"--fd=3".to_string()));
         let j = args.join(" ");

@@ -21,12 +21,14 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned};
 
-use crate::net::egress::{authority, AllowList};
 use crate::config::flavor::Flavor;
+use crate::net::egress::{authority, AllowList};
 use crate::net::http::{self, BodyKind, Header, HttpError, Peer, ReadTimeout, RequestHead, ResponseHead};
 
 /// A PEM file of extra CA certificates the proxy trusts upstream (besides
@@ -100,7 +102,8 @@ impl KeyForm {
 /// Parses `name: text{key}text`, or says what is wrong with it.
 pub fn parse_key_form(form: &str) -> Result<KeyForm, String> {
     let example = "write it as \"x-api-key: {key}\" or \"authorization: Bearer {key}\"";
-    let (name, value) = form.split_once(':').ok_or_else(|| format!("{form:?} has no ':' after the header name: {example}"))?;
+    let (name, value) =
+        form.split_once(':').ok_or_else(|| format!("{form:?} has no ':' after the header name: {example}"))?;
     let name = name.trim();
     let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
     if name.is_empty() || !name.chars().all(token) {
@@ -108,7 +111,9 @@ pub fn parse_key_form(form: &str) -> Result<KeyForm, String> {
     }
     let probe = Header { name: name.into(), value: Vec::new() };
     if http::is_hop_header(&probe) || probe.is("host") {
-        return Err(format!("{name:?} in {form:?} is a header the proxy writes itself: name the header that carries the key"));
+        return Err(format!(
+            "{name:?} in {form:?} is a header the proxy writes itself: name the header that carries the key"
+        ));
     }
     let value = value.trim();
     if value.matches(KEY_MARK).count() != 1 {
@@ -309,7 +314,13 @@ impl Shield {
     /// Serves one tunnelled connection to `host` (the client already got
     /// its 200): TLS to the client as `host`, TLS to `upstream`, one request
     /// with its keys put in, and the response back with any key masked.
-    pub fn intercept(&self, client: Peer<UnixStream>, upstream: TcpStream, host: &str, port: u16) -> Result<(), String> {
+    pub fn intercept(
+        &self,
+        client: Peer<UnixStream>,
+        upstream: TcpStream,
+        host: &str,
+        port: u16,
+    ) -> Result<(), String> {
         let server = ServerConnection::new(self.server_config(host)?).map_err(|e| e.to_string())?;
         let mut guest = Peer::new(StreamOwned::new(server, client));
         // The TLS handshake happens while the head is read, within the deadline.
@@ -400,7 +411,15 @@ mod tests {
             KeyForm { name: "authorization".into(), prefix: "Bearer ".into(), suffix: String::new() }
         );
         assert_eq!(parse_key_form(" x-api-key:{key} ").unwrap().prefix, "");
-        for bad in ["x-api-key", "x-api-key: key", "x api: {key}", "host: {key}", "content-length: {key}", "a: {key}{key}", "a: \u{7f}{key}"] {
+        for bad in [
+            "x-api-key",
+            "x-api-key: key",
+            "x api: {key}",
+            "host: {key}",
+            "content-length: {key}",
+            "a: {key}{key}",
+            "a: \u{7f}{key}",
+        ] {
             assert!(parse_key_form(bad).is_err(), "{bad:?}");
         }
     }
@@ -437,10 +456,12 @@ mod tests {
     #[test]
     fn response_heads_have_keys_masked_and_close() {
         let (s, _) = shield_with(&["x-api-key: {key}"]);
-        let resp = http::parse_response(b"HTTP/1.1 401 sk-real\r\nX-Echo: sk-real\r\nKeep-Alive: 5\r\nContent-Length: 7\r\n\r\n")
-            .unwrap()
-            .unwrap()
-            .0;
+        let resp = http::parse_response(
+            b"HTTP/1.1 401 sk-real\r\nX-Echo: sk-real\r\nKeep-Alive: 5\r\nContent-Length: 7\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap()
+        .0;
         let head = String::from_utf8(s.guest_head(&resp, BodyKind::Length(7))).unwrap();
         assert_eq!(head, "HTTP/1.1 401 [agentv\r\nX-Echo: [agentv\r\nContent-Length: 7\r\nConnection: close\r\n\r\n");
     }
@@ -479,6 +500,11 @@ mod tests {
             Ok(out) => out,
             Err(e) => return eprintln!("skipped the strict check: openssl cannot run: {e}"),
         };
-        assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -25,7 +25,9 @@ pub enum AccelChoice {
 pub enum AccelError {
     #[error("/dev/kvm does not exist: the CPU's virtualization is off or kvm modules are not loaded (enable VT-x/AMD-V, `modprobe kvm_intel` or `kvm_amd`)")]
     NoDevice,
-    #[error("cannot open /dev/kvm: {0} (add yourself to the kvm group: `sudo usermod -aG kvm $USER`, then log in again)")]
+    #[error(
+        "cannot open /dev/kvm: {0} (add yourself to the kvm group: `sudo usermod -aG kvm $USER`, then log in again)"
+    )]
     NoAccess(String),
     #[error("/dev/kvm is PVM (kvm_pvm), which cannot boot stock kernels")]
     Pvm,
@@ -127,9 +129,7 @@ mod hlt_guest {
     fn map(len: usize, fd: i32) -> Result<Mapping, String> {
         let flags = if fd < 0 { libc::MAP_PRIVATE | libc::MAP_ANONYMOUS } else { libc::MAP_SHARED };
         // SAFETY: a fresh mapping; the kernel picks the address.
-        let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0)
-        };
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
         if p == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error().to_string());
         }

@@ -1,6 +1,5 @@
 //! The virtual machine: accelerator choice, QEMU's command line, and running it.
 
-
 pub mod accel;
 pub mod process;
 pub mod qemu;

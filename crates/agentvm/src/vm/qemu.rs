@@ -77,8 +77,7 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
     a.flag("-name").val(format!("{},debug-threads=on", cfg.name));
     // microvm: no PCI, no firmware, virtio-mmio found through ACPI (keep ACPI
     // on: it is also how guest power-off ends QEMU).
-    a.flag("-machine")
-        .val("microvm,acpi=on,pit=off,pic=off,rtc=on,isa-serial=on,memory-backend=mem");
+    a.flag("-machine").val("microvm,acpi=on,pit=off,pic=off,rtc=on,isa-serial=on,memory-backend=mem");
     a.flag("-accel").val(match cfg.accel {
         Accel::Kvm => "kvm",
         Accel::Tcg => "tcg,thread=multi",
@@ -90,15 +89,11 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
     a.flag("-smp").val(cfg.cpus.to_string());
     a.flag("-m").val(format!("{}M", cfg.memory_mib));
     // vhost-user (virtiofsd) needs guest RAM in shareable memory.
-    a.flag("-object").val(format!(
-        "memory-backend-memfd,id=mem,size={}M,share=on",
-        cfg.memory_mib
-    ));
+    a.flag("-object").val(format!("memory-backend-memfd,id=mem,size={}M,share=on", cfg.memory_mib));
     a.flag("-nodefaults").flag("-no-user-config").flag("-no-reboot");
     a.flag("-display").val("none");
     if cfg.sandbox {
-        a.flag("-sandbox")
-            .val("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
+        a.flag("-sandbox").val("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
     }
     a.flag("-kernel").val(&cfg.kernel);
     a.flag("-initrd").val(&cfg.initrd);
@@ -122,14 +117,12 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
         let mut chardev = OsString::from(format!("socket,id=exec{i},server=on,wait=off,path="));
         chardev.push(escape_commas(socket));
         a.flag("-chardev").val(chardev);
-        a.flag("-device")
-            .val(format!("virtserialport,chardev=exec{i},name={}", agentvm_proto::exec_port_name(i)));
+        a.flag("-device").val(format!("virtserialport,chardev=exec{i},name={}", agentvm_proto::exec_port_name(i)));
     }
 
     if let Some(fd) = cfg.forward_fd {
         a.flag("-chardev").val(format!("socket,id=fwd,fd={fd}"));
-        a.flag("-device")
-            .val(format!("virtserialport,chardev=fwd,name={}", agentvm_proto::forward::PORT_NAME));
+        a.flag("-device").val(format!("virtserialport,chardev=fwd,name={}", agentvm_proto::forward::PORT_NAME));
     }
 
     // Disks carry serials so the guest finds each one whatever the probe
@@ -272,8 +265,7 @@ mod tests {
     fn memory_backend_is_shared_and_sized_like_ram() {
         let args = strings(&cfg());
         assert_eq!(value_of(&args, "-m"), ["4096M"]);
-        assert!(value_of(&args, "-object")
-            .contains(&"memory-backend-memfd,id=mem,size=4096M,share=on".to_string()));
+        assert!(value_of(&args, "-object").contains(&"memory-backend-memfd,id=mem,size=4096M,share=on".to_string()));
         assert!(value_of(&args, "-machine")[0].contains("memory-backend=mem"));
     }
 
@@ -314,7 +306,9 @@ mod tests {
         let drive = value_of(&args, "-drive").into_iter().find(|d| d.contains(DATA_SERIAL)).unwrap();
         assert!(!drive.contains("read-only"), "{drive}");
         assert!(drive.ends_with("file=/d/p,,1.ext4"), "{drive}");
-        assert!(value_of(&args, "-device").contains(&"virtio-blk-device,drive=agentvm-cri,serial=agentvm-cri".to_string()));
+        assert!(
+            value_of(&args, "-device").contains(&"virtio-blk-device,drive=agentvm-cri,serial=agentvm-cri".to_string())
+        );
     }
 
     #[test]

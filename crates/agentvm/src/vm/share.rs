@@ -9,8 +9,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::vm::share_filter::{self, VIRTIOFSD_MODCAPS};
 use crate::vm::process::{self, Helper};
+use crate::vm::share_filter::{self, VIRTIOFSD_MODCAPS};
 
 /// A host directory shared into the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -30,8 +30,7 @@ use std::collections::BTreeMap;
 use std::io;
 
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
-    TargetArch,
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
 
 /// virtiofsd's `--modcaps`: no device nodes (CAP_MKNOD), no keeping the
@@ -54,7 +53,8 @@ pub struct FilterError(#[from] seccompiler::BackendError);
 /// The filters to install in virtiofsd's process, in order.
 pub fn programs() -> Result<Vec<BpfProgram>, FilterError> {
     let arch = TargetArch::x86_64;
-    let setid = SeccompFilter::new(setid_rules()?, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32), arch)?;
+    let setid =
+        SeccompFilter::new(setid_rules()?, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32), arch)?;
     let opaque: BTreeMap<i64, Vec<SeccompRule>> =
         [(libc::SYS_openat2, Vec::new()), (libc::SYS_io_uring_setup, Vec::new())].into_iter().collect();
     let opaque = SeccompFilter::new(opaque, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), arch)?;

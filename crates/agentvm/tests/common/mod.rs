@@ -285,7 +285,6 @@ impl Drop for Tmux {
     }
 }
 
-
 /// Starts `agentvm ARGS` for `l` in the background (output piped) and waits
 /// until the guest creates `marker` in the work dir; panics with agentvm's
 /// output if it exits first or `timeout` passes.
