@@ -293,12 +293,12 @@ where
             acceptor.read_tls(&mut rest).map_err(|e| format!("not a TLS hello: {e}"))?;
             fed += before - rest.len();
             match acceptor.accept() {
-                Ok(Some(accepted)) => return accepted.client_hello().server_name().map(str::to_string).ok_or_else(
-                    || {
+                Ok(Some(accepted)) => {
+                    return accepted.client_hello().server_name().map(str::to_string).ok_or_else(|| {
                         "the TLS hello names no server (SNI): the proxy tunnels only TLS that names the CONNECT host"
                             .to_string()
-                    },
-                ),
+                    })
+                }
                 Ok(None) => {}
                 Err((e, _)) => return Err(format!("not a TLS hello (the proxy tunnels only TLS): {e}")),
             }
