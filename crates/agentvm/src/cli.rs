@@ -249,6 +249,14 @@ pub struct RunArgs {
     /// to stderr when the VM stops.
     #[arg(short, long)]
     pub verbose: bool,
+    /// Print the launch plan (QEMU's command line, kernel command line,
+    /// accelerator, memory, fds, network, shares, initramfs size) and exit
+    /// without booting. Environment values are not shown.
+    #[arg(long)]
+    pub print_plan: bool,
+    /// With --print-plan: print it as JSON.
+    #[arg(long, requires = "print_plan")]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -19,7 +19,6 @@
 
 pub mod cli;
 pub mod config;
-pub mod console;
 pub mod doctor;
 pub mod guest_env;
 pub mod image;
@@ -27,5 +26,7 @@ pub mod instance;
 pub mod launch;
 pub mod net;
 pub mod paths;
+pub mod relay;
+pub mod sys;
 pub mod tools;
 pub mod vm;

@@ -57,7 +57,7 @@ fn main() -> ExitCode {
         Command::Cri(CriCommand::Prune { work_dir }) => cri_prune(work_dir),
         Command::Flavor(cmd) => flavor_command(cmd),
         Command::Shell { id } => {
-            let tty = Some(agentvm::console::is_tty(0));
+            let tty = Some(agentvm::sys::is_tty(std::io::stdin()));
             exec(&id, agentvm::instance::exec::ExecOptions { argv: Vec::new(), tty })
         }
         Command::Trust { dir, revoke, show } => trust(dir, revoke, show),
@@ -71,6 +71,7 @@ fn fail(e: impl std::fmt::Display) -> i32 {
 }
 
 fn run(args: RunArgs, started: std::time::Instant) -> i32 {
+    let (print_plan, json) = (args.print_plan, args.json);
     let req = config::Request {
         work_dir: args.work_dir,
         home: args.home,
@@ -99,14 +100,43 @@ fn run(args: RunArgs, started: std::time::Instant) -> i32 {
     for warning in settings.warnings.iter().chain(&settings.guest_env.warnings) {
         eprintln!("agentvm: warning: {warning}");
     }
-    match launch::run(&settings, started) {
-        Ok(code) => code,
+    let mut warn = |w: String| eprintln!("agentvm: warning: {w}");
+    if print_plan {
+        return match launch::plan_only(&settings, started, &mut warn) {
+            Ok(report) if json => {
+                println!("{}", report.to_json());
+                0
+            }
+            Ok(report) => {
+                print!("{report}");
+                0
+            }
+            Err(e) => fail(e),
+        };
+    }
+    match launch::run(&settings, started, &mut warn) {
+        Ok(outcome) => report_outcome(&outcome, settings.verbose),
         Err(e) => {
-            let code = e.exit_code();
             eprintln!("agentvm: error: {e}");
-            code
+            e.exit_code()
         }
     }
+}
+
+/// Prints what `--verbose` asks for and the error, if any; the exit status.
+fn report_outcome(outcome: &launch::Outcome, verbose: bool) -> i32 {
+    if verbose {
+        // bench/run reads this line: the launcher's own work before QEMU.
+        eprintln!("agentvm: QEMU started {:.1} ms after agentvm", outcome.qemu_started.as_secs_f64() * 1000.0);
+    }
+    if let Some(console) = &outcome.console {
+        eprintln!("{}", console.heading());
+        eprintln!("{}", String::from_utf8_lossy(&console.text));
+    }
+    if let Err(e) = &outcome.result {
+        eprintln!("agentvm: error: {e}");
+    }
+    outcome.exit_code()
 }
 
 fn image_command(cmd: ImageCommand) -> i32 {
@@ -257,8 +287,8 @@ fn exec(id: &str, opts: agentvm::instance::exec::ExecOptions) -> i32 {
 fn prune_recipes() -> Result<(Vec<Recipe>, Vec<image::LayerRecipe>), String> {
     let flavors = flavors_here()?;
     // With and without the container runtimes: both are in use.
-    let bases = flavors.values().flat_map(|f| [launch::base_recipe(f, false), launch::base_recipe(f, true)]).collect();
-    let layers = flavors.values().filter_map(launch::layer_recipe).collect();
+    let bases = flavors.values().flat_map(|f| [image::base_recipe(f, false), image::base_recipe(f, true)]).collect();
+    let layers = flavors.values().filter_map(image::layer_recipe).collect();
     Ok((bases, layers))
 }
 
@@ -271,11 +301,11 @@ fn build_images(store: &Store, names: &[String], refresh: bool, base: bool, cri:
         .map_err(|e| e.to_string())?;
     let mut progress = image::TerminalProgress::new();
     let mut bases = vec![Recipe::base()];
-    bases.extend(chosen.iter().map(|f| launch::base_recipe(f, false)));
+    bases.extend(chosen.iter().map(|f| image::base_recipe(f, false)));
     if cri {
         let shell = agentvm::config::flavor::resolve(&flavors, "shell").map_err(|e| e.to_string())?;
-        bases.push(launch::base_recipe(&shell, true));
-        bases.extend(chosen.iter().map(|f| launch::base_recipe(f, true)));
+        bases.push(image::base_recipe(&shell, true));
+        bases.extend(chosen.iter().map(|f| image::base_recipe(f, true)));
     }
     bases.dedup();
     for recipe in &bases {
@@ -283,7 +313,7 @@ fn build_images(store: &Store, names: &[String], refresh: bool, base: bool, cri:
             if refresh && base { store.build(recipe, &mut progress) } else { store.ensure(recipe, &mut progress) };
         println!("{}", img.map_err(|e| e.to_string())?.dir.display());
     }
-    for recipe in chosen.iter().filter_map(launch::layer_recipe) {
+    for recipe in chosen.iter().filter_map(image::layer_recipe) {
         let layer = if refresh {
             store.build_layer(&recipe, &mut progress)
         } else {

@@ -506,8 +506,7 @@ pub fn resolve_with(
     if shield_secrets {
         crate::net::shield::check_flavor(&flavor)?;
     }
-    // SAFETY: geteuid has no preconditions.
-    let ports = net::check_ports(&layer.ports, unsafe { libc::geteuid() } == 0)?;
+    let ports = net::check_ports(&layer.ports, crate::sys::is_root())?;
     if network == NetworkMode::None && !ports.is_empty() {
         return Err(SettingsError::PortsWithoutNetwork(layer.ports.join(", ")));
     }

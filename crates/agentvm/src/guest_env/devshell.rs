@@ -88,7 +88,7 @@ pub const DATA_FILES: [&str; 3] = ["flake.lock", "devenv.yaml", "devenv.lock"];
 pub const CACHE_FILE: &str = "devshell.json";
 
 /// Where the guest sees the work dir.
-const GUEST_WORK: &str = crate::launch::GUEST_WORK;
+const GUEST_WORK: &str = agentvm_proto::guest::WORK;
 
 /// Where the Nix store is, on the host and in the guest.
 pub const NIX_STORE: &str = "/nix/store";

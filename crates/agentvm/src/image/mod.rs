@@ -30,6 +30,7 @@
 
 mod build;
 mod error;
+mod flavor_recipes;
 pub mod kmod;
 mod layer;
 mod layer_build;
@@ -40,6 +41,7 @@ mod recipe;
 mod store;
 
 pub use error::ImageError;
+pub use flavor_recipes::{base_recipe, layer_recipe};
 pub use layer::{package_name, Layer, LayerMeta, LayerRecipe, LAYER_FILE, LAYER_FORMAT, LAYER_META_FILE};
 pub use meta::{Image, ImageMeta};
 pub use progress::{NullProgress, Progress, TerminalProgress};
