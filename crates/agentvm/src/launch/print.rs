@@ -146,3 +146,49 @@ fn write_network(f: &mut fmt::Formatter<'_>, net: &NetworkPlan) -> fmt::Result {
     }
     writeln!(f)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launch::plan::tests::{plan, resources, settings};
+
+    fn report() -> PlanReport {
+        let s = settings();
+        let res = resources(&s);
+        PlanReport::new(&plan(&s, &res), &res, 8192, Duration::from_micros(12_345))
+    }
+
+    #[test]
+    fn text_names_every_part_and_never_a_secret() {
+        let text = report().to_string();
+        for part in
+            ["accelerator   tcg", "memory        2052 MiB, 2 CPUs", "initramfs     8192 bytes", "planned in    12.3 ms"]
+        {
+            assert!(text.contains(part), "{part:?} missing in\n{text}");
+        }
+        assert!(text.contains("fds           control 3, initramfs 4, network 5, forwarding -, console 7"), "{text}");
+        assert!(text.contains("network       open: passt (/usr/bin/passt)"), "{text}");
+        assert!(text.contains("share         work /p/project -> /work (rw, cache auto)"), "{text}");
+        assert!(text.contains("kernel        console=ttyS0"), "{text}");
+        assert!(
+            text.contains("qemu          /usr/bin/qemu-system-x86_64 \\\n                -name agentvm-0123456789ab"),
+            "{text}"
+        );
+        assert!(text.contains("environment   API_KEY (values redacted)"), "{text}");
+        assert!(!text.contains("s3cr3t"), "{text}");
+    }
+
+    #[test]
+    fn json_has_the_argv_and_the_fds_and_redacts_the_environment() {
+        let json: serde_json::Value = serde_json::from_str(&report().to_json()).unwrap();
+        assert_eq!(json["accel"], "tcg");
+        assert_eq!(json["fds"]["control"], 3);
+        assert_eq!(json["fds"]["network"], 5);
+        assert_eq!(json["network"]["interface"]["passt"], "/usr/bin/passt");
+        assert_eq!(json["initramfs_bytes"], 8192);
+        assert!(json["qemu_args"].as_array().unwrap().iter().any(|a| a == "-kernel"));
+        assert!(json["kernel_cmdline"].as_str().unwrap().contains("rdinit=/init"));
+        assert_eq!(json["spec"]["env"][0], serde_json::json!(["API_KEY", REDACTED]));
+        assert!(!json.to_string().contains("s3cr3t"));
+    }
+}
