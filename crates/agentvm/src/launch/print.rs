@@ -85,6 +85,21 @@ impl PlanReport {
     }
 }
 
+/// The name a unit variant has in the JSON (e.g. `open`, `passt`).
+fn serde_name(value: impl Serialize) -> String {
+    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+}
+
+/// `arg` as a shell reads it back as one word.
+fn shell_quoted(arg: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || ",.=/:_+-@%".contains(c);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
 fn optional_fd(fd: Option<i32>) -> String {
     fd.map_or_else(|| "-".into(), |fd| fd.to_string())
 }
@@ -119,7 +134,7 @@ impl fmt::Display for PlanReport {
             if arg.starts_with('-') {
                 write!(f, " \\\n                {arg}")?;
             } else {
-                write!(f, " {arg}")?;
+                write!(f, " {}", shell_quoted(arg))?;
             }
         }
         writeln!(f)
@@ -132,8 +147,7 @@ fn write_network(f: &mut fmt::Formatter<'_>, net: &NetworkPlan) -> fmt::Result {
         crate::net::plan::Interface::Passt(bin) => format!("passt ({})", bin.display()),
         crate::net::plan::Interface::Slirp => "slirp".to_string(),
     };
-    let mode = serde_json::to_value(net.mode).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-    write!(f, "network       {mode}: {interface}")?;
+    write!(f, "network       {}: {interface}", serde_name(net.mode))?;
     if net.proxy {
         write!(f, ", egress proxy")?;
     }
@@ -142,7 +156,7 @@ fn write_network(f: &mut fmt::Formatter<'_>, net: &NetworkPlan) -> fmt::Result {
     }
     if !net.published.is_empty() {
         let ports: Vec<String> = net.published.iter().map(ToString::to_string).collect();
-        write!(f, ", published {} via {:?}", ports.join(" "), net.published_via)?;
+        write!(f, ", published {} via {}", ports.join(" "), serde_name(net.published_via))?;
     }
     writeln!(f)
 }
@@ -170,6 +184,7 @@ mod tests {
         assert!(text.contains("network       open: passt (/usr/bin/passt)"), "{text}");
         assert!(text.contains("share         work /p/project -> /work (rw, cache auto)"), "{text}");
         assert!(text.contains("kernel        console=ttyS0"), "{text}");
+        assert!(text.contains("-append 'console=ttyS0 "), "{text}");
         assert!(
             text.contains("qemu          /usr/bin/qemu-system-x86_64 \\\n                -name agentvm-0123456789ab"),
             "{text}"
