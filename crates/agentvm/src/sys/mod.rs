@@ -52,14 +52,10 @@ pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
 /// How [`lock`] waits for a file lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lock {
-    /// Shared, waiting for it.
-    Shared,
     /// Exclusive, waiting for it.
     Exclusive,
     /// Exclusive, failing with `WouldBlock` if someone holds the lock.
     TryExclusive,
-    /// Releases the lock.
-    Unlock,
 }
 
 /// Takes or releases an advisory lock (`flock`) on `file`; a wait that a
@@ -67,10 +63,8 @@ pub enum Lock {
 pub fn lock(file: &File, how: Lock) -> io::Result<()> {
     use rustix::fs::FlockOperation as Op;
     let op = match how {
-        Lock::Shared => Op::LockShared,
         Lock::Exclusive => Op::LockExclusive,
         Lock::TryExclusive => Op::NonBlockingLockExclusive,
-        Lock::Unlock => Op::Unlock,
     };
     loop {
         match rustix::fs::flock(file, op) {
@@ -84,4 +78,39 @@ pub fn lock(file: &File, how: Lock) -> io::Result<()> {
 pub fn exchange(a: &Path, b: &Path) -> io::Result<()> {
     use rustix::fs::{renameat_with, RenameFlags, CWD};
     renameat_with(CWD, a, CWD, b, RenameFlags::EXCHANGE).map_err(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_lock_makes_a_try_fail_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lock");
+        let first = File::create(&path).unwrap();
+        let second = File::open(&path).unwrap();
+        lock(&first, Lock::Exclusive).unwrap();
+        assert_eq!(lock(&second, Lock::TryExclusive).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        drop(first);
+        lock(&second, Lock::TryExclusive).unwrap();
+    }
+
+    #[test]
+    fn exchange_swaps_two_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, "A").unwrap();
+        std::fs::write(&b, "B").unwrap();
+        exchange(&a, &b).unwrap();
+        assert_eq!(std::fs::read_to_string(&a).unwrap(), "B");
+        assert_eq!(std::fs::read_to_string(&b).unwrap(), "A");
+    }
+
+    #[test]
+    fn random_bytes_fill_the_buffer() {
+        let mut a = [0u8; 32];
+        random_bytes(&mut a).unwrap();
+        assert_ne!(a, [0u8; 32]);
+    }
 }

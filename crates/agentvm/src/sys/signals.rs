@@ -8,9 +8,6 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 pub struct Signals(&'static [i32]);
 
 impl Signals {
-    /// Ctrl-C, termination and hang-up: a request to stop.
-    pub const STOP: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
-
     pub const fn new(signals: &'static [i32]) -> Signals {
         Signals(signals)
     }
