@@ -196,7 +196,7 @@ impl RunOptions {
 }
 
 /// The environment variables the options declare, each with its option.
-pub fn declared_env() -> Vec<(String, clap::Arg)> {
+fn declared_env() -> Vec<(String, clap::Arg)> {
     let declared = RunOptions::augment_args(clap::Command::new("run"));
     declared.get_arguments().filter_map(|a| Some((a.get_env()?.to_str()?.to_string(), a.clone()))).collect()
 }

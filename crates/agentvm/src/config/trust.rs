@@ -84,7 +84,7 @@ pub enum TrustError {
     #[error("the trust record {path} is damaged ({source}): run `agentvm trust --revoke {dir}`, then trust it again")]
     BadRecord { path: PathBuf, dir: PathBuf, source: RecordError },
     #[error("looking for the *.nix files of {dir} stopped: {why}. --devshell needs to know all of them: move that tree out of the project, or run without --devshell")]
-    WalkLimit { dir: PathBuf, why: String },
+    WalkLimit { dir: PathBuf, why: BoundHit },
     #[error("project dir {path}: {source}; pass an existing directory")]
     Dir { path: PathBuf, source: std::io::Error },
     #[error("project dir {path}: is not a directory; pass an existing directory")]
@@ -126,6 +126,19 @@ fn read_bounded(mut file: std::fs::File, path: PathBuf, limit: u64) -> Result<Ve
         return Err(TrustError::TooLarge { path, limit });
     }
     Ok(bytes)
+}
+
+/// The [`WalkBounds`] bound the walk hit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BoundHit {
+    #[error("the tree has more than {0} entries")]
+    Entries(u64),
+    #[error("it took longer than {0:?}")]
+    Time(Duration),
+    #[error("{rel} is more than {depth} directories deep")]
+    Depth { rel: String, depth: usize },
+    #[error("its dev shell files are larger than {0} bytes together")]
+    Bytes(u64),
 }
 
 /// Why a trust record cannot be read.
@@ -244,7 +257,7 @@ impl Walk<'_> {
     /// Enters the directory `name` of `parent`, unless it is no longer one.
     fn subdir(&mut self, parent: BorrowedFd, name: &str, rel: &str, depth: usize) -> Result<(), TrustError> {
         if depth > self.bounds.depth {
-            return Err(self.limit(format!("{rel} is more than {} directories deep", self.bounds.depth)));
+            return Err(self.limit(BoundHit::Depth { rel: rel.to_string(), depth: self.bounds.depth }));
         }
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         match rustix::fs::openat(parent, name, flags, Mode::empty()) {
@@ -268,7 +281,7 @@ impl Walk<'_> {
         let bytes = read_bounded(std::fs::File::from(fd), path, DEVSHELL_FILE_LIMIT)?;
         self.bytes += bytes.len() as u64;
         if self.bytes > self.bounds.bytes {
-            return Err(self.limit(format!("its dev shell files are larger than {} bytes together", self.bounds.bytes)));
+            return Err(self.limit(BoundHit::Bytes(self.bounds.bytes)));
         }
         self.sources.insert(rel, SourceFile { hash: digest(&bytes), bytes });
         Ok(())
@@ -343,15 +356,15 @@ impl Walk<'_> {
     fn count(&mut self) -> Result<(), TrustError> {
         self.entries += 1;
         if self.entries > self.bounds.entries {
-            return Err(self.limit(format!("the tree has more than {} entries", self.bounds.entries)));
+            return Err(self.limit(BoundHit::Entries(self.bounds.entries)));
         }
         if Instant::now() > self.deadline {
-            return Err(self.limit(format!("it took longer than {:?}", self.bounds.time)));
+            return Err(self.limit(BoundHit::Time(self.bounds.time)));
         }
         Ok(())
     }
 
-    fn limit(&self, why: String) -> TrustError {
+    fn limit(&self, why: BoundHit) -> TrustError {
         TrustError::WalkLimit { dir: self.work_dir.to_path_buf(), why }
     }
 }
