@@ -155,3 +155,36 @@ impl Built {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn image_build_plans_the_base_then_each_flavors_image_and_layer() {
+        let flavors = flavor::builtin_flavors();
+        let plan = ImageBuild::plan(&flavors, &names(&["claude", "shell"]), false, false, false).unwrap();
+        assert_eq!(plan.bases, [Recipe::base()], "neither flavor adds Debian packages");
+        assert_eq!(plan.layers.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(), ["claude"]);
+        assert!(!plan.rebuild_bases && !plan.rebuild_layers);
+
+        let plan = ImageBuild::plan(&flavors, &names(&["codex"]), true, false, true).unwrap();
+        assert_eq!(plan.bases, [Recipe::base(), base_recipe(&flavors["shell"], true)]);
+        assert!(plan.rebuild_layers && !plan.rebuild_bases, "--refresh rebuilds the base only with --base");
+
+        let e = ImageBuild::plan(&flavors, &names(&["emacs"]), false, false, false).unwrap_err();
+        assert!(e.to_string().contains("unknown flavor \"emacs\""), "{e}");
+    }
+
+    #[test]
+    fn the_project_of_a_command_is_its_dir_else_work_dir_else_here() {
+        let env = |v: &'static str| move |name: &str| (name == "WORK_DIR").then(|| v.to_string());
+        assert_eq!(config::project_dir(Some("/a".into()), &env("/b")), Path::new("/a"));
+        assert_eq!(config::project_dir(None, &env("/b")), Path::new("/b"));
+        assert_eq!(config::project_dir(None, &env("")), Path::new("."));
+    }
+}
