@@ -232,7 +232,9 @@ pub enum Origin {
 /// A generic stack rather than a merge into one `RunOptions`: each field
 /// is read where it is resolved (so a new option needs no merge line), a
 /// field's type says how it merges (`Option`: the latest wins; `Vec`:
-/// they add up), and a value still knows its source for errors.
+/// they add up), a value still knows its source for errors, and nothing
+/// goes through a serialized form (which would refuse a non-UTF-8 path
+/// given on the command line).
 #[derive(Debug, Clone)]
 pub struct Layers {
     /// Indexed by [`Origin`].
@@ -252,7 +254,7 @@ impl Layers {
 
     /// The latest value of the option `field`, with its source.
     pub fn value_from<T: Clone>(&self, field: impl Fn(&RunOptions) -> &Option<T>) -> Option<(T, Origin)> {
-        self.layers.iter().rev().find_map(|(origin, layer)| field(layer).clone().map(|v| (v, *origin)))
+        self.layers.iter().rev().find_map(|(origin, layer)| field(layer).as_ref().map(|v| (v.clone(), *origin)))
     }
 
     /// The latest value of the option `field`.
