@@ -18,6 +18,7 @@
 //! `stop`, `logs` and `exec`; [`doctor`] checks the host.
 
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod console;
 pub mod doctor;
