@@ -59,6 +59,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::envvars;
 use crate::config::trust::{self, FilePattern, Record, Sources, TrustError};
+use crate::tools;
 
 /// Whether and how to use the project's dev shell.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -379,20 +380,13 @@ pub fn merge_path(first: &[String], rest: &str) -> String {
 
 /// The program that evaluates `source`, found on the request's PATH.
 fn find_program(req: &Request, source: Source) -> Result<PathBuf, DevshellError> {
-    find_on_path(source.program(), req.env("PATH")).ok_or(DevshellError::NoProgram {
+    let found = req.env("PATH").and_then(|path| tools::find_in_path(source.program(), path));
+    found.ok_or(DevshellError::NoProgram {
         dir: req.work_dir.clone(),
         file: source.file(),
         program: source.program(),
         hint: source.install_hint(),
     })
-}
-
-/// `name` in the `:`-separated `path`, if executable.
-fn find_on_path(name: &str, path: Option<&OsString>) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    std::env::split_paths(path?)
-        .map(|dir| dir.join(name))
-        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 /// The Nix command for `source`, without `--json` (the cache key's form).

@@ -12,6 +12,7 @@ use super::kmod::{self, BOOT_MODULES, OPTIONAL_BOOT_MODULES};
 use super::meta::{self, ImageMeta, KERNEL_FILE, LOG_FILE, META_FILE, MODULES_DIR, PVH_KERNEL_FILE, ROOT_FILE};
 use super::pvh;
 use super::{ImageError, Progress, Recipe};
+use crate::tools;
 
 /// The tarball mmdebstrap writes, deleted once the squashfs exists.
 const ROOT_TAR: &str = "root.tar";
@@ -81,15 +82,7 @@ pub(crate) fn check_host() -> Result<Mode, ImageError> {
 
 /// `Err(MissingTool)` unless `tool` is an executable on `$PATH`.
 pub(super) fn require_tool(tool: &'static str, package: &'static str) -> Result<PathBuf, ImageError> {
-    find_on_path(tool).ok_or(ImageError::MissingTool { tool, package })
-}
-
-/// The first executable `name` in `$PATH`.
-pub(super) fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+    tools::find_program(tool, &[]).ok_or(ImageError::MissingTool { tool, package })
 }
 
 /// The user name of `uid` from `/etc/passwd` (no NSS in a static binary), else `$USER`.
@@ -259,7 +252,7 @@ fn unpack_pvh_kernel(steps: &mut Steps, dir: &Path) -> Result<(), ImageError> {
         Err(why) => return steps.note(&format!("booting the bzImage: {why}")),
     };
     let (tool, package) = payload.compression.tool();
-    if find_on_path(tool).is_none() {
+    if tools::find_program(tool, &[]).is_none() {
         return steps.note(&format!("booting the bzImage: no {tool} to unpack it (install {package})"));
     }
     let packed = dir.join(format!("{PVH_KERNEL_FILE}.packed"));

@@ -23,7 +23,7 @@ pub(super) const LAYER_COMPRESSOR: &str = "lz4";
 
 /// Checks that the host can build layers: npm, tar and tar2sqfs are installed.
 pub(crate) fn check_host() -> Result<(), ImageError> {
-    if build::find_on_path("npm").is_none() {
+    if crate::tools::find_program("npm", &[]).is_none() {
         return Err(ImageError::MissingNpm);
     }
     build::require_tool("tar", "tar")?;
