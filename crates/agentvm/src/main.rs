@@ -22,7 +22,11 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(args) => run(*args, started),
         Command::Image(cmd) => image_command(cmd),
-        Command::Doctor => i32::from(!doctor::report(&doctor::run_checks())),
+        Command::Doctor => {
+            let checks = doctor::run_checks();
+            print!("{}", doctor::report(&checks));
+            i32::from(!doctor::all_passed(&checks))
+        }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "agentvm", &mut std::io::stdout());
             0

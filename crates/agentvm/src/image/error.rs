@@ -47,14 +47,9 @@ pub enum ImageError {
         reason: String,
     },
 
-    /// A normal user has no subordinate id range, which `mmdebstrap --mode=unshare` needs.
-    #[error("building an image as a normal user needs subordinate ids for user {user} in {file}: run `sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}` (or build as root)")]
-    NoSubordinateIds {
-        /// The user name (or uid when it has no name).
-        user: String,
-        /// `/etc/subuid` or `/etc/subgid`.
-        file: &'static str,
-    },
+    /// A normal user lacks the subordinate ids `mmdebstrap --mode=unshare` maps.
+    #[error("{0}: run `{fix}` (or build as root)", fix = .0.fix())]
+    NoSubordinateIds(super::subids::Shortfall),
 
     /// The recipe cannot be built as given.
     #[error("invalid image recipe {name:?}: {reason}")]

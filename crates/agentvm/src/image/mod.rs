@@ -38,6 +38,7 @@ mod progress;
 mod pvh;
 mod recipe;
 mod store;
+pub mod subids;
 
 pub use error::ImageError;
 pub use layer::{package_name, Layer, LayerMeta, LayerRecipe, LAYER_FILE, LAYER_FORMAT, LAYER_META_FILE};
