@@ -504,7 +504,7 @@ pub fn resolve_with(
         (m, _) => m.unwrap_or_default(),
     };
     if shield_secrets {
-        crate::net::shield::check_flavor(&flavor)?;
+        crate::net::shield::check_flavor(&flavor.name, &flavor.keys, &flavor.secret_hosts, &flavor.key_headers)?;
     }
     // SAFETY: geteuid has no preconditions.
     let ports = net::check_ports(&layer.ports, unsafe { libc::geteuid() } == 0)?;

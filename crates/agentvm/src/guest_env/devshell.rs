@@ -57,6 +57,7 @@ use std::process::{Command, Stdio};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::GUEST_WORK;
 use crate::config::envvars;
 use crate::config::trust::{self, FilePattern, Record, Sources, TrustError};
 use crate::tools;
@@ -87,9 +88,6 @@ pub const DATA_FILES: [&str; 3] = ["flake.lock", "devenv.yaml", "devenv.lock"];
 
 /// The cache file's name in the project's state dir.
 pub const CACHE_FILE: &str = "devshell.json";
-
-/// Where the guest sees the work dir.
-const GUEST_WORK: &str = crate::launch::GUEST_WORK;
 
 /// Where the Nix store is, on the host and in the guest.
 pub const NIX_STORE: &str = "/nix/store";
@@ -137,6 +135,11 @@ const DROPPED: [&str; 30] = [
 
 /// Temporary-directory variables: kept only when they point into the work dir.
 const TEMP_VARS: [&str; 4] = ["TMP", "TEMP", "TMPDIR", "TEMPDIR"];
+
+/// Whether `path` is the guest's work dir or below it.
+fn is_in_guest_work(path: &str) -> bool {
+    path.strip_prefix(GUEST_WORK).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
 
 /// The certificate placeholder of Nix's build sandbox.
 const NO_CERT_FILE: &str = "/no-cert-file.crt";
@@ -871,7 +874,7 @@ pub fn guest_vars(
             continue;
         }
         let value = value.split(':').map(|p| to_guest_path(p, &host_work)).collect::<Vec<_>>().join(":");
-        if TEMP_VARS.contains(&name.as_str()) && !(value == GUEST_WORK || value.starts_with("/work/")) {
+        if TEMP_VARS.contains(&name.as_str()) && !is_in_guest_work(&value) {
             continue;
         }
         match name.as_str() {

@@ -8,11 +8,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use super::error::ImageError;
 use super::kmod::{self, BOOT_MODULES, OPTIONAL_BOOT_MODULES};
 use super::meta::{self, ImageMeta, KERNEL_FILE, LOG_FILE, META_FILE, MODULES_DIR, PVH_KERNEL_FILE, ROOT_FILE};
+use super::progress::Progress;
 use super::pvh;
+use super::recipe::Recipe;
 use super::subids::{self, user_name};
-use super::{ImageError, Progress, Recipe};
 use crate::tools;
 
 /// The tarball mmdebstrap writes, deleted once the squashfs exists.

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::error::ImageError;
 use super::recipe::{hex, is_valid_name, NAME_RULE};
-use super::ImageError;
 
 /// Version of the layer build procedure; part of every layer key. Bump it
 /// when a change to the build (npm options, layout) should invalidate every

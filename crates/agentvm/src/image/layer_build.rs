@@ -8,8 +8,9 @@ use std::path::Path;
 use std::process::Command;
 
 use super::build::{self, Steps};
+use super::error::ImageError;
 use super::layer::{self, LayerMeta, LayerRecipe, LAYER_FILE, LAYER_META_FILE, LAYER_PREFIX};
-use super::{ImageError, Progress};
+use super::progress::Progress;
 
 /// The root the packages are installed under (`<staging>/usr/local`).
 const STAGING_DIR: &str = "staging";

@@ -18,14 +18,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::instance::console_log::{self, RotatingLog};
-use crate::net::http::{self, BodyKind, HttpError, Peer, RequestHead};
+use crate::net::http::{self, authority, BodyKind, HttpError, Peer, RequestHead, BODY_IDLE, HEAD_DEADLINE};
+use crate::net::shield::Shield;
+// The settings name these through the proxy's module.
+pub use crate::net::allow::{AllowList, EgressError, PROXY_PORT};
 
-/// The guest port of the proxy, at `host.agentvm.internal`.
-pub const PROXY_PORT: u16 = 3128;
-/// How long a client may take to send a whole request head or TLS hello.
-pub(crate) const HEAD_DEADLINE: Duration = Duration::from_secs(15);
-/// How long a request body may pause.
-pub(crate) const BODY_IDLE: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Proxy connections served at once; more are refused. As many as the
 /// forwarding channel carries, but counted until each one's thread ends.
@@ -36,97 +33,6 @@ const MAX_CONNECTIONS: usize = agentvm_proto::forward::MAX_CONNECTIONS;
 /// they skip the check that keeps the proxy off loopback and private
 /// addresses.
 pub const RESOLVE_ENV: &str = "AGENTVM_PROXY_RESOLVE";
-
-/// An allow list entry that cannot be used.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum EgressError {
-    #[error("allowed name {0:?} is not a host name: use e.g. api.example.com or *.example.com")]
-    BadPattern(String),
-    #[error("allowed name {0:?} is this host itself: the proxy never connects to the host's loopback; open one port of it with --host-port PORT instead")]
-    LocalName(String),
-    #[error("allowed name {0:?} is an address, not a host name: name the host (e.g. api.example.com); the proxy connects only to public addresses")]
-    AddressName(String),
-    #[error("--allow needs --network allow (the allow list has no effect on an open or absent network)")]
-    AllowWithoutAllowMode,
-    #[error("published port {0} is UDP: with --network allow only TCP ports can be published")]
-    UdpPublished(String),
-    #[error("host port {PROXY_PORT} is the egress proxy's port in the guest: open another one")]
-    ProxyPortTaken,
-}
-
-/// Host names the guest may reach: `example.com` exactly, `*.example.com`
-/// any name below it (not example.com itself).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AllowList(Vec<String>);
-
-impl AllowList {
-    /// Checks and lower-cases the patterns; duplicates are merged. Names of
-    /// the host itself (`localhost`) and numeric names are refused.
-    pub fn new(patterns: &[String]) -> Result<AllowList, EgressError> {
-        let mut out: Vec<String> = Vec::new();
-        for p in patterns {
-            let lower = p.trim().to_ascii_lowercase();
-            let name = lower.strip_prefix("*.").unwrap_or(&lower);
-            if !is_host_name(name) {
-                return Err(EgressError::BadPattern(p.clone()));
-            }
-            if is_local_name(name) {
-                return Err(EgressError::LocalName(p.clone()));
-            }
-            if is_numeric_name(name) {
-                return Err(EgressError::AddressName(p.clone()));
-            }
-            if !out.contains(&lower) {
-                out.push(lower);
-            }
-        }
-        Ok(AllowList(out))
-    }
-
-    pub fn patterns(&self) -> &[String] {
-        &self.0
-    }
-
-    /// Whether `host` (a name, any case, maybe with a trailing dot) is allowed.
-    pub fn allows(&self, host: &str) -> bool {
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
-        self.0.iter().any(|p| match p.strip_prefix("*.") {
-            Some(suffix) => {
-                host.len() > suffix.len() + 1
-                    && host.ends_with(suffix)
-                    && host[..host.len() - suffix.len()].ends_with('.')
-            }
-            None => *p == host,
-        })
-    }
-}
-
-fn is_host_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        })
-}
-
-/// Names that mean this host (RFC 6761 and Debian's /etc/hosts). Others
-/// that resolve to loopback are caught when the proxy connects.
-fn is_local_name(name: &str) -> bool {
-    name == "localhost"
-        || name.ends_with(".localhost")
-        || ["localhost.localdomain", "ip6-localhost", "ip6-loopback"].contains(&name)
-}
-
-/// Names the resolver reads as an IPv4 address (`127.0.0.1`, `127.1`,
-/// `2130706433`, `0x7f.1`): no top-level domain is numeric.
-fn is_numeric_name(name: &str) -> bool {
-    let last = name.rsplit('.').next().unwrap_or_default();
-    let hex = last.strip_prefix("0x").is_some_and(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit()));
-    hex || last.chars().all(|c| c.is_ascii_digit())
-}
 
 /// Why the proxy does not connect to `ip`, or `None` for a public address.
 pub fn non_public(ip: IpAddr) -> Option<&'static str> {
@@ -267,16 +173,6 @@ fn split_host_port(authority: &str, default: Option<u16>) -> Result<(String, u16
     Ok((host.to_ascii_lowercase(), port))
 }
 
-/// `host` or `host:port` (`[v6]:port`), as a Host header says it.
-pub fn authority(host: &str, port: u16, default_port: u16) -> String {
-    let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
-    if port == default_port {
-        host
-    } else {
-        format!("{host}:{port}")
-    }
-}
-
 /// Reads the client's TLS hello (however many records it spans) within
 /// `deadline` and returns the server name it asks for. Everything read
 /// stays buffered in `client`, to be passed on.
@@ -321,7 +217,7 @@ where
 #[derive(Clone)]
 pub struct Proxy {
     allow: Arc<AllowList>,
-    shield: Option<Arc<crate::net::shield::Shield>>,
+    shield: Option<Arc<Shield>>,
     log: Arc<Mutex<Option<RotatingLog>>>,
     resolve: Arc<Vec<(String, IpAddr)>>,
     active: Arc<AtomicUsize>,
@@ -351,7 +247,7 @@ impl Proxy {
     /// A proxy for `allow`, logging to `log_path` (rotated like the console
     /// log: the guest decides how many lines there are); with `shield`, it
     /// puts secrets into the requests to the shield's hosts.
-    pub fn new(allow: AllowList, shield: Option<Arc<crate::net::shield::Shield>>, log_path: &Path) -> Proxy {
+    pub fn new(allow: AllowList, shield: Option<Arc<Shield>>, log_path: &Path) -> Proxy {
         let log = RotatingLog::create(log_path, console_log::ROTATE_BYTES).ok();
         let resolve = std::env::var(RESOLVE_ENV).map(|s| parse_resolve(&s)).unwrap_or_default();
         Proxy {
@@ -636,35 +532,6 @@ mod tests {
         assert!(console_log::tail(&path, 2000).ends_with(format!("{line}\n").as_bytes()));
     }
 
-    fn list(p: &[&str]) -> AllowList {
-        AllowList::new(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
-    }
-
-    #[test]
-    fn exact_names_and_wildcards_match_as_documented() {
-        let a = list(&["API.example.com", "*.npmjs.org"]);
-        assert!(a.allows("api.example.com") && a.allows("Api.Example.COM."));
-        assert!(!a.allows("example.com") && !a.allows("evilapi.example.com"));
-        assert!(a.allows("registry.npmjs.org") && a.allows("a.b.npmjs.org"));
-        assert!(!a.allows("npmjs.org") && !a.allows("evilnpmjs.org"));
-        for bad in ["", "*.", "a b", "http://x.com", "x.com/", "-x.com", "*", "[::1]", "::1"] {
-            assert!(AllowList::new(&[bad.to_string()]).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn names_of_this_host_and_addresses_are_refused_at_parse_time() {
-        for local in ["localhost", "LOCALHOST", "*.localhost", "db.localhost", "ip6-localhost", "localhost.localdomain"]
-        {
-            assert!(matches!(AllowList::new(&[local.to_string()]), Err(EgressError::LocalName(_))), "{local}");
-        }
-        for numeric in ["127.0.0.1", "127.1", "2130706433", "0x7f000001", "0x7f.1", "*.0.0.1", "10.0.0.1"] {
-            assert!(matches!(AllowList::new(&[numeric.to_string()]), Err(EgressError::AddressName(_))), "{numeric}");
-        }
-        assert!(EgressError::LocalName("localhost".into()).to_string().contains("--host-port"));
-        list(&["localhost-tools.example.com", "v1.api.example.com", "1password.com", "x.0x"]);
-    }
-
     #[test]
     fn only_public_addresses_are_dialled() {
         let refused = [
@@ -718,9 +585,9 @@ mod tests {
         }
     }
 
-    fn proxy(allow: &[&str]) -> (Proxy, tempfile::TempDir) {
+    fn proxy() -> (Proxy, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let mut p = Proxy::new(list(allow), None, &log_path(dir.path()));
+        let mut p = Proxy::new(AllowList::default(), None, &log_path(dir.path()));
         p.resolve = Arc::new(Vec::new());
         (p, dir)
     }
@@ -729,7 +596,7 @@ mod tests {
     fn names_and_addresses_of_loopback_are_not_dialled_even_with_a_listener_there() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let (p, _dir) = proxy(&[]);
+        let (p, _dir) = proxy();
         for host in ["localhost", "127.0.0.1", "::ffff:127.0.0.1", "0.0.0.0"] {
             let Err(Refusal(status, why)) = p.dial(host, port) else { panic!("{host} was dialled") };
             assert_eq!(status, 403, "{host}: {why}");
@@ -769,8 +636,6 @@ mod tests {
         assert!(dest(b"CONNECT a.com HTTP/1.1\r\n\r\n").is_err(), "CONNECT needs a port");
         assert!(dest(b"CONNECT a.com:0 HTTP/1.1\r\n\r\n").is_err());
         assert!(dest(b"CONNECT [::1 HTTP/1.1\r\n\r\n").is_err());
-        assert_eq!(authority("::1", 8080, 80), "[::1]:8080");
-        assert_eq!(authority("a.com", 443, 443), "a.com");
     }
 
     /// The TLS records of a real ClientHello for `sni` (none: no SNI).
@@ -845,7 +710,7 @@ mod tests {
 
     #[test]
     fn connections_past_the_limit_are_refused() {
-        let (p, _dir) = proxy(&[]);
+        let (p, _dir) = proxy();
         let held: Vec<UnixStream> = (0..MAX_CONNECTIONS).map(|_| p.connect().unwrap()).collect();
         assert!(p.connect().is_err());
         drop(held);

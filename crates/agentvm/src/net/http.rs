@@ -22,6 +22,10 @@ pub const MAX_REQUEST_BODY: u64 = 1 << 30;
 /// How much of a stream is read at once.
 const READ_SIZE: usize = 16 * 1024;
 
+/// How long a client may take to send a whole request head or TLS hello.
+pub const HEAD_DEADLINE: Duration = Duration::from_secs(15);
+/// How long a request body may pause.
+pub const BODY_IDLE: Duration = Duration::from_secs(60);
 /// An HTTP message that cannot be relayed.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -78,6 +82,16 @@ fn headers_of(parsed: &[httparse::Header]) -> Vec<Header> {
 
 fn malformed(e: httparse::Error) -> HttpError {
     HttpError::Malformed(e.to_string())
+}
+
+/// `host` or `host:port` (`[v6]:port`), as a Host header says it.
+pub fn authority(host: &str, port: u16, default_port: u16) -> String {
+    let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+    if port == default_port {
+        host
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 /// A request head at the start of `buf` and its length; `None` until it is whole.
@@ -656,6 +670,12 @@ mod tests {
 
     fn h(name: &str, value: &str) -> Header {
         Header { name: name.into(), value: value.into() }
+    }
+
+    #[test]
+    fn authorities_bracket_v6_and_drop_the_default_port() {
+        assert_eq!(authority("::1", 8080, 80), "[::1]:8080");
+        assert_eq!(authority("a.com", 443, 443), "a.com");
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! One request per connection: the head going up and the one coming back
 //! both say `Connection: close`, so every request is rewritten.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
@@ -27,9 +27,8 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned};
 
-use crate::config::flavor::Flavor;
-use crate::net::egress::{authority, AllowList};
-use crate::net::http::{self, BodyKind, Header, HttpError, Peer, ReadTimeout, RequestHead, ResponseHead};
+use crate::net::allow::AllowList;
+use crate::net::http::{self, authority, BodyKind, Header, HttpError, Peer, ReadTimeout, RequestHead, ResponseHead};
 
 /// A PEM file of extra CA certificates the proxy trusts upstream (besides
 /// the host's). For tests against a local server.
@@ -126,14 +125,20 @@ pub fn parse_key_form(form: &str) -> Result<KeyForm, String> {
     Ok(KeyForm { name: name.to_ascii_lowercase(), prefix: prefix.into(), suffix: suffix.into() })
 }
 
-/// Checks that a flavor can be shielded: it has secret hosts, and each of
-/// its keys says in which header it travels.
-pub fn check_flavor(flavor: &Flavor) -> Result<(), ShieldError> {
-    if flavor.secret_hosts.is_empty() {
-        return Err(ShieldError::NoSecretHosts { flavor: flavor.name.clone() });
+/// Checks that a flavor (named `flavor`, for messages) can be shielded: it
+/// has `secret_hosts`, and each of its `keys` says in which header it
+/// travels (`key_headers`).
+pub fn check_flavor(
+    flavor: &str,
+    keys: &[String],
+    secret_hosts: &[String],
+    key_headers: &BTreeMap<String, Vec<String>>,
+) -> Result<(), ShieldError> {
+    if secret_hosts.is_empty() {
+        return Err(ShieldError::NoSecretHosts { flavor: flavor.to_string() });
     }
-    match flavor.keys.iter().find(|k| flavor.key_headers.get(*k).map_or(0, Vec::len) == 0) {
-        Some(key) => Err(ShieldError::NoKeyHeaders { flavor: flavor.name.clone(), key: key.clone() }),
+    match keys.iter().find(|k| key_headers.get(*k).map_or(0, Vec::len) == 0) {
+        Some(key) => Err(ShieldError::NoKeyHeaders { flavor: flavor.to_string(), key: key.clone() }),
         None => Ok(()),
     }
 }
@@ -325,7 +330,7 @@ impl Shield {
         let mut guest = Peer::new(StreamOwned::new(server, client));
         // The TLS handshake happens while the head is read, within the deadline.
         let request = guest
-            .read_head(http::parse_request, Some(Instant::now() + crate::net::egress::HEAD_DEADLINE))
+            .read_head(http::parse_request, Some(Instant::now() + http::HEAD_DEADLINE))
             .map_err(|e| format!("reading the request: {e}"))?;
         let kind = match http::request_body(&request.headers) {
             Ok(BodyKind::Length(n)) if n > http::MAX_REQUEST_BODY => {
@@ -345,7 +350,7 @@ impl Shield {
             guest.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").map_err(|e| e.to_string())?;
         }
         up.write_all(&head).map_err(|e| format!("upstream: {e}"))?;
-        guest.set_read_timeout(Some(crate::net::egress::BODY_IDLE)).map_err(|e| e.to_string())?;
+        guest.set_read_timeout(Some(http::BODY_IDLE)).map_err(|e| e.to_string())?;
         http::copy_body(&mut guest, &mut up, kind, Some(http::MAX_REQUEST_BODY), &[])
             .map_err(|e| format!("request body: {e}"))?;
 
@@ -468,16 +473,17 @@ mod tests {
 
     #[test]
     fn flavors_must_say_where_their_keys_travel() {
+        let check = |f: &crate::config::flavor::Flavor| check_flavor(&f.name, &f.keys, &f.secret_hosts, &f.key_headers);
         let all = crate::config::flavor::builtin_flavors();
         for name in ["claude", "gemini", "codex"] {
-            check_flavor(&all[name]).unwrap();
+            check(&all[name]).unwrap();
         }
         let mut f = all["claude"].clone();
         f.key_headers.clear();
-        let e = check_flavor(&f).unwrap_err().to_string();
+        let e = check(&f).unwrap_err().to_string();
         assert!(e.contains("key_headers") && e.contains("ANTHROPIC_API_KEY") && e.contains("[flavors.claude]"), "{e}");
         f.secret_hosts.clear();
-        assert!(check_flavor(&f).unwrap_err().to_string().contains("secret_hosts"));
+        assert!(check(&f).unwrap_err().to_string().contains("secret_hosts"));
     }
 
     #[test]
