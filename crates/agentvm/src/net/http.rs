@@ -34,9 +34,10 @@ pub enum HttpError {
     #[error("the head is longer than {MAX_HEAD} bytes")]
     HeadTooLong,
     #[error("malformed head: {0}")]
-    Malformed(String),
+    Malformed(#[from] httparse::Error),
     #[error("the connection closed before the end of the head")]
     ClosedEarly,
+    /// What is wrong with the framing headers (no error lies under it).
     #[error("bad body framing: {0}")]
     Framing(String),
     #[error("the body is longer than the limit of {0} bytes")]
@@ -80,10 +81,6 @@ fn headers_of(parsed: &[httparse::Header]) -> Vec<Header> {
     parsed.iter().map(|h| Header { name: h.name.to_string(), value: h.value.to_vec() }).collect()
 }
 
-fn malformed(e: httparse::Error) -> HttpError {
-    HttpError::Malformed(e.to_string())
-}
-
 /// `host` or `host:port` (`[v6]:port`), as a Host header says it.
 pub fn authority(host: &str, port: u16, default_port: u16) -> String {
     let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
@@ -94,11 +91,30 @@ pub fn authority(host: &str, port: u16, default_port: u16) -> String {
     }
 }
 
+/// Answers a client with an error of agentvm's own (`status`, and `why` as
+/// the body) and no more: the connection is to end.
+pub fn write_refusal<W: Write>(client: &mut W, status: u16, why: &str) {
+    let reason = match status {
+        403 => "Forbidden",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        502 => "Bad Gateway",
+        _ => "Bad Request",
+    };
+    let body = format!("agentvm: {why}\n");
+    let _ = write!(
+        client,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = client.flush();
+}
+
 /// A request head at the start of `buf` and its length; `None` until it is whole.
 pub fn parse_request(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut slots);
-    let len = match req.parse(buf).map_err(malformed)? {
+    let len = match req.parse(buf)? {
         httparse::Status::Partial => return Ok(None),
         httparse::Status::Complete(n) => n,
     };
@@ -115,7 +131,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpErr
 pub fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HttpError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut slots);
-    let len = match resp.parse(buf).map_err(malformed)? {
+    let len = match resp.parse(buf)? {
         httparse::Status::Partial => return Ok(None),
         httparse::Status::Complete(n) => n,
     };
@@ -413,7 +429,7 @@ impl<'a, R: BufRead> BodyReader<'a, R> {
         }
         self.total += n as u64;
         if let Some(limit) = self.limit.filter(|l| self.total > *l) {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, HttpError::BodyTooLarge(limit).to_string()));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, HttpError::BodyTooLarge(limit)));
         }
         Ok(n)
     }
