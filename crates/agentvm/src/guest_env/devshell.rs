@@ -286,14 +286,33 @@ pub enum DevshellError {
     Copy { path: PathBuf, source: std::io::Error },
     #[error("{dir}/.envrc is blocked: direnv has not been allowed to load it. Review it, then run `direnv allow {dir}` (or start without --devshell)")]
     Blocked { dir: PathBuf },
-    #[error("cannot read the output of `{command}` ({why}); to see it: cd {dir} && {command}")]
-    Output { dir: PathBuf, command: String, why: String },
+    #[error("cannot read the output of `{command}` ({source}); to see it: cd {dir} && {command}")]
+    Output { dir: PathBuf, command: String, source: OutputError },
     #[error("the dev shell of {dir} is not trusted: {files} {are} new, changed or removed since `agentvm trust` (the guest can write {them}), and --devshell evaluates {them} on this host. Review {them}, then run `agentvm trust {dir}`, or run without --devshell", are = if *count == 1 { "is" } else { "are" }, them = if *count == 1 { "it" } else { "them" })]
     Untrusted { dir: PathBuf, files: String, count: usize },
     #[error("the dev shell files of {dir} changed while `{command}` evaluated them, so its result is not used: review them, then run `agentvm trust {dir}`")]
     ChangedDuringEvaluation { dir: PathBuf, command: String },
     #[error("dev shell: {0}")]
     Trust(#[from] TrustError),
+}
+
+/// Why a dev shell command's output cannot be read (the source of
+/// [`DevshellError::Output`]).
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("not UTF-8")]
+    NotUtf8(#[source] std::string::FromUtf8Error),
+    #[error("not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error("not direnv's JSON: {0}")]
+    NotDirenvJson(#[source] serde_json::Error),
+    #[error("no \"variables\" object")]
+    NoVariables,
+    /// The variable whose value has no closing quote.
+    #[error("unterminated value of {0}")]
+    UnterminatedValue(String),
+    #[error("unterminated array")]
+    UnterminatedArray,
 }
 
 /// The format of a dev shell command's output.
@@ -506,10 +525,10 @@ fn nix_env(
     let (format, output) = run_nix(req, source, &program, &command, copy.path(), sources)?;
     // Paths in the copy are paths in the project.
     let output = output.replace(&copy.path().display().to_string(), &req.work_dir.display().to_string());
-    let raw = parse_nix(format, &output).map_err(|why| DevshellError::Output {
+    let raw = parse_nix(format, &output).map_err(|source| DevshellError::Output {
         dir: req.work_dir.clone(),
         command: display,
-        why,
+        source,
     })?;
     let entry = CacheEntry { version: CACHE_VERSION, work_dir: req.work_dir.clone(), key, command, format, output };
     if let Err(e) = write_cache(&cache_path, &entry) {
@@ -661,10 +680,10 @@ fn run_with_env(
             note: String::new(),
         });
     }
-    String::from_utf8(out.stdout).map_err(|_| DevshellError::Output {
+    String::from_utf8(out.stdout).map_err(|e| DevshellError::Output {
         dir: dir.to_path_buf(),
         command,
-        why: "not UTF-8".into(),
+        source: OutputError::NotUtf8(e),
     })
 }
 
@@ -681,10 +700,10 @@ fn direnv_env(req: &Request, program: &Path) -> Result<(Vec<(String, String)>, S
     if env.contains_key(&OsString::from("DIRENV_DIFF")) {
         let flat: Vec<(OsString, OsString)> = env.clone().into_iter().collect();
         let undo = run_with_env(program, args, Path::new("/"), &flat, &shown, &req.work_dir)?;
-        let undo = parse_direnv_json(&undo).map_err(|why| DevshellError::Output {
+        let undo = parse_direnv_json(&undo).map_err(|source| DevshellError::Output {
             dir: req.work_dir.clone(),
             command: shell_words(&shown),
-            why,
+            source,
         })?;
         for (name, value) in undo {
             match value {
@@ -704,10 +723,10 @@ fn direnv_env(req: &Request, program: &Path) -> Result<(Vec<(String, String)>, S
         }
         e => e,
     })?;
-    let diff = parse_direnv_json(&out).map_err(|why| DevshellError::Output {
+    let diff = parse_direnv_json(&out).map_err(|source| DevshellError::Output {
         dir: req.work_dir.clone(),
         command: shell_words(&shown),
-        why,
+        source,
     })?;
     // A null is a variable the .envrc unsets: the dev shell just does not set it.
     let set = diff.into_iter().filter_map(|(n, v)| v.map(|v| (n, v))).collect();
@@ -738,7 +757,7 @@ fn write_cache(path: &Path, entry: &CacheEntry) -> std::io::Result<()> {
 }
 
 /// The exported string variables of a Nix dev shell output.
-pub fn parse_nix(format: Format, output: &str) -> Result<Vec<(String, String)>, String> {
+pub fn parse_nix(format: Format, output: &str) -> Result<Vec<(String, String)>, OutputError> {
     match format {
         Format::NixJson => parse_nix_json(output),
         Format::NixBash => parse_nix_bash(output),
@@ -747,9 +766,9 @@ pub fn parse_nix(format: Format, output: &str) -> Result<Vec<(String, String)>, 
 
 /// `nix print-dev-env --json`: `{"variables": {NAME: {"type": "exported",
 /// "value": "..."}, ...}, "bashFunctions": ...}`; only `exported` ones count.
-pub fn parse_nix_json(output: &str) -> Result<Vec<(String, String)>, String> {
-    let doc: serde_json::Value = serde_json::from_str(output).map_err(|e| format!("not JSON: {e}"))?;
-    let vars = doc.get("variables").and_then(|v| v.as_object()).ok_or("no \"variables\" object")?;
+pub fn parse_nix_json(output: &str) -> Result<Vec<(String, String)>, OutputError> {
+    let doc: serde_json::Value = serde_json::from_str(output).map_err(OutputError::NotJson)?;
+    let vars = doc.get("variables").and_then(|v| v.as_object()).ok_or(OutputError::NoVariables)?;
     Ok(vars
         .iter()
         .filter(|(_, v)| v.get("type").and_then(|t| t.as_str()) == Some("exported"))
@@ -761,7 +780,7 @@ pub fn parse_nix_json(output: &str) -> Result<Vec<(String, String)>, String> {
 /// is `NAME='value'` (single-quoted, `'\''` for a quote) and, if exported,
 /// followed by `export NAME`. Arrays (`declare -a`), functions and other
 /// statements are skipped.
-pub fn parse_nix_bash(output: &str) -> Result<Vec<(String, String)>, String> {
+pub fn parse_nix_bash(output: &str) -> Result<Vec<(String, String)>, OutputError> {
     let mut values: Vec<(String, String)> = Vec::new();
     let mut exported: Vec<String> = Vec::new();
     let mut rest = output;
@@ -775,7 +794,8 @@ pub fn parse_nix_bash(output: &str) -> Result<Vec<(String, String)>, String> {
             exported.push(name.trim().to_string());
         } else if let Some((name, quoted)) = line.split_once("='").filter(|(n, _)| envvars::valid_name(n)) {
             let start = line.len() - quoted.len();
-            let (value, used) = single_quoted(&rest[start..]).ok_or_else(|| format!("unterminated value of {name}"))?;
+            let (value, used) =
+                single_quoted(&rest[start..]).ok_or_else(|| OutputError::UnterminatedValue(name.to_string()))?;
             match values.iter_mut().find(|(n, _)| n == name) {
                 Some(slot) => slot.1 = value,
                 None => values.push((name.to_string(), value)),
@@ -785,7 +805,7 @@ pub fn parse_nix_bash(output: &str) -> Result<Vec<(String, String)>, String> {
             continue;
         } else if line.starts_with("declare -") && line.contains("=(") {
             let start = line.find("=(").expect("checked") + 2;
-            let used = skip_array(&rest[start..]).ok_or("unterminated array")?;
+            let used = skip_array(&rest[start..]).ok_or(OutputError::UnterminatedArray)?;
             rest = &rest[start + used..];
             rest = rest.strip_prefix('\n').unwrap_or(rest);
             continue;
@@ -832,12 +852,11 @@ fn skip_array(s: &str) -> Option<usize> {
 
 /// `direnv export json`: `{NAME: "value" | null}` (null: unset); empty
 /// output means no change.
-pub fn parse_direnv_json(output: &str) -> Result<Vec<(String, Option<String>)>, String> {
+pub fn parse_direnv_json(output: &str) -> Result<Vec<(String, Option<String>)>, OutputError> {
     if output.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let map: BTreeMap<String, Option<String>> =
-        serde_json::from_str(output).map_err(|e| format!("not direnv's JSON: {e}"))?;
+    let map: BTreeMap<String, Option<String>> = serde_json::from_str(output).map_err(OutputError::NotDirenvJson)?;
     Ok(map.into_iter().collect())
 }
 

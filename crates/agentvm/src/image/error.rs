@@ -43,8 +43,18 @@ pub enum ImageError {
     BadLayer {
         /// The layer's name.
         name: String,
-        /// What is missing or wrong.
+        /// What is missing or wrong (a finding: no error lies under it).
         reason: String,
+    },
+
+    /// An agent layer's package has no readable `package.json`.
+    #[error("agent layer {name:?} is incomplete after npm install: {source}")]
+    LayerManifest {
+        /// The layer's name.
+        name: String,
+        /// What is wrong with the manifest.
+        #[source]
+        source: super::layer::ManifestError,
     },
 
     /// A normal user lacks the subordinate ids `mmdebstrap --mode=unshare` maps.
@@ -56,7 +66,7 @@ pub enum ImageError {
     InvalidRecipe {
         /// The recipe's name.
         name: String,
-        /// What is wrong and how to fix it.
+        /// What is wrong and how to fix it (no error lies under it).
         reason: String,
     },
 
@@ -90,7 +100,7 @@ pub enum ImageError {
     /// The built root holds no usable kernel.
     #[error("no usable kernel in the image root: {reason}; the recipe's packages must include a kernel such as linux-image-cloud-amd64")]
     Kernel {
-        /// What was found instead.
+        /// What was found instead (no error lies under it).
         reason: String,
     },
 
