@@ -60,6 +60,7 @@ use sha2::{Digest, Sha256};
 use super::GUEST_WORK;
 use crate::config::envvars;
 use crate::config::trust::{self, FilePattern, Record, Sources, TrustError};
+use crate::image::Progress;
 use crate::tools;
 
 /// Whether and how to use the project's dev shell.
@@ -336,15 +337,16 @@ struct CacheEntry {
     output: String,
 }
 
-/// Evaluates the dev shell of `req.work_dir` (or takes it from the cache).
-/// `Ok(None)`: the project has no dev shell file.
-pub fn load(req: &Request) -> Result<Option<DevShell>, DevshellError> {
+/// Evaluates the dev shell of `req.work_dir` (or takes it from the cache);
+/// a Nix evaluation is a step of `progress`. `Ok(None)`: the project has no
+/// dev shell file.
+pub fn load(req: &Request, progress: &mut dyn Progress) -> Result<Option<DevShell>, DevshellError> {
     let Some(source) = detect(&req.work_dir) else { return Ok(None) };
     let mut warnings = Vec::new();
     // An .envrc too may evaluate the project's Nix files (`use nix`).
     let sources = trusted_sources(req)?;
     let (raw, base_path, from_cache) = if source.is_nix() {
-        let (raw, from_cache) = nix_env(req, source, &sources, &mut warnings)?;
+        let (raw, from_cache) = nix_env(req, source, &sources, &mut warnings, progress)?;
         (raw, None, from_cache)
     } else {
         let (raw, base_path) = direnv_env(req, &find_program(req, source)?)?;
@@ -505,6 +507,7 @@ fn nix_env(
     source: Source,
     sources: &Sources,
     warnings: &mut Vec<String>,
+    progress: &mut dyn Progress,
 ) -> Result<(Vec<(String, String)>, bool), DevshellError> {
     let command = nix_command(source);
     let key = cache_key(sources, &command);
@@ -520,11 +523,13 @@ fn nix_env(
         true => "a *.nix file, flake.lock, devenv.yaml or devenv.lock",
         false => "a *.nix file, flake.lock, devenv.yaml, devenv.lock or a devshell_files file",
     };
-    eprintln!("agentvm: evaluating the dev shell: {display} (cached until {files} changes)");
-    let copy = private_copy(req, sources)?;
-    let (format, output) = run_nix(req, source, &program, &command, copy.path(), sources)?;
-    // Paths in the copy are paths in the project.
-    let output = output.replace(&copy.path().display().to_string(), &req.work_dir.display().to_string());
+    progress.step(&format!("evaluating the dev shell: {display} (cached until {files} changes)"));
+    let evaluated = evaluate_nix(req, source, &program, &command, sources);
+    match &evaluated {
+        Ok(_) => progress.done(),
+        Err(_) => progress.fail(),
+    }
+    let (format, output) = evaluated?;
     let raw = parse_nix(format, &output).map_err(|source| DevshellError::Output {
         dir: req.work_dir.clone(),
         command: display,
@@ -538,6 +543,21 @@ fn nix_env(
         ));
     }
     Ok((raw, false))
+}
+
+/// Runs the Nix command in a private copy of the `sources`; its output
+/// with the copy's paths as the project's.
+fn evaluate_nix(
+    req: &Request,
+    source: Source,
+    program: &Path,
+    command: &[String],
+    sources: &Sources,
+) -> Result<(Format, String), DevshellError> {
+    let copy = private_copy(req, sources)?;
+    let (format, output) = run_nix(req, source, program, command, copy.path(), sources)?;
+    let output = output.replace(&copy.path().display().to_string(), &req.work_dir.display().to_string());
+    Ok((format, output))
 }
 
 /// Runs the Nix command in the private `copy` of the `sources`: `nix ...
@@ -951,7 +971,12 @@ fn strip_ansi(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::NullProgress;
     use std::os::unix::fs::PermissionsExt;
+
+    fn load(req: &Request) -> Result<Option<DevShell>, DevshellError> {
+        super::load(req, &mut NullProgress)
+    }
 
     fn s(v: &[(&str, &str)]) -> Vec<(String, String)> {
         v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
@@ -1202,6 +1227,38 @@ mod tests {
         let third = load(&f.request()).unwrap().unwrap();
         assert!(!third.from_cache);
         assert_eq!(f.calls().len(), 2, "flake.lock changed: evaluated again");
+    }
+
+    /// Remembers the steps it is told of, and how each ended.
+    #[derive(Default)]
+    struct Steps(Vec<String>);
+
+    impl Progress for Steps {
+        fn step(&mut self, name: &str) {
+            self.0.push(name.to_string());
+        }
+        fn done(&mut self) {
+            self.0.push("done".into());
+        }
+        fn fail(&mut self) {
+            self.0.push("failed".into());
+        }
+    }
+
+    #[test]
+    fn a_nix_evaluation_is_a_progress_step_and_a_cache_hit_is_none() {
+        let f = Fixture::new();
+        f.file("flake.nix", "{ outputs = _: {}; }");
+        fake_nix_json(&f);
+        let mut steps = Steps::default();
+        super::load(&f.request(), &mut steps).unwrap().unwrap();
+        assert_eq!(steps.0.len(), 2, "{:?}", steps.0);
+        assert!(steps.0[0].starts_with("evaluating the dev shell: nix "), "{:?}", steps.0);
+        assert!(steps.0[0].ends_with("(cached until a *.nix file, flake.lock, devenv.yaml or devenv.lock changes)"));
+        assert_eq!(steps.0[1], "done");
+        let mut again = Steps::default();
+        super::load(&f.request(), &mut again).unwrap().unwrap();
+        assert!(again.0.is_empty(), "{:?}", again.0);
     }
 
     #[test]
