@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crate::instance::console_log::{self, RotatingLog};
 use crate::net::http::{self, authority, BodyKind, HttpError, Peer, RequestHead, BODY_IDLE, HEAD_DEADLINE};
 use crate::net::shield::Shield;
-// The settings name these through the proxy's module.
+// The settings and the launch name these through the proxy's module.
 pub use crate::net::allow::{AllowList, EgressError, PROXY_PORT};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,7 +56,7 @@ pub enum ProxyError {
     HelloCut,
     #[error("no whole TLS hello within {}s", HEAD_DEADLINE.as_secs())]
     HelloTimeout,
-    #[error("{0}")]
+    #[error(transparent)]
     Http(#[from] HttpError),
     #[error("egress to {host} is not allowed: {}", not_allowed_hint(.host))]
     NotAllowed { host: String },
@@ -190,10 +190,9 @@ pub fn destination(head: &RequestHead) -> Result<Destination, ProxyError> {
         let (host, port) = split_host_port(&head.target, None)?;
         return Ok(Destination::Tunnel { host, port });
     }
-    let rest = head
-        .target
-        .strip_prefix("http://")
-        .ok_or_else(|| bad_target(format!("{} is not a proxy request (https goes through CONNECT)", head.target)))?;
+    let rest = head.target.strip_prefix("http://").ok_or_else(|| {
+        ProxyError::BadTarget(format!("{} is not a proxy request (https goes through CONNECT)", head.target))
+    })?;
     let (authority, path) = match rest.find(['/', '?']) {
         Some(i) if rest[i..].starts_with('/') => (&rest[..i], rest[i..].to_string()),
         Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
@@ -211,14 +210,10 @@ fn not_allowed_hint(host: &str) -> String {
     }
 }
 
-fn bad_target(why: String) -> ProxyError {
-    ProxyError::BadTarget(why)
-}
-
 /// `host[:port]` or `[v6]:port`, without user info; the host lower-cased.
 fn split_host_port(authority: &str, default: Option<u16>) -> Result<(String, u16), ProxyError> {
     let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
-    let bad = |why: &str| bad_target(format!("{authority:?} {why}"));
+    let bad = |why: &str| ProxyError::BadTarget(format!("{authority:?} {why}"));
     let (host, port) = match authority.strip_prefix('[') {
         Some(v6) => {
             let (host, after) = v6.split_once(']').ok_or_else(|| bad("is not host:port"))?;
