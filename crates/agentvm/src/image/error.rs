@@ -1,4 +1,5 @@
-//! The one error type of the image module.
+//! The one error type of the image module, and the detail one of its
+//! variants carries.
 
 use std::path::PathBuf;
 
@@ -54,7 +55,7 @@ pub enum ImageError {
         name: String,
         /// What is wrong with the manifest.
         #[source]
-        source: super::layer::ManifestError,
+        source: ManifestError,
     },
 
     /// A normal user lacks the subordinate ids `mmdebstrap --mode=unshare` maps.
@@ -139,4 +140,16 @@ impl ImageError {
         let path = path.into();
         move |source| ImageError::Io { action, path, source }
     }
+}
+
+/// An installed package's `package.json` that says npm did not install the
+/// package whole: the source of [`ImageError::LayerManifest`].
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot parse {}: {source}", path.display())]
+    Parse { path: PathBuf, source: serde_json::Error },
+    #[error("{} has no version", path.display())]
+    NoVersion { path: PathBuf },
 }

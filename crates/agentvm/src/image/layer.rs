@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::error::ImageError;
+use super::error::{ImageError, ManifestError};
 use super::recipe::{hex, is_valid_name, NAME_RULE};
 
 /// Version of the layer build procedure; part of every layer key. Bump it
@@ -197,20 +197,6 @@ impl Layer {
     pub fn is_complete(&self) -> bool {
         self.squashfs().is_file()
     }
-}
-
-/// An installed package's `package.json` that says npm did not install the
-/// package whole (the source of [`ImageError::LayerManifest`]).
-///
-/// [`ImageError::LayerManifest`]: super::ImageError::LayerManifest
-#[derive(Debug, thiserror::Error)]
-pub enum ManifestError {
-    #[error("cannot read {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("cannot parse {}: {source}", path.display())]
-    Parse { path: PathBuf, source: serde_json::Error },
-    #[error("{} has no version", path.display())]
-    NoVersion { path: PathBuf },
 }
 
 /// The `version` of each package in `node_modules/<package>/package.json`.
