@@ -24,7 +24,11 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(options) => run(*options, started),
         Command::Image(cmd) => done(image_command(cmd)),
-        Command::Doctor => i32::from(!doctor::report(&doctor::run_checks())),
+        Command::Doctor => {
+            let checks = doctor::run_checks();
+            print!("{}", doctor::report(&checks));
+            i32::from(!doctor::all_passed(&checks))
+        }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut cli::command(), "agentvm", &mut std::io::stdout());
             0

@@ -28,7 +28,7 @@ pub fn resolve(layers: &Layers, flavor: &Flavor) -> Result<Network, SettingsErro
     let shield_secrets = layers.value(|o| &o.shield_secrets).unwrap_or(false);
     let mode = mode(layers, shield_secrets)?;
     if shield_secrets {
-        shield::check_flavor(flavor)?;
+        shield::check_flavor(&flavor.name, &flavor.keys, &flavor.secret_hosts, &flavor.key_headers)?;
     }
     let specs = layers.list(|o| &o.ports);
     // SAFETY: geteuid has no preconditions.

@@ -28,10 +28,9 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use super::GUEST_WORK;
 use crate::config::flavor::Flavor;
 
-/// The guest path of the project, made a git safe.directory.
-pub const GUEST_WORK: &str = "/work";
 /// Mode of files created here.
 const FILE_MODE: libc::mode_t = 0o644;
 /// Mode of directories created here.

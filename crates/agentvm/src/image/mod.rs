@@ -38,8 +38,9 @@ mod progress;
 mod pvh;
 mod recipe;
 mod store;
+pub mod subids;
 
-pub use error::ImageError;
+pub use error::{ImageError, ManifestError};
 pub use layer::{package_name, Layer, LayerMeta, LayerRecipe, LAYER_FILE, LAYER_FORMAT, LAYER_META_FILE};
 pub use meta::{Image, ImageMeta};
 pub use progress::{NullProgress, Progress, TerminalProgress};

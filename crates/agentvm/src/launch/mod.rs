@@ -314,12 +314,10 @@ fn prepare_devshell(settings: &Settings) -> Result<Option<DevShell>, LaunchError
     let state_dir = crate::paths::project_state_dir(&settings.work_dir)?;
     let trusted = crate::config::trust::TrustStore::default_location()?.load(&settings.work_dir);
     let loaded = trusted.map_err(devshell::DevshellError::from).and_then(|trusted| {
-        devshell::load(&devshell::Request::for_host(
-            &settings.work_dir,
-            state_dir,
-            trusted,
-            settings.devshell_files.clone(),
-        ))
+        devshell::load(
+            &devshell::Request::for_host(&settings.work_dir, state_dir, trusted, settings.devshell_files.clone()),
+            &mut image::TerminalProgress::labeled("agentvm"),
+        )
     });
     match loaded {
         Ok(Some(shell)) => {

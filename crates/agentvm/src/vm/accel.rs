@@ -21,18 +21,25 @@ pub enum AccelChoice {
 }
 
 /// Why KVM cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum AccelError {
     #[error("/dev/kvm does not exist: the CPU's virtualization is off or kvm modules are not loaded (enable VT-x/AMD-V, `modprobe kvm_intel` or `kvm_amd`)")]
     NoDevice,
     #[error(
         "cannot open /dev/kvm: {0} (add yourself to the kvm group: `sudo usermod -aG kvm $USER`, then log in again)"
     )]
-    NoAccess(String),
+    NoAccess(#[source] std::io::Error),
     #[error("/dev/kvm is PVM (kvm_pvm), which cannot boot stock kernels")]
     Pvm,
-    #[error("KVM could not run a test guest: {0}")]
-    ProbeFailed(String),
+    /// A step of the one-instruction test guest failed.
+    #[error("KVM could not run a test guest: {step} failed: {source}")]
+    Probe { step: &'static str, source: std::io::Error },
+    /// /dev/kvm speaks another API than the stable one (no error lies under it).
+    #[error("KVM could not run a test guest: /dev/kvm has KVM API version {0}, not 12")]
+    ApiVersion(i32),
+    /// The test guest stopped, but not at its `hlt`.
+    #[error("KVM could not run a test guest: it stopped with KVM exit reason {0}, expected hlt")]
+    NoHlt(u32),
 }
 
 impl fmt::Display for Accel {
@@ -69,19 +76,18 @@ pub fn probe_kvm() -> Result<(), AccelError> {
     if Path::new("/sys/module/kvm_pvm").exists() {
         return Err(AccelError::Pvm);
     }
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dev)
-        .map_err(|e| AccelError::NoAccess(e.to_string()))?;
-    hlt_guest::run(&kvm).map_err(AccelError::ProbeFailed)
+    let kvm = std::fs::OpenOptions::new().read(true).write(true).open(dev).map_err(AccelError::NoAccess)?;
+    hlt_guest::run(&kvm)
 }
 
 mod hlt_guest {
     //! A guest of one `hlt` at the x86 reset vector (0xfffffff0), so no
     //! register set-up is needed.
     use std::fs::File;
+    use std::io;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use super::AccelError;
 
     const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
     const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
@@ -102,12 +108,12 @@ mod hlt_guest {
         userspace_addr: u64,
     }
 
-    fn ioctl(fd: i32, req: libc::c_ulong, arg: libc::c_ulong) -> Result<i32, String> {
+    fn ioctl(fd: i32, req: libc::c_ulong, arg: libc::c_ulong) -> io::Result<i32> {
         // SAFETY: plain KVM ioctls on fds we own; pointer args point to live,
         // correctly laid-out structs.
         let r = unsafe { libc::ioctl(fd, req as _, arg) };
         if r < 0 {
-            Err(std::io::Error::last_os_error().to_string())
+            Err(io::Error::last_os_error())
         } else {
             Ok(r)
         }
@@ -126,23 +132,29 @@ mod hlt_guest {
         }
     }
 
-    fn map(len: usize, fd: i32) -> Result<Mapping, String> {
+    fn map(len: usize, fd: i32) -> io::Result<Mapping> {
         let flags = if fd < 0 { libc::MAP_PRIVATE | libc::MAP_ANONYMOUS } else { libc::MAP_SHARED };
         // SAFETY: a fresh mapping; the kernel picks the address.
         let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
         if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error().to_string());
+            return Err(io::Error::last_os_error());
         }
         Ok(Mapping(p, len))
     }
 
-    pub fn run(kvm: &File) -> Result<(), String> {
+    /// What failed in `step`.
+    fn failed(step: &'static str) -> impl FnOnce(io::Error) -> AccelError {
+        move |source| AccelError::Probe { step, source }
+    }
+
+    pub fn run(kvm: &File) -> Result<(), AccelError> {
         let kfd = kvm.as_raw_fd();
-        if ioctl(kfd, KVM_GET_API_VERSION, 0)? != 12 {
-            return Err("unexpected KVM API version".into());
+        let version = ioctl(kfd, KVM_GET_API_VERSION, 0).map_err(failed("KVM_GET_API_VERSION"))?;
+        if version != 12 {
+            return Err(AccelError::ApiVersion(version));
         }
-        let vm = owned(ioctl(kfd, KVM_CREATE_VM, 0)?);
-        let mem = map(PAGE, -1)?;
+        let vm = owned(ioctl(kfd, KVM_CREATE_VM, 0).map_err(failed("KVM_CREATE_VM"))?);
+        let mem = map(PAGE, -1).map_err(failed("mapping the guest's memory"))?;
         // SAFETY: the page is PAGE bytes long and writable.
         unsafe { *(mem.0 as *mut u8).add(0xff0) = 0xf4 }; // hlt
         let region = MemoryRegion {
@@ -152,18 +164,19 @@ mod hlt_guest {
             memory_size: PAGE as u64,
             userspace_addr: mem.0 as u64,
         };
-        ioctl(vm.as_raw_fd(), KVM_SET_USER_MEMORY_REGION, &region as *const _ as libc::c_ulong)?;
-        let vcpu = owned(ioctl(vm.as_raw_fd(), KVM_CREATE_VCPU, 0)?);
-        let run_size = ioctl(kfd, KVM_GET_VCPU_MMAP_SIZE, 0)? as usize;
-        let run = map(run_size, vcpu.as_raw_fd())?;
-        ioctl(vcpu.as_raw_fd(), KVM_RUN, 0)?;
+        ioctl(vm.as_raw_fd(), KVM_SET_USER_MEMORY_REGION, &region as *const _ as libc::c_ulong)
+            .map_err(failed("KVM_SET_USER_MEMORY_REGION"))?;
+        let vcpu = owned(ioctl(vm.as_raw_fd(), KVM_CREATE_VCPU, 0).map_err(failed("KVM_CREATE_VCPU"))?);
+        let run_size = ioctl(kfd, KVM_GET_VCPU_MMAP_SIZE, 0).map_err(failed("KVM_GET_VCPU_MMAP_SIZE"))? as usize;
+        let run = map(run_size, vcpu.as_raw_fd()).map_err(failed("mapping the vCPU's run structure"))?;
+        ioctl(vcpu.as_raw_fd(), KVM_RUN, 0).map_err(failed("KVM_RUN"))?;
         // SAFETY: struct kvm_run starts with two u8 flags, 6 pad bytes, then
         // the u32 exit_reason at offset 8, within the mapping.
         let exit_reason = unsafe { *((run.0 as *const u8).add(8) as *const u32) };
         if exit_reason == KVM_EXIT_HLT {
             Ok(())
         } else {
-            Err(format!("test guest stopped with KVM exit reason {exit_reason}, expected hlt"))
+            Err(AccelError::NoHlt(exit_reason))
         }
     }
 }
@@ -195,7 +208,7 @@ mod tests {
 
     #[test]
     fn explicit_tcg_needs_no_probe() {
-        assert_eq!(choose(AccelChoice::Tcg).unwrap(), (Accel::Tcg, None));
+        assert!(matches!(choose(AccelChoice::Tcg), Ok((Accel::Tcg, None))));
     }
 
     #[test]
