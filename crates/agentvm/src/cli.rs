@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use crate::vm::AccelChoice;
+use crate::config::RunOptions;
 
 /// Run AI coding agents (or any command) in fast, isolated microVMs.
 ///
@@ -21,6 +21,9 @@ pub struct Cli {
 pub enum Command {
     /// Boot a VM and run a flavor (default: claude) in it; its exit status
     /// becomes agentvm's.
+    #[command(
+        after_help = "Examples:\n  agentvm run                         Claude Code in ./ (the default flavor)\n  agentvm run claude -- -p \"fix the failing test\"\n  agentvm run shell                   interactive bash in /work\n  agentvm run shell -- make test      one command; its exit status comes back\n  echo hi | agentvm run shell -- sh -c 'cat > /work/in.txt'"
+    )]
     Run(Box<RunArgs>),
     /// Build, list and remove cached VM images.
     #[command(subcommand)]
@@ -117,6 +120,36 @@ pub enum Command {
     },
 }
 
+/// The command line as agentvm parses it. `run`'s options declare the
+/// environment variable each reads (`env = ...` in [`RunOptions`]), but
+/// clap does not read them: [`crate::config`] does, below the config files
+/// in precedence, with errors that name the variable, and from an
+/// environment a test can pass in. clap only names them in the help.
+pub fn command() -> clap::Command {
+    Cli::command().mut_subcommand("run", |run| run.mut_args(env_in_help))
+}
+
+/// Parses the command line `args` (with the program name first).
+pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli, clap::Error> {
+    Cli::from_arg_matches(&command().try_get_matches_from(args)?)
+}
+
+/// `arg`, its environment variable named in its help instead of read.
+fn env_in_help(arg: clap::Arg) -> clap::Arg {
+    let Some(var) = arg.get_env().map(|v| v.to_string_lossy().into_owned()) else { return arg };
+    let note = |help: Option<&clap::builder::StyledStr>| match help {
+        Some(h) => format!("{h} [env: {var}]"),
+        None => format!("[env: {var}]"),
+    };
+    let long = arg.get_long_help().map(|h| note(Some(h)));
+    let help = note(arg.get_help());
+    let arg = arg.env(None).help(help);
+    match long {
+        Some(long) => arg.long_help(long),
+        None => arg,
+    }
+}
+
 /// A command line (`args`, without the program name) that cannot be
 /// parsed, as one line: what was wrong, with which input, and whose help
 /// to read. The caller exits 125, as for agentvm's other errors.
@@ -142,8 +175,7 @@ pub fn usage_error(e: &clap::Error, args: &[String]) -> String {
 
 /// `agentvm` and the subcommands named in `args`, e.g. `agentvm image build`.
 fn command_path(args: &[String]) -> String {
-    use clap::CommandFactory;
-    let mut cmd = Cli::command();
+    let mut cmd = command();
     let mut path = vec!["agentvm".to_string()];
     for arg in args.iter().take_while(|a| *a != "--") {
         let Some(sub) = cmd.find_subcommand(arg).cloned() else { continue };
@@ -153,102 +185,11 @@ fn command_path(args: &[String]) -> String {
     path.join(" ")
 }
 
-/// `agentvm run [OPTIONS] [FLAVOR] [-- ARGS...]`
+/// `agentvm run`: the run options, and what to do with them.
 #[derive(Debug, Args)]
-#[command(
-    after_help = "Examples:\n  agentvm run                         Claude Code in ./ (the default flavor)\n  agentvm run claude -- -p \"fix the failing test\"\n  agentvm run shell                   interactive bash in /work\n  agentvm run shell -- make test      one command; its exit status comes back\n  echo hi | agentvm run shell -- sh -c 'cat > /work/in.txt'"
-)]
 pub struct RunArgs {
-    /// What to run: claude (default), gemini, codex, shell, or a flavor
-    /// from [flavors.NAME] in the config [env: AGENTVM_FLAVOR]
-    pub flavor: Option<String>,
-    /// Arguments for the flavor's program (for `shell`: the command to run).
-    #[arg(last = true)]
-    pub args: Vec<String>,
-    /// Pass NAME from the host, or set NAME=VALUE, in the program's
-    /// environment (repeatable). A VALUE here is visible to other users in
-    /// `ps`: pass secrets as `-e NAME` or in an --env-file.
-    #[arg(short = 'e', long = "env", value_name = "NAME[=VALUE]")]
-    pub env: Vec<String>,
-    /// Read NAME=VALUE lines from FILE into the program's environment
-    /// (repeatable).
-    #[arg(long = "env-file", value_name = "FILE")]
-    pub env_files: Vec<PathBuf>,
-    /// Publish a guest port on the host: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]
-    /// (repeatable; the host side binds 127.0.0.1 unless an address is given).
-    #[arg(short = 'p', long = "publish", value_name = "SPEC")]
-    pub publish: Vec<String>,
-    /// Let the guest reach this host name under --network allow (repeatable;
-    /// *.example.com for the names below it); on top of the flavor's preset
-    /// (agentvm flavor show NAME). Implies --network allow.
-    #[arg(long = "allow", value_name = "NAME")]
-    pub allow: Vec<String>,
-    /// Give the guest placeholders instead of the flavor's API keys; the
-    /// egress proxy puts the real keys into requests to the flavor's API
-    /// hosts only, in the headers its key_headers name (TLS through a
-    /// per-instance CA the guest trusts). Implies --network allow.
-    #[arg(long)]
-    pub shield_secrets: bool,
-    /// Open one port of the host's loopback to the guest, where it is
-    /// host.agentvm.internal:PORT (repeatable), e.g. a local database or
-    /// MCP server. Works with --network none too.
-    #[arg(long = "host-port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
-    pub host_ports: Vec<u16>,
-    /// `open`: internet through the host (the host's own services stay
-    /// closed); `none`: only loopback in the guest; `allow`: no interface
-    /// either, HTTP(S) through agentvm's proxy to the allowed names only.
-    #[arg(long, value_enum, value_name = "MODE")]
-    pub network: Option<crate::net::NetworkMode>,
-    /// Start container runtimes in the guest: a comma-separated list of
-    /// docker, podman, containerd, crun [env: ENABLE_CRI]. Their storage
-    /// persists per project on a disk of its own.
-    #[arg(long, value_name = "LIST")]
-    pub cri: Option<String>,
-    /// Size of the project's container disk when it is first created
-    /// (sparse: it takes only what is written) [default: 32G]
-    #[arg(long, value_name = "SIZE")]
-    pub cri_disk_size: Option<String>,
-    /// The user-mode network stack: passt (keeps the host's loopback
-    /// closed), slirp (QEMU's own; cannot close it), or auto (passt when
-    /// installed, else slirp with a warning) [default: auto]
-    #[arg(long, value_enum, value_name = "BACKEND")]
-    pub net_backend: Option<crate::net::NetBackend>,
-    /// Project directory shared at /work [env: WORK_DIR] [default: .]
-    #[arg(short = 'w', long, value_name = "DIR")]
-    pub work_dir: Option<PathBuf>,
-    /// Persistent agent home, shared at /home/agent [env: AGENT_HOME]
-    /// [default: per project under $XDG_DATA_HOME/agentvm/homes]
-    #[arg(long, value_name = "DIR")]
-    pub home: Option<PathBuf>,
-    /// Guest memory, e.g. 4G or 2048M [env: AGENTVM_MEMORY] [default: 4G]
-    #[arg(short, long, value_name = "SIZE")]
-    pub memory: Option<String>,
-    /// Virtual CPUs [env: AGENTVM_CPUS] [default: min(4, host cores)]
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
-    pub cpus: Option<u32>,
-    /// Accelerator: auto probes KVM and falls back to TCG [env: AGENTVM_ACCEL]
-    #[arg(long, value_enum, value_name = "ACCEL")]
-    pub accel: Option<AccelChoice>,
-    /// Apply the project's dev shell to the program: a Nix flake
-    /// (`nix print-dev-env` on a private copy of the trusted Nix files and
-    /// the `devshell_files` of the config, cached until one changes),
-    /// devenv, or an `.envrc` that direnv allows. Nix files must be as
-    /// trusted with `agentvm trust`. `--devshell` stops before
-    /// boot if it fails; `--devshell=try` warns and goes on without it
-    /// [env: DIRENV_ALLOW=1] [default: off]
-    #[arg(
-        long,
-        value_enum,
-        value_name = "MODE",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "on"
-    )]
-    pub devshell: Option<crate::guest_env::devshell::Mode>,
-    /// Print the guest's boot log (kernel and init messages, with timings)
-    /// to stderr when the VM stops.
-    #[arg(short, long)]
-    pub verbose: bool,
+    #[command(flatten)]
+    pub options: RunOptions,
     /// Print the launch plan (QEMU's command line, kernel command line,
     /// accelerator, memory, fds, network, shares, initramfs size) and exit
     /// without booting. Environment values are not shown.

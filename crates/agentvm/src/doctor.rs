@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use crate::image::subids;
 use crate::{paths, tools, vm::accel, vm::share};
 
 /// The outcome of one check.
@@ -186,40 +187,22 @@ fn check_userns() -> Check {
     }
 }
 
-/// The login name of `uid` from /etc/passwd (no NSS: the binary is static).
-pub fn user_name(uid: u32) -> Option<String> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() > 2 && f[2] == uid.to_string()).then(|| f[0].to_string())
-    })
-}
-
-/// Whether `/etc/subuid`-style text grants `user` (or `uid`) a range.
-pub fn has_subid_range(text: &str, user: &str, uid: u32) -> bool {
-    text.lines().any(|l| {
-        let first = l.split(':').next().unwrap_or("");
-        first == user || first == uid.to_string()
-    })
-}
-
 fn check_subids() -> Check {
     let uid = crate::sys::uid();
     if uid == 0 {
         return ok("subordinate ids", "not needed as root");
     }
-    let user = user_name(uid).unwrap_or_default();
-    let found = ["/etc/subuid", "/etc/subgid"]
-        .iter()
-        .all(|f| std::fs::read_to_string(f).map(|t| has_subid_range(&t, &user, uid)).unwrap_or(false));
-    if found {
-        ok("subordinate ids", format!("{user} has /etc/subuid and /etc/subgid ranges"))
-    } else {
-        fail(
+    let user = subids::user_name(uid);
+    match subids::check(user.as_deref(), uid) {
+        Ok(()) => ok(
             "subordinate ids",
-            format!("{user} (uid {uid}) has no range in /etc/subuid or /etc/subgid; image builds need one"),
-            format!("sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}"),
-        )
+            format!(
+                "{} has ranges of at least {} ids in /etc/subuid and /etc/subgid",
+                user.unwrap_or_else(|| uid.to_string()),
+                subids::NEEDED
+            ),
+        ),
+        Err(shortfall) => fail("subordinate ids", shortfall.to_string(), shortfall.fix()),
     }
 }
 
@@ -249,28 +232,32 @@ fn check_runtime_dir() -> Check {
     }
 }
 
-/// Prints the checks; true when none failed.
-pub fn report(checks: &[Check]) -> bool {
+/// What `agentvm doctor` prints: a line per check, with the fix under each
+/// one that is not Ok, then the verdict.
+pub fn report(checks: &[Check]) -> String {
+    let mut out = String::new();
     for c in checks {
         let tag = match c.status {
             Status::Ok => "ok  ",
             Status::Warn => "warn",
             Status::Fail => "FAIL",
         };
-        println!("{tag} {:<17} {}", c.name, c.detail);
-        if let Some(fix) = &c.fix {
-            if c.status != Status::Ok {
-                println!("     {:<17} fix: {fix}", "");
-            }
+        out.push_str(&format!("{tag} {:<17} {}\n", c.name, c.detail));
+        if let Some(fix) = c.fix.as_ref().filter(|_| c.status != Status::Ok) {
+            out.push_str(&format!("     {:<17} fix: {fix}\n", ""));
         }
     }
     let failed = checks.iter().filter(|c| c.status == Status::Fail).count();
-    if failed == 0 {
-        println!("agentvm is ready.");
-    } else {
-        println!("{failed} requirement(s) missing.");
-    }
-    failed == 0
+    out.push_str(&match failed {
+        0 => "agentvm is ready.\n".to_string(),
+        n => format!("{n} requirement(s) missing.\n"),
+    });
+    out
+}
+
+/// Whether no check failed (warnings allowed).
+pub fn all_passed(checks: &[Check]) -> bool {
+    checks.iter().all(|c| c.status != Status::Fail)
 }
 
 #[cfg(test)]
@@ -285,15 +272,23 @@ mod tests {
     }
 
     #[test]
-    fn subid_ranges_match_by_name_or_uid() {
-        let t = "alice:100000:65536\n1001:165536:65536\n";
-        assert!(has_subid_range(t, "alice", 1000));
-        assert!(has_subid_range(t, "bob", 1001));
-        assert!(!has_subid_range(t, "carol", 1002));
-    }
-
-    #[test]
-    fn root_is_found_in_passwd() {
-        assert_eq!(user_name(0).as_deref(), Some("root"));
+    fn report_shows_fixes_for_what_is_not_ok_and_the_verdict() {
+        let checks = [
+            ok("qemu", "QEMU 10.0"),
+            Check { name: "/dev/kvm", status: Status::Warn, detail: "missing".into(), fix: Some("load kvm".into()) },
+            fail("npm", "npm not found", SETUP),
+        ];
+        let text = report(&checks);
+        assert_eq!(
+            text,
+            format!(
+                "ok   qemu              QEMU 10.0\nwarn /dev/kvm          missing\n     {:<17} fix: load kvm\n\
+                 FAIL npm               npm not found\n     {:<17} fix: {SETUP}\n1 requirement(s) missing.\n",
+                "", ""
+            )
+        );
+        assert!(!all_passed(&checks));
+        assert!(all_passed(&checks[..2]));
+        assert!(report(&checks[..2]).ends_with("agentvm is ready.\n"));
     }
 }

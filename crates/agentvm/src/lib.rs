@@ -21,6 +21,7 @@
 //! (the one place for `unsafe`); [`doctor`] checks the host.
 
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod doctor;
 pub mod guest_env;

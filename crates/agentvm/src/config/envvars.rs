@@ -15,10 +15,9 @@
 //! Values may be secrets: nothing here puts a value into an error, a
 //! warning or `Debug` output.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-
-use crate::config::flavor::Flavor;
 
 /// Variables the guest init sets for the agent user; never overridden.
 pub const RESERVED: [&str; 3] = ["HOME", "USER", "LOGNAME"];
@@ -67,16 +66,38 @@ impl fmt::Debug for GuestEnv {
 /// holds a value.
 #[derive(Debug, thiserror::Error)]
 pub enum EnvError {
-    #[error("{origin}: {why}")]
-    Name { origin: String, why: String },
+    #[error("{origin}: {source}")]
+    Name { origin: String, source: VarNameError },
     #[error("-e PATH would pass the host's PATH, whose directories do not exist in the guest: give a guest value, e.g. -e PATH=/home/agent/.local/bin:/usr/local/bin:/usr/bin:/bin")]
     HostPath,
     #[error("{origin}: the value of {name} contains a NUL byte, which an environment cannot hold")]
     Nul { origin: String, name: String },
     #[error("cannot read env file {path}: {source}")]
     ReadFile { path: PathBuf, source: std::io::Error },
-    #[error("env file {path}, line {line}: {why}")]
-    FileLine { path: PathBuf, line: usize, why: String },
+    #[error("env file {path}, line {line}: {problem}")]
+    FileLine { path: PathBuf, line: usize, problem: EnvLineError },
+}
+
+/// A variable name that cannot be set in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VarNameError {
+    #[error("{0:?} is not a variable name: use letters, digits and '_', not starting with a digit")]
+    NotAName(String),
+    #[error("{0} is set by the guest for the agent user and cannot be overridden")]
+    Reserved(String),
+}
+
+/// A line of an env file that is not `NAME=VALUE`. Never holds a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvLineError {
+    #[error("expected NAME=VALUE (or a # comment)")]
+    NotAnAssignment,
+    #[error(transparent)]
+    Name(#[from] VarNameError),
+    #[error("the value of {name} has no closing {quote}")]
+    Unclosed { name: String, quote: char },
+    #[error("unexpected text after the closing {quote} of {name}'s value (quotes inside a value are not supported)")]
+    AfterQuote { name: String, quote: char },
 }
 
 /// A valid variable name: `[A-Za-z_][A-Za-z0-9_]*`.
@@ -87,77 +108,101 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 /// Checks that `name` may be set in the guest; the error says why not.
-pub fn check_guest_name(name: &str) -> Result<(), String> {
+pub fn check_guest_name(name: &str) -> Result<(), VarNameError> {
     if !valid_name(name) {
-        return Err(format!("{name:?} is not a variable name: use letters, digits and '_', not starting with a digit"));
+        return Err(VarNameError::NotAName(name.to_string()));
     }
     if RESERVED.contains(&name) {
-        return Err(format!("{name} is set by the guest for the agent user and cannot be overridden"));
+        return Err(VarNameError::Reserved(name.to_string()));
     }
     Ok(())
+}
+
+/// What a flavor puts in the environment (see `Flavor::vars`).
+#[derive(Debug, Clone, Copy)]
+pub struct FlavorVars<'a> {
+    /// The flavor's name, for errors and warnings.
+    pub flavor: &'a str,
+    /// Fixed variables.
+    pub env: &'a BTreeMap<String, String>,
+    /// Host variables passed in when set (API keys).
+    pub keys: &'a [String],
 }
 
 /// Builds the guest environment for `flavor` from the `-e` flags
 /// (`NAME` or `NAME=VALUE`), the env files and the host environment `host`.
 pub fn build(
-    flavor: &Flavor,
+    flavor: FlavorVars<'_>,
     cli_env: &[String],
     env_files: &[PathBuf],
     host: &dyn Fn(&str) -> Option<String>,
 ) -> Result<GuestEnv, EnvError> {
     let mut env = GuestEnv::default();
-    let put = |env: &mut GuestEnv, origin: &dyn Fn() -> String, name: &str, value: String| {
-        check_guest_name(name).map_err(|why| EnvError::Name { origin: origin(), why })?;
-        if value.contains('\0') {
-            return Err(EnvError::Nul { origin: origin(), name: name.to_string() });
-        }
-        env.set(name, value);
-        Ok(())
-    };
-
     for name in TERMINAL_VARS {
         if let Some(v) = host(name) {
-            put(&mut env, &|| "host terminal".into(), name, v)?;
+            env.put(&|| "host terminal".into(), name, v)?;
         }
     }
-    for (name, value) in &flavor.env {
-        put(&mut env, &|| format!("flavor {} env", flavor.name), name, value.clone())?;
+    for (name, value) in flavor.env {
+        env.put(&|| format!("flavor {} env", flavor.flavor), name, value.clone())?;
     }
-    for name in &flavor.keys {
+    for name in flavor.keys {
         if let Some(v) = host(name).filter(|v| !v.is_empty()) {
-            put(&mut env, &|| format!("flavor {} keys", flavor.name), name, v)?;
+            env.put(&|| format!("flavor {} keys", flavor.flavor), name, v)?;
         }
     }
     for path in env_files {
         let text = std::fs::read_to_string(path).map_err(|source| EnvError::ReadFile { path: path.clone(), source })?;
         for (line, name, value) in parse_env_file(&text, path)? {
-            put(&mut env, &|| format!("env file {}, line {line}", path.display()), &name, value)?;
+            env.put(&|| format!("env file {}, line {line}", path.display()), &name, value)?;
         }
     }
     for arg in cli_env {
+        env.put_flag(arg, host)?;
+    }
+    if let Some(warning) = missing_key(&flavor, &env) {
+        env.warnings.push(warning);
+    }
+    Ok(env)
+}
+
+impl GuestEnv {
+    /// Sets `name` (from `origin`, for errors) if the guest may have it.
+    fn put(&mut self, origin: &dyn Fn() -> String, name: &str, value: String) -> Result<(), EnvError> {
+        check_guest_name(name).map_err(|source| EnvError::Name { origin: origin(), source })?;
+        if value.contains('\0') {
+            return Err(EnvError::Nul { origin: origin(), name: name.to_string() });
+        }
+        self.set(name, value);
+        Ok(())
+    }
+
+    /// Applies one `-e NAME[=VALUE]`; `NAME` alone takes the host's value.
+    fn put_flag(&mut self, arg: &str, host: &dyn Fn(&str) -> Option<String>) -> Result<(), EnvError> {
         match arg.split_once('=') {
-            Some((name, value)) => put(&mut env, &|| format!("-e {name}"), name, value.to_string())?,
-            None if arg == "PATH" => return Err(EnvError::HostPath),
+            Some((name, value)) => self.put(&|| format!("-e {name}"), name, value.to_string()),
+            None if arg == "PATH" => Err(EnvError::HostPath),
             None => match host(arg) {
-                Some(v) => put(&mut env, &|| format!("-e {arg}"), arg, v)?,
+                Some(v) => self.put(&|| format!("-e {arg}"), arg, v),
                 None => {
-                    check_guest_name(arg).map_err(|why| EnvError::Name { origin: format!("-e {arg}"), why })?;
-                    env.warnings.push(format!("-e {arg}: {arg} is not set on the host; not passed"));
+                    check_guest_name(arg).map_err(|source| EnvError::Name { origin: format!("-e {arg}"), source })?;
+                    self.warnings.push(format!("-e {arg}: {arg} is not set on the host; not passed"));
+                    Ok(())
                 }
             },
         }
     }
+}
 
-    let has_key = flavor.keys.iter().any(|k| env.get(k).is_some_and(|v| !v.is_empty()));
-    if !flavor.keys.is_empty() && !has_key {
-        let which = match flavor.keys.as_slice() {
-            [one] => format!("{one} is not set"),
-            many => format!("none of {} is set", many.join(", ")),
-        };
-        env.warnings
-            .push(format!("{which}; {} will ask you to log in (its login persists in the agent home)", flavor.name));
-    }
-    Ok(env)
+/// The warning when the flavor has keys and none reached `env`.
+fn missing_key(flavor: &FlavorVars<'_>, env: &GuestEnv) -> Option<String> {
+    let which = match flavor.keys {
+        [] => return None,
+        _ if flavor.keys.iter().any(|k| env.get(k).is_some_and(|v| !v.is_empty())) => return None,
+        [one] => format!("{one} is not set"),
+        many => format!("none of {} is set", many.join(", ")),
+    };
+    Some(format!("{which}; {} will ask you to log in (its login persists in the agent home)", flavor.flavor))
 }
 
 /// Parses an env file: `NAME=VALUE` or `export NAME=VALUE` lines, `#`
@@ -170,7 +215,7 @@ pub fn parse_env_file(text: &str, path: &Path) -> Result<Vec<(usize, String, Str
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
-        let err = |why: String| EnvError::FileLine { path: path.to_path_buf(), line, why };
+        let err = |problem: EnvLineError| EnvError::FileLine { path: path.to_path_buf(), line, problem };
         let l = raw.trim();
         if l.is_empty() || l.starts_with('#') {
             continue;
@@ -180,26 +225,22 @@ pub fn parse_env_file(text: &str, path: &Path) -> Result<Vec<(usize, String, Str
             _ => l,
         };
         let Some((name, value)) = l.split_once('=') else {
-            return Err(err("expected NAME=VALUE (or a # comment)".into()));
+            return Err(err(EnvLineError::NotAnAssignment));
         };
         let name = name.trim_end();
         if !valid_name(name) {
-            return Err(err(format!(
-                "{name:?} is not a variable name: use letters, digits and '_', not starting with a digit"
-            )));
+            return Err(err(VarNameError::NotAName(name.to_string()).into()));
         }
         let value = value.trim_start();
         let value = match value.chars().next() {
             Some(q @ ('"' | '\'')) => {
                 let inner = &value[1..];
                 let Some(end) = inner.find(q) else {
-                    return Err(err(format!("the value of {name} has no closing {q}")));
+                    return Err(err(EnvLineError::Unclosed { name: name.to_string(), quote: q }));
                 };
                 let rest = inner[end + 1..].trim_start();
                 if !(rest.is_empty() || rest.starts_with('#')) {
-                    return Err(err(format!(
-                        "unexpected text after the closing {q} of {name}'s value (quotes inside a value are not supported)"
-                    )));
+                    return Err(err(EnvLineError::AfterQuote { name: name.to_string(), quote: q }));
                 }
                 &inner[..end]
             }
@@ -213,8 +254,37 @@ pub fn parse_env_file(text: &str, path: &Path) -> Result<Vec<(usize, String, Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::flavor::builtin_flavors;
     use std::collections::HashMap;
+
+    /// A flavor's variables, as a built-in flavor's.
+    struct Flavor {
+        name: &'static str,
+        env: BTreeMap<String, String>,
+        keys: Vec<String>,
+    }
+
+    impl Flavor {
+        fn vars(&self) -> FlavorVars<'_> {
+            FlavorVars { flavor: self.name, env: &self.env, keys: &self.keys }
+        }
+    }
+
+    fn flavor(name: &'static str, env: &[(&str, &str)], keys: &[&str]) -> Flavor {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Flavor { name, env, keys: args(keys) }
+    }
+
+    fn claude() -> Flavor {
+        flavor("claude", &[("DISABLE_AUTOUPDATER", "1")], &["ANTHROPIC_API_KEY"])
+    }
+
+    fn gemini() -> Flavor {
+        flavor("gemini", &[], &["GEMINI_API_KEY", "GOOGLE_API_KEY"])
+    }
+
+    fn shell() -> Flavor {
+        flavor("shell", &[], &[])
+    }
 
     fn host(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -274,7 +344,8 @@ mod tests {
         let f2 = d.path().join("b.env");
         std::fs::write(&f1, "DISABLE_AUTOUPDATER=file1\nFROM_FILE=1\nANTHROPIC_API_KEY=file-key\n").unwrap();
         std::fs::write(&f2, "FROM_FILE=2\n").unwrap();
-        let claude = &builtin_flavors()["claude"];
+        let claude = claude();
+        let claude = claude.vars();
         let h = host(&[("ANTHROPIC_API_KEY", "host-key"), ("TERM", "xterm-256color"), ("X", "hostx")]);
 
         let env = build(claude, &[], &[], &h).unwrap();
@@ -301,34 +372,34 @@ mod tests {
 
     #[test]
     fn missing_key_warns_once_with_flavor_name() {
-        let all = builtin_flavors();
-        let env = build(&all["claude"], &[], &[], &host(&[])).unwrap();
+        let env = build(claude().vars(), &[], &[], &host(&[])).unwrap();
         assert_eq!(
             env.warnings,
             ["ANTHROPIC_API_KEY is not set; claude will ask you to log in (its login persists in the agent home)"]
         );
-        let env = build(&all["gemini"], &[], &[], &host(&[("ANTHROPIC_API_KEY", "x")])).unwrap();
+        let env = build(gemini().vars(), &[], &[], &host(&[("ANTHROPIC_API_KEY", "x")])).unwrap();
         assert!(env.warnings[0].starts_with("none of GEMINI_API_KEY, GOOGLE_API_KEY is set"), "{:?}", env.warnings);
-        let env = build(&all["gemini"], &[], &[], &host(&[("GOOGLE_API_KEY", "g")])).unwrap();
+        let env = build(gemini().vars(), &[], &[], &host(&[("GOOGLE_API_KEY", "g")])).unwrap();
         assert!(env.warnings.is_empty());
         assert_eq!(env.get("GOOGLE_API_KEY"), Some("g"));
         // A key given with -e counts too; an empty host key does not.
         let env =
-            build(&all["claude"], &args(&["ANTHROPIC_API_KEY=k"]), &[], &host(&[("ANTHROPIC_API_KEY", "")])).unwrap();
+            build(claude().vars(), &args(&["ANTHROPIC_API_KEY=k"]), &[], &host(&[("ANTHROPIC_API_KEY", "")])).unwrap();
         assert!(env.warnings.is_empty());
-        assert!(build(&all["shell"], &[], &[], &host(&[])).unwrap().warnings.is_empty());
+        assert!(build(shell().vars(), &[], &[], &host(&[])).unwrap().warnings.is_empty());
     }
 
     #[test]
     fn unset_host_var_is_skipped_with_warning() {
-        let env = build(&builtin_flavors()["shell"], &args(&["NOPE"]), &[], &host(&[])).unwrap();
+        let env = build(shell().vars(), &args(&["NOPE"]), &[], &host(&[])).unwrap();
         assert_eq!(env.get("NOPE"), None);
         assert!(env.warnings[0].contains("NOPE is not set on the host"), "{:?}", env.warnings);
     }
 
     #[test]
     fn reserved_and_bad_names_are_refused() {
-        let shell = &builtin_flavors()["shell"];
+        let shell = shell();
+        let shell = shell.vars();
         let h = host(&[("HOME", "/home/me"), ("PATH", "/usr/bin")]);
         for bad in ["HOME=/x", "USER", "LOGNAME=x", "1A=b", "A-B=c", "=v"] {
             let e = build(shell, &args(&[bad]), &[], &h).unwrap_err().to_string();
@@ -352,7 +423,7 @@ mod tests {
     #[test]
     fn debug_redacts_values() {
         let env = build(
-            &builtin_flavors()["claude"],
+            claude().vars(),
             &args(&["OTHER=visible-not"]),
             &[],
             &host(&[("ANTHROPIC_API_KEY", "sk-ant-supersecret")]),

@@ -28,7 +28,9 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::envvars;
+use crate::config::envvars::{self, FlavorVars, VarNameError};
+use crate::config::toml_error::{self, TomlError};
+use crate::net::egress::{AllowList, EgressError};
 
 /// The flavor `agentvm run` starts when none is named.
 pub const DEFAULT_FLAVOR: &str = "claude";
@@ -132,22 +134,50 @@ pub struct FlavorOverride {
 /// A flavor that cannot be used, with what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum FlavorError {
-    #[error("config {path} is invalid: {why}")]
-    Parse { path: PathBuf, why: String },
+    #[error("config {path} is invalid: {source}")]
+    Parse { path: PathBuf, source: TomlError },
     #[error("in {path}: {source}")]
     InFile { path: PathBuf, source: Box<FlavorError> },
     #[error("flavor name {name:?} is invalid: use lowercase letters, digits, '-' and '_', starting with a letter or digit (at most {MAX_NAME_LEN} characters)")]
     BadName { name: String },
-    #[error("flavor {flavor:?}: {field}: {why}")]
-    Invalid { flavor: String, field: &'static str, why: String },
+    #[error("flavor {flavor:?}: {field}: {problem}")]
+    Invalid { flavor: String, field: &'static str, problem: FieldError },
     #[error("flavor {flavor:?} is new and has no `command`: add command = [\"program\", \"arg\", ...] to [flavors.{flavor}] (or command = [] for a login shell)")]
     MissingCommand { flavor: String },
     #[error("unknown flavor {name:?}: available flavors are: {}; or define [flavors.{name}] in ~/.config/agentvm/config.toml or .agentvm.toml", available.join(", "))]
     Unknown { name: String, available: Vec<String> },
 }
 
-fn invalid(flavor: &str, field: &'static str, why: impl Into<String>) -> FlavorError {
-    FlavorError::Invalid { flavor: flavor.to_string(), field, why: why.into() }
+/// What is wrong with one field of a flavor.
+#[derive(Debug, thiserror::Error)]
+pub enum FieldError {
+    #[error("{0:?} is not an npm package spec (e.g. \"@openai/codex\" or \"cowsay@1.6.0\")")]
+    NpmSpec(String),
+    #[error("{0:?} is not a Debian package name (e.g. \"python3-pip\" or \"jq=1.7.1-3\")")]
+    AptName(String),
+    #[error("an empty string is not a program or argument; remove it")]
+    EmptyArgument,
+    #[error(transparent)]
+    VarName(#[from] VarNameError),
+    /// `why` is the shield's own account of the form.
+    #[error("{key}: {why}")]
+    KeyForm { key: String, why: String },
+    #[error("{0} is not one of the flavor's keys; add it to `keys` or remove it here")]
+    NotAKey(String),
+    #[error("{0:?} must be a relative path under the agent home without '..', e.g. \".claude/CLAUDE.md\"")]
+    MemoryFile(String),
+    #[error("{0:?} is not an npm version (e.g. \"1.0.30\", \"latest\")")]
+    Version(String),
+    #[error("{0:?} pins nothing: the flavor has no npm package; remove `version`")]
+    PinsNothing(String),
+    #[error("{version:?} conflicts with the version in npm spec {spec:?}; keep only one of them")]
+    TwoVersions { version: String, spec: String },
+    #[error(transparent)]
+    Hosts(#[from] EgressError),
+}
+
+fn invalid(flavor: &str, field: &'static str, problem: impl Into<FieldError>) -> FlavorError {
+    FlavorError::Invalid { flavor: flavor.to_string(), field, problem: problem.into() }
 }
 
 /// The built-in flavors, parsed from [`BUILTIN_TOML`].
@@ -165,14 +195,19 @@ pub fn parse_flavor_tables(toml_text: &str, path: &Path) -> Result<BTreeMap<Stri
         #[serde(default)]
         flavors: BTreeMap<String, FlavorOverride>,
     }
-    let file: ConfigFile = toml::from_str(toml_text).map_err(|e| FlavorError::Parse {
-        path: path.to_path_buf(),
-        why: crate::config::describe_toml_error(&e, toml_text),
-    })?;
-    for (name, o) in &file.flavors {
+    let file: ConfigFile =
+        toml_error::from_str(toml_text).map_err(|source| FlavorError::Parse { path: path.to_path_buf(), source })?;
+    check_tables(&file.flavors, path)?;
+    Ok(file.flavors)
+}
+
+/// Checks each `[flavors.NAME]` table of the config file at `path` on its
+/// own: names and values (the whole flavors are checked when merged).
+pub fn check_tables(tables: &BTreeMap<String, FlavorOverride>, path: &Path) -> Result<(), FlavorError> {
+    for (name, o) in tables {
         check_override(name, o).map_err(|e| FlavorError::InFile { path: path.to_path_buf(), source: Box::new(e) })?;
     }
-    Ok(file.flavors)
+    Ok(())
 }
 
 /// Lays `layer` over `base`: new names become flavors (they need a
@@ -260,6 +295,11 @@ pub fn resolve(flavors: &BTreeMap<String, Flavor>, name: &str) -> Result<Flavor,
 }
 
 impl Flavor {
+    /// What the flavor puts in the guest's environment.
+    pub fn vars(&self) -> FlavorVars<'_> {
+        FlavorVars { flavor: &self.name, env: &self.env, keys: &self.keys }
+    }
+
     /// The guest argv for `agentvm run FLAVOR -- ARGS`: the command followed
     /// by ARGS; for a flavor without a command, ARGS itself (empty: a login
     /// shell).
@@ -331,50 +371,39 @@ fn check_override(name: &str, o: &FlavorOverride) -> Result<(), FlavorError> {
     if !valid_name(name) {
         return Err(FlavorError::BadName { name: name.to_string() });
     }
-    let err = |field, why: String| invalid(name, field, why);
-    for spec in o.npm.iter().flatten() {
-        if spec.is_empty() || spec.starts_with('-') || spec.chars().any(char::is_whitespace) {
-            return Err(err(
-                "npm",
-                format!("{spec:?} is not an npm package spec (e.g. \"@openai/codex\" or \"cowsay@1.6.0\")"),
-            ));
-        }
+    let err = |field, problem: FieldError| invalid(name, field, problem);
+    if let Some(spec) =
+        o.npm.iter().flatten().find(|s| s.is_empty() || s.starts_with('-') || s.chars().any(char::is_whitespace))
+    {
+        return Err(err("npm", FieldError::NpmSpec(spec.clone())));
     }
-    for pkg in o.apt.iter().flatten() {
-        if !valid_apt(pkg) {
-            return Err(err(
-                "apt",
-                format!("{pkg:?} is not a Debian package name (e.g. \"python3-pip\" or \"jq=1.7.1-3\")"),
-            ));
-        }
+    if let Some(pkg) = o.apt.iter().flatten().find(|p| !valid_apt(p)) {
+        return Err(err("apt", FieldError::AptName(pkg.clone())));
     }
     if o.command.iter().flatten().any(|a| a.is_empty()) {
-        return Err(err("command", "an empty string is not a program or argument; remove it".into()));
+        return Err(err("command", FieldError::EmptyArgument));
     }
     for key in o.keys.iter().flatten() {
-        envvars::check_guest_name(key).map_err(|why| err("keys", why))?;
+        envvars::check_guest_name(key).map_err(|e| err("keys", e.into()))?;
     }
     for (key, forms) in o.key_headers.iter().flatten() {
-        envvars::check_guest_name(key).map_err(|why| err("key_headers", why))?;
+        envvars::check_guest_name(key).map_err(|e| err("key_headers", e.into()))?;
         for form in forms {
-            crate::net::shield::parse_key_form(form).map_err(|why| err("key_headers", format!("{key}: {why}")))?;
+            crate::net::shield::parse_key_form(form)
+                .map_err(|why| err("key_headers", FieldError::KeyForm { key: key.clone(), why }))?;
         }
     }
     for var in o.env.iter().flat_map(|e| e.keys()) {
-        envvars::check_guest_name(var).map_err(|why| err("env", why))?;
+        envvars::check_guest_name(var).map_err(|e| err("env", e.into()))?;
     }
     if let Some(m) = o.memory_file.as_deref().filter(|m| !m.is_empty()) {
-        let p = Path::new(m);
-        if !p.components().all(|c| matches!(c, Component::Normal(_))) {
-            return Err(err(
-                "memory_file",
-                format!("{m:?} must be a relative path under the agent home without '..', e.g. \".claude/CLAUDE.md\""),
-            ));
+        if !Path::new(m).components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(err("memory_file", FieldError::MemoryFile(m.to_string())));
         }
     }
     if let Some(v) = &o.version {
         if v.starts_with('-') || v.chars().any(char::is_whitespace) || v.contains('@') {
-            return Err(err("version", format!("{v:?} is not an npm version (e.g. \"1.0.30\", \"latest\")")));
+            return Err(err("version", FieldError::Version(v.clone())));
         }
     }
     Ok(())
@@ -382,35 +411,18 @@ fn check_override(name: &str, o: &FlavorOverride) -> Result<(), FlavorError> {
 
 /// Checks a whole flavor (after merging).
 fn check_flavor(f: &Flavor) -> Result<(), FlavorError> {
-    crate::net::egress::AllowList::new(&f.allow).map_err(|e| invalid(&f.name, "allow", e.to_string()))?;
-    crate::net::egress::AllowList::new(&f.secret_hosts).map_err(|e| invalid(&f.name, "secret_hosts", e.to_string()))?;
+    AllowList::new(&f.allow).map_err(|e| invalid(&f.name, "allow", e))?;
+    AllowList::new(&f.secret_hosts).map_err(|e| invalid(&f.name, "secret_hosts", e))?;
     if let Some(key) = f.key_headers.keys().find(|k| !f.keys.contains(k)) {
-        return Err(invalid(
-            &f.name,
-            "key_headers",
-            format!("{key} is not one of the flavor's keys; add it to `keys` or remove it here"),
-        ));
+        return Err(invalid(&f.name, "key_headers", FieldError::NotAKey(key.clone())));
     }
-    if let Some(v) = &f.version {
-        match f.npm.first() {
-            None => {
-                return Err(invalid(
-                    &f.name,
-                    "version",
-                    format!("{v:?} pins nothing: the flavor has no npm package; remove `version`"),
-                ))
-            }
-            Some(first) if npm_version(first).is_some() => {
-                return Err(invalid(
-                    &f.name,
-                    "version",
-                    format!("{v:?} conflicts with the version in npm spec {first:?}; keep only one of them"),
-                ))
-            }
-            Some(_) => {}
+    match (&f.version, f.npm.first()) {
+        (Some(v), None) => Err(invalid(&f.name, "version", FieldError::PinsNothing(v.clone()))),
+        (Some(v), Some(first)) if npm_version(first).is_some() => {
+            Err(invalid(&f.name, "version", FieldError::TwoVersions { version: v.clone(), spec: first.clone() }))
         }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// `name` or `name=version`, Debian style.

@@ -1,158 +1,58 @@
 //! Resolving one launch's settings.
 //!
-//! Layers, later wins: built-in defaults < `~/.config/agentvm/config.toml` <
-//! `<project>/.agentvm.toml` < environment (`WORK_DIR`, `AGENT_HOME`,
-//! `AGENTVM_MEMORY`, `AGENTVM_CPUS`, `AGENTVM_ACCEL`, `AGENTVM_FLAVOR`,
-//! `DIRENV_ALLOW`) <
-//! command-line flags. Flavors (`[flavors.NAME]`) merge field by field:
-//! built-in < user config < project config.
+//! Every option of `agentvm run` is declared once, in [`RunOptions`]: its
+//! flag, its config key and its environment variable. Sources, later wins:
+//! built-in defaults < `~/.config/agentvm/config.toml` <
+//! `<project>/.agentvm.toml` < environment < command-line flags; list
+//! options add up ([`Layers`]). Flavors (`[flavors.NAME]`) merge field by
+//! field: built-in < user config < project config.
+//!
 //! The project config is written where the guest can write too: it is used
-//! only when the user trusted its current content ([`crate::config::trust`]), and
-//! is otherwise ignored with a warning.
-//! The result is validated once, here, before anything starts; shares that
-//! would hand the guest the whole host, the user's home or agentvm's own
-//! state are refused.
+//! only when the user trusted its current content ([`trust`]), and is
+//! otherwise ignored with a warning.
+//!
+//! [`resolve_with`] reads as the list of concerns, each resolved and
+//! validated once, here, before anything starts: where the files live
+//! (`storage`, which refuses shares that would hand the guest the whole
+//! host, the user's home or agentvm's own state), what runs (`program`),
+//! container runtimes (`containers`), the guest's resources (`resources`)
+//! and its network (`network`).
 
+mod containers;
 pub mod envvars;
+pub mod file;
+pub mod file_pattern;
 pub mod flavor;
+mod network;
+pub mod options;
+mod program;
+mod resources;
+mod storage;
+pub mod toml_error;
 pub mod trust;
 
-use std::path::{Path, PathBuf};
-
-use serde::Deserialize;
-
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use crate::guest_env::cri::Runtime;
 use crate::guest_env::devshell;
-use crate::net::egress::{AllowList, EgressError};
-use crate::net::{self, NetBackend, NetError, NetworkMode, PortSpec};
+use crate::net::egress::AllowList;
+use crate::net::{NetBackend, NetworkMode, PortSpec};
 use crate::paths;
 use crate::vm::share::CacheMode;
 use crate::vm::AccelChoice;
 use envvars::{EnvError, GuestEnv};
-use flavor::{Flavor, FlavorError, FlavorOverride, DEFAULT_FLAVOR};
-use trust::{FilePattern, ProjectConfig, TrustError, TrustStore};
+use flavor::{Flavor, FlavorError};
+use storage::{Exposure, GuardedDirs};
+use trust::{ProjectConfig, TrustError, TrustStore};
 
-/// Default guest memory.
-pub const DEFAULT_MEMORY_MIB: u64 = 4096;
-/// Smallest guest memory that boots our image with room for a program.
-pub const MIN_MEMORY_MIB: u64 = 256;
-/// Default vCPUs: the smaller of this and the host's cores.
-pub const DEFAULT_MAX_CPUS: u32 = 4;
-/// Default guest memory when container runtimes are on (unless the user
-/// set one): image builds and several containers need room.
-pub const CRI_MEMORY_MIB: u64 = 8192;
-/// The project config file's name, in the work dir.
-pub const PROJECT_CONFIG: &str = ".agentvm.toml";
-
-/// One layer of settings, as found in a config file or the environment.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Layer {
-    /// Guest memory: `4G`, `4096M`, `4096` (MiB).
-    pub memory: Option<String>,
-    pub cpus: Option<u32>,
-    pub accel: Option<AccelChoice>,
-    /// Agent home directory (absolute, or relative to the file's directory).
-    pub home: Option<PathBuf>,
-    /// The flavor `run` starts when none is named.
-    pub flavor: Option<String>,
-    /// `open` (default) or `none`.
-    pub network: Option<NetworkMode>,
-    /// `auto` (default), `passt` or `slirp`.
-    pub net_backend: Option<NetBackend>,
-    /// virtiofs caching of /work: `auto` (default), `always`, `metadata`, `never`.
-    pub work_cache: Option<CacheMode>,
-    /// Published ports, `[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]`; the
-    /// layers' lists add up.
-    #[serde(default)]
-    pub ports: Vec<String>,
-    /// Host loopback ports the guest may reach at host.agentvm.internal;
-    /// the layers' lists add up.
-    #[serde(default)]
-    pub host_ports: Vec<u16>,
-    /// Host names the guest may reach under `--network allow`, on top of
-    /// the flavor's; the layers' lists add up.
-    #[serde(default)]
-    pub allow: Vec<String>,
-    /// Give the guest placeholders for the flavor's keys (`--shield-secrets`).
-    pub shield_secrets: Option<bool>,
-    /// Container runtimes to start in the guest, e.g. "docker,podman".
-    pub cri: Option<String>,
-    /// Size limit of the project's container disk, e.g. "32G".
-    pub cri_disk_size: Option<String>,
-    /// The project's dev shell: `off` (default), `on` or `try`.
-    pub devshell: Option<devshell::Mode>,
-    /// Project files the dev shell reads besides the Nix files (trusted,
-    /// copied and cached with them); the layers' lists add up.
-    #[serde(default)]
-    pub devshell_files: Vec<FilePattern>,
-    /// `[flavors.NAME]` tables: new flavors or changes to existing ones.
-    /// Not merged by [`Layer::merge`]: flavors merge field by field.
-    #[serde(default)]
-    pub flavors: BTreeMap<String, FlavorOverride>,
-}
-
-impl Layer {
-    /// Lays `over` on top of `self`.
-    pub fn merge(self, over: Layer) -> Layer {
-        Layer {
-            memory: over.memory.or(self.memory),
-            cpus: over.cpus.or(self.cpus),
-            accel: over.accel.or(self.accel),
-            home: over.home.or(self.home),
-            flavor: over.flavor.or(self.flavor),
-            network: over.network.or(self.network),
-            net_backend: over.net_backend.or(self.net_backend),
-            work_cache: over.work_cache.or(self.work_cache),
-            ports: self.ports.into_iter().chain(over.ports).collect(),
-            host_ports: self.host_ports.into_iter().chain(over.host_ports).collect(),
-            allow: self.allow.into_iter().chain(over.allow).collect(),
-            shield_secrets: over.shield_secrets.or(self.shield_secrets),
-            cri: over.cri.or(self.cri),
-            cri_disk_size: over.cri_disk_size.or(self.cri_disk_size),
-            devshell: over.devshell.or(self.devshell),
-            devshell_files: self.devshell_files.into_iter().chain(over.devshell_files).collect(),
-            flavors: BTreeMap::new(),
-        }
-    }
-}
-
-/// What the command line asked for (`None`: not given).
-#[derive(Debug, Default, Clone)]
-pub struct Request {
-    pub work_dir: Option<PathBuf>,
-    pub home: Option<PathBuf>,
-    pub memory: Option<String>,
-    pub cpus: Option<u32>,
-    pub accel: Option<AccelChoice>,
-    pub flavor: Option<String>,
-    pub args: Vec<String>,
-    /// `-e NAME` / `-e NAME=VALUE`, in order.
-    pub env: Vec<String>,
-    /// `--network`.
-    pub network: Option<NetworkMode>,
-    /// `--net-backend`.
-    pub net_backend: Option<NetBackend>,
-    /// `-p/--publish`, in order.
-    pub publish: Vec<String>,
-    /// `--host-port`, in order.
-    pub host_ports: Vec<u16>,
-    /// `--allow NAME`, in order.
-    pub allow: Vec<String>,
-    /// `--shield-secrets`.
-    pub shield_secrets: bool,
-    /// `--cri LIST`.
-    pub cri: Option<String>,
-    /// `--cri-disk-size SIZE`.
-    pub cri_disk_size: Option<String>,
-    /// `--env-file FILE`, in order.
-    pub env_files: Vec<PathBuf>,
-    /// `--devshell[=MODE]`.
-    pub devshell: Option<devshell::Mode>,
-    pub verbose: bool,
-}
+pub use file::{ConfigFileError, PROJECT_CONFIG};
+pub use file_pattern::FilePattern;
+pub use options::{EnvVarError, Layers, Origin, RunOptions};
+pub use resources::{
+    parse_memory_mib, HostLimits, CRI_MEMORY_MIB, DEFAULT_MAX_CPUS, DEFAULT_MEMORY_MIB, MIN_MEMORY_MIB,
+};
+pub use storage::project_dir;
 
 /// The resolved, validated settings of one launch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,12 +100,14 @@ pub struct Settings {
 /// Settings that cannot be used, with what to do about them.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
-    #[error("work dir {path}: {why}; pass an existing directory with --work-dir or WORK_DIR")]
-    WorkDir { path: PathBuf, why: String },
-    #[error("cannot read config {path}: {why}")]
-    ReadConfig { path: PathBuf, why: String },
-    #[error("config {path} is invalid: {why}")]
-    ParseConfig { path: PathBuf, why: String },
+    #[error("work dir {path}: {source}; pass an existing directory with --work-dir or WORK_DIR")]
+    WorkDir { path: PathBuf, source: std::io::Error },
+    #[error("work dir {path}: is not a directory; pass an existing directory with --work-dir or WORK_DIR")]
+    WorkDirNotADir { path: PathBuf },
+    #[error("work dir {path}: cannot be read: {source}; pass an existing directory with --work-dir or WORK_DIR")]
+    WorkDirUnreadable { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    ConfigFile(#[from] ConfigFileError),
     #[error("memory {0:?} is not a size: use e.g. 4G, 2048M or 2048 (MiB)")]
     MemoryFormat(String),
     #[error("memory {value:?} is below the minimum of {MIN_MEMORY_MIB} MiB")]
@@ -214,14 +116,14 @@ pub enum SettingsError {
     MemoryTooLarge { value: String, host_mib: u64 },
     #[error("cpus {value} is not allowed: use 1 to {max} (this host's cores)")]
     Cpus { value: u32, max: u32 },
-    #[error("{var}={value:?} is invalid: {why}")]
-    Env { var: &'static str, value: String, why: String },
+    #[error(transparent)]
+    Env(#[from] EnvVarError),
     #[error(transparent)]
     Flavor(#[from] FlavorError),
     #[error(transparent)]
     GuestEnv(#[from] EnvError),
     #[error(transparent)]
-    Net(#[from] NetError),
+    Net(#[from] crate::net::NetError),
     #[error(transparent)]
     HostPort(#[from] crate::net::forwarding::HostPortError),
     #[error(transparent)]
@@ -232,461 +134,96 @@ pub enum SettingsError {
     Shield(#[from] crate::net::shield::ShieldError),
     #[error("published ports need the network: drop --network none or the ports ({0})")]
     PortsWithoutNetwork(String),
-    #[error("agent home {path}: {why}; pass a directory with --home or AGENT_HOME")]
-    Home { path: PathBuf, why: String },
+    #[error("agent home {path}: exists and is not a directory; pass a directory with --home or AGENT_HOME")]
+    HomeNotADir { path: PathBuf },
+    #[error("agent home {path}: is the work dir itself; pass a directory with --home or AGENT_HOME")]
+    HomeIsWorkDir { path: PathBuf },
     #[error(transparent)]
     Paths(#[from] paths::PathsError),
     #[error(transparent)]
     Trust(#[from] TrustError),
     #[error("{what} {path} {why}; {fix}")]
-    ShareTooWide { what: &'static str, path: PathBuf, why: String, fix: &'static str },
+    ShareTooWide { what: &'static str, path: PathBuf, why: Exposure, fix: &'static str },
 }
 
-/// Facts about the host that bound the settings.
-#[derive(Debug, Clone, Copy)]
-pub struct HostLimits {
-    pub cores: u32,
-    pub memory_mib: u64,
+/// Resolves everything for one `run` from its command-line `flags`,
+/// reading the real environment and files.
+pub fn resolve(flags: RunOptions) -> Result<Settings, SettingsError> {
+    let get = |k: &str| std::env::var(k).ok();
+    let user_file = paths::user_config_file()?;
+    resolve_with(flags, &get, &user_file, &TrustStore::default_location()?, HostLimits::detect())
 }
 
-impl HostLimits {
-    pub fn detect() -> HostLimits {
-        let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
-        let memory_mib = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                m.lines()
-                    .find(|l| l.starts_with("MemTotal:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|kb| kb.parse::<u64>().ok())
-            })
-            .map(|kb| kb / 1024)
-            .unwrap_or(u64::MAX);
-        HostLimits { cores, memory_mib }
-    }
-}
+/// [`resolve`] with its inputs passed in, for tests.
+pub fn resolve_with(
+    flags: RunOptions,
+    get_env: &dyn Fn(&str) -> Option<String>,
+    user_config: &Path,
+    trust: &TrustStore,
+    host: HostLimits,
+) -> Result<Settings, SettingsError> {
+    let env = RunOptions::from_env(get_env)?;
+    let guarded = GuardedDirs::new(get_env, user_config, trust)?;
+    // Not a config key: only the environment and the flags say it.
+    let work_dir = storage::work_dir(flags.work_dir.clone().or_else(|| env.work_dir.clone()), &guarded)?;
+    let user = file::read_layer(user_config)?;
+    let (project, project_warning) = project_layer(&work_dir, trust)?;
+    let layers = Layers::new(user, project, env, flags);
 
-/// `value` of the variable `var` as one of `T`'s choices (any case); `why`
-/// lists them for the error.
-fn env_choice<T: clap::ValueEnum>(
-    var: &'static str,
-    value: Option<String>,
-    why: &str,
-) -> Result<Option<T>, SettingsError> {
-    value.map(|v| T::from_str(&v, true).map_err(|_| SettingsError::Env { var, value: v, why: why.into() })).transpose()
-}
-
-/// The environment variables agentvm reads, as a layer plus work dir.
-fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<(Layer, Option<PathBuf>), SettingsError> {
-    let cpus = match get("AGENTVM_CPUS") {
-        Some(v) => Some(v.parse().map_err(|_| SettingsError::Env {
-            var: "AGENTVM_CPUS",
-            value: v.clone(),
-            why: "not a number".into(),
-        })?),
-        None => None,
-    };
-    let accel = env_choice::<AccelChoice>("AGENTVM_ACCEL", get("AGENTVM_ACCEL"), "use auto, kvm or tcg")?;
-    let net_backend = env_choice::<NetBackend>(
-        "AGENTVM_NET_BACKEND",
-        get("AGENTVM_NET_BACKEND").filter(|s| !s.is_empty()),
-        "use auto, passt or slirp",
-    )?;
-    let work_cache = env_choice::<CacheMode>(
-        "AGENTVM_WORK_CACHE",
-        get("AGENTVM_WORK_CACHE").filter(|s| !s.is_empty()),
-        "use auto, always, metadata or never",
-    )?;
-    // DIRENV_ALLOW is the original tool's switch: 1 turns the dev shell on.
-    let devshell = match get("DIRENV_ALLOW").as_deref().map(str::trim) {
-        None | Some("") => None,
-        Some("1" | "true" | "yes" | "on") => Some(devshell::Mode::On),
-        Some("0" | "false" | "no" | "off") => Some(devshell::Mode::Off),
-        Some(v) => {
-            return Err(SettingsError::Env {
-                var: "DIRENV_ALLOW",
-                value: v.to_string(),
-                why: "use 1 to turn the dev shell on, 0 to leave it off".into(),
-            })
-        }
-    };
-    let layer = Layer {
-        memory: get("AGENTVM_MEMORY"),
-        cpus,
-        accel,
-        home: get("AGENT_HOME").filter(|s| !s.is_empty()).map(PathBuf::from),
-        flavor: get("AGENTVM_FLAVOR").filter(|s| !s.is_empty()),
-        network: None,
-        net_backend,
-        work_cache,
-        ports: Vec::new(),
-        host_ports: Vec::new(),
-        allow: Vec::new(),
-        shield_secrets: None,
-        cri: get("ENABLE_CRI"),
-        cri_disk_size: None,
-        devshell,
-        devshell_files: Vec::new(),
-        flavors: BTreeMap::new(),
-    };
-    Ok((layer, get("WORK_DIR").filter(|s| !s.is_empty()).map(PathBuf::from)))
+    let program = program::resolve(&layers, get_env)?;
+    let containers = containers::resolve(&layers)?;
+    let resources = resources::resolve(&layers, host, !containers.runtimes.is_empty())?;
+    let network = network::resolve(&layers, &program.flavor)?;
+    let home_dir = storage::home(&layers, &work_dir, &guarded)?;
+    Ok(Settings {
+        work_dir,
+        home_dir,
+        flavor: program.flavor,
+        argv: program.argv,
+        guest_env: program.guest_env,
+        network: network.mode,
+        net_backend: network.backend,
+        work_cache: layers.value(|o| &o.work_cache).unwrap_or_default(),
+        ports: network.ports,
+        host_ports: network.host_ports,
+        allow: network.allow,
+        shield_secrets: network.shield_secrets,
+        cri: containers.runtimes,
+        cri_disk_mib: containers.disk_mib,
+        memory_mib: resources.memory_mib,
+        cpus: resources.cpus,
+        accel: resources.accel,
+        devshell: program.devshell,
+        devshell_files: program.devshell_files,
+        verbose: layers.layer(Origin::Flags).verbose,
+        warnings: project_warning.into_iter().collect(),
+    })
 }
 
 /// The user's config (`~/.config/agentvm/config.toml`); none is an empty layer.
-pub fn user_layer() -> Result<Layer, SettingsError> {
-    read_layer(&paths::user_config_file()?)
-}
-
-/// Reads the user's config file; a missing file is an empty layer.
-pub fn read_layer(path: &Path) -> Result<Layer, SettingsError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Layer::default()),
-        Err(e) => return Err(SettingsError::ReadConfig { path: path.into(), why: e.to_string() }),
-    };
-    parse_layer(&text, path)
-}
-
-/// Parses the text of the config file at `path`. Relative `home` paths are
-/// taken relative to the file's directory.
-pub fn parse_layer(text: &str, path: &Path) -> Result<Layer, SettingsError> {
-    let mut layer: Layer = toml::from_str(text)
-        .map_err(|e| SettingsError::ParseConfig { path: path.into(), why: describe_toml_error(&e, text) })?;
-    // Re-read the flavor tables for errors that name the file and flavor.
-    layer.flavors = flavor::parse_flavor_tables(text, path)?;
-    if let (Some(home), Some(dir)) = (&layer.home, path.parent()) {
-        layer.home = Some(dir.join(home));
-    }
-    Ok(layer)
-}
-
-/// A TOML error as `line L, column C: message`. Not the error's own
-/// Display, which quotes the offending line: whatever the file holds
-/// never reaches an error message.
-pub(crate) fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
-    let message: String = e.message().trim_end().chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-    let Some(span) = e.span() else { return message };
-    let before = &text.as_bytes()[..span.start.min(text.len())];
-    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let column = String::from_utf8_lossy(&before[line_start..]).chars().count() + 1;
-    format!("line {line}, column {column}: {message}")
+pub fn user_layer() -> Result<RunOptions, SettingsError> {
+    Ok(file::read_layer(&paths::user_config_file()?)?)
 }
 
 /// The project config's layer if its content is trusted; otherwise an empty
 /// layer and the warning to show.
-pub fn project_layer(work_dir: &Path, trust: &TrustStore) -> Result<(Layer, Option<String>), SettingsError> {
+pub fn project_layer(work_dir: &Path, trust: &TrustStore) -> Result<(RunOptions, Option<String>), SettingsError> {
     match trust::project_config(work_dir, trust)? {
-        ProjectConfig::Absent => Ok((Layer::default(), None)),
-        ProjectConfig::Ignored(warning) => Ok((Layer::default(), Some(warning))),
-        ProjectConfig::Trusted(bytes) => {
-            let path = work_dir.join(PROJECT_CONFIG);
-            let text = std::str::from_utf8(&bytes)
-                .map_err(|_| SettingsError::ParseConfig { path: path.clone(), why: "not UTF-8 text".into() })?;
-            Ok((parse_layer(text, &path)?, None))
-        }
+        ProjectConfig::Absent => Ok((RunOptions::default(), None)),
+        ProjectConfig::Ignored(warning) => Ok((RunOptions::default(), Some(warning))),
+        ProjectConfig::Trusted(bytes) => Ok((file::parse_bytes(&bytes, &work_dir.join(PROJECT_CONFIG))?, None)),
     }
-}
-
-/// Parses a memory size into MiB: `4G`, `4GiB`, `512M`, `512MiB`, `2048`.
-pub fn parse_memory_mib(s: &str) -> Result<u64, SettingsError> {
-    let err = || SettingsError::MemoryFormat(s.to_string());
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| err())?;
-    let factor = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "m" | "mb" | "mib" => 1,
-        "g" | "gb" | "gib" => 1024,
-        _ => return Err(err()),
-    };
-    n.checked_mul(factor).ok_or_else(err)
 }
 
 /// All flavors as seen from `work_dir` (built-in < user config < trusted
 /// project config), for commands other than `run` (e.g. `image build
 /// claude`), and the warning about an ignored project config.
 pub fn flavors_for(work_dir: &Path) -> Result<(BTreeMap<String, Flavor>, Option<String>), SettingsError> {
-    let user = read_layer(&paths::user_config_file()?)?;
+    let user = user_layer()?;
     let work_dir = trust::real_project_dir(work_dir)?;
     let (project, warning) = project_layer(&work_dir, &TrustStore::default_location()?)?;
-    Ok((flavor::merge(flavor::merge(flavor::builtin_flavors(), &user.flavors)?, &project.flavors)?, warning))
-}
-
-/// Resolves everything for one `run`, reading the real environment and files.
-pub fn resolve(req: Request) -> Result<Settings, SettingsError> {
-    let get = |k: &str| std::env::var(k).ok();
-    let user_file = paths::user_config_file()?;
-    resolve_with(req, &get, &user_file, &TrustStore::default_location()?, HostLimits::detect())
-}
-
-/// [`resolve`] with its inputs passed in, for tests.
-pub fn resolve_with(
-    req: Request,
-    get_env: &dyn Fn(&str) -> Option<String>,
-    user_config: &Path,
-    trust: &TrustStore,
-    host: HostLimits,
-) -> Result<Settings, SettingsError> {
-    let (env, env_work_dir) = env_layer(get_env)?;
-    let work_dir = real_work_dir(req.work_dir.or(env_work_dir).unwrap_or_else(|| PathBuf::from(".")))?;
-    let guarded = GuardedDirs::new(get_env, user_config, trust)?;
-    guarded.check("work dir", &work_dir, "pass a project directory with --work-dir or WORK_DIR")?;
-    let flags = Layer {
-        memory: req.memory,
-        cpus: req.cpus,
-        accel: req.accel,
-        home: req.home,
-        flavor: req.flavor,
-        network: req.network,
-        net_backend: req.net_backend,
-        work_cache: None,
-        ports: req.publish,
-        host_ports: req.host_ports,
-        allow: req.allow.clone(),
-        shield_secrets: req.shield_secrets.then_some(true),
-        cri: req.cri,
-        cri_disk_size: req.cri_disk_size,
-        devshell: req.devshell,
-        devshell_files: Vec::new(),
-        flavors: BTreeMap::new(),
-    };
-    let user = read_layer(user_config)?;
-    let (project, project_warning) = project_layer(&work_dir, trust)?;
-    let flavors = flavor::merge(flavor::merge(flavor::builtin_flavors(), &user.flavors)?, &project.flavors)?;
-    let cri_source = if flags.cri.is_some() {
-        "--cri"
-    } else if env.cri.is_some() {
-        "ENABLE_CRI"
-    } else {
-        "cri in a config file"
-    };
-    let layer = Layer::default().merge(user).merge(project).merge(env).merge(flags);
-    let cri = crate::guest_env::cri::parse_list(layer.cri.as_deref().unwrap_or_default(), cri_source)?;
-    let cri_disk_mib = match &layer.cri_disk_size {
-        None => crate::guest_env::cri::DEFAULT_DISK_MIB,
-        Some(v) => parse_memory_mib(v).map_err(|_| crate::guest_env::cri::CriError::DiskSize(v.clone()))?,
-    };
-
-    let memory_mib = match &layer.memory {
-        None => {
-            let want = if cri.is_empty() { DEFAULT_MEMORY_MIB } else { CRI_MEMORY_MIB };
-            want.min(host.memory_mib / 2).max(MIN_MEMORY_MIB)
-        }
-        Some(m) => {
-            let mib = parse_memory_mib(m)?;
-            if mib < MIN_MEMORY_MIB {
-                return Err(SettingsError::MemoryTooSmall { value: m.clone() });
-            }
-            if mib > host.memory_mib {
-                return Err(SettingsError::MemoryTooLarge { value: m.clone(), host_mib: host.memory_mib });
-            }
-            mib
-        }
-    };
-    let cpus = layer.cpus.unwrap_or(DEFAULT_MAX_CPUS.min(host.cores));
-    if cpus == 0 || cpus > host.cores {
-        return Err(SettingsError::Cpus { value: cpus, max: host.cores });
-    }
-
-    let flavor = flavor::resolve(&flavors, layer.flavor.as_deref().unwrap_or(DEFAULT_FLAVOR))?;
-    let guest_env = envvars::build(&flavor, &req.env, &req.env_files, get_env)?;
-    // --allow or shielding alone means --network allow; with another mode
-    // it is a mistake.
-    let shield_secrets = layer.shield_secrets.unwrap_or(false);
-    let network = match (layer.network, req.allow.is_empty()) {
-        (Some(m), _) if shield_secrets && m != NetworkMode::Allow => {
-            return Err(crate::net::shield::ShieldError::NeedsAllowMode(format!("{m:?}").to_lowercase()).into())
-        }
-        (None, _) if shield_secrets => NetworkMode::Allow,
-        (None, false) => NetworkMode::Allow,
-        (Some(m), false) if m != NetworkMode::Allow => return Err(EgressError::AllowWithoutAllowMode.into()),
-        (m, _) => m.unwrap_or_default(),
-    };
-    if shield_secrets {
-        crate::net::shield::check_flavor(&flavor)?;
-    }
-    let ports = net::check_ports(&layer.ports, crate::sys::is_root())?;
-    if network == NetworkMode::None && !ports.is_empty() {
-        return Err(SettingsError::PortsWithoutNetwork(layer.ports.join(", ")));
-    }
-
-    let host_ports = crate::net::forwarding::check(&layer.host_ports)?;
-    // Secret hosts must be reachable to be of use.
-    let allow = AllowList::new(
-        &flavor.allow.iter().chain(&flavor.secret_hosts).chain(&layer.allow).cloned().collect::<Vec<_>>(),
-    )?;
-    if network == NetworkMode::Allow {
-        if host_ports.contains(&crate::net::egress::PROXY_PORT) {
-            return Err(EgressError::ProxyPortTaken.into());
-        }
-        if let Some(p) = ports.iter().find(|p| p.proto == net::Proto::Udp) {
-            return Err(EgressError::UdpPublished(p.to_string()).into());
-        }
-    }
-
-    let home_dir = match layer.home {
-        Some(h) => absolute(&h),
-        None => paths::data_dir()?.join("homes").join(paths::project_home_name(&work_dir)),
-    };
-    check_home(&home_dir, &work_dir)?;
-    guarded.check("agent home", &home_dir, "pass another directory with --home or AGENT_HOME")?;
-
-    Ok(Settings {
-        work_dir,
-        home_dir,
-        argv: flavor.argv(&req.args),
-        flavor,
-        guest_env,
-        network,
-        net_backend: layer.net_backend.unwrap_or_default(),
-        work_cache: layer.work_cache.unwrap_or_default(),
-        ports,
-        host_ports,
-        allow,
-        shield_secrets,
-        cri,
-        cri_disk_mib,
-        memory_mib,
-        cpus,
-        accel: layer.accel.unwrap_or_default(),
-        devshell: layer.devshell.unwrap_or_default(),
-        devshell_files: layer.devshell_files,
-        verbose: req.verbose,
-        warnings: project_warning.into_iter().collect(),
-    })
-}
-
-/// What a share (the work dir, the agent home) must not expose: the whole
-/// host, the user's home, and agentvm's own state, config and images,
-/// which decide what later runs get.
-struct GuardedDirs {
-    user_home: Option<PathBuf>,
-    /// (what it is, where), each a real path as far as it exists.
-    agentvm: Vec<(&'static str, PathBuf)>,
-    /// The agent homes' dir (inside the data dir): shares may sit below it.
-    homes: PathBuf,
-}
-
-impl GuardedDirs {
-    fn new(
-        get_env: &dyn Fn(&str) -> Option<String>,
-        user_config: &Path,
-        trust: &TrustStore,
-    ) -> Result<GuardedDirs, SettingsError> {
-        let data = paths::data_dir()?;
-        Ok(GuardedDirs {
-            user_home: get_env("HOME")
-                .filter(|h| Path::new(h).is_absolute())
-                .map(|h| real_as_far_as_exists(Path::new(&h))),
-            agentvm: vec![
-                ("trust records", real_as_far_as_exists(trust.dir())),
-                ("data dir", real_as_far_as_exists(&data)),
-                // The file, and where it points if it is a link (dotfile managers).
-                ("config", real_parent(user_config)),
-                ("config", real_as_far_as_exists(user_config)),
-                ("image cache", real_as_far_as_exists(&paths::cache_dir()?)),
-            ],
-            homes: real_as_far_as_exists(&data.join("homes")),
-        })
-    }
-
-    /// Refuses `dir` (shared read-write as `what`) if it exposes too much.
-    fn check(&self, what: &'static str, dir: &Path, fix: &'static str) -> Result<(), SettingsError> {
-        let dir = real_as_far_as_exists(dir);
-        let why = self.problem(&dir);
-        why.map_or(Ok(()), |why| Err(SettingsError::ShareTooWide { what, path: dir, why, fix }))
-    }
-
-    fn problem(&self, dir: &Path) -> Option<String> {
-        if dir.parent().is_none() {
-            return Some(
-                "is the root of the host's file system: the guest would get every host file read-write".into(),
-            );
-        }
-        if let Some(home) = self.user_home.as_deref().filter(|h| h.starts_with(dir)) {
-            let whose = if home == dir {
-                "is your home directory".to_string()
-            } else {
-                format!("contains your home directory {}", home.display())
-            };
-            return Some(format!("{whose}: the guest would get all of it read-write (~/.ssh, shell startup files, agentvm's trust records)"));
-        }
-        for (name, guarded) in &self.agentvm {
-            if guarded.starts_with(dir) {
-                return Some(format!(
-                    "contains agentvm's {name} {}: the guest could change what later runs trust and get",
-                    guarded.display()
-                ));
-            }
-            let in_a_home = dir.starts_with(&self.homes) && dir != self.homes;
-            if dir.starts_with(guarded) && !in_a_home {
-                return Some(format!(
-                    "is inside agentvm's {name} {}: the guest could change what later runs trust and get",
-                    guarded.display()
-                ));
-            }
-        }
-        None
-    }
-}
-
-/// `p` in its parent's real path (a link `p` itself is not followed).
-fn real_parent(p: &Path) -> PathBuf {
-    match (p.parent(), p.file_name()) {
-        (Some(dir), Some(name)) => real_as_far_as_exists(dir).join(name),
-        _ => p.to_path_buf(),
-    }
-}
-
-/// `p` with its longest existing ancestor resolved to a real path (the rest
-/// may not exist yet).
-fn real_as_far_as_exists(p: &Path) -> PathBuf {
-    let mut missing = Vec::new();
-    let mut at = p;
-    loop {
-        if let Ok(real) = std::fs::canonicalize(at) {
-            return missing.iter().rev().fold(real, |acc, name| acc.join(name));
-        }
-        match (at.parent(), at.file_name()) {
-            (Some(parent), Some(name)) => {
-                missing.push(name);
-                at = parent;
-            }
-            _ => return p.to_path_buf(),
-        }
-    }
-}
-
-fn absolute(p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
-    }
-}
-
-/// The work dir must exist, be a directory and be readable.
-fn real_work_dir(p: PathBuf) -> Result<PathBuf, SettingsError> {
-    let err = |why: String| SettingsError::WorkDir { path: p.clone(), why };
-    let real = std::fs::canonicalize(&p).map_err(|e| err(e.to_string()))?;
-    if !real.is_dir() {
-        return Err(err("is not a directory".into()));
-    }
-    std::fs::read_dir(&real).map_err(|e| err(format!("cannot be read: {e}")))?;
-    Ok(real)
-}
-
-/// The home may not exist yet (it is created at launch), but must not be a
-/// file, nor the work dir itself.
-fn check_home(home: &Path, work_dir: &Path) -> Result<(), SettingsError> {
-    if home.exists() && !home.is_dir() {
-        return Err(SettingsError::Home { path: home.into(), why: "exists and is not a directory".into() });
-    }
-    if std::fs::canonicalize(home).ok().as_deref() == Some(work_dir) {
-        return Err(SettingsError::Home { path: home.into(), why: "is the work dir itself".into() });
-    }
-    Ok(())
+    let layers = Layers::new(user, project, RunOptions::default(), RunOptions::default());
+    Ok((program::flavors(&layers)?, warning))
 }
 
 #[cfg(test)]
@@ -701,8 +238,8 @@ mod tests {
         move |k| m.get(k).cloned()
     }
 
-    fn req(dir: &Path) -> Request {
-        Request { work_dir: Some(dir.into()), home: Some(dir.join("h")), ..Default::default() }
+    fn req(dir: &Path) -> RunOptions {
+        RunOptions { work_dir: Some(dir.into()), home: Some(dir.join("h")), ..Default::default() }
     }
 
     /// A trust store that trusts nothing.
@@ -757,7 +294,7 @@ mod tests {
         let s = resolve_with(req(d.path()), &env(&[("AGENTVM_MEMORY", "3G")]), &user, &trust, HOST).unwrap();
         assert_eq!(s.memory_mib, 3072);
 
-        let r = Request { memory: Some("512M".into()), ..req(d.path()) };
+        let r = RunOptions { memory: Some("512M".into()), ..req(d.path()) };
         let s = resolve_with(r, &env(&[("AGENTVM_MEMORY", "3G")]), &user, &trust, HOST).unwrap();
         assert_eq!(s.memory_mib, 512);
     }
@@ -765,7 +302,7 @@ mod tests {
     #[test]
     fn work_dir_comes_from_env_when_no_flag() {
         let d = tempfile::tempdir().unwrap();
-        let r = Request { home: Some(d.path().join("h")), ..Default::default() };
+        let r = RunOptions { home: Some(d.path().join("h")), ..Default::default() };
         let s = resolve_with(
             r,
             &env(&[("WORK_DIR", d.path().to_str().unwrap())]),
@@ -779,7 +316,7 @@ mod tests {
 
     #[test]
     fn missing_work_dir_is_named_in_the_error() {
-        let r = Request { work_dir: Some("/no/such/dir".into()), ..Default::default() };
+        let r = RunOptions { work_dir: Some("/no/such/dir".into()), ..Default::default() };
         let e = resolve_with(r, &env(&[]), Path::new("/nonexistent"), &no_trust(), HOST).unwrap_err().to_string();
         assert!(e.contains("/no/such/dir") && e.contains("--work-dir"), "{e}");
     }
@@ -797,13 +334,13 @@ mod tests {
     fn bad_values_are_refused_with_the_value() {
         let d = tempfile::tempdir().unwrap();
         let none = PathBuf::from("/nonexistent/none.toml");
-        let bad = |r: Request| resolve_with(r, &env(&[]), &none, &no_trust(), HOST).unwrap_err().to_string();
-        assert!(bad(Request { memory: Some("12X".into()), ..req(d.path()) }).contains("\"12X\""));
-        assert!(bad(Request { memory: Some("100M".into()), ..req(d.path()) }).contains("minimum"));
-        assert!(bad(Request { memory: Some("64G".into()), ..req(d.path()) }).contains("16384 MiB"));
-        assert!(bad(Request { cpus: Some(0), ..req(d.path()) }).contains("1 to 8"));
-        assert!(bad(Request { cpus: Some(9), ..req(d.path()) }).contains("1 to 8"));
-        assert!(bad(Request { flavor: Some("emacs".into()), ..req(d.path()) }).contains("\"emacs\""));
+        let bad = |r: RunOptions| resolve_with(r, &env(&[]), &none, &no_trust(), HOST).unwrap_err().to_string();
+        assert!(bad(RunOptions { memory: Some("12X".into()), ..req(d.path()) }).contains("\"12X\""));
+        assert!(bad(RunOptions { memory: Some("100M".into()), ..req(d.path()) }).contains("minimum"));
+        assert!(bad(RunOptions { memory: Some("64G".into()), ..req(d.path()) }).contains("16384 MiB"));
+        assert!(bad(RunOptions { cpus: Some(0), ..req(d.path()) }).contains("1 to 8"));
+        assert!(bad(RunOptions { cpus: Some(9), ..req(d.path()) }).contains("1 to 8"));
+        assert!(bad(RunOptions { flavor: Some("emacs".into()), ..req(d.path()) }).contains("\"emacs\""));
         let e = resolve_with(req(d.path()), &env(&[("AGENTVM_CPUS", "two")]), &none, &no_trust(), HOST).unwrap_err();
         assert!(e.to_string().contains("AGENTVM_CPUS"));
     }
@@ -823,7 +360,7 @@ mod tests {
             d.path(),
             "flavor = \"show\"\n[flavors.show]\ncommand = [\"printenv\"]\nkeys = [\"SHOW_KEY\"]\nenv = { A = \"1\" }\n",
         );
-        let r = Request { args: vec!["A".into()], env: vec!["B=2".into()], ..req(d.path()) };
+        let r = RunOptions { args: vec!["A".into()], env: vec!["B=2".into()], ..req(d.path()) };
         let s = resolve_with(r, &env(&[("SHOW_KEY", "k")]), Path::new("/x"), &trust, HOST).unwrap();
         assert_eq!(s.flavor.name, "show");
         assert_eq!(s.argv, ["printenv", "A"]);
@@ -839,7 +376,7 @@ mod tests {
         let s =
             resolve_with(req(d.path()), &env(&[("AGENTVM_FLAVOR", "gemini")]), Path::new("/x"), &trust, HOST).unwrap();
         assert_eq!(s.flavor.name, "gemini");
-        let r = Request { flavor: Some("shell".into()), args: vec!["make".into()], ..req(d.path()) };
+        let r = RunOptions { flavor: Some("shell".into()), args: vec!["make".into()], ..req(d.path()) };
         let s = resolve_with(r, &env(&[("AGENTVM_FLAVOR", "gemini")]), Path::new("/x"), &trust, HOST).unwrap();
         assert_eq!((s.flavor.name.as_str(), s.argv.as_slice()), ("shell", &["make".to_string()][..]));
     }
@@ -847,7 +384,7 @@ mod tests {
     #[test]
     fn bad_env_flag_is_refused_before_boot() {
         let d = tempfile::tempdir().unwrap();
-        let r = Request { env: vec!["1BAD=x".into()], ..req(d.path()) };
+        let r = RunOptions { env: vec!["1BAD=x".into()], ..req(d.path()) };
         let e = resolve_with(r, &env(&[]), Path::new("/x"), &no_trust(), HOST).unwrap_err().to_string();
         assert!(e.contains("1BAD"), "{e}");
     }
@@ -857,13 +394,13 @@ mod tests {
         use devshell::Mode;
         let d = tempfile::tempdir().unwrap();
         let none = PathBuf::from("/nonexistent/none.toml");
-        let mode_with = |r: Request, e: &[(&str, &str)], t: &TrustStore| {
+        let mode_with = |r: RunOptions, e: &[(&str, &str)], t: &TrustStore| {
             resolve_with(r, &env(e), &none, t, HOST).map(|s| s.devshell)
         };
-        let mode = |r: Request, e: &[(&str, &str)]| mode_with(r, e, &no_trust());
+        let mode = |r: RunOptions, e: &[(&str, &str)]| mode_with(r, e, &no_trust());
         assert_eq!(mode(req(d.path()), &[]).unwrap(), Mode::Off);
         assert_eq!(mode(req(d.path()), &[("DIRENV_ALLOW", "1")]).unwrap(), Mode::On);
-        let r = Request { devshell: Some(Mode::Try), ..req(d.path()) };
+        let r = RunOptions { devshell: Some(Mode::Try), ..req(d.path()) };
         assert_eq!(mode(r, &[("DIRENV_ALLOW", "1")]).unwrap(), Mode::Try);
         let (_t, trust) = trusted_config(d.path(), "devshell = \"try\"\n");
         assert_eq!(mode_with(req(d.path()), &[], &trust).unwrap(), Mode::Try);
@@ -901,7 +438,7 @@ mod tests {
     #[test]
     fn default_home_is_per_project_under_data_dir() {
         let d = tempfile::tempdir().unwrap();
-        let r = Request { work_dir: Some(d.path().into()), ..Default::default() };
+        let r = RunOptions { work_dir: Some(d.path().into()), ..Default::default() };
         let s = resolve_with(r, &env(&[]), Path::new("/x"), &no_trust(), HOST).unwrap();
         assert!(s.home_dir.starts_with(paths::data_dir().unwrap()));
         assert!(s.home_dir.file_name().unwrap().to_str().unwrap().contains('-'));
@@ -911,11 +448,11 @@ mod tests {
     fn host_ports_from_config_and_flags_add_up_and_must_be_unique() {
         let d = tempfile::tempdir().unwrap();
         let (_t, trust) = trusted_config(d.path(), "host_ports = [5432]\n");
-        let r = Request { host_ports: vec![6379], ..req(d.path()) };
+        let r = RunOptions { host_ports: vec![6379], ..req(d.path()) };
         let s = resolve_with(r, &env(&[]), Path::new("/x"), &trust, HOST).unwrap();
         assert_eq!(s.host_ports, [5432, 6379]);
 
-        let r = Request { host_ports: vec![5432], ..req(d.path()) };
+        let r = RunOptions { host_ports: vec![5432], ..req(d.path()) };
         let e = resolve_with(r, &env(&[]), Path::new("/x"), &trust, HOST).unwrap_err().to_string();
         assert!(e.contains("host port 5432 is given twice"), "{e}");
     }
@@ -929,7 +466,7 @@ mod tests {
         let s = resolve_with(req(d.path()), &env(&[("AGENTVM_NET_BACKEND", "passt")]), Path::new("/x"), &trust, HOST)
             .unwrap();
         assert_eq!(s.net_backend, NetBackend::Passt);
-        let r = Request { net_backend: Some(NetBackend::Auto), ..req(d.path()) };
+        let r = RunOptions { net_backend: Some(NetBackend::Auto), ..req(d.path()) };
         let s = resolve_with(r, &env(&[("AGENTVM_NET_BACKEND", "passt")]), Path::new("/x"), &trust, HOST).unwrap();
         assert_eq!(s.net_backend, NetBackend::Auto);
         let e = resolve_with(req(d.path()), &env(&[("AGENTVM_NET_BACKEND", "vde")]), Path::new("/x"), &trust, HOST);
@@ -966,7 +503,7 @@ mod tests {
             resolve_with(req(d.path()), &env(&[("ENABLE_CRI", "docker, containerd")]), Path::new("/x"), &trust, HOST)
                 .unwrap();
         assert_eq!(s.cri, [Runtime::Docker, Runtime::Containerd]);
-        let r = Request { cri: Some("docker".into()), memory: Some("2G".into()), ..req(d.path()) };
+        let r = RunOptions { cri: Some("docker".into()), memory: Some("2G".into()), ..req(d.path()) };
         let s = resolve_with(r, &env(&[("ENABLE_CRI", "bogus")]), Path::new("/x"), &trust, HOST).unwrap();
         assert_eq!(
             (s.cri.as_slice(), s.memory_mib),
@@ -986,7 +523,7 @@ mod tests {
     fn untrusted_project_config_is_ignored_with_one_warning() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join(PROJECT_CONFIG), HOSTILE_CONFIG).unwrap();
-        let r = Request { work_dir: Some(d.path().into()), flavor: Some("shell".into()), ..Default::default() };
+        let r = RunOptions { work_dir: Some(d.path().into()), flavor: Some("shell".into()), ..Default::default() };
         let s = resolve_with(r, &env(&[("HOSTSECRET", "x")]), Path::new("/x"), &no_trust(), HOST).unwrap();
         assert!(s.home_dir.starts_with(paths::data_dir().unwrap()), "{:?}", s.home_dir);
         assert!(s.host_ports.is_empty() && s.guest_env.get("HOSTSECRET").is_none());
@@ -1004,7 +541,7 @@ mod tests {
         let victim = tempfile::tempdir().unwrap();
         let text = HOSTILE_CONFIG.replace("/tmp/victim", victim.path().to_str().unwrap());
         let (_t, trust) = trusted_config(d.path(), &text);
-        let r = || Request { work_dir: Some(d.path().into()), flavor: Some("shell".into()), ..Default::default() };
+        let r = || RunOptions { work_dir: Some(d.path().into()), flavor: Some("shell".into()), ..Default::default() };
         let s = resolve_with(r(), &env(&[("HOSTSECRET", "x")]), Path::new("/x"), &trust, HOST).unwrap();
         assert_eq!((s.home_dir.as_path(), s.host_ports.as_slice()), (victim.path(), &[18601][..]));
         assert_eq!(s.guest_env.get("HOSTSECRET"), Some("x"));
@@ -1058,9 +595,9 @@ mod tests {
         let trust = TrustStore::at(home.join(".local/share/agentvm/trust"));
         let e_home = [("HOME", home.to_str().unwrap())];
         let refused =
-            |r: Request| resolve_with(r, &env(&e_home), Path::new("/x"), &trust, HOST).unwrap_err().to_string();
+            |r: RunOptions| resolve_with(r, &env(&e_home), Path::new("/x"), &trust, HOST).unwrap_err().to_string();
         let work =
-            |dir: &Path| Request { work_dir: Some(dir.into()), home: Some(project.join("h")), ..Default::default() };
+            |dir: &Path| RunOptions { work_dir: Some(dir.into()), home: Some(project.join("h")), ..Default::default() };
 
         let e = refused(work(Path::new("/")));
         assert!(e.contains("work dir / is the root of the host's file system") && e.contains("--work-dir"), "{e}");
@@ -1071,16 +608,16 @@ mod tests {
         let e = refused(work(&home.join("src/../.")));
         assert!(e.contains("is your home directory"), "the real path counts: {e}");
         let e = resolve_with(
-            Request::default(),
+            RunOptions::default(),
             &env(&[("WORK_DIR", "/"), ("HOME", home.to_str().unwrap())]),
             Path::new("/x"),
             &trust,
             HOST,
         );
         assert!(e.unwrap_err().to_string().contains("root of the host"));
-        let e = refused(Request { home: Some(home.clone()), ..work(&project) });
+        let e = refused(RunOptions { home: Some(home.clone()), ..work(&project) });
         assert!(e.contains("agent home") && e.contains("is your home directory") && e.contains("--home"), "{e}");
-        let e = refused(Request { home: Some(home.join(".local/share/agentvm/trust/x")), ..work(&project) });
+        let e = refused(RunOptions { home: Some(home.join(".local/share/agentvm/trust/x")), ..work(&project) });
         assert!(e.contains("is inside agentvm's trust records"), "{e}");
 
         // Without HOME, agentvm's own dirs still count.

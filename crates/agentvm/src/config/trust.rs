@@ -31,7 +31,8 @@ use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::PROJECT_CONFIG;
+use crate::config::file::{self, ConfigFileError, PROJECT_CONFIG};
+pub use crate::config::file_pattern::FilePattern;
 use crate::guest_env::devshell;
 use crate::paths;
 
@@ -74,18 +75,20 @@ pub enum TrustError {
     TooLarge { path: PathBuf, limit: u64 },
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("{path} is invalid, so it was not trusted: {why}")]
-    Invalid { path: PathBuf, why: String },
+    #[error("{path} is invalid, so it was not trusted: {source}")]
+    Invalid { path: PathBuf, source: Box<ConfigFileError> },
     #[error("cannot write the trust record {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
     #[error("cannot remove the trust record {path}: {source}")]
     Remove { path: PathBuf, source: std::io::Error },
-    #[error("the trust record {path} is damaged ({why}): run `agentvm trust --revoke {dir}`, then trust it again")]
-    BadRecord { path: PathBuf, dir: PathBuf, why: String },
+    #[error("the trust record {path} is damaged ({source}): run `agentvm trust --revoke {dir}`, then trust it again")]
+    BadRecord { path: PathBuf, dir: PathBuf, source: RecordError },
     #[error("looking for the *.nix files of {dir} stopped: {why}. --devshell needs to know all of them: move that tree out of the project, or run without --devshell")]
-    WalkLimit { dir: PathBuf, why: String },
-    #[error("project dir {path}: {why}; pass an existing directory")]
-    Dir { path: PathBuf, why: String },
+    WalkLimit { dir: PathBuf, why: BoundHit },
+    #[error("project dir {path}: {source}; pass an existing directory")]
+    Dir { path: PathBuf, source: std::io::Error },
+    #[error("project dir {path}: is not a directory; pass an existing directory")]
+    NotADir { path: PathBuf },
     #[error(transparent)]
     Paths(#[from] paths::PathsError),
 }
@@ -125,100 +128,31 @@ fn read_bounded(mut file: std::fs::File, path: PathBuf, limit: u64) -> Result<Ve
     Ok(bytes)
 }
 
+/// The [`WalkBounds`] bound the walk hit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BoundHit {
+    #[error("the tree has more than {0} entries")]
+    Entries(u64),
+    #[error("it took longer than {0:?}")]
+    Time(Duration),
+    #[error("{rel} is more than {depth} directories deep")]
+    Depth { rel: String, depth: usize },
+    #[error("its dev shell files are larger than {0} bytes together")]
+    Bytes(u64),
+}
+
+/// Why a trust record cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Read(Box<TrustError>),
+    #[error("not a record: {0}")]
+    NotARecord(#[from] serde_json::Error),
+}
+
 /// SHA-256 of `bytes`, in hex.
 pub fn digest(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A `devshell_files` entry: a project file the dev shell reads besides
-/// the Nix files (`rust-toolchain.toml`), or with a `*` in its last
-/// component, the matching files of one directory (`nix/data/*.json`).
-/// A path relative to the project, without `.`, `..` or empty components,
-/// and nothing in `.git`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(try_from = "String")]
-pub struct FilePattern {
-    /// As written.
-    text: String,
-    /// The directories leading to the file, each a plain name.
-    dirs: Vec<String>,
-    /// The file's name, or a pattern in which `*` stands for any run of
-    /// characters (not a leading `.`, as in the shell).
-    name: String,
-}
-
-/// Longest `devshell_files` entry accepted.
-const PATTERN_LIMIT: usize = 4096;
-
-impl TryFrom<String> for FilePattern {
-    type Error = String;
-
-    fn try_from(text: String) -> Result<FilePattern, String> {
-        // The entry itself is not repeated: a config's content never
-        // reaches an error (the place does, see settings).
-        let refuse = |why: &str| {
-            format!(
-                "a devshell_files entry {why}: name a file by its path in the project, e.g. \"rust-toolchain.toml\" \
-                 or \"nix/data/*.json\" (a `*` only in the last component)"
-            )
-        };
-        if text.is_empty() || text.len() > PATTERN_LIMIT || text.contains('\0') {
-            return Err(refuse("is empty, too long or holds a NUL"));
-        }
-        if text.starts_with('/') {
-            return Err(refuse("is an absolute path"));
-        }
-        let mut parts: Vec<String> = text.split('/').map(String::from).collect();
-        let name = parts.pop().expect("split yields one part at least");
-        for part in parts.iter().chain([&name]) {
-            match part.as_str() {
-                "" => return Err(refuse("has an empty component (a doubled or trailing `/`)")),
-                "." | ".." => return Err(refuse("has a `.` or `..` component")),
-                ".git" => return Err(refuse("is in .git, which is git's and never a dev shell source")),
-                _ => {}
-            }
-        }
-        if parts.iter().any(|p| p.contains('*')) {
-            return Err(refuse("has a `*` before its last component"));
-        }
-        Ok(FilePattern { text, dirs: parts, name })
-    }
-}
-
-impl std::fmt::Display for FilePattern {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.text)
-    }
-}
-
-impl FilePattern {
-    /// Whether the pattern names the file at `rel` (a path in the project).
-    pub fn matches(&self, rel: &str) -> bool {
-        let (dir, name) = rel.rsplit_once('/').unwrap_or(("", rel));
-        dir.split('/').filter(|d| !d.is_empty()).eq(self.dirs.iter().map(String::as_str)) && self.matches_name(name)
-    }
-
-    /// Whether the last component matches the file name `name`.
-    fn matches_name(&self, name: &str) -> bool {
-        if !self.name.contains('*') {
-            return name == self.name;
-        }
-        if name.starts_with('.') && !self.name.starts_with('.') {
-            return false;
-        }
-        let mut pieces = self.name.split('*');
-        let first = pieces.next().expect("split yields one piece at least");
-        let Some(mut rest) = name.strip_prefix(first) else { return false };
-        let mut pieces: Vec<&str> = pieces.collect();
-        let last = pieces.pop().expect("the name has a `*`");
-        for piece in pieces {
-            match rest.find(piece) {
-                Some(at) => rest = &rest[at + piece.len()..],
-                None => return false,
-            }
-        }
-        rest.len() >= last.len() && rest.ends_with(last)
-    }
 }
 
 /// One dev shell source as it was read.
@@ -323,7 +257,7 @@ impl Walk<'_> {
     /// Enters the directory `name` of `parent`, unless it is no longer one.
     fn subdir(&mut self, parent: BorrowedFd, name: &str, rel: &str, depth: usize) -> Result<(), TrustError> {
         if depth > self.bounds.depth {
-            return Err(self.limit(format!("{rel} is more than {} directories deep", self.bounds.depth)));
+            return Err(self.limit(BoundHit::Depth { rel: rel.to_string(), depth: self.bounds.depth }));
         }
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         match rustix::fs::openat(parent, name, flags, Mode::empty()) {
@@ -347,7 +281,7 @@ impl Walk<'_> {
         let bytes = read_bounded(std::fs::File::from(fd), path, DEVSHELL_FILE_LIMIT)?;
         self.bytes += bytes.len() as u64;
         if self.bytes > self.bounds.bytes {
-            return Err(self.limit(format!("its dev shell files are larger than {} bytes together", self.bounds.bytes)));
+            return Err(self.limit(BoundHit::Bytes(self.bounds.bytes)));
         }
         self.sources.insert(rel, SourceFile { hash: digest(&bytes), bytes });
         Ok(())
@@ -422,15 +356,15 @@ impl Walk<'_> {
     fn count(&mut self) -> Result<(), TrustError> {
         self.entries += 1;
         if self.entries > self.bounds.entries {
-            return Err(self.limit(format!("the tree has more than {} entries", self.bounds.entries)));
+            return Err(self.limit(BoundHit::Entries(self.bounds.entries)));
         }
         if Instant::now() > self.deadline {
-            return Err(self.limit(format!("it took longer than {:?}", self.bounds.time)));
+            return Err(self.limit(BoundHit::Time(self.bounds.time)));
         }
         Ok(())
     }
 
-    fn limit(&self, why: String) -> TrustError {
+    fn limit(&self, why: BoundHit) -> TrustError {
         TrustError::WalkLimit { dir: self.work_dir.to_path_buf(), why }
     }
 }
@@ -522,13 +456,14 @@ impl TrustStore {
     /// project's, or of another version).
     pub fn load(&self, work_dir: &Path) -> Result<Option<Record>, TrustError> {
         let path = self.record_path(work_dir);
-        let damaged = |why: String| TrustError::BadRecord { path: path.clone(), dir: work_dir.to_path_buf(), why };
+        let damaged =
+            |source: RecordError| TrustError::BadRecord { path: path.clone(), dir: work_dir.to_path_buf(), source };
         let Some(bytes) = read_project_file(&self.dir, path.file_name().unwrap().to_str().unwrap(), CONFIG_LIMIT)
-            .map_err(|e| damaged(e.to_string()))?
+            .map_err(|e| damaged(RecordError::Read(Box::new(e))))?
         else {
             return Ok(None);
         };
-        let record: Record = serde_json::from_slice(&bytes).map_err(|e| damaged(format!("not a record: {e}")))?;
+        let record: Record = serde_json::from_slice(&bytes).map_err(|e| damaged(e.into()))?;
         Ok((record.version == RECORD_VERSION && record.work_dir == work_dir).then_some(record))
     }
 
@@ -605,10 +540,9 @@ pub fn project_config(work_dir: &Path, store: &TrustStore) -> Result<ProjectConf
 
 /// The project dir named on the command line, as a real path.
 pub fn real_project_dir(dir: &Path) -> Result<PathBuf, TrustError> {
-    let err = |why: String| TrustError::Dir { path: dir.to_path_buf(), why };
-    let real = std::fs::canonicalize(dir).map_err(|e| err(e.to_string()))?;
+    let real = std::fs::canonicalize(dir).map_err(|source| TrustError::Dir { path: dir.to_path_buf(), source })?;
     if !real.is_dir() {
-        return Err(err("is not a directory".into()));
+        return Err(TrustError::NotADir { path: dir.to_path_buf() });
     }
     Ok(real)
 }
@@ -622,15 +556,11 @@ pub fn trust(store: &TrustStore, work_dir: &Path, user_files: &[FilePattern]) ->
     let mut out = String::new();
     let mut patterns = user_files.to_vec();
     if let Some(bytes) = read_project_file(work_dir, PROJECT_CONFIG, CONFIG_LIMIT)? {
-        let path = work_dir.join(PROJECT_CONFIG);
-        let text = std::str::from_utf8(&bytes)
-            .map_err(|_| TrustError::Invalid { path: path.clone(), why: "not UTF-8 text".into() })?;
-        let layer = crate::config::parse_layer(text, &path)
-            .map_err(|e| TrustError::Invalid { path: path.clone(), why: e.to_string() })?;
+        let layer = parse_project_config(&bytes, work_dir)?;
         patterns.extend(layer.devshell_files);
         let hash = digest(&bytes);
         let _ = writeln!(out, "  {PROJECT_CONFIG:<18} sha256 {}, which sets:", &hash[..16]);
-        for line in summarize(text) {
+        for line in summarize(&String::from_utf8_lossy(&bytes)) {
             let _ = writeln!(out, "      {line}");
         }
         files.push((PROJECT_CONFIG.to_string(), hash));
@@ -677,12 +607,13 @@ fn is_nix_source(rel: &str) -> bool {
 /// is now (what a launch uses); none otherwise.
 pub fn trusted_project_files(work_dir: &Path, store: &TrustStore) -> Result<Vec<FilePattern>, TrustError> {
     let ProjectConfig::Trusted(bytes) = project_config(work_dir, store)? else { return Ok(Vec::new()) };
+    Ok(parse_project_config(&bytes, work_dir)?.devshell_files)
+}
+
+/// The project config of `work_dir` with content `bytes`, which must be valid to be trusted.
+fn parse_project_config(bytes: &[u8], work_dir: &Path) -> Result<crate::config::RunOptions, TrustError> {
     let path = work_dir.join(PROJECT_CONFIG);
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|_| TrustError::Invalid { path: path.clone(), why: "not UTF-8 text".into() })?;
-    let layer =
-        crate::config::parse_layer(text, &path).map_err(|e| TrustError::Invalid { path, why: e.to_string() })?;
-    Ok(layer.devshell_files)
+    file::parse_bytes(bytes, &path).map_err(|e| TrustError::Invalid { path, source: Box::new(e) })
 }
 
 /// What `agentvm trust` does.
@@ -958,40 +889,6 @@ mod tests {
 
     fn patterns(list: &[&str]) -> Vec<FilePattern> {
         list.iter().map(|p| FilePattern::try_from(p.to_string()).unwrap()).collect()
-    }
-
-    #[test]
-    fn devshell_files_entries_are_plain_project_paths_with_a_star_at_most_in_the_last_component() {
-        for good in ["rust-toolchain.toml", "nix/data/*.json", "a/b/c", "*", ".python-version", "pyproject.*"] {
-            assert!(FilePattern::try_from(good.to_string()).is_ok(), "{good}");
-        }
-        for (bad, why) in [
-            ("", "empty"),
-            ("/etc/passwd", "absolute"),
-            ("../secret", "`..`"),
-            ("a/../../b", "`..`"),
-            ("./Cargo.lock", "`.`"),
-            ("a//b", "empty component"),
-            ("dir/", "empty component"),
-            (".git/config", ".git"),
-            ("vendor/.git/hooks/x", ".git"),
-            ("*/data.json", "`*` before"),
-            ("a\0b", "NUL"),
-        ] {
-            let e = FilePattern::try_from(bad.to_string()).unwrap_err();
-            assert!(e.contains(why) && e.contains("rust-toolchain.toml"), "{bad:?}: {e}");
-        }
-        let star = &patterns(&["nix/data/*.json", "*", "a*b*c"]);
-        assert!(star[0].matches("nix/data/x.json") && !star[0].matches("nix/data/.x.json"));
-        assert!(
-            !star[0].matches("nix/data/x.json.bak")
-                && !star[0].matches("nix/x.json")
-                && !star[0].matches("nix/data/sub/x.json")
-        );
-        assert!(star[1].matches("README") && !star[1].matches(".hidden") && !star[1].matches("a/README"));
-        assert!(
-            star[2].matches("abc") && star[2].matches("a-b-c") && !star[2].matches("acb") && !star[2].matches("ab")
-        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::fs::File;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -56,14 +57,20 @@ pub enum CriError {
     Unknown { name: String, source_name: &'static str },
     #[error("container runtime \"crio\" (from {0}) is not available: Debian trixie does not package CRI-O; use containerd or crun")]
     CrioUnpackaged(&'static str),
+    /// The user's size text (no error lies under it).
     #[error("container disk size {0:?} is not a size: use e.g. 32G or 50000M")]
     DiskSize(String),
-    #[error("cannot create the container disk {path}: {why}")]
-    CreateDisk { path: PathBuf, why: String },
+    #[error("cannot create the container disk {path}: {source}")]
+    CreateDisk { path: PathBuf, source: io::Error },
+    #[error("cannot create the container disk {path}: cannot run mkfs.ext4 ({source}); install e2fsprogs")]
+    NoMkfs { path: PathBuf, source: io::Error },
+    /// mkfs.ext4 ran and failed: its own words (there is no error value).
+    #[error("cannot create the container disk {path}: mkfs.ext4 failed: {stderr}")]
+    MkfsFailed { path: PathBuf, stderr: String },
     #[error("the container disk {path} is in use by another run of this project; stop it (agentvm ps, agentvm stop) or run without --cri")]
     InUse { path: PathBuf },
-    #[error("cannot remove the container disk {path}: {why}")]
-    Remove { path: PathBuf, why: String },
+    #[error("cannot remove the container disk {path}: {source}")]
+    Remove { path: PathBuf, source: io::Error },
 }
 
 /// Parses a `--cri` / `ENABLE_CRI` list: comma-separated, spaces ignored,
@@ -118,26 +125,27 @@ pub struct Disk {
 
 /// Locks the disk at `path` and creates it (`size_mib`, ext4) if missing.
 pub fn open_disk(path: &Path, size_mib: u64) -> Result<Disk, CriError> {
-    let create_err = |why: String| CriError::CreateDisk { path: path.to_path_buf(), why };
+    let create_err = |source| CriError::CreateDisk { path: path.to_path_buf(), source };
     let dir = path.parent().expect("disk path has a parent");
-    std::fs::create_dir_all(dir).map_err(|e| create_err(e.to_string()))?;
+    std::fs::create_dir_all(dir).map_err(create_err)?;
     let lock = lock_file(path)?;
     if !path.exists() {
         // Built beside it and renamed: an interrupted mkfs leaves no disk.
         let tmp = path.with_extension("ext4.tmp");
-        let file = File::create(&tmp).map_err(|e| create_err(e.to_string()))?;
-        file.set_len(size_mib * 1024 * 1024).map_err(|e| create_err(e.to_string()))?;
+        let file = File::create(&tmp).map_err(create_err)?;
+        file.set_len(size_mib * 1024 * 1024).map_err(create_err)?;
         drop(file);
         let out = Command::new("mkfs.ext4")
             .args(["-q", "-F", "-m", "0", "-L", "agentvm-cri", "-E", "lazy_itable_init=1,lazy_journal_init=1"])
             .arg(&tmp)
             .output()
-            .map_err(|e| create_err(format!("cannot run mkfs.ext4 ({e}); install e2fsprogs")))?;
+            .map_err(|source| CriError::NoMkfs { path: path.to_path_buf(), source })?;
         if !out.status.success() {
             let _ = std::fs::remove_file(&tmp);
-            return Err(create_err(format!("mkfs.ext4 failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            return Err(CriError::MkfsFailed { path: path.to_path_buf(), stderr });
         }
-        std::fs::rename(&tmp, path).map_err(|e| create_err(e.to_string()))?;
+        std::fs::rename(&tmp, path).map_err(create_err)?;
     }
     Ok(Disk { path: path.to_path_buf(), _lock: lock })
 }
@@ -149,7 +157,7 @@ pub fn remove_disk(path: &Path) -> Result<bool, CriError> {
         return Ok(false);
     }
     let _lock = lock_file(path)?;
-    std::fs::remove_file(path).map_err(|e| CriError::Remove { path: path.into(), why: e.to_string() })?;
+    std::fs::remove_file(path).map_err(|source| CriError::Remove { path: path.into(), source })?;
     Ok(true)
 }
 
@@ -161,7 +169,7 @@ fn lock_file(path: &Path) -> Result<File, CriError> {
         .truncate(false)
         .write(true)
         .open(&lock_path)
-        .map_err(|e| CriError::CreateDisk { path: lock_path.clone(), why: e.to_string() })?;
+        .map_err(|source| CriError::CreateDisk { path: lock_path.clone(), source })?;
     if crate::sys::lock(&file, crate::sys::Lock::TryExclusive).is_err() {
         return Err(CriError::InUse { path: path.to_path_buf() });
     }

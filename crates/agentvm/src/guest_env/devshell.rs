@@ -57,8 +57,11 @@ use std::process::{Command, Stdio};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::GUEST_WORK;
 use crate::config::envvars;
 use crate::config::trust::{self, FilePattern, Record, Sources, TrustError};
+use crate::image::Progress;
+use crate::tools;
 
 /// Whether and how to use the project's dev shell.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -86,9 +89,6 @@ pub const DATA_FILES: [&str; 3] = ["flake.lock", "devenv.yaml", "devenv.lock"];
 
 /// The cache file's name in the project's state dir.
 pub const CACHE_FILE: &str = "devshell.json";
-
-/// Where the guest sees the work dir.
-const GUEST_WORK: &str = agentvm_proto::guest::WORK;
 
 /// Where the Nix store is, on the host and in the guest.
 pub const NIX_STORE: &str = "/nix/store";
@@ -136,6 +136,11 @@ const DROPPED: [&str; 30] = [
 
 /// Temporary-directory variables: kept only when they point into the work dir.
 const TEMP_VARS: [&str; 4] = ["TMP", "TEMP", "TMPDIR", "TEMPDIR"];
+
+/// Whether `path` is the guest's work dir or below it.
+fn is_in_guest_work(path: &str) -> bool {
+    path.strip_prefix(GUEST_WORK).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
 
 /// The certificate placeholder of Nix's build sandbox.
 const NO_CERT_FILE: &str = "/no-cert-file.crt";
@@ -282,14 +287,33 @@ pub enum DevshellError {
     Copy { path: PathBuf, source: std::io::Error },
     #[error("{dir}/.envrc is blocked: direnv has not been allowed to load it. Review it, then run `direnv allow {dir}` (or start without --devshell)")]
     Blocked { dir: PathBuf },
-    #[error("cannot read the output of `{command}` ({why}); to see it: cd {dir} && {command}")]
-    Output { dir: PathBuf, command: String, why: String },
+    #[error("cannot read the output of `{command}` ({source}); to see it: cd {dir} && {command}")]
+    Output { dir: PathBuf, command: String, source: OutputError },
     #[error("the dev shell of {dir} is not trusted: {files} {are} new, changed or removed since `agentvm trust` (the guest can write {them}), and --devshell evaluates {them} on this host. Review {them}, then run `agentvm trust {dir}`, or run without --devshell", are = if *count == 1 { "is" } else { "are" }, them = if *count == 1 { "it" } else { "them" })]
     Untrusted { dir: PathBuf, files: String, count: usize },
     #[error("the dev shell files of {dir} changed while `{command}` evaluated them, so its result is not used: review them, then run `agentvm trust {dir}`")]
     ChangedDuringEvaluation { dir: PathBuf, command: String },
     #[error("dev shell: {0}")]
     Trust(#[from] TrustError),
+}
+
+/// Why a dev shell command's output cannot be read (the source of
+/// [`DevshellError::Output`]).
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("not UTF-8")]
+    NotUtf8(#[source] std::string::FromUtf8Error),
+    #[error("not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error("not direnv's JSON: {0}")]
+    NotDirenvJson(#[source] serde_json::Error),
+    #[error("no \"variables\" object")]
+    NoVariables,
+    /// The variable whose value has no closing quote.
+    #[error("unterminated value of {0}")]
+    UnterminatedValue(String),
+    #[error("unterminated array")]
+    UnterminatedArray,
 }
 
 /// The format of a dev shell command's output.
@@ -313,15 +337,16 @@ struct CacheEntry {
     output: String,
 }
 
-/// Evaluates the dev shell of `req.work_dir` (or takes it from the cache).
-/// `Ok(None)`: the project has no dev shell file.
-pub fn load(req: &Request) -> Result<Option<DevShell>, DevshellError> {
+/// Evaluates the dev shell of `req.work_dir` (or takes it from the cache);
+/// a Nix evaluation is a step of `progress`. `Ok(None)`: the project has no
+/// dev shell file.
+pub fn load(req: &Request, progress: &mut dyn Progress) -> Result<Option<DevShell>, DevshellError> {
     let Some(source) = detect(&req.work_dir) else { return Ok(None) };
     let mut warnings = Vec::new();
     // An .envrc too may evaluate the project's Nix files (`use nix`).
     let sources = trusted_sources(req)?;
     let (raw, base_path, from_cache) = if source.is_nix() {
-        let (raw, from_cache) = nix_env(req, source, &sources, &mut warnings)?;
+        let (raw, from_cache) = nix_env(req, source, &sources, &mut warnings, progress)?;
         (raw, None, from_cache)
     } else {
         let (raw, base_path) = direnv_env(req, &find_program(req, source)?)?;
@@ -379,20 +404,13 @@ pub fn merge_path(first: &[String], rest: &str) -> String {
 
 /// The program that evaluates `source`, found on the request's PATH.
 fn find_program(req: &Request, source: Source) -> Result<PathBuf, DevshellError> {
-    find_on_path(source.program(), req.env("PATH")).ok_or(DevshellError::NoProgram {
+    let found = req.env("PATH").and_then(|path| tools::find_in_path(source.program(), path));
+    found.ok_or(DevshellError::NoProgram {
         dir: req.work_dir.clone(),
         file: source.file(),
         program: source.program(),
         hint: source.install_hint(),
     })
-}
-
-/// `name` in the `:`-separated `path`, if executable.
-fn find_on_path(name: &str, path: Option<&OsString>) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    std::env::split_paths(path?)
-        .map(|dir| dir.join(name))
-        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 /// The Nix command for `source`, without `--json` (the cache key's form).
@@ -489,6 +507,7 @@ fn nix_env(
     source: Source,
     sources: &Sources,
     warnings: &mut Vec<String>,
+    progress: &mut dyn Progress,
 ) -> Result<(Vec<(String, String)>, bool), DevshellError> {
     let command = nix_command(source);
     let key = cache_key(sources, &command);
@@ -504,15 +523,17 @@ fn nix_env(
         true => "a *.nix file, flake.lock, devenv.yaml or devenv.lock",
         false => "a *.nix file, flake.lock, devenv.yaml, devenv.lock or a devshell_files file",
     };
-    eprintln!("agentvm: evaluating the dev shell: {display} (cached until {files} changes)");
-    let copy = private_copy(req, sources)?;
-    let (format, output) = run_nix(req, source, &program, &command, copy.path(), sources)?;
-    // Paths in the copy are paths in the project.
-    let output = output.replace(&copy.path().display().to_string(), &req.work_dir.display().to_string());
-    let raw = parse_nix(format, &output).map_err(|why| DevshellError::Output {
+    progress.step(&format!("evaluating the dev shell: {display} (cached until {files} changes)"));
+    let evaluated = evaluate_nix(req, source, &program, &command, sources);
+    match &evaluated {
+        Ok(_) => progress.done(),
+        Err(_) => progress.fail(),
+    }
+    let (format, output) = evaluated?;
+    let raw = parse_nix(format, &output).map_err(|source| DevshellError::Output {
         dir: req.work_dir.clone(),
         command: display,
-        why,
+        source,
     })?;
     let entry = CacheEntry { version: CACHE_VERSION, work_dir: req.work_dir.clone(), key, command, format, output };
     if let Err(e) = write_cache(&cache_path, &entry) {
@@ -522,6 +543,21 @@ fn nix_env(
         ));
     }
     Ok((raw, false))
+}
+
+/// Runs the Nix command in a private copy of the `sources`; its output
+/// with the copy's paths as the project's.
+fn evaluate_nix(
+    req: &Request,
+    source: Source,
+    program: &Path,
+    command: &[String],
+    sources: &Sources,
+) -> Result<(Format, String), DevshellError> {
+    let copy = private_copy(req, sources)?;
+    let (format, output) = run_nix(req, source, program, command, copy.path(), sources)?;
+    let output = output.replace(&copy.path().display().to_string(), &req.work_dir.display().to_string());
+    Ok((format, output))
 }
 
 /// Runs the Nix command in the private `copy` of the `sources`: `nix ...
@@ -664,10 +700,10 @@ fn run_with_env(
             note: String::new(),
         });
     }
-    String::from_utf8(out.stdout).map_err(|_| DevshellError::Output {
+    String::from_utf8(out.stdout).map_err(|e| DevshellError::Output {
         dir: dir.to_path_buf(),
         command,
-        why: "not UTF-8".into(),
+        source: OutputError::NotUtf8(e),
     })
 }
 
@@ -684,10 +720,10 @@ fn direnv_env(req: &Request, program: &Path) -> Result<(Vec<(String, String)>, S
     if env.contains_key(&OsString::from("DIRENV_DIFF")) {
         let flat: Vec<(OsString, OsString)> = env.clone().into_iter().collect();
         let undo = run_with_env(program, args, Path::new("/"), &flat, &shown, &req.work_dir)?;
-        let undo = parse_direnv_json(&undo).map_err(|why| DevshellError::Output {
+        let undo = parse_direnv_json(&undo).map_err(|source| DevshellError::Output {
             dir: req.work_dir.clone(),
             command: shell_words(&shown),
-            why,
+            source,
         })?;
         for (name, value) in undo {
             match value {
@@ -707,10 +743,10 @@ fn direnv_env(req: &Request, program: &Path) -> Result<(Vec<(String, String)>, S
         }
         e => e,
     })?;
-    let diff = parse_direnv_json(&out).map_err(|why| DevshellError::Output {
+    let diff = parse_direnv_json(&out).map_err(|source| DevshellError::Output {
         dir: req.work_dir.clone(),
         command: shell_words(&shown),
-        why,
+        source,
     })?;
     // A null is a variable the .envrc unsets: the dev shell just does not set it.
     let set = diff.into_iter().filter_map(|(n, v)| v.map(|v| (n, v))).collect();
@@ -741,7 +777,7 @@ fn write_cache(path: &Path, entry: &CacheEntry) -> std::io::Result<()> {
 }
 
 /// The exported string variables of a Nix dev shell output.
-pub fn parse_nix(format: Format, output: &str) -> Result<Vec<(String, String)>, String> {
+pub fn parse_nix(format: Format, output: &str) -> Result<Vec<(String, String)>, OutputError> {
     match format {
         Format::NixJson => parse_nix_json(output),
         Format::NixBash => parse_nix_bash(output),
@@ -750,9 +786,9 @@ pub fn parse_nix(format: Format, output: &str) -> Result<Vec<(String, String)>, 
 
 /// `nix print-dev-env --json`: `{"variables": {NAME: {"type": "exported",
 /// "value": "..."}, ...}, "bashFunctions": ...}`; only `exported` ones count.
-pub fn parse_nix_json(output: &str) -> Result<Vec<(String, String)>, String> {
-    let doc: serde_json::Value = serde_json::from_str(output).map_err(|e| format!("not JSON: {e}"))?;
-    let vars = doc.get("variables").and_then(|v| v.as_object()).ok_or("no \"variables\" object")?;
+pub fn parse_nix_json(output: &str) -> Result<Vec<(String, String)>, OutputError> {
+    let doc: serde_json::Value = serde_json::from_str(output).map_err(OutputError::NotJson)?;
+    let vars = doc.get("variables").and_then(|v| v.as_object()).ok_or(OutputError::NoVariables)?;
     Ok(vars
         .iter()
         .filter(|(_, v)| v.get("type").and_then(|t| t.as_str()) == Some("exported"))
@@ -764,7 +800,7 @@ pub fn parse_nix_json(output: &str) -> Result<Vec<(String, String)>, String> {
 /// is `NAME='value'` (single-quoted, `'\''` for a quote) and, if exported,
 /// followed by `export NAME`. Arrays (`declare -a`), functions and other
 /// statements are skipped.
-pub fn parse_nix_bash(output: &str) -> Result<Vec<(String, String)>, String> {
+pub fn parse_nix_bash(output: &str) -> Result<Vec<(String, String)>, OutputError> {
     let mut values: Vec<(String, String)> = Vec::new();
     let mut exported: Vec<String> = Vec::new();
     let mut rest = output;
@@ -778,7 +814,8 @@ pub fn parse_nix_bash(output: &str) -> Result<Vec<(String, String)>, String> {
             exported.push(name.trim().to_string());
         } else if let Some((name, quoted)) = line.split_once("='").filter(|(n, _)| envvars::valid_name(n)) {
             let start = line.len() - quoted.len();
-            let (value, used) = single_quoted(&rest[start..]).ok_or_else(|| format!("unterminated value of {name}"))?;
+            let (value, used) =
+                single_quoted(&rest[start..]).ok_or_else(|| OutputError::UnterminatedValue(name.to_string()))?;
             match values.iter_mut().find(|(n, _)| n == name) {
                 Some(slot) => slot.1 = value,
                 None => values.push((name.to_string(), value)),
@@ -788,7 +825,7 @@ pub fn parse_nix_bash(output: &str) -> Result<Vec<(String, String)>, String> {
             continue;
         } else if line.starts_with("declare -") && line.contains("=(") {
             let start = line.find("=(").expect("checked") + 2;
-            let used = skip_array(&rest[start..]).ok_or("unterminated array")?;
+            let used = skip_array(&rest[start..]).ok_or(OutputError::UnterminatedArray)?;
             rest = &rest[start + used..];
             rest = rest.strip_prefix('\n').unwrap_or(rest);
             continue;
@@ -835,12 +872,11 @@ fn skip_array(s: &str) -> Option<usize> {
 
 /// `direnv export json`: `{NAME: "value" | null}` (null: unset); empty
 /// output means no change.
-pub fn parse_direnv_json(output: &str) -> Result<Vec<(String, Option<String>)>, String> {
+pub fn parse_direnv_json(output: &str) -> Result<Vec<(String, Option<String>)>, OutputError> {
     if output.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let map: BTreeMap<String, Option<String>> =
-        serde_json::from_str(output).map_err(|e| format!("not direnv's JSON: {e}"))?;
+    let map: BTreeMap<String, Option<String>> = serde_json::from_str(output).map_err(OutputError::NotDirenvJson)?;
     Ok(map.into_iter().collect())
 }
 
@@ -877,7 +913,7 @@ pub fn guest_vars(
             continue;
         }
         let value = value.split(':').map(|p| to_guest_path(p, &host_work)).collect::<Vec<_>>().join(":");
-        if TEMP_VARS.contains(&name.as_str()) && !(value == GUEST_WORK || value.starts_with("/work/")) {
+        if TEMP_VARS.contains(&name.as_str()) && !is_in_guest_work(&value) {
             continue;
         }
         match name.as_str() {
@@ -935,7 +971,12 @@ fn strip_ansi(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::NullProgress;
     use std::os::unix::fs::PermissionsExt;
+
+    fn load(req: &Request) -> Result<Option<DevShell>, DevshellError> {
+        super::load(req, &mut NullProgress)
+    }
 
     fn s(v: &[(&str, &str)]) -> Vec<(String, String)> {
         v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
@@ -1186,6 +1227,38 @@ mod tests {
         let third = load(&f.request()).unwrap().unwrap();
         assert!(!third.from_cache);
         assert_eq!(f.calls().len(), 2, "flake.lock changed: evaluated again");
+    }
+
+    /// Remembers the steps it is told of, and how each ended.
+    #[derive(Default)]
+    struct Steps(Vec<String>);
+
+    impl Progress for Steps {
+        fn step(&mut self, name: &str) {
+            self.0.push(name.to_string());
+        }
+        fn done(&mut self) {
+            self.0.push("done".into());
+        }
+        fn fail(&mut self) {
+            self.0.push("failed".into());
+        }
+    }
+
+    #[test]
+    fn a_nix_evaluation_is_a_progress_step_and_a_cache_hit_is_none() {
+        let f = Fixture::new();
+        f.file("flake.nix", "{ outputs = _: {}; }");
+        fake_nix_json(&f);
+        let mut steps = Steps::default();
+        super::load(&f.request(), &mut steps).unwrap().unwrap();
+        assert_eq!(steps.0.len(), 2, "{:?}", steps.0);
+        assert!(steps.0[0].starts_with("evaluating the dev shell: nix "), "{:?}", steps.0);
+        assert!(steps.0[0].ends_with("(cached until a *.nix file, flake.lock, devenv.yaml or devenv.lock changes)"));
+        assert_eq!(steps.0[1], "done");
+        let mut again = Steps::default();
+        super::load(&f.request(), &mut again).unwrap().unwrap();
+        assert!(again.0.is_empty(), "{:?}", again.0);
     }
 
     #[test]

@@ -30,9 +30,8 @@ use std::time::{Duration, Instant};
 
 use rustix::fs::{AtFlags, Mode, OFlags};
 
+use super::GUEST_WORK;
 use crate::config::flavor::Flavor;
-// The guest path of the project, made a git safe.directory.
-use agentvm_proto::guest::WORK as GUEST_WORK;
 
 /// Mode of files created here.
 const FILE_MODE: libc::mode_t = 0o644;

@@ -5,3 +5,7 @@
 pub mod cri;
 pub mod devshell;
 pub mod home;
+
+/// Where the guest sees the project (the `work` share), its working
+/// directory and git's safe directory.
+pub use agentvm_proto::guest::WORK as GUEST_WORK;

@@ -8,10 +8,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use super::error::ImageError;
 use super::kmod::{self, BOOT_MODULES, OPTIONAL_BOOT_MODULES};
 use super::meta::{self, ImageMeta, KERNEL_FILE, LOG_FILE, META_FILE, MODULES_DIR, PVH_KERNEL_FILE, ROOT_FILE};
+use super::progress::Progress;
 use super::pvh;
-use super::{ImageError, Progress, Recipe};
+use super::recipe::Recipe;
+use super::subids::{self, user_name};
+use crate::tools;
 
 /// The tarball mmdebstrap writes, deleted once the squashfs exists.
 const ROOT_TAR: &str = "root.tar";
@@ -68,51 +72,13 @@ pub(crate) fn check_host() -> Result<Mode, ImageError> {
     require_tool("newgidmap", "uidmap")?;
     let uid = crate::sys::uid();
     let user = user_name(uid);
-    for file in ["/etc/subuid", "/etc/subgid"] {
-        let text = fs::read_to_string(file).unwrap_or_default();
-        if !has_subordinate_ids(&text, user.as_deref(), uid) {
-            return Err(ImageError::NoSubordinateIds { user: user.clone().unwrap_or(uid.to_string()), file });
-        }
-    }
+    subids::check(user.as_deref(), uid).map_err(ImageError::NoSubordinateIds)?;
     Ok(Mode::Unshare)
 }
 
 /// `Err(MissingTool)` unless `tool` is an executable on `$PATH`.
 pub(super) fn require_tool(tool: &'static str, package: &'static str) -> Result<PathBuf, ImageError> {
-    find_on_path(tool).ok_or(ImageError::MissingTool { tool, package })
-}
-
-/// The first executable `name` in `$PATH`.
-pub(super) fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
-}
-
-/// The user name of `uid` from `/etc/passwd` (no NSS in a static binary), else `$USER`.
-fn user_name(uid: u32) -> Option<String> {
-    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
-    passwd
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split(':');
-            let name = f.next()?;
-            (f.nth(1)? == uid.to_string()).then(|| name.to_string())
-        })
-        .or_else(|| std::env::var("USER").ok())
-}
-
-/// Whether a subuid/subgid file gives `user` (or `uid`) at least the 65536 ids mmdebstrap maps.
-pub(crate) fn has_subordinate_ids(text: &str, user: Option<&str>, uid: u32) -> bool {
-    let uid = uid.to_string();
-    text.lines().any(|l| {
-        let mut f = l.trim().split(':');
-        let (Some(who), Some(_start), Some(count)) = (f.next(), f.next(), f.next()) else {
-            return false;
-        };
-        (Some(who) == user || who == uid) && count.parse::<u64>().is_ok_and(|c| c >= 65536)
-    })
+    tools::find_program(tool, &[]).ok_or(ImageError::MissingTool { tool, package })
 }
 
 /// Builds the image of `recipe` into the empty directory `dir`, ending with
@@ -257,7 +223,7 @@ fn unpack_pvh_kernel(steps: &mut Steps, dir: &Path) -> Result<(), ImageError> {
         Err(why) => return steps.note(&format!("booting the bzImage: {why}")),
     };
     let (tool, package) = payload.compression.tool();
-    if find_on_path(tool).is_none() {
+    if tools::find_program(tool, &[]).is_none() {
         return steps.note(&format!("booting the bzImage: no {tool} to unpack it (install {package})"));
     }
     let packed = dir.join(format!("{PVH_KERNEL_FILE}.packed"));
@@ -662,15 +628,6 @@ mod tests {
         assert_eq!(pick_compressor("# CONFIG_SQUASHFS_LZ4 is not set\nCONFIG_SQUASHFS_ZSTD=y\n"), "zstd");
         assert_eq!(pick_compressor("CONFIG_SQUASHFS_ZLIB=y\n"), "gzip");
         assert_eq!(pick_compressor(""), "lz4");
-    }
-
-    #[test]
-    fn has_subordinate_ids_matches_name_or_uid_with_enough_ids() {
-        let text = "alice:100000:65536\n1002:200000:65536\nbob:300000:1000\n";
-        assert!(has_subordinate_ids(text, Some("alice"), 1001));
-        assert!(has_subordinate_ids(text, None, 1002));
-        assert!(!has_subordinate_ids(text, Some("bob"), 1003));
-        assert!(!has_subordinate_ids("", Some("alice"), 1001));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The one error type of the image module.
+//! The one error type of the image module, and the detail one of its
+//! variants carries.
 
 use std::path::PathBuf;
 
@@ -43,25 +44,30 @@ pub enum ImageError {
     BadLayer {
         /// The layer's name.
         name: String,
-        /// What is missing or wrong.
+        /// What is missing or wrong (a finding: no error lies under it).
         reason: String,
     },
 
-    /// A normal user has no subordinate id range, which `mmdebstrap --mode=unshare` needs.
-    #[error("building an image as a normal user needs subordinate ids for user {user} in {file}: run `sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}` (or build as root)")]
-    NoSubordinateIds {
-        /// The user name (or uid when it has no name).
-        user: String,
-        /// `/etc/subuid` or `/etc/subgid`.
-        file: &'static str,
+    /// An agent layer's package has no readable `package.json`.
+    #[error("agent layer {name:?} is incomplete after npm install: {source}")]
+    LayerManifest {
+        /// The layer's name.
+        name: String,
+        /// What is wrong with the manifest.
+        #[source]
+        source: ManifestError,
     },
+
+    /// A normal user lacks the subordinate ids `mmdebstrap --mode=unshare` maps.
+    #[error("{0}: run `{fix}` (or build as root)", fix = .0.fix())]
+    NoSubordinateIds(super::subids::Shortfall),
 
     /// The recipe cannot be built as given.
     #[error("invalid image recipe {name:?}: {reason}")]
     InvalidRecipe {
         /// The recipe's name.
         name: String,
-        /// What is wrong and how to fix it.
+        /// What is wrong and how to fix it (no error lies under it).
         reason: String,
     },
 
@@ -95,7 +101,7 @@ pub enum ImageError {
     /// The built root holds no usable kernel.
     #[error("no usable kernel in the image root: {reason}; the recipe's packages must include a kernel such as linux-image-cloud-amd64")]
     Kernel {
-        /// What was found instead.
+        /// What was found instead (no error lies under it).
         reason: String,
     },
 
@@ -134,4 +140,16 @@ impl ImageError {
         let path = path.into();
         move |source| ImageError::Io { action, path, source }
     }
+}
+
+/// An installed package's `package.json` that says npm did not install the
+/// package whole: the source of [`ImageError::LayerManifest`].
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot parse {}: {source}", path.display())]
+    Parse { path: PathBuf, source: serde_json::Error },
+    #[error("{} has no version", path.display())]
+    NoVersion { path: PathBuf },
 }

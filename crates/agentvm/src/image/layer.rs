@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::error::{ImageError, ManifestError};
 use super::recipe::{hex, is_valid_name, NAME_RULE};
-use super::ImageError;
 
 /// Version of the layer build procedure; part of every layer key. Bump it
 /// when a change to the build (npm options, layout) should invalidate every
@@ -201,14 +201,14 @@ impl Layer {
 
 /// The `version` of each package in `node_modules/<package>/package.json`.
 /// A package without a readable version is an error: npm did not install it.
-pub fn installed_versions(node_modules: &Path, packages: &[&str]) -> Result<BTreeMap<String, String>, String> {
+pub fn installed_versions(node_modules: &Path, packages: &[&str]) -> Result<BTreeMap<String, String>, ManifestError> {
     packages
         .iter()
         .map(|package| {
             let manifest = read_manifest(node_modules, package)?;
             match manifest.get("version").and_then(|v| v.as_str()) {
                 Some(version) => Ok((package.to_string(), version.to_string())),
-                None => Err(format!("{} has no version", manifest_path(node_modules, package).display())),
+                None => Err(ManifestError::NoVersion { path: manifest_path(node_modules, package) }),
             }
         })
         .collect()
@@ -216,7 +216,7 @@ pub fn installed_versions(node_modules: &Path, packages: &[&str]) -> Result<BTre
 
 /// The commands a package declares in its `package.json` `bin` field (a
 /// string names one command after the unscoped package name).
-pub fn declared_bins(node_modules: &Path, package: &str) -> Result<Vec<String>, String> {
+pub fn declared_bins(node_modules: &Path, package: &str) -> Result<Vec<String>, ManifestError> {
     let manifest = read_manifest(node_modules, package)?;
     let unscoped = package.rsplit('/').next().unwrap_or(package);
     Ok(match manifest.get("bin") {
@@ -230,10 +230,13 @@ fn manifest_path(node_modules: &Path, package: &str) -> PathBuf {
     node_modules.join(package).join("package.json")
 }
 
-fn read_manifest(node_modules: &Path, package: &str) -> Result<serde_json::Value, String> {
+fn read_manifest(node_modules: &Path, package: &str) -> Result<serde_json::Value, ManifestError> {
     let path = manifest_path(node_modules, package);
-    let text = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    serde_json::from_slice(&text).map_err(|e| format!("cannot parse {}: {e}", path.display()))
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(source) => return Err(ManifestError::Read { path, source }),
+    };
+    serde_json::from_slice(&text).map_err(|source| ManifestError::Parse { path, source })
 }
 
 #[cfg(test)]
@@ -345,8 +348,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let nm = tmp.path();
         write_manifest(nm, "noversion", r#"{"name":"noversion"}"#);
-        assert!(installed_versions(nm, &["absent"]).unwrap_err().contains("absent/package.json"));
-        assert!(installed_versions(nm, &["noversion"]).unwrap_err().contains("no version"));
+        assert!(installed_versions(nm, &["absent"]).unwrap_err().to_string().contains("absent/package.json"));
+        assert!(installed_versions(nm, &["noversion"]).unwrap_err().to_string().contains("no version"));
     }
 
     #[test]

@@ -8,8 +8,9 @@ use std::path::Path;
 use std::process::Command;
 
 use super::build::{self, Steps};
+use super::error::ImageError;
 use super::layer::{self, LayerMeta, LayerRecipe, LAYER_FILE, LAYER_META_FILE, LAYER_PREFIX};
-use super::{ImageError, Progress};
+use super::progress::Progress;
 
 /// The root the packages are installed under (`<staging>/usr/local`).
 const STAGING_DIR: &str = "staging";
@@ -23,7 +24,7 @@ pub(super) const LAYER_COMPRESSOR: &str = "lz4";
 
 /// Checks that the host can build layers: npm, tar and tar2sqfs are installed.
 pub(crate) fn check_host() -> Result<(), ImageError> {
-    if build::find_on_path("npm").is_none() {
+    if crate::tools::find_program("npm", &[]).is_none() {
         return Err(ImageError::MissingNpm);
     }
     build::require_tool("tar", "tar")?;
@@ -116,11 +117,12 @@ fn check_installed(
     prefix: &Path,
 ) -> Result<std::collections::BTreeMap<String, String>, ImageError> {
     let bad = |reason: String| ImageError::BadLayer { name: recipe.name.clone(), reason };
+    let manifest = |source| ImageError::LayerManifest { name: recipe.name.clone(), source };
     let node_modules = prefix.join("lib/node_modules");
     let packages = recipe.packages();
-    let versions = layer::installed_versions(&node_modules, &packages).map_err(bad)?;
+    let versions = layer::installed_versions(&node_modules, &packages).map_err(manifest)?;
     for package in &packages {
-        for bin in layer::declared_bins(&node_modules, package).map_err(bad)? {
+        for bin in layer::declared_bins(&node_modules, package).map_err(manifest)? {
             let path = prefix.join("bin").join(&bin);
             // metadata() follows the symlink: a dangling one fails too.
             if fs::metadata(&path).is_err() {
@@ -131,21 +133,20 @@ fn check_installed(
             }
         }
     }
-    if let Some(link) = find_link_into(prefix, dir).map_err(bad)? {
+    if let Some(link) = find_link_into(prefix, dir)? {
         return Err(bad(format!("{} points into the build directory {}", link.display(), dir.display())));
     }
     Ok(versions)
 }
 
 /// The first symlink under `root` whose absolute target lies in `dir`.
-fn find_link_into(root: &Path, dir: &Path) -> Result<Option<std::path::PathBuf>, String> {
-    let entries = fs::read_dir(root).map_err(|e| format!("cannot read {}: {e}", root.display()))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| format!("cannot read {}: {e}", root.display()))?;
+fn find_link_into(root: &Path, dir: &Path) -> Result<Option<std::path::PathBuf>, ImageError> {
+    for entry in fs::read_dir(root).map_err(ImageError::io("cannot read", root))? {
+        let entry = entry.map_err(ImageError::io("cannot read", root))?;
         let path = entry.path();
-        let kind = entry.file_type().map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+        let kind = entry.file_type().map_err(ImageError::io("cannot stat", &path))?;
         if kind.is_symlink() {
-            let target = fs::read_link(&path).map_err(|e| format!("cannot read link {}: {e}", path.display()))?;
+            let target = fs::read_link(&path).map_err(ImageError::io("cannot read link", &path))?;
             if target.is_absolute() && target.starts_with(dir) {
                 return Ok(Some(path));
             }

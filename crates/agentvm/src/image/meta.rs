@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{ImageError, Recipe};
+use super::error::ImageError;
+use super::recipe::Recipe;
 
 /// File name of the metadata in an image directory.
 pub const META_FILE: &str = "image.json";

@@ -39,8 +39,9 @@ mod progress;
 mod pvh;
 mod recipe;
 mod store;
+pub mod subids;
 
-pub use error::ImageError;
+pub use error::{ImageError, ManifestError};
 pub use flavor_recipes::{base_recipe, layer_recipe};
 pub use layer::{package_name, Layer, LayerMeta, LayerRecipe, LAYER_FILE, LAYER_FORMAT, LAYER_META_FILE};
 pub use meta::{Image, ImageMeta};

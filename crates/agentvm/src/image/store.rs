@@ -18,8 +18,12 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::build::{self, Mode};
+use super::error::ImageError;
+use super::layer::{Layer, LayerRecipe};
 use super::layer_build;
-use super::{Image, ImageError, Layer, LayerRecipe, Progress, Recipe};
+use super::meta::Image;
+use super::progress::Progress;
+use super::recipe::Recipe;
 use crate::sys;
 
 const BUILD_PREFIX: &str = ".build-";

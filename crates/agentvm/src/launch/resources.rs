@@ -153,7 +153,9 @@ fn shield_secrets(
     if !settings.shield_secrets {
         return Ok((env, None));
     }
-    let shielded = shield::swap_secrets(&env, &settings.flavor)?;
+    let f = &settings.flavor;
+    let keys = shield::FlavorKeys { names: &f.keys, headers: &f.key_headers, hosts: &f.secret_hosts };
+    let shielded = shield::swap_secrets(&env, keys)?;
     if let Some(w) = shielded.warning {
         warn(w);
     }
@@ -179,12 +181,10 @@ fn prepare_devshell(settings: &Settings, warn: &mut dyn FnMut(String)) -> Result
     let state_dir = crate::paths::project_state_dir(&settings.work_dir)?;
     let trusted = crate::config::trust::TrustStore::default_location()?.load(&settings.work_dir);
     let loaded = trusted.map_err(devshell::DevshellError::from).and_then(|trusted| {
-        devshell::load(&devshell::Request::for_host(
-            &settings.work_dir,
-            state_dir,
-            trusted,
-            settings.devshell_files.clone(),
-        ))
+        devshell::load(
+            &devshell::Request::for_host(&settings.work_dir, state_dir, trusted, settings.devshell_files.clone()),
+            &mut image::TerminalProgress::labeled("agentvm"),
+        )
     });
     match loaded {
         Ok(Some(mut shell)) => {

@@ -22,6 +22,10 @@ pub const MAX_REQUEST_BODY: u64 = 1 << 30;
 /// How much of a stream is read at once.
 const READ_SIZE: usize = 16 * 1024;
 
+/// How long a client may take to send a whole request head or TLS hello.
+pub const HEAD_DEADLINE: Duration = Duration::from_secs(15);
+/// How long a request body may pause.
+pub const BODY_IDLE: Duration = Duration::from_secs(60);
 /// An HTTP message that cannot be relayed.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -30,9 +34,10 @@ pub enum HttpError {
     #[error("the head is longer than {MAX_HEAD} bytes")]
     HeadTooLong,
     #[error("malformed head: {0}")]
-    Malformed(String),
+    Malformed(#[from] httparse::Error),
     #[error("the connection closed before the end of the head")]
     ClosedEarly,
+    /// What is wrong with the framing headers (no error lies under it).
     #[error("bad body framing: {0}")]
     Framing(String),
     #[error("the body is longer than the limit of {0} bytes")]
@@ -76,15 +81,40 @@ fn headers_of(parsed: &[httparse::Header]) -> Vec<Header> {
     parsed.iter().map(|h| Header { name: h.name.to_string(), value: h.value.to_vec() }).collect()
 }
 
-fn malformed(e: httparse::Error) -> HttpError {
-    HttpError::Malformed(e.to_string())
+/// `host` or `host:port` (`[v6]:port`), as a Host header says it.
+pub fn authority(host: &str, port: u16, default_port: u16) -> String {
+    let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+    if port == default_port {
+        host
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Answers a client with an error of agentvm's own (`status`, and `why` as
+/// the body) and no more: the connection is to end.
+pub fn write_refusal<W: Write>(client: &mut W, status: u16, why: &str) {
+    let reason = match status {
+        403 => "Forbidden",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        502 => "Bad Gateway",
+        _ => "Bad Request",
+    };
+    let body = format!("agentvm: {why}\n");
+    let _ = write!(
+        client,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = client.flush();
 }
 
 /// A request head at the start of `buf` and its length; `None` until it is whole.
 pub fn parse_request(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut slots);
-    let len = match req.parse(buf).map_err(malformed)? {
+    let len = match req.parse(buf)? {
         httparse::Status::Partial => return Ok(None),
         httparse::Status::Complete(n) => n,
     };
@@ -101,7 +131,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpErr
 pub fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HttpError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut slots);
-    let len = match resp.parse(buf).map_err(malformed)? {
+    let len = match resp.parse(buf)? {
         httparse::Status::Partial => return Ok(None),
         httparse::Status::Complete(n) => n,
     };
@@ -399,7 +429,7 @@ impl<'a, R: BufRead> BodyReader<'a, R> {
         }
         self.total += n as u64;
         if let Some(limit) = self.limit.filter(|l| self.total > *l) {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, HttpError::BodyTooLarge(limit).to_string()));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, HttpError::BodyTooLarge(limit)));
         }
         Ok(n)
     }
@@ -656,6 +686,12 @@ mod tests {
 
     fn h(name: &str, value: &str) -> Header {
         Header { name: name.into(), value: value.into() }
+    }
+
+    #[test]
+    fn authorities_bracket_v6_and_drop_the_default_port() {
+        assert_eq!(authority("::1", 8080, 80), "[::1]:8080");
+        assert_eq!(authority("a.com", 443, 443), "a.com");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! (the host's loopback closed to the guest) or QEMU's slirp (the fallback,
 //! which cannot close it), and published ports.
 
+pub mod allow;
 pub mod egress;
 pub mod forwarding;
 pub mod http;

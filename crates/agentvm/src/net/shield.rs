@@ -14,7 +14,7 @@
 //! One request per connection: the head going up and the one coming back
 //! both say `Connection: close`, so every request is rewritten.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
@@ -27,9 +27,8 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned};
 
-use crate::config::flavor::Flavor;
-use crate::net::egress::{authority, AllowList};
-use crate::net::http::{self, BodyKind, Header, HttpError, Peer, ReadTimeout, RequestHead, ResponseHead};
+use crate::net::allow::AllowList;
+use crate::net::http::{self, authority, BodyKind, Header, HttpError, Peer, ReadTimeout, RequestHead, ResponseHead};
 
 /// A PEM file of extra CA certificates the proxy trusts upstream (besides
 /// the host's). For tests against a local server.
@@ -37,25 +36,53 @@ pub const EXTRA_CA_ENV: &str = "AGENTVM_PROXY_CA";
 /// Stands for the key in a `key_headers` form.
 pub const KEY_MARK: &str = "{key}";
 
-/// Shielding that cannot be set up.
+/// Shielding that cannot be set up, or one shielded connection that failed
+/// (that one goes to the instance's `net.log`).
 #[derive(Debug, thiserror::Error)]
 pub enum ShieldError {
     #[error("cannot make the instance CA: {0}")]
-    Ca(String),
-    #[error("cannot read the extra CA file {path} ({EXTRA_CA_ENV}): {why}")]
-    ExtraCa { path: String, why: String },
+    Ca(#[source] rcgen::Error),
+    #[error("cannot set up TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("cannot read the extra CA file {path} ({EXTRA_CA_ENV}): {source}")]
+    ExtraCaFile { path: String, source: rustls::pki_types::pem::Error },
+    #[error("cannot use a certificate of the extra CA file {path} ({EXTRA_CA_ENV}): {source}")]
+    ExtraCaCert { path: String, source: rustls::Error },
+    /// The network mode given (no error lies under it).
     #[error("--shield-secrets needs --network allow (the proxy is where keys are put in): drop --network {0}")]
     NeedsAllowMode(String),
     #[error("--shield-secrets: flavor {flavor:?} has no secret_hosts, so its keys could never be used; add secret_hosts = [\"api.example.com\"] to [flavors.{flavor}]")]
     NoSecretHosts { flavor: String },
     #[error("--shield-secrets: flavor {flavor:?} does not say in which header {key} travels, so it could never be put in; add key_headers = {{ {key} = [\"x-api-key: {{key}}\"] }} (or \"authorization: Bearer {{key}}\") to [flavors.{flavor}]")]
     NoKeyHeaders { flavor: String, key: String },
+    /// The variable's name (no error lies under it).
     #[error("the value of {0} holds control characters, which no header may carry: check the variable")]
     BadKey(String),
     #[error("the system's random source failed: {0}")]
     Random(io::Error),
     #[error("the flavor's secret_hosts: {0}")]
-    SecretHosts(#[source] crate::net::egress::EgressError),
+    SecretHosts(#[source] crate::net::allow::EgressError),
+    #[error("cannot make a certificate for {host}: {source}")]
+    Leaf { host: String, source: rcgen::Error },
+    #[error("{0:?} is not a host name TLS can verify")]
+    ServerName(String, #[source] rustls::pki_types::InvalidDnsNameError),
+    /// Relaying the request or the response failed while `what`.
+    #[error("{what}: {source}")]
+    Relay { what: &'static str, source: HttpError },
+    /// The guest's request was refused with this answer (no error lies under it).
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("the server switched protocols, which the shield does not relay")]
+    SwitchedProtocols,
+}
+
+/// A flavor's keys: their names, the headers each travels in, and the
+/// hosts they may go to.
+#[derive(Debug, Clone, Copy)]
+pub struct FlavorKeys<'a> {
+    pub names: &'a [String],
+    pub headers: &'a BTreeMap<String, Vec<String>>,
+    pub hosts: &'a [String],
 }
 
 /// The program's environment with the flavor's keys swapped for
@@ -68,22 +95,32 @@ pub struct Shielded {
 }
 
 /// Swaps the flavor's keys in `env` for placeholders (`--shield-secrets`).
-pub fn swap_secrets(env: &[(String, String)], flavor: &Flavor) -> Result<Shielded, ShieldError> {
+pub fn swap_secrets(env: &[(String, String)], keys: FlavorKeys<'_>) -> Result<Shielded, ShieldError> {
     let mut env = env.to_vec();
     let mut secrets = Vec::new();
     for (name, value) in env.iter_mut() {
-        if flavor.keys.contains(name) && !value.is_empty() {
+        if keys.names.contains(name) && !value.is_empty() {
             let placeholder = placeholder()?;
             let real = std::mem::replace(value, placeholder.clone());
-            let forms = flavor.key_headers.get(name).map_or(&[][..], Vec::as_slice);
+            let forms = keys.headers.get(name).map_or(&[][..], Vec::as_slice);
             secrets.push(Secret::new(name, placeholder, real, forms)?);
         }
     }
     let warning = secrets
         .is_empty()
-        .then(|| format!("--shield-secrets: none of {} is set, so there is no key to shield", flavor.keys.join(", ")));
-    let hosts = AllowList::new(&flavor.secret_hosts).map_err(ShieldError::SecretHosts)?;
+        .then(|| format!("--shield-secrets: none of {} is set, so there is no key to shield", keys.names.join(", ")));
+    let hosts = AllowList::new(keys.hosts).map_err(ShieldError::SecretHosts)?;
     Ok(Shielded { env, shield: Shield::new(hosts, secrets)?, warning })
+}
+
+/// What failed while `what`, relaying.
+fn relay(what: &'static str) -> impl FnOnce(HttpError) -> ShieldError {
+    move |source| ShieldError::Relay { what, source }
+}
+
+/// [`relay`] for an I/O error.
+fn relay_io(what: &'static str) -> impl FnOnce(io::Error) -> ShieldError {
+    move |e| relay(what)(e.into())
 }
 
 /// The guest environment that makes common tools trust the instance CA
@@ -152,14 +189,20 @@ pub fn parse_key_form(form: &str) -> Result<KeyForm, String> {
     Ok(KeyForm { name: name.to_ascii_lowercase(), prefix: prefix.into(), suffix: suffix.into() })
 }
 
-/// Checks that a flavor can be shielded: it has secret hosts, and each of
-/// its keys says in which header it travels.
-pub fn check_flavor(flavor: &Flavor) -> Result<(), ShieldError> {
-    if flavor.secret_hosts.is_empty() {
-        return Err(ShieldError::NoSecretHosts { flavor: flavor.name.clone() });
+/// Checks that a flavor (named `flavor`, for messages) can be shielded: it
+/// has `secret_hosts`, and each of its `keys` says in which header it
+/// travels (`key_headers`).
+pub fn check_flavor(
+    flavor: &str,
+    keys: &[String],
+    secret_hosts: &[String],
+    key_headers: &BTreeMap<String, Vec<String>>,
+) -> Result<(), ShieldError> {
+    if secret_hosts.is_empty() {
+        return Err(ShieldError::NoSecretHosts { flavor: flavor.to_string() });
     }
-    match flavor.keys.iter().find(|k| flavor.key_headers.get(*k).map_or(0, Vec::len) == 0) {
-        Some(key) => Err(ShieldError::NoKeyHeaders { flavor: flavor.name.clone(), key: key.clone() }),
+    match keys.iter().find(|k| key_headers.get(*k).map_or(0, Vec::len) == 0) {
+        Some(key) => Err(ShieldError::NoKeyHeaders { flavor: flavor.to_string(), key: key.clone() }),
         None => Ok(()),
     }
 }
@@ -211,9 +254,9 @@ fn upstream_roots() -> Result<RootCertStore, ShieldError> {
     }
     if let Ok(path) = std::env::var(EXTRA_CA_ENV) {
         use rustls::pki_types::pem::PemObject;
-        let extra = |why: String| ShieldError::ExtraCa { path: path.clone(), why };
-        for c in CertificateDer::pem_file_iter(&path).map_err(|e| extra(e.to_string()))? {
-            roots.add(c.map_err(|e| extra(e.to_string()))?).map_err(|e| extra(e.to_string()))?;
+        let file = |source| ShieldError::ExtraCaFile { path: path.clone(), source };
+        for c in CertificateDer::pem_file_iter(&path).map_err(file)? {
+            roots.add(c.map_err(file)?).map_err(|source| ShieldError::ExtraCaCert { path: path.clone(), source })?;
         }
     }
     Ok(roots)
@@ -222,16 +265,14 @@ fn upstream_roots() -> Result<RootCertStore, ShieldError> {
 impl Shield {
     /// A fresh CA for `hosts` (where secrets may go) and `secrets`.
     pub fn new(hosts: AllowList, secrets: Vec<Secret>) -> Result<Shield, ShieldError> {
-        let ca_err = |e: &dyn std::fmt::Display| ShieldError::Ca(e.to_string());
-        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| ca_err(&e))?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(ShieldError::Ca)?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.distinguished_name.push(DnType::CommonName, "agentvm instance CA");
-        let key = KeyPair::generate().map_err(|e| ca_err(&e))?;
-        let cert = params.self_signed(&key).map_err(|e| ca_err(&e))?;
+        let key = KeyPair::generate().map_err(ShieldError::Ca)?;
+        let cert = params.self_signed(&key).map_err(ShieldError::Ca)?;
         let mut upstream = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ca_err(&e))?
+            .with_safe_default_protocol_versions()?
             .with_root_certificates(upstream_roots()?)
             .with_no_client_auth();
         upstream.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -259,30 +300,28 @@ impl Shield {
     /// A leaf certificate for `host` signed by the CA, with what strict
     /// verifiers (Python 3.13's default context) require: an Authority Key
     /// Identifier, key usage and the server-auth purpose.
-    fn leaf(&self, host: &str) -> Result<(rcgen::Certificate, KeyPair), String> {
-        let mut params = CertificateParams::new(vec![host.to_string()]).map_err(|e| e.to_string())?;
+    fn leaf(&self, host: &str) -> Result<(rcgen::Certificate, KeyPair), rcgen::Error> {
+        let mut params = CertificateParams::new(vec![host.to_string()])?;
         params.distinguished_name.push(DnType::CommonName, host);
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let key = KeyPair::generate().map_err(|e| e.to_string())?;
-        let leaf = params.signed_by(&key, &self.issuer).map_err(|e| e.to_string())?;
+        let key = KeyPair::generate()?;
+        let leaf = params.signed_by(&key, &self.issuer)?;
         Ok((leaf, key))
     }
 
     /// A TLS server set-up for `host`, with a leaf signed by the CA.
-    fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, String> {
+    fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, ShieldError> {
         if let Some(c) = self.leaves.lock().unwrap_or_else(|e| e.into_inner()).get(host) {
             return Ok(c.clone());
         }
-        let (leaf, key) = self.leaf(host)?;
+        let (leaf, key) = self.leaf(host).map_err(|source| ShieldError::Leaf { host: host.to_string(), source })?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let mut config = ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .with_safe_default_protocol_versions()?
             .with_no_client_auth()
-            .with_single_cert(vec![leaf.der().clone(), self.ca_der.clone()], key)
-            .map_err(|e| e.to_string())?;
+            .with_single_cert(vec![leaf.der().clone(), self.ca_der.clone()], key)?;
         // HTTP/1.1 only: its heads are what gets rewritten.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let config = Arc::new(config);
@@ -307,6 +346,7 @@ impl Shield {
     /// The head sent upstream: origin-form target, Host pinned to the
     /// secret host, keys put in, framing and `Connection: close` ours, and
     /// no content coding, so that the response can be searched for keys.
+    /// `Err` says why the guest's request cannot go (no error lies under it).
     fn upstream_head(&self, req: &RequestHead, host: &str, port: u16, kind: BodyKind) -> Result<Vec<u8>, String> {
         if !req.target.starts_with('/') {
             return Err(format!("{:?} is not a path: a request to {host} names only the path", req.target));
@@ -346,69 +386,73 @@ impl Shield {
         upstream: TcpStream,
         host: &str,
         port: u16,
-    ) -> Result<(), String> {
-        let server = ServerConnection::new(self.server_config(host)?).map_err(|e| e.to_string())?;
+    ) -> Result<(), ShieldError> {
+        let server = ServerConnection::new(self.server_config(host)?)?;
         let mut guest = Peer::new(StreamOwned::new(server, client));
         // The TLS handshake happens while the head is read, within the deadline.
         let request = guest
-            .read_head(http::parse_request, Some(Instant::now() + crate::net::egress::HEAD_DEADLINE))
-            .map_err(|e| format!("reading the request: {e}"))?;
+            .read_head(http::parse_request, Some(Instant::now() + http::HEAD_DEADLINE))
+            .map_err(relay("reading the request"))?;
         let kind = match http::request_body(&request.headers) {
             Ok(BodyKind::Length(n)) if n > http::MAX_REQUEST_BODY => {
-                return answer(&mut guest, 413, &HttpError::BodyTooLarge(http::MAX_REQUEST_BODY).to_string())
+                return answer(&mut guest, 413, HttpError::BodyTooLarge(http::MAX_REQUEST_BODY).to_string())
             }
             Ok(kind) => kind,
-            Err(e) => return answer(&mut guest, 400, &e.to_string()),
+            Err(e) => return answer(&mut guest, 400, e.to_string()),
         };
         let head = match self.upstream_head(&request, host, port, kind) {
             Ok(head) => head,
-            Err(why) => return answer(&mut guest, 400, &why),
+            Err(why) => return answer(&mut guest, 400, why),
         };
-        let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
-        let conn = ClientConnection::new(self.upstream.clone(), name).map_err(|e| e.to_string())?;
-        let mut up = StreamOwned::new(conn, upstream);
+        let name = ServerName::try_from(host.to_string()).map_err(|e| ShieldError::ServerName(host.to_string(), e))?;
+        let mut up = StreamOwned::new(ClientConnection::new(self.upstream.clone(), name)?, upstream);
         if http::expects_continue(&request) {
-            guest.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").map_err(|e| e.to_string())?;
+            guest.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").map_err(relay_io("answering 100 Continue"))?;
         }
-        up.write_all(&head).map_err(|e| format!("upstream: {e}"))?;
-        guest.set_read_timeout(Some(crate::net::egress::BODY_IDLE)).map_err(|e| e.to_string())?;
-        http::copy_body(&mut guest, &mut up, kind, Some(http::MAX_REQUEST_BODY), &[])
-            .map_err(|e| format!("request body: {e}"))?;
+        up.write_all(&head).map_err(relay_io("upstream"))?;
+        guest.set_read_timeout(Some(http::BODY_IDLE)).map_err(relay_io("setting the body's timeout"))?;
+        http::copy_body(&mut guest, &mut up, kind, Some(http::MAX_REQUEST_BODY), &[]).map_err(relay("request body"))?;
+        self.respond(Peer::new(up), &request, &mut guest)
+    }
 
-        let mut up = Peer::new(up);
+    /// Relays the response to `request` from upstream to the guest, with
+    /// any real key masked, and closes the guest's TLS.
+    fn respond(
+        &self,
+        mut up: Peer<UpstreamTls>,
+        request: &RequestHead,
+        guest: &mut Peer<GuestTls>,
+    ) -> Result<(), ShieldError> {
         let response = loop {
-            let head = up.read_head(http::parse_response, None).map_err(|e| format!("reading the response: {e}"))?;
+            let head = up.read_head(http::parse_response, None).map_err(relay("reading the response"))?;
             // Interim responses (the request's Expect was answered here).
             if !(100..200).contains(&head.code) {
                 break head;
             }
             if head.code == 101 {
-                return Err("the server switched protocols, which the shield does not relay".into());
+                return Err(ShieldError::SwitchedProtocols);
             }
         };
-        let kind = http::response_body(&response, &request.method).map_err(|e| format!("the response: {e}"))?;
+        let kind = http::response_body(&response, &request.method).map_err(relay("the response"))?;
         // An HTTP/1.0 client knows no chunks: it reads to the end.
         let to_guest = if request.minor == 0 && kind == BodyKind::Chunked { BodyKind::UntilClose } else { kind };
-        guest.write_all(&self.guest_head(&response, to_guest)).map_err(|e| e.to_string())?;
-        http::copy_body_as(&mut up, kind, &mut guest, to_guest, None, &self.real_keys())
-            .map_err(|e| format!("response body: {e}"))?;
+        guest.write_all(&self.guest_head(&response, to_guest)).map_err(relay_io("answering the guest"))?;
+        http::copy_body_as(&mut up, kind, guest, to_guest, None, &self.real_keys()).map_err(relay("response body"))?;
         guest.stream.conn.send_close_notify();
         let _ = guest.flush();
         Ok(())
     }
 }
 
-/// Answers the guest with an error of our own and ends the connection.
-fn answer<W: Write>(guest: &mut W, status: u16, why: &str) -> Result<(), String> {
-    let reason = if status == 413 { "Content Too Large" } else { "Bad Request" };
-    let body = format!("agentvm: {why}\n");
-    let _ = write!(
-        guest,
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = guest.flush();
-    Err(format!("refused: {why}"))
+/// The TLS connection with the guest, as the secret host.
+type GuestTls = StreamOwned<ServerConnection, Peer<UnixStream>>;
+/// The TLS connection with the secret host.
+type UpstreamTls = StreamOwned<ClientConnection, TcpStream>;
+
+/// Answers the guest with an error of our own, which ends the connection.
+fn answer<W: Write>(guest: &mut W, status: u16, why: String) -> Result<(), ShieldError> {
+    http::write_refusal(guest, status, &why);
+    Err(ShieldError::Refused(why))
 }
 
 #[cfg(test)]
@@ -494,16 +538,17 @@ mod tests {
 
     #[test]
     fn flavors_must_say_where_their_keys_travel() {
+        let check = |f: &crate::config::flavor::Flavor| check_flavor(&f.name, &f.keys, &f.secret_hosts, &f.key_headers);
         let all = crate::config::flavor::builtin_flavors();
         for name in ["claude", "gemini", "codex"] {
-            check_flavor(&all[name]).unwrap();
+            check(&all[name]).unwrap();
         }
         let mut f = all["claude"].clone();
         f.key_headers.clear();
-        let e = check_flavor(&f).unwrap_err().to_string();
+        let e = check(&f).unwrap_err().to_string();
         assert!(e.contains("key_headers") && e.contains("ANTHROPIC_API_KEY") && e.contains("[flavors.claude]"), "{e}");
         f.secret_hosts.clear();
-        assert!(check_flavor(&f).unwrap_err().to_string().contains("secret_hosts"));
+        assert!(check(&f).unwrap_err().to_string().contains("secret_hosts"));
     }
 
     #[test]

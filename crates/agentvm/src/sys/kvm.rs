@@ -61,7 +61,7 @@ impl Drop for Mapping {
     }
 }
 
-fn map(len: usize, fd: Option<&OwnedFd>) -> Result<Mapping, ProbeError> {
+fn map(call: &'static str, len: usize, fd: Option<&OwnedFd>) -> Result<Mapping, ProbeError> {
     let (flags, fd) = match fd {
         None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
         Some(fd) => (libc::MAP_SHARED, fd.as_raw_fd()),
@@ -69,7 +69,7 @@ fn map(len: usize, fd: Option<&OwnedFd>) -> Result<Mapping, ProbeError> {
     // SAFETY: a fresh mapping; the kernel picks the address.
     let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
     if p == libc::MAP_FAILED {
-        return Err(ProbeError::Call { call: "mmap", source: io::Error::last_os_error() });
+        return Err(ProbeError::Call { call, source: io::Error::last_os_error() });
     }
     Ok(Mapping(p, len))
 }
@@ -81,7 +81,7 @@ pub fn run_hlt_guest(kvm: &File) -> Result<(), ProbeError> {
         return Err(ProbeError::ApiVersion(version));
     }
     let vm = owned(ioctl(kvm, "KVM_CREATE_VM", KVM_CREATE_VM, 0)?);
-    let mem = map(PAGE, None)?;
+    let mem = map("mapping the guest's memory", PAGE, None)?;
     // SAFETY: the page is PAGE bytes long and writable.
     unsafe { *(mem.0 as *mut u8).add(0xff0) = 0xf4 }; // hlt
     let region = MemoryRegion {
@@ -95,7 +95,7 @@ pub fn run_hlt_guest(kvm: &File) -> Result<(), ProbeError> {
     ioctl(&vm, "KVM_SET_USER_MEMORY_REGION", KVM_SET_USER_MEMORY_REGION, region_ptr)?;
     let vcpu = owned(ioctl(&vm, "KVM_CREATE_VCPU", KVM_CREATE_VCPU, 0)?);
     let run_size = ioctl(kvm, "KVM_GET_VCPU_MMAP_SIZE", KVM_GET_VCPU_MMAP_SIZE, 0)? as usize;
-    let run = map(run_size, Some(&vcpu))?;
+    let run = map("mapping the vCPU's run structure", run_size, Some(&vcpu))?;
     ioctl(&vcpu, "KVM_RUN", KVM_RUN, 0)?;
     // SAFETY: struct kvm_run starts with two u8 flags, 6 pad bytes, then
     // the u32 exit_reason at offset 8, within the mapping.

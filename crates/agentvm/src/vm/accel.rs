@@ -21,18 +21,25 @@ pub enum AccelChoice {
 }
 
 /// Why KVM cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum AccelError {
     #[error("/dev/kvm does not exist: the CPU's virtualization is off or kvm modules are not loaded (enable VT-x/AMD-V, `modprobe kvm_intel` or `kvm_amd`)")]
     NoDevice,
     #[error(
         "cannot open /dev/kvm: {0} (add yourself to the kvm group: `sudo usermod -aG kvm $USER`, then log in again)"
     )]
-    NoAccess(String),
+    NoAccess(#[source] std::io::Error),
     #[error("/dev/kvm is PVM (kvm_pvm), which cannot boot stock kernels")]
     Pvm,
-    #[error("KVM could not run a test guest: {0}")]
-    ProbeFailed(String),
+    /// A step of the one-instruction test guest failed.
+    #[error("KVM could not run a test guest: {step} failed: {source}")]
+    Probe { step: &'static str, source: std::io::Error },
+    /// /dev/kvm speaks another API than the stable one (no error lies under it).
+    #[error("KVM could not run a test guest: /dev/kvm has KVM API version {0}, not 12")]
+    ApiVersion(i32),
+    /// The test guest stopped, but not at its `hlt`.
+    #[error("KVM could not run a test guest: it stopped with KVM exit reason {0}, expected hlt")]
+    NoHlt(u32),
 }
 
 impl fmt::Display for Accel {
@@ -69,12 +76,19 @@ pub fn probe_kvm() -> Result<(), AccelError> {
     if Path::new("/sys/module/kvm_pvm").exists() {
         return Err(AccelError::Pvm);
     }
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dev)
-        .map_err(|e| AccelError::NoAccess(e.to_string()))?;
-    crate::sys::kvm::run_hlt_guest(&kvm).map_err(|e| AccelError::ProbeFailed(e.to_string()))
+    let kvm = std::fs::OpenOptions::new().read(true).write(true).open(dev).map_err(AccelError::NoAccess)?;
+    Ok(crate::sys::kvm::run_hlt_guest(&kvm)?)
+}
+
+impl From<crate::sys::kvm::ProbeError> for AccelError {
+    fn from(e: crate::sys::kvm::ProbeError) -> AccelError {
+        use crate::sys::kvm::ProbeError;
+        match e {
+            ProbeError::Call { call, source } => AccelError::Probe { step: call, source },
+            ProbeError::ApiVersion(version) => AccelError::ApiVersion(version),
+            ProbeError::Exit(reason) => AccelError::NoHlt(reason),
+        }
+    }
 }
 
 /// The host's TSC frequency in kHz, for the guest's `tsc_early_khz`.
@@ -104,7 +118,7 @@ mod tests {
 
     #[test]
     fn explicit_tcg_needs_no_probe() {
-        assert_eq!(choose(AccelChoice::Tcg).unwrap(), (Accel::Tcg, None));
+        assert!(matches!(choose(AccelChoice::Tcg), Ok((Accel::Tcg, None))));
     }
 
     #[test]
