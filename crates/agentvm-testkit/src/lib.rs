@@ -14,6 +14,11 @@
 //! - [`skip`]: [`require!`] skips a test whose prerequisite is missing,
 //!   visibly: `scripts/test` lists every skip at its end and fails on any
 //!   when it runs as root (a set-up host, as in CI).
+//!
+//! Tests that boot a VM carry `#[ignore = "boots a VM: scripts/test runs it"]`,
+//! so a plain `cargo test` runs the unit tests and the tests that need no
+//! VM and lists the others as ignored with that reason; `scripts/test`
+//! builds the test images and runs them with `--ignored`.
 
 mod background;
 mod launch;

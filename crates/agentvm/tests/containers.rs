@@ -21,6 +21,7 @@ fn run_script(l: &Launch, cri: &str, script: &str) -> std::process::Output {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn docker_runs_a_local_image_publishes_its_port_and_keeps_the_image() {
     let l = with_mkimage(Launch::new());
     let host_port = free_port();
@@ -69,6 +70,7 @@ fn docker_runs_a_local_image_publishes_its_port_and_keeps_the_image() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn podman_and_containerd_with_crun_run_local_images_that_persist() {
     let l = with_mkimage(Launch::new());
     let script = "set -e; echo \"$CONTAINER_HOST\"; python3 /work/mkimage.py /tmp/mini.tar; \

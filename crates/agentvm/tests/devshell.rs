@@ -30,6 +30,7 @@ fn direnv(l: &Launch, args: &[&str]) -> Output {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn direnv_allowed_envrc_exports_and_path_reach_the_guest_login_shell() {
     require!(skip::tool("direnv"));
     // The shell flavor without a command: a login bash reading stdin, whose
@@ -65,6 +66,7 @@ fn direnv_allowed_envrc_exports_and_path_reach_the_guest_login_shell() {
 }
 
 #[test]
+#[ignore = "needs QEMU and virtiofsd, though it fails before boot: scripts/test runs it"]
 fn direnv_blocked_envrc_is_refused_before_boot_with_the_allow_hint() {
     require!(skip::tool("direnv"));
     let l = Launch::new().shell("echo booted");
@@ -231,6 +233,7 @@ const NIX_SCRIPT: &str = "echo \"greeting=$GREETING\"; echo \"path=$PATH\"; echo
     touch /nix/store/x 2>/dev/null && echo store-writable || echo store-not-writable";
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn nix_flake_env_path_and_read_only_store_reach_the_guest() {
     let p = require!(NixProject::new(NIX_SCRIPT, FLAKE));
     p.prebuild();
@@ -253,6 +256,7 @@ fn nix_flake_env_path_and_read_only_store_reach_the_guest() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn nix_flake_without_a_host_store_shares_none() {
     let p = require!(NixProject::new(NIX_SCRIPT, FLAKE));
     p.prebuild();
@@ -268,6 +272,7 @@ fn nix_flake_without_a_host_store_shares_none() {
 const BROKEN_FLAKE: &str = "{ outputs = { self }: {\n";
 
 #[test]
+#[ignore = "needs QEMU and virtiofsd, though it fails before boot: scripts/test runs it"]
 fn nix_failure_stops_before_boot_with_its_output_and_the_command() {
     let p = require!(NixProject::new("echo booted", BROKEN_FLAKE));
     let out = p.run("--devshell");
@@ -282,6 +287,7 @@ fn nix_failure_stops_before_boot_with_its_output_and_the_command() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn nix_failure_with_devshell_try_warns_and_runs_without() {
     let p = require!(NixProject::new("echo \"greeting=${GREETING:-unset}\"", BROKEN_FLAKE));
     let out = p.run("--devshell=try");
@@ -293,6 +299,7 @@ fn nix_failure_with_devshell_try_warns_and_runs_without() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn changed_flake_stops_before_boot_and_devshell_try_runs_without_it() {
     let p = require!(NixProject::new("echo \"booted greeting=${GREETING:-unset}\"", FLAKE));
     // A guest of an earlier run edits the trusted flake.
@@ -319,6 +326,7 @@ fn changed_flake_stops_before_boot_and_devshell_try_runs_without_it() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn a_guest_edit_of_a_nix_file_the_flake_imports_stops_the_next_dev_shell() {
     let flake = flake_with_greeting("import ./nix/greeting.nix");
     let mut p = require!(NixProject::new("", &flake));
@@ -356,6 +364,7 @@ fn git(dir: &Path, args: &[&str]) {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn guest_written_git_config_is_not_run_on_the_host_by_the_dev_shell() {
     require!(skip::tool("git"));
     let p = require!(NixProject::new("echo \"greeting=$GREETING\"", FLAKE));
@@ -385,6 +394,7 @@ fn guest_written_git_config_is_not_run_on_the_host_by_the_dev_shell() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn a_flake_reads_a_project_file_named_in_devshell_files_and_a_guest_edit_of_it_stops_the_next_run() {
     let flake = flake_with_greeting("builtins.readFile ./extra.txt");
     let mut p = require!(NixProject::new("echo booted", &flake));

@@ -9,6 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn guest_file_write_appears_on_host_with_invoking_owner() {
     let l = Launch::new().shell("echo hello from the guest > /work/out.txt && id -un && pwd");
     let out = l.run();
@@ -22,6 +23,7 @@ fn guest_file_write_appears_on_host_with_invoking_owner() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn exit_status_of_the_program_comes_back() {
     let out = Launch::new().shell("exit 7").run();
     assert_eq!(out.status.code(), Some(7));
@@ -30,6 +32,7 @@ fn exit_status_of_the_program_comes_back() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn stdin_is_fed_and_stdout_stderr_stay_apart() {
     let l = Launch::new().shell("cat > /work/in.txt; tr a-z A-Z < /work/in.txt; echo to-stderr >&2").stdin(b"data\n");
     let out = l.run();
@@ -41,6 +44,7 @@ fn stdin_is_fed_and_stdout_stderr_stay_apart() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn agent_home_persists_per_project_and_differs_between_projects() {
     let a1 = Launch::new().shell("echo kept > ~/marker; echo $HOME");
     let out = a1.run();
@@ -52,6 +56,7 @@ fn agent_home_persists_per_project_and_differs_between_projects() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn sigterm_to_headless_agentvm_stops_the_vm_cleanly() {
     let l = Launch::new().shell("touch /work/started; sleep 600");
     let mut child = l.spawn();
@@ -66,6 +71,7 @@ fn sigterm_to_headless_agentvm_stops_the_vm_cleanly() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn missing_command_is_127_with_a_message() {
     let out = Launch::new().cmd(&["no-such-command-xyz"]).run();
     assert_eq!(out.status.code(), Some(127));
@@ -103,6 +109,7 @@ fn work_dir_that_is_a_file_is_refused() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn guest_kernel_panic_ends_the_run_with_console_lines() {
     // An init that is not an executable makes the kernel panic at boot.
     let l = Launch::new().shell("true");
@@ -118,6 +125,7 @@ fn guest_kernel_panic_ends_the_run_with_console_lines() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn a_guest_that_floods_its_console_then_dies_shows_its_last_words_in_a_short_message() {
     // A long line without a newline, then the last words, then power off
     // without reporting an exit status.
@@ -140,6 +148,7 @@ fn a_guest_that_floods_its_console_then_dies_shows_its_last_words_in_a_short_mes
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn normal_user_runs_without_root_and_owns_what_the_guest_writes() {
     let TestUser { uid, gid } = require!(skip::test_user());
     let l = Launch::new().run_as(uid, gid).shell("echo mine > /work/f.txt; mkdir /work/d; id -u; echo x > ~/h; exit 3");
@@ -206,17 +215,20 @@ fn guest_leaves_no_setid_file_or_device_on_the_host(l: Launch) {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn guest_root_leaves_no_setid_file_or_device_on_the_host() {
     guest_leaves_no_setid_file_or_device_on_the_host(Launch::new());
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn guest_root_leaves_no_setid_file_on_the_host_of_a_normal_user() {
     let TestUser { uid, gid } = require!(skip::test_user());
     guest_leaves_no_setid_file_or_device_on_the_host(Launch::new().run_as(uid, gid));
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn interactive_session_has_the_terminal_size_follows_resize_and_restores_the_terminal() {
     require!(skip::tool("tmux"));
     let l = Launch::new();
@@ -257,6 +269,7 @@ fn guest_ram_resident_kib(qemu: u32) -> u64 {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn memory_the_guest_frees_goes_back_to_the_host() {
     let l = Launch::new();
     let script = "dd if=/dev/zero of=/dev/shm/fill bs=1M count=384 2>/dev/null && touch /work/filled \
@@ -285,6 +298,7 @@ fn memory_the_guest_frees_goes_back_to_the_host() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn host_edits_to_work_show_up_in_a_running_guest_with_the_default_cache() {
     let l = Launch::new();
     std::fs::write(l.work.join("f"), "before\n").unwrap();

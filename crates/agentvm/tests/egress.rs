@@ -56,6 +56,7 @@ fn net_log(l: &Launch) -> (String, String) {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn allow_mode_lets_through_allowed_names_only_and_logs_each_decision() {
     let http = http_server("HTTP-ALLOWED-TOKEN");
     let opened = http_server("HOST-PORT-TOKEN");
@@ -131,6 +132,7 @@ fn bad_allow_input_fails_before_boot() {
 /// name, a tunnel that is not TLS, numeric and resolved loopback targets,
 /// and request text that would forge net.log lines or drive the terminal.
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn allow_mode_cannot_be_slipped_past() {
     let loopback_name = require!(loopback_name_in_etc_hosts());
     let echo = http_echo_server();

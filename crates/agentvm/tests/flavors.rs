@@ -11,6 +11,7 @@ fn has_version_number(s: &str) -> bool {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn each_agent_flavor_prints_its_version_from_the_registry_package() {
     for flavor in ["claude", "gemini", "codex"] {
         let l = Launch::new();
@@ -42,6 +43,7 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn custom_flavor_gets_its_key_and_env_while_the_key_stays_off_host_disk_and_command_lines() {
     let l = Launch::new();
     l.trusted_config(
@@ -86,6 +88,7 @@ env = { FROM_FLAVOR = "flavor-value" }
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn missing_key_is_a_warning_not_an_error() {
     let l = Launch::new();
     l.trusted_config("[flavors.k]\ncommand = [\"true\"]\nkeys = [\"AGENTVM_TEST_ABSENT_KEY\"]\n");
@@ -95,6 +98,7 @@ fn missing_key_is_a_warning_not_an_error() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn agent_home_gets_safe_directory_once_and_a_memory_note_never_overwritten() {
     let first = Launch::new();
     first.trusted_config("[flavors.noted]\ncommand = []\nmemory_file = \"notes/AGENT.md\"\n");
@@ -113,6 +117,7 @@ fn agent_home_gets_safe_directory_once_and_a_memory_note_never_overwritten() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn each_agent_first_screen_renders_in_a_terminal() {
     require!(skip::tool("tmux"));
     // What each agent shows first with no key and no login: its welcome,

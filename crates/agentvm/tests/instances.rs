@@ -25,6 +25,7 @@ fn real(p: &Path) -> PathBuf {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn two_instances_are_listed_stopped_by_id_then_all_and_leave_nothing() {
     // Distinct names: guest PIDs are deterministic, so `$$` can collide.
     let a = Launch::new().shell("touch /work/started-a; sleep 300");
@@ -84,6 +85,7 @@ fn unknown_instance_id_is_an_error_naming_what_runs() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn exec_runs_in_a_running_vm_with_stdin_output_and_exit_status_and_logs_show_the_console() {
     let l = Launch::new().shell("touch /work/started; sleep 300");
     let child = l.spawn_until("started", BOOT_TIMEOUT);
@@ -137,6 +139,7 @@ fn exec_runs_in_a_running_vm_with_stdin_output_and_exit_status_and_logs_show_the
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn killed_launcher_takes_its_helpers_along_and_ps_sweeps_its_dir() {
     let l = Launch::new().shell("touch /work/started; sleep 300");
     let child = l.spawn_until("started", BOOT_TIMEOUT);
@@ -151,6 +154,7 @@ fn killed_launcher_takes_its_helpers_along_and_ps_sweeps_its_dir() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn killed_virtiofsd_stops_the_run_naming_it() {
     let l = Launch::new().shell("touch /work/started; sleep 300");
     let child = l.spawn_until("started", BOOT_TIMEOUT);
@@ -168,6 +172,7 @@ fn killed_virtiofsd_stops_the_run_naming_it() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn killed_qemu_ends_the_run_with_a_message_and_no_leftovers() {
     let l = Launch::new().shell("touch /work/started; sleep 300");
     let out = run_and_kill_qemu(&l);
@@ -179,6 +184,7 @@ fn killed_qemu_ends_the_run_with_a_message_and_no_leftovers() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn shell_into_a_running_vm_is_a_terminal_that_follows_resize_and_returns_the_status() {
     require!(skip::tool("tmux"));
     let l = Launch::new().shell("touch /work/started; sleep 300");
@@ -209,6 +215,7 @@ fn run_all(launches: &[Launch]) -> Vec<Output> {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn four_concurrent_runs_on_one_project_keep_their_own_output() {
     let first = Launch::new().shell("echo run-0 | tee /work/out-0");
     let mut launches = vec![];
@@ -227,6 +234,7 @@ fn four_concurrent_runs_on_one_project_keep_their_own_output() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn fsynced_file_survives_a_forced_stop_of_the_vm() {
     let l = Launch::new().shell("printf 'kept data' > /work/f; sync /work/f; touch /work/started; sleep 300");
     let out = run_and_kill_qemu(&l);
@@ -236,6 +244,7 @@ fn fsynced_file_survives_a_forced_stop_of_the_vm() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn symlinks_and_dotdot_in_the_share_stay_inside_the_guest() {
     let l = Launch::new();
     // A file next to the project, and links that point at host paths.
@@ -258,6 +267,7 @@ fn symlinks_and_dotdot_in_the_share_stay_inside_the_guest() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn soak_twenty_runs_in_a_row_then_four_at_once_all_clean() {
     let base = Launch::new();
     for i in 0..20 {
@@ -289,6 +299,7 @@ fn console_files(dir: &Path) -> Vec<(String, u64)> {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn a_guest_flooding_its_console_stays_under_the_cap_on_disk_in_logs_and_at_exit() {
     use agentvm::instance::console_log::ROTATE_BYTES;
     // Past both files the log keeps; the serial console takes ~0.25 MB/s under TCG.

@@ -12,14 +12,15 @@ fn launch(backend: &str) -> Launch {
     Launch::new().env("AGENTVM_NET_BACKEND", backend)
 }
 
-/// One `#[test]` per back end for each test body `name(backend)`.
+/// One `#[test]` per back end for each test body `name(backend)`; each
+/// boots a VM.
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod passt {
-            $(#[test] fn $name() { super::$name("passt") })*
+            $(#[test] #[ignore = "boots a VM: scripts/test runs it"] fn $name() { super::$name("passt") })*
         }
         mod slirp {
-            $(#[test] fn $name() { super::$name("slirp") })*
+            $(#[test] #[ignore = "boots a VM: scripts/test runs it"] fn $name() { super::$name("slirp") })*
         }
     };
 }

@@ -43,6 +43,7 @@ fn keyed_launch(ca_pem: &str) -> Launch {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn shielded_key_reaches_the_api_host_but_never_the_guest() {
     let (port, ca_pem) = https_server("api.test", key_verdict);
     let l = keyed_launch(&ca_pem);
@@ -105,6 +106,7 @@ fn peak_rss_mib(pid: u32) -> u64 {
 /// (strict) TLS context accepts the leaf; a chunked request with a chunk
 /// of 0x7fffffffff bytes and a stream of data is streamed, not buffered.
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn the_shield_puts_the_key_only_into_its_header_and_never_lets_it_back() {
     const BOMB_MIB: u64 = 128;
     let (port, ca_pem) = https_server("api.test", echo_all);

@@ -12,6 +12,7 @@ const PROBE: &str = "echo \"key=${AGENTVM_TEST_HOSTSECRET:-absent}\"; \
     echo marker > ~/home-marker";
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn guest_written_project_config_applies_only_after_agentvm_trust() {
     let port = http_server("HOST-SERVICE-REACHED");
     let secret = format!("hostsecret-{}", std::process::id());
@@ -61,6 +62,7 @@ fn guest_written_project_config_applies_only_after_agentvm_trust() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn a_guest_written_dot_git_does_not_change_the_git_identity_the_host_looks_up() {
     // The host user's identity, in a home of the test's own.
     let l = Launch::new();
