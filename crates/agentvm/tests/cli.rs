@@ -1,15 +1,19 @@
 //! The command line itself, without booting anything.
 
-use std::path::Path;
+use agentvm_testkit::*;
 use std::process::Command;
 
+/// `cmd`'s status, stdout and stderr; PATH has no QEMU, so nothing can boot
+/// even if a check were missing.
+fn without_qemu(l: &Launch, cmd: &mut Command) -> (i32, String, String) {
+    let out = l.run_command(cmd.env("PATH", "/nonexistent"));
+    (out.status.code().unwrap_or(-1), stdout(&out), stderr(&out))
+}
+
+/// `agentvm ARGS` in a launch of its own.
 fn agentvm(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_agentvm")).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let l = Launch::new();
+    without_qemu(&l, &mut l.command_with(args))
 }
 
 #[test]
@@ -62,38 +66,15 @@ fn usage_errors_are_one_line_naming_the_input_with_status_125() {
     assert!(err.contains("open, none, allow") && err.contains("`agentvm run --help`"), "{err}");
 }
 
-/// `agentvm ARGS` in `dir` with its own XDG dirs under `xdg` and `env`;
-/// PATH has no QEMU, so nothing can boot even if a check were missing.
-fn agentvm_in(dir: &Path, xdg: &Path, env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_agentvm"))
-        .args(args)
-        .current_dir(dir)
-        .env("XDG_DATA_HOME", xdg.join("data"))
-        .env("XDG_CONFIG_HOME", xdg.join("config"))
-        .env("XDG_CACHE_HOME", xdg.join("cache"))
-        .env("PATH", "/nonexistent")
-        .env_remove("WORK_DIR")
-        .env_remove("AGENT_HOME")
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn sharing_the_root_or_the_home_dir_is_refused_with_the_reason() {
-    let d = tempfile::tempdir().unwrap();
-    let home = d.path().join("home/user");
+    let l = Launch::new();
+    let home = l.dirs.path().join("home/user");
     let project = home.join("project");
     std::fs::create_dir_all(&project).unwrap();
-    let env = [("HOME", home.to_str().unwrap())];
+    let l = l.work_dir(&project).env("HOME", home.to_str().unwrap());
     let refused = |extra: &[(&str, &str)], args: &[&str], why: &str| {
-        let env: Vec<(&str, &str)> = env.iter().chain(extra).copied().collect();
-        let (code, _, err) = agentvm_in(&project, d.path(), &env, args);
+        let (code, _, err) = without_qemu(&l, l.command_with(args).envs(extra.iter().copied()));
         assert_eq!(code, 125, "{args:?}: {err}");
         assert!(err.contains(why), "{args:?} {extra:?}: {err}");
     };
@@ -101,22 +82,19 @@ fn sharing_the_root_or_the_home_dir_is_refused_with_the_reason() {
     refused(&[("WORK_DIR", "/")], &["run", "shell"], "root of the host's file system");
     refused(&[], &["run", "-w", home.to_str().unwrap(), "shell"], "is your home directory");
     refused(&[], &["run", "-w", "..", "shell"], "is your home directory");
-    refused(&[], &["run", "-w", d.path().join("home").to_str().unwrap(), "shell"], "contains your home directory");
+    refused(&[], &["run", "-w", l.dirs.path().join("home").to_str().unwrap(), "shell"], "contains your home directory");
     refused(&[], &["run", "--home", home.to_str().unwrap(), "shell"], "agent home");
-    let data = d.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    refused(&[], &["run", "-w", data.to_str().unwrap(), "shell"], "contains agentvm's");
+    refused(&[], &["run", "-w", l.data.to_str().unwrap(), "shell"], "contains agentvm's");
 }
 
 #[test]
 fn trust_records_show_and_revoke_what_the_user_approved() {
-    let d = tempfile::tempdir().unwrap();
-    let project = d.path().join("project");
-    std::fs::create_dir(&project).unwrap();
+    let l = Launch::new();
+    let project = &l.work;
     let config = "[flavors.review]\ncommand = [\"true\"]\nkeys = [\"REVIEW_KEY\"]\n";
     std::fs::write(project.join(".agentvm.toml"), config).unwrap();
     std::fs::write(project.join("flake.nix"), "{}").unwrap();
-    let run = |args: &[&str]| agentvm_in(&project, d.path(), &[], args);
+    let run = |args: &[&str]| without_qemu(&l, &mut l.command_with(args));
 
     // Untrusted: `flavor ls` warns once, and the project's flavor is not there.
     let (code, out, err) = run(&["flavor", "ls"]);
@@ -128,7 +106,7 @@ fn trust_records_show_and_revoke_what_the_user_approved() {
     let (code, out, err) = run(&["trust"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("flavors.review.keys = [\"REVIEW_KEY\"]") && out.contains("flake.nix"), "{out}");
-    let records: Vec<_> = std::fs::read_dir(d.path().join("data/agentvm/trust")).unwrap().flatten().collect();
+    let records: Vec<_> = std::fs::read_dir(l.data.join("agentvm/trust")).unwrap().flatten().collect();
     assert_eq!(records.len(), 1);
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(records[0].metadata().unwrap().permissions().mode() & 0o777, 0o600);
@@ -148,14 +126,12 @@ fn trust_records_show_and_revoke_what_the_user_approved() {
 
 #[test]
 fn trust_refuses_a_symlinked_config_without_printing_its_target() {
-    let d = tempfile::tempdir().unwrap();
-    let project = d.path().join("project");
-    std::fs::create_dir(&project).unwrap();
-    let target = d.path().join("host-file");
+    let l = Launch::new();
+    let target = l.dirs.path().join("host-file");
     std::fs::write(&target, "HOST-FILE-FIRST-LINE\n").unwrap();
-    std::os::unix::fs::symlink(&target, project.join(".agentvm.toml")).unwrap();
+    std::os::unix::fs::symlink(&target, l.work.join(".agentvm.toml")).unwrap();
     for args in [&["trust"][..], &["flavor", "ls"][..]] {
-        let (_, out, err) = agentvm_in(&project, d.path(), &[], args);
+        let (_, out, err) = without_qemu(&l, &mut l.command_with(args));
         assert!(err.contains("symbolic link"), "{args:?}: {err}");
         assert!(!err.contains("HOST-FILE") && !out.contains("HOST-FILE"), "{args:?}: {out}{err}");
     }

@@ -3,10 +3,8 @@
 //! without sudo, still there in the next run, and a container's port
 //! reached from the host through agentvm's own -p.
 
-mod common;
-
-use common::*;
-use std::process::Stdio;
+use agentvm_testkit::servers::free_port;
+use agentvm_testkit::*;
 use std::time::{Duration, Instant};
 
 /// Writes a docker-archive image (`localhost/mini`: /usr/bin/echo and its
@@ -19,19 +17,14 @@ fn with_mkimage(l: Launch) -> Launch {
 }
 
 fn run_script(l: &Launch, cri: &str, script: &str) -> std::process::Output {
-    let out = l
-        .command_with(&["run", "--memory", "2G", "--cri", cri, "shell", "--", "sh", "-c", script])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    eprintln!("--- {cri}: {:?}\n{}\n{}", out.status, stdout(&out), stderr(&out));
-    out
+    l.agentvm(&["run", "--memory", "2G", "--cri", cri, "shell", "--", "sh", "-c", script])
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn docker_runs_a_local_image_publishes_its_port_and_keeps_the_image() {
     let l = with_mkimage(Launch::new());
-    let host_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let host_port = free_port();
     // On failure, dockerd's log says why.
     let script = "trap '[ $? -eq 0 ] || tail -n 40 /var/log/dockerd.log >&2' EXIT; set -e; id -nG > /work/groups; \
         python3 /work/mkimage.py /tmp/mini.tar; docker load -q -i /tmp/mini.tar; \
@@ -44,9 +37,8 @@ fn docker_runs_a_local_image_publishes_its_port_and_keeps_the_image() {
     let args = ["run", "--memory", "2G", "--cri", "docker", "-p", &publish, "shell", "--", "sh", "-c", script];
     let child = spawn_until_marker(&l, &args, "ready", Duration::from_secs(300));
     http_get_until(host_port, "/t", "CONTAINER-PORT-TOKEN", Duration::from_secs(60));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
+    child.signal(libc::SIGTERM);
+    let out = child.wait_with_output();
     assert_ne!(out.status.code(), Some(125), "{}", stderr(&out));
     assert_eq!(std::fs::read_to_string(l.work.join("echo.txt")).unwrap(), "hello-from-docker\n");
     let groups = std::fs::read_to_string(l.work.join("groups")).unwrap();
@@ -57,7 +49,7 @@ fn docker_runs_a_local_image_publishes_its_port_and_keeps_the_image() {
     let out = run_script(&next, "docker", "docker image ls --format '{{.Repository}}'");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).lines().any(|r| r == "localhost/mini"), "{}", stdout(&out));
-    assert!(l.leftover_processes().is_empty(), "{:?}", l.leftover_processes());
+    l.assert_no_leftovers();
 
     // cri prune reclaims the disk; the next prune finds none.
     let disks = l.data.join("agentvm/containers");
@@ -69,15 +61,16 @@ fn docker_runs_a_local_image_publishes_its_port_and_keeps_the_image() {
         1
     );
     let work = l.work.to_str().unwrap();
-    let out = l.command_with(&["cri", "prune", "-w", work]).output().unwrap();
+    let out = l.agentvm(&["cri", "prune", "-w", work]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).starts_with("removed "), "{}", stdout(&out));
     assert!(!std::fs::read_dir(&disks).unwrap().any(|e| e.unwrap().path().extension() == Some("ext4".as_ref())));
-    let out = l.command_with(&["cri", "prune", "-w", work]).output().unwrap();
+    let out = l.agentvm(&["cri", "prune", "-w", work]);
     assert!(stdout(&out).starts_with("no container disk"), "{}", stdout(&out));
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn podman_and_containerd_with_crun_run_local_images_that_persist() {
     let l = with_mkimage(Launch::new());
     let script = "set -e; echo \"$CONTAINER_HOST\"; python3 /work/mkimage.py /tmp/mini.tar; \
@@ -105,10 +98,10 @@ fn podman_and_containerd_with_crun_run_local_images_that_persist() {
 fn unknown_runtime_fails_before_boot_naming_it() {
     let l = Launch::new();
     let started = Instant::now();
-    let out = l.command_with(&["run", "--cri", "docker,rkt", "shell"]).stdin(Stdio::null()).output().unwrap();
+    let out = l.agentvm(&["run", "--cri", "docker,rkt", "shell"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(stderr(&out).contains("container runtime \"rkt\" (from --cri) is unknown"), "{}", stderr(&out));
-    let out = l.command_with(&["run", "shell"]).env("ENABLE_CRI", "crio").stdin(Stdio::null()).output().unwrap();
+    let out = l.run_command(l.command_with(&["run", "shell"]).env("ENABLE_CRI", "crio"));
     assert_eq!(out.status.code(), Some(125));
     assert!(stderr(&out).contains("does not package CRI-O"), "{}", stderr(&out));
     assert!(started.elapsed() < Duration::from_secs(5));

@@ -3,12 +3,10 @@
 //! Nix store. (Cache key, reuse and invalidation are unit tests of
 //! `devshell`, with a stand-in nix.)
 
-mod common;
-
-use common::*;
+use agentvm_testkit::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 fn write_exec(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -26,37 +24,15 @@ fn direnv(l: &Launch, args: &[&str]) -> Output {
         .env("XDG_CONFIG_HOME", l.dirs.path().join("config"))
         .env("PWD", &l.work)
         .output()
-        .expect("direnv is installed (scripts/setup-host)");
+        .unwrap();
     assert!(out.status.success(), "direnv {args:?}: {}", stderr(&out));
     out
 }
 
-/// The launch's `agentvm run ...` with `flag` right after `run`.
-fn command_with_flag(l: &Launch, flag: &str) -> Command {
-    let mut args = l.args.clone();
-    args.insert(1, flag.to_string());
-    l.command_with(&args)
-}
-
-fn run_with(l: &Launch, cmd: &mut Command) -> Output {
-    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    std::io::Write::write_all(&mut stdin, &l.stdin).unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    eprintln!(
-        "--- {:?} in {} -> {:?}\n--- stdout:\n{}\n--- stderr:\n{}",
-        cmd.get_args().collect::<Vec<_>>(),
-        l.work.display(),
-        out.status,
-        stdout(&out),
-        stderr(&out)
-    );
-    out
-}
-
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn direnv_allowed_envrc_exports_and_path_reach_the_guest_login_shell() {
+    require!(skip::tool("direnv"));
     // The shell flavor without a command: a login bash reading stdin, whose
     // /etc/profile would reset PATH.
     let mut l = Launch::new().stdin(
@@ -78,7 +54,7 @@ fn direnv_allowed_envrc_exports_and_path_reach_the_guest_login_shell() {
             None => cmd.env_remove(k),
         };
     }
-    let out = run_with(&l, cmd.env("DIRENV_ALLOW", "1"));
+    let out = l.run_command(cmd.env("DIRENV_ALLOW", "1"));
     let o = stdout(&out);
     assert_eq!(out.status.code(), Some(0));
     assert!(o.contains("greeting=hello from direnv\n"), "{o}");
@@ -86,21 +62,24 @@ fn direnv_allowed_envrc_exports_and_path_reach_the_guest_login_shell() {
     assert!(!o.contains(&l.work.display().to_string()), "a host path leaked: {o}");
     assert!(o.contains("tool-ran-from-work-bin"), "{o}");
     assert!(o.contains("dir=-/work\n") && o.contains("diff=none\n"), "{o}");
-    assert!(l.leftover_processes().is_empty());
+    l.assert_no_leftovers();
 }
 
 #[test]
+#[ignore = "needs QEMU and virtiofsd, though it fails before boot: scripts/test runs it"]
 fn direnv_blocked_envrc_is_refused_before_boot_with_the_allow_hint() {
+    require!(skip::tool("direnv"));
     let l = Launch::new().shell("echo booted");
     std::fs::write(l.work.join(".envrc"), "export NOT_ALLOWED=1\n").unwrap();
-    let out = run_with(&l, command_with_flag(&l, "--devshell").env_remove("DIRENV_ALLOW"));
+    let out = l.run_command(l.command_with_flags(&["--devshell"]).env_remove("DIRENV_ALLOW"));
     let e = stderr(&out);
     assert_eq!(out.status.code(), Some(125), "{e}");
     let work = l.work.canonicalize().unwrap();
     assert!(e.contains(&format!("direnv allow {}", work.display())), "{e}");
     assert!(e.contains("is blocked"), "{e}");
     assert!(!stdout(&out).contains("booted"));
-    assert!(l.leftover_instances().is_empty() && l.leftover_processes().is_empty());
+    assert!(l.leftover_instances().is_empty());
+    l.assert_no_leftovers();
 }
 
 /// A project with a self-contained flake (no inputs), evaluated by the real
@@ -140,20 +119,22 @@ const FLAKE: &str = r#"{
 }
 "#;
 
+/// [`FLAKE`] with `expr` as the greeting's Nix expression.
+fn flake_with_greeting(expr: &str) -> String {
+    FLAKE.replace("GREETING = \"hello from a real flake\";", &format!("GREETING = {expr};"))
+}
+
 /// The lock file of a flake without inputs.
 const FLAKE_LOCK: &str = "{\"nodes\":{\"root\":{}},\"root\":\"root\",\"version\":7}\n";
 
 impl NixProject {
-    fn new(script: &str, flake: &str) -> NixProject {
+    fn new(script: &str, flake: &str) -> Result<NixProject, Skip> {
+        let real = skip::tool("nix")?;
         let launch = Launch::new().shell(script);
         std::fs::write(launch.work.join("flake.nix"), flake).unwrap();
         std::fs::write(launch.work.join("flake.lock"), FLAKE_LOCK).unwrap();
         // The user reviewed the flake: --devshell evaluates it on the host.
         launch.trust_project();
-        let real = std::env::split_paths(&std::env::var_os("PATH").unwrap())
-            .map(|d| d.join("nix"))
-            .find(|p| p.is_file())
-            .expect("nix is on PATH (scripts/setup-host installs nix-bin)");
         let bin = launch.dirs.path().join("nixbin");
         let log = launch.dirs.path().join("nix-calls.log");
         // Nix's eval cache goes to $XDG_CACHE_HOME, which agentvm's tests
@@ -169,7 +150,7 @@ impl NixProject {
             ),
         );
         let root = launch.dirs.path().join("nixroot");
-        NixProject { launch, bin, real, root }
+        Ok(NixProject { launch, bin, real, root })
     }
 
     /// Builds the dev shell into the private store before agentvm runs, so
@@ -217,12 +198,22 @@ impl NixProject {
     /// shares `store` as the host's Nix store.
     fn command(&self, store: &Path, flag: &str) -> Command {
         let path = format!("{}:{}", self.bin.display(), std::env::var("PATH").unwrap());
-        let mut c = command_with_flag(&self.launch, flag);
+        let mut c = self.launch.command_with_flags(&[flag]);
         c.env("PATH", path)
             .env("NIX_CONFIG", self.nix_config())
             .env("AGENTVM_NIX_STORE", store)
             .env_remove("DIRENV_ALLOW");
         c
+    }
+
+    /// Runs the launch with `flag`, sharing the private store.
+    fn run(&self, flag: &str) -> Output {
+        self.launch.run_command(&mut self.command(&self.store(), flag))
+    }
+
+    /// Sets the guest's script for the next run.
+    fn set_script(&mut self, script: &str) {
+        *self.launch.args.last_mut().unwrap() = script.to_string();
     }
 
     fn calls(&self) -> usize {
@@ -242,10 +233,11 @@ const NIX_SCRIPT: &str = "echo \"greeting=$GREETING\"; echo \"path=$PATH\"; echo
     touch /nix/store/x 2>/dev/null && echo store-writable || echo store-not-writable";
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn nix_flake_env_path_and_read_only_store_reach_the_guest() {
-    let p = NixProject::new(NIX_SCRIPT, FLAKE);
+    let p = require!(NixProject::new(NIX_SCRIPT, FLAKE));
     p.prebuild();
-    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell=on"));
+    let out = p.run("--devshell=on");
     let o = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(o.contains("greeting=hello from a real flake\n"), "{o}");
@@ -260,14 +252,15 @@ fn nix_flake_env_path_and_read_only_store_reach_the_guest() {
     assert!(!p.store().join("x").exists());
     assert_eq!(p.calls(), 1);
     assert_eq!(p.cache_files().len(), 1, "the result is cached in the project's state dir");
-    assert!(p.launch.leftover_processes().is_empty());
+    p.launch.assert_no_leftovers();
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn nix_flake_without_a_host_store_shares_none() {
-    let p = NixProject::new(NIX_SCRIPT, FLAKE);
+    let p = require!(NixProject::new(NIX_SCRIPT, FLAKE));
     p.prebuild();
-    let out = run_with(&p.launch, &mut p.command(&p.launch.dirs.path().join("no-store"), "--devshell"));
+    let out = p.launch.run_command(&mut p.command(&p.launch.dirs.path().join("no-store"), "--devshell"));
     let o = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(o.contains("greeting=hello from a real flake\n"), "{o}");
@@ -279,9 +272,10 @@ fn nix_flake_without_a_host_store_shares_none() {
 const BROKEN_FLAKE: &str = "{ outputs = { self }: {\n";
 
 #[test]
+#[ignore = "needs QEMU and virtiofsd, though it fails before boot: scripts/test runs it"]
 fn nix_failure_stops_before_boot_with_its_output_and_the_command() {
-    let p = NixProject::new("echo booted", BROKEN_FLAKE);
-    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
+    let p = require!(NixProject::new("echo booted", BROKEN_FLAKE));
+    let out = p.run("--devshell");
     let e = stderr(&out);
     assert_eq!(out.status.code(), Some(125), "{e}");
     assert!(e.contains("error: syntax error"), "nix's own message is shown: {e}");
@@ -293,9 +287,10 @@ fn nix_failure_stops_before_boot_with_its_output_and_the_command() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn nix_failure_with_devshell_try_warns_and_runs_without() {
-    let p = NixProject::new("echo \"greeting=${GREETING:-unset}\"", BROKEN_FLAKE);
-    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell=try"));
+    let p = require!(NixProject::new("echo \"greeting=${GREETING:-unset}\"", BROKEN_FLAKE));
+    let out = p.run("--devshell=try");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).contains("greeting=unset"));
     let e = stderr(&out);
@@ -304,12 +299,13 @@ fn nix_failure_with_devshell_try_warns_and_runs_without() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn changed_flake_stops_before_boot_and_devshell_try_runs_without_it() {
-    let p = NixProject::new("echo \"booted greeting=${GREETING:-unset}\"", FLAKE);
+    let p = require!(NixProject::new("echo \"booted greeting=${GREETING:-unset}\"", FLAKE));
     // A guest of an earlier run edits the trusted flake.
     std::fs::write(p.launch.work.join("flake.nix"), FLAKE.replace("hello from a real flake", "from the guest"))
         .unwrap();
-    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
+    let out = p.run("--devshell");
     let e = stderr(&out);
     assert_eq!(out.status.code(), Some(125), "{e}");
     let work = p.launch.work.canonicalize().unwrap();
@@ -321,7 +317,7 @@ fn changed_flake_stops_before_boot_and_devshell_try_runs_without_it() {
     assert_eq!(p.calls(), 0, "nix never ran on the changed flake");
     assert!(p.launch.leftover_instances().is_empty());
 
-    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell=try"));
+    let out = p.run("--devshell=try");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).contains("booted greeting=unset"), "{}", stdout(&out));
     let e = stderr(&out);
@@ -330,25 +326,25 @@ fn changed_flake_stops_before_boot_and_devshell_try_runs_without_it() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn a_guest_edit_of_a_nix_file_the_flake_imports_stops_the_next_dev_shell() {
-    let flake = FLAKE.replace("GREETING = \"hello from a real flake\";", "GREETING = import ./nix/greeting.nix;");
-    let mut p = NixProject::new("", &flake);
+    let flake = flake_with_greeting("import ./nix/greeting.nix");
+    let mut p = require!(NixProject::new("", &flake));
     std::fs::create_dir(p.launch.work.join("nix")).unwrap();
     std::fs::write(p.launch.work.join("nix/greeting.nix"), "\"hello from an import\"\n").unwrap();
     p.launch.trust_project();
     p.prebuild();
-    let script = |p: &mut NixProject, s: &str| *p.launch.args.last_mut().unwrap() = s.to_string();
 
     // Run 1: the trusted dev shell; the guest edits the imported file.
-    script(&mut p, "echo \"greeting=$GREETING\"; echo '\"from the guest\"' > /work/nix/greeting.nix");
-    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
+    p.set_script("echo \"greeting=$GREETING\"; echo '\"from the guest\"' > /work/nix/greeting.nix");
+    let out = p.run("--devshell");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).contains("greeting=hello from an import\n"), "{}", stdout(&out));
     assert_eq!(std::fs::read_to_string(p.launch.work.join("nix/greeting.nix")).unwrap(), "\"from the guest\"\n");
 
     // Run 2: refused before nix runs and before boot, neither is the cached result used.
-    script(&mut p, "echo booted");
-    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
+    p.set_script("echo booted");
+    let out = p.run("--devshell");
     let e = stderr(&out);
     assert_eq!(out.status.code(), Some(125), "{e}");
     assert!(e.contains("nix/greeting.nix is new, changed or removed") && e.contains("agentvm trust"), "{e}");
@@ -368,8 +364,10 @@ fn git(dir: &Path, args: &[&str]) {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn guest_written_git_config_is_not_run_on_the_host_by_the_dev_shell() {
-    let p = NixProject::new("echo \"greeting=$GREETING\"", FLAKE);
+    require!(skip::tool("git"));
+    let p = require!(NixProject::new("echo \"greeting=$GREETING\"", FLAKE));
     let work = &p.launch.work;
     // The user's project is a git repository with the trusted flake committed.
     git(work, &["init", "-q"]);
@@ -387,7 +385,7 @@ fn guest_written_git_config_is_not_run_on_the_host_by_the_dev_shell() {
     std::fs::write(work.join(".git/config"), config + evil).unwrap();
     std::fs::write(work.join(".git/info/attributes"), "* filter=x\n").unwrap();
 
-    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
+    let out = p.run("--devshell");
     let ran = std::fs::read_to_string(&marker).unwrap_or_default();
     assert!(ran.is_empty(), "the host ran the guest's program: {ran}");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -396,16 +394,16 @@ fn guest_written_git_config_is_not_run_on_the_host_by_the_dev_shell() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn a_flake_reads_a_project_file_named_in_devshell_files_and_a_guest_edit_of_it_stops_the_next_run() {
-    let flake = FLAKE.replace("GREETING = \"hello from a real flake\";", "GREETING = builtins.readFile ./extra.txt;");
-    let mut p = NixProject::new("echo booted", &flake);
+    let flake = flake_with_greeting("builtins.readFile ./extra.txt");
+    let mut p = require!(NixProject::new("echo booted", &flake));
     let work = p.launch.work.clone();
     std::fs::write(work.join("extra.txt"), "hello from extra.txt").unwrap();
-    let script = |p: &mut NixProject, s: &str| *p.launch.args.last_mut().unwrap() = s.to_string();
 
     // Run 1: extra.txt is not part of the dev shell's sources, so the
     // private copy nix evaluates lacks it: the error names it and the fix.
-    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
+    let out = p.run("--devshell");
     let e = stderr(&out);
     assert_eq!(out.status.code(), Some(125), "{e}");
     assert!(!stdout(&out).contains("booted"));
@@ -423,15 +421,15 @@ fn a_flake_reads_a_project_file_named_in_devshell_files_and_a_guest_edit_of_it_s
     p.prebuild();
 
     // Run 2: the variable reaches the guest; the guest edits extra.txt.
-    script(&mut p, "echo \"greeting=$GREETING\"; echo 'from the guest' > /work/extra.txt");
-    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
+    p.set_script("echo \"greeting=$GREETING\"; echo 'from the guest' > /work/extra.txt");
+    let out = p.run("--devshell");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).contains("greeting=hello from extra.txt\n"), "{}", stdout(&out));
 
     // Run 3: stopped before nix runs and before boot.
-    script(&mut p, "echo booted");
+    p.set_script("echo booted");
     let calls = p.calls();
-    let out = run_with(&p.launch, &mut p.command(&p.store(), "--devshell"));
+    let out = p.run("--devshell");
     let e = stderr(&out);
     assert_eq!(out.status.code(), Some(125), "{e}");
     assert!(e.contains("extra.txt is new, changed or removed") && e.contains("agentvm trust"), "{e}");

@@ -4,14 +4,12 @@
 //! test that needs it builds it, the others wait on the store's lock.
 //! `scripts/test` builds the workspace and the image before running these.
 
-mod common;
-
-use common::*;
+use agentvm_testkit::*;
 use std::os::unix::fs::MetadataExt;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn guest_file_write_appears_on_host_with_invoking_owner() {
     let l = Launch::new().shell("echo hello from the guest > /work/out.txt && id -un && pwd");
     let out = l.run();
@@ -21,10 +19,11 @@ fn guest_file_write_appears_on_host_with_invoking_owner() {
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "hello from the guest\n");
     assert_eq!(std::fs::metadata(&path).unwrap().uid(), my_uid());
     assert!(l.leftover_instances().is_empty(), "{:?}", l.leftover_instances());
-    assert!(l.leftover_processes().is_empty(), "{:?}", l.leftover_processes());
+    l.assert_no_leftovers();
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn exit_status_of_the_program_comes_back() {
     let out = Launch::new().shell("exit 7").run();
     assert_eq!(out.status.code(), Some(7));
@@ -33,6 +32,7 @@ fn exit_status_of_the_program_comes_back() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn stdin_is_fed_and_stdout_stderr_stay_apart() {
     let l = Launch::new().shell("cat > /work/in.txt; tr a-z A-Z < /work/in.txt; echo to-stderr >&2").stdin(b"data\n");
     let out = l.run();
@@ -44,6 +44,7 @@ fn stdin_is_fed_and_stdout_stderr_stay_apart() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn agent_home_persists_per_project_and_differs_between_projects() {
     let a1 = Launch::new().shell("echo kept > ~/marker; echo $HOME");
     let out = a1.run();
@@ -55,26 +56,22 @@ fn agent_home_persists_per_project_and_differs_between_projects() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn sigterm_to_headless_agentvm_stops_the_vm_cleanly() {
     let l = Launch::new().shell("touch /work/started; sleep 600");
-    let child = l.command().stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !l.work.join("started").exists() {
-        assert!(Instant::now() < deadline, "the guest never started");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let mut child = l.spawn();
+    child.wait_for_file(&l.work.join("started"), Duration::from_secs(120));
+    child.signal(libc::SIGTERM);
     let stopped = Instant::now();
-    let out = child.wait_with_output().unwrap();
-    eprintln!("{}", stderr(&out));
+    let out = child.wait_with_output();
     assert_eq!(out.status.code(), Some(128 + libc::SIGTERM));
     assert!(stopped.elapsed() < Duration::from_secs(30));
     assert!(l.leftover_instances().is_empty());
-    assert!(l.leftover_processes().is_empty(), "{:?}", l.leftover_processes());
+    l.assert_no_leftovers();
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn missing_command_is_127_with_a_message() {
     let out = Launch::new().cmd(&["no-such-command-xyz"]).run();
     assert_eq!(out.status.code(), Some(127));
@@ -92,7 +89,7 @@ fn bad_input_fails_fast_naming_the_input() {
     for (args, needle) in cases {
         let l = Launch::new();
         let started = Instant::now();
-        let out = l.command().args(args).stdin(Stdio::null()).output().unwrap();
+        let out = l.agentvm(args);
         assert_eq!(out.status.code(), Some(125), "{args:?}");
         assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
         assert!(started.elapsed() < Duration::from_secs(5), "{args:?} was slow");
@@ -105,29 +102,30 @@ fn work_dir_that_is_a_file_is_refused() {
     let l = Launch::new();
     let file = l.work.join("file.txt");
     std::fs::write(&file, "keep me").unwrap();
-    let out = l.command().args(["run", "-w"]).arg(&file).arg("shell").stdin(Stdio::null()).output().unwrap();
+    let out = l.agentvm(&["run", "-w", file.to_str().unwrap(), "shell"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(stderr(&out).contains("not a directory"));
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn guest_kernel_panic_ends_the_run_with_console_lines() {
     // An init that is not an executable makes the kernel panic at boot.
     let l = Launch::new().shell("true");
     let bogus = l.dirs.path().join("bogus-init");
     std::fs::write(&bogus, "not an executable").unwrap();
-    let out = l.command().env("AGENTVM_GUEST_INIT", &bogus).stdin(Stdio::null()).output().unwrap();
+    let out = l.run_command(l.command().env("AGENTVM_GUEST_INIT", &bogus));
     let err = stderr(&out);
-    eprintln!("{err}");
     assert_eq!(out.status.code(), Some(125));
     assert!(err.contains("guest console"), "{err}");
     assert!(err.to_lowercase().contains("panic"), "{err}");
     assert!(l.leftover_instances().is_empty());
-    assert!(l.leftover_processes().is_empty());
+    l.assert_no_leftovers();
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn a_guest_that_floods_its_console_then_dies_shows_its_last_words_in_a_short_message() {
     // A long line without a newline, then the last words, then power off
     // without reporting an exit status.
@@ -146,31 +144,13 @@ fn a_guest_that_floods_its_console_then_dies_shows_its_last_words_in_a_short_mes
     assert!(err.contains("last-words-4242"), "the console's last lines are missing");
     assert!(err.len() < 64 << 10, "the message is {} bytes long", err.len());
     assert!(l.leftover_instances().is_empty());
-    assert!(l.leftover_processes().is_empty());
-}
-
-/// The user the non-root tests run as (CI creates it; see scripts/test).
-const TEST_USER: &str = "agentvm-test";
-
-fn test_user_ids() -> Option<(u32, u32)> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.first() == Some(&TEST_USER)).then(|| (f[2].parse().unwrap(), f[3].parse().unwrap()))
-    })
+    l.assert_no_leftovers();
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn normal_user_runs_without_root_and_owns_what_the_guest_writes() {
-    if my_uid() != 0 {
-        // Every other test already runs as this normal user.
-        return;
-    }
-    let Some((uid, gid)) = test_user_ids() else {
-        assert!(std::env::var_os("CI").is_none(), "CI must create the user {TEST_USER} (scripts/test does)");
-        eprintln!("skipping: no user {TEST_USER}; scripts/test creates it");
-        return;
-    };
+    let TestUser { uid, gid } = require!(skip::test_user());
     let l = Launch::new().run_as(uid, gid).shell("echo mine > /work/f.txt; mkdir /work/d; id -u; echo x > ~/h; exit 3");
     let out = l.run();
     assert_eq!(out.status.code(), Some(3));
@@ -180,7 +160,7 @@ fn normal_user_runs_without_root_and_owns_what_the_guest_writes() {
         assert_eq!((m.uid(), m.gid()), (uid, gid), "{}", p.display());
     }
     assert!(l.leftover_instances().is_empty());
-    assert!(l.leftover_processes().is_empty(), "{:?}", l.leftover_processes());
+    l.assert_no_leftovers();
 }
 
 /// What a guest tries in the directory `$1` (as the agent and through
@@ -235,52 +215,38 @@ fn guest_leaves_no_setid_file_or_device_on_the_host(l: Launch) {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn guest_root_leaves_no_setid_file_or_device_on_the_host() {
     guest_leaves_no_setid_file_or_device_on_the_host(Launch::new());
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn guest_root_leaves_no_setid_file_on_the_host_of_a_normal_user() {
-    if my_uid() != 0 {
-        // The test above already runs as this normal user.
-        return;
-    }
-    let Some((uid, gid)) = test_user_ids() else {
-        assert!(std::env::var_os("CI").is_none(), "CI must create the user {TEST_USER} (scripts/test does)");
-        eprintln!("skipping: no user {TEST_USER}; scripts/test creates it");
-        return;
-    };
+    let TestUser { uid, gid } = require!(skip::test_user());
     guest_leaves_no_setid_file_or_device_on_the_host(Launch::new().run_as(uid, gid));
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn interactive_session_has_the_terminal_size_follows_resize_and_restores_the_terminal() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        assert!(std::env::var_os("CI").is_none(), "tmux is missing: scripts/setup-host installs it");
-        return;
-    }
+    require!(skip::tool("tmux"));
     let l = Launch::new();
-    let marker = l.dirs.path().join("after.txt");
-    let t = Tmux::start(&l, 120, 40, &marker, &["--memory", "512M", "--cpus", "1", "shell"]);
+    let t = Tmux::start(&l, 120, 40, &["run", "--memory", "512M", "--cpus", "1", "shell"]);
     t.wait_for("agent@");
     t.send("echo size=$(stty size)");
     t.wait_for("size=40 120");
-    t.tmux(&["resize-window", "-t", "t", "-x", "100", "-y", "30"]);
+    t.resize(100, 30);
     t.send("echo size=$(stty size)");
     t.wait_for("size=30 100");
     // Ctrl-C reaches the program in the guest, not agentvm.
     t.send("sleep 300");
     std::thread::sleep(Duration::from_millis(500));
-    t.tmux(&["send-keys", "-t", "t", "C-c"]);
+    t.key("C-c");
     t.send("echo still-$((1+1))");
     t.wait_for("still-2");
     t.send("exit 4");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !marker.exists() || !std::fs::read_to_string(&marker).unwrap().contains("icanon") {
-        assert!(Instant::now() < deadline, "agentvm did not exit; screen:\n{}", t.screen());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let after = std::fs::read_to_string(&marker).unwrap();
+    let after = t.wait_exit(Duration::from_secs(60));
     assert!(after.starts_with("exit=4"), "{after}");
     // Raw mode was undone: canonical input and echo are back on.
     assert!(after.contains(" icanon") && after.contains(" echo "), "{after}");
@@ -303,6 +269,7 @@ fn guest_ram_resident_kib(qemu: u32) -> u64 {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn memory_the_guest_frees_goes_back_to_the_host() {
     let l = Launch::new();
     let script = "dd if=/dev/zero of=/dev/shm/fill bs=1M count=384 2>/dev/null && touch /work/filled \
@@ -324,14 +291,14 @@ fn memory_the_guest_frees_goes_back_to_the_host() {
         std::thread::sleep(Duration::from_millis(500));
         now = guest_ram_resident_kib(qemu);
     }
-    // SAFETY: kill has no memory effects; the child is ours and not reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
+    child.signal(libc::SIGTERM);
+    let out = child.wait_with_output();
     assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{}", stderr(&out));
-    assert!(l.leftover_processes().is_empty());
+    l.assert_no_leftovers();
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn host_edits_to_work_show_up_in_a_running_guest_with_the_default_cache() {
     let l = Launch::new();
     std::fs::write(l.work.join("f"), "before\n").unwrap();
@@ -341,7 +308,7 @@ fn host_edits_to_work_show_up_in_a_running_guest_with_the_default_cache() {
     let child = spawn_until_marker(&l, &args, "ready", Duration::from_secs(120));
     std::fs::write(l.work.join("f"), "after, and longer\n").unwrap();
     std::fs::write(l.work.join("changed"), "").unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = child.wait_with_output();
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(std::fs::read_to_string(l.work.join("seen1")).unwrap(), "before\n");
     assert_eq!(std::fs::read_to_string(l.work.join("seen2")).unwrap(), "after, and longer\n");

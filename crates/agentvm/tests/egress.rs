@@ -3,129 +3,67 @@
 //! decision. Only servers on the host's loopback, under test names that
 //! the proxy maps to 127.0.0.1 (AGENTVM_PROXY_RESOLVE).
 
-mod common;
-
-use common::*;
-use std::io::{Read, Write};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use agentvm_testkit::servers::{free_port, http_echo_server, http_server, https_server};
+use agentvm_testkit::*;
 use std::time::Duration;
-
-/// An HTTP server on 127.0.0.1 that answers every request with `token`.
-fn http_token_server(token: &'static str) -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for mut s in l.incoming().flatten() {
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
-            let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{token}", token.len());
-        }
-    });
-    port
-}
-
-/// An HTTP/1.1 server on 127.0.0.1 that serves any number of requests per
-/// connection, answering each with `ECHO host=<its Host header> target=<its target>`.
-fn http_echo_server() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut reader = std::io::BufReader::new(s.try_clone().unwrap());
-                let mut s = s;
-                loop {
-                    let mut head = Vec::new();
-                    loop {
-                        let mut line = String::new();
-                        match std::io::BufRead::read_line(&mut reader, &mut line) {
-                            Ok(0) | Err(_) => return,
-                            Ok(_) if line == "\r\n" => break,
-                            Ok(_) => head.push(line.trim_end().to_string()),
-                        }
-                    }
-                    let target = head[0].split(' ').nth(1).unwrap_or("").to_string();
-                    let host =
-                        head.iter().find_map(|l| l.to_lowercase().strip_prefix("host:").map(|h| h.trim().to_string()));
-                    let body = format!("ECHO host={} target={target}\n", host.unwrap_or_default());
-                    if write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    port
-}
 
 /// A name that /etc/hosts maps to a loopback address and that the allow
 /// list accepts (its static check knows only `localhost` and its kin).
-fn loopback_name_in_etc_hosts() -> Option<String> {
-    let hosts = std::fs::read_to_string("/etc/hosts").ok()?;
-    hosts.lines().filter(|l| !l.trim_start().starts_with('#')).find_map(|l| {
+fn loopback_name_in_etc_hosts() -> Result<String, Skip> {
+    let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    let name = hosts.lines().filter(|l| !l.trim_start().starts_with('#')).find_map(|l| {
         let mut words = l.split_whitespace();
         let ip: std::net::IpAddr = words.next()?.parse().ok()?;
         if !ip.is_loopback() {
             return None;
         }
         words.find(|name| agentvm::net::egress::AllowList::new(&[name.to_string()]).is_ok()).map(str::to_string)
+    });
+    name.ok_or_else(|| {
+        Skip::missing(
+            "/etc/hosts maps no name but localhost to a loopback address (Debian maps the host's name to 127.0.1.1)",
+        )
     })
 }
 
-/// An HTTPS server (openssl s_server) for `secure.test` serving `dir`;
-/// writes its certificate to `cert`.
-struct HttpsServer(Child, u16);
+/// The proxy's map of the test names to the host's loopback.
+const TEST_NAMES_ON_LOOPBACK: &str = "allowed.test=127.0.0.1,denied.test=127.0.0.1,secure.test=127.0.0.1";
 
-impl HttpsServer {
-    fn start(dir: &std::path::Path, cert: &std::path::Path) -> HttpsServer {
-        let key = dir.join("key.pem");
-        let ok = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=secure.test"])
-            .args(["-addext", "subjectAltName=DNS:secure.test", "-keyout"])
-            .arg(&key)
-            .arg("-out")
-            .arg(cert)
-            .stderr(Stdio::null())
-            .status()
-            .expect("openssl runs (scripts/setup-host installs it)");
-        assert!(ok.success());
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("openssl")
-            .args(["s_server", "-quiet", "-WWW", "-accept", &port.to_string(), "-cert"])
-            .arg(cert)
-            .arg("-key")
-            .arg(&key)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        HttpsServer(child, port)
-    }
+/// An HTTPS server for `secure.test` whose test CA's certificate is at
+/// /work/cert.pem for the guest; its port.
+fn secure_test_server(l: &Launch) -> u16 {
+    let (port, ca_pem) = https_server("secure.test", |_, _| (Vec::new(), "HTTPS-ALLOWED-TOKEN".into()));
+    std::fs::write(l.work.join("cert.pem"), ca_pem).unwrap();
+    port
 }
 
-impl Drop for HttpsServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `agentvm run` that allows `allowed.test` and `secure.test`, with
+/// `flags`, running `script` in the shell flavor.
+fn allowing_test_names<'a>(flags: &[&'a str], script: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["run", "--memory", "512M", "--allow", "allowed.test", "--allow", "secure.test"];
+    args.extend_from_slice(flags);
+    args.extend(["shell", "--", "sh", "-c", script]);
+    args
+}
+
+/// The id of `l`'s running instance and its net log, as `agentvm logs
+/// --net` prints it.
+fn net_log(l: &Launch) -> (String, String) {
+    let id = l.ps()[0]["id"].as_str().unwrap().to_string();
+    let log = stdout(&l.agentvm(&["logs", &id, "--net"]));
+    eprintln!("--- net log:\n{log}");
+    (id, log)
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn allow_mode_lets_through_allowed_names_only_and_logs_each_decision() {
-    let http = http_token_server("HTTP-ALLOWED-TOKEN");
-    let opened = http_token_server("HOST-PORT-TOKEN");
-    let l = Launch::new()
-        .env("AGENTVM_PROXY_RESOLVE", "allowed.test=127.0.0.1,denied.test=127.0.0.1,secure.test=127.0.0.1");
-    let www = l.dirs.path().join("www");
-    std::fs::create_dir(&www).unwrap();
-    std::fs::write(www.join("token.txt"), "HTTPS-ALLOWED-TOKEN").unwrap();
-    let https = HttpsServer::start(&www, &l.work.join("cert.pem"));
-    let published = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let http = http_server("HTTP-ALLOWED-TOKEN");
+    let opened = http_server("HOST-PORT-TOKEN");
+    let l = Launch::new().env("AGENTVM_PROXY_RESOLVE", TEST_NAMES_ON_LOOPBACK);
+    let p = secure_test_server(&l);
+    let published = free_port();
 
-    let p = https.1;
     let script = format!(
         "ls /sys/class/net; \
          curl -s http://allowed.test:{http}/; echo; \
@@ -141,36 +79,13 @@ fn allow_mode_lets_through_allowed_names_only_and_logs_each_decision() {
          touch /work/done; exec sleep 300"
     );
     let (opened, publish) = (opened.to_string(), format!("{published}:8000"));
-    let args = [
-        "run",
-        "--memory",
-        "512M",
-        "--allow",
-        "allowed.test",
-        "--allow",
-        "secure.test",
-        "--host-port",
-        &opened,
-        "-p",
-        &publish,
-        "shell",
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ];
+    let args = allowing_test_names(&["--host-port", &opened, "-p", &publish], &script);
     let child = spawn_until_marker(&l, &args, "done", Duration::from_secs(240));
     // A published port still reaches a server in the guest (over the channel).
     http_get_until(published, "/g", "GUEST-SERVER-TOKEN", Duration::from_secs(30));
-    let ps = l.command_with(&["ps", "--json"]).output().unwrap();
-    let listed: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
-    let id = listed[0]["id"].as_str().unwrap().to_string();
-    let net_log = stdout(&l.command_with(&["logs", &id, "--net"]).output().unwrap());
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
-    let text = stdout(&out);
-    eprintln!("--- guest:\n{text}\n--- stderr:\n{}\n--- net log:\n{net_log}", stderr(&out));
+    let (_, net_log) = net_log(&l);
+    child.signal(libc::SIGTERM);
+    let text = stdout(&child.wait_with_output());
 
     assert!(text.starts_with("lo\n"), "the guest has an interface besides lo: {text}");
     assert!(text.contains("HTTP-ALLOWED-TOKEN"), "{text}");
@@ -189,7 +104,7 @@ fn allow_mode_lets_through_allowed_names_only_and_logs_each_decision() {
     assert!(net_log.contains(&format!("DENY GET denied.test:{http}")), "{net_log}");
     assert!(net_log.contains(&format!("ALLOW CONNECT secure.test:{p}")), "{net_log}");
     assert!(net_log.contains(&format!("DENY CONNECT allowed.test:{p} (the TLS hello names secure.test)")), "{net_log}");
-    assert!(l.leftover_processes().is_empty(), "{:?}", l.leftover_processes());
+    l.assert_no_leftovers();
 }
 
 #[test]
@@ -205,7 +120,7 @@ fn bad_allow_input_fails_before_boot() {
         let mut all = vec!["run"];
         all.extend_from_slice(args);
         all.push("shell");
-        let out = Launch::new().command_with(&all).stdin(Stdio::null()).output().unwrap();
+        let out = Launch::new().agentvm(&all);
         assert_eq!(out.status.code(), Some(125), "{args:?}");
         assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
     }
@@ -217,19 +132,13 @@ fn bad_allow_input_fails_before_boot() {
 /// name, a tunnel that is not TLS, numeric and resolved loopback targets,
 /// and request text that would forge net.log lines or drive the terminal.
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn allow_mode_cannot_be_slipped_past() {
-    let Some(loopback_name) = loopback_name_in_etc_hosts() else {
-        eprintln!("skipped: /etc/hosts maps no name (other than localhost) to a loopback address");
-        return;
-    };
+    let loopback_name = require!(loopback_name_in_etc_hosts());
     let echo = http_echo_server();
-    let loopback_only = http_token_server("LOOPBACK-REACHED");
-    let l = Launch::new()
-        .env("AGENTVM_PROXY_RESOLVE", "allowed.test=127.0.0.1,denied.test=127.0.0.1,secure.test=127.0.0.1");
-    let www = l.dirs.path().join("www");
-    std::fs::create_dir(&www).unwrap();
-    let https = HttpsServer::start(&www, &l.work.join("cert.pem"));
-    let tls = https.1;
+    let loopback_only = http_server("LOOPBACK-REACHED");
+    let l = Launch::new().env("AGENTVM_PROXY_RESOLVE", TEST_NAMES_ON_LOOPBACK);
+    let tls = secure_test_server(&l);
     let probe = format!(
         r#"import socket, ssl, time
 P = ("host.agentvm.internal", 3128)
@@ -291,33 +200,12 @@ talk(b"CONNECT x.test:443\n1700000000 ALLOW CONNECT forged.test:443 HTTP/1.1\r\n
          curl -s -w ' %{{http_code}}' http://{loopback_name}:{loopback_only}/; echo; \
          touch /work/done; exec sleep 300"
     );
-    let args = [
-        "run",
-        "--memory",
-        "512M",
-        "--allow",
-        "allowed.test",
-        "--allow",
-        "secure.test",
-        "--allow",
-        &loopback_name,
-        "shell",
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ];
+    let args = allowing_test_names(&["--allow", &loopback_name], &script);
     let child = spawn_until_marker(&l, &args, "done", Duration::from_secs(300));
-    let ps = l.command_with(&["ps", "--json"]).output().unwrap();
-    let listed: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
-    let id = listed[0]["id"].as_str().unwrap().to_string();
-    let net_log = stdout(&l.command_with(&["logs", &id, "--net"]).output().unwrap());
+    let (id, net_log) = net_log(&l);
     let raw_log = std::fs::read(l.runtime.join("agentvm").join(&id).join("net.log")).unwrap();
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
-    let text = stdout(&out);
-    eprintln!("--- guest:\n{text}\n--- stderr:\n{}\n--- net log:\n{net_log}", stderr(&out));
+    child.signal(libc::SIGTERM);
+    let text = stdout(&child.wait_with_output());
 
     assert!(text.contains(&format!("pipelined: 1 answers; ['ECHO host=allowed.test:{echo} target=/first']")), "{text}");
     assert!(net_log.contains(&format!("DENY GET denied.test:{echo} (a second request on one connection")), "{net_log}");
@@ -340,5 +228,5 @@ talk(b"CONNECT x.test:443\n1700000000 ALLOW CONNECT forged.test:443 HTTP/1.1\r\n
     assert!(!raw_log.iter().any(|b| *b == 0x1b || *b == 0x07), "net.log holds control characters: {net_log}");
     assert!(!net_log.contains('\u{1b}') && !net_log.contains('\u{7}'), "{net_log}");
     assert!(!net_log.lines().any(|l| l.contains("ALLOW CONNECT forged.test")), "a log line was forged: {net_log}");
-    assert!(l.leftover_processes().is_empty(), "{:?}", l.leftover_processes());
+    l.assert_no_leftovers();
 }

@@ -1,30 +1,24 @@
 //! End-to-end tests of agent flavors: the real npm packages in their image
 //! layers, keys and environment, custom flavors, and the agent home.
 
-mod common;
-
-use common::*;
+use agentvm_testkit::process::command_lines_containing;
+use agentvm_testkit::*;
 use std::path::Path;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn has_version_number(s: &str) -> bool {
     s.split(|c: char| !(c.is_ascii_digit() || c == '.')).any(|w| w.matches('.').count() >= 1 && w.len() >= 3)
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn each_agent_flavor_prints_its_version_from_the_registry_package() {
     for flavor in ["claude", "gemini", "codex"] {
         let l = Launch::new();
-        let out = l
-            .command_with(&["run", "--memory", "1G", flavor, "--", "--version"])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        eprintln!("{flavor}: {:?}\n{}\n{}", out.status, stdout(&out), stderr(&out));
+        let out = l.agentvm(&["run", "--memory", "1G", flavor, "--", "--version"]);
         assert_eq!(out.status.code(), Some(0), "{flavor}");
         assert!(has_version_number(&stdout(&out)), "{flavor} printed no version: {}", stdout(&out));
-        assert!(l.leftover_processes().is_empty(), "{:?}", l.leftover_processes());
+        l.assert_no_leftovers();
     }
 }
 
@@ -48,25 +42,11 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
     found
 }
 
-/// Processes whose command line holds `needle`.
-fn command_lines_containing(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(needle) {
-                found.push(cmd);
-            }
-        }
-    }
-    found
-}
-
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn custom_flavor_gets_its_key_and_env_while_the_key_stays_off_host_disk_and_command_lines() {
     let l = Launch::new();
-    std::fs::write(
-        l.work.join(".agentvm.toml"),
+    l.trusted_config(
         r#"
 [flavors.envdump]
 description = "prints its environment"
@@ -74,34 +54,20 @@ command = ["sh", "-c", "env | sort > /tmp/env.txt; touch /work/started; sleep 15
 keys = ["AGENTVM_TEST_SECRET"]
 env = { FROM_FLAVOR = "flavor-value" }
 "#,
-    )
-    .unwrap();
-    l.trust_project();
+    );
     let env_file = l.dirs.path().join("extra.env");
     std::fs::write(&env_file, "# comment\nexport FROM_FILE='file value'\n").unwrap();
     let secret = format!("sk-test-{}", std::process::id() as u64 * 7919 + 1234567);
 
-    let child = l
-        .command_with(&["run", "--memory", "512M", "-e", "FROM_FLAG=flag-value", "--env-file"])
-        .arg(&env_file)
-        .arg("envdump")
-        .env("AGENTVM_TEST_SECRET", &secret)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while !l.work.join("started").exists() {
-        assert!(Instant::now() < deadline, "the guest never started");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let env_file = env_file.to_str().unwrap();
+    let args = ["run", "--memory", "512M", "-e", "FROM_FLAG=flag-value", "--env-file", env_file, "envdump"];
+    let mut child = l.spawn_command(l.command_with(&args).env("AGENTVM_TEST_SECRET", &secret));
+    child.wait_for_file(&l.work.join("started"), Duration::from_secs(180));
     // While the VM runs: the secret is on no command line, and in no file
     // under the XDG dirs, the runtime dir or the project.
     let cmdlines = command_lines_containing(&secret);
     let files = files_containing(l.dirs.path(), secret.as_bytes());
-    let out = child.wait_with_output().unwrap();
-    eprintln!("{}\n{}", stdout(&out), stderr(&out));
+    let out = child.wait_with_output();
     assert!(cmdlines.is_empty(), "secret on a command line: {cmdlines:?}");
     assert!(files.is_empty(), "secret in files: {files:?}");
     assert!(!stderr(&out).contains(&secret), "secret in agentvm's output");
@@ -122,61 +88,38 @@ env = { FROM_FLAVOR = "flavor-value" }
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn missing_key_is_a_warning_not_an_error() {
     let l = Launch::new();
-    std::fs::write(
-        l.work.join(".agentvm.toml"),
-        "[flavors.k]\ncommand = [\"true\"]\nkeys = [\"AGENTVM_TEST_ABSENT_KEY\"]\n",
-    )
-    .unwrap();
-    l.trust_project();
-    let out = l
-        .command_with(&["run", "--memory", "512M", "k"])
-        .env_remove("AGENTVM_TEST_ABSENT_KEY")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    l.trusted_config("[flavors.k]\ncommand = [\"true\"]\nkeys = [\"AGENTVM_TEST_ABSENT_KEY\"]\n");
+    let out = l.run_command(l.command_with(&["run", "--memory", "512M", "k"]).env_remove("AGENTVM_TEST_ABSENT_KEY"));
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stderr(&out).contains("AGENTVM_TEST_ABSENT_KEY is not set"), "{}", stderr(&out));
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn agent_home_gets_safe_directory_once_and_a_memory_note_never_overwritten() {
     let first = Launch::new();
-    std::fs::write(
-        first.work.join(".agentvm.toml"),
-        "[flavors.noted]\ncommand = []\nmemory_file = \"notes/AGENT.md\"\n",
-    )
-    .unwrap();
-    first.trust_project();
+    first.trusted_config("[flavors.noted]\ncommand = []\nmemory_file = \"notes/AGENT.md\"\n");
     let script =
         "git config --global --get-all safe.directory; head -c 200 ~/notes/AGENT.md >/dev/null && echo note-ok";
-    let out = first
-        .command_with(&["run", "--memory", "512M", "noted", "--", "sh", "-c", script])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = first.agentvm(&["run", "--memory", "512M", "noted", "--", "sh", "-c", script]);
     assert_eq!(stdout(&out), "/work\nnote-ok\n", "{}", stderr(&out));
 
     // The user edits the note; a second run keeps it and adds no duplicate.
     let home = std::fs::read_dir(first.data.join("agentvm/homes")).unwrap().next().unwrap().unwrap().path();
     std::fs::write(home.join("notes/AGENT.md"), "mine\n").unwrap();
     let second = Launch::new().same_data_as(&first).work_dir(&first.work);
-    let out = second
-        .command_with(&["run", "--memory", "512M", "noted", "--", "sh", "-c", script])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = second.agentvm(&["run", "--memory", "512M", "noted", "--", "sh", "-c", script]);
     assert_eq!(stdout(&out), "/work\nnote-ok\n", "{}", stderr(&out));
     assert_eq!(std::fs::read_to_string(home.join("notes/AGENT.md")).unwrap(), "mine\n");
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn each_agent_first_screen_renders_in_a_terminal() {
-    if std::process::Command::new("tmux").arg("-V").output().is_err() {
-        assert!(std::env::var_os("CI").is_none(), "tmux is missing: scripts/setup-host installs it");
-        return;
-    }
+    require!(skip::tool("tmux"));
     // What each agent shows first with no key and no login: its welcome,
     // trust or sign-in screen. Under emulation the agents take minutes.
     let cases = [
@@ -186,15 +129,10 @@ fn each_agent_first_screen_renders_in_a_terminal() {
     ];
     for (flavor, text) in cases {
         let l = Launch::new();
-        let after = l.dirs.path().join("after.txt");
-        let t = Tmux::start(&l, 120, 40, &after, &["--memory", "2G", flavor]);
+        let t = Tmux::start(&l, 120, 40, &["run", "--memory", "2G", flavor]);
         let screen = t.wait_for_within(text, Duration::from_secs(600));
         eprintln!("{flavor} first screen:\n{screen}");
         drop(t);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !l.leftover_processes().is_empty() {
-            assert!(Instant::now() < deadline, "{flavor}: left {:?}", l.leftover_processes());
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        l.assert_no_leftovers_within(Duration::from_secs(30));
     }
 }

@@ -2,182 +2,22 @@
 //! that nothing is left behind when an instance, its launcher or one of its
 //! helpers is stopped or killed. Real VMs, like e2e.rs.
 
-mod common;
-
-use common::*;
+use agentvm_testkit::process::{self, kill, pids_with};
+use agentvm_testkit::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long a VM may take to boot under TCG on a loaded machine.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// A background `agentvm`, killed if the test fails before it ends.
-struct Bg(Option<Child>);
-
-impl Bg {
-    fn id(&self) -> u32 {
-        self.0.as_ref().unwrap().id()
-    }
-    fn take(mut self) -> Child {
-        self.0.take().unwrap()
-    }
-}
-
-impl std::ops::Deref for Bg {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        self.0.as_ref().unwrap()
-    }
-}
-
-impl std::ops::DerefMut for Bg {
-    fn deref_mut(&mut self) -> &mut Child {
-        self.0.as_mut().unwrap()
-    }
-}
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Starts the launch in the background (stdin closed, output captured).
-fn spawn(l: &Launch) -> Bg {
-    Bg(Some(
-        l.command().stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("agentvm starts"),
-    ))
-}
-
-/// Starts `agentvm ARGS` in the background.
-fn spawn_tool(l: &Launch, args: &[&str], stdin: Stdio) -> Bg {
-    Bg(Some(l.command_with(args).stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()))
-}
-
-/// Waits for the child to exit, up to `timeout`; kills it if it does not.
-fn wait_exit(child: Bg, timeout: Duration) -> Output {
-    let deadline = Instant::now() + timeout;
-    let mut child = child.take();
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("agentvm did not exit within {timeout:?}; stderr:\n{}", stderr(&out));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
-    eprintln!("--- agentvm -> {:?}\n--- stdout:\n{}\n--- stderr:\n{}", out.status, stdout(&out), stderr(&out));
-    out
-}
-
-/// The guest consoles of the launch's instances, for failure messages.
-fn consoles(runtime: &Path) -> String {
-    let mut s = String::new();
-    for e in std::fs::read_dir(runtime.join("agentvm")).into_iter().flatten().flatten() {
-        let log = std::fs::read(e.path().join("console.log")).unwrap_or_default();
-        s.push_str(&format!("--- {}:\n{}\n", e.path().display(), String::from_utf8_lossy(&log)));
-    }
-    s
-}
-
-/// Waits until `n` files named `started*` exist in `dir`.
-fn wait_started(dir: &Path, n: usize, child: &mut [&mut Bg]) {
-    let deadline = Instant::now() + BOOT_TIMEOUT;
-    loop {
-        let found = std::fs::read_dir(dir)
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("started"))
-            .count();
-        if found >= n {
-            return;
-        }
-        for c in child.iter_mut() {
-            if let Some(status) = c.try_wait().unwrap() {
-                panic!("agentvm exited early with {status}");
-            }
-        }
-        let runtime = dir.parent().unwrap().join("runtime");
-        assert!(Instant::now() < deadline, "the guest never started\n{}", consoles(&runtime));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Runs `agentvm ARGS` with the launch's environment.
-fn tool(l: &Launch, args: &[&str], input: &[u8]) -> Output {
-    use std::io::Write;
-    let mut c =
-        l.command_with(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    c.stdin.take().unwrap().write_all(input).unwrap();
-    let out = c.wait_with_output().unwrap();
-    eprintln!("--- agentvm {args:?} -> {:?}\n{}{}", out.status, stdout(&out), stderr(&out));
-    out
-}
-
-/// `agentvm ps --json`, parsed.
-fn ps(l: &Launch) -> Vec<serde_json::Value> {
-    let out = tool(l, &["ps", "--json"], b"");
-    assert_eq!(out.status.code(), Some(0));
-    serde_json::from_slice(&out.stdout).expect("ps --json prints a JSON array")
-}
-
-/// Processes whose command line mentions any of the launch's dirs (QEMU
-/// names the runtime dir, virtiofsd the shared dirs).
-fn leftover_helpers(l: &Launch) -> Vec<String> {
-    let needle = l.dirs.path().to_string_lossy().into_owned();
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(&needle) {
-                found.push(cmd);
-            }
-        }
-    }
-    found
-}
-
-/// Waits up to `timeout` for the launch's helpers to be gone.
-fn assert_helpers_gone_within(l: &Launch, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !leftover_helpers(l).is_empty() {
-        assert!(Instant::now() < deadline, "left behind after {timeout:?}: {:?}", leftover_helpers(l));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The pids of processes whose command line contains all of `words`.
-fn pids_with(words: &[&str]) -> Vec<i32> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if words.iter().all(|w| cmd.contains(w)) {
-                found.push(pid);
-            }
-        }
-    }
-    found
-}
-
-fn kill(pid: i32, sig: i32) {
-    // SAFETY: kill has no memory effects.
-    unsafe { libc::kill(pid, sig) };
-}
-
-/// A second launch in the same project, data and runtime dirs as `l`.
-fn sibling(l: &Launch) -> Launch {
-    let mut s = Launch::new();
-    s.work = l.work.clone();
-    s.data = l.data.clone();
-    s.runtime = l.runtime.clone();
-    s
+/// Starts `l`, whose guest touches /work/started, kills its QEMU (SIGKILL)
+/// once the guest started, and returns agentvm's output.
+fn run_and_kill_qemu(l: &Launch) -> Output {
+    let child = l.spawn_until("started", BOOT_TIMEOUT);
+    let qemu = l.ps()[0]["qemu_pid"].as_u64().expect("ps knows QEMU's pid") as u32;
+    kill(qemu, libc::SIGKILL);
+    child.wait_exit(Duration::from_secs(30))
 }
 
 fn real(p: &Path) -> PathBuf {
@@ -185,15 +25,15 @@ fn real(p: &Path) -> PathBuf {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn two_instances_are_listed_stopped_by_id_then_all_and_leave_nothing() {
     // Distinct names: guest PIDs are deterministic, so `$$` can collide.
     let a = Launch::new().shell("touch /work/started-a; sleep 300");
-    let b = sibling(&a).shell("touch /work/started-b; sleep 300");
-    let mut ca = spawn(&a);
-    let mut cb = spawn(&b);
-    wait_started(&a.work, 2, &mut [&mut ca, &mut cb]);
+    let b = a.sibling().shell("touch /work/started-b; sleep 300");
+    let ca = a.spawn_until("started-a", BOOT_TIMEOUT);
+    let cb = b.spawn_until("started-b", BOOT_TIMEOUT);
 
-    let listed = ps(&a);
+    let listed = a.ps();
     assert_eq!(listed.len(), 2, "{listed:?}");
     for e in &listed {
         assert_eq!(Path::new(e["work_dir"].as_str().unwrap()), real(&a.work));
@@ -202,7 +42,7 @@ fn two_instances_are_listed_stopped_by_id_then_all_and_leave_nothing() {
         assert_eq!(e["memory_mib"], 512);
         assert!(e["rss_mib"].as_u64().unwrap() > 0, "{e}");
     }
-    let table = stdout(&tool(&a, &["ps"], b""));
+    let table = stdout(&a.agentvm(&["ps"]));
     assert!(table.starts_with("ID "), "{table}");
     assert_eq!(table.lines().count(), 3, "{table}");
 
@@ -212,47 +52,48 @@ fn two_instances_are_listed_stopped_by_id_then_all_and_leave_nothing() {
     let first_pid = listed[0]["pid"].as_u64().unwrap() as u32;
     let (first, second) = if ca.id() == first_pid { (ca, cb) } else { (cb, ca) };
     let started = Instant::now();
-    let out = tool(&a, &["stop", &first_id[..5]], b"");
+    let out = a.agentvm(&["stop", &first_id[..5]]);
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(stdout(&out).trim(), first_id);
     eprintln!("stop took {:?}", started.elapsed());
-    let out = wait_exit(first, Duration::from_secs(30));
+    let out = first.wait_exit(Duration::from_secs(30));
     assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "the stopped run exits non-zero");
 
-    let listed = ps(&a);
+    let listed = a.ps();
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_ne!(listed[0]["id"].as_str().unwrap(), first_id);
 
-    let out = tool(&a, &["stop", "--all"], b"");
+    let out = a.agentvm(&["stop", "--all"]);
     assert_eq!(out.status.code(), Some(0));
-    let out = wait_exit(second, Duration::from_secs(30));
+    let out = second.wait_exit(Duration::from_secs(30));
     assert_ne!(out.status.code(), Some(0));
-    assert!(ps(&a).is_empty());
+    assert!(a.ps().is_empty());
     assert!(a.leftover_instances().is_empty(), "{:?}", a.leftover_instances());
-    assert_helpers_gone_within(&a, Duration::from_secs(2));
+    a.assert_no_leftovers_within(Duration::from_secs(2));
 }
 
 #[test]
 fn unknown_instance_id_is_an_error_naming_what_runs() {
     let l = Launch::new();
     for args in [&["stop", "nope"][..], &["logs", "nope"], &["exec", "nope", "--", "true"], &["shell", "nope"]] {
-        let out = tool(&l, args, b"");
+        let out = l.agentvm(args);
         assert_eq!(out.status.code(), Some(125), "{args:?}");
         assert!(stderr(&out).contains("no instance matches \"nope\"; no instance is running"), "{}", stderr(&out));
     }
-    let out = tool(&l, &["ps"], b"");
+    let out = l.agentvm(&["ps"]);
     assert_eq!(stdout(&out).lines().count(), 1, "only the header");
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn exec_runs_in_a_running_vm_with_stdin_output_and_exit_status_and_logs_show_the_console() {
     let l = Launch::new().shell("touch /work/started; sleep 300");
-    let mut child = spawn(&l);
-    wait_started(&l.work, 1, &mut [&mut child]);
-    let id = ps(&l)[0]["id"].as_str().unwrap().to_string();
+    let child = l.spawn_until("started", BOOT_TIMEOUT);
+    let id = l.ps()[0]["id"].as_str().unwrap().to_string();
 
     let started = Instant::now();
-    let out = tool(&l, &["exec", &id, "--", "sh", "-c", "echo hi; id -un; pwd; cat; echo err >&2; exit 5"], b"fed\n");
+    let exec = ["exec", &id, "--", "sh", "-c", "echo hi; id -un; pwd; cat; echo err >&2; exit 5"];
+    let out = process::run(&mut l.command_with(&exec), b"fed\n");
     eprintln!("exec took {:?}", started.elapsed());
     assert_eq!(out.status.code(), Some(5));
     assert_eq!(stdout(&out), "hi\nagent\n/work\nfed\n");
@@ -260,8 +101,8 @@ fn exec_runs_in_a_running_vm_with_stdin_output_and_exit_status_and_logs_show_the
 
     // Two sessions at once, each on its own port; a missing command is 127.
     let (x, y) = std::thread::scope(|s| {
-        let x = s.spawn(|| tool(&l, &["exec", &id[..4], "--", "sh", "-c", "sleep 1; echo one"], b""));
-        let y = s.spawn(|| tool(&l, &["exec", &id[..4], "--", "no-such-command-xyz"], b""));
+        let x = s.spawn(|| l.agentvm(&["exec", &id[..4], "--", "sh", "-c", "sleep 1; echo one"]));
+        let y = s.spawn(|| l.agentvm(&["exec", &id[..4], "--", "no-such-command-xyz"]));
         (x.join().unwrap(), y.join().unwrap())
     });
     assert_eq!((x.status.code(), stdout(&x).as_str()), (Some(0), "one\n"));
@@ -269,11 +110,11 @@ fn exec_runs_in_a_running_vm_with_stdin_output_and_exit_status_and_logs_show_the
     assert!(stderr(&y).contains("no-such-command-xyz"));
 
     // A line on the kernel console shows up in `logs`.
-    let out = tool(&l, &["exec", &id, "--", "sh", "-c", "echo '<2>console-marker-42' | sudo tee /dev/kmsg"], b"");
+    let out = l.agentvm(&["exec", &id, "--", "sh", "-c", "echo '<2>console-marker-42' | sudo tee /dev/kmsg"]);
     assert_eq!(out.status.code(), Some(0));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let out = tool(&l, &["logs", &id], b"");
+        let out = l.agentvm(&["logs", &id]);
         assert_eq!(out.status.code(), Some(0));
         if stdout(&out).contains("console-marker-42") {
             break;
@@ -283,132 +124,85 @@ fn exec_runs_in_a_running_vm_with_stdin_output_and_exit_status_and_logs_show_the
     }
 
     // `logs -f` ends with the instance; the main program's end ends exec sessions.
-    let follow = spawn_tool(&l, &["logs", "-f", &id], Stdio::null());
-    let pending = spawn_tool(&l, &["exec", &id, "--", "sleep", "300"], Stdio::null());
+    let follow = l.spawn_with(&["logs", "-f", &id]);
+    let pending = l.spawn_with(&["exec", &id, "--", "sleep", "300"]);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(tool(&l, &["stop", &id], b"").status.code(), Some(0));
-    let out = wait_exit(follow, Duration::from_secs(10));
+    assert_eq!(l.agentvm(&["stop", &id]).status.code(), Some(0));
+    let out = follow.wait_exit(Duration::from_secs(10));
     assert_eq!(out.status.code(), Some(0));
     assert!(stdout(&out).contains("console-marker-42"));
-    let out = wait_exit(pending, Duration::from_secs(10));
+    let out = pending.wait_exit(Duration::from_secs(10));
     assert_eq!(out.status.code(), Some(125));
     assert!(stderr(&out).contains("closed before the command finished"), "{}", stderr(&out));
-    assert_ne!(wait_exit(child, Duration::from_secs(30)).status.code(), Some(0));
-    assert_helpers_gone_within(&l, Duration::from_secs(2));
+    assert_ne!(child.wait_exit(Duration::from_secs(30)).status.code(), Some(0));
+    l.assert_no_leftovers_within(Duration::from_secs(2));
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn killed_launcher_takes_its_helpers_along_and_ps_sweeps_its_dir() {
     let l = Launch::new().shell("touch /work/started; sleep 300");
-    let mut child = spawn(&l);
-    wait_started(&l.work, 1, &mut [&mut child]);
-    assert!(!leftover_helpers(&l).is_empty(), "the helpers are found while running");
-    let mut child = child.take();
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    let child = l.spawn_until("started", BOOT_TIMEOUT);
+    assert!(!l.processes().is_empty(), "the helpers are found while running");
+    child.kill();
     let killed = Instant::now();
-    assert_helpers_gone_within(&l, Duration::from_secs(5));
+    l.assert_no_leftovers_within(Duration::from_secs(5));
     eprintln!("helpers gone {:?} after SIGKILL", killed.elapsed());
     assert_eq!(l.leftover_instances().len(), 1, "the dir stays until swept");
-    assert!(ps(&l).is_empty());
+    assert!(l.ps().is_empty());
     assert!(l.leftover_instances().is_empty(), "ps swept the dir: {:?}", l.leftover_instances());
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn killed_virtiofsd_stops_the_run_naming_it() {
     let l = Launch::new().shell("touch /work/started; sleep 300");
-    let mut child = spawn(&l);
-    wait_started(&l.work, 1, &mut [&mut child]);
+    let child = l.spawn_until("started", BOOT_TIMEOUT);
     let work = l.work.to_string_lossy().into_owned();
     let pids = pids_with(&["virtiofsd", "--shared-dir", &work]);
     assert!(!pids.is_empty(), "virtiofsd for /work not found");
     for pid in pids {
         kill(pid, libc::SIGKILL);
     }
-    let out = wait_exit(child, Duration::from_secs(30));
+    let out = child.wait_exit(Duration::from_secs(30));
     assert_eq!(out.status.code(), Some(125));
     assert!(stderr(&out).contains("virtiofsd for /work exited"), "{}", stderr(&out));
     assert!(l.leftover_instances().is_empty());
-    assert_helpers_gone_within(&l, Duration::from_secs(2));
+    l.assert_no_leftovers_within(Duration::from_secs(2));
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn killed_qemu_ends_the_run_with_a_message_and_no_leftovers() {
     let l = Launch::new().shell("touch /work/started; sleep 300");
-    let mut child = spawn(&l);
-    wait_started(&l.work, 1, &mut [&mut child]);
-    let qemu = ps(&l)[0]["qemu_pid"].as_u64().expect("ps knows QEMU's pid") as i32;
-    kill(qemu, libc::SIGKILL);
-    let out = wait_exit(child, Duration::from_secs(30));
+    let out = run_and_kill_qemu(&l);
     assert_eq!(out.status.code(), Some(125));
     let err = stderr(&out);
     assert!(err.contains("QEMU was killed (signal 9) by something other than agentvm"), "{err}");
     assert!(l.leftover_instances().is_empty());
-    assert_helpers_gone_within(&l, Duration::from_secs(2));
-}
-
-/// Runs `tmux -S SOCKET ARGS` and returns its stdout.
-fn tmux(socket: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("tmux").arg("-S").arg(socket).args(args).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn wait_screen(socket: &Path, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let screen = tmux(socket, &["capture-pane", "-p", "-t", "t"]);
-        if screen.contains(needle) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{needle:?} never appeared; screen:\n{screen}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    l.assert_no_leftovers_within(Duration::from_secs(2));
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn shell_into_a_running_vm_is_a_terminal_that_follows_resize_and_returns_the_status() {
-    if std::process::Command::new("tmux").arg("-V").output().is_err() {
-        assert!(std::env::var_os("CI").is_none(), "tmux is missing: scripts/setup-host installs it");
-        return;
-    }
+    require!(skip::tool("tmux"));
     let l = Launch::new().shell("touch /work/started; sleep 300");
-    let mut child = spawn(&l);
-    wait_started(&l.work, 1, &mut [&mut child]);
-    let id = ps(&l)[0]["id"].as_str().unwrap().to_string();
+    let child = l.spawn_until("started", BOOT_TIMEOUT);
+    let id = l.ps()[0]["id"].as_str().unwrap().to_string();
 
-    let socket = l.dirs.path().join("tmux.sock");
-    let after = l.dirs.path().join("after.txt");
-    let mut script = String::new();
-    for (k, v) in l.command().get_envs() {
-        if let Some(v) = v {
-            script.push_str(&format!("export {}='{}'\n", k.to_string_lossy(), v.to_string_lossy()));
-        }
-    }
-    script.push_str(&format!(
-        "'{}' shell {id}\necho \"exit=$?\" > '{}'\nsleep 60\n",
-        agentvm_bin().display(),
-        after.display()
-    ));
-    let script_path = l.dirs.path().join("shell.sh");
-    std::fs::write(&script_path, script).unwrap();
-    let sh = format!("sh '{}'", script_path.display());
-    tmux(&socket, &["new-session", "-d", "-s", "t", "-x", "120", "-y", "40", &sh]);
-    wait_screen(&socket, "agent@");
-    tmux(&socket, &["send-keys", "-t", "t", "echo size=$(stty size) $PWD", "Enter"]);
-    wait_screen(&socket, "size=40 120 /work");
-    tmux(&socket, &["resize-window", "-t", "t", "-x", "100", "-y", "30"]);
-    tmux(&socket, &["send-keys", "-t", "t", "echo size=$(stty size)", "Enter"]);
-    wait_screen(&socket, "size=30 100");
-    tmux(&socket, &["send-keys", "-t", "t", "exit 6", "Enter"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_to_string(&after).unwrap_or_default().is_empty() {
-        assert!(Instant::now() < deadline, "agentvm shell did not exit");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    tmux(&socket, &["kill-server"]);
-    assert_eq!(std::fs::read_to_string(&after).unwrap().trim(), "exit=6");
-    assert_eq!(tool(&l, &["stop", &id], b"").status.code(), Some(0));
-    assert_ne!(wait_exit(child, Duration::from_secs(30)).status.code(), Some(0));
+    let t = Tmux::start(&l, 120, 40, &["shell", &id]);
+    t.wait_for("agent@");
+    t.send("echo size=$(stty size) $PWD");
+    t.wait_for("size=40 120 /work");
+    t.resize(100, 30);
+    t.send("echo size=$(stty size)");
+    t.wait_for("size=30 100");
+    t.send("exit 6");
+    let after = t.wait_exit(Duration::from_secs(30));
+    assert_eq!(after.lines().next(), Some("exit=6"), "{after}");
+    assert_eq!(l.agentvm(&["stop", &id]).status.code(), Some(0));
+    assert_ne!(child.wait_exit(Duration::from_secs(30)).status.code(), Some(0));
 }
 
 /// Runs every launch at once, each on its own thread, and returns outputs
@@ -421,11 +215,12 @@ fn run_all(launches: &[Launch]) -> Vec<Output> {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn four_concurrent_runs_on_one_project_keep_their_own_output() {
     let first = Launch::new().shell("echo run-0 | tee /work/out-0");
     let mut launches = vec![];
     for i in 1..4 {
-        launches.push(sibling(&first).shell(&format!("echo run-{i} | tee /work/out-{i}")));
+        launches.push(first.sibling().shell(&format!("echo run-{i} | tee /work/out-{i}")));
     }
     launches.insert(0, first);
     let outs = run_all(&launches);
@@ -435,23 +230,21 @@ fn four_concurrent_runs_on_one_project_keep_their_own_output() {
         assert_eq!(std::fs::read_to_string(launches[0].work.join(format!("out-{i}"))).unwrap(), format!("run-{i}\n"));
     }
     assert!(launches[0].leftover_instances().is_empty());
-    assert_helpers_gone_within(&launches[0], Duration::from_secs(2));
+    launches[0].assert_no_leftovers_within(Duration::from_secs(2));
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn fsynced_file_survives_a_forced_stop_of_the_vm() {
     let l = Launch::new().shell("printf 'kept data' > /work/f; sync /work/f; touch /work/started; sleep 300");
-    let mut c = spawn(&l);
-    wait_started(&l.work, 1, &mut [&mut c]);
-    let qemu = ps(&l)[0]["qemu_pid"].as_u64().expect("qemu pid") as i32;
-    kill(qemu, libc::SIGKILL);
-    let out = wait_exit(c, Duration::from_secs(30));
+    let out = run_and_kill_qemu(&l);
     assert_eq!(out.status.code(), Some(125));
     assert_eq!(std::fs::read_to_string(l.work.join("f")).unwrap(), "kept data");
-    assert_helpers_gone_within(&l, Duration::from_secs(5));
+    l.assert_no_leftovers_within(Duration::from_secs(5));
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn symlinks_and_dotdot_in_the_share_stay_inside_the_guest() {
     let l = Launch::new();
     // A file next to the project, and links that point at host paths.
@@ -474,22 +267,23 @@ fn symlinks_and_dotdot_in_the_share_stay_inside_the_guest() {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn soak_twenty_runs_in_a_row_then_four_at_once_all_clean() {
     let base = Launch::new();
     for i in 0..20 {
-        let l = sibling(&base).shell(&format!("echo {i}"));
+        let l = base.sibling().shell(&format!("echo {i}"));
         let out = l.run();
         assert_eq!(out.status.code(), Some(0), "run {i}");
         assert_eq!(stdout(&out), format!("{i}\n"), "run {i}");
         assert!(base.leftover_instances().is_empty(), "run {i}");
     }
-    let launches: Vec<Launch> = (0..4).map(|i| sibling(&base).shell(&format!("echo at-once-{i}; exit {i}"))).collect();
+    let launches: Vec<Launch> = (0..4).map(|i| base.sibling().shell(&format!("echo at-once-{i}; exit {i}"))).collect();
     for (i, out) in run_all(&launches).iter().enumerate() {
         assert_eq!(out.status.code(), Some(i as i32));
         assert_eq!(stdout(out), format!("at-once-{i}\n"));
     }
     assert!(base.leftover_instances().is_empty());
-    assert_helpers_gone_within(&base, Duration::from_secs(2));
+    base.assert_no_leftovers_within(Duration::from_secs(2));
 }
 
 /// The sizes of the console log files in an instance dir.
@@ -505,6 +299,7 @@ fn console_files(dir: &Path) -> Vec<(String, u64)> {
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn a_guest_flooding_its_console_stays_under_the_cap_on_disk_in_logs_and_at_exit() {
     use agentvm::instance::console_log::ROTATE_BYTES;
     // Past both files the log keeps; the serial console takes ~0.25 MB/s under TCG.
@@ -517,17 +312,17 @@ fn a_guest_flooding_its_console_stays_under_the_cap_on_disk_in_logs_and_at_exit(
     let args = ["run", "--verbose", "--memory", "512M", "--cpus", "1", "shell", "--", "sh", "-c", &script];
     // Output to files: --verbose prints more at exit than a pipe holds.
     let (out_path, err_path) = (l.dirs.path().join("stdout"), l.dirs.path().join("stderr"));
-    let mut child = Bg(Some(
-        l.command_with(&args)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out_path).unwrap())
-            .stderr(std::fs::File::create(&err_path).unwrap())
-            .spawn()
-            .unwrap(),
-    ));
+    let child = l
+        .command_with(&args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = Background::new(child, &l.runtime);
     let deadline = Instant::now() + Duration::from_secs(400);
     while !l.work.join("flooded").exists() {
-        assert!(child.try_wait().unwrap().is_none(), "agentvm exited: {}", std::fs::read_to_string(&err_path).unwrap());
+        assert!(child.try_wait().is_none(), "agentvm exited: {}", std::fs::read_to_string(&err_path).unwrap());
         assert!(Instant::now() < deadline, "the flood did not end within 400 s");
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -546,7 +341,7 @@ fn a_guest_flooding_its_console_stays_under_the_cap_on_disk_in_logs_and_at_exit(
     assert!(out.stdout.ends_with(b"xxxxxxxx"), "logs ends with the flood");
 
     std::fs::write(l.work.join("checked"), "").unwrap();
-    let status = wait_exit(child, Duration::from_secs(60)).status;
+    let status = child.wait_exit(Duration::from_secs(60)).status;
     assert_eq!(status.code(), Some(0));
     assert_eq!(std::fs::read_to_string(&out_path).unwrap(), "survived\n");
     // --verbose prints the console's end, not all of it.
@@ -554,5 +349,5 @@ fn a_guest_flooding_its_console_stays_under_the_cap_on_disk_in_logs_and_at_exit(
     assert!(err.len() < (1 << 20) + (64 << 10), "--verbose printed {} bytes", err.len());
     let err = String::from_utf8_lossy(&err);
     assert!(err.contains("--- guest console (its last 1024 KiB of "), "{}", err.chars().take(2000).collect::<String>());
-    assert_helpers_gone_within(&l, Duration::from_secs(2));
+    l.assert_no_leftovers_within(Duration::from_secs(2));
 }

@@ -2,58 +2,25 @@
 //! (passt and slirp). Only loopback listeners that the test starts, and
 //! listeners in the guest.
 
-mod common;
-
-use common::*;
-use std::io::{Read, Write};
+use agentvm_testkit::servers::{free_port, tcp_counting_server, tcp_token_server};
+use agentvm_testkit::*;
 use std::net::TcpListener;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-/// A host listener on 127.0.0.1 that sends `token` to whoever connects.
-fn host_token_server(token: &'static str) -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for mut s in l.incoming().flatten() {
-            let _ = s.write_all(token.as_bytes());
-        }
-    });
-    port
-}
-
-/// A host listener on 127.0.0.1 that reads to the end, then answers with
-/// the number of bytes it got.
-fn host_counting_server() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for mut s in l.incoming().flatten() {
-            let mut got = Vec::new();
-            let _ = s.read_to_end(&mut got);
-            let _ = s.write_all(format!("GOT {}", got.len()).as_bytes());
-        }
-    });
-    port
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// A launch using network back end `backend`.
 fn launch(backend: &str) -> Launch {
     Launch::new().env("AGENTVM_NET_BACKEND", backend)
 }
 
-/// One `#[test]` per back end for each test body `name(backend)`.
+/// One `#[test]` per back end for each test body `name(backend)`; each
+/// boots a VM.
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod passt {
-            $(#[test] fn $name() { super::$name("passt") })*
+            $(#[test] #[ignore = "boots a VM: scripts/test runs it"] fn $name() { super::$name("passt") })*
         }
         mod slirp {
-            $(#[test] fn $name() { super::$name("slirp") })*
+            $(#[test] #[ignore = "boots a VM: scripts/test runs it"] fn $name() { super::$name("slirp") })*
         }
     };
 }
@@ -66,7 +33,7 @@ both_backends!(
 );
 
 fn guest_has_an_address_route_and_dns_and_the_hosts_loopback_only_under_slirp(backend: &str) {
-    let port = host_token_server("HOST-LOOPBACK-TOKEN");
+    let port = tcp_token_server("HOST-LOOPBACK-TOKEN");
     let script = format!(
         "ip -o -4 addr show dev eth0 | grep -o 'inet [0-9./]*'; ip route | grep -c '^default via'; \
          grep '^nameserver' /etc/resolv.conf; \
@@ -96,9 +63,9 @@ fn guest_has_an_address_route_and_dns_and_the_hosts_loopback_only_under_slirp(ba
 }
 
 fn host_port_opens_that_host_port_under_its_name_and_nothing_else(backend: &str) {
-    let opened = host_token_server("OPENED-PORT-TOKEN");
-    let closed = host_token_server("CLOSED-PORT-TOKEN");
-    let counting = host_counting_server();
+    let opened = tcp_token_server("OPENED-PORT-TOKEN");
+    let closed = tcp_token_server("CLOSED-PORT-TOKEN");
+    let counting = tcp_counting_server();
     // 1 MB up, half-close, the answer back: both directions and the EOF.
     let upload = format!(
         "python3 -c \"import socket; s = socket.create_connection(('host.agentvm.internal', {counting})); \
@@ -111,31 +78,29 @@ fn host_port_opens_that_host_port_under_its_name_and_nothing_else(backend: &str)
          {upload}; true"
     );
     let l = launch(backend);
-    let out = l
-        .command_with(&[
-            "run",
-            "--memory",
-            "512M",
-            "--host-port",
-            &opened.to_string(),
-            "--host-port",
-            &counting.to_string(),
-            "shell",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let (opened, counting) = (opened.to_string(), counting.to_string());
+    let args = [
+        "run",
+        "--memory",
+        "512M",
+        "--host-port",
+        &opened,
+        "--host-port",
+        &counting,
+        "shell",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ];
+    let out = l.agentvm(&args);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(text.contains("127.0.2.2       host.agentvm.internal") || text.contains("127.0.2.2 "), "{text}");
     assert!(text.contains("OPENED-PORT-TOKEN"), "{text}");
     assert!(!text.contains("CLOSED-PORT-TOKEN"), "a port that was not opened was reached: {text}");
     assert!(text.contains("GOT 1000000"), "{text}");
-    assert!(l.leftover_processes().is_empty(), "{:?}", l.leftover_processes());
+    l.assert_no_leftovers();
 }
 
 fn published_port_reaches_a_server_in_the_guest(backend: &str) {
@@ -147,35 +112,19 @@ fn published_port_reaches_a_server_in_the_guest(backend: &str) {
     let args = ["run", "--memory", "512M", "-p", &publish, "shell", "--", "sh", "-c", script];
     let child = spawn_until_marker(&l, &args, "ready", Duration::from_secs(180));
     http_get_until(host_port, "/t", "GUEST-SERVER-TOKEN", Duration::from_secs(60));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
+    child.signal(libc::SIGTERM);
+    let out = child.wait_with_output();
     assert_ne!(out.status.code(), Some(125), "{}", stderr(&out));
-    assert!(l.leftover_processes().is_empty(), "{:?}", l.leftover_processes());
+    l.assert_no_leftovers();
 }
 
 fn network_none_leaves_only_loopback_and_host_ports_still_work(backend: &str) {
-    let opened = host_token_server("NO-NETWORK-HOST-PORT-TOKEN");
+    let opened = tcp_token_server("NO-NETWORK-HOST-PORT-TOKEN");
     let script = format!("ls /sys/class/net; timeout 5 bash -c 'cat < /dev/tcp/host.agentvm.internal/{opened}'");
-    let l = launch(backend);
-    let out = l
-        .command_with(&[
-            "run",
-            "--memory",
-            "512M",
-            "--network",
-            "none",
-            "--host-port",
-            &opened.to_string(),
-            "shell",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let opened = opened.to_string();
+    let args =
+        ["run", "--memory", "512M", "--network", "none", "--host-port", &opened, "shell", "--", "sh", "-c", &script];
+    let out = launch(backend).agentvm(&args);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out), "lo\nNO-NETWORK-HOST-PORT-TOKEN");
 }
@@ -200,14 +149,14 @@ fn bad_or_busy_published_ports_fail_before_boot() {
         let mut all = vec!["run".to_string()];
         all.extend(args.clone());
         all.push("shell".into());
-        let out = l.command_with(&all).stdin(Stdio::null()).output().unwrap();
+        let out = l.agentvm(&all);
         assert_eq!(out.status.code(), Some(125), "{args:?}");
         assert!(stderr(&out).contains(&needle), "{args:?}: {}", stderr(&out));
         assert!(started.elapsed() < Duration::from_secs(5), "{args:?} was slow");
     }
     // Not a port at all: refused by the argument parser in one line that
     // names the flag, with agentvm's own failure status.
-    let out = Launch::new().command_with(&["run", "--host-port", "0", "shell"]).stdin(Stdio::null()).output().unwrap();
+    let out = Launch::new().agentvm(&["run", "--host-port", "0", "shell"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(stderr(&out).contains("--host-port") && stderr(&out).trim().lines().count() == 1, "{}", stderr(&out));
 }

@@ -2,89 +2,11 @@
 //! placeholder, and a local HTTPS server (its own test CA, under a test name
 //! mapped to loopback) receives the real key through agentvm's proxy.
 
-mod common;
-
-use common::*;
-use std::io::{Read, Write};
-use std::net::TcpListener;
-use std::process::Stdio;
-use std::sync::Arc;
+use agentvm_testkit::servers::https_server;
+use agentvm_testkit::*;
 use std::time::Duration;
 
 const REAL_KEY: &str = "real-secret-key-4f1c9e";
-
-/// A TLS server set-up for `api.test` with a certificate from a test CA;
-/// and that CA's PEM.
-fn api_test_tls() -> (Arc<rustls::ServerConfig>, String) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["api.test".to_string()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![leaf.der().clone()], key)
-        .unwrap();
-    (Arc::new(config), ca.pem())
-}
-
-/// What the stand-in API answers to a request head (lower-cased) and body size.
-type Answer = fn(&str, usize) -> (Vec<String>, String);
-
-/// An HTTPS server for `api.test` on loopback that reads one request per
-/// connection (a chunked body to its end, discarded) and answers with
-/// `answer`'s headers and body. Returns its port and its CA's PEM.
-fn https_api(answer: Answer) -> (u16, String) {
-    let (config, ca_pem) = api_test_tls();
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for tcp in l.incoming().flatten() {
-            let config = config.clone();
-            std::thread::spawn(move || {
-                let conn = rustls::ServerConnection::new(config).unwrap();
-                let mut s = rustls::StreamOwned::new(conn, tcp);
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 64 * 1024];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
-                let chunked = head.contains("transfer-encoding: chunked");
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
-                    .unwrap_or(0);
-                let mut body = buf.len() - end;
-                while chunked || body < len {
-                    match s.read(&mut chunk) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => body += n,
-                    }
-                }
-                let (headers, text) = answer(&head, body);
-                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n", text.len());
-                for h in headers {
-                    let _ = write!(s, "{h}\r\n");
-                }
-                let _ = write!(s, "\r\n{text}");
-                s.conn.send_close_notify();
-                let _ = s.flush();
-            });
-        }
-    });
-    (port, ca_pem)
-}
 
 /// The request's x-api-key, as the server got it.
 fn api_key_of(head: &str) -> &str {
@@ -111,21 +33,19 @@ fn keyed_launch(ca_pem: &str) -> Launch {
     let l = Launch::new();
     let ca_file = l.dirs.path().join("test-ca.pem");
     std::fs::write(&ca_file, ca_pem).unwrap();
-    std::fs::write(
-        l.work.join(".agentvm.toml"),
+    l.trusted_config(
         "[flavors.keyed]\ncommand = []\nkeys = [\"TEST_API_KEY\"]\nsecret_hosts = [\"api.test\"]\n\
          key_headers = { TEST_API_KEY = [\"x-api-key: {key}\"] }\n",
-    )
-    .unwrap();
-    l.trust_project();
+    );
     l.env("TEST_API_KEY", REAL_KEY)
         .env("AGENTVM_PROXY_RESOLVE", "api.test=127.0.0.1")
         .env("AGENTVM_PROXY_CA", ca_file.to_str().unwrap())
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn shielded_key_reaches_the_api_host_but_never_the_guest() {
-    let (port, ca_pem) = https_api(key_verdict);
+    let (port, ca_pem) = https_server("api.test", key_verdict);
     let l = keyed_launch(&ca_pem);
     let script = format!(
         "echo \"key=$TEST_API_KEY\"; \
@@ -135,13 +55,8 @@ fn shielded_key_reaches_the_api_host_but_never_the_guest() {
          cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep -c {REAL_KEY}; \
          grep -rl {REAL_KEY} /etc /tmp /home/agent /work 2>/dev/null | wc -l"
     );
-    let out = l
-        .command_with(&["run", "--memory", "512M", "--shield-secrets", "keyed", "--", "sh", "-c", &script])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = l.agentvm(&["run", "--memory", "512M", "--shield-secrets", "keyed", "--", "sh", "-c", &script]);
     let text = stdout(&out);
-    eprintln!("--- stdout:\n{text}\n--- stderr:\n{}", stderr(&out));
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines[0].starts_with("key=agentvm-shielded-"), "{text}");
@@ -150,16 +65,12 @@ fn shielded_key_reaches_the_api_host_but_never_the_guest() {
     assert_eq!(lines[3], "0", "the real key is in a guest process's environment: {text}");
     assert_eq!(lines[4], "0", "the real key is in a guest file: {text}");
     assert!(!text.contains(REAL_KEY) && !stderr(&out).contains(REAL_KEY));
-    assert!(l.leftover_processes().is_empty(), "{:?}", l.leftover_processes());
+    l.assert_no_leftovers();
 }
 
 #[test]
 fn shielding_with_an_open_network_is_refused_before_boot() {
-    let out = Launch::new()
-        .command_with(&["run", "--network", "open", "--shield-secrets", "claude"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = Launch::new().agentvm(&["run", "--network", "open", "--shield-secrets", "claude"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(stderr(&out).contains("--shield-secrets needs --network allow"), "{}", stderr(&out));
 }
@@ -167,18 +78,8 @@ fn shielding_with_an_open_network_is_refused_before_boot() {
 #[test]
 fn a_flavor_that_does_not_say_where_its_key_travels_is_refused_before_boot() {
     let l = Launch::new();
-    std::fs::write(
-        l.work.join(".agentvm.toml"),
-        "[flavors.keyed]\ncommand = []\nkeys = [\"TEST_API_KEY\"]\nsecret_hosts = [\"api.test\"]\n",
-    )
-    .unwrap();
-    l.trust_project();
-    let out = l
-        .env("TEST_API_KEY", REAL_KEY)
-        .command_with(&["run", "--shield-secrets", "keyed"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    l.trusted_config("[flavors.keyed]\ncommand = []\nkeys = [\"TEST_API_KEY\"]\nsecret_hosts = [\"api.test\"]\n");
+    let out = l.env("TEST_API_KEY", REAL_KEY).agentvm(&["run", "--shield-secrets", "keyed"]);
     assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
     assert!(stderr(&out).contains("key_headers = { TEST_API_KEY"), "{}", stderr(&out));
 }
@@ -205,9 +106,10 @@ fn peak_rss_mib(pid: u32) -> u64 {
 /// (strict) TLS context accepts the leaf; a chunked request with a chunk
 /// of 0x7fffffffff bytes and a stream of data is streamed, not buffered.
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn the_shield_puts_the_key_only_into_its_header_and_never_lets_it_back() {
     const BOMB_MIB: u64 = 128;
-    let (port, ca_pem) = https_api(echo_all);
+    let (port, ca_pem) = https_server("api.test", echo_all);
     let l = keyed_launch(&ca_pem);
     let python_get = format!(
         "import os, urllib.request; \
@@ -241,11 +143,10 @@ fn the_shield_puts_the_key_only_into_its_header_and_never_lets_it_back() {
     let args = ["run", "--memory", "512M", "--shield-secrets", "keyed", "--", "sh", "-c", &script];
     let child = spawn_until_marker(&l, &args, "done", Duration::from_secs(400));
     let peak = peak_rss_mib(child.id());
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
+    child.signal(libc::SIGTERM);
+    let out = child.wait_with_output();
     let text = stdout(&out);
-    eprintln!("--- stdout:\n{text}\n--- stderr:\n{}\n--- agentvm peak RSS: {peak} MiB", stderr(&out));
+    eprintln!("--- agentvm peak RSS: {peak} MiB");
 
     let placeholder = text.lines().next().unwrap().strip_prefix("key=").unwrap().to_lowercase();
     assert!(placeholder.starts_with("agentvm-shielded-"), "{text}");
@@ -265,5 +166,5 @@ fn the_shield_puts_the_key_only_into_its_header_and_never_lets_it_back() {
     assert!(text.contains("python: KEY-REAL"), "Python's default context refused the leaf: {text}");
     assert!(text.contains(&format!("bomb sent {BOMB_MIB} MiB")), "{text}");
     assert!(peak < BOMB_MIB / 2 + 40, "agentvm grew to {peak} MiB while the guest sent a {BOMB_MIB} MiB chunk");
-    assert!(l.leftover_processes().is_empty(), "{:?}", l.leftover_processes());
+    l.assert_no_leftovers();
 }

@@ -2,26 +2,8 @@
 //! what the next run in that project gets (issue 13), until the user
 //! trusts the file with `agentvm trust`.
 
-mod common;
-
-use common::*;
-use std::io::{Read, Write};
-use std::net::TcpListener;
-
-/// A stand-in service on the host's loopback (an HTTP server answering
-/// every request with `body`); returns its port.
-fn host_service(body: &'static str) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for mut conn in listener.incoming().flatten() {
-            let mut request = [0u8; 1024];
-            let _ = conn.read(&mut request);
-            let _ = write!(conn, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-        }
-    });
-    port
-}
+use agentvm_testkit::servers::http_server;
+use agentvm_testkit::*;
 
 /// What the guest reports: the key variable, the host service, where its
 /// home is.
@@ -30,8 +12,9 @@ const PROBE: &str = "echo \"key=${AGENTVM_TEST_HOSTSECRET:-absent}\"; \
     echo marker > ~/home-marker";
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn guest_written_project_config_applies_only_after_agentvm_trust() {
-    let port = host_service("HOST-SERVICE-REACHED");
+    let port = http_server("HOST-SERVICE-REACHED");
     let secret = format!("hostsecret-{}", std::process::id());
     let l = Launch::new().env("AGENTVM_TEST_HOSTSECRET", &secret);
     let victim = l.dirs.path().join("victim");
@@ -75,10 +58,11 @@ fn guest_written_project_config_applies_only_after_agentvm_trust() {
     assert!(o.contains(&format!("key={secret}\n")), "{o}");
     assert!(o.contains("HOST-SERVICE-REACHED"), "{o}");
     assert!(victim.join("home-marker").is_file());
-    assert!(l.leftover_processes().is_empty());
+    l.assert_no_leftovers();
 }
 
 #[test]
+#[ignore = "boots a VM: scripts/test runs it"]
 fn a_guest_written_dot_git_does_not_change_the_git_identity_the_host_looks_up() {
     // The host user's identity, in a home of the test's own.
     let l = Launch::new();

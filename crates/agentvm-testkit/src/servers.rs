@@ -1,0 +1,228 @@
+//! Stand-in servers on the host's loopback, each on a free port, each
+//! connection on a thread of its own; and port polling.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Listens on 127.0.0.1 and hands every connection to `handle`; returns
+/// the port.
+pub fn serve(handle: impl Fn(TcpStream) + Send + Sync + 'static) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = Arc::new(handle);
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let handle = handle.clone();
+            std::thread::spawn(move || handle(conn));
+        }
+    });
+    port
+}
+
+/// Sends `token` to whoever connects (no protocol).
+pub fn tcp_token_server(token: &'static str) -> u16 {
+    serve(move |mut s| {
+        let _ = s.write_all(token.as_bytes());
+    })
+}
+
+/// Reads to the end, then answers `GOT <the number of bytes it got>`.
+pub fn tcp_counting_server() -> u16 {
+    serve(|mut s| {
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let _ = s.write_all(format!("GOT {}", got.len()).as_bytes());
+    })
+}
+
+/// An HTTP server that answers every request with `body`.
+pub fn http_server(body: &'static str) -> u16 {
+    serve(move |mut s| {
+        let mut request = [0u8; 4096];
+        let _ = s.read(&mut request);
+        let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    })
+}
+
+/// An HTTP/1.1 server that serves any number of requests per connection,
+/// answering each with `ECHO host=<its Host header> target=<its target>`.
+pub fn http_echo_server() -> u16 {
+    serve(|s| {
+        let mut reader = BufReader::new(s.try_clone().unwrap());
+        let mut s = s;
+        while let Some(head) = read_head(&mut reader) {
+            let target = head[0].split(' ').nth(1).unwrap_or("").to_string();
+            let host = head.iter().find_map(|l| l.to_lowercase().strip_prefix("host:").map(|h| h.trim().to_string()));
+            let body = format!("ECHO host={} target={target}\n", host.unwrap_or_default());
+            if write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len()).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// The lines of one request head, without the blank line; `None` at the
+/// connection's end.
+fn read_head(reader: &mut impl BufRead) -> Option<Vec<String>> {
+    let mut head = Vec::new();
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) if line == "\r\n" => return Some(head),
+            Ok(_) => head.push(line.trim_end().to_string()),
+        }
+    }
+}
+
+/// What a stand-in HTTPS server answers, given a request's head (lower-cased)
+/// and its body's size: extra response headers and the body.
+pub type Answer = fn(&str, usize) -> (Vec<String>, String);
+
+/// An HTTPS server for `name` with a certificate from a test CA of its own,
+/// reading one request per connection (a body to its end, discarded) and
+/// answering with `answer`. Returns its port and its CA's PEM.
+pub fn https_server(name: &str, answer: Answer) -> (u16, String) {
+    let (config, ca_pem) = tls_with_test_ca(name);
+    let port = serve(move |tcp| {
+        let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        let Some((head, body)) = read_request(&mut s) else { return };
+        let (headers, text) = answer(&head, body);
+        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n", text.len());
+        for h in headers {
+            let _ = write!(s, "{h}\r\n");
+        }
+        let _ = write!(s, "\r\n{text}");
+        s.conn.send_close_notify();
+        let _ = s.flush();
+    });
+    (port, ca_pem)
+}
+
+/// A TLS server set-up for `name` with a certificate from a new test CA;
+/// and that CA's PEM.
+fn tls_with_test_ca(name: &str) -> (Arc<rustls::ServerConfig>, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Names of their own: OpenSSL takes a leaf named as its issuer for a
+    // self-signed certificate, and refuses it.
+    ca_params.distinguished_name.push(DnType::CommonName, "agentvm test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let mut leaf_params = CertificateParams::new(vec![name.to_string()]).unwrap();
+    leaf_params.distinguished_name.push(DnType::CommonName, name);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .unwrap();
+    (Arc::new(config), ca.pem())
+}
+
+/// Reads one request: its head (lower-cased) and the size of its body (a
+/// chunked body is read to the connection's end).
+fn read_request(s: &mut impl Read) -> Option<(String, usize)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    let end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+    let chunked = head.contains("transfer-encoding: chunked");
+    let len: usize =
+        head.lines().find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())).unwrap_or(0);
+    let mut body = buf.len() - end;
+    while chunked || body < len {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => body += n,
+        }
+    }
+    Some((head, body))
+}
+
+/// GETs `path` from 127.0.0.1:`port` until the answer contains `token`;
+/// panics with the last answer after `timeout`.
+pub fn http_get_until(port: u16, path: &str, token: &str, timeout: Duration) -> String {
+    let mut body = String::new();
+    let get = |body: &mut String| {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        let _ = write!(s, "GET {path} HTTP/1.0\r\n\r\n");
+        body.clear();
+        let _ = s.read_to_string(body);
+        body.contains(token).then(|| body.clone())
+    };
+    crate::process::poll(timeout, Duration::from_millis(300), || get(&mut body))
+        .unwrap_or_else(|| panic!("127.0.0.1:{port}{path} never answered with {token}: {body:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exchange(port: u16, request: &[u8]) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(request).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    }
+
+    #[test]
+    fn the_plain_servers_answer_as_documented() {
+        assert_eq!(exchange(tcp_token_server("TOKEN"), b""), "TOKEN");
+        assert_eq!(exchange(tcp_counting_server(), &[b'x'; 5000]), "GOT 5000");
+        assert!(http_get_until(http_server("BODY"), "/", "BODY", Duration::from_secs(5)).ends_with("\r\n\r\nBODY"));
+        let two = b"GET /a HTTP/1.1\r\nHost: one.test\r\n\r\nGET /b HTTP/1.1\r\nHost: two.test\r\n\r\n";
+        let answer = exchange(http_echo_server(), two);
+        assert!(answer.contains("ECHO host=one.test target=/a\n") && answer.contains("ECHO host=two.test target=/b\n"));
+    }
+
+    #[test]
+    fn a_request_is_read_with_its_body_size() {
+        let request = b"POST /x HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc";
+        let (head, body) = read_request(&mut &request[..]).unwrap();
+        assert!(head.starts_with("post /x http/1.1\r\ncontent-length: 3"), "{head}");
+        assert_eq!(body, 3);
+    }
+
+    #[test]
+    fn a_client_that_trusts_only_the_test_ca_gets_the_answer() {
+        let curl = crate::require!(crate::skip::tool("curl"));
+        let (port, ca_pem) = https_server("secure.test", |head, _| (vec!["x-test: 1".into()], head.into()));
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, ca_pem).unwrap();
+        let out = crate::process::run(
+            std::process::Command::new(curl)
+                .args(["-sS", "-i", "--resolve", &format!("secure.test:{port}:127.0.0.1"), "--cacert"])
+                .arg(&ca)
+                .arg(format!("https://secure.test:{port}/path")),
+            b"",
+        );
+        let answer = crate::stdout(&out);
+        assert!(out.status.success(), "{}", crate::stderr(&out));
+        assert!(answer.contains("x-test: 1\r\n") && answer.contains("get /path http/1.1\r\n"), "{answer}");
+    }
+}
