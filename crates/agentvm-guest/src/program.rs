@@ -291,6 +291,7 @@ fn prepare_child(plan: &Plan, stdio: &Stdio) -> std::result::Result<(), String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agentvm_proto::guest;
 
     fn fake(exec: &'static [&'static str], plain: &'static [&'static str]) -> impl Fn(&Path) -> Probe {
         move |p: &Path| {
@@ -349,12 +350,12 @@ mod tests {
 
     #[test]
     fn environment_defaults_then_overrides_in_place() {
-        let user = User { name: "agent".into(), uid: 1000, gid: 1000, home: "/home/agent".into() };
+        let user = User { name: guest::USER.into(), uid: 1000, gid: 1000, home: guest::HOME.into() };
         let extra = vec![("TERM".into(), "xterm-256color".into()), ("FOO".into(), "bar".into())];
         let env = environment(&user, &extra);
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-        assert_eq!(get("HOME"), Some("/home/agent"));
-        assert_eq!(get("LOGNAME"), Some("agent"));
+        assert_eq!(get("HOME"), Some(guest::HOME));
+        assert_eq!(get("LOGNAME"), Some(guest::USER));
         assert_eq!(get("PATH"), Some(DEFAULT_PATH));
         assert_eq!(get("TERM"), Some("xterm-256color"));
         assert_eq!(get("FOO"), Some("bar"));

@@ -5,11 +5,13 @@
 //! * [`frame`]: the framed byte protocol both sides speak over one
 //!   virtio-serial port named [`frame::PORT_NAME`]: the program's stdin,
 //!   stdout, stderr, terminal size, signals and exit status.
+//! * [`guest`]: the guest's paths and user, which both sides rely on.
 //! * [`forward`]: TCP connections from the guest to the host ports the user
 //!   opened, over a second virtio-serial port.
 
 pub mod forward;
 pub mod frame;
+pub mod guest;
 pub mod spec;
 
 pub use frame::{exec_port_name, Frame, FrameError, FrameReader, EXEC_PORTS, PORT_NAME};

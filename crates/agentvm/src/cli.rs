@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::RunOptions;
 
@@ -24,7 +24,7 @@ pub enum Command {
     #[command(
         after_help = "Examples:\n  agentvm run                         Claude Code in ./ (the default flavor)\n  agentvm run claude -- -p \"fix the failing test\"\n  agentvm run shell                   interactive bash in /work\n  agentvm run shell -- make test      one command; its exit status comes back\n  echo hi | agentvm run shell -- sh -c 'cat > /work/in.txt'"
     )]
-    Run(Box<RunOptions>),
+    Run(Box<RunArgs>),
     /// Build, list and remove cached VM images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -183,6 +183,21 @@ fn command_path(args: &[String]) -> String {
         cmd = sub;
     }
     path.join(" ")
+}
+
+/// `agentvm run`: the run options, and what to do with them.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub options: RunOptions,
+    /// Print the launch plan (QEMU's command line, kernel command line,
+    /// accelerator, memory, fds, network, shares, initramfs size) and exit
+    /// without booting. Environment values are not shown.
+    #[arg(long)]
+    pub print_plan: bool,
+    /// With --print-plan: print it as JSON.
+    #[arg(long, requires = "print_plan")]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -9,8 +9,8 @@ use crate::config::flavor::{self, Flavor, FlavorError};
 use crate::config::trust::{self, TrustError};
 use crate::config::{self, SettingsError};
 use crate::guest_env::cri::{self, CriError};
+use crate::image::{base_recipe, layer_recipe};
 use crate::image::{Image, ImageError, Layer, LayerRecipe, Progress, Recipe, Store};
-use crate::launch::{base_recipe, layer_recipe};
 use crate::paths::{self, PathsError};
 
 /// A command that failed, with what to do about it.

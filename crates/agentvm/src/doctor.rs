@@ -175,28 +175,8 @@ fn check_kvm_access() -> Check {
     }
 }
 
-/// Whether this process may create a user namespace (virtiofsd's sandbox
-/// and image builds need one as a normal user).
-pub fn userns_works() -> bool {
-    // SAFETY: the child only calls unshare and _exit (async-signal-safe);
-    // the parent reaps it.
-    unsafe {
-        let pid = libc::fork();
-        if pid == 0 {
-            let r = libc::unshare(libc::CLONE_NEWUSER);
-            libc::_exit(if r == 0 { 0 } else { 1 });
-        }
-        if pid < 0 {
-            return false;
-        }
-        let mut status = 0;
-        libc::waitpid(pid, &mut status, 0);
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
-    }
-}
-
 fn check_userns() -> Check {
-    if userns_works() {
+    if crate::sys::process::userns_works() {
         ok("user namespaces", "available")
     } else {
         fail(
@@ -208,8 +188,7 @@ fn check_userns() -> Check {
 }
 
 fn check_subids() -> Check {
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
+    let uid = crate::sys::uid();
     if uid == 0 {
         return ok("subordinate ids", "not needed as root");
     }

@@ -8,19 +8,21 @@
 //! 2. [`image`]: the cached root image and agent layers (built if missing).
 //! 3. [`guest_env`]: what the guest finds: the agent home, the dev shell,
 //!    the container runtimes' disk.
-//! 4. [`launch`]: the whole run: plan, start the helpers and QEMU, relay
+//! 4. [`launch`]: the whole run as named stages: resources, host state,
+//!    the plan (pure), initramfs, start the helpers and QEMU, relay
 //!    the terminal or the streams, and the program's exit status.
 //! 5. [`net`] and [`vm`]: the network back ends, the forwarding channel,
 //!    the egress proxy and the shield; the accelerator, QEMU's command
 //!    line, helper processes and virtiofsd shares.
 //!
 //! [`instance`] keeps each running VM's runtime dir and serves `ps`,
-//! `stop`, `logs` and `exec`; [`doctor`] checks the host.
+//! `stop`, `logs` and `exec`; [`relay`] moves the terminal or the streams
+//! for `run`, `exec` and `shell`; [`sys`] holds the host's system calls
+//! (the one place for `unsafe`); [`doctor`] checks the host.
 
 pub mod cli;
 pub mod commands;
 pub mod config;
-pub mod console;
 pub mod doctor;
 pub mod guest_env;
 pub mod image;
@@ -28,5 +30,7 @@ pub mod instance;
 pub mod launch;
 pub mod net;
 pub mod paths;
+pub mod relay;
+pub mod sys;
 pub mod tools;
 pub mod vm;

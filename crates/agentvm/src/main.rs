@@ -4,9 +4,9 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use agentvm::cli::{self, Command, CriCommand, FlavorCommand, ImageCommand};
+use agentvm::cli::{self, Command, CriCommand, FlavorCommand, ImageCommand, RunArgs};
 use agentvm::commands::{self, Built, ImageBuild, Pruned};
-use agentvm::config::{self, flavor, trust, RunOptions};
+use agentvm::config::{self, flavor, trust};
 use agentvm::image::{Store, TerminalProgress};
 use agentvm::instance::{exec, format_utc, ps};
 use agentvm::{doctor, launch, paths};
@@ -22,7 +22,7 @@ fn main() -> ExitCode {
         }
     };
     let code = match cli.command {
-        Command::Run(options) => run(*options, started),
+        Command::Run(args) => run(*args, started),
         Command::Image(cmd) => done(image_command(cmd)),
         Command::Doctor => {
             let checks = doctor::run_checks();
@@ -52,7 +52,7 @@ fn main() -> ExitCode {
         Command::Cri(CriCommand::Prune { work_dir }) => done(cri_prune(work_dir)),
         Command::Flavor(cmd) => done(flavor_command(cmd)),
         Command::Shell { id } => {
-            let tty = Some(agentvm::console::is_tty(0));
+            let tty = Some(agentvm::sys::is_tty(std::io::stdin()));
             exec_in(&id, exec::ExecOptions { argv: Vec::new(), tty })
         }
         Command::Trust { dir, revoke, show } => done(trust_command(dir, revoke, show)),
@@ -79,19 +79,48 @@ fn host_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-fn run(options: RunOptions, started: Instant) -> i32 {
-    let settings = match config::resolve(options) {
+fn run(args: RunArgs, started: Instant) -> i32 {
+    let settings = match config::resolve(args.options) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
     settings.warnings.iter().chain(&settings.guest_env.warnings).for_each(warn);
-    match launch::run(&settings, started) {
-        Ok(code) => code,
+    if args.print_plan {
+        return match launch::plan_only(&settings, started, &mut |w: String| warn(w)) {
+            Ok(report) if args.json => {
+                println!("{}", report.to_json());
+                0
+            }
+            Ok(report) => {
+                print!("{report}");
+                0
+            }
+            Err(e) => fail(e),
+        };
+    }
+    match launch::run(&settings, started, &mut |w: String| warn(w)) {
+        Ok(outcome) => report_outcome(&outcome, settings.verbose),
         Err(e) => {
             eprintln!("agentvm: error: {e}");
             e.exit_code()
         }
     }
+}
+
+/// Prints what `--verbose` asks for and the error, if any; the exit status.
+fn report_outcome(outcome: &launch::Outcome, verbose: bool) -> i32 {
+    if verbose {
+        // bench/run reads this line: the launcher's own work before QEMU.
+        eprintln!("agentvm: QEMU started {:.1} ms after agentvm", outcome.qemu_started.as_secs_f64() * 1000.0);
+    }
+    if let Some(console) = &outcome.console {
+        eprintln!("{}", console.heading());
+        eprintln!("{}", String::from_utf8_lossy(&console.text));
+    }
+    if let Err(e) = &outcome.result {
+        eprintln!("agentvm: error: {e}");
+    }
+    outcome.exit_code()
 }
 
 fn image_command(cmd: ImageCommand) -> Result<(), commands::CommandError> {

@@ -51,8 +51,7 @@ pub fn user_config_file() -> Result<PathBuf, PathsError> {
 pub fn runtime_base() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| Path::new(v).is_absolute()) {
         Some(dir) => Path::new(&dir).join("agentvm"),
-        // SAFETY: getuid has no preconditions and cannot fail.
-        None => PathBuf::from(format!("/tmp/agentvm-{}", unsafe { libc::getuid() })),
+        None => PathBuf::from(format!("/tmp/agentvm-{}", crate::sys::uid())),
     }
 }
 

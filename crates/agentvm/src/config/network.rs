@@ -31,8 +31,7 @@ pub fn resolve(layers: &Layers, flavor: &Flavor) -> Result<Network, SettingsErro
         shield::check_flavor(&flavor.name, &flavor.keys, &flavor.secret_hosts, &flavor.key_headers)?;
     }
     let specs = layers.list(|o| &o.ports);
-    // SAFETY: geteuid has no preconditions.
-    let ports = net::check_ports(&specs, unsafe { libc::geteuid() } == 0)?;
+    let ports = net::check_ports(&specs, crate::sys::is_root())?;
     if mode == NetworkMode::None && !ports.is_empty() {
         return Err(SettingsError::PortsWithoutNetwork(specs.join(", ")));
     }

@@ -344,7 +344,7 @@ mod tests {
                 Source::ProjectConfig => self.trusted_project_config(&config_text(key, value)),
             }
             let flags = match crate::cli::parse(argv.iter().map(Into::into)) {
-                Ok(crate::cli::Cli { command: crate::cli::Command::Run(flags) }) => *flags,
+                Ok(crate::cli::Cli { command: crate::cli::Command::Run(flags) }) => flags.options,
                 other => panic!("{argv:?}: {other:?}"),
             };
             let get = |name: &str| env.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());

@@ -5,7 +5,6 @@
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -171,8 +170,7 @@ fn lock_file(path: &Path) -> Result<File, CriError> {
         .write(true)
         .open(&lock_path)
         .map_err(|source| CriError::CreateDisk { path: lock_path.clone(), source })?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if crate::sys::lock(&file, crate::sys::Lock::TryExclusive).is_err() {
         return Err(CriError::InUse { path: path.to_path_buf() });
     }
     Ok(file)

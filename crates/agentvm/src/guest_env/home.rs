@@ -21,12 +21,14 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use rustix::fs::{AtFlags, Mode, OFlags};
 
 use super::GUEST_WORK;
 use crate::config::flavor::Flavor;
@@ -307,7 +309,8 @@ fn text_of(current: &Option<(Vec<u8>, libc::mode_t)>) -> String {
 /// over `NAME`; removed if not committed.
 struct Lock {
     file: File,
-    dir_fd: RawFd,
+    /// The directory it is in (a copy of the caller's descriptor).
+    dir: OwnedFd,
     name: CString,
     committed: bool,
 }
@@ -320,7 +323,9 @@ impl Lock {
             let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
             match openat(dir, &cname, flags, 0o600) {
                 Ok(fd) => {
-                    return Ok(Lock { file: File::from(fd), dir_fd: dir.as_raw_fd(), name: cname, committed: false })
+                    let dir =
+                        dir.try_clone().map_err(|source| HomeError::Io { what: "open", path: path.into(), source })?;
+                    return Ok(Lock { file: File::from(fd), dir, name: cname, committed: false });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(50));
@@ -335,11 +340,7 @@ impl Lock {
 
     fn commit(mut self, dir: &OwnedFd, target: &str) -> io::Result<()> {
         let t = cstr(target);
-        // SAFETY: renameat within one directory fd we hold, with valid C strings.
-        let r = unsafe { libc::renameat(dir.as_raw_fd(), self.name.as_ptr(), dir.as_raw_fd(), t.as_ptr()) };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        rustix::fs::renameat(dir, self.name.as_c_str(), dir, t.as_c_str())?;
         self.committed = true;
         Ok(())
     }
@@ -348,9 +349,7 @@ impl Lock {
 impl Drop for Lock {
     fn drop(&mut self) {
         if !self.committed {
-            // SAFETY: unlinking our own lock file in a directory fd still open
-            // (the Lock never outlives the OwnedFd it was acquired from).
-            unsafe { libc::unlinkat(self.dir_fd, self.name.as_ptr(), 0) };
+            let _ = rustix::fs::unlinkat(&self.dir, self.name.as_c_str(), AtFlags::empty());
         }
     }
 }
@@ -396,21 +395,13 @@ fn write_note_once(home: &Path, rel: &str, contents: &str) -> Result<bool, HomeE
         (&file).write_all(contents.as_bytes())?;
         fchmod(&file, FILE_MODE)?;
         file.sync_all()?;
-        // SAFETY: linkat within one directory fd we hold, valid C strings.
-        let r = unsafe { libc::linkat(dir.as_raw_fd(), tmp.as_ptr(), dir.as_raw_fd(), name.as_ptr(), 0) };
-        if r == 0 {
-            Ok(true)
-        } else {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::AlreadyExists {
-                Ok(false)
-            } else {
-                Err(e)
-            }
+        match rustix::fs::linkat(&dir, tmp.as_c_str(), &dir, name.as_c_str(), AtFlags::empty()) {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::EXIST) => Ok(false),
+            Err(e) => Err(e.into()),
         }
     })();
-    // SAFETY: removing our temporary name in a directory fd we hold.
-    unsafe { libc::unlinkat(dir.as_raw_fd(), tmp.as_ptr(), 0) };
+    let _ = rustix::fs::unlinkat(&dir, tmp.as_c_str(), AtFlags::empty());
     result.map_err(io_err("write"))
 }
 
@@ -428,31 +419,13 @@ fn unique() -> String {
 }
 
 fn openat(dir: &OwnedFd, name: &CString, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
-    // SAFETY: openat with a directory fd we hold and a valid C string; the
-    // returned fd is fresh and ours.
-    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, libc::c_uint::from(mode)) };
-    if fd < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        // SAFETY: fd is a fresh descriptor owned by nobody else.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-    }
+    Ok(rustix::fs::openat(dir, name.as_c_str(), OFlags::from_bits_retain(flags as u32), Mode::from_raw_mode(mode))?)
 }
 
 /// The home directory itself (chosen by the host user, so followed).
 fn open_home(home: &Path) -> Result<OwnedFd, HomeError> {
-    let c = CString::new(home.as_os_str().as_bytes()).map_err(|_| HomeError::Io {
-        what: "open",
-        path: home.into(),
-        source: io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"),
-    })?;
-    // SAFETY: open with a valid C string; the fd is fresh and ours.
-    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(HomeError::Io { what: "open", path: home.into(), source: io::Error::last_os_error() });
-    }
-    // SAFETY: fd is a fresh descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    rustix::fs::open(home, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| HomeError::Io { what: "open", path: home.into(), source: e.into() })
 }
 
 /// Opens the subdirectory `name` of `dir` without following a symlink,
@@ -464,11 +437,10 @@ fn open_or_create_dir(dir: &OwnedFd, name: &std::ffi::OsStr, path: &Path) -> Res
         match openat(dir, &c, flags, 0) {
             Ok(fd) => return Ok(fd),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // SAFETY: mkdirat in a directory fd we hold, valid C string.
-                if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), DIR_MODE) } != 0 {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::AlreadyExists {
-                        return Err(HomeError::Io { what: "create directory", path: path.into(), source: e });
+                match rustix::fs::mkdirat(dir, c.as_c_str(), Mode::from_raw_mode(DIR_MODE)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(e) => {
+                        return Err(HomeError::Io { what: "create directory", path: path.into(), source: e.into() })
                     }
                 }
             }
@@ -518,28 +490,15 @@ fn read_nofollow(dir: &OwnedFd, name: &str, path: &Path) -> Result<Option<(Vec<u
 
 /// Whether anything (a symlink included) has the name `name` in `dir`.
 fn exists_nofollow(dir: &OwnedFd, name: &CString) -> io::Result<bool> {
-    // SAFETY: fstatat into a stat buffer we own, with a directory fd we hold.
-    let r = unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW)
-    };
-    if r == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    if e.kind() == io::ErrorKind::NotFound {
-        Ok(false)
-    } else {
-        Err(e)
+    match rustix::fs::statat(dir, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(_) => Ok(true),
+        Err(rustix::io::Errno::NOENT) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
 fn fchmod(file: &File, mode: libc::mode_t) -> io::Result<()> {
-    // SAFETY: fchmod on an fd we own.
-    if unsafe { libc::fchmod(file.as_raw_fd(), mode) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(rustix::fs::fchmod(file, Mode::from_raw_mode(mode))?)
 }
 
 #[cfg(test)]

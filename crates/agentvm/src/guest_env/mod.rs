@@ -8,4 +8,4 @@ pub mod home;
 
 /// Where the guest sees the project (the `work` share), its working
 /// directory and git's safe directory.
-pub const GUEST_WORK: &str = "/work";
+pub use agentvm_proto::guest::WORK as GUEST_WORK;

@@ -65,14 +65,12 @@ pub(crate) fn check_host() -> Result<Mode, ImageError> {
     {
         require_tool(tool, package)?;
     }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
+    if crate::sys::is_root() {
         return Ok(Mode::Root);
     }
     require_tool("newuidmap", "uidmap")?;
     require_tool("newgidmap", "uidmap")?;
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
+    let uid = crate::sys::uid();
     let user = user_name(uid);
     subids::check(user.as_deref(), uid).map_err(ImageError::NoSubordinateIds)?;
     Ok(Mode::Unshare)

@@ -30,6 +30,7 @@
 
 mod build;
 mod error;
+mod flavor_recipes;
 pub mod kmod;
 mod layer;
 mod layer_build;
@@ -41,6 +42,7 @@ mod store;
 pub mod subids;
 
 pub use error::{ImageError, ManifestError};
+pub use flavor_recipes::{base_recipe, layer_recipe};
 pub use layer::{package_name, Layer, LayerMeta, LayerRecipe, LAYER_FILE, LAYER_FORMAT, LAYER_META_FILE};
 pub use meta::{Image, ImageMeta};
 pub use progress::{NullProgress, Progress, TerminalProgress};

@@ -24,6 +24,7 @@ use super::layer_build;
 use super::meta::Image;
 use super::progress::Progress;
 use super::recipe::Recipe;
+use crate::sys;
 
 const BUILD_PREFIX: &str = ".build-";
 const LOCK_PREFIX: &str = ".lock-";
@@ -325,14 +326,14 @@ impl Store {
         }
         progress.step("waiting for another build of this image");
         let file = self.open_lock(dir_name)?;
-        flock(&file, libc::LOCK_EX).map_err(ImageError::io("cannot lock", self.lock_path(dir_name)))?;
+        sys::lock(&file, sys::Lock::Exclusive).map_err(ImageError::io("cannot lock", self.lock_path(dir_name)))?;
         Ok(file)
     }
 
     /// The build lock of `dir_name` if it is free now. Released when the file is dropped.
     fn try_lock(&self, dir_name: &str) -> Result<Option<File>, ImageError> {
         let file = self.open_lock(dir_name)?;
-        match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+        match sys::lock(&file, sys::Lock::TryExclusive) {
             Ok(()) => Ok(Some(file)),
             Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
             Err(e) => Err(ImageError::io("cannot lock", self.lock_path(dir_name))(e)),
@@ -376,7 +377,7 @@ impl Store {
         }
         // An image is in the way: swap atomically, then delete the old one
         // (now at `tmp`). Without RENAME_EXCHANGE, move it aside first.
-        if exchange(tmp, dir).is_ok() {
+        if sys::exchange(tmp, dir).is_ok() {
             return self.discard(tmp);
         }
         let aside = self.trash_path(dir);
@@ -426,34 +427,6 @@ fn remove_tree(path: &Path) -> Result<(), ImageError> {
     match fs::remove_dir_all(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ImageError::io("cannot remove", path)(e)),
         _ => Ok(()),
-    }
-}
-
-fn flock(file: &File, op: libc::c_int) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    loop {
-        // SAFETY: the descriptor is valid for the life of `file`; flock has no memory effects.
-        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-            return Ok(());
-        }
-        let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-}
-
-/// Swaps two paths atomically (renameat2 with RENAME_EXCHANGE).
-fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
-    use std::ffi::CString;
-    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
-    let (a, b) = (c(a)?, c(b)?);
-    // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call.
-    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -70,9 +70,7 @@ pub enum InstanceError {
 /// A random 12-hex-digit instance id.
 pub fn new_id() -> String {
     let mut b = [0u8; 6];
-    // SAFETY: getrandom writes at most b.len() bytes into b.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    assert_eq!(n, b.len() as isize, "getrandom failed");
+    crate::sys::random_bytes(&mut b).expect("getrandom failed");
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
@@ -85,8 +83,7 @@ pub fn ensure_private_dir(base: &Path) -> Result<(), InstanceError> {
         .create(base)
         .map_err(|source| InstanceError::Create { path: base.into(), source })?;
     let meta = fs::symlink_metadata(base).map_err(|source| InstanceError::Create { path: base.into(), source })?;
-    // SAFETY: getuid has no preconditions.
-    let me = unsafe { libc::getuid() };
+    let me = crate::sys::uid();
     let mode = meta.permissions().mode() & 0o777;
     if !meta.is_dir() || meta.uid() != me || mode & 0o077 != 0 {
         return Err(InstanceError::NotPrivate { path: base.into(), owner: meta.uid(), mode });
@@ -179,12 +176,7 @@ pub fn parse_start_ticks(stat: &str) -> Option<u64> {
 
 /// Whether a process with this pid exists (a zombie counts as existing).
 pub fn pid_alive(pid: u32) -> bool {
-    if pid == 0 || pid > i32::MAX as u32 {
-        return false;
-    }
-    // SAFETY: kill with signal 0 only checks for existence.
-    let r = unsafe { libc::kill(pid as i32, 0) };
-    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    crate::sys::pid_alive(pid)
 }
 
 /// Seconds since the Unix epoch.

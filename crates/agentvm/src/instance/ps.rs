@@ -7,7 +7,6 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -15,6 +14,7 @@ use serde::Serialize;
 
 use crate::instance::console_log;
 use crate::instance::{self, InstanceMeta};
+use crate::sys;
 
 /// Marker file `agentvm stop` leaves in an instance dir.
 const STOPPING_FILE: &str = "stopping";
@@ -349,7 +349,7 @@ pub fn stop(base: &Path, queries: &[String], all: bool, timeout: Duration) -> Re
 /// cannot reach another process that took over the pid in between.
 fn signal(t: &Live, sig: i32) -> Result<(), InstancesError> {
     let fail = |source| InstancesError::Signal { id: t.meta.id.clone(), pid: t.meta.pid, source };
-    let pidfd = match pidfd_open(t.meta.pid) {
+    let pidfd = match sys::pidfd_open(t.meta.pid) {
         Ok(fd) => fd,
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
         Err(e) => return Err(fail(e)),
@@ -357,29 +357,10 @@ fn signal(t: &Live, sig: i32) -> Result<(), InstancesError> {
     if !instance::launcher_alive(&t.meta) {
         return Ok(());
     }
-    // SAFETY: pidfd_send_signal on a pidfd we own, without siginfo.
-    let r = unsafe {
-        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0)
-    };
-    if r != 0 {
-        let source = io::Error::last_os_error();
-        if source.raw_os_error() != Some(libc::ESRCH) {
-            return Err(fail(source));
-        }
+    match sys::pidfd_send_signal(&pidfd, sig) {
+        Err(source) if source.raw_os_error() != Some(libc::ESRCH) => Err(fail(source)),
+        _ => Ok(()),
     }
-    Ok(())
-}
-
-/// A pidfd for process `pid`: it keeps naming that process even if the pid
-/// is reused after it exits.
-fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags; the fd returned is ours.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 fn wait_launcher_gone(meta: &InstanceMeta, timeout: Duration) -> bool {

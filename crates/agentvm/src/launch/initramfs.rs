@@ -5,7 +5,44 @@
 //! memfd, so the spec (which may hold secrets) never touches the disk.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use agentvm_proto::{LaunchSpec, MODULES_DIR, SPEC_PATH};
+
+use crate::image::{kmod, Image};
+
+/// A file of the initramfs could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {path} for the initramfs: {source}")]
+pub struct InitramfsError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+/// The initramfs: guest init as /init, the spec's boot modules (without
+/// their signatures), the spec.
+pub fn build(guest_init: &Path, image: &Image, spec: &LaunchSpec) -> Result<Vec<u8>, InitramfsError> {
+    let read_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| InitramfsError { path, source }
+    };
+    let mut c = Cpio::new();
+    c.file_from("init", 0o755, guest_init).map_err(read_err(guest_init))?;
+    c.dir("agentvm", 0o700).dir(MODULES_DIR, 0o700);
+    for name in &spec.modules {
+        let path = image.module_path(name);
+        let ko = std::fs::read(&path).map_err(read_err(&path))?;
+        c.file(&format!("{MODULES_DIR}/{name}"), 0o600, kmod::strip_signature(&ko));
+    }
+    c.file(SPEC_PATH, 0o600, &spec.to_bytes().expect("spec serializes"));
+    // QEMU loads the initrd page-aligned just under the top of low RAM,
+    // where microvm's firmware also keeps the ACPI tables (under 1 KiB). A
+    // size that is a whole number of pages leaves the top page to them;
+    // otherwise the archive's tail can overwrite them and the guest boots
+    // without ACPI: one vCPU, no devices, no power-off.
+    Ok(c.finish_padded(4096))
+}
 
 /// Builds a newc ("070701") cpio archive.
 #[derive(Debug, Default)]

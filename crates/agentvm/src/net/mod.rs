@@ -6,12 +6,13 @@ pub mod allow;
 pub mod egress;
 pub mod forwarding;
 pub mod http;
+pub mod plan;
 pub mod shield;
 
 use std::ffi::OsString;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::process::Command;
 
@@ -27,7 +28,7 @@ pub const GATEWAY: &str = "10.0.2.2";
 pub const DNS: &str = "10.0.2.3";
 
 /// Whether the guest gets a network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
     /// Internet access through the host; the host itself stays closed.
@@ -127,6 +128,12 @@ impl fmt::Display for Proto {
 impl fmt::Display for PortSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}->{}/{}", self.host_ip, self.host_port, self.guest_port, self.proto)
+    }
+}
+
+impl serde::Serialize for PortSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -261,7 +268,7 @@ pub fn start_passt(bin: &Path, ports: &[PortSpec], runtime_dir: &Path) -> Result
     let theirs = OwnedFd::from(theirs);
     let mut cmd = Command::new(bin);
     cmd.args(passt_args(ports, 3));
-    let helper = process::spawn("passt (network)", cmd, &[(theirs.as_raw_fd(), 3)], &runtime_dir.join("passt.log"))
+    let helper = process::spawn("passt (network)", cmd, &[(theirs.as_fd(), 3)], &runtime_dir.join("passt.log"))
         .map_err(NetError::Spawn)?;
     Ok((helper, OwnedFd::from(ours)))
 }

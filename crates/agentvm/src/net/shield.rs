@@ -60,6 +60,8 @@ pub enum ShieldError {
     BadKey(String),
     #[error("the system's random source failed: {0}")]
     Random(io::Error),
+    #[error("the flavor's secret_hosts: {0}")]
+    SecretHosts(#[source] crate::net::allow::EgressError),
     #[error("cannot make a certificate for {host}: {source}")]
     Leaf { host: String, source: rcgen::Error },
     #[error("{0:?} is not a host name TLS can verify")]
@@ -72,6 +74,43 @@ pub enum ShieldError {
     Refused(String),
     #[error("the server switched protocols, which the shield does not relay")]
     SwitchedProtocols,
+}
+
+/// A flavor's keys: their names, the headers each travels in, and the
+/// hosts they may go to.
+#[derive(Debug, Clone, Copy)]
+pub struct FlavorKeys<'a> {
+    pub names: &'a [String],
+    pub headers: &'a BTreeMap<String, Vec<String>>,
+    pub hosts: &'a [String],
+}
+
+/// The program's environment with the flavor's keys swapped for
+/// placeholders, and the shield that knows the real ones.
+pub struct Shielded {
+    pub env: Vec<(String, String)>,
+    pub shield: Shield,
+    /// Set when none of the flavor's keys is set: nothing to shield.
+    pub warning: Option<String>,
+}
+
+/// Swaps the flavor's keys in `env` for placeholders (`--shield-secrets`).
+pub fn swap_secrets(env: &[(String, String)], keys: FlavorKeys<'_>) -> Result<Shielded, ShieldError> {
+    let mut env = env.to_vec();
+    let mut secrets = Vec::new();
+    for (name, value) in env.iter_mut() {
+        if keys.names.contains(name) && !value.is_empty() {
+            let placeholder = placeholder()?;
+            let real = std::mem::replace(value, placeholder.clone());
+            let forms = keys.headers.get(name).map_or(&[][..], Vec::as_slice);
+            secrets.push(Secret::new(name, placeholder, real, forms)?);
+        }
+    }
+    let warning = secrets
+        .is_empty()
+        .then(|| format!("--shield-secrets: none of {} is set, so there is no key to shield", keys.names.join(", ")));
+    let hosts = AllowList::new(keys.hosts).map_err(ShieldError::SecretHosts)?;
+    Ok(Shielded { env, shield: Shield::new(hosts, secrets)?, warning })
 }
 
 /// What failed while `what`, relaying.
@@ -102,11 +141,7 @@ pub const GUEST_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// less likely to balk.
 pub fn placeholder() -> Result<String, ShieldError> {
     let mut bytes = [0u8; 16];
-    // SAFETY: getrandom writes at most bytes.len() bytes into bytes.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if n != bytes.len() as isize {
-        return Err(ShieldError::Random(io::Error::last_os_error()));
-    }
+    crate::sys::random_bytes(&mut bytes).map_err(ShieldError::Random)?;
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     Ok(format!("agentvm-shielded-{hex}"))
 }

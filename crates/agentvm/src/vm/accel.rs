@@ -77,106 +77,16 @@ pub fn probe_kvm() -> Result<(), AccelError> {
         return Err(AccelError::Pvm);
     }
     let kvm = std::fs::OpenOptions::new().read(true).write(true).open(dev).map_err(AccelError::NoAccess)?;
-    hlt_guest::run(&kvm)
+    Ok(crate::sys::kvm::run_hlt_guest(&kvm)?)
 }
 
-mod hlt_guest {
-    //! A guest of one `hlt` at the x86 reset vector (0xfffffff0), so no
-    //! register set-up is needed.
-    use std::fs::File;
-    use std::io;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-
-    use super::AccelError;
-
-    const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
-    const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
-    const KVM_GET_VCPU_MMAP_SIZE: libc::c_ulong = 0xAE04;
-    const KVM_CREATE_VCPU: libc::c_ulong = 0xAE41;
-    const KVM_RUN: libc::c_ulong = 0xAE80;
-    const KVM_SET_USER_MEMORY_REGION: libc::c_ulong = 0x4020_AE46;
-    const KVM_EXIT_HLT: u32 = 5;
-    const PAGE: usize = 4096;
-    const PAGE_GPA: u64 = 0xffff_f000;
-
-    #[repr(C)]
-    struct MemoryRegion {
-        slot: u32,
-        flags: u32,
-        guest_phys_addr: u64,
-        memory_size: u64,
-        userspace_addr: u64,
-    }
-
-    fn ioctl(fd: i32, req: libc::c_ulong, arg: libc::c_ulong) -> io::Result<i32> {
-        // SAFETY: plain KVM ioctls on fds we own; pointer args point to live,
-        // correctly laid-out structs.
-        let r = unsafe { libc::ioctl(fd, req as _, arg) };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r)
-        }
-    }
-
-    fn owned(fd: i32) -> OwnedFd {
-        // SAFETY: fd was just returned by a successful ioctl and is ours.
-        unsafe { OwnedFd::from_raw_fd(fd) }
-    }
-
-    struct Mapping(*mut libc::c_void, usize);
-    impl Drop for Mapping {
-        fn drop(&mut self) {
-            // SAFETY: unmapping a mapping we created, once.
-            unsafe { libc::munmap(self.0, self.1) };
-        }
-    }
-
-    fn map(len: usize, fd: i32) -> io::Result<Mapping> {
-        let flags = if fd < 0 { libc::MAP_PRIVATE | libc::MAP_ANONYMOUS } else { libc::MAP_SHARED };
-        // SAFETY: a fresh mapping; the kernel picks the address.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Mapping(p, len))
-    }
-
-    /// What failed in `step`.
-    fn failed(step: &'static str) -> impl FnOnce(io::Error) -> AccelError {
-        move |source| AccelError::Probe { step, source }
-    }
-
-    pub fn run(kvm: &File) -> Result<(), AccelError> {
-        let kfd = kvm.as_raw_fd();
-        let version = ioctl(kfd, KVM_GET_API_VERSION, 0).map_err(failed("KVM_GET_API_VERSION"))?;
-        if version != 12 {
-            return Err(AccelError::ApiVersion(version));
-        }
-        let vm = owned(ioctl(kfd, KVM_CREATE_VM, 0).map_err(failed("KVM_CREATE_VM"))?);
-        let mem = map(PAGE, -1).map_err(failed("mapping the guest's memory"))?;
-        // SAFETY: the page is PAGE bytes long and writable.
-        unsafe { *(mem.0 as *mut u8).add(0xff0) = 0xf4 }; // hlt
-        let region = MemoryRegion {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: PAGE_GPA,
-            memory_size: PAGE as u64,
-            userspace_addr: mem.0 as u64,
-        };
-        ioctl(vm.as_raw_fd(), KVM_SET_USER_MEMORY_REGION, &region as *const _ as libc::c_ulong)
-            .map_err(failed("KVM_SET_USER_MEMORY_REGION"))?;
-        let vcpu = owned(ioctl(vm.as_raw_fd(), KVM_CREATE_VCPU, 0).map_err(failed("KVM_CREATE_VCPU"))?);
-        let run_size = ioctl(kfd, KVM_GET_VCPU_MMAP_SIZE, 0).map_err(failed("KVM_GET_VCPU_MMAP_SIZE"))? as usize;
-        let run = map(run_size, vcpu.as_raw_fd()).map_err(failed("mapping the vCPU's run structure"))?;
-        ioctl(vcpu.as_raw_fd(), KVM_RUN, 0).map_err(failed("KVM_RUN"))?;
-        // SAFETY: struct kvm_run starts with two u8 flags, 6 pad bytes, then
-        // the u32 exit_reason at offset 8, within the mapping.
-        let exit_reason = unsafe { *((run.0 as *const u8).add(8) as *const u32) };
-        if exit_reason == KVM_EXIT_HLT {
-            Ok(())
-        } else {
-            Err(AccelError::NoHlt(exit_reason))
+impl From<crate::sys::kvm::ProbeError> for AccelError {
+    fn from(e: crate::sys::kvm::ProbeError) -> AccelError {
+        use crate::sys::kvm::ProbeError;
+        match e {
+            ProbeError::Call { call, source } => AccelError::Probe { step: call, source },
+            ProbeError::ApiVersion(version) => AccelError::ApiVersion(version),
+            ProbeError::Exit(reason) => AccelError::NoHlt(reason),
         }
     }
 }

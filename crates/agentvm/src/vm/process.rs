@@ -7,11 +7,12 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::sys;
 
 /// A running helper process and where its output goes.
 #[derive(Debug)]
@@ -27,12 +28,9 @@ pub struct Helper {
 /// The only environment variables helpers inherit.
 const HELPER_ENV: &[&str] = &["PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "XDG_RUNTIME_DIR"];
 
-/// Lowest fd number used for fds in transit to a child, above any target.
-const TRANSIT_FD_MIN: RawFd = 64;
-
 /// Spawns `cmd` as a supervised helper. `pass` maps fds of ours to the fd
 /// numbers the child sees (e.g. a socket as fd 3).
-pub fn spawn(name: &str, mut cmd: Command, pass: &[(RawFd, RawFd)], log: &Path) -> io::Result<Helper> {
+pub fn spawn(name: &str, mut cmd: Command, pass: &[(BorrowedFd<'_>, RawFd)], log: &Path) -> io::Result<Helper> {
     let out = File::create(log)?;
     cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
     // Helpers get a minimal environment: the launcher's may hold API keys,
@@ -49,50 +47,10 @@ pub fn spawn(name: &str, mut cmd: Command, pass: &[(RawFd, RawFd)], log: &Path) 
         cmd.current_dir("/");
     }
 
-    // Move the passed fds out of the way of their targets first, so one
-    // dup2 can never overwrite another's source.
-    let mut transit: Vec<(OwnedFd, RawFd)> = Vec::new();
-    for &(src, target) in pass {
-        // SAFETY: F_DUPFD_CLOEXEC on a valid fd returns a new fd we own.
-        let fd = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, TRANSIT_FD_MIN) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is fresh and owned by us alone.
-        transit.push((unsafe { OwnedFd::from_raw_fd(fd) }, target));
-    }
-    let moves: Vec<(RawFd, RawFd)> = transit.iter().map(|(fd, t)| (fd.as_raw_fd(), *t)).collect();
-    // SAFETY: getpid has no preconditions.
-    let parent = unsafe { libc::getpid() };
-
-    // SAFETY: the closure runs between fork and exec and only makes
-    // async-signal-safe calls (setpgid, prctl, getppid, sigprocmask, dup2).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setpgid(0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The launcher may have died before prctl took effect.
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-            let mut none: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut none);
-            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-            for &(src, target) in &moves {
-                // dup2 clears close-on-exec on the new fd.
-                if libc::dup2(src, target) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    let inherited = sys::process::Inherited::new(pass)?;
+    sys::process::supervise_child(&mut cmd, &inherited);
     let child = cmd.spawn()?;
-    drop(transit);
+    drop(inherited);
     Ok(Helper { name: name.to_string(), child, log: log.to_path_buf(), status: None })
 }
 
@@ -108,8 +66,8 @@ impl Helper {
     /// Sends a signal unless it has already exited.
     pub fn signal(&mut self, sig: i32) {
         if self.poll().is_none() {
-            // SAFETY: kill on our own, not yet reaped child's pid.
-            unsafe { libc::kill(self.child.id() as i32, sig) };
+            // Not yet reaped, so the pid is still this child's.
+            let _ = sys::kill(self.child.id(), sig);
         }
     }
 
@@ -163,6 +121,7 @@ pub fn describe(status: ExitStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn tail_lines_keeps_the_last_non_empty_lines() {
@@ -173,14 +132,11 @@ mod tests {
     #[test]
     fn passed_fd_arrives_at_its_target_number() {
         let dir = tempfile::tempdir().unwrap();
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 fills two fds.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: fresh fds from pipe2.
-        let (r, w) = unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (r, w) = sys::pipe(1 << 16).unwrap();
+        let r = File::from(r);
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo hello >&3"]);
-        let mut h = spawn("sh", cmd, &[(w.as_raw_fd(), 3)], &dir.path().join("log")).unwrap();
+        let mut h = spawn("sh", cmd, &[(w.as_fd(), 3)], &dir.path().join("log")).unwrap();
         drop(w);
         let mut got = String::new();
         use std::io::Read;

@@ -35,8 +35,6 @@ pub struct VmConfig {
     pub exec_sockets: Vec<PathBuf>,
     /// Use QEMU's seccomp sandbox.
     pub sandbox: bool,
-    /// File descriptor (inherited by QEMU) of a connected stream socket to
-    /// the user-mode network helper (passt); None: no network device.
     /// The `-netdev` value of the guest's network (id `net0`), if any.
     pub netdev: Option<String>,
     /// A writable disk (serial [`DATA_SERIAL`]), e.g. container storage.
@@ -74,6 +72,21 @@ pub fn layer_serial(i: usize) -> String {
 /// Builds QEMU's argument vector (without the program name).
 pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
     let mut a = Args::default();
+    machine(&mut a, cfg);
+    boot(&mut a, cfg);
+    serial_console(&mut a, cfg);
+    virtio_serial_ports(&mut a, cfg);
+    disks(&mut a, cfg);
+    // Free page reporting: the guest hands pages it frees back to the host.
+    a.flag("-device").val("virtio-balloon-device,free-page-reporting=on");
+    data_disk(&mut a, cfg);
+    network(&mut a, cfg);
+    shares(&mut a, cfg);
+    a.0
+}
+
+/// The machine, accelerator, CPUs, memory and sandbox.
+fn machine(a: &mut Args, cfg: &VmConfig) {
     a.flag("-name").val(format!("{},debug-threads=on", cfg.name));
     // microvm: no PCI, no firmware, virtio-mmio found through ACPI (keep ACPI
     // on: it is also how guest power-off ends QEMU).
@@ -95,10 +108,17 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
     if cfg.sandbox {
         a.flag("-sandbox").val("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
     }
+}
+
+/// Kernel, initramfs and command line.
+fn boot(a: &mut Args, cfg: &VmConfig) {
     a.flag("-kernel").val(&cfg.kernel);
     a.flag("-initrd").val(&cfg.initrd);
     a.flag("-append").val(&cfg.cmdline);
+}
 
+/// The serial console, on its inherited pipe.
+fn serial_console(a: &mut Args, cfg: &VmConfig) {
     // A file chardev on the inherited pipe: QEMU makes it non-blocking, and
     // a pipe packs the serial port's one-byte writes into pages (a socket
     // takes a buffer per write and fills after a few hundred bytes).
@@ -106,7 +126,10 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
     a.flag("-add-fd").val(format!("fd={},set={CONSOLE_FDSET},opaque=console", cfg.console_fd));
     a.flag("-chardev").val(format!("file,id=console,path=/dev/fdset/{CONSOLE_FDSET},append=on"));
     a.flag("-serial").val("chardev:console");
+}
 
+/// The control port, the exec ports and the forwarding channel.
+fn virtio_serial_ports(a: &mut Args, cfg: &VmConfig) {
     // Port 0 is reserved for a console; the control port, then the exec ports.
     let ports = 2 + cfg.exec_sockets.len() + usize::from(cfg.forward_fd.is_some());
     a.flag("-device").val(format!("virtio-serial-device,max_ports={ports}"));
@@ -119,12 +142,14 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
         a.flag("-chardev").val(chardev);
         a.flag("-device").val(format!("virtserialport,chardev=exec{i},name={}", agentvm_proto::exec_port_name(i)));
     }
-
     if let Some(fd) = cfg.forward_fd {
         a.flag("-chardev").val(format!("socket,id=fwd,fd={fd}"));
         a.flag("-device").val(format!("virtserialport,chardev=fwd,name={}", agentvm_proto::forward::PORT_NAME));
     }
+}
 
+/// The root image and the layers, read-only.
+fn disks(a: &mut Args, cfg: &VmConfig) {
     // Disks carry serials so the guest finds each one whatever the probe
     // order; they are shared read-only by every VM using the image.
     let disks = std::iter::once((ROOT_SERIAL.to_string(), &cfg.root_image))
@@ -135,10 +160,10 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
         a.flag("-drive").val(drive);
         a.flag("-device").val(format!("virtio-blk-device,drive={serial},serial={serial}"));
     }
+}
 
-    // Free page reporting: the guest hands pages it frees back to the host.
-    a.flag("-device").val("virtio-balloon-device,free-page-reporting=on");
-
+/// The writable data disk, if any.
+fn data_disk(a: &mut Args, cfg: &VmConfig) {
     if let Some(disk) = &cfg.data_disk {
         // Locked by QEMU too: a second VM cannot open it behind our back.
         let mut drive = OsString::from(format!("id={DATA_SERIAL},if=none,format=raw,discard=unmap,file="));
@@ -146,19 +171,24 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
         a.flag("-drive").val(drive);
         a.flag("-device").val(format!("virtio-blk-device,drive={DATA_SERIAL},serial={DATA_SERIAL}"));
     }
+}
 
+/// The network interface, if any.
+fn network(a: &mut Args, cfg: &VmConfig) {
     if let Some(netdev) = &cfg.netdev {
         a.flag("-netdev").val(netdev);
         a.flag("-device").val("virtio-net-device,netdev=net0");
     }
+}
 
+/// One vhost-user-fs device per share.
+fn shares(a: &mut Args, cfg: &VmConfig) {
     for (tag, socket) in &cfg.shares {
         let mut chardev = OsString::from(format!("socket,id=fs-{tag},path="));
         chardev.push(escape_commas(socket));
         a.flag("-chardev").val(chardev);
         a.flag("-device").val(format!("vhost-user-fs-device,chardev=fs-{tag},tag={tag}"));
     }
-    a.0
 }
 
 /// The kernel command line for our guest init.
@@ -202,7 +232,7 @@ fn escape_commas(p: &std::path::Path) -> OsString {
     OsString::from_vec(out)
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Args(Vec<OsString>);
 
 impl Args {

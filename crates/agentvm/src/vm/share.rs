@@ -3,9 +3,8 @@
 //! nodes or setuid and setgid files on the host ([`crate::vm::share_filter`]).
 
 use std::ffi::OsString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -65,7 +64,7 @@ pub struct IdMap {
 
 /// Guest ids used for the agent when the host user is root: files the agent
 /// writes still belong to the host's root, but the agent is not root.
-pub const ROOT_HOST_GUEST_ID: u32 = 1000;
+pub use agentvm_proto::guest::ROOT_HOST_GUEST_ID;
 
 impl IdMap {
     /// The mapping for the invoking host user.
@@ -79,9 +78,7 @@ impl IdMap {
 
     /// The mapping for the user running this process.
     pub fn current() -> IdMap {
-        // SAFETY: getuid/getgid have no preconditions and cannot fail.
-        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        IdMap::for_host(uid, gid)
+        IdMap::for_host(crate::sys::uid(), crate::sys::gid())
     }
 }
 
@@ -135,12 +132,17 @@ pub fn virtiofsd_args(share: &Share, ids: IdMap, fd: i32) -> Vec<OsString> {
     a
 }
 
+/// Where virtiofsd listens for the share `tag` of the instance in `runtime_dir`.
+pub fn socket_path(runtime_dir: &Path, tag: &str) -> PathBuf {
+    runtime_dir.join(format!("{tag}.sock"))
+}
+
 /// Starts virtiofsd for `share`, listening on `<runtime_dir>/<tag>.sock`.
 /// The socket exists (and accepts) before this returns, so QEMU can connect
 /// right away; virtiofsd answers once it is up.
 pub fn start(share: &Share, ids: IdMap, runtime_dir: &Path) -> Result<(Helper, PathBuf), ShareError> {
     let bin = find_virtiofsd().ok_or(ShareError::NoVirtiofsd)?;
-    let socket = runtime_dir.join(format!("{}.sock", share.tag));
+    let socket = socket_path(runtime_dir, &share.tag);
     let listener = UnixListener::bind(&socket).map_err(|source| ShareError::Socket {
         tag: share.tag.clone(),
         path: socket.clone(),
@@ -150,13 +152,11 @@ pub fn start(share: &Share, ids: IdMap, runtime_dir: &Path) -> Result<(Helper, P
     let filters = share_filter::programs()?;
     let mut cmd = Command::new(bin);
     cmd.args(virtiofsd_args(share, ids, 3));
-    // SAFETY: install only makes system calls (prctl, seccomp), which is
-    // safe between fork and exec.
-    unsafe { cmd.pre_exec(move || share_filter::install(&filters)) };
+    crate::sys::process::seccomp_child(&mut cmd, filters);
     let helper = process::spawn(
         &format!("virtiofsd for {}", share.guest_path),
         cmd,
-        &[(listener.as_raw_fd(), 3)],
+        &[(listener.as_fd(), 3)],
         &runtime_dir.join(format!("virtiofsd-{}.log", share.tag)),
     )
     .map_err(|source| ShareError::Spawn { dir: share.host_dir.clone(), source })?;

@@ -27,7 +27,6 @@
 //! guest `chmod` that keeps that bit fails.
 
 use std::collections::BTreeMap;
-use std::io;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
@@ -50,7 +49,8 @@ const CREATE_FLAGS: [u64; 2] = [libc::O_CREAT as u64, libc::O_TMPFILE as u64];
 #[error("cannot build the seccomp filter for virtiofsd: {0}")]
 pub struct FilterError(#[from] seccompiler::BackendError);
 
-/// The filters to install in virtiofsd's process, in order.
+/// The filters to install in virtiofsd's process, in order
+/// ([`crate::sys::process::seccomp_child`]).
 pub fn programs() -> Result<Vec<BpfProgram>, FilterError> {
     let arch = TargetArch::x86_64;
     let setid =
@@ -59,18 +59,6 @@ pub fn programs() -> Result<Vec<BpfProgram>, FilterError> {
         [(libc::SYS_openat2, Vec::new()), (libc::SYS_io_uring_setup, Vec::new())].into_iter().collect();
     let opaque = SeccompFilter::new(opaque, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), arch)?;
     Ok(vec![setid.try_into()?, opaque.try_into()?])
-}
-
-/// Installs `programs` in the calling thread, for good (no new privileges
-/// from then on). Only makes system calls: safe between fork and exec.
-pub fn install(programs: &[BpfProgram]) -> io::Result<()> {
-    for p in programs {
-        seccompiler::apply_filter(p).map_err(|e| match e {
-            seccompiler::Error::Prctl(e) | seccompiler::Error::Seccomp(e) => e,
-            _ => io::Error::from_raw_os_error(libc::EINVAL),
-        })?;
-    }
-    Ok(())
 }
 
 /// The calls the EPERM filter matches, by syscall number.
@@ -128,7 +116,6 @@ fn masked(arg: u8, mask: u64, value: u64) -> Result<SeccompCondition, FilterErro
 mod tests {
     use super::*;
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    use std::os::unix::process::CommandExt;
     use std::process::Command;
 
     /// Runs a Python script under the filters; its stdout.
@@ -136,8 +123,7 @@ mod tests {
         let programs = programs().unwrap();
         let mut cmd = Command::new("python3");
         cmd.args(["-c", script]).current_dir(dir);
-        // SAFETY: install only makes system calls (prctl, seccomp).
-        unsafe { cmd.pre_exec(move || install(&programs)) };
+        crate::sys::process::seccomp_child(&mut cmd, programs);
         let out = cmd.output().expect("python3 runs");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()

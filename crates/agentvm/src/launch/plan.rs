@@ -1,0 +1,387 @@
+//! The third stage, pure: from the settings and the resolved resources to
+//! everything the launch will do: the shares, the launch spec, the
+//! network plan, the fd plan, and QEMU's command line. Nothing here touches
+//! the host, so all of it is unit-tested, and `agentvm run --print-plan`
+//! shows it without booting.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use agentvm_proto::{guest, Containers, LaunchSpec, Mount, User};
+
+use super::fds::FdPlan;
+use super::resources::Resources;
+use crate::config::Settings;
+use crate::image::kmod;
+use crate::net::plan::NetworkPlan;
+use crate::net::shield;
+use crate::vm::share::{self, CacheMode, Share};
+use crate::vm::{self, VmConfig};
+
+/// One launch, decided.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub shares: Vec<Share>,
+    pub network: NetworkPlan,
+    pub fds: FdPlan,
+    /// What the guest init is told (in the initramfs).
+    pub spec: LaunchSpec,
+    pub vm: VmConfig,
+}
+
+/// Where the instance's files go.
+#[derive(Debug, Clone, Copy)]
+pub struct InstanceRef<'a> {
+    pub id: &'a str,
+    pub dir: &'a Path,
+}
+
+impl Plan {
+    pub fn new(settings: &Settings, res: &Resources, instance: InstanceRef<'_>) -> Plan {
+        let shares = shares(settings, res.nix_store.as_deref());
+        let network = res.network.clone();
+        let fds = FdPlan::new(network.interface.is_passt(), network.uses_channel());
+        let spec = spec(settings, res, &shares, instance.id);
+        let vm = vm_config(settings, res, &shares, &fds, instance);
+        Plan { shares, network, fds, spec, vm }
+    }
+
+    /// QEMU's argument vector (without the program).
+    pub fn qemu_args(&self) -> Vec<OsString> {
+        vm::qemu_args(&self.vm)
+    }
+}
+
+/// The directories shared into the guest: the project, the agent home, and
+/// the host's Nix store (read-only) when the dev shell needs it.
+pub fn shares(settings: &Settings, nix_store: Option<&Path>) -> Vec<Share> {
+    let mut shares = vec![
+        Share {
+            tag: "work".into(),
+            host_dir: settings.work_dir.clone(),
+            guest_path: guest::WORK.into(),
+            read_only: false,
+            cache: settings.work_cache,
+        },
+        // Other instances of the project share the home: keep revalidating.
+        Share {
+            tag: "home".into(),
+            host_dir: settings.home_dir.clone(),
+            guest_path: guest::HOME.into(),
+            read_only: false,
+            cache: CacheMode::Auto,
+        },
+    ];
+    if let Some(store) = nix_store {
+        shares.push(Share {
+            tag: "nixstore".into(),
+            host_dir: store.to_path_buf(),
+            guest_path: guest::NIX_STORE.into(),
+            read_only: true,
+            cache: CacheMode::Auto,
+        });
+    }
+    shares
+}
+
+/// The guest's view of this launch.
+fn spec(s: &Settings, res: &Resources, shares: &[Share], id: &str) -> LaunchSpec {
+    let net = &res.network;
+    LaunchSpec {
+        hostname: format!("agentvm-{}", &id[..6]),
+        modules: kmod::modules_for_launch(&res.image.meta.modules, net.has_interface()),
+        root_device: format!("serial:{}", vm::ROOT_SERIAL),
+        root_fstype: "squashfs".into(),
+        layers: (0..res.layers.len()).map(|i| format!("serial:{}", vm::layer_serial(i))).collect(),
+        network: net.guest_interface(),
+        host_ports: net.guest_host_ports(),
+        published_ports: net.guest_published_ports(),
+        containers: (!s.cri.is_empty()).then(|| Containers {
+            runtimes: s.cri.iter().map(|r| r.name().to_string()).collect(),
+            disk: format!("serial:{}", vm::DATA_SERIAL),
+        }),
+        mounts: shares
+            .iter()
+            .map(|sh| Mount { tag: sh.tag.clone(), path: sh.guest_path.clone(), read_only: sh.read_only })
+            .collect(),
+        user: User {
+            name: guest::USER.into(),
+            uid: res.ids.guest_uid,
+            gid: res.ids.guest_gid,
+            home: guest::HOME.into(),
+        },
+        cwd: guest::WORK.into(),
+        argv: s.argv.clone(),
+        env: res
+            .env
+            .iter()
+            .cloned()
+            .chain(net.guest_env())
+            .chain(if res.ca_pem.is_some() { shield::guest_env() } else { Vec::new() })
+            .collect(),
+        ca_certs: res.ca_pem.iter().cloned().collect(),
+        tty: res.tty,
+        winsize: res.winsize,
+        verbose: s.verbose,
+    }
+}
+
+/// What QEMU is given.
+fn vm_config(s: &Settings, res: &Resources, shares: &[Share], fds: &FdPlan, instance: InstanceRef<'_>) -> VmConfig {
+    VmConfig {
+        name: format!("agentvm-{}", instance.id),
+        accel: res.accel,
+        cpus: s.cpus,
+        memory_mib: vm::qemu_memory_mib(s.memory_mib),
+        kernel: res.kernel.clone(),
+        initrd: fds.initrd_path(),
+        cmdline: vm::kernel_cmdline(res.tsc_khz, s.verbose),
+        root_image: res.image.root(),
+        layers: res.layers.clone(),
+        console_fd: fds.console,
+        control_fd: fds.control,
+        shares: shares.iter().map(|sh| (sh.tag.clone(), share::socket_path(instance.dir, &sh.tag))).collect(),
+        exec_sockets: (0..agentvm_proto::EXEC_PORTS).map(|i| instance.dir.join(format!("exec-{i}.sock"))).collect(),
+        sandbox: true,
+        netdev: res.network.netdev(fds.network),
+        forward_fd: fds.forwarding,
+        data_disk: res.cri_disk.clone(),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::config::envvars::GuestEnv;
+    use crate::config::flavor::builtin_flavors;
+    use crate::image::{Image, ImageMeta, Recipe};
+    use crate::net::plan::Interface;
+    use crate::net::{NetBackend, NetworkMode, PortSpec};
+    use crate::vm::share::IdMap;
+    use crate::vm::{Accel, AccelChoice};
+
+    pub fn settings() -> Settings {
+        Settings {
+            work_dir: "/p/project".into(),
+            home_dir: "/data/homes/project".into(),
+            flavor: builtin_flavors()["shell"].clone(),
+            argv: vec!["make".into(), "test".into()],
+            guest_env: GuestEnv { vars: vec![("API_KEY".into(), "s3cr3t".into())], warnings: Vec::new() },
+            network: NetworkMode::Open,
+            net_backend: NetBackend::Auto,
+            work_cache: CacheMode::Auto,
+            ports: Vec::new(),
+            host_ports: Vec::new(),
+            allow: Default::default(),
+            shield_secrets: false,
+            cri: Vec::new(),
+            cri_disk_mib: 0,
+            memory_mib: 2048,
+            cpus: 2,
+            accel: AccelChoice::Tcg,
+            devshell: Default::default(),
+            devshell_files: Vec::new(),
+            verbose: false,
+            warnings: Vec::new(),
+        }
+    }
+
+    pub fn resources(s: &Settings) -> Resources {
+        let modules = ["virtio_mmio.ko", "virtiofs.ko", "failover.ko", "net_failover.ko", "virtio_net.ko"];
+        let meta = ImageMeta {
+            name: "base".into(),
+            key: "0".repeat(64),
+            recipe: Recipe::base(),
+            kernel_release: "6.12".into(),
+            modules: modules.iter().map(|m| m.to_string()).collect(),
+            created: 0,
+            size_bytes: 0,
+            compressor: "lz4".into(),
+            package_versions: Default::default(),
+        };
+        let passt = Some(PathBuf::from("/usr/bin/passt"));
+        let network =
+            NetworkPlan::decide(s.network, s.net_backend, &s.ports, &s.host_ports, passt).expect("a valid network").0;
+        Resources {
+            qemu: "/usr/bin/qemu-system-x86_64".into(),
+            guest_init: "/bin/agentvm-guest".into(),
+            accel: Accel::Tcg,
+            tsc_khz: Some(2_400_000),
+            kernel: "/img/vmlinuz".into(),
+            image: Image { dir: "/img".into(), meta },
+            layers: Vec::new(),
+            nix_store: None,
+            network,
+            env: s.guest_env.vars.clone(),
+            ca_pem: None,
+            cri_disk: None,
+            ids: IdMap::for_host(1001, 1002),
+            tty: false,
+            winsize: None,
+        }
+    }
+
+    pub fn plan(s: &Settings, res: &Resources) -> Plan {
+        Plan::new(s, res, InstanceRef { id: "0123456789ab", dir: Path::new("/run/agentvm/0123456789ab") })
+    }
+
+    fn args(plan: &Plan) -> Vec<String> {
+        plan.qemu_args().into_iter().map(|a| a.into_string().unwrap()).collect()
+    }
+
+    fn value_of(args: &[String], flag: &str) -> Vec<String> {
+        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].clone()).collect()
+    }
+
+    fn env_of<'a>(plan: &'a Plan, name: &str) -> Option<&'a str> {
+        plan.spec.env.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn tcg_plan_has_the_tsc_hint_and_cpu_max_and_kvm_plan_has_the_host_cpu() {
+        let s = settings();
+        let tcg = plan(&s, &resources(&s));
+        let a = args(&tcg);
+        assert_eq!(value_of(&a, "-accel"), ["tcg,thread=multi"]);
+        assert_eq!(value_of(&a, "-cpu"), ["max"]);
+        assert!(tcg.vm.cmdline.contains("tsc_early_khz=2400000"), "{}", tcg.vm.cmdline);
+        // 2 GiB is nudged past the initrd clash.
+        assert_eq!(value_of(&a, "-m"), ["2052M"]);
+        let kvm = plan(&s, &Resources { accel: Accel::Kvm, tsc_khz: None, ..resources(&s) });
+        let a = args(&kvm);
+        assert_eq!(value_of(&a, "-accel"), ["kvm"]);
+        assert_eq!(value_of(&a, "-cpu"), ["host"]);
+        assert!(!kvm.vm.cmdline.contains("tsc_early_khz"));
+    }
+
+    #[test]
+    fn fds_in_the_argv_are_the_fd_plans() {
+        let s = Settings { host_ports: vec![5432], ..settings() };
+        let p = plan(&s, &resources(&s));
+        assert_eq!(
+            (p.fds.control, p.fds.initramfs, p.fds.network, p.fds.forwarding, p.fds.console),
+            (3, 4, Some(5), Some(6), 7)
+        );
+        let a = args(&p);
+        assert_eq!(value_of(&a, "-initrd"), ["/proc/self/fd/4"]);
+        assert!(value_of(&a, "-chardev").contains(&"socket,id=ctl,fd=3".to_string()));
+        assert!(value_of(&a, "-chardev").contains(&"socket,id=fwd,fd=6".to_string()));
+        assert_eq!(value_of(&a, "-netdev"), ["stream,id=net0,addr.type=fd,addr.str=5"]);
+        assert_eq!(value_of(&a, "-add-fd"), ["fd=7,set=1,opaque=console"]);
+    }
+
+    #[test]
+    fn open_network_with_passt_loads_the_network_modules_and_configures_the_interface() {
+        let s = settings();
+        let p = plan(&s, &resources(&s));
+        assert!(matches!(p.network.interface, Interface::Passt(_)));
+        assert!(p.spec.modules.contains(&"virtio_net.ko".to_string()));
+        assert!(p.spec.network.is_some());
+        assert_eq!(p.fds.forwarding, None);
+        assert!(!value_of(&args(&p), "-chardev").iter().any(|c| c.contains("id=fwd")));
+    }
+
+    #[test]
+    fn slirp_has_no_passt_fd_and_forwards_ports_in_qemu() {
+        let s =
+            Settings { net_backend: NetBackend::Slirp, ports: vec![PortSpec::parse("8080:80").unwrap()], ..settings() };
+        let mut res = resources(&s);
+        res.network = NetworkPlan::decide(s.network, s.net_backend, &s.ports, &[], None).unwrap().0;
+        let p = plan(&s, &res);
+        assert_eq!(p.fds.network, None);
+        let netdev = value_of(&args(&p), "-netdev");
+        assert!(
+            netdev[0].starts_with("user,id=net0") && netdev[0].contains("hostfwd=tcp:127.0.0.1:8080"),
+            "{netdev:?}"
+        );
+        assert!(p.spec.published_ports.is_empty());
+    }
+
+    #[test]
+    fn no_network_has_no_interface_no_network_modules_and_no_channel() {
+        let s = Settings { network: NetworkMode::None, ..settings() };
+        let p = plan(&s, &resources(&s));
+        assert!(value_of(&args(&p), "-netdev").is_empty());
+        assert!(!p.spec.modules.iter().any(|m| m.contains("net")), "{:?}", p.spec.modules);
+        assert_eq!(p.spec.network, None);
+        assert_eq!((p.fds.network, p.fds.forwarding), (None, None));
+    }
+
+    #[test]
+    fn allow_mode_has_only_the_channel_with_the_proxy_and_published_ports() {
+        let s =
+            Settings { network: NetworkMode::Allow, ports: vec![PortSpec::parse("8080:80").unwrap()], ..settings() };
+        let p = plan(&s, &resources(&s));
+        assert!(value_of(&args(&p), "-netdev").is_empty());
+        assert_eq!(p.fds.forwarding, Some(6));
+        assert_eq!(p.spec.host_ports, [crate::net::egress::PROXY_PORT]);
+        assert_eq!(p.spec.published_ports, [80]);
+        assert!(env_of(&p, "HTTPS_PROXY").is_some());
+    }
+
+    #[test]
+    fn shares_are_the_project_the_home_and_the_nix_store_when_asked() {
+        let s = settings();
+        let p = plan(&s, &resources(&s));
+        let tags: Vec<&str> = p.shares.iter().map(|s| s.tag.as_str()).collect();
+        assert_eq!(tags, ["work", "home"]);
+        assert_eq!(p.spec.mounts[0].path, guest::WORK);
+        assert_eq!(p.spec.mounts[1].path, guest::HOME);
+        assert_eq!(p.vm.shares[0], ("work".into(), "/run/agentvm/0123456789ab/work.sock".into()));
+        let res = Resources { nix_store: Some("/nix/store".into()), ..resources(&s) };
+        let p = plan(&s, &res);
+        let nix = p.shares.iter().find(|s| s.tag == "nixstore").unwrap();
+        assert!(nix.read_only);
+        assert_eq!(nix.guest_path, guest::NIX_STORE);
+    }
+
+    #[test]
+    fn spec_runs_the_program_as_the_agent_in_work_with_the_host_users_ids() {
+        let s = settings();
+        let p = plan(&s, &resources(&s));
+        assert_eq!(p.spec.argv, ["make", "test"]);
+        assert_eq!(p.spec.cwd, guest::WORK);
+        assert_eq!((p.spec.user.name.as_str(), p.spec.user.uid, p.spec.user.gid), (guest::USER, 1001, 1002));
+        assert_eq!(p.spec.hostname, "agentvm-012345");
+    }
+
+    #[test]
+    fn spec_environment_without_the_shield_has_the_real_value_and_no_ca() {
+        let s = settings();
+        let p = plan(&s, &resources(&s));
+        assert_eq!(env_of(&p, "API_KEY"), Some("s3cr3t"));
+        assert!(p.spec.ca_certs.is_empty());
+        assert_eq!(env_of(&p, "SSL_CERT_FILE"), None);
+    }
+
+    #[test]
+    fn spec_environment_with_the_shield_has_the_placeholder_and_trusts_the_ca() {
+        let s = Settings { network: NetworkMode::Allow, shield_secrets: true, ..settings() };
+        let mut res = resources(&s);
+        res.env = vec![("API_KEY".into(), "agentvm-shielded-00".into())];
+        res.ca_pem = Some("-----BEGIN CERTIFICATE-----".into());
+        let p = plan(&s, &res);
+        assert_eq!(env_of(&p, "API_KEY"), Some("agentvm-shielded-00"));
+        assert!(!p.spec.env.iter().any(|(_, v)| v == "s3cr3t"));
+        assert_eq!(p.spec.ca_certs.len(), 1);
+        assert!(env_of(&p, "NODE_EXTRA_CA_CERTS").is_some());
+    }
+
+    #[test]
+    fn layers_and_the_container_disk_are_disks_with_their_serials() {
+        let s = Settings { cri: vec![crate::guest_env::cri::Runtime::Docker], ..settings() };
+        let res = Resources {
+            layers: vec!["/img/layer.squashfs".into()],
+            cri_disk: Some("/data/cri/project.ext4".into()),
+            ..resources(&s)
+        };
+        let p = plan(&s, &res);
+        assert_eq!(p.spec.layers, ["serial:agentvm-layer0"]);
+        assert_eq!(p.spec.containers.as_ref().unwrap().runtimes, ["docker"]);
+        let drives = value_of(&args(&p), "-drive");
+        assert_eq!(drives.len(), 3);
+        assert!(drives[2].ends_with("file=/data/cri/project.ext4"));
+    }
+}
