@@ -714,6 +714,18 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
+    /// A FIFO at `path`, as a guest could plant one.
+    fn make_fifo(path: &Path) {
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            path,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+            0,
+        )
+        .unwrap();
+    }
+
     /// A project dir and a trust store apart from it.
     fn fixture() -> (tempfile::TempDir, PathBuf, TrustStore) {
         let d = tempfile::tempdir().unwrap();
@@ -768,9 +780,7 @@ mod tests {
     fn fifo_directory_and_oversized_configs_are_ignored() {
         let (_d, work, store) = fixture();
         let path = work.join(PROJECT_CONFIG);
-        let fifo = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-        // SAFETY: a valid NUL-terminated path; mkfifo has no other preconditions.
-        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        make_fifo(&path);
         let ProjectConfig::Ignored(w) = config(&work, &store) else { panic!() };
         assert!(w.contains("not a regular file"), "{w}");
         std::fs::remove_file(&path).unwrap();
@@ -878,9 +888,7 @@ mod tests {
         let e = devshell_sources(&work, &[]).unwrap_err();
         assert!(matches!(&e, TrustError::Symlink { path } if path.ends_with("nix/link.nix")), "{e}");
         std::fs::remove_file(work.join("nix/link.nix")).unwrap();
-        let fifo = std::ffi::CString::new(work.join("nix/fifo.nix").to_str().unwrap()).unwrap();
-        // SAFETY: a valid NUL-terminated path; mkfifo has no other preconditions.
-        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        make_fifo(&work.join("nix/fifo.nix"));
         assert!(
             matches!(devshell_sources(&work, &[]), Err(TrustError::NotRegular { .. })),
             "a FIFO does not hang the walk"
@@ -953,9 +961,7 @@ mod tests {
             let e = devshell_sources(&work, &patterns(&[pattern])).unwrap_err();
             assert!(matches!(&e, TrustError::Symlink { path } if path.ends_with(at)), "{pattern}: {e}");
         }
-        let fifo = std::ffi::CString::new(work.join("fifo.txt").to_str().unwrap()).unwrap();
-        // SAFETY: a valid NUL-terminated path; mkfifo has no other preconditions.
-        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        make_fifo(&work.join("fifo.txt"));
         assert!(matches!(devshell_sources(&work, &patterns(&["fifo.txt"])), Err(TrustError::NotRegular { .. })));
         assert!(
             matches!(devshell_sources(&work, &patterns(&["nix"])), Err(TrustError::NotRegular { .. })),
