@@ -129,6 +129,7 @@ pub struct RunOptions {
     #[arg(skip)]
     pub devshell_files: Vec<FilePattern>,
     /// Print the guest's boot log (kernel and init messages, with timings)
+    /// and the launcher's own timings (one line, `agentvm: timings {JSON}`)
     /// to stderr when the VM stops.
     #[arg(short, long)]
     #[serde(skip)]

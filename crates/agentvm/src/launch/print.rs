@@ -9,6 +9,7 @@ use agentvm_proto::LaunchSpec;
 use serde::Serialize;
 
 use super::fds::FdPlan;
+use super::initramfs::Initramfs;
 use super::plan::Plan;
 use super::resources::Resources;
 use crate::net::plan::NetworkPlan;
@@ -22,6 +23,11 @@ pub struct PlanReport {
     /// The QEMU program and its arguments.
     pub qemu: String,
     pub qemu_args: Vec<String>,
+    /// The start of `qemu_args` that sets up the machine, accelerator, CPUs,
+    /// memory and sandbox (no kernel, no devices): what a baseline VM shares.
+    pub qemu_machine_args: Vec<String>,
+    /// The kernel QEMU boots.
+    pub kernel: String,
     pub kernel_cmdline: String,
     pub accel: String,
     /// Guest RAM as given to QEMU, in MiB.
@@ -30,11 +36,31 @@ pub struct PlanReport {
     pub fds: FdPlan,
     pub network: NetworkPlan,
     pub shares: Vec<ShareReport>,
+    pub image: ImageReport,
     pub initramfs_bytes: usize,
     /// The launcher's time from its start to the plan, in milliseconds.
     pub plan_ms: f64,
     /// The launch spec, its environment's values redacted.
     pub spec: LaunchSpec,
+}
+
+/// The image the launch boots.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageReport {
+    pub dir: String,
+    /// The compressed kernel (bzImage), whether or not it is the one booted.
+    pub bzimage: String,
+    /// The boot modules the initramfs holds, in load order.
+    pub boot_modules: Vec<ModuleReport>,
+}
+
+/// A boot module: the initramfs holds the first `unsigned_len` bytes of
+/// `path` (the module without its appended signature).
+#[derive(Debug, Clone, Serialize)]
+pub struct ModuleReport {
+    pub file: String,
+    pub path: String,
+    pub unsigned_len: usize,
 }
 
 /// One share, for printing.
@@ -48,7 +74,7 @@ pub struct ShareReport {
 }
 
 impl PlanReport {
-    pub fn new(plan: &Plan, res: &Resources, initramfs_bytes: usize, elapsed: Duration) -> PlanReport {
+    pub fn new(plan: &Plan, res: &Resources, initramfs: &Initramfs, elapsed: Duration) -> PlanReport {
         let lossy = |s: &std::ffi::OsStr| s.to_string_lossy().into_owned();
         let mut spec = plan.spec.clone();
         for (_, value) in &mut spec.env {
@@ -57,6 +83,8 @@ impl PlanReport {
         PlanReport {
             qemu: res.qemu.display().to_string(),
             qemu_args: plan.qemu_args().iter().map(|a| lossy(a)).collect(),
+            qemu_machine_args: crate::vm::qemu_machine_args(&plan.vm).iter().map(|a| lossy(a)).collect(),
+            kernel: plan.vm.kernel.display().to_string(),
             kernel_cmdline: plan.vm.cmdline.clone(),
             accel: plan.vm.accel.to_string(),
             memory_mib: plan.vm.memory_mib,
@@ -74,7 +102,20 @@ impl PlanReport {
                     cache: s.cache.as_str().into(),
                 })
                 .collect(),
-            initramfs_bytes,
+            image: ImageReport {
+                dir: res.image.dir.display().to_string(),
+                bzimage: res.image.bzimage().display().to_string(),
+                boot_modules: initramfs
+                    .modules
+                    .iter()
+                    .map(|m| ModuleReport {
+                        file: m.file.clone(),
+                        path: m.path.display().to_string(),
+                        unsigned_len: m.unsigned_len,
+                    })
+                    .collect(),
+            },
+            initramfs_bytes: initramfs.bytes.len(),
             plan_ms: elapsed.as_secs_f64() * 1000.0,
             spec,
         }
@@ -125,6 +166,7 @@ impl fmt::Display for PlanReport {
             let mode = if s.read_only { "ro" } else { "rw" };
             writeln!(f, "share         {} {} -> {} ({mode}, cache {})", s.tag, s.host_dir, s.guest_path, s.cache)?;
         }
+        writeln!(f, "image         {}", self.image.dir)?;
         writeln!(f, "modules       {}", self.spec.modules.join(" "))?;
         let env: Vec<&str> = self.spec.env.iter().map(|(name, _)| name.as_str()).collect();
         writeln!(f, "environment   {} (values redacted)", env.join(" "))?;
@@ -164,12 +206,19 @@ fn write_network(f: &mut fmt::Formatter<'_>, net: &NetworkPlan) -> fmt::Result {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::launch::initramfs::PackedModule;
     use crate::launch::plan::tests::{plan, resources, settings};
 
     fn report() -> PlanReport {
         let s = settings();
         let res = resources(&s);
-        PlanReport::new(&plan(&s, &res), &res, 8192, Duration::from_micros(12_345))
+        let module = PackedModule {
+            file: "virtio_mmio.ko".into(),
+            path: "/img/modules/virtio_mmio.ko".into(),
+            unsigned_len: 4000,
+        };
+        let initramfs = Initramfs { bytes: vec![0; 8192], modules: vec![module] };
+        PlanReport::new(&plan(&s, &res), &res, &initramfs, Duration::from_micros(12_345))
     }
 
     #[test]
@@ -184,6 +233,7 @@ mod tests {
         assert!(text.contains("network       open: passt (/usr/bin/passt)"), "{text}");
         assert!(text.contains("share         work /p/project -> /work (rw, cache auto)"), "{text}");
         assert!(text.contains("kernel        console=ttyS0"), "{text}");
+        assert!(text.contains("image         /img\n"), "{text}");
         assert!(text.contains("-append 'console=ttyS0 "), "{text}");
         assert!(
             text.contains("qemu          /usr/bin/qemu-system-x86_64 \\\n                -name agentvm-0123456789ab"),
@@ -203,6 +253,17 @@ mod tests {
         assert_eq!(json["initramfs_bytes"], 8192);
         assert!(json["qemu_args"].as_array().unwrap().iter().any(|a| a == "-kernel"));
         assert!(json["kernel_cmdline"].as_str().unwrap().contains("rdinit=/init"));
+        assert_eq!(json["kernel"], "/img/vmlinuz");
+        assert_eq!(json["image"]["dir"], "/img");
+        assert_eq!(json["image"]["bzimage"], "/img/vmlinuz");
+        assert_eq!(
+            json["image"]["boot_modules"],
+            serde_json::json!([{ "file": "virtio_mmio.ko", "path": "/img/modules/virtio_mmio.ko", "unsigned_len": 4000 }])
+        );
+        // The machine part is where the whole command line starts.
+        let (machine, all) = (json["qemu_machine_args"].as_array().unwrap(), json["qemu_args"].as_array().unwrap());
+        assert!(machine.iter().any(|a| a == "-accel") && all.starts_with(machine), "{machine:?}");
+        assert!(!machine.iter().any(|a| a == "-kernel"), "{machine:?}");
         assert_eq!(json["spec"]["env"][0], serde_json::json!(["API_KEY", REDACTED]));
         assert!(!json.to_string().contains("s3cr3t"));
     }
