@@ -10,7 +10,7 @@
 //! to connect through.
 
 use std::io::{self, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::instance::console_log::{self, RotatingLog};
+use crate::net::dns::{DnsError, Resolver};
 use crate::net::http::{self, authority, BodyKind, HttpError, Peer, RequestHead, BODY_IDLE, HEAD_DEADLINE};
 use crate::net::shield::Shield;
 // The settings and the launch name these through the proxy's module.
@@ -61,7 +62,7 @@ pub enum ProxyError {
     #[error("egress to {host} is not allowed: {}", not_allowed_hint(.host))]
     NotAllowed { host: String },
     #[error("cannot resolve {host}: {source}")]
-    Resolve { host: String, source: io::Error },
+    Resolve { host: String, source: DnsError },
     #[error("{host} has no address")]
     NoAddress { host: String },
     #[error(
@@ -457,16 +458,20 @@ impl Proxy {
         ));
     }
 
-    /// Resolves `host` and connects to the first address that answers,
-    /// never to a loopback, private or otherwise non-public one (checked on
-    /// the addresses actually dialled, so DNS rebinding gains nothing).
+    /// Resolves `host` (with agentvm's own resolver: /etc/hosts, then
+    /// resolv.conf's name servers) and connects to the first address that
+    /// answers, never to a loopback, private or otherwise non-public one
+    /// (checked on the addresses actually dialled, so DNS rebinding gains
+    /// nothing).
     fn dial(&self, host: &str, port: u16) -> Result<TcpStream, ProxyError> {
         let addrs: Vec<SocketAddr> = match self.resolve.iter().find(|(n, _)| n == host) {
             Some((_, ip)) => vec![SocketAddr::new(*ip, port)],
             None => {
-                let all: Vec<SocketAddr> = (host, port)
-                    .to_socket_addrs()
+                let all: Vec<SocketAddr> = Resolver::system()
+                    .lookup(host)
                     .map_err(|source| ProxyError::Resolve { host: host.to_string(), source })?
+                    .into_iter()
+                    .map(|ip| SocketAddr::new(ip, port))
                     .collect();
                 let public: Vec<SocketAddr> = all.iter().copied().filter(|a| non_public(a.ip()).is_none()).collect();
                 if public.is_empty() {

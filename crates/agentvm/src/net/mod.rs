@@ -3,6 +3,7 @@
 //! which cannot close it), and published ports.
 
 pub mod allow;
+pub mod dns;
 pub mod egress;
 pub mod forwarding;
 pub mod http;
