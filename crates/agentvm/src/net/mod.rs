@@ -6,6 +6,7 @@ pub mod allow;
 pub mod dns;
 pub mod egress;
 pub mod forwarding;
+pub mod host_proxy;
 pub mod http;
 pub mod plan;
 pub mod shield;
