@@ -300,14 +300,11 @@ impl HostProxy {
         Ok(Some(HostProxy { http, https, no_proxy }))
     }
 
-    /// The proxy for a tunnel (HTTPS) to `host:port`, unless NO_PROXY names it.
-    pub fn for_tunnel(&self, host: &str, port: u16) -> Option<&ProxyUrl> {
-        self.https.as_ref().filter(|_| !self.no_proxy.matches(host, port))
-    }
-
-    /// The proxy for a plain HTTP request to `host:port`, unless NO_PROXY names it.
-    pub fn for_http(&self, host: &str, port: u16) -> Option<&ProxyUrl> {
-        self.http.as_ref().filter(|_| !self.no_proxy.matches(host, port))
+    /// The proxy for a tunnel (`HTTPS_PROXY`) or a plain HTTP request
+    /// (`HTTP_PROXY`) to `host:port`, unless NO_PROXY names it.
+    pub fn for_target(&self, tunnel: bool, host: &str, port: u16) -> Option<&ProxyUrl> {
+        let proxy = if tunnel { &self.https } else { &self.http };
+        proxy.as_ref().filter(|_| !self.no_proxy.matches(host, port))
     }
 
     fn proxies(&self) -> impl Iterator<Item = &ProxyUrl> {
@@ -373,10 +370,10 @@ impl fmt::Display for HostProxy {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::HashMap;
-    use std::io::{BufRead, BufReader, Read};
+    use std::io::Read;
     use std::net::TcpListener;
     use std::sync::{Arc, Mutex};
 
@@ -494,24 +491,33 @@ mod tests {
         assert!(!guest.iter().any(|(_, v)| v.contains("hunter2")));
     }
 
-    /// A stand-in company proxy on loopback: it logs each request line and
-    /// its Proxy-Authorization, answers CONNECT with `answer`, and then
-    /// echoes what the client sends.
-    fn stand_in(answer: &'static str) -> (u16, Arc<Mutex<Vec<String>>>) {
+    /// A stand-in company proxy on loopback, answering each request with
+    /// the status line `answer`. It logs each request line with its
+    /// Proxy-Authorization (if any); a plain request's answer has a body,
+    /// FROM-THE-PROXY; a tunnel it accepted echoes the first byte it
+    /// carries, which it logs too. Shared with the egress proxy's tests.
+    pub(crate) fn company_proxy(answer: &'static str) -> (u16, Arc<Mutex<Vec<String>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let log = Arc::new(Mutex::new(Vec::new()));
         let seen = log.clone();
         std::thread::spawn(move || {
-            for mut s in listener.incoming().flatten() {
-                let mut reader = BufReader::new(s.try_clone().unwrap());
-                let mut line = String::new();
-                while reader.read_line(&mut line).unwrap() > 2 {}
-                seen.lock().unwrap().push(line.replace("\r\n", "|"));
-                s.write_all(answer.as_bytes()).unwrap();
-                let mut buf = [0u8; 5];
-                if reader.read_exact(&mut buf).is_ok() {
-                    s.write_all(&buf).unwrap();
+            for s in listener.incoming().flatten() {
+                let mut peer = Peer::new(s);
+                let Ok(head) = peer.read_head(http::parse_request, None) else { continue };
+                let auth = head.headers.iter().find(|h| h.is("proxy-authorization"));
+                let auth = auth.map(|h| format!(" auth={}", String::from_utf8_lossy(&h.value))).unwrap_or_default();
+                seen.lock().unwrap().push(format!("{} {}{auth}", head.method, head.target));
+                let _ = peer.stream.write_all(answer.as_bytes());
+                if head.method != "CONNECT" {
+                    let _ = peer.stream.write_all(b"\r\nContent-Length: 14\r\n\r\nFROM-THE-PROXY");
+                    continue;
+                }
+                let _ = peer.stream.write_all(b"\r\n\r\n");
+                let mut first = [0u8; 1];
+                if answer.starts_with("HTTP/1.1 200") && peer.stream.read_exact(&mut first).is_ok() {
+                    seen.lock().unwrap().push(format!("tunnel starts with {:#04x}", first[0]));
+                    let _ = peer.stream.write_all(&first);
                 }
             }
         });
@@ -524,22 +530,21 @@ mod tests {
 
     #[test]
     fn tunnels_go_through_the_proxy_with_its_credentials() {
-        let (port, log) = stand_in("HTTP/1.1 200 Connection established\r\n\r\n");
+        let (port, log) = company_proxy("HTTP/1.1 200 Connection established");
         let p = ProxyUrl::parse("HTTPS_PROXY", &format!("http://me:pw@127.0.0.1:{port}")).unwrap();
         let mut s = p.tunnel(&resolver(), "api.example.test", 443).unwrap();
-        s.write_all(b"hello").unwrap();
-        let mut back = [0u8; 5];
+        s.write_all(&[0x16]).unwrap();
+        let mut back = [0u8; 1];
         s.read_exact(&mut back).unwrap();
-        assert_eq!(&back, b"hello");
         assert_eq!(
-            log.lock().unwrap()[0],
-            "CONNECT api.example.test:443 HTTP/1.1|Host: api.example.test:443|Proxy-Authorization: Basic bWU6cHc=||"
+            *log.lock().unwrap(),
+            ["CONNECT api.example.test:443 auth=Basic bWU6cHc=", "tunnel starts with 0x16"]
         );
     }
 
     #[test]
     fn a_refusing_or_absent_proxy_is_an_error_that_says_so() {
-        let (port, _) = stand_in("HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n");
+        let (port, _) = company_proxy("HTTP/1.1 407 Proxy Authentication Required");
         let p = ProxyUrl::parse("HTTPS_PROXY", &format!("http://127.0.0.1:{port}")).unwrap();
         let e = p.tunnel(&resolver(), "api.example.test", 443).unwrap_err().to_string();
         assert_eq!(
