@@ -561,6 +561,7 @@ impl Proxy {
 /// Copies the response to a `method` request: its head with `Connection:
 /// close`, then its body, to its end (a server may keep the connection
 /// open although it was asked to close it).
+///
 /// Through the host's proxy (`via`, with what was asked of it), its asking
 /// for credentials (407) is its refusal, not the server's answer.
 fn relay_response(
