@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A port on 127.0.0.1 that was free a moment ago.
@@ -66,6 +66,54 @@ pub fn http_echo_server() -> u16 {
             }
         }
     })
+}
+
+/// What a stand-in proxy was asked: each request line, in order.
+pub type ProxyLog = Arc<Mutex<Vec<String>>>;
+
+/// A stand-in company proxy (an HTTP proxy, as squid or cntlm speak it):
+/// CONNECT opens a tunnel, an absolute-form request is sent on and its
+/// answer relayed; every target name is taken to be on this host's
+/// loopback (the proxy resolves names for its clients). Logs each request
+/// line, and whether it carried credentials (` +auth`).
+pub fn http_proxy_server() -> (u16, ProxyLog) {
+    let log = ProxyLog::default();
+    let seen = log.clone();
+    let port = serve(move |client| {
+        let mut reader = BufReader::new(client.try_clone().unwrap());
+        let Some(head) = read_head(&mut reader) else { return };
+        let auth = head.iter().any(|l| l.to_lowercase().starts_with("proxy-authorization:"));
+        seen.lock().unwrap().push(format!("{}{}", head[0], if auth { " +auth" } else { "" }));
+        let mut parts = head[0].split(' ');
+        let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let (authority, path) = match target.strip_prefix("http://") {
+            Some(rest) => rest.split_at(rest.find('/').unwrap_or(rest.len())),
+            None => (target, ""),
+        };
+        let port: u16 = authority.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(80);
+        let mut client = client;
+        let Ok(mut up) = TcpStream::connect(("127.0.0.1", port)) else {
+            let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n");
+            return;
+        };
+        if method == "CONNECT" {
+            let _ = client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+            let _ = up.write_all(reader.buffer());
+        } else {
+            let path = if path.is_empty() { "/" } else { path };
+            let _ = write!(up, "{method} {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n");
+        }
+        let (mut up_reader, mut client_writer) = (up.try_clone().unwrap(), client.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut up_reader, &mut client_writer);
+            let _ = client_writer.shutdown(std::net::Shutdown::Write);
+        });
+        if method == "CONNECT" {
+            let _ = std::io::copy(&mut client, &mut up);
+            let _ = up.shutdown(std::net::Shutdown::Write);
+        }
+    });
+    (port, log)
 }
 
 /// The lines of one request head, without the blank line; `None` at the
@@ -197,6 +245,29 @@ mod tests {
         let two = b"GET /a HTTP/1.1\r\nHost: one.test\r\n\r\nGET /b HTTP/1.1\r\nHost: two.test\r\n\r\n";
         let answer = exchange(http_echo_server(), two);
         assert!(answer.contains("ECHO host=one.test target=/a\n") && answer.contains("ECHO host=two.test target=/b\n"));
+    }
+
+    #[test]
+    fn the_stand_in_proxy_tunnels_and_forwards_and_logs_each_request() {
+        let target = http_server("BEHIND-THE-PROXY");
+        let (proxy, log) = http_proxy_server();
+        let plain = exchange(proxy, format!("GET http://named.test:{target}/x HTTP/1.1\r\n\r\n").as_bytes());
+        assert!(plain.ends_with("BEHIND-THE-PROXY"), "{plain}");
+        let tunnel = exchange(
+            proxy,
+            format!(
+                "CONNECT named.test:{target} HTTP/1.1\r\nProxy-Authorization: Basic eDp5\r\n\r\nGET / HTTP/1.0\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        assert!(tunnel.starts_with("HTTP/1.1 200 Connection established") && tunnel.ends_with("BEHIND-THE-PROXY"));
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                format!("GET http://named.test:{target}/x HTTP/1.1"),
+                format!("CONNECT named.test:{target} HTTP/1.1 +auth")
+            ]
+        );
     }
 
     #[test]

@@ -1,10 +1,14 @@
 //! `agentvm doctor`: checks every host requirement and says how to fix
 //! each one that fails.
 
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use crate::image::subids;
+use crate::net::dns::{self, Resolver};
+use crate::net::host_proxy::HostProxy;
 use crate::{paths, tools, vm::accel, vm::share};
 
 /// The outcome of one check.
@@ -31,6 +35,8 @@ const SETUP: &str = "run scripts/setup-host (as root) from the agentvm source tr
 
 /// Oldest QEMU known to run our microvm set-up (ACPI virtio-mmio discovery).
 const MIN_QEMU: (u32, u32) = (7, 2);
+/// How long the network checks may wait for an answer.
+const NET_PROBE: Duration = Duration::from_secs(2);
 
 fn ok(name: &'static str, detail: impl Into<String>) -> Check {
     Check { name, status: Status::Ok, detail: detail.into(), fix: None }
@@ -60,6 +66,8 @@ pub fn run_checks() -> Vec<Check> {
         check_dir("cache dir", paths::cache_dir()),
         check_dir("data dir", paths::data_dir()),
         check_runtime_dir(),
+        check_host_proxy(&|k| std::env::var(k).ok()),
+        check_dns(&Resolver::system()),
     ]
 }
 
@@ -232,6 +240,59 @@ fn check_runtime_dir() -> Check {
     }
 }
 
+/// The host's HTTP proxy in the environment `get`: where it is (never its
+/// credentials), and whether it accepts a connection.
+fn check_host_proxy(get: &dyn Fn(&str) -> Option<String>) -> Check {
+    let name = "host proxy";
+    let found = match HostProxy::from_env(get) {
+        Ok(Some(found)) => found,
+        Ok(None) => return ok(name, "none (no HTTPS_PROXY or HTTP_PROXY): the guest connects directly"),
+        Err(e) => return fail(name, e.to_string(), "fix or unset the variable"),
+    };
+    let resolver = Resolver::system();
+    for p in found.http.iter().chain(&found.https) {
+        let addrs = resolver.lookup(&p.host).map_err(|e| e.to_string());
+        let reached = addrs.and_then(|ips| {
+            let mut last = "no address".to_string();
+            for ip in ips {
+                match TcpStream::connect_timeout(&SocketAddr::new(ip, p.port), NET_PROBE) {
+                    Ok(_) => return Ok(()),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            Err(last)
+        });
+        if let Err(why) = reached {
+            return Check {
+                name,
+                status: Status::Warn,
+                detail: format!("cannot connect to {p}: {why}"),
+                fix: Some(format!("start the proxy, or unset {} for agentvm", p.var)),
+            };
+        }
+    }
+    let creds = found.http.iter().chain(&found.https).any(|p| p.has_credentials());
+    let note = if creds { " (with credentials: --network allow only, they stay on the host)" } else { "" };
+    ok(name, format!("{found}{note}: --network open hands it to the guest, --network allow connects through it"))
+}
+
+/// Whether a name server of resolv.conf answers (`--network allow`
+/// resolves names itself, with no help from the C library).
+fn check_dns(resolver: &Resolver) -> Check {
+    match resolver.probe(NET_PROBE) {
+        Ok(server) => ok("dns", format!("{} answers ({} first, then {})", server.ip(), dns::HOSTS, dns::RESOLV_CONF)),
+        Err(why) => Check {
+            name: "dns",
+            status: Status::Warn,
+            detail: format!("no name server of {} answers: {why}", dns::RESOLV_CONF),
+            fix: Some(format!(
+                "--network allow resolves names with the name servers of {}: fix it or the network (names a host proxy resolves need no DNS here)",
+                dns::RESOLV_CONF
+            )),
+        },
+    }
+}
+
 /// What `agentvm doctor` prints: a line per check, with the fix under each
 /// one that is not Ok, then the verdict.
 pub fn report(checks: &[Check]) -> String {
@@ -290,5 +351,40 @@ mod tests {
         assert!(!all_passed(&checks));
         assert!(all_passed(&checks[..2]));
         assert!(report(&checks[..2]).ends_with("agentvm is ready.\n"));
+    }
+
+    #[test]
+    fn the_host_proxy_is_reported_without_credentials_and_checked_for_a_listener() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let url = format!("http://me:hunter2@127.0.0.1:{port}");
+        let vars = [("HTTPS_PROXY", url.as_str())];
+        let c = check_host_proxy(&|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()));
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+        assert!(
+            c.detail.starts_with(&format!("http://127.0.0.1:{port} (from HTTPS_PROXY) (with credentials")),
+            "{c:?}"
+        );
+        assert!(!c.detail.contains("hunter2"));
+        drop(listener);
+        let c = check_host_proxy(&|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()));
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert!(c.detail.contains("cannot connect") && !c.detail.contains("hunter2"), "{c:?}");
+        assert_eq!(check_host_proxy(&|_| None).status, Status::Ok);
+        let c = check_host_proxy(&|k| (k == "http_proxy").then(|| "socks5://x:1".to_string()));
+        assert_eq!(c.status, Status::Fail, "{c:?}");
+        assert!(c.detail.contains("http_proxy"), "{c:?}");
+    }
+
+    #[test]
+    fn dns_is_reported_working_when_a_name_server_answers() {
+        let dns = crate::net::dns::tests::StandInDns::start(crate::net::dns::tests::example_zone, false);
+        let c = check_dns(&dns.resolver());
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let conf = dns::ResolvConf { nameservers: vec![silent.local_addr().unwrap()], ..Default::default() };
+        let c = check_dns(&Resolver::new(conf, String::new()));
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert!(c.detail.contains("no name server"), "{c:?}");
     }
 }

@@ -68,6 +68,8 @@ pub struct RunOptions {
     /// `open`: internet through the host (the host's own services stay
     /// closed); `none`: only loopback in the guest; `allow`: no interface
     /// either, HTTP(S) through agentvm's proxy to the allowed names only.
+    /// A host proxy in HTTPS_PROXY/HTTP_PROXY (NO_PROXY) is handed to the
+    /// guest (open) or connected through (allow).
     #[arg(long, value_enum, value_name = "MODE")]
     pub network: Option<NetworkMode>,
     /// Start container runtimes in the guest: a comma-separated list of

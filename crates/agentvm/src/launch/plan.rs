@@ -176,6 +176,7 @@ pub(crate) mod tests {
             host_ports: Vec::new(),
             allow: Default::default(),
             shield_secrets: false,
+            host_proxy: None,
             cri: Vec::new(),
             cri_disk_mib: 0,
             memory_mib: 2048,
@@ -203,7 +204,9 @@ pub(crate) mod tests {
         };
         let passt = Some(PathBuf::from("/usr/bin/passt"));
         let network =
-            NetworkPlan::decide(s.network, s.net_backend, &s.ports, &s.host_ports, passt).expect("a valid network").0;
+            NetworkPlan::decide(s.network, s.net_backend, &s.ports, &s.host_ports, s.host_proxy.as_ref(), passt)
+                .expect("a valid network")
+                .0;
         Resources {
             qemu: "/usr/bin/qemu-system-x86_64".into(),
             guest_init: "/bin/agentvm-guest".into(),
@@ -288,7 +291,7 @@ pub(crate) mod tests {
         let s =
             Settings { net_backend: NetBackend::Slirp, ports: vec![PortSpec::parse("8080:80").unwrap()], ..settings() };
         let mut res = resources(&s);
-        res.network = NetworkPlan::decide(s.network, s.net_backend, &s.ports, &[], None).unwrap().0;
+        res.network = NetworkPlan::decide(s.network, s.net_backend, &s.ports, &[], None, None).unwrap().0;
         let p = plan(&s, &res);
         assert_eq!(p.fds.network, None);
         let netdev = value_of(&args(&p), "-netdev");
@@ -319,6 +322,40 @@ pub(crate) mod tests {
         assert_eq!(p.spec.host_ports, [crate::net::egress::PROXY_PORT]);
         assert_eq!(p.spec.published_ports, [80]);
         assert!(env_of(&p, "HTTPS_PROXY").is_some());
+    }
+
+    fn host_proxy(vars: &[(&str, &str)]) -> Option<crate::net::host_proxy::HostProxy> {
+        let get = |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+        crate::net::host_proxy::HostProxy::from_env(&get).unwrap()
+    }
+
+    #[test]
+    fn open_network_hands_the_host_proxy_to_the_guest_a_loopback_one_over_the_channel() {
+        let proxy = host_proxy(&[("HTTPS_PROXY", "http://127.0.0.1:3128"), ("HTTP_PROXY", "http://proxy.corp:8080")]);
+        let s = Settings { host_ports: vec![5432], host_proxy: proxy, ..settings() };
+        let p = plan(&s, &resources(&s));
+        assert_eq!(p.spec.host_ports, [5432, 3128]);
+        assert_eq!(p.fds.forwarding, Some(6), "the channel carries the proxy's port");
+        assert_eq!(env_of(&p, "https_proxy"), Some("http://host.agentvm.internal:3128"));
+        assert_eq!(env_of(&p, "HTTP_PROXY"), Some("http://proxy.corp:8080"));
+        assert!(env_of(&p, "NO_PROXY").unwrap().ends_with("localhost,127.0.0.1,::1,host.agentvm.internal"));
+        assert_eq!(p.network.upstream_proxy(), None);
+    }
+
+    #[test]
+    fn allow_mode_chains_through_the_host_proxy_and_the_guest_sees_only_agentvms() {
+        let proxy = host_proxy(&[("HTTPS_PROXY", "http://me:hunter2@127.0.0.1:3129")]);
+        let s = Settings { network: NetworkMode::Allow, host_proxy: proxy, ..settings() };
+        let p = plan(&s, &resources(&s));
+        assert_eq!(p.spec.host_ports, [crate::net::egress::PROXY_PORT], "the host proxy's port stays closed");
+        assert_eq!(env_of(&p, "HTTPS_PROXY"), Some("http://host.agentvm.internal:3128"));
+        assert!(p.network.upstream_proxy().unwrap().https.unwrap().has_credentials());
+        assert!(!p.spec.env.iter().any(|(_, v)| v.contains("hunter2")));
+        let text = crate::launch::print::PlanReport::new(&p, &resources(&s), 0, Default::default()).to_string();
+        assert!(
+            text.contains("host proxy http://127.0.0.1:3129 (from HTTPS_PROXY)") && !text.contains("hunter2"),
+            "{text}"
+        );
     }
 
     #[test]

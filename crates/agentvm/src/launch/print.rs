@@ -196,6 +196,9 @@ fn write_network(f: &mut fmt::Formatter<'_>, net: &NetworkPlan) -> fmt::Result {
     if !net.host_ports.is_empty() {
         write!(f, ", host ports {:?}", net.host_ports)?;
     }
+    if let Some(hp) = &net.host_proxy {
+        write!(f, ", host proxy {hp}")?;
+    }
     if !net.published.is_empty() {
         let ports: Vec<String> = net.published.iter().map(ToString::to_string).collect();
         write!(f, ", published {} via {}", ports.join(" "), serde_name(net.published_via))?;

@@ -96,6 +96,7 @@ impl Resources {
             settings.net_backend,
             &settings.ports,
             &settings.host_ports,
+            settings.host_proxy.as_ref(),
             net::find_passt(),
         )?;
         if let Some(w) = net_warning {
