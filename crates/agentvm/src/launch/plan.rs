@@ -351,7 +351,9 @@ pub(crate) mod tests {
         assert_eq!(env_of(&p, "HTTPS_PROXY"), Some("http://host.agentvm.internal:3128"));
         assert!(p.network.upstream_proxy().unwrap().https.unwrap().has_credentials());
         assert!(!p.spec.env.iter().any(|(_, v)| v.contains("hunter2")));
-        let text = crate::launch::print::PlanReport::new(&p, &resources(&s), 0, Default::default()).to_string();
+        let initramfs = crate::launch::initramfs::Initramfs { bytes: Vec::new(), modules: Vec::new() };
+        let text =
+            crate::launch::print::PlanReport::new(&p, &resources(&s), &initramfs, Default::default()).to_string();
         assert!(
             text.contains("host proxy http://127.0.0.1:3129 (from HTTPS_PROXY)") && !text.contains("hunter2"),
             "{text}"
