@@ -42,12 +42,17 @@ pub fn tcp_counting_server() -> u16 {
     })
 }
 
-/// An HTTP server that answers every request with `body`.
+/// An HTTP server that answers every request with `body`. It reads what
+/// the client sends until the client closes: closing a socket with unread
+/// input sends a reset, which throws away an answer not yet delivered.
 pub fn http_server(body: &'static str) -> u16 {
     serve(move |mut s| {
-        let mut request = [0u8; 4096];
-        let _ = s.read(&mut request);
-        let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut reader = BufReader::new(s.try_clone().unwrap());
+        let _ = read_head(&mut reader);
+        let _ = s.write_all(format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
     })
 }
 
@@ -101,7 +106,7 @@ pub fn http_proxy_server() -> (u16, ProxyLog) {
             let _ = up.write_all(reader.buffer());
         } else {
             let path = if path.is_empty() { "/" } else { path };
-            let _ = write!(up, "{method} {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n");
+            let _ = up.write_all(format!("{method} {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes());
         }
         let (mut up_reader, mut client_writer) = (up.try_clone().unwrap(), client.try_clone().unwrap());
         std::thread::spawn(move || {
@@ -245,6 +250,15 @@ mod tests {
         let two = b"GET /a HTTP/1.1\r\nHost: one.test\r\n\r\nGET /b HTTP/1.1\r\nHost: two.test\r\n\r\n";
         let answer = exchange(http_echo_server(), two);
         assert!(answer.contains("ECHO host=one.test target=/a\n") && answer.contains("ECHO host=two.test target=/b\n"));
+    }
+
+    #[test]
+    fn the_http_server_answers_whole_whatever_follows_the_request_head() {
+        let mut request = b"POST / HTTP/1.0\r\n\r\n".to_vec();
+        request.resize(request.len() + 200_000, b'x');
+        for _ in 0..20 {
+            assert!(exchange(http_server("WHOLE"), &request).ends_with("\r\n\r\nWHOLE"));
+        }
     }
 
     #[test]
