@@ -60,6 +60,7 @@ fn run() -> Result<relay::Outcome> {
     etc::setup_user(Path::new("/"), &spec.user)?;
     etc::setup_login_path(Path::new("/"), &spec.env)?;
     // Before the container runtimes start: their daemons verify registries.
+    console::step("install the trust store");
     etc::install_trust(Path::new("/"), &spec.ca_trust)?;
     if let Some(c) = &spec.containers {
         containers::prepare(c, &spec.user)?;
