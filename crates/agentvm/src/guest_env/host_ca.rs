@@ -56,8 +56,10 @@ const DIR_VAR: &str = "SSL_CERT_DIR";
 pub const MAX_FILE_BYTES: u64 = 4 << 20;
 /// Files read from one CA directory at most.
 pub const MAX_DIR_FILES: usize = 4096;
-/// Certificates the guest gets at most.
+/// Certificates the guest gets at most, and their size together (DER); the
+/// system bundles hold ~150 of ~1.4 KiB.
 pub const MAX_CERTS: usize = 2000;
+pub const MAX_CERT_BYTES: usize = 8 << 20;
 
 /// Whether the guest trusts the host's CAs (`--host-ca`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
@@ -101,7 +103,10 @@ pub struct HostCas {
     pub warnings: Vec<String>,
     seen_certs: HashSet<Vec<u8>>,
     seen_files: HashSet<(u64, u64)>,
+    /// The bounds: [`MAX_CERTS`] and [`MAX_CERT_BYTES`] (smaller in tests).
     max_certs: usize,
+    max_bytes: usize,
+    bytes: usize,
 }
 
 impl HostCas {
@@ -113,7 +118,7 @@ impl HostCas {
 
     /// [`HostCas::load`] with the system bundle looked for at `system`.
     pub fn load_from(system: &[&Path], get_env: &dyn Fn(&str) -> Option<String>) -> HostCas {
-        let mut cas = HostCas { max_certs: MAX_CERTS, ..HostCas::default() };
+        let mut cas = HostCas { max_certs: MAX_CERTS, max_bytes: MAX_CERT_BYTES, ..HostCas::default() };
         match system.iter().find(|p| p.exists()) {
             Some(bundle) => cas.read_file(bundle.display().to_string(), bundle),
             None => cas.warnings.push(format!(
@@ -189,9 +194,11 @@ impl HostCas {
             Ok(anchor) => is_public_root(&anchor),
             Err(e) => return Err(format!("one that does not parse as a certificate ({e:?})")),
         };
-        if self.certs.len() >= self.max_certs {
-            return Err(format!("one past the first {} certificates, which is all the guest gets", self.max_certs));
+        if self.certs.len() >= self.max_certs || self.bytes + der.len() > self.max_bytes {
+            let (n, mib) = (self.max_certs, self.max_bytes >> 20);
+            return Err(format!("one past the first {n} certificates or {mib} MiB, which is all the guest gets"));
         }
+        self.bytes += der.len();
         self.seen_certs.insert(der.to_vec());
         self.certs.push(HostCert { der, public });
         Ok(())
@@ -434,20 +441,25 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn the_guest_gets_a_bounded_number_of_certificates() {
-        let mut cas = HostCas { max_certs: 2, ..HostCas::default() };
+    fn the_guest_gets_a_bounded_number_and_size_of_certificates() {
+        let mut cas = HostCas { max_certs: 2, max_bytes: 1 << 20, ..HostCas::default() };
         for name in ["A", "B", "C"] {
             let _ = cas.add(ca_named(name));
         }
         assert_eq!(cas.certs.len(), 2);
-        assert!(cas.add(ca_named("D")).unwrap_err().contains("past the first 2 certificates"));
+        assert!(cas.add(ca_named("D")).unwrap_err().contains("past the first 2 certificates or 1 MiB"));
+
+        let one = ca_named("E");
+        let mut cas = HostCas { max_certs: 10, max_bytes: one.len() + 10, ..HostCas::default() };
+        cas.add(one).unwrap();
+        assert!(cas.add(ca_named("F")).is_err(), "a second would pass the size");
     }
 
     #[test]
     fn the_guest_trusts_the_hosts_roots_its_other_cas_and_the_instance_ca() {
         let company = ca_named("Company CA");
         let instance = ca_named("agentvm instance CA");
-        let mut cas = HostCas { max_certs: 10, ..HostCas::default() };
+        let mut cas = HostCas { max_certs: 10, max_bytes: 1 << 20, ..HostCas::default() };
         cas.add(public_root()).unwrap();
         cas.add(company.clone()).unwrap();
 
