@@ -11,6 +11,8 @@ use agentvm_testkit::servers::https_server_for;
 use agentvm_testkit::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// The name the guest reaches `--host-port`s at, and a test name the
@@ -121,7 +123,8 @@ fn without_ca_vars(l: &Launch, args: &[&str]) -> Command {
 /// also when the test fails. It only adds a CA, so tests running meanwhile
 /// see nothing else change. update-ca-certificates runs without its hooks
 /// (Java's keystore): a local CA's removal never reaches them, so they
-/// could not be undone.
+/// could not be undone. Each CA has a file of its own, and one update runs
+/// at a time: they all write the same temporary bundle.
 struct SystemStoreCa {
     crt: PathBuf,
     update: PathBuf,
@@ -144,7 +147,9 @@ impl SystemStoreCa {
         if !Path::new(LOCAL_CAS).is_dir() {
             return Err(Skip::missing(format!("no {LOCAL_CAS}: the ca-certificates package provides it")));
         }
-        let crt = Path::new(LOCAL_CAS).join(format!("agentvm-test-ca-{}.crt", std::process::id()));
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let crt = Path::new(LOCAL_CAS).join(format!("agentvm-test-ca-{}-{n}.crt", std::process::id()));
         std::fs::write(&crt, ca_pem).unwrap();
         let installed = SystemStoreCa { crt, update, no_hooks: tempfile::tempdir().unwrap() };
         installed.update();
@@ -152,6 +157,8 @@ impl SystemStoreCa {
     }
 
     fn update(&self) {
+        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let out = process::run(Command::new(&self.update).arg("--hooksdir").arg(self.no_hooks.path()), b"");
         assert!(out.status.success(), "update-ca-certificates: {}", stderr(&out));
     }
