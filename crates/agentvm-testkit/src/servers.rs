@@ -143,7 +143,12 @@ pub type Answer = fn(&str, usize) -> (Vec<String>, String);
 /// reading one request per connection (a body to its end, discarded) and
 /// answering with `answer`. Returns its port and its CA's PEM.
 pub fn https_server(name: &str, answer: Answer) -> (u16, String) {
-    let (config, ca_pem) = tls_with_test_ca(name);
+    https_server_for(&[name], answer)
+}
+
+/// [`https_server`] with a certificate for each of `names`.
+pub fn https_server_for(names: &[&str], answer: Answer) -> (u16, String) {
+    let (config, ca_pem) = tls_with_test_ca(names);
     let port = serve(move |tcp| {
         let conn = rustls::ServerConnection::new(config.clone()).unwrap();
         let mut s = rustls::StreamOwned::new(conn, tcp);
@@ -160,22 +165,37 @@ pub fn https_server(name: &str, answer: Answer) -> (u16, String) {
     (port, ca_pem)
 }
 
-/// A TLS server set-up for `name` with a certificate from a new test CA;
-/// and that CA's PEM.
-fn tls_with_test_ca(name: &str) -> (Arc<rustls::ServerConfig>, String) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+/// A new test CA and a leaf it signed for `names`, as the strictest
+/// verifiers want them (OpenSSL's X509_STRICT, which Python 3.13's default
+/// context turns on): the CA with key usages, the leaf with an Authority
+/// Key Identifier, key usage and the server-auth purpose.
+pub fn test_ca_and_leaf(names: &[&str]) -> (rcgen::Certificate, rcgen::Certificate, rcgen::KeyPair) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     // Names of their own: OpenSSL takes a leaf named as its issuer for a
     // self-signed certificate, and refuses it.
     ca_params.distinguished_name.push(DnType::CommonName, "agentvm test CA");
     let ca_key = KeyPair::generate().unwrap();
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
-    let mut leaf_params = CertificateParams::new(vec![name.to_string()]).unwrap();
-    leaf_params.distinguished_name.push(DnType::CommonName, name);
+    let mut leaf_params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    leaf_params.distinguished_name.push(DnType::CommonName, names[0]);
+    leaf_params.use_authority_key_identifier_extension = true;
+    leaf_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let leaf_key = KeyPair::generate().unwrap();
     let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    (ca, leaf, leaf_key)
+}
+
+/// A TLS server set-up for `names` with a certificate from a new test CA;
+/// and that CA's PEM.
+fn tls_with_test_ca(names: &[&str]) -> (Arc<rustls::ServerConfig>, String) {
+    let (ca, leaf, leaf_key) = test_ca_and_leaf(names);
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
@@ -290,6 +310,25 @@ mod tests {
         let (head, body) = read_request(&mut &request[..]).unwrap();
         assert!(head.starts_with("post /x http/1.1\r\ncontent-length: 3"), "{head}");
         assert_eq!(body, 3);
+    }
+
+    #[test]
+    fn the_test_certificates_pass_openssls_strict_checks_for_every_name() {
+        let openssl = crate::require!(crate::skip::tool("openssl"));
+        let (ca, leaf, _) = test_ca_and_leaf(&["one.test", "two.test"]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("leaf.pem"), leaf.pem()).unwrap();
+        for name in ["one.test", "two.test"] {
+            let out = crate::process::run(
+                std::process::Command::new(&openssl)
+                    .args(["verify", "-x509_strict", "-purpose", "sslserver", "-verify_hostname", name])
+                    .args(["-CAfile", "ca.pem", "leaf.pem"])
+                    .current_dir(dir.path()),
+                b"",
+            );
+            assert!(out.status.success(), "{name}: {}{}", crate::stdout(&out), crate::stderr(&out));
+        }
     }
 
     #[test]

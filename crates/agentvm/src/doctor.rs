@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::guest_env::host_ca::{self, HostCas};
 use crate::image::subids;
 use crate::net::dns::{self, Resolver};
 use crate::net::host_proxy::HostProxy;
@@ -68,6 +69,7 @@ pub fn run_checks() -> Vec<Check> {
         check_runtime_dir(),
         check_host_proxy(&|k| std::env::var(k).ok()),
         check_dns(&Resolver::system()),
+        host_ca_check(&HostCas::load(&|var| std::env::var(var).ok())),
     ]
 }
 
@@ -293,6 +295,45 @@ fn check_dns(resolver: &Resolver) -> Check {
     }
 }
 
+/// Where the guest's trust store comes from (`--host-ca`), and the CAs
+/// the host trusts beyond the public web roots (a company's that inspects
+/// TLS, a local one).
+pub fn host_ca_check(cas: &HostCas) -> Check {
+    let name = "host CAs";
+    let sources: Vec<String> = cas
+        .sources
+        .iter()
+        .map(|s| match s.held {
+            None => format!("{} (read already)", s.label),
+            Some(held) if held == s.new => format!("{} ({held})", s.label),
+            Some(held) => format!("{} ({held}, {} new)", s.label, s.new),
+        })
+        .collect();
+    let extra: Vec<String> = cas.extra().map(|c| host_ca::display_name(&c.der)).collect();
+    let detail = match (sources.is_empty(), extra.len()) {
+        (true, _) => "none found".to_string(),
+        (false, 0) => format!("{}: {} for the guest, all public web roots", sources.join(", "), cas.certs.len()),
+        // A distribution may still ship roots Mozilla has dropped: they count here too.
+        (false, n) => format!(
+            "{}: {} for the guest, {n} not among the current public web roots (webpki-roots): {}",
+            sources.join(", "),
+            cas.certs.len(),
+            extra.join(", ")
+        ),
+    };
+    if cas.warnings.is_empty() {
+        return ok(name, detail);
+    }
+    Check {
+        name,
+        status: Status::Warn,
+        detail: format!("{detail}; {}", cas.warnings.join("; ")),
+        fix: Some(
+            "fix or unset what the warning names; --host-ca=off gives the guest its image's public roots only".into(),
+        ),
+    }
+}
+
 /// What `agentvm doctor` prints: a line per check, with the fix under each
 /// one that is not Ok, then the verdict.
 pub fn report(checks: &[Check]) -> String {
@@ -330,6 +371,36 @@ mod tests {
         assert_eq!(parse_qemu_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds)\n"), Some((10, 0)));
         assert_eq!(parse_qemu_version("QEMU emulator version 7.2.15\n"), Some((7, 2)));
         assert_eq!(parse_qemu_version("garbage"), None);
+    }
+
+    #[test]
+    fn host_cas_name_their_sources_and_the_cas_beyond_the_public_roots() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("bundle.crt");
+        let company = host_ca::pem_of(&host_ca::tests::ca_named("Example Company Inspection CA"));
+        std::fs::write(&bundle, &company).unwrap();
+        let own = dir.path().join("own.pem");
+        std::fs::write(&own, [company.as_str(), &host_ca::pem_of(&host_ca::tests::ca_named("Own CA"))].concat())
+            .unwrap();
+        let get = |var: &str| match var {
+            "SSL_CERT_FILE" => Some(own.display().to_string()),
+            "NODE_EXTRA_CA_CERTS" => Some(bundle.display().to_string()),
+            _ => None,
+        };
+        let check = host_ca_check(&HostCas::load_from(&[&bundle], &get));
+        assert_eq!(check.status, Status::Ok);
+        assert_eq!(
+            check.detail,
+            format!(
+                "{b} (1), SSL_CERT_FILE={o} (2, 1 new), NODE_EXTRA_CA_CERTS={b} (read already): 2 for the guest, \
+                 2 not among the current public web roots (webpki-roots): Example Company Inspection CA, Own CA",
+                b = bundle.display(),
+                o = own.display()
+            )
+        );
+        let check = host_ca_check(&HostCas::load_from(&[&dir.path().join("none")], &|_| None));
+        assert_eq!(check.status, Status::Warn);
+        assert!(check.detail.starts_with("none found; --host-ca: no system CA bundle"));
     }
 
     #[test]

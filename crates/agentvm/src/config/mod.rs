@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 
 use crate::guest_env::cri::Runtime;
 use crate::guest_env::devshell;
+use crate::guest_env::host_ca::HostCa;
 use crate::net::egress::AllowList;
 use crate::net::{NetBackend, NetworkMode, PortSpec};
 use crate::paths;
@@ -74,6 +75,8 @@ pub struct Settings {
     pub ports: Vec<PortSpec>,
     /// Host loopback ports opened to the guest, checked: each once.
     pub host_ports: Vec<u16>,
+    /// Whether the guest trusts the host's CA certificates.
+    pub host_ca: HostCa,
     /// Names the guest may reach under [`NetworkMode::Allow`]: the
     /// flavor's preset plus the user's.
     pub allow: AllowList,
@@ -192,6 +195,7 @@ pub fn resolve_with(
         work_cache: layers.value(|o| &o.work_cache).unwrap_or_default(),
         ports: network.ports,
         host_ports: network.host_ports,
+        host_ca: layers.value(|o| &o.host_ca).unwrap_or_default(),
         allow: network.allow,
         shield_secrets: network.shield_secrets,
         host_proxy: network.host_proxy,

@@ -14,7 +14,6 @@ use super::resources::Resources;
 use crate::config::Settings;
 use crate::image::kmod;
 use crate::net::plan::NetworkPlan;
-use crate::net::shield;
 use crate::vm::share::{self, CacheMode, Share};
 use crate::vm::{self, VmConfig};
 
@@ -112,14 +111,10 @@ fn spec(s: &Settings, res: &Resources, shares: &[Share], id: &str) -> LaunchSpec
         },
         cwd: guest::WORK.into(),
         argv: s.argv.clone(),
-        env: res
-            .env
-            .iter()
-            .cloned()
-            .chain(net.guest_env())
-            .chain(if res.ca_pem.is_some() { shield::guest_env() } else { Vec::new() })
-            .collect(),
-        ca_certs: res.ca_pem.iter().cloned().collect(),
+        // Later wins: the program's own variables (e.g. `-e SSL_CERT_FILE`)
+        // over the trust store's.
+        env: res.trust.guest_env().into_iter().chain(res.env.iter().cloned()).chain(net.guest_env()).collect(),
+        ca_trust: res.trust.spec(),
         tty: res.tty,
         winsize: res.winsize,
         verbose: s.verbose,
@@ -156,11 +151,13 @@ pub(crate) mod tests {
     use super::*;
     use crate::config::envvars::GuestEnv;
     use crate::config::flavor::builtin_flavors;
+    use crate::guest_env::host_ca::GuestTrust;
     use crate::image::{Image, ImageMeta, Recipe};
     use crate::net::plan::Interface;
     use crate::net::{NetBackend, NetworkMode, PortSpec};
     use crate::vm::share::IdMap;
     use crate::vm::{Accel, AccelChoice};
+    use rustls::pki_types::CertificateDer;
 
     pub fn settings() -> Settings {
         Settings {
@@ -174,6 +171,7 @@ pub(crate) mod tests {
             work_cache: CacheMode::Auto,
             ports: Vec::new(),
             host_ports: Vec::new(),
+            host_ca: Default::default(),
             allow: Default::default(),
             shield_secrets: false,
             host_proxy: None,
@@ -218,7 +216,7 @@ pub(crate) mod tests {
             nix_store: None,
             network,
             env: s.guest_env.vars.clone(),
-            ca_pem: None,
+            trust: Default::default(),
             cri_disk: None,
             ids: IdMap::for_host(1001, 1002),
             tty: false,
@@ -238,8 +236,9 @@ pub(crate) mod tests {
         args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].clone()).collect()
     }
 
+    /// The value the guest sees: the last one.
     fn env_of<'a>(plan: &'a Plan, name: &str) -> Option<&'a str> {
-        plan.spec.env.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        plan.spec.env.iter().rfind(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
     #[test]
@@ -391,8 +390,13 @@ pub(crate) mod tests {
         let s = settings();
         let p = plan(&s, &resources(&s));
         assert_eq!(env_of(&p, "API_KEY"), Some("s3cr3t"));
-        assert!(p.spec.ca_certs.is_empty());
+        assert!(p.spec.ca_trust.is_empty());
         assert_eq!(env_of(&p, "SSL_CERT_FILE"), None);
+    }
+
+    /// A stand-in certificate (the plan only carries it).
+    fn cert(tag: &[u8]) -> CertificateDer<'static> {
+        CertificateDer::from(tag.to_vec())
     }
 
     #[test]
@@ -400,12 +404,30 @@ pub(crate) mod tests {
         let s = Settings { network: NetworkMode::Allow, shield_secrets: true, ..settings() };
         let mut res = resources(&s);
         res.env = vec![("API_KEY".into(), "agentvm-shielded-00".into())];
-        res.ca_pem = Some("-----BEGIN CERTIFICATE-----".into());
+        res.trust = GuestTrust { public: Vec::new(), extra: vec![cert(b"instance CA")] };
         let p = plan(&s, &res);
         assert_eq!(env_of(&p, "API_KEY"), Some("agentvm-shielded-00"));
         assert!(!p.spec.env.iter().any(|(_, v)| v == "s3cr3t"));
-        assert_eq!(p.spec.ca_certs.len(), 1);
-        assert!(env_of(&p, "NODE_EXTRA_CA_CERTS").is_some());
+        assert_eq!((p.spec.ca_trust.bundle.len(), p.spec.ca_trust.extra.len()), (0, 1));
+        assert_eq!(env_of(&p, "NODE_EXTRA_CA_CERTS"), Some(agentvm_proto::spec::EXTRA_CA_PATH));
+    }
+
+    #[test]
+    fn the_hosts_cas_make_the_guests_bundle_and_the_programs_own_variables_win() {
+        let s = settings();
+        let mut res = resources(&s);
+        res.trust = GuestTrust { public: vec![cert(b"public root")], extra: vec![cert(b"company CA")] };
+        let p = plan(&s, &res);
+        assert_eq!(p.spec.ca_trust, res.trust.spec());
+        assert!(p.spec.ca_trust.bundle[0].starts_with("-----BEGIN CERTIFICATE-----\n"));
+        assert_eq!(env_of(&p, "SSL_CERT_FILE"), Some(agentvm_proto::spec::SYSTEM_BUNDLE));
+        assert_eq!(env_of(&p, "REQUESTS_CA_BUNDLE"), Some(agentvm_proto::spec::SYSTEM_BUNDLE));
+        assert_eq!(env_of(&p, "NODE_EXTRA_CA_CERTS"), Some(agentvm_proto::spec::EXTRA_CA_PATH));
+
+        res.env.push(("SSL_CERT_FILE".into(), "/work/mine.pem".into()));
+        assert_eq!(env_of(&plan(&s, &res), "SSL_CERT_FILE"), Some("/work/mine.pem"));
+        res.trust.extra.clear();
+        assert_eq!(env_of(&plan(&s, &res), "NODE_EXTRA_CA_CERTS"), None, "Node has the public roots");
     }
 
     #[test]
