@@ -11,7 +11,7 @@ use crate::config::RunOptions;
 /// The project directory is shared read-write at /work, the agent's home
 /// persists per project, and nothing else of the host is reachable.
 #[derive(Debug, Parser)]
-#[command(name = "agentvm", version, propagate_version = true)]
+#[command(name = "agentvm", version = crate::build_info::VERSION_LONG, propagate_version = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -132,13 +132,13 @@ fn check_optional(name: &'static str, program: &str, why: &str, fix: &str) -> Ch
 }
 
 fn check_guest_init() -> Check {
-    match tools::find_guest_init() {
-        Some(p) => ok("guest init", p.display().to_string()),
-        None => fail(
+    match tools::guest_init() {
+        tools::GuestInit::File(path) if !path.is_file() => fail(
             "guest init",
-            "agentvm-guest not found next to the agentvm binary",
-            "build the whole workspace (cargo build --release --workspace) or set AGENTVM_GUEST_INIT",
+            format!("AGENTVM_GUEST_INIT={} is not a file", path.display()),
+            "unset AGENTVM_GUEST_INIT to use the guest init built into agentvm",
         ),
+        init => ok("guest init", init.to_string()),
     }
 }
 

@@ -132,11 +132,17 @@ fn image_command(cmd: ImageCommand) -> Result<(), commands::CommandError> {
             for built in build.run(&store, &mut TerminalProgress::new()) {
                 match built? {
                     Built::Image(image) => println!("{}", image.dir.display()),
-                    Built::Layer(layer) => println!("{} ({})", layer.dir.display(), versions(&layer.meta.versions)),
+                    Built::Layer(layer) => {
+                        println!("{} ({})", layer.dir.display(), commands::versions(&layer.meta.versions))
+                    }
                 }
             }
         }
-        ImageCommand::Ls => list_images(&store)?,
+        ImageCommand::Ls => {
+            let (listed, warning) = commands::image_list(&store)?;
+            warning.into_iter().for_each(warn);
+            print!("{}", image_table(&listed));
+        }
         ImageCommand::Rm { images } => {
             for name in images {
                 store.remove(&name)?.iter().for_each(|entry| println!("removed {}", entry.dir.display()));
@@ -151,23 +157,27 @@ fn image_command(cmd: ImageCommand) -> Result<(), commands::CommandError> {
     Ok(())
 }
 
-/// `package@version, ...`
-fn versions<'a>(versions: impl IntoIterator<Item = (&'a String, &'a String)>) -> String {
-    versions.into_iter().map(|(p, v)| format!("{p}@{v}")).collect::<Vec<_>>().join(", ")
-}
-
-fn list_images(store: &Store) -> Result<(), agentvm::image::ImageError> {
+/// `agentvm image ls`: a row per image and layer, then what an old one means.
+fn image_table(listed: &[commands::Listed]) -> String {
     let name = |dir: &std::path::Path| dir.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
-    println!("{:<30} {:>7}  {:<17} CONTENTS", "NAME", "SIZE", "CREATED (UTC)");
-    for img in store.list()? {
-        let (size, created) = (img.meta.size_bytes >> 20, format_utc(img.meta.created));
-        println!("{:<30} {size:>6}M  {created:<17} kernel {}", name(&img.dir), img.meta.kernel_release);
+    let mut out = format!(
+        "{:<30} {:>7}  {:<17} {:<10}  {:<28} CONTENTS\n",
+        "NAME", "SIZE", "CREATED (UTC)", "RECIPE", "BUILT BY"
+    );
+    for l in listed {
+        let (size, created) = (l.size_bytes >> 20, format_utc(l.created));
+        let built_by = if l.built_by.is_empty() { "-" } else { &l.built_by };
+        out.push_str(&format!(
+            "{:<30} {size:>6}M  {created:<17} {:<10}  {built_by:<28} {}\n",
+            name(&l.dir),
+            l.state.as_str(),
+            l.contents
+        ));
     }
-    for layer in store.list_layers()? {
-        let (size, created) = (layer.meta.size_bytes >> 20, format_utc(layer.meta.created));
-        println!("{:<30} {size:>6}M  {created:<17} {}", name(&layer.dir), versions(&layer.meta.versions));
+    if listed.iter().any(|l| l.state != commands::RecipeState::Current) {
+        out.push_str("old: no recipe of this agentvm (and its flavors) builds it; a run builds anew, `agentvm image prune` removes it\n");
     }
-    Ok(())
+    out
 }
 
 fn stop(ids: &[String], all: bool, timeout: u64) -> Result<(), ps::InstancesError> {
