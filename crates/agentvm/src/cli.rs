@@ -28,8 +28,14 @@ pub enum Command {
     /// Build, list and remove cached VM images.
     #[command(subcommand)]
     Image(ImageCommand),
-    /// Check that this host has everything agentvm needs.
-    Doctor,
+    /// Check that this host has everything agentvm needs, and print the
+    /// commands that install what is missing.
+    Doctor {
+        /// Run those commands: as root, or through sudo after asking (with
+        /// no terminal to ask on, only print them).
+        #[arg(long)]
+        fix: bool,
+    },
     /// Print a shell completion script (e.g. `agentvm completions bash >
     /// ~/.local/share/bash-completion/completions/agentvm`).
     Completions {

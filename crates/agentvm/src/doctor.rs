@@ -1,11 +1,22 @@
 //! `agentvm doctor`: checks every host requirement and says how to fix
-//! each one that fails.
+//! each one that fails; `--fix` installs the missing packages, with the
+//! commands of host-packages.txt (the list scripts/setup-host reads too).
 
 use std::path::Path;
 use std::process::Command;
 
+use crate::host_setup::{self, Installer, Need, Release, Requirement, Source, Step};
 use crate::image::subids;
 use crate::{paths, tools, vm::accel, vm::share};
+
+/// A command of `--fix` that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FixError {
+    #[error("cannot run `{command}`: {source}")]
+    Spawn { command: String, source: std::io::Error },
+    #[error("`{command}` failed ({status}); fix what it says, then run `agentvm doctor --fix` again")]
+    Failed { command: String, status: std::process::ExitStatus },
+}
 
 /// The outcome of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,33 +36,38 @@ pub struct Check {
     pub detail: String,
     /// What to do when it is not Ok.
     pub fix: Option<String>,
+    /// The list's entry whose packages fix it, when some do.
+    pub installs: Option<&'static Requirement>,
 }
-
-const SETUP: &str = "run scripts/setup-host (as root) from the agentvm source tree";
 
 /// Oldest QEMU known to run our microvm set-up (ACPI virtio-mmio discovery).
 const MIN_QEMU: (u32, u32) = (7, 2);
 
 fn ok(name: &'static str, detail: impl Into<String>) -> Check {
-    Check { name, status: Status::Ok, detail: detail.into(), fix: None }
+    Check { name, status: Status::Ok, detail: detail.into(), fix: None, installs: None }
 }
 
 fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
-    Check { name, status: Status::Fail, detail: detail.into(), fix: Some(fix.into()) }
+    Check { name, status: Status::Fail, detail: detail.into(), fix: Some(fix.into()), installs: None }
 }
 
-/// Runs every check.
+fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check { status: Status::Warn, ..fail(name, detail, fix) }
+}
+
+/// Runs every check, on this host's release.
 pub fn run_checks() -> Vec<Check> {
-    vec![
-        check_qemu(),
-        check_virtiofsd(),
-        check_program("mmdebstrap", "mmdebstrap", "builds the image"),
-        check_program("tar2sqfs", "tar2sqfs", "makes the image's root file system (squashfs-tools-ng)"),
-        check_program("passt", "passt", "gives the guest its network with the host's loopback closed; without it agentvm falls back to QEMU's slirp, which leaves it open"),
-        check_program("npm", "npm", "installs the agents into their image layers"),
-        check_program("mkfs.ext4", "mkfs.ext4", "makes the container disk for --cri (e2fsprogs)"),
-        check_optional("direnv", "direnv", "--devshell with an .envrc needs it", SETUP),
-        check_optional("nix", "nix", "--devshell with a flake.nix or devenv.nix needs it", "install Nix (https://nixos.org/download), or run scripts/setup-host"),
+    let release = Release::this_host();
+    let mut checks: Vec<Check> = host_setup::for_release(host_setup::builtin(), &release)
+        .into_iter()
+        .filter(|req| req.need != Need::Test)
+        .map(|req| match req.name() {
+            "qemu-system-x86_64" => check_qemu(req),
+            "virtiofsd" => check_virtiofsd(req),
+            _ => check_requirement(req),
+        })
+        .collect();
+    checks.extend([
         check_guest_init(),
         check_accel(),
         check_kvm_access(),
@@ -60,7 +76,38 @@ pub fn run_checks() -> Vec<Check> {
         check_dir("cache dir", paths::cache_dir()),
         check_dir("data dir", paths::data_dir()),
         check_runtime_dir(),
-    ]
+    ]);
+    checks
+}
+
+/// What installs `req`, in a few words.
+fn install_hint(req: &Requirement) -> String {
+    let packages = req.packages.join(" ");
+    match req.source {
+        Source::Apt => format!("install {packages}"),
+        Source::Backports => format!("install {packages} from backports"),
+        Source::Cargo => format!("build it: cargo install {} (needs {})", req.packages[0], req.packages[1..].join(" ")),
+    }
+}
+
+/// `check` failed (or, when optional, warns), and `req`'s packages fix it.
+fn missing(req: &'static Requirement, detail: String) -> Check {
+    let check = fail(req.label(), detail, install_hint(req));
+    let status = if req.need == Need::Optional { Status::Warn } else { Status::Fail };
+    Check { status, installs: Some(req), ..check }
+}
+
+/// A program or file of the list, found or not.
+fn check_requirement(req: &'static Requirement) -> Check {
+    let path = std::env::var_os("PATH");
+    let found = req.check.split_whitespace().find_map(|c| match c.starts_with('/') {
+        true => Some(std::path::PathBuf::from(c)).filter(|p| p.exists()),
+        false => path.as_deref().and_then(|p| tools::find_in_path(c, p)),
+    });
+    match found {
+        Some(at) => ok(req.label(), at.display().to_string()),
+        None => missing(req, format!("{} not found ({})", req.name(), req.why)),
+    }
 }
 
 /// Parses "QEMU emulator version 10.0.2 (...)" into (10, 0).
@@ -70,10 +117,11 @@ pub fn parse_qemu_version(out: &str) -> Option<(u32, u32)> {
     Some((parts.next()??, parts.next()??))
 }
 
-fn check_qemu() -> Check {
+fn check_qemu(req: &'static Requirement) -> Check {
     let name = "qemu";
+    let outdated = |detail: String| Check { name, ..missing(req, detail) };
     let Some(bin) = tools::find_qemu() else {
-        return fail(name, "qemu-system-x86_64 not found", SETUP);
+        return outdated(format!("qemu-system-x86_64 not found ({})", req.why));
     };
     let out = Command::new(&bin).arg("--version").output();
     let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
@@ -84,50 +132,24 @@ fn check_qemu() -> Check {
             if has_microvm {
                 ok(name, format!("QEMU {}.{} at {}", v.0, v.1, bin.display()))
             } else {
-                fail(name, format!("{} lacks the microvm machine", bin.display()), SETUP)
+                outdated(format!("{} lacks the microvm machine", bin.display()))
             }
         }
-        Some(v) => fail(
-            name,
-            format!("QEMU {}.{} at {} is older than {}.{}", v.0, v.1, bin.display(), MIN_QEMU.0, MIN_QEMU.1),
-            format!("install a newer QEMU ({SETUP} uses bookworm-backports on Debian 12)"),
-        ),
-        None => fail(name, format!("{} --version printed no version", bin.display()), SETUP),
+        Some(v) => {
+            outdated(format!("QEMU {}.{} at {} is older than {}.{}", v.0, v.1, bin.display(), MIN_QEMU.0, MIN_QEMU.1))
+        }
+        None => outdated(format!("{} --version printed no version", bin.display())),
     }
 }
 
-fn check_virtiofsd() -> Check {
+fn check_virtiofsd(req: &'static Requirement) -> Check {
     match share::find_virtiofsd() {
         Some(bin) => {
             let v = Command::new(&bin).arg("--version").output();
             let v = v.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
             ok("virtiofsd", format!("{v} at {}", bin.display()))
         }
-        None => fail(
-            "virtiofsd",
-            "not found on PATH, /usr/libexec or /usr/lib/qemu",
-            format!("{SETUP} (installs the package, or builds it with cargo)"),
-        ),
-    }
-}
-
-fn check_program(name: &'static str, program: &str, why: &str) -> Check {
-    match tools::find_program(program, &[]) {
-        Some(p) => ok(name, p.display().to_string()),
-        None => fail(name, format!("{program} not found ({why})"), SETUP),
-    }
-}
-
-/// A program only some features need: missing is a warning.
-fn check_optional(name: &'static str, program: &str, why: &str, fix: &str) -> Check {
-    match tools::find_program(program, &[]) {
-        Some(p) => ok(name, p.display().to_string()),
-        None => Check {
-            name,
-            status: Status::Warn,
-            detail: format!("{program} not found ({why})"),
-            fix: Some(fix.to_string()),
-        },
+        None => missing(req, format!("not found on PATH, /usr/libexec or /usr/lib/qemu ({})", req.why)),
     }
 }
 
@@ -145,33 +167,22 @@ fn check_guest_init() -> Check {
 fn check_accel() -> Check {
     match accel::probe_kvm() {
         Ok(()) => ok("accelerator", "KVM runs guests"),
-        Err(why) => Check {
-            name: "accelerator",
-            status: Status::Warn,
-            detail: format!("no usable KVM ({why}); VMs run under TCG emulation, several times slower"),
-            fix: Some("use a host with hardware virtualization and kvm_intel/kvm_amd loaded".into()),
-        },
+        Err(why) => warn(
+            "accelerator",
+            format!("no usable KVM ({why}); VMs run under TCG emulation, several times slower"),
+            "use a host with hardware virtualization and kvm_intel/kvm_amd loaded",
+        ),
     }
 }
 
 fn check_kvm_access() -> Check {
     let dev = Path::new("/dev/kvm");
     if !dev.exists() {
-        return Check {
-            name: "/dev/kvm",
-            status: Status::Warn,
-            detail: "missing".into(),
-            fix: Some("load kvm_intel or kvm_amd (TCG works without it, slowly)".into()),
-        };
+        return warn("/dev/kvm", "missing", "load kvm_intel or kvm_amd (TCG works without it, slowly)");
     }
     match std::fs::OpenOptions::new().read(true).write(true).open(dev) {
         Ok(_) => ok("/dev/kvm", "readable and writable"),
-        Err(e) => Check {
-            name: "/dev/kvm",
-            status: Status::Warn,
-            detail: format!("cannot open: {e}"),
-            fix: Some("sudo usermod -aG kvm $USER, then log in again".into()),
-        },
+        Err(e) => warn("/dev/kvm", format!("cannot open: {e}"), "sudo usermod -aG kvm $USER, then log in again"),
     }
 }
 
@@ -260,6 +271,57 @@ pub fn all_passed(checks: &[Check]) -> bool {
     checks.iter().all(|c| c.status != Status::Fail)
 }
 
+/// Who installs on this host: root, or this user with sudo.
+pub fn installer(release: &Release) -> Installer {
+    Installer {
+        as_root: crate::sys::is_root(),
+        backports_configured: host_setup::apt_has_suite(&format!("{}-backports", release.codename)),
+        cargo_bin: host_setup::cargo_bin(),
+    }
+}
+
+/// The commands that install the packages of every check that is not Ok
+/// (none where apt does not install: there the fixes name the packages).
+pub fn fix_steps(checks: &[Check], release: &Release, installer: &Installer) -> Vec<Step> {
+    if !release.apt {
+        return Vec::new();
+    }
+    let missing: Vec<&Requirement> =
+        checks.iter().filter(|c| c.status != Status::Ok).filter_map(|c| c.installs).collect();
+    installer.steps(&missing, release)
+}
+
+/// The commands as `agentvm doctor` prints them, one a line, indented.
+pub fn steps_text(steps: &[Step], as_root: bool) -> String {
+    steps.iter().map(|s| format!("    {}\n", s.command_line(as_root))).collect()
+}
+
+/// Runs `steps` in order, root's through sudo unless `as_root`; stops at
+/// the first that fails.
+pub fn run_steps(steps: &[Step], as_root: bool) -> Result<(), FixError> {
+    for step in steps {
+        let mut cmd = match step {
+            Step::Root(line) if !as_root => {
+                let mut c = Command::new("sudo");
+                c.args(["sh", "-c", line]);
+                c
+            }
+            Step::Root(line) | Step::User(line) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", line]);
+                c
+            }
+        };
+        let command = step.command_line(as_root);
+        eprintln!("agentvm: running {command}");
+        let status = cmd.status().map_err(|source| FixError::Spawn { command: command.clone(), source })?;
+        if !status.success() {
+            return Err(FixError::Failed { command, status });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,15 +337,15 @@ mod tests {
     fn report_shows_fixes_for_what_is_not_ok_and_the_verdict() {
         let checks = [
             ok("qemu", "QEMU 10.0"),
-            Check { name: "/dev/kvm", status: Status::Warn, detail: "missing".into(), fix: Some("load kvm".into()) },
-            fail("npm", "npm not found", SETUP),
+            warn("/dev/kvm", "missing", "load kvm"),
+            fail("npm", "npm not found", "install npm"),
         ];
         let text = report(&checks);
         assert_eq!(
             text,
             format!(
                 "ok   qemu              QEMU 10.0\nwarn /dev/kvm          missing\n     {:<17} fix: load kvm\n\
-                 FAIL npm               npm not found\n     {:<17} fix: {SETUP}\n1 requirement(s) missing.\n",
+                 FAIL npm               npm not found\n     {:<17} fix: install npm\n1 requirement(s) missing.\n",
                 "", ""
             )
         );

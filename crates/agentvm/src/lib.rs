@@ -27,6 +27,7 @@ pub mod commands;
 pub mod config;
 pub mod doctor;
 pub mod guest_env;
+pub mod host_setup;
 pub mod image;
 pub mod instance;
 pub mod launch;

@@ -24,11 +24,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(args) => run(*args, started),
         Command::Image(cmd) => done(image_command(cmd)),
-        Command::Doctor => {
-            let checks = doctor::run_checks();
-            print!("{}", doctor::report(&checks));
-            i32::from(!doctor::all_passed(&checks))
-        }
+        Command::Doctor { fix } => doctor(fix),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut cli::command(), "agentvm", &mut std::io::stdout());
             0
@@ -120,6 +116,47 @@ fn report_outcome(outcome: &launch::Outcome, verbose: bool) -> i32 {
         eprintln!("agentvm: error: {e}");
     }
     outcome.exit_code()
+}
+
+/// `agentvm doctor [--fix]`: the report, the commands that install what is
+/// missing, and with `--fix` their run (asking first unless root).
+fn doctor(fix: bool) -> i32 {
+    let checks = doctor::run_checks();
+    print!("{}", doctor::report(&checks));
+    let release = agentvm::host_setup::Release::this_host();
+    let installer = doctor::installer(&release);
+    let steps = doctor::fix_steps(&checks, &release, &installer);
+    let failed = i32::from(!doctor::all_passed(&checks));
+    if steps.is_empty() {
+        return failed;
+    }
+    let commands = doctor::steps_text(&steps, installer.as_root);
+    if !fix {
+        print!("To install what is missing (`agentvm doctor --fix` runs these):\n{commands}");
+        return failed;
+    }
+    if !installer.as_root && !agentvm::sys::is_tty(std::io::stdin()) {
+        print!("No terminal to ask on: run these yourself, then `agentvm doctor` again:\n{commands}");
+        return 1;
+    }
+    if !installer.as_root && !confirm(&format!("These commands install what is missing:\n{commands}Run them? [y/N] ")) {
+        return failed;
+    }
+    if let Err(e) = doctor::run_steps(&steps, installer.as_root) {
+        return fail(e);
+    }
+    let checks = doctor::run_checks();
+    print!("{}", doctor::report(&checks));
+    i32::from(!doctor::all_passed(&checks))
+}
+
+/// Asks `question` on the terminal; whether the answer is yes.
+fn confirm(question: &str) -> bool {
+    use std::io::Write;
+    print!("{question}");
+    let _ = std::io::stdout().flush();
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).is_ok() && matches!(answer.trim(), "y" | "Y" | "yes")
 }
 
 fn image_command(cmd: ImageCommand) -> Result<(), commands::CommandError> {

@@ -20,7 +20,7 @@ use crate::vm::{accel, Accel};
 /// A resource the launch needs is missing or unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
-    #[error("qemu-system-x86_64 not found: run scripts/setup-host, then `agentvm doctor`")]
+    #[error("qemu-system-x86_64 not found: `agentvm doctor --fix` installs it")]
     NoQemu,
     #[error("AGENTVM_GUEST_INIT={path} is not a file: unset it to use the guest init built into agentvm, or point it at a built agentvm-guest")]
     NoGuestInit { path: PathBuf },
