@@ -97,3 +97,130 @@ fn doctor_fix_asks_then_runs_roots_commands_through_sudo() {
         assert_eq!(fix_log(&l), log, "answered {answer}");
     }
 }
+
+/// `agentvm run shell -- true` with `agentvm` where it is, from a project
+/// dir that holds no build output and with no AGENTVM_GUEST_INIT: as root
+/// and as the test user. `agentvm` and the dirs above it must be readable
+/// by everyone.
+fn boots_as_root_and_as_a_user(agentvm: &Path) {
+    let beside = agentvm.with_file_name("agentvm-guest");
+    assert!(!beside.exists(), "{} would be a second file", beside.display());
+    let plan = Launch::new().with_agentvm(agentvm).cmd(&["true"]);
+    let out = plan.run_command(&mut plan.command_with_flags(&["--print-plan"]));
+    assert!(stdout(&out).contains(", guest init built in ("), "{}{}", stdout(&out), stderr(&out));
+
+    let as_root = Launch::new().with_agentvm(agentvm).cmd(&["sh", "-c", "echo booted > /work/out.txt"]);
+    let out = as_root.run();
+    assert_eq!(out.status.code(), Some(0), "as root: {}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(as_root.work.join("out.txt")).unwrap(), "booted\n");
+    as_root.assert_no_leftovers();
+
+    let TestUser { uid, gid } = require!(skip::test_user());
+    let as_user = Launch::new().with_agentvm(agentvm).run_as(uid, gid).cmd(&["sh", "-c", "id -u > /work/out.txt"]);
+    let out = as_user.run();
+    assert_eq!(out.status.code(), Some(0), "as the test user: {}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(as_user.work.join("out.txt")).unwrap(), format!("{uid}\n"));
+    as_user.assert_no_leftovers();
+}
+
+/// A temp dir every user can read and enter.
+fn shared_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// The workspace this test binary was built from.
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+#[test]
+#[ignore = "boots a VM: scripts/test runs it"]
+fn the_one_binary_copied_to_another_dir_runs_vms() {
+    let dir = shared_tempdir();
+    let copy = dir.path().join("agentvm");
+    std::fs::copy(agentvm_bin(), &copy).unwrap();
+    boots_as_root_and_as_a_user(&copy);
+}
+
+#[test]
+#[ignore = "boots a VM: scripts/test runs it"]
+fn cargo_install_gives_an_agentvm_that_runs_vms() {
+    let root = shared_tempdir();
+    // A target dir of its own, kept between runs (cargo test holds the
+    // workspace's); the dev profile, to keep the suite's time down.
+    let target = workspace().join("target/install-test");
+    let out = std::process::Command::new(env!("CARGO"))
+        .args(["install", "--locked", "--debug", "--quiet", "--path", "crates/agentvm", "--root"])
+        .arg(root.path())
+        .arg("--target-dir")
+        .arg(&target)
+        .current_dir(workspace())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cargo install: {}", stderr(&out));
+    let installed: Vec<_> =
+        std::fs::read_dir(root.path().join("bin")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(installed, ["agentvm"], "one file");
+    boots_as_root_and_as_a_user(&root.path().join("bin/agentvm"));
+}
+
+/// `cmd`'s stdout; panics with its stderr unless it succeeds.
+fn output_of(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", stderr(&out));
+    stdout(&out)
+}
+
+#[test]
+#[ignore = "boots a VM: scripts/test runs it"]
+fn the_debian_package_installs_into_a_clean_root_and_runs_vms() {
+    if my_uid() != 0 {
+        return Skip::not_applicable(
+            "dpkg installs into a clean root only as root; as a user, the other tests cover the binary",
+        )
+        .record();
+    }
+    let dir = shared_tempdir();
+    let build = workspace().join("scripts/build-deb");
+    let deb =
+        output_of(std::process::Command::new(build).arg("--binary").arg(agentvm_bin()).arg("--out").arg(dir.path()));
+    let deb = PathBuf::from(deb.trim());
+
+    let control = output_of(std::process::Command::new("dpkg-deb").arg("--field").arg(&deb));
+    let field =
+        |name: &str| control.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).unwrap_or_default().to_string();
+    assert_eq!(field("Version"), env!("CARGO_PKG_VERSION"));
+    for needed in ["qemu-system-x86", "mmdebstrap", "squashfs-tools-ng", "passt", "uidmap", "debian-archive-keyring"] {
+        assert!(field("Depends").split(", ").any(|d| d == needed), "Depends lacks {needed}: {control}");
+    }
+    assert_eq!(field("Recommends"), "virtiofsd", "not packaged in Debian 12: {control}");
+    // apt can install it here: the dependencies it names are what this host has.
+    let simulated = output_of(std::process::Command::new("apt-get").args(["install", "--simulate"]).arg(&deb));
+    assert!(simulated.contains("0 upgraded, 1 newly installed, 0 to remove"), "{simulated}");
+
+    let root = dir.path().join("root");
+    for d in ["var/lib/dpkg/info", "var/lib/dpkg/updates"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::write(root.join("var/lib/dpkg/status"), "").unwrap();
+    let mut dpkg = std::process::Command::new("dpkg");
+    dpkg.arg(format!("--root={}", root.display())).args(["--force-depends", "--log=/dev/null", "--install"]).arg(&deb);
+    output_of(&mut dpkg);
+    let files = output_of(
+        std::process::Command::new("dpkg").arg(format!("--root={}", root.display())).args(["--listfiles", "agentvm"]),
+    );
+    for path in [
+        "/usr/bin/agentvm",
+        "/usr/share/man/man1/agentvm.1.gz",
+        "/usr/share/bash-completion/completions/agentvm",
+        "/usr/share/zsh/vendor-completions/_agentvm",
+        "/usr/share/fish/vendor_completions.d/agentvm.fish",
+    ] {
+        assert!(files.lines().any(|l| l == path), "{path} missing: {files}");
+    }
+    let man = output_of(std::process::Command::new("zcat").arg(root.join("usr/share/man/man1/agentvm.1.gz")));
+    assert!(man.contains(".TH agentvm 1"), "{man}");
+    boots_as_root_and_as_a_user(&root.join("usr/bin/agentvm"));
+}
