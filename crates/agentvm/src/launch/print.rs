@@ -12,6 +12,7 @@ use super::fds::FdPlan;
 use super::initramfs::Initramfs;
 use super::plan::Plan;
 use super::resources::Resources;
+use crate::guest_env::host_ca::{self, GuestTrust};
 use crate::net::plan::NetworkPlan;
 
 /// What an environment value is shown as.
@@ -42,8 +43,41 @@ pub struct PlanReport {
     pub guest_init: String,
     /// The launcher's time from its start to the plan, in milliseconds.
     pub plan_ms: f64,
-    /// The launch spec, its environment's values redacted.
+    pub trust: TrustReport,
+    /// The launch spec, its environment's values redacted and its
+    /// certificates left out (see `trust`).
     pub spec: LaunchSpec,
+}
+
+/// The CA certificates the guest trusts.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrustReport {
+    /// The host's public roots, making up the guest's bundle (0: the
+    /// image's bundle stays).
+    pub public_roots: usize,
+    /// The names of the others (the host's company or local CAs, the
+    /// instance CA), which join it.
+    pub extra: Vec<String>,
+}
+
+impl TrustReport {
+    fn new(trust: &GuestTrust) -> TrustReport {
+        TrustReport { public_roots: trust.public.len(), extra: trust.extra.iter().map(host_ca::display_name).collect() }
+    }
+}
+
+impl fmt::Display for TrustReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.public_roots {
+            0 => write!(f, "the image's public roots")?,
+            n => write!(f, "the host's {n} public roots")?,
+        }
+        match self.extra.as_slice() {
+            [] => Ok(()),
+            [one] => write!(f, " + {one}"),
+            more => write!(f, " + {} other CAs (`agentvm doctor` names them)", more.len()),
+        }
+    }
 }
 
 /// The image the launch boots.
@@ -79,6 +113,7 @@ impl PlanReport {
     pub fn new(plan: &Plan, res: &Resources, initramfs: &Initramfs, elapsed: Duration) -> PlanReport {
         let lossy = |s: &std::ffi::OsStr| s.to_string_lossy().into_owned();
         let mut spec = plan.spec.clone();
+        spec.ca_trust = Default::default();
         for (_, value) in &mut spec.env {
             *value = REDACTED.into();
         }
@@ -120,6 +155,7 @@ impl PlanReport {
             initramfs_bytes: initramfs.bytes.len(),
             guest_init: res.guest_init.to_string(),
             plan_ms: elapsed.as_secs_f64() * 1000.0,
+            trust: TrustReport::new(&res.trust),
             spec,
         }
     }
@@ -173,6 +209,7 @@ impl fmt::Display for PlanReport {
         writeln!(f, "modules       {}", self.spec.modules.join(" "))?;
         let env: Vec<&str> = self.spec.env.iter().map(|(name, _)| name.as_str()).collect();
         writeln!(f, "environment   {} (values redacted)", env.join(" "))?;
+        writeln!(f, "trusted CAs   {}", self.trust)?;
         writeln!(f, "kernel        {}", self.kernel_cmdline)?;
         write!(f, "qemu          {}", self.qemu)?;
         for arg in &self.qemu_args {
@@ -198,6 +235,9 @@ fn write_network(f: &mut fmt::Formatter<'_>, net: &NetworkPlan) -> fmt::Result {
     }
     if !net.host_ports.is_empty() {
         write!(f, ", host ports {:?}", net.host_ports)?;
+    }
+    if let Some(hp) = &net.host_proxy {
+        write!(f, ", host proxy {hp}")?;
     }
     if !net.published.is_empty() {
         let ports: Vec<String> = net.published.iter().map(ToString::to_string).collect();
@@ -244,6 +284,28 @@ mod tests {
         );
         assert!(text.contains("environment   API_KEY (values redacted)"), "{text}");
         assert!(!text.contains("s3cr3t"), "{text}");
+    }
+
+    #[test]
+    fn the_trust_store_is_summed_up_not_dumped() {
+        let s = settings();
+        let mut res = resources(&s);
+        assert!(report().to_string().contains("trusted CAs   the image's public roots\n"));
+        let company = host_ca::tests::ca_named("Example Company Inspection CA");
+        res.trust = GuestTrust { public: vec![company.clone(); 3], extra: vec![company.clone()] };
+        let initramfs = Initramfs { bytes: vec![0; 4096], modules: Vec::new() };
+        let report = PlanReport::new(&plan(&s, &res), &res, &initramfs, Duration::ZERO);
+        assert!(
+            report.to_string().contains("trusted CAs   the host's 3 public roots + Example Company Inspection CA\n"),
+            "{report}"
+        );
+        let json = report.to_json();
+        assert!(!json.contains("BEGIN CERTIFICATE"), "{json}");
+        let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(json["trust"], serde_json::json!({ "public_roots": 3, "extra": ["Example Company Inspection CA"] }));
+        res.trust.extra = vec![company; 2];
+        let report = PlanReport::new(&plan(&s, &res), &res, &initramfs, Duration::ZERO);
+        assert!(report.to_string().contains(" + 2 other CAs (`agentvm doctor` names them)\n"), "{report}");
     }
 
     #[test]
