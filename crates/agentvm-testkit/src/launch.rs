@@ -18,14 +18,6 @@ pub fn agentvm_bin() -> PathBuf {
     bin
 }
 
-/// The guest init beside agentvm; `cargo build --workspace` builds it
-/// (scripts/test does), a plain `cargo test` does not.
-pub fn guest_init() -> PathBuf {
-    let p = agentvm_bin().parent().unwrap().join("agentvm-guest");
-    assert!(p.is_file(), "{} is missing: run `cargo build --workspace` first (scripts/test does)", p.display());
-    p
-}
-
 /// Where the test images are built and shared by every test and run.
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("AGENTVM_TEST_CACHE").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/agentvm-test-cache".into())
@@ -40,8 +32,10 @@ pub struct Launch {
     /// agentvm's arguments for [`Launch::run`] and [`Launch::command`].
     pub args: Vec<String>,
     pub stdin: Vec<u8>,
-    /// uid, gid and binary dir when running as another user.
-    pub user: Option<(u32, u32, PathBuf)>,
+    /// The agentvm binary to run (it carries its guest init).
+    pub agentvm: PathBuf,
+    /// uid and gid when running as another user.
+    pub user: Option<(u32, u32)>,
     /// Extra environment for agentvm.
     pub env: Vec<(String, String)>,
 }
@@ -62,7 +56,8 @@ impl Launch {
             std::fs::create_dir(d).unwrap();
         }
         std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
-        Launch { dirs, work, data, runtime, args: Vec::new(), stdin: Vec::new(), user: None, env: Vec::new() }
+        let agentvm = agentvm_bin();
+        Launch { dirs, work, data, runtime, args: Vec::new(), stdin: Vec::new(), agentvm, user: None, env: Vec::new() }
     }
 
     /// Shares the data dir (agent homes) of another launch.
@@ -101,18 +96,27 @@ impl Launch {
         self.cmd(&["sh", "-c", script])
     }
 
+    /// Runs `agentvm` (e.g. an installed one) where it is, instead of the
+    /// one cargo built for the tests.
+    pub fn with_agentvm(mut self, agentvm: &Path) -> Launch {
+        self.agentvm = agentvm.to_path_buf();
+        self
+    }
+
     /// Runs as another (non-root) user: its dirs are handed to that user,
-    /// and the binaries are copied where that user can reach them.
+    /// and the test build of agentvm is copied where that user can reach it.
     pub fn run_as(mut self, uid: u32, gid: u32) -> Launch {
         std::fs::set_permissions(self.dirs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let bin = self.dirs.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        std::fs::copy(agentvm_bin(), bin.join("agentvm")).unwrap();
-        std::fs::copy(guest_init(), bin.join("agentvm-guest")).unwrap();
+        if self.agentvm == agentvm_bin() {
+            let bin = self.dirs.path().join("bin");
+            std::fs::create_dir(&bin).unwrap();
+            std::fs::copy(agentvm_bin(), bin.join("agentvm")).unwrap();
+            self.agentvm = bin.join("agentvm");
+        }
         for d in [&self.work, &self.data, &self.runtime] {
             std::os::unix::fs::chown(d, Some(uid), Some(gid)).unwrap();
         }
-        self.user = Some((uid, gid, bin));
+        self.user = Some((uid, gid));
         self
     }
 
@@ -136,23 +140,14 @@ impl Launch {
 
     /// `agentvm ARGS` with this launch's environment (for `ps`, `exec`, ...).
     pub fn command_with<S: AsRef<OsStr>>(&self, args: &[S]) -> Command {
-        let mut c = match &self.user {
-            None => Command::new(agentvm_bin()),
-            Some((uid, gid, bin)) => {
-                use std::os::unix::process::CommandExt;
-                let mut c = Command::new(bin.join("agentvm"));
-                c.uid(*uid).gid(*gid).env("HOME", &self.data).env("AGENTVM_GUEST_INIT", bin.join("agentvm-guest"));
-                c
-            }
-        };
-        if self.user.is_none() {
-            // Without it, agentvm looks beside itself and says what to do.
-            let init = agentvm_bin().with_file_name("agentvm-guest");
-            if init.is_file() {
-                c.env("AGENTVM_GUEST_INIT", init);
-            }
+        let mut c = Command::new(&self.agentvm);
+        if let Some((uid, gid)) = self.user {
+            use std::os::unix::process::CommandExt;
+            c.uid(uid).gid(gid).env("HOME", &self.data);
         }
-        c.args(args)
+        // The guest init built into agentvm, unless a test names another.
+        c.env_remove("AGENTVM_GUEST_INIT")
+            .args(args)
             .current_dir(&self.work)
             .env("XDG_CACHE_HOME", cache_dir())
             .env("XDG_DATA_HOME", &self.data)

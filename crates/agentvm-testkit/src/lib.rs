@@ -28,7 +28,7 @@ pub mod skip;
 mod tmux;
 
 pub use background::Background;
-pub use launch::{agentvm_bin, cache_dir, guest_init, spawn_until_marker, Launch};
+pub use launch::{agentvm_bin, cache_dir, spawn_until_marker, Launch};
 pub use process::{my_uid, stderr, stdout};
 pub use servers::http_get_until;
 pub use skip::{Skip, TestUser};

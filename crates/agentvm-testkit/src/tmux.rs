@@ -1,6 +1,6 @@
 //! A real terminal (tmux) for interactive sessions.
 
-use crate::launch::{agentvm_bin, Launch};
+use crate::launch::Launch;
 use crate::process;
 use std::path::PathBuf;
 use std::process::Command;
@@ -19,8 +19,8 @@ pub struct Tmux {
 const SESSION: &str = "t";
 
 impl Tmux {
-    /// Starts `agentvm ARGS` with `l`'s environment, in its work dir, in a
-    /// new tmux session of `width` × `height`.
+    /// Starts `agentvm ARGS` with `l`'s agentvm, environment and user, in
+    /// its work dir, in a new tmux session of `width` × `height`.
     pub fn start(l: &Launch, width: u16, height: u16, args: &[&str]) -> Tmux {
         let socket = l.dirs.path().join("tmux.sock");
         let after = l.dirs.path().join("tmux-after.txt");
@@ -31,9 +31,13 @@ impl Tmux {
                 script.push_str(&format!("export {}='{}'\n", k.to_string_lossy(), v.to_string_lossy()));
             }
         }
+        let user = match l.user {
+            Some((uid, gid)) => format!("setpriv --reuid={uid} --regid={gid} --clear-groups "),
+            None => String::new(),
+        };
         script.push_str(&format!(
-            "'{}' {}\necho \"exit=$?\" > '{after}'\nstty -a >> '{after}'\nsleep 60\n",
-            agentvm_bin().display(),
+            "{user}'{}' {}\necho \"exit=$?\" > '{after}'\nstty -a >> '{after}'\nsleep 60\n",
+            l.agentvm.display(),
             args.join(" "),
             after = after.display()
         ));

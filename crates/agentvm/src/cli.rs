@@ -11,7 +11,7 @@ use crate::config::RunOptions;
 /// The project directory is shared read-write at /work, the agent's home
 /// persists per project, and nothing else of the host is reachable.
 #[derive(Debug, Parser)]
-#[command(name = "agentvm", version, propagate_version = true)]
+#[command(name = "agentvm", version = crate::build_info::VERSION_LONG, propagate_version = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -28,8 +28,14 @@ pub enum Command {
     /// Build, list and remove cached VM images.
     #[command(subcommand)]
     Image(ImageCommand),
-    /// Check that this host has everything agentvm needs.
-    Doctor,
+    /// Check that this host has everything agentvm needs, and print the
+    /// commands that install what is missing.
+    Doctor {
+        /// Run those commands: as root, or through sudo after asking (with
+        /// no terminal to ask on, only print them).
+        #[arg(long)]
+        fix: bool,
+    },
     /// Print a shell completion script (e.g. `agentvm completions bash >
     /// ~/.local/share/bash-completion/completions/agentvm`).
     Completions {

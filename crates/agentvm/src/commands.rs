@@ -80,10 +80,104 @@ pub fn cri_prune(dir: Option<PathBuf>, get_env: &dyn Fn(&str) -> Option<String>)
 /// about an ignored project config.
 pub fn image_prune(store: &Store) -> Result<(Vec<PathBuf>, Option<String>), CommandError> {
     let (flavors, warning) = flavors_here()?;
-    // With and without the container runtimes: both are in use.
-    let bases: Vec<Recipe> = flavors.values().flat_map(|f| [base_recipe(f, false), base_recipe(f, true)]).collect();
-    let layers: Vec<LayerRecipe> = flavors.values().filter_map(layer_recipe).collect();
+    let (bases, layers) = current_recipes(&flavors);
     Ok((store.prune(&bases, &layers)?, warning))
+}
+
+/// What the flavors build now: the base images (with and without the
+/// container runtimes: both are in use) and the agent layers.
+fn current_recipes(flavors: &BTreeMap<String, Flavor>) -> (Vec<Recipe>, Vec<LayerRecipe>) {
+    let bases = flavors.values().flat_map(|f| [base_recipe(f, false), base_recipe(f, true)]).collect();
+    (bases, flavors.values().filter_map(layer_recipe).collect())
+}
+
+/// How a cached image or layer stands against what agentvm builds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecipeState {
+    /// A recipe of the flavors known here builds exactly it.
+    Current,
+    /// An older build procedure made it: its recorded recipe has another
+    /// key under today's [`crate::image::RECIPE_FORMAT`] (or
+    /// [`crate::image::LAYER_FORMAT`]).
+    OldFormat,
+    /// Today's procedure, but no recipe known here is its recipe (an older
+    /// agentvm's package list, or a flavor that changed or is gone).
+    OldRecipe,
+}
+
+impl RecipeState {
+    /// How `image ls` shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecipeState::Current => "current",
+            RecipeState::OldFormat => "old format",
+            RecipeState::OldRecipe => "old recipe",
+        }
+    }
+
+    fn of(key: &str, key_now: &str, current: &[String]) -> RecipeState {
+        if current.iter().any(|k| k == key) {
+            RecipeState::Current
+        } else if key != key_now {
+            RecipeState::OldFormat
+        } else {
+            RecipeState::OldRecipe
+        }
+    }
+}
+
+/// One image or layer, as `agentvm image ls` shows it.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub dir: PathBuf,
+    pub size_bytes: u64,
+    pub created: u64,
+    /// The agentvm that built it (empty: one from before that was recorded).
+    pub built_by: String,
+    pub state: RecipeState,
+    /// Its kernel (an image) or its packages' versions (a layer).
+    pub contents: String,
+}
+
+/// `agentvm image ls`: the cached images, then the layers, each with how
+/// it stands against today's recipes; and the warning about an ignored
+/// project config.
+pub fn image_list(store: &Store) -> Result<(Vec<Listed>, Option<String>), CommandError> {
+    let (flavors, warning) = flavors_here()?;
+    Ok((list_cached(store, &flavors)?, warning))
+}
+
+/// The cached images, then the layers, against the recipes of `flavors`.
+fn list_cached(store: &Store, flavors: &BTreeMap<String, Flavor>) -> Result<Vec<Listed>, ImageError> {
+    let (bases, layers) = current_recipes(flavors);
+    let (bases, layers): (Vec<String>, Vec<String>) =
+        (bases.iter().map(Recipe::key).collect(), layers.iter().map(LayerRecipe::key).collect());
+    let mut listed: Vec<Listed> = store
+        .list()?
+        .into_iter()
+        .map(|i| Listed {
+            state: RecipeState::of(&i.meta.key, &i.meta.recipe.key(), &bases),
+            contents: format!("kernel {}", i.meta.kernel_release),
+            size_bytes: i.meta.size_bytes,
+            created: i.meta.created,
+            built_by: i.meta.built_by,
+            dir: i.dir,
+        })
+        .collect();
+    listed.extend(store.list_layers()?.into_iter().map(|l| Listed {
+        state: RecipeState::of(&l.meta.key, &l.meta.recipe.key(), &layers),
+        contents: versions(&l.meta.versions),
+        size_bytes: l.meta.size_bytes,
+        created: l.meta.created,
+        built_by: l.meta.built_by,
+        dir: l.dir,
+    }));
+    Ok(listed)
+}
+
+/// `package@version, ...`
+pub fn versions<'a>(versions: impl IntoIterator<Item = (&'a String, &'a String)>) -> String {
+    versions.into_iter().map(|(p, v)| format!("{p}@{v}")).collect::<Vec<_>>().join(", ")
 }
 
 /// `agentvm image build`: the images and layers to build, in order.
@@ -178,6 +272,49 @@ mod tests {
 
         let e = ImageBuild::plan(&flavors, &names(&["emacs"]), false, false, false).unwrap_err();
         assert!(e.to_string().contains("unknown flavor \"emacs\""), "{e}");
+    }
+
+    /// Publishes a fake image of `recipe` under `key`, as `built_by` built it.
+    fn cached_image(store: &Store, recipe: &Recipe, key: String, built_by: &str) {
+        let dir = store.dir().join(format!("{}-{}", recipe.name, &key[..16]));
+        std::fs::create_dir_all(dir.join("modules")).unwrap();
+        for file in ["vmlinuz", "root.squashfs"] {
+            std::fs::write(dir.join(file), b"x").unwrap();
+        }
+        let meta = crate::image::ImageMeta {
+            name: recipe.name.clone(),
+            key,
+            recipe: recipe.clone(),
+            kernel_release: "6.12-test".into(),
+            modules: Vec::new(),
+            created: 1,
+            size_bytes: 2,
+            compressor: "lz4".into(),
+            package_versions: Default::default(),
+            built_by: built_by.into(),
+        };
+        std::fs::write(dir.join("image.json"), serde_json::to_vec(&meta).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn image_list_tells_current_images_from_an_older_format_or_recipe() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path().join("images"));
+        let base = Recipe::base();
+        cached_image(&store, &base, base.key(), "0.1.0 (commit 0123456789ab)");
+        // The same recipe hashed under an older RECIPE_FORMAT: another key.
+        cached_image(&store, &base, "ab".repeat(32), "");
+        let older = Recipe { packages: vec!["linux-image-cloud-amd64".into()], ..base.clone() };
+        cached_image(&store, &older, older.key(), "");
+
+        let listed = list_cached(&store, &flavor::builtin_flavors()).unwrap();
+        let state = |key16: &str| {
+            let l = listed.iter().find(|l| l.dir.to_string_lossy().ends_with(key16)).unwrap();
+            (l.state, l.built_by.as_str())
+        };
+        assert_eq!(state(&base.key()[..16]), (RecipeState::Current, "0.1.0 (commit 0123456789ab)"));
+        assert_eq!(state(&"ab".repeat(8)), (RecipeState::OldFormat, ""));
+        assert_eq!(state(&older.key()[..16]), (RecipeState::OldRecipe, ""));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `agentvm doctor`: checks every host requirement and says how to fix
-//! each one that fails.
+//! each one that fails; `--fix` installs the missing packages, with the
+//! commands of host-packages.txt (the list scripts/setup-host reads too).
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -7,10 +8,20 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::guest_env::host_ca::{self, HostCas};
+use crate::host_setup::{self, Installer, Need, Release, Requirement, Source, Step};
 use crate::image::subids;
 use crate::net::dns::{self, Resolver};
 use crate::net::host_proxy::HostProxy;
 use crate::{paths, tools, vm::accel, vm::share};
+
+/// A command of `--fix` that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FixError {
+    #[error("cannot run `{command}`: {source}")]
+    Spawn { command: String, source: std::io::Error },
+    #[error("`{command}` failed ({status}); fix what it says, then run `agentvm doctor --fix` again")]
+    Failed { command: String, status: std::process::ExitStatus },
+}
 
 /// The outcome of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,9 +41,9 @@ pub struct Check {
     pub detail: String,
     /// What to do when it is not Ok.
     pub fix: Option<String>,
+    /// The list's entry whose packages fix it, when some do.
+    pub installs: Option<&'static Requirement>,
 }
-
-const SETUP: &str = "run scripts/setup-host (as root) from the agentvm source tree";
 
 /// Oldest QEMU known to run our microvm set-up (ACPI virtio-mmio discovery).
 const MIN_QEMU: (u32, u32) = (7, 2);
@@ -40,25 +51,30 @@ const MIN_QEMU: (u32, u32) = (7, 2);
 const NET_PROBE: Duration = Duration::from_secs(2);
 
 fn ok(name: &'static str, detail: impl Into<String>) -> Check {
-    Check { name, status: Status::Ok, detail: detail.into(), fix: None }
+    Check { name, status: Status::Ok, detail: detail.into(), fix: None, installs: None }
 }
 
 fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
-    Check { name, status: Status::Fail, detail: detail.into(), fix: Some(fix.into()) }
+    Check { name, status: Status::Fail, detail: detail.into(), fix: Some(fix.into()), installs: None }
 }
 
-/// Runs every check.
+fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check { status: Status::Warn, ..fail(name, detail, fix) }
+}
+
+/// Runs every check, on this host's release.
 pub fn run_checks() -> Vec<Check> {
-    vec![
-        check_qemu(),
-        check_virtiofsd(),
-        check_program("mmdebstrap", "mmdebstrap", "builds the image"),
-        check_program("tar2sqfs", "tar2sqfs", "makes the image's root file system (squashfs-tools-ng)"),
-        check_program("passt", "passt", "gives the guest its network with the host's loopback closed; without it agentvm falls back to QEMU's slirp, which leaves it open"),
-        check_program("npm", "npm", "installs the agents into their image layers"),
-        check_program("mkfs.ext4", "mkfs.ext4", "makes the container disk for --cri (e2fsprogs)"),
-        check_optional("direnv", "direnv", "--devshell with an .envrc needs it", SETUP),
-        check_optional("nix", "nix", "--devshell with a flake.nix or devenv.nix needs it", "install Nix (https://nixos.org/download), or run scripts/setup-host"),
+    let release = Release::this_host();
+    let mut checks: Vec<Check> = host_setup::for_release(host_setup::builtin(), &release)
+        .into_iter()
+        .filter(|req| req.need != Need::Test)
+        .map(|req| match req.name() {
+            "qemu-system-x86_64" => check_qemu(req),
+            "virtiofsd" => check_virtiofsd(req),
+            _ => check_requirement(req),
+        })
+        .collect();
+    checks.extend([
         check_guest_init(),
         check_accel(),
         check_kvm_access(),
@@ -70,7 +86,38 @@ pub fn run_checks() -> Vec<Check> {
         check_host_proxy(&|k| std::env::var(k).ok()),
         check_dns(&Resolver::system()),
         host_ca_check(&HostCas::load(&|var| std::env::var(var).ok())),
-    ]
+    ]);
+    checks
+}
+
+/// What installs `req`, in a few words.
+fn install_hint(req: &Requirement) -> String {
+    let packages = req.packages.join(" ");
+    match req.source {
+        Source::Apt => format!("install {packages}"),
+        Source::Backports => format!("install {packages} from backports"),
+        Source::Cargo => format!("build it: cargo install {} (needs {})", req.packages[0], req.packages[1..].join(" ")),
+    }
+}
+
+/// `check` failed (or, when optional, warns), and `req`'s packages fix it.
+fn missing(req: &'static Requirement, detail: String) -> Check {
+    let check = fail(req.label(), detail, install_hint(req));
+    let status = if req.need == Need::Optional { Status::Warn } else { Status::Fail };
+    Check { status, installs: Some(req), ..check }
+}
+
+/// A program or file of the list, found or not.
+fn check_requirement(req: &'static Requirement) -> Check {
+    let path = std::env::var_os("PATH");
+    let found = req.check.split_whitespace().find_map(|c| match c.starts_with('/') {
+        true => Some(std::path::PathBuf::from(c)).filter(|p| p.exists()),
+        false => path.as_deref().and_then(|p| tools::find_in_path(c, p)),
+    });
+    match found {
+        Some(at) => ok(req.label(), at.display().to_string()),
+        None => missing(req, format!("{} not found ({})", req.name(), req.why)),
+    }
 }
 
 /// Parses "QEMU emulator version 10.0.2 (...)" into (10, 0).
@@ -80,10 +127,11 @@ pub fn parse_qemu_version(out: &str) -> Option<(u32, u32)> {
     Some((parts.next()??, parts.next()??))
 }
 
-fn check_qemu() -> Check {
+fn check_qemu(req: &'static Requirement) -> Check {
     let name = "qemu";
+    let outdated = |detail: String| Check { name, ..missing(req, detail) };
     let Some(bin) = tools::find_qemu() else {
-        return fail(name, "qemu-system-x86_64 not found", SETUP);
+        return outdated(format!("qemu-system-x86_64 not found ({})", req.why));
     };
     let out = Command::new(&bin).arg("--version").output();
     let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
@@ -94,94 +142,57 @@ fn check_qemu() -> Check {
             if has_microvm {
                 ok(name, format!("QEMU {}.{} at {}", v.0, v.1, bin.display()))
             } else {
-                fail(name, format!("{} lacks the microvm machine", bin.display()), SETUP)
+                outdated(format!("{} lacks the microvm machine", bin.display()))
             }
         }
-        Some(v) => fail(
-            name,
-            format!("QEMU {}.{} at {} is older than {}.{}", v.0, v.1, bin.display(), MIN_QEMU.0, MIN_QEMU.1),
-            format!("install a newer QEMU ({SETUP} uses bookworm-backports on Debian 12)"),
-        ),
-        None => fail(name, format!("{} --version printed no version", bin.display()), SETUP),
+        Some(v) => {
+            outdated(format!("QEMU {}.{} at {} is older than {}.{}", v.0, v.1, bin.display(), MIN_QEMU.0, MIN_QEMU.1))
+        }
+        None => outdated(format!("{} --version printed no version", bin.display())),
     }
 }
 
-fn check_virtiofsd() -> Check {
+fn check_virtiofsd(req: &'static Requirement) -> Check {
     match share::find_virtiofsd() {
         Some(bin) => {
             let v = Command::new(&bin).arg("--version").output();
             let v = v.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
             ok("virtiofsd", format!("{v} at {}", bin.display()))
         }
-        None => fail(
-            "virtiofsd",
-            "not found on PATH, /usr/libexec or /usr/lib/qemu",
-            format!("{SETUP} (installs the package, or builds it with cargo)"),
-        ),
-    }
-}
-
-fn check_program(name: &'static str, program: &str, why: &str) -> Check {
-    match tools::find_program(program, &[]) {
-        Some(p) => ok(name, p.display().to_string()),
-        None => fail(name, format!("{program} not found ({why})"), SETUP),
-    }
-}
-
-/// A program only some features need: missing is a warning.
-fn check_optional(name: &'static str, program: &str, why: &str, fix: &str) -> Check {
-    match tools::find_program(program, &[]) {
-        Some(p) => ok(name, p.display().to_string()),
-        None => Check {
-            name,
-            status: Status::Warn,
-            detail: format!("{program} not found ({why})"),
-            fix: Some(fix.to_string()),
-        },
+        None => missing(req, format!("not found on PATH, /usr/libexec or /usr/lib/qemu ({})", req.why)),
     }
 }
 
 fn check_guest_init() -> Check {
-    match tools::find_guest_init() {
-        Some(p) => ok("guest init", p.display().to_string()),
-        None => fail(
+    match tools::guest_init() {
+        tools::GuestInit::File(path) if !path.is_file() => fail(
             "guest init",
-            "agentvm-guest not found next to the agentvm binary",
-            "build the whole workspace (cargo build --release --workspace) or set AGENTVM_GUEST_INIT",
+            format!("AGENTVM_GUEST_INIT={} is not a file", path.display()),
+            "unset AGENTVM_GUEST_INIT to use the guest init built into agentvm",
         ),
+        init => ok("guest init", init.to_string()),
     }
 }
 
 fn check_accel() -> Check {
     match accel::probe_kvm() {
         Ok(()) => ok("accelerator", "KVM runs guests"),
-        Err(why) => Check {
-            name: "accelerator",
-            status: Status::Warn,
-            detail: format!("no usable KVM ({why}); VMs run under TCG emulation, several times slower"),
-            fix: Some("use a host with hardware virtualization and kvm_intel/kvm_amd loaded".into()),
-        },
+        Err(why) => warn(
+            "accelerator",
+            format!("no usable KVM ({why}); VMs run under TCG emulation, several times slower"),
+            "use a host with hardware virtualization and kvm_intel/kvm_amd loaded",
+        ),
     }
 }
 
 fn check_kvm_access() -> Check {
     let dev = Path::new("/dev/kvm");
     if !dev.exists() {
-        return Check {
-            name: "/dev/kvm",
-            status: Status::Warn,
-            detail: "missing".into(),
-            fix: Some("load kvm_intel or kvm_amd (TCG works without it, slowly)".into()),
-        };
+        return warn("/dev/kvm", "missing", "load kvm_intel or kvm_amd (TCG works without it, slowly)");
     }
     match std::fs::OpenOptions::new().read(true).write(true).open(dev) {
         Ok(_) => ok("/dev/kvm", "readable and writable"),
-        Err(e) => Check {
-            name: "/dev/kvm",
-            status: Status::Warn,
-            detail: format!("cannot open: {e}"),
-            fix: Some("sudo usermod -aG kvm $USER, then log in again".into()),
-        },
+        Err(e) => warn("/dev/kvm", format!("cannot open: {e}"), "sudo usermod -aG kvm $USER, then log in again"),
     }
 }
 
@@ -265,12 +276,11 @@ fn check_host_proxy(get: &dyn Fn(&str) -> Option<String>) -> Check {
             Err(last)
         });
         if let Err(why) = reached {
-            return Check {
+            return warn(
                 name,
-                status: Status::Warn,
-                detail: format!("cannot connect to {p}: {why}"),
-                fix: Some(format!("start the proxy, or unset {} for agentvm", p.var)),
-            };
+                format!("cannot connect to {p}: {why}"),
+                format!("start the proxy, or unset {} for agentvm", p.var),
+            );
         }
     }
     let creds = found.http.iter().chain(&found.https).any(|p| p.has_credentials());
@@ -283,15 +293,14 @@ fn check_host_proxy(get: &dyn Fn(&str) -> Option<String>) -> Check {
 fn check_dns(resolver: &Resolver) -> Check {
     match resolver.probe(NET_PROBE) {
         Ok(server) => ok("dns", format!("{} answers ({} first, then {})", server.ip(), dns::HOSTS, dns::RESOLV_CONF)),
-        Err(why) => Check {
-            name: "dns",
-            status: Status::Warn,
-            detail: format!("no name server of {} answers: {why}", dns::RESOLV_CONF),
-            fix: Some(format!(
+        Err(why) => warn(
+            "dns",
+            format!("no name server of {} answers: {why}", dns::RESOLV_CONF),
+            format!(
                 "--network allow resolves names with the name servers of {}: fix it or the network (names a host proxy resolves need no DNS here)",
                 dns::RESOLV_CONF
-            )),
-        },
+            ),
+        ),
     }
 }
 
@@ -324,14 +333,11 @@ pub fn host_ca_check(cas: &HostCas) -> Check {
     if cas.warnings.is_empty() {
         return ok(name, detail);
     }
-    Check {
+    warn(
         name,
-        status: Status::Warn,
-        detail: format!("{detail}; {}", cas.warnings.join("; ")),
-        fix: Some(
-            "fix or unset what the warning names; --host-ca=off gives the guest its image's public roots only".into(),
-        ),
-    }
+        format!("{detail}; {}", cas.warnings.join("; ")),
+        "fix or unset what the warning names; --host-ca=off gives the guest its image's public roots only",
+    )
 }
 
 /// What `agentvm doctor` prints: a line per check, with the fix under each
@@ -360,6 +366,57 @@ pub fn report(checks: &[Check]) -> String {
 /// Whether no check failed (warnings allowed).
 pub fn all_passed(checks: &[Check]) -> bool {
     checks.iter().all(|c| c.status != Status::Fail)
+}
+
+/// Who installs on this host: root, or this user with sudo.
+pub fn installer(release: &Release) -> Installer {
+    Installer {
+        as_root: crate::sys::is_root(),
+        backports_configured: host_setup::apt_has_suite(&format!("{}-backports", release.codename)),
+        cargo_bin: host_setup::cargo_bin(),
+    }
+}
+
+/// The commands that install the packages of every check that is not Ok
+/// (none where apt does not install: there the fixes name the packages).
+pub fn fix_steps(checks: &[Check], release: &Release, installer: &Installer) -> Vec<Step> {
+    if !release.apt {
+        return Vec::new();
+    }
+    let missing: Vec<&Requirement> =
+        checks.iter().filter(|c| c.status != Status::Ok).filter_map(|c| c.installs).collect();
+    installer.steps(&missing, release)
+}
+
+/// The commands as `agentvm doctor` prints them, one a line, indented.
+pub fn steps_text(steps: &[Step], as_root: bool) -> String {
+    steps.iter().map(|s| format!("    {}\n", s.command_line(as_root))).collect()
+}
+
+/// Runs `steps` in order, root's through sudo unless `as_root`; stops at
+/// the first that fails.
+pub fn run_steps(steps: &[Step], as_root: bool) -> Result<(), FixError> {
+    for step in steps {
+        let mut cmd = match step {
+            Step::Root(line) if !as_root => {
+                let mut c = Command::new("sudo");
+                c.args(["sh", "-c", line]);
+                c
+            }
+            Step::Root(line) | Step::User(line) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", line]);
+                c
+            }
+        };
+        let command = step.command_line(as_root);
+        eprintln!("agentvm: running {command}");
+        let status = cmd.status().map_err(|source| FixError::Spawn { command: command.clone(), source })?;
+        if !status.success() {
+            return Err(FixError::Failed { command, status });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -407,15 +464,15 @@ mod tests {
     fn report_shows_fixes_for_what_is_not_ok_and_the_verdict() {
         let checks = [
             ok("qemu", "QEMU 10.0"),
-            Check { name: "/dev/kvm", status: Status::Warn, detail: "missing".into(), fix: Some("load kvm".into()) },
-            fail("npm", "npm not found", SETUP),
+            warn("/dev/kvm", "missing", "load kvm"),
+            fail("npm", "npm not found", "install npm"),
         ];
         let text = report(&checks);
         assert_eq!(
             text,
             format!(
                 "ok   qemu              QEMU 10.0\nwarn /dev/kvm          missing\n     {:<17} fix: load kvm\n\
-                 FAIL npm               npm not found\n     {:<17} fix: {SETUP}\n1 requirement(s) missing.\n",
+                 FAIL npm               npm not found\n     {:<17} fix: install npm\n1 requirement(s) missing.\n",
                 "", ""
             )
         );

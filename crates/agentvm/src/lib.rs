@@ -18,13 +18,16 @@
 //! [`instance`] keeps each running VM's runtime dir and serves `ps`,
 //! `stop`, `logs` and `exec`; [`relay`] moves the terminal or the streams
 //! for `run`, `exec` and `shell`; [`sys`] holds the host's system calls
-//! (the one place for `unsafe`); [`doctor`] checks the host.
+//! (the one place for `unsafe`); [`doctor`] checks the host;
+//! [`build_info`] is what the build put in (version, commit, guest init).
 
+pub mod build_info;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod doctor;
 pub mod guest_env;
+pub mod host_setup;
 pub mod image;
 pub mod instance;
 pub mod launch;

@@ -24,11 +24,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(args) => run(*args, started),
         Command::Image(cmd) => done(image_command(cmd)),
-        Command::Doctor => {
-            let checks = doctor::run_checks();
-            print!("{}", doctor::report(&checks));
-            i32::from(!doctor::all_passed(&checks))
-        }
+        Command::Doctor { fix } => doctor(fix),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut cli::command(), "agentvm", &mut std::io::stdout());
             0
@@ -122,6 +118,47 @@ fn report_outcome(outcome: &launch::Outcome, verbose: bool) -> i32 {
     outcome.exit_code()
 }
 
+/// `agentvm doctor [--fix]`: the report, the commands that install what is
+/// missing, and with `--fix` their run (asking first unless root).
+fn doctor(fix: bool) -> i32 {
+    let checks = doctor::run_checks();
+    print!("{}", doctor::report(&checks));
+    let release = agentvm::host_setup::Release::this_host();
+    let installer = doctor::installer(&release);
+    let steps = doctor::fix_steps(&checks, &release, &installer);
+    let failed = i32::from(!doctor::all_passed(&checks));
+    if steps.is_empty() {
+        return failed;
+    }
+    let commands = doctor::steps_text(&steps, installer.as_root);
+    if !fix {
+        print!("To install what is missing (`agentvm doctor --fix` runs these):\n{commands}");
+        return failed;
+    }
+    if !installer.as_root && !agentvm::sys::is_tty(std::io::stdin()) {
+        print!("No terminal to ask on: run these yourself, then `agentvm doctor` again:\n{commands}");
+        return 1;
+    }
+    if !installer.as_root && !confirm(&format!("These commands install what is missing:\n{commands}Run them? [y/N] ")) {
+        return failed;
+    }
+    if let Err(e) = doctor::run_steps(&steps, installer.as_root) {
+        return fail(e);
+    }
+    let checks = doctor::run_checks();
+    print!("{}", doctor::report(&checks));
+    i32::from(!doctor::all_passed(&checks))
+}
+
+/// Asks `question` on the terminal; whether the answer is yes.
+fn confirm(question: &str) -> bool {
+    use std::io::Write;
+    print!("{question}");
+    let _ = std::io::stdout().flush();
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).is_ok() && matches!(answer.trim(), "y" | "Y" | "yes")
+}
+
 fn image_command(cmd: ImageCommand) -> Result<(), commands::CommandError> {
     let store = Store::open(Store::default_dir()?);
     match cmd {
@@ -132,11 +169,17 @@ fn image_command(cmd: ImageCommand) -> Result<(), commands::CommandError> {
             for built in build.run(&store, &mut TerminalProgress::new()) {
                 match built? {
                     Built::Image(image) => println!("{}", image.dir.display()),
-                    Built::Layer(layer) => println!("{} ({})", layer.dir.display(), versions(&layer.meta.versions)),
+                    Built::Layer(layer) => {
+                        println!("{} ({})", layer.dir.display(), commands::versions(&layer.meta.versions))
+                    }
                 }
             }
         }
-        ImageCommand::Ls => list_images(&store)?,
+        ImageCommand::Ls => {
+            let (listed, warning) = commands::image_list(&store)?;
+            warning.into_iter().for_each(warn);
+            print!("{}", image_table(&listed));
+        }
         ImageCommand::Rm { images } => {
             for name in images {
                 store.remove(&name)?.iter().for_each(|entry| println!("removed {}", entry.dir.display()));
@@ -151,23 +194,27 @@ fn image_command(cmd: ImageCommand) -> Result<(), commands::CommandError> {
     Ok(())
 }
 
-/// `package@version, ...`
-fn versions<'a>(versions: impl IntoIterator<Item = (&'a String, &'a String)>) -> String {
-    versions.into_iter().map(|(p, v)| format!("{p}@{v}")).collect::<Vec<_>>().join(", ")
-}
-
-fn list_images(store: &Store) -> Result<(), agentvm::image::ImageError> {
+/// `agentvm image ls`: a row per image and layer, then what an old one means.
+fn image_table(listed: &[commands::Listed]) -> String {
     let name = |dir: &std::path::Path| dir.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
-    println!("{:<30} {:>7}  {:<17} CONTENTS", "NAME", "SIZE", "CREATED (UTC)");
-    for img in store.list()? {
-        let (size, created) = (img.meta.size_bytes >> 20, format_utc(img.meta.created));
-        println!("{:<30} {size:>6}M  {created:<17} kernel {}", name(&img.dir), img.meta.kernel_release);
+    let mut out = format!(
+        "{:<30} {:>7}  {:<17} {:<10}  {:<28} CONTENTS\n",
+        "NAME", "SIZE", "CREATED (UTC)", "RECIPE", "BUILT BY"
+    );
+    for l in listed {
+        let (size, created) = (l.size_bytes >> 20, format_utc(l.created));
+        let built_by = if l.built_by.is_empty() { "-" } else { &l.built_by };
+        out.push_str(&format!(
+            "{:<30} {size:>6}M  {created:<17} {:<10}  {built_by:<28} {}\n",
+            name(&l.dir),
+            l.state.as_str(),
+            l.contents
+        ));
     }
-    for layer in store.list_layers()? {
-        let (size, created) = (layer.meta.size_bytes >> 20, format_utc(layer.meta.created));
-        println!("{:<30} {size:>6}M  {created:<17} {}", name(&layer.dir), versions(&layer.meta.versions));
+    if listed.iter().any(|l| l.state != commands::RecipeState::Current) {
+        out.push_str("old: no recipe of this agentvm (and its flavors) builds it; a run builds anew, `agentvm image prune` removes it\n");
     }
-    Ok(())
+    out
 }
 
 fn stop(ids: &[String], all: bool, timeout: u64) -> Result<(), ps::InstancesError> {

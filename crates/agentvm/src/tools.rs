@@ -26,22 +26,31 @@ pub fn find_qemu() -> Option<PathBuf> {
     find_program("qemu-system-x86_64", &[])
 }
 
-/// The guest init binary: `$AGENTVM_GUEST_INIT`, else `agentvm-guest` next
-/// to the running executable (or its parent dir, for test binaries in
-/// `deps/`), else `../lib/agentvm/agentvm-guest` relative to it.
-pub fn find_guest_init() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("AGENTVM_GUEST_INIT") {
-        return Some(PathBuf::from(p)).filter(|p| p.is_file());
+/// Where the guest init comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestInit {
+    /// The one built into agentvm ([`crate::build_info::GUEST_INIT`]).
+    BuiltIn,
+    /// A file, named by `AGENTVM_GUEST_INIT` (for development).
+    File(PathBuf),
+}
+
+impl std::fmt::Display for GuestInit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GuestInit::BuiltIn => write!(f, "built in ({} bytes)", crate::build_info::GUEST_INIT.len()),
+            GuestInit::File(path) => write!(f, "{} (AGENTVM_GUEST_INIT)", path.display()),
+        }
     }
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?;
-    [
-        dir.join("agentvm-guest"),
-        dir.parent().map(|d| d.join("agentvm-guest")).unwrap_or_default(),
-        dir.join("../lib/agentvm/agentvm-guest"),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
+}
+
+/// The guest init: the file `$AGENTVM_GUEST_INIT` names, else (unset or
+/// empty) the one built into agentvm.
+pub fn guest_init() -> GuestInit {
+    match std::env::var_os("AGENTVM_GUEST_INIT").filter(|v| !v.is_empty()) {
+        Some(path) => GuestInit::File(path.into()),
+        None => GuestInit::BuiltIn,
+    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,10 @@ fn agentvm(args: &[&str]) -> (i32, String, String) {
 fn version_and_help_describe_the_tool() {
     let (code, out, _) = agentvm(&["--version"]);
     assert_eq!(code, 0);
-    assert!(out.starts_with("agentvm "), "{out}");
+    // Built in this checkout: the commit is HEAD's (build.rs watches it).
+    let head = Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).output().unwrap();
+    let head = String::from_utf8(head.stdout).unwrap();
+    assert_eq!(out, format!("agentvm {} (commit {})\n", env!("CARGO_PKG_VERSION"), head.trim()));
     let (code, out, _) = agentvm(&["--help"]);
     assert_eq!(code, 0);
     for cmd in ["run", "image", "doctor", "completions", "man"] {
@@ -31,6 +34,24 @@ fn version_and_help_describe_the_tool() {
     for cmd in ["build", "ls", "rm", "prune"] {
         assert!(out.contains(cmd), "image --help lacks {cmd}: {out}");
     }
+}
+
+#[test]
+fn the_guest_init_is_built_in_and_a_missing_override_is_named() {
+    let l = Launch::new();
+    let out = l.run_command(l.command_with(&["doctor"]).env("PATH", "/nonexistent"));
+    assert!(stdout(&out).contains("ok   guest init        built in ("), "{}", stdout(&out));
+
+    let missing = l.dirs.path().join("no-such-init");
+    let out = l.run_command(l.command_with(&["doctor"]).env("AGENTVM_GUEST_INIT", &missing));
+    let needle = format!("FAIL guest init        AGENTVM_GUEST_INIT={} is not a file", missing.display());
+    assert!(stdout(&out).contains(&needle), "{}", stdout(&out));
+    assert_eq!(out.status.code(), Some(1));
+
+    let (code, _, err) =
+        without_qemu(&l, l.command_with(&["run", "shell", "--", "true"]).env("AGENTVM_GUEST_INIT", &missing));
+    assert_eq!(code, 125);
+    assert!(err.contains(&format!("AGENTVM_GUEST_INIT={} is not a file: unset it", missing.display())), "{err}");
 }
 
 #[test]

@@ -119,6 +119,7 @@ pub(crate) fn build_in(
         size_bytes: 0,
         compressor: compressor.to_string(),
         package_versions: meta::installed_versions(&root.dpkg_status, &recipe.packages),
+        built_by: crate::build_info::VERSION_LONG.to_string(),
     };
     meta.size_bytes = dir_size(dir)?;
     write_meta(dir, &meta)?;

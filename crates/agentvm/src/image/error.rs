@@ -27,7 +27,7 @@ pub enum ImageError {
     },
 
     /// A host tool the build needs is not installed.
-    #[error("{tool} not found on PATH (Debian package {package}): run scripts/setup-host, then agentvm doctor")]
+    #[error("{tool} not found on PATH (Debian package {package}): `agentvm doctor --fix` installs it")]
     MissingTool {
         /// The program name.
         tool: &'static str,
@@ -36,7 +36,7 @@ pub enum ImageError {
     },
 
     /// npm, which installs the packages of agent layers, is not on `$PATH`.
-    #[error("npm not found on PATH: agent layers are installed with the host's npm; install nodejs and npm (`sudo apt-get install nodejs npm`, or run scripts/setup-host), then try again")]
+    #[error("npm not found on PATH: agent layers are installed with the host's npm; install nodejs and npm (`agentvm doctor --fix` does), then try again")]
     MissingNpm,
 
     /// An agent layer was installed but lacks what its packages declare.

@@ -164,6 +164,10 @@ pub struct LayerMeta {
     /// `node --version` of the host that ran npm (native addons match its ABI).
     #[serde(default)]
     pub host_node: String,
+    /// The agentvm that built it ([`crate::build_info::VERSION_LONG`]);
+    /// empty for a layer built before agentvm recorded it.
+    #[serde(default)]
+    pub built_by: String,
 }
 
 /// A published layer: its directory and metadata.
@@ -378,6 +382,7 @@ mod tests {
             size_bytes: 2,
             compressor: "lz4".into(),
             host_node: "v20.0.0".into(),
+            built_by: String::new(),
         };
         std::fs::write(tmp.path().join(LAYER_META_FILE), serde_json::to_string(&meta).unwrap()).unwrap();
         let layer = Layer::load(tmp.path()).unwrap().unwrap();

@@ -63,6 +63,7 @@ pub(crate) fn build_layer_in(
         size_bytes: 0,
         compressor: LAYER_COMPRESSOR.to_string(),
         host_node: host_node_version(),
+        built_by: crate::build_info::VERSION_LONG.to_string(),
     };
     meta.size_bytes = build::dir_size(dir)?;
     build::write_json(&dir.join(LAYER_META_FILE), &meta)?;

@@ -44,6 +44,10 @@ pub struct ImageMeta {
     /// Installed versions of the recipe's packages, from the dpkg status.
     #[serde(default)]
     pub package_versions: BTreeMap<String, String>,
+    /// The agentvm that built it ([`crate::build_info::VERSION_LONG`]);
+    /// empty for an image built before agentvm recorded it.
+    #[serde(default)]
+    pub built_by: String,
 }
 
 /// A published image: its directory and metadata.

@@ -71,6 +71,7 @@ mod real_build_tests {
         eprintln!("{}", serde_json::to_string_pretty(&image.meta).unwrap());
 
         assert_eq!(image.dir, store.dir().join(recipe.dir_name()));
+        assert_eq!(image.meta.built_by, crate::build_info::VERSION_LONG);
         assert!(std::fs::metadata(image.kernel()).unwrap().len() > 1 << 20);
         // Debian's kernels have CONFIG_PVH: the uncompressed one is booted.
         assert_eq!(image.kernel(), image.dir.join("vmlinux"));
@@ -161,6 +162,7 @@ mod real_layer_tests {
         eprintln!("{}", serde_json::to_string_pretty(&layer.meta).unwrap());
 
         assert_eq!(layer.dir, store.dir().join(recipe.dir_name()));
+        assert_eq!(layer.meta.built_by, crate::build_info::VERSION_LONG);
         assert!(layer.meta.versions["@openai/codex"].starts_with(|c: char| c.is_ascii_digit()));
         assert!(layer.dir.join("build.log").is_file());
         assert_eq!(store.find_layer(&recipe).unwrap(), Some(layer.clone()));

@@ -453,6 +453,7 @@ mod tests {
             size_bytes: 14,
             compressor: "lz4".into(),
             package_versions: Default::default(),
+            built_by: String::new(),
         };
         fs::write(dir.join(META_FILE), serde_json::to_string(&meta).unwrap()).unwrap();
         dir
@@ -623,6 +624,7 @@ mod tests {
             size_bytes: 4,
             compressor: "lz4".into(),
             host_node: "v20.0.0".into(),
+            built_by: String::new(),
         };
         fs::write(dir.join(LAYER_META_FILE), serde_json::to_string(&meta).unwrap()).unwrap();
         dir

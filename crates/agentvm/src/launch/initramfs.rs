@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use agentvm_proto::{LaunchSpec, MODULES_DIR, SPEC_PATH};
 
 use crate::image::{kmod, Image};
+use crate::tools::GuestInit;
 
 /// A file of the initramfs could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -40,13 +41,16 @@ pub struct PackedModule {
 
 /// The initramfs: guest init as /init, the spec's boot modules (without
 /// their signatures), the spec.
-pub fn build(guest_init: &Path, image: &Image, spec: &LaunchSpec) -> Result<Initramfs, InitramfsError> {
+pub fn build(guest_init: &GuestInit, image: &Image, spec: &LaunchSpec) -> Result<Initramfs, InitramfsError> {
     let read_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| InitramfsError { path, source }
     };
     let mut c = Cpio::new();
-    c.file_from("init", 0o755, guest_init).map_err(read_err(guest_init))?;
+    match guest_init {
+        GuestInit::BuiltIn => c.file("init", 0o755, crate::build_info::GUEST_INIT),
+        GuestInit::File(path) => c.file_from("init", 0o755, path).map_err(read_err(path))?,
+    };
     c.dir("agentvm", 0o700).dir(MODULES_DIR, 0o700);
     let mut modules = Vec::new();
     for name in &spec.modules {
@@ -169,7 +173,7 @@ mod tests {
         let mut spec = plan(&s, &res).spec;
         spec.modules = vec!["signed.ko".into(), "plain.ko".into()];
 
-        let built = build(&dir.path().join("init"), &res.image, &spec).unwrap();
+        let built = build(&GuestInit::File(dir.path().join("init")), &res.image, &spec).unwrap();
         let packed = |file: &str, len: usize| PackedModule {
             file: file.into(),
             path: dir.path().join("modules").join(file),
@@ -180,6 +184,13 @@ mod tests {
         assert!(has(body) && has(plain));
         assert!(!has(b"~Module signature appended~"));
         assert_eq!(built.bytes.len() % 4096, 0);
+        // The first entry, /init, is the file given.
+        assert_eq!(&built.bytes[110..116], b"init\0\0");
+        assert_eq!(&built.bytes[116..120], b"init");
+
+        let built_in = build(&GuestInit::BuiltIn, &res.image, &spec).unwrap();
+        let init = crate::build_info::GUEST_INIT;
+        assert_eq!(&built_in.bytes[116..116 + init.len()], init, "/init is the guest init built into agentvm");
     }
 
     #[test]

@@ -199,6 +199,7 @@ pub(crate) mod tests {
             size_bytes: 0,
             compressor: "lz4".into(),
             package_versions: Default::default(),
+            built_by: String::new(),
         };
         let passt = Some(PathBuf::from("/usr/bin/passt"));
         let network =
@@ -207,7 +208,7 @@ pub(crate) mod tests {
                 .0;
         Resources {
             qemu: "/usr/bin/qemu-system-x86_64".into(),
-            guest_init: "/bin/agentvm-guest".into(),
+            guest_init: crate::tools::GuestInit::BuiltIn,
             accel: Accel::Tcg,
             tsc_khz: Some(2_400_000),
             kernel: "/img/vmlinuz".into(),

@@ -39,6 +39,8 @@ pub struct PlanReport {
     pub shares: Vec<ShareReport>,
     pub image: ImageReport,
     pub initramfs_bytes: usize,
+    /// The guest init in it: built in, or the file AGENTVM_GUEST_INIT names.
+    pub guest_init: String,
     /// The launcher's time from its start to the plan, in milliseconds.
     pub plan_ms: f64,
     pub trust: TrustReport,
@@ -151,6 +153,7 @@ impl PlanReport {
                     .collect(),
             },
             initramfs_bytes: initramfs.bytes.len(),
+            guest_init: res.guest_init.to_string(),
             plan_ms: elapsed.as_secs_f64() * 1000.0,
             trust: TrustReport::new(&res.trust),
             spec,
@@ -185,7 +188,7 @@ impl fmt::Display for PlanReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "accelerator   {}", self.accel)?;
         writeln!(f, "memory        {} MiB, {} CPUs", self.memory_mib, self.cpus)?;
-        writeln!(f, "initramfs     {} bytes", self.initramfs_bytes)?;
+        writeln!(f, "initramfs     {} bytes, guest init {}", self.initramfs_bytes, self.guest_init)?;
         writeln!(f, "planned in    {:.1} ms", self.plan_ms)?;
         let fds = &self.fds;
         writeln!(
@@ -313,6 +316,7 @@ mod tests {
         assert_eq!(json["fds"]["network"], 5);
         assert_eq!(json["network"]["interface"]["passt"], "/usr/bin/passt");
         assert_eq!(json["initramfs_bytes"], 8192);
+        assert!(json["guest_init"].as_str().unwrap().starts_with("built in ("), "{json}");
         assert!(json["qemu_args"].as_array().unwrap().iter().any(|a| a == "-kernel"));
         assert!(json["kernel_cmdline"].as_str().unwrap().contains("rdinit=/init"));
         assert_eq!(json["kernel"], "/img/vmlinuz");

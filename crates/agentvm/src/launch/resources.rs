@@ -21,10 +21,10 @@ use crate::vm::{accel, Accel};
 /// A resource the launch needs is missing or unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
-    #[error("qemu-system-x86_64 not found: run scripts/setup-host, then `agentvm doctor`")]
+    #[error("qemu-system-x86_64 not found: `agentvm doctor --fix` installs it")]
     NoQemu,
-    #[error("the guest init (agentvm-guest) was not found next to {exe}: build the workspace (`cargo build --workspace`) or set AGENTVM_GUEST_INIT")]
-    NoGuestInit { exe: String },
+    #[error("AGENTVM_GUEST_INIT={path} is not a file: unset it to use the guest init built into agentvm, or point it at a built agentvm-guest")]
+    NoGuestInit { path: PathBuf },
     #[error(transparent)]
     Share(#[from] ShareError),
     #[error(transparent)]
@@ -45,7 +45,7 @@ pub enum ResolveError {
 #[derive(Debug, Clone)]
 pub struct Resources {
     pub qemu: PathBuf,
-    pub guest_init: PathBuf,
+    pub guest_init: tools::GuestInit,
     pub accel: Accel,
     /// The host's TSC frequency, told to a TCG guest.
     pub tsc_khz: Option<u64>,
@@ -82,10 +82,11 @@ impl Resources {
     /// Finds or builds everything the launch needs. `warn` is told what the
     /// user should know (a TCG fallback, slirp, a dev shell problem, ...).
     pub fn resolve(settings: &Settings, warn: &mut dyn FnMut(String)) -> Result<Resolved, ResolveError> {
+        let guest_init = tools::guest_init();
+        if let tools::GuestInit::File(path) = &guest_init {
+            path.is_file().then_some(()).ok_or_else(|| ResolveError::NoGuestInit { path: path.clone() })?;
+        }
         let qemu = tools::find_qemu().ok_or(ResolveError::NoQemu)?;
-        let guest_init = tools::find_guest_init().ok_or_else(|| ResolveError::NoGuestInit {
-            exe: std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default(),
-        })?;
         share::find_virtiofsd().ok_or(ShareError::NoVirtiofsd)?;
         let (accel, fallback) = accel::choose(settings.accel)?;
         if let Some(why) = fallback {

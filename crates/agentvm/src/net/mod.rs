@@ -66,7 +66,7 @@ pub enum Stack {
 
 /// Printed whenever slirp is used: what it leaves open, and the fix.
 pub const SLIRP_WARNING: &str = "the slirp network back end cannot close the host's loopback: \
-the guest can reach services on the host's 127.0.0.1 at 10.0.2.2; install passt (scripts/setup-host) \
+the guest can reach services on the host's 127.0.0.1 at 10.0.2.2; install passt (`agentvm doctor --fix`) \
 and use --net-backend passt or auto to close it";
 
 /// Picks the stack for `backend`, given where passt is (if installed).
@@ -110,7 +110,7 @@ pub enum NetError {
     Duplicate { spec: String, port: u16, proto: Proto },
     #[error("port spec {spec:?}: cannot listen on {addr} ({why}); stop what uses it or pick another host port")]
     InUse { spec: String, addr: SocketAddr, why: String },
-    #[error("passt not found: run scripts/setup-host (it installs passt), then `agentvm doctor`; or use --net-backend slirp")]
+    #[error("passt not found: `agentvm doctor --fix` installs it; or use --net-backend slirp")]
     NoPasst,
     #[error("published port {spec}: the slirp back end binds IPv4 host addresses only; give an IPv4 address or use --net-backend passt")]
     SlirpIpv6 { spec: PortSpec },

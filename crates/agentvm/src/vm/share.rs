@@ -85,7 +85,7 @@ impl IdMap {
 /// A share that could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum ShareError {
-    #[error("virtiofsd not found (looked on PATH, /usr/libexec, /usr/lib/qemu): run scripts/setup-host, then `agentvm doctor`")]
+    #[error("virtiofsd not found (looked on PATH, /usr/libexec, /usr/lib/qemu): `agentvm doctor --fix` installs it")]
     NoVirtiofsd,
     #[error("cannot create the socket {path} for the {tag} share: {source}")]
     Socket { tag: String, path: PathBuf, source: std::io::Error },
