@@ -4,6 +4,7 @@
 
 pub mod cri;
 pub mod devshell;
+pub mod disk;
 pub mod home;
 
 /// Where the guest sees the project (the `work` share), its working
