@@ -7,6 +7,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use crate::instance::console_log;
+use crate::sandbox::import::{ImportError, Imported};
 use crate::vm::process;
 
 /// Lines of the guest console shown when a launch fails.
@@ -141,14 +142,19 @@ pub struct Outcome {
     pub qemu_started: Duration,
     /// The end of the guest console (`--verbose`).
     pub console: Option<ConsoleDump>,
+    /// The sandbox's result, brought back (`--clone`, once the program
+    /// reported its exit status).
+    pub sandbox: Option<Result<Imported, ImportError>>,
 }
 
 impl Outcome {
-    /// agentvm's own exit status.
+    /// agentvm's own exit status: the program's, unless its sandbox's
+    /// result could not be brought back after it succeeded (125).
     pub fn exit_code(&self) -> i32 {
-        match &self.result {
-            Ok(code) => *code,
-            Err(e) => e.exit_code(),
+        match (&self.result, &self.sandbox) {
+            (Ok(0), Some(Err(_))) => 125,
+            (Ok(code), _) => *code,
+            (Err(e), _) => e.exit_code(),
         }
     }
 }

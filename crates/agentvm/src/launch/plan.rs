@@ -7,10 +7,10 @@
 use std::ffi::OsString;
 use std::path::Path;
 
-use agentvm_proto::{guest, Containers, LaunchSpec, Mount, User};
+use agentvm_proto::{guest, Containers, LaunchSpec, Mount, Sandbox, User};
 
 use super::fds::FdPlan;
-use super::resources::Resources;
+use super::resources::{Resources, SandboxPlan};
 use crate::config::Settings;
 use crate::image::kmod;
 use crate::net::plan::NetworkPlan;
@@ -38,7 +38,7 @@ pub struct InstanceRef<'a> {
 
 impl Plan {
     pub fn new(settings: &Settings, res: &Resources, instance: InstanceRef<'_>) -> Plan {
-        let shares = shares(settings, res.nix_store.as_deref());
+        let shares = shares(settings, res.nix_store.as_deref(), res.sandbox.as_ref());
         let network = res.network.clone();
         let fds = FdPlan::new(network.interface.is_passt(), network.uses_channel());
         let spec = spec(settings, res, &shares, instance.id);
@@ -52,17 +52,32 @@ impl Plan {
     }
 }
 
-/// The directories shared into the guest: the project, the agent home, and
-/// the host's Nix store (read-only) when the dev shell needs it.
-pub fn shares(settings: &Settings, nix_store: Option<&Path>) -> Vec<Share> {
-    let mut shares = vec![
-        Share {
-            tag: "work".into(),
-            host_dir: settings.work_dir.clone(),
-            guest_path: guest::WORK.into(),
-            read_only: false,
-            cache: settings.work_cache,
-        },
+/// The directories shared into the guest: the project (read-only beside
+/// the sandbox's export dir for `--clone`, whose /work is its disk), the
+/// agent home, and the host's Nix store (read-only) when the dev shell
+/// needs it.
+pub fn shares(settings: &Settings, nix_store: Option<&Path>, sandbox: Option<&SandboxPlan>) -> Vec<Share> {
+    let project = |guest_path: &str, read_only| Share {
+        tag: "work".into(),
+        host_dir: settings.work_dir.clone(),
+        guest_path: guest_path.into(),
+        read_only,
+        cache: settings.work_cache,
+    };
+    let mut shares = match sandbox {
+        None => vec![project(guest::WORK, false)],
+        Some(s) => vec![
+            project(guest::SANDBOX_HOST_REPO, true),
+            Share {
+                tag: "export".into(),
+                host_dir: s.paths.export(),
+                guest_path: guest::SANDBOX_EXPORT.into(),
+                read_only: false,
+                cache: CacheMode::Auto,
+            },
+        ],
+    };
+    shares.extend([
         // Other instances of the project share the home: keep revalidating.
         Share {
             tag: "home".into(),
@@ -71,7 +86,7 @@ pub fn shares(settings: &Settings, nix_store: Option<&Path>) -> Vec<Share> {
             read_only: false,
             cache: CacheMode::Auto,
         },
-    ];
+    ]);
     if let Some(store) = nix_store {
         shares.push(Share {
             tag: "nixstore".into(),
@@ -99,6 +114,12 @@ fn spec(s: &Settings, res: &Resources, shares: &[Share], id: &str) -> LaunchSpec
         containers: (!s.cri.is_empty()).then(|| Containers {
             runtimes: s.cri.iter().map(|r| r.name().to_string()).collect(),
             disk: format!("serial:{}", vm::DATA_SERIAL),
+        }),
+        sandbox: res.sandbox.as_ref().map(|sb| Sandbox {
+            name: sb.name.to_string(),
+            disk: format!("serial:{}", vm::SANDBOX_SERIAL),
+            branch: sb.base.branch.clone(),
+            commit: sb.base.commit.clone(),
         }),
         mounts: shares
             .iter()
@@ -145,8 +166,15 @@ fn vm_config(s: &Settings, res: &Resources, shares: &[Share], fds: &FdPlan, inst
         sandbox: true,
         netdev: res.network.netdev(fds.network),
         forward_fd: fds.forwarding,
-        data_disk: res.cri_disk.clone(),
+        data_disks: data_disks(res),
     }
+}
+
+/// The writable disks: the sandbox's, the container storage.
+fn data_disks(res: &Resources) -> Vec<(String, std::path::PathBuf)> {
+    let sandbox = res.sandbox.as_ref().map(|s| (vm::SANDBOX_SERIAL.to_string(), s.paths.disk()));
+    let cri = res.cri_disk.as_ref().map(|d| (vm::DATA_SERIAL.to_string(), d.clone()));
+    sandbox.into_iter().chain(cri).collect()
 }
 
 #[cfg(test)]
@@ -178,6 +206,8 @@ pub(crate) mod tests {
             shield_secrets: false,
             cri: Vec::new(),
             cri_disk_mib: 0,
+            clone: None,
+            clone_disk_mib: None,
             memory_mib: 2048,
             cpus: 2,
             accel: AccelChoice::Tcg,
@@ -217,6 +247,7 @@ pub(crate) mod tests {
             env: s.guest_env.vars.clone(),
             ca_pem: None,
             cri_disk: None,
+            sandbox: None,
             ids: IdMap::for_host(1001, 1002),
             tty: false,
             winsize: None,

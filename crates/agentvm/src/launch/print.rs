@@ -30,6 +30,8 @@ pub struct PlanReport {
     pub fds: FdPlan,
     pub network: NetworkPlan,
     pub shares: Vec<ShareReport>,
+    /// The sandboxed clone (`--clone`), whose disk is /work.
+    pub sandbox: Option<SandboxReport>,
     pub initramfs_bytes: usize,
     /// The launcher's time from its start to the plan, in milliseconds.
     pub plan_ms: f64,
@@ -45,6 +47,18 @@ pub struct ShareReport {
     pub guest_path: String,
     pub read_only: bool,
     pub cache: String,
+}
+
+/// A sandbox, for printing.
+#[derive(Debug, Clone, Serialize)]
+pub struct SandboxReport {
+    pub name: String,
+    pub disk: String,
+    /// Its disk is made by this run, which clones the project onto it.
+    pub new: bool,
+    /// Where a new one starts: the project's branch (none: detached) and commit.
+    pub branch: Option<String>,
+    pub commit: String,
 }
 
 impl PlanReport {
@@ -74,6 +88,13 @@ impl PlanReport {
                     cache: s.cache.as_str().into(),
                 })
                 .collect(),
+            sandbox: res.sandbox.as_ref().map(|s| SandboxReport {
+                name: s.name.to_string(),
+                disk: s.paths.disk().display().to_string(),
+                new: !s.paths.exists(),
+                branch: s.base.branch.clone(),
+                commit: s.base.commit.clone(),
+            }),
             initramfs_bytes,
             plan_ms: elapsed.as_secs_f64() * 1000.0,
             spec,
@@ -124,6 +145,11 @@ impl fmt::Display for PlanReport {
         for s in &self.shares {
             let mode = if s.read_only { "ro" } else { "rw" };
             writeln!(f, "share         {} {} -> {} ({mode}, cache {})", s.tag, s.host_dir, s.guest_path, s.cache)?;
+        }
+        if let Some(s) = &self.sandbox {
+            let from = format!("{} at {}", s.branch.as_deref().unwrap_or("detached HEAD"), s.commit);
+            let when = if s.new { format!("new: a clone of {from}") } else { "existing".into() };
+            writeln!(f, "sandbox       {} on {} -> {} ({when})", s.name, s.disk, agentvm_proto::guest::WORK)?;
         }
         writeln!(f, "modules       {}", self.spec.modules.join(" "))?;
         let env: Vec<&str> = self.spec.env.iter().map(|(name, _)| name.as_str()).collect();
@@ -191,6 +217,30 @@ mod tests {
         );
         assert!(text.contains("environment   API_KEY (values redacted)"), "{text}");
         assert!(!text.contains("s3cr3t"), "{text}");
+    }
+
+    #[test]
+    fn a_sandbox_shows_its_disk_and_the_project_read_only() {
+        use crate::launch::resources::SandboxPlan;
+        use crate::sandbox::{repo::RepoBase, store::SandboxPaths, SandboxName};
+        let s = settings();
+        let name = SandboxName::parse("fix-1").unwrap();
+        let sandbox = SandboxPlan {
+            paths: SandboxPaths::new(std::path::Path::new("/data"), "project-0", &name),
+            name,
+            base: RepoBase { branch: Some("main".into()), commit: "c0ffee".into() },
+        };
+        let res = Resources { sandbox: Some(sandbox), ..resources(&s) };
+        let text = PlanReport::new(&plan(&s, &res), &res, 1, Duration::ZERO).to_string();
+        for part in [
+            "share         work /p/project -> /agentvm/host (ro, cache auto)",
+            "share         export /data/sandboxes/project-0/fix-1/export -> /agentvm/export (rw, cache auto)",
+            "sandbox       fix-1 on /data/sandboxes/project-0/fix-1/disk.ext4 -> /work (new: a clone of main at c0ffee)",
+            "file=/data/sandboxes/project-0/fix-1/disk.ext4",
+        ] {
+            assert!(text.contains(part), "{part:?} missing in\n{text}");
+        }
+        assert!(!text.contains("-> /work (rw"), "{text}");
     }
 
     #[test]

@@ -12,6 +12,9 @@ use crate::image::{self, Image, Store};
 use crate::net::plan::NetworkPlan;
 use crate::net::shield::{self, Shield};
 use crate::net::{self, NetError};
+use crate::sandbox::repo::{self, RepoBase, RepoError};
+use crate::sandbox::store::SandboxPaths;
+use crate::sandbox::SandboxName;
 use crate::sys;
 use crate::tools;
 use crate::vm::share::{self, IdMap, ShareError};
@@ -38,6 +41,8 @@ pub enum ResolveError {
     Net(#[from] NetError),
     #[error("--shield-secrets: {0}")]
     Shield(#[from] shield::ShieldError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
 }
 
 /// The host's programs and files for one launch.
@@ -61,13 +66,25 @@ pub struct Resources {
     pub env: Vec<(String, String)>,
     /// The instance CA the guest trusts (`--shield-secrets`).
     pub ca_pem: Option<String>,
-    /// The project's container disk, when container runtimes run.
+    /// The project's (or the sandbox's) container disk, when container
+    /// runtimes run.
     pub cri_disk: Option<PathBuf>,
+    /// The sandboxed clone (`--clone`).
+    pub sandbox: Option<SandboxPlan>,
     pub ids: IdMap,
     /// Whether the program runs on a terminal (stdin and stdout are one).
     pub tty: bool,
     /// The terminal's size, when `tty`.
     pub winsize: Option<(u16, u16)>,
+}
+
+/// A sandboxed clone as the launch uses it.
+#[derive(Debug, Clone)]
+pub struct SandboxPlan {
+    pub name: SandboxName,
+    pub paths: SandboxPaths,
+    /// Where a new sandbox starts: the project's branch and commit.
+    pub base: RepoBase,
 }
 
 /// What resolving found that the later stages need besides [`Resources`].
@@ -85,6 +102,7 @@ impl Resources {
             exe: std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default(),
         })?;
         share::find_virtiofsd().ok_or(ShareError::NoVirtiofsd)?;
+        let sandbox = sandbox_plan(settings)?;
         let (accel, fallback) = accel::choose(settings.accel)?;
         if let Some(why) = fallback {
             warn(format!("no usable KVM: {why}; falling back to TCG (slow)"));
@@ -119,7 +137,8 @@ impl Resources {
             network,
             ca_pem: shield.as_ref().map(|s| s.ca_pem().to_string()),
             env,
-            cri_disk: cri_disk_path(settings)?,
+            cri_disk: cri_disk_path(settings, sandbox.as_ref())?,
+            sandbox,
             ids: IdMap::current(),
             tty,
             winsize: if tty { sys::winsize(std::io::stdin()) } else { None },
@@ -162,10 +181,24 @@ fn shield_secrets(
     Ok((shielded.env, Some(Arc::new(shielded.shield))))
 }
 
-/// Where the project's container disk is, when container runtimes run.
-fn cri_disk_path(settings: &Settings) -> Result<Option<PathBuf>, ResolveError> {
+/// The sandbox `--clone` asks for, after checking the project (what only
+/// a first run needs, only then).
+fn sandbox_plan(settings: &Settings) -> Result<Option<SandboxPlan>, ResolveError> {
+    let Some(choice) = &settings.clone else { return Ok(None) };
+    let project = crate::paths::project_home_name(&settings.work_dir);
+    let paths = SandboxPaths::new(&crate::paths::data_dir()?, &project, &choice.name);
+    let base = repo::inspect(&settings.work_dir, !paths.exists())?;
+    Ok(Some(SandboxPlan { name: choice.name.clone(), paths, base }))
+}
+
+/// Where the container disk is, when container runtimes run: the
+/// sandbox's own, else the project's.
+fn cri_disk_path(settings: &Settings, sandbox: Option<&SandboxPlan>) -> Result<Option<PathBuf>, ResolveError> {
     if settings.cri.is_empty() {
         return Ok(None);
+    }
+    if let Some(s) = sandbox {
+        return Ok(Some(s.paths.containers()));
     }
     let name = crate::paths::project_home_name(&settings.work_dir);
     Ok(Some(cri::disk_path(&crate::paths::data_dir()?, &name)))
