@@ -97,12 +97,13 @@ impl Resources {
     /// Finds or builds everything the launch needs. `warn` is told what the
     /// user should know (a TCG fallback, slirp, a dev shell problem, ...).
     pub fn resolve(settings: &Settings, warn: &mut dyn FnMut(String)) -> Result<Resolved, ResolveError> {
+        // First: the project decides whether a sandbox can be made at all.
+        let sandbox = sandbox_plan(settings)?;
         let qemu = tools::find_qemu().ok_or(ResolveError::NoQemu)?;
         let guest_init = tools::find_guest_init().ok_or_else(|| ResolveError::NoGuestInit {
             exe: std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default(),
         })?;
         share::find_virtiofsd().ok_or(ShareError::NoVirtiofsd)?;
-        let sandbox = sandbox_plan(settings)?;
         let (accel, fallback) = accel::choose(settings.accel)?;
         if let Some(why) = fallback {
             warn(format!("no usable KVM: {why}; falling back to TCG (slow)"));
