@@ -38,11 +38,11 @@ pub fn mount(s: &Sandbox, user: &User) -> Result<()> {
     let disk = boot::wait_for_disk(&s.disk, DISK_WAIT)?;
     fs::create_dir_all(DISK_MOUNT).ctx("create directory", DISK_MOUNT)?;
     let flags = libc::MS_NOSUID | libc::MS_NODEV;
-    sys::mount(&disk, Path::new(DISK_MOUNT), "ext4", flags, None).map_err(|source| Error::Mount {
-        fstype: "ext4".into(),
-        what: disk.clone(),
-        target: DISK_MOUNT.into(),
-        source,
+    // noauto_da_alloc: a file truncated and written again is not flushed
+    // on close (ext4's guard for programs that skip fsync); under TCG it
+    // halved the time to write 5,000 small files.
+    sys::mount(&disk, Path::new(DISK_MOUNT), "ext4", flags, Some("noauto_da_alloc")).map_err(|source| {
+        Error::Mount { fstype: "ext4".into(), what: disk.clone(), target: DISK_MOUNT.into(), source }
     })?;
     if let Err(e) = grow(&disk) {
         console::line(&format!("cannot grow the sandbox's file system to its disk: {e}"));

@@ -153,7 +153,7 @@ fn the_agents_commit_and_uncommitted_work_come_back_as_its_branch_the_project_un
     assert_eq!(git(&p, &["show", "agentvm/t1~1:feature.txt"]), "feature\n");
     assert!(git(&p, &["ls-tree", "-r", "--name-only", "agentvm/t1"]).lines().all(|f| f != "debug.log"));
     let err = stderr(&out);
-    assert!(err.contains("2 commit(s) ahead of main, its uncommitted work as the last commit"), "{err}");
+    assert!(err.contains("2 commits ahead of main, its uncommitted work as the last commit"), "{err}");
 
     // The next run finds everything as it was left: files, index, branches.
     let out = in_sandbox(&l, "t1", &[], "cd /work; git status --porcelain; git branch --format='%(refname:short)'");
@@ -209,10 +209,9 @@ fn a_tampered_bundle_is_refused_and_the_project_is_untouched() {
     let forged = "cd /work && git -c user.name=a -c user.email=a@a commit -qam forged && \
         git update-ref refs/agentvm/export HEAD && \
         git bundle create -q /agentvm/export/result.bundle refs/agentvm/export refs/heads/main";
+    let script = "printf '#!/bin/sh\\n%s\\n' \"$TOOL\" | sudo tee /usr/local/libexec/agentvm-sandbox > /dev/null";
     for (tool, refusal) in [(garbage, "it does not verify"), (forged, "must carry refs/agentvm/export alone")] {
-        let script =
-            format!("printf '#!/bin/sh\\n%s\\n' \"$TOOL\" | sudo tee /usr/local/libexec/agentvm-sandbox > /dev/null");
-        let mut cmd = l.command_with(&sandbox_args(&l, "evil", &["-e", &format!("TOOL={tool}")], &script));
+        let mut cmd = l.command_with(&sandbox_args(&l, "evil", &["-e", &format!("TOOL={tool}")], script));
         let out = l.run_command(&mut cmd);
         assert_eq!(out.status.code(), Some(125), "a refused result fails the run: {}", stderr(&out));
         let err = stderr(&out);

@@ -307,23 +307,25 @@ fn keep(paths: &SandboxPaths, bundle: &Path, commit: &str) -> Result<PathBuf, Im
     Ok(path)
 }
 
+/// ` (N commits ahead of BASE, its uncommitted work as the last commit)`,
+/// as far as the sandbox said.
+fn summary(s: &GuestStatus) -> String {
+    let commits = |n: u64| if n == 1 { "1 commit".to_string() } else { format!("{n} commits") };
+    let base = s.base.as_deref().unwrap_or("its base");
+    let ahead = s.ahead.map(|n| format!("{} ahead of {base}", commits(n)));
+    let dirty = s.dirty.then(|| "its uncommitted work as the last commit".to_string());
+    let parts: Vec<String> = ahead.into_iter().chain(dirty).collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    }
+}
+
 impl fmt::Display for Imported {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (name, branch, short) = (&self.name, self.name.branch(), &self.commit[..self.commit.len().min(12)]);
-        let work = match &self.status {
-            Some(s) => {
-                let ahead =
-                    s.ahead.map(|n| format!("{n} commit(s) ahead of {}", s.base.as_deref().unwrap_or("its base")));
-                let dirty = s.dirty.then_some("its uncommitted work as the last commit");
-                let parts: Vec<String> = ahead.into_iter().chain(dirty.map(String::from)).collect();
-                if parts.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", parts.join(", "))
-                }
-            }
-            None => String::new(),
-        };
+        let work = self.status.as_ref().map(summary).unwrap_or_default();
         let take = |path: &Path| format!("take it with `git pull {} {SANDBOX_REF}`", path.display());
         match &self.applied {
             Applied::Created => write!(f, "sandbox {name}: branch {branch} made at {short}{work}"),

@@ -276,6 +276,20 @@ pub fn remove(paths: &SandboxPaths, name: &SandboxName, project: &Path) -> Resul
 mod tests {
     use super::*;
 
+    /// `f`'s result, retried for a moment while the sandbox is in use: a
+    /// child another test forks holds a copy of the lock until it execs.
+    fn when_free<T>(mut f: impl FnMut() -> Result<T, StoreError>) -> T {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match f() {
+                Err(StoreError::InUse { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                other => return other.unwrap(),
+            }
+        }
+    }
+
     fn base() -> RepoBase {
         RepoBase { branch: Some("main".into()), commit: "c".repeat(40) }
     }
@@ -300,7 +314,7 @@ mod tests {
         drop(held);
 
         let grown = Request { disk_mib: 128, size_asked: true, ..req.clone() };
-        let held = open(&paths, &grown, &mut |w| warnings.push(w)).unwrap();
+        let held = when_free(|| open(&paths, &grown, &mut |w| warnings.push(w)));
         assert!(!held.new);
         assert_eq!(std::fs::metadata(paths.disk()).unwrap().len(), 128 << 20);
         assert_eq!(std::fs::read_dir(paths.export()).unwrap().count(), 0, "the export dir is emptied");
@@ -310,13 +324,13 @@ mod tests {
         assert_eq!(held.record.created, paths.read_record().unwrap().created);
         drop(held);
         let smaller = Request { disk_mib: 32, size_asked: true, ..req.clone() };
-        drop(open(&paths, &smaller, &mut |w| warnings.push(w)).unwrap());
+        drop(when_free(|| open(&paths, &smaller, &mut |w| warnings.push(w))));
         assert!(warnings.len() == 1 && warnings[0].contains("disks only grow"), "{warnings:?}");
 
         let listed = list(data.path());
         assert_eq!(listed.len(), 1);
         assert_eq!((listed[0].record.name.as_str(), listed[0].record.base_branch.as_deref()), ("t1", Some("main")));
-        remove(&paths, &name, req.project).unwrap();
+        when_free(|| remove(&paths, &name, req.project));
         assert!(!paths.dir.exists() && list(data.path()).is_empty());
         assert!(matches!(remove(&paths, &name, req.project), Err(StoreError::Missing { .. })));
     }
