@@ -272,6 +272,21 @@ mod tests {
     }
 
     #[test]
+    fn a_work_tree_without_its_git_dir_is_kept_aside_and_cloned_again() {
+        let d = prepared();
+        std::fs::remove_dir_all(d.work.join(".git")).unwrap();
+        let head = git(&d.host, &["rev-parse", "HEAD"]);
+        let out = tool(&d, &["prepare", "t1", head.trim(), "main"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(d.work.join(".git").is_dir() && !d.work.join("work.new").exists());
+        let parent = d.work.parent().unwrap();
+        let kept = std::fs::read_dir(parent).unwrap().flatten().filter(|e| {
+            e.file_name().to_string_lossy().starts_with("work.lost-") && e.path().join("new.txt").is_file()
+        });
+        assert_eq!(kept.count(), 1);
+    }
+
+    #[test]
     fn a_detached_host_head_is_checked_out_detached() {
         let d = dirs();
         git(&d.host, &["checkout", "-q", "--detach"]);

@@ -54,6 +54,8 @@ prepare() {
     fi
     apply_host_state "$commit"
     cd /
+    # A work tree whose .git is gone is kept aside, not mixed in.
+    [ -e "$work" ] && mv "$work" "$work.lost-$(date +%s)"
     mv "$new" "$work"
 }
 

@@ -22,7 +22,7 @@ pub enum Command {
     /// Boot a VM and run a flavor (default: claude) in it; its exit status
     /// becomes agentvm's.
     #[command(
-        after_help = "Examples:\n  agentvm run                         Claude Code in ./ (the default flavor)\n  agentvm run claude -- -p \"fix the failing test\"\n  agentvm run shell                   interactive bash in /work\n  agentvm run shell -- make test      one command; its exit status comes back\n  echo hi | agentvm run shell -- sh -c 'cat > /work/in.txt'"
+        after_help = "Examples:\n  agentvm run                         Claude Code in ./ (the default flavor)\n  agentvm run claude -- -p \"fix the failing test\"\n  agentvm run shell                   interactive bash in /work\n  agentvm run shell -- make test      one command; its exit status comes back\n  agentvm run --clone=fix claude      in a sandboxed clone; its work comes back as agentvm/fix\n  echo hi | agentvm run shell -- sh -c 'cat > /work/in.txt'"
     )]
     Run(Box<RunArgs>),
     /// Build, list and remove cached VM images.
@@ -95,7 +95,7 @@ pub enum Command {
     /// container disk (images, containers, volumes) to reclaim its space.
     #[command(subcommand)]
     Cri(CriCommand),
-    /// Sandboxed clones (`run --clone NAME`): list them, remove them, or
+    /// Sandboxed clones (`run --clone=NAME`): list them, remove them, or
     /// bring one's work back as the branch agentvm/NAME now.
     #[command(
         subcommand,

@@ -17,6 +17,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .args(["-c", "user.name=u", "-c", "user.email=u@example.com", "-c", "init.defaultBranch=main"])
+        .args(["-c", "safe.directory=*"])
         .args(args)
         .current_dir(dir)
         .env("GIT_OPTIONAL_LOCKS", "0")
@@ -322,6 +323,25 @@ fn a_sandbox_works_with_the_proxy_and_a_published_port() {
     let out = run.wait_exit(Duration::from_secs(60));
     assert!(stderr(&out).contains("sandbox web: branch agentvm/web made at"), "{}", stderr(&out));
     assert_eq!(git(&l.work, &["show", "agentvm/web:served.txt"]), "SANDBOX-PORT-TOKEN\n");
+}
+
+#[test]
+#[ignore = "boots a VM: scripts/test runs it"]
+fn a_normal_user_gets_a_sandbox_and_its_branch_without_root() {
+    let TestUser { uid, gid } = require!(skip::test_user());
+    let l = project().run_as(uid, gid);
+    std::fs::create_dir(home(&l)).unwrap();
+    for dir in [&l.work, &home(&l)] {
+        let status = Command::new("chown").args(["-R", &format!("{uid}:{gid}")]).arg(dir).status().unwrap();
+        assert!(status.success());
+    }
+    let out = in_sandbox(&l, "mine", &[], "cd /work && git status --porcelain | wc -l && echo new > made.txt");
+    assert_ok(&out);
+    assert_eq!(stdout(&out), "7\n");
+    assert_eq!(git(&l.work, &["show", "agentvm/mine:made.txt"]), "new\n");
+    let disk = std::fs::read_dir(l.data.join("agentvm/sandboxes")).unwrap().next().unwrap().unwrap().path();
+    let meta = std::fs::metadata(disk.join("mine/disk.ext4")).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), uid);
 }
 
 #[test]

@@ -27,6 +27,11 @@ pub enum RepoError {
     )]
     NotAWorkTree(PathBuf),
     #[error(
+        "--clone needs the top of a git work tree: {} is inside {}; run it there (--work-dir {1})",
+        .dir.display(), .top.display()
+    )]
+    BelowTheTop { dir: PathBuf, top: PathBuf },
+    #[error(
         "--clone needs the repository's main work tree: {}/.git is a file (a linked worktree or a submodule); \
          run it in the main work tree (--work-dir)", .0.display()
     )]
@@ -63,7 +68,12 @@ pub fn git_dir(work_dir: &Path) -> Result<PathBuf, RepoError> {
     match std::fs::symlink_metadata(&dot_git) {
         Ok(m) if m.is_dir() => Ok(dot_git),
         Ok(_) => Err(RepoError::LinkedWorkTree(work_dir.into())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(RepoError::NotAWorkTree(work_dir.into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            match work_dir.ancestors().find(|d| d.join(".git").exists()) {
+                Some(top) => Err(RepoError::BelowTheTop { dir: work_dir.into(), top: top.into() }),
+                None => Err(RepoError::NotAWorkTree(work_dir.into())),
+            }
+        }
         Err(source) => Err(RepoError::Read { path: dot_git, source }),
     }
 }
@@ -195,6 +205,9 @@ pub(crate) mod tests {
         let e = inspect(d.path(), true).unwrap_err().to_string();
         assert!(e.contains("has none yet: commit first"), "{e}");
         let r = repo();
+        std::fs::create_dir(r.path().join("sub")).unwrap();
+        let e = inspect(&r.path().join("sub"), true).unwrap_err().to_string();
+        assert!(e.contains("is inside") && e.contains(&format!("--work-dir {}", r.path().display())), "{e}");
         let linked = r.path().join("linked");
         git(r.path(), &["worktree", "add", "-q", linked.to_str().unwrap()]);
         let e = inspect(&linked, true).unwrap_err().to_string();
