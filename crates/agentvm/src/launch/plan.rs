@@ -415,4 +415,41 @@ pub(crate) mod tests {
         assert_eq!(drives.len(), 3);
         assert!(drives[2].ends_with("file=/data/cri/project.ext4"));
     }
+
+    #[test]
+    fn a_sandbox_has_its_disk_the_project_read_only_its_export_dir_and_no_writable_project() {
+        use crate::sandbox::{repo::RepoBase, store::SandboxPaths, SandboxName};
+        let s = Settings { cri: vec![crate::guest_env::cri::Runtime::Docker], ..settings() };
+        let name = SandboxName::parse("fix-1").unwrap();
+        let paths = SandboxPaths::new(Path::new("/data"), "project-0", &name);
+        let base = RepoBase { branch: None, commit: "c0ffee".into() };
+        let res = Resources {
+            cri_disk: Some(paths.containers()),
+            sandbox: Some(SandboxPlan { name, paths, base }),
+            ..resources(&s)
+        };
+        let p = plan(&s, &res);
+        let mounts: Vec<(&str, &str, bool)> =
+            p.spec.mounts.iter().map(|m| (m.tag.as_str(), m.path.as_str(), m.read_only)).collect();
+        assert_eq!(
+            mounts,
+            [
+                ("work", guest::SANDBOX_HOST_REPO, true),
+                ("export", guest::SANDBOX_EXPORT, false),
+                ("home", guest::HOME, false)
+            ]
+        );
+        assert_eq!(p.shares[0].host_dir, s.work_dir);
+        assert_eq!(p.shares[1].host_dir, Path::new("/data/sandboxes/project-0/fix-1/export"));
+        let sandbox = p.spec.sandbox.as_ref().unwrap();
+        assert_eq!(
+            (sandbox.name.as_str(), sandbox.branch.as_deref(), sandbox.commit.as_str()),
+            ("fix-1", None, "c0ffee")
+        );
+        assert_eq!(sandbox.disk, "serial:agentvm-work");
+        let drives = value_of(&args(&p), "-drive");
+        assert!(drives[1].starts_with("id=agentvm-work,") && drives[1].ends_with("fix-1/disk.ext4"), "{drives:?}");
+        assert!(drives[2].starts_with("id=agentvm-cri,") && drives[2].ends_with("fix-1/containers.ext4"), "{drives:?}");
+        assert_eq!(p.spec.cwd, guest::WORK);
+    }
 }

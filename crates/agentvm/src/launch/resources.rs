@@ -240,3 +240,20 @@ fn prepare_devshell(settings: &Settings, warn: &mut dyn FnMut(String)) -> Result
         Err(e) => Err(e.into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launch::plan::tests::settings;
+
+    #[test]
+    fn the_container_disk_is_the_sandboxs_own_with_a_sandbox() {
+        let name = SandboxName::parse("fix-1").unwrap();
+        let paths = SandboxPaths::new(std::path::Path::new("/data"), "project-0", &name);
+        let sandbox = SandboxPlan { name, paths, base: RepoBase { branch: None, commit: "c0ffee".into() } };
+        let s = Settings { cri: vec![cri::Runtime::Docker], ..settings() };
+        let disk = cri_disk_path(&s, Some(&sandbox)).unwrap().unwrap();
+        assert_eq!(disk, std::path::Path::new("/data/sandboxes/project-0/fix-1/containers.ext4"));
+        assert_eq!(cri_disk_path(&settings(), Some(&sandbox)).unwrap(), None, "no runtimes, no disk");
+    }
+}
