@@ -262,6 +262,19 @@ mod tests {
     }
 
     #[test]
+    fn a_sandbox_at_a_commit_the_host_has_writes_no_bundle_only_its_name() {
+        let d = prepared();
+        git(&d.work, &["reset", "-q", "--hard"]);
+        git(&d.work, &["clean", "-qfd"]);
+        let out = tool(&d, &["export"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(!d.export.join("result.bundle").exists());
+        let status = std::fs::read_to_string(d.export.join("status.json")).unwrap();
+        let head = git(&d.host, &["rev-parse", "HEAD"]);
+        assert!(status.contains(&format!(r#""result":"{}""#, head.trim())) && status.contains(r#""dirty":false"#));
+    }
+
+    #[test]
     fn a_second_prepare_keeps_the_sandbox_as_it_is() {
         let d = prepared();
         write(&d.work, "mine.txt", "kept\n");

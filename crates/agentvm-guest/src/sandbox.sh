@@ -13,7 +13,9 @@
 #       Write the sandbox's state for the host: a bundle with one ref,
 #       refs/agentvm/export (HEAD, plus one commit holding the uncommitted work
 #       if the work tree is dirty, made on a copy of the index so the
-#       sandbox's own index and work tree do not change), and status.json.
+#       sandbox's own index and work tree do not change), and status.json,
+#       which names that commit. When the host has the commit already, only
+#       status.json.
 #
 # Paths (overridable for tests): AGENTVM_SANDBOX_HOST (the host's project),
 # AGENTVM_SANDBOX_WORK (the sandbox's work tree), AGENTVM_SANDBOX_EXPORT
@@ -41,7 +43,9 @@ prepare() {
     [ -d "$work/.git" ] && return 0
     local new="$work.new"
     rm -rf "$new"
-    git -c safe.directory='*' clone -q --no-checkout --origin host "$host_repo" "$new"
+    # --no-local: the pack protocol, not a copy of the object files (over
+    # the share, a local clone lost loose objects) and only what is reachable.
+    git -c safe.directory='*' clone -q --no-local --no-checkout --origin host "$host_repo" "$new"
     cd "$new"
     git config agentvm.name "$name"
     git config agentvm.base "$branch"
@@ -118,6 +122,12 @@ export_state() {
         dirty=true
     fi
     git update-ref "$ref" "$result"
+    rm -f "$out/result.bundle"
+    if host_git cat-file -e "$result^{commit}" 2> /dev/null; then
+        # The host has it: naming it (in the status) is all it takes.
+        write_status "$head" "$result" "$dirty" "$base" "$basecommit"
+        return 0
+    fi
 
     # Leave out what the host has: its branches that do not contain the
     # result, and the result's parents where the host has them.

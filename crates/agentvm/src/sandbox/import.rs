@@ -60,8 +60,9 @@ pub enum Applied {
     Updated { previous: String },
     /// `agentvm/NAME` was already there.
     Unchanged,
-    /// `agentvm/NAME` was left alone; the bundle is at `path`.
-    Kept { path: PathBuf, why: KeptBecause },
+    /// `agentvm/NAME` was left alone; the bundle is at `path` (none: the
+    /// project has the result's commit).
+    Kept { path: Option<PathBuf>, why: KeptBecause },
 }
 
 /// Why a result was kept instead of applied.
@@ -117,19 +118,12 @@ pub fn import(paths: &SandboxPaths, name: &SandboxName, project: &Path) -> Resul
     let lock = File::options().create(true).truncate(false).write(true).open(&lock_path);
     let lock = lock.map_err(io_err("lock", &lock_path))?;
     crate::sys::lock(&lock, crate::sys::Lock::Exclusive).map_err(io_err("lock", &lock_path))?;
-
     let private = tempfile::Builder::new().prefix("import-").tempdir_in(&paths.dir);
     let private = private.map_err(io_err("create a private dir in", &paths.dir))?;
-    let limit = std::fs::metadata(paths.disk()).map_err(io_err("read", &paths.disk()))?.len();
-    let bundle = take_result(paths, name, limit, private.path())?;
     let status = read_status(&paths.export());
-
     let user = HostGit::new(&repo::git_dir(project)?);
-    let refused = |why: String| ImportError::Refused { name: name.to_string(), why, repo: project.into() };
-    let (commit, scratch) = verify(&bundle, private.path(), &user).map_err(|e| match e {
-        Verify::Refused(why) => refused(why),
-        Verify::Failed(e) => e,
-    })?;
+    let result = obtain(paths, name, project, &user, private.path(), status.as_ref())?;
+    let commit = result.commit().to_string();
 
     let branch = name.branch_ref();
     let current = user.query(&["rev-parse", "-q", "--verify", &format!("{branch}^{{commit}}")])?;
@@ -137,16 +131,15 @@ pub fn import(paths: &SandboxPaths, name: &SandboxName, project: &Path) -> Resul
     let exported = record.as_ref().and_then(|r| r.exported.clone());
     let mut decision = decide(current.as_deref(), exported.as_deref(), &commit, checked_out(&user, &branch)?);
     if let (Decision::FastForward, Some(c)) = (decision, &current) {
-        // The scratch repository sees both: the result and (borrowed) the branch.
-        if scratch.query(&["merge-base", "--is-ancestor", c, &commit])?.is_none() {
+        if !result.contains(&user, c)? {
             decision = Decision::Keep(KeptBecause::Diverged);
         }
     }
     let applied = match decision {
         Decision::Unchanged => Applied::Unchanged,
-        Decision::Keep(why) => Applied::Kept { path: keep(paths, &bundle, &commit)?, why },
+        Decision::Keep(why) => Applied::Kept { path: result.keep(paths)?, why },
         Decision::Create | Decision::Replace | Decision::FastForward => {
-            fetch(&user, &bundle, &branch)?;
+            result.apply(&user, name, current.as_deref())?;
             current.map_or(Applied::Created, |previous| Applied::Updated { previous })
         }
     };
@@ -158,6 +151,88 @@ pub fn import(paths: &SandboxPaths, name: &SandboxName, project: &Path) -> Resul
         paths.write_record(r)?;
     }
     Ok(Imported { name: name.clone(), commit, applied, status })
+}
+
+/// A result that may be applied.
+enum Result_ {
+    /// A bundle that verified: its commit, and the scratch repository that
+    /// holds it (and sees the project's objects).
+    Bundle { path: PathBuf, commit: String, scratch: HostGit },
+    /// No bundle: the sandbox names a commit the project already has.
+    Known { commit: String },
+}
+
+/// The sandbox's result: its bundle, verified; or, when it wrote none
+/// (the project has its commit), the commit its status names, checked.
+fn obtain(
+    paths: &SandboxPaths,
+    name: &SandboxName,
+    project: &Path,
+    user: &HostGit,
+    private: &Path,
+    status: Option<&GuestStatus>,
+) -> Result<Result_, ImportError> {
+    let limit = std::fs::metadata(paths.disk()).map_err(io_err("read", &paths.disk()))?.len();
+    let bundle = match take_result(paths, name, limit, private) {
+        Err(ImportError::NoResult { .. }) if status.is_some_and(|s| is_oid(&s.result)) => {
+            let commit = status.expect("checked").result.to_ascii_lowercase();
+            let known = user.query(&["rev-parse", "-q", "--verify", &format!("{commit}^{{commit}}")])?;
+            return match known {
+                Some(c) if c == commit => Ok(Result_::Known { commit }),
+                _ => Err(ImportError::NoResult { name: name.to_string() }),
+            };
+        }
+        other => other?,
+    };
+    match verify(&bundle, private, user) {
+        Ok((commit, scratch)) => Ok(Result_::Bundle { path: bundle, commit, scratch }),
+        Err(Verify::Refused(why)) => Err(ImportError::Refused { name: name.to_string(), why, repo: project.into() }),
+        Err(Verify::Failed(e)) => Err(e),
+    }
+}
+
+impl Result_ {
+    fn commit(&self) -> &str {
+        match self {
+            Result_::Bundle { commit, .. } | Result_::Known { commit } => commit,
+        }
+    }
+
+    /// Whether the result contains the commit `ancestor` of the project.
+    fn contains(&self, user: &HostGit, ancestor: &str) -> Result<bool, GitError> {
+        // The scratch repository sees both: the result and (borrowed) the project.
+        let git = match self {
+            Result_::Bundle { scratch, .. } => scratch,
+            Result_::Known { .. } => user,
+        };
+        Ok(git.query(&["merge-base", "--is-ancestor", ancestor, self.commit()])?.is_some())
+    }
+
+    /// Sets the branch of `name` to the result (whether it may move was
+    /// decided); `current` is where it is.
+    fn apply(&self, user: &HostGit, name: &SandboxName, current: Option<&str>) -> Result<(), ImportError> {
+        match self {
+            Result_::Bundle { path, .. } => fetch(user, path, &name.branch_ref()),
+            Result_::Known { commit } => {
+                let message = format!("agentvm: sandbox {name}");
+                let args = ["update-ref", "-m", &message, &name.branch_ref(), commit, current.unwrap_or("")];
+                Ok(user.run(&args).map(drop)?)
+            }
+        }
+    }
+
+    /// Keeps the bundle in the sandbox's `kept/` dir (a known commit needs
+    /// nothing kept).
+    fn keep(&self, paths: &SandboxPaths) -> Result<Option<PathBuf>, ImportError> {
+        match self {
+            Result_::Bundle { path, commit, .. } => keep(paths, path, commit).map(Some),
+            Result_::Known { .. } => Ok(None),
+        }
+    }
+}
+
+fn is_oid(s: &str) -> bool {
+    (s.len() == 40 || s.len() == 64) && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Copies the guest's bundle into `private`: a regular file (never
@@ -260,9 +335,7 @@ fn verify(bundle: &Path, private: &Path, user: &HostGit) -> Result<(String, Host
 fn one_ref(heads: &str) -> Option<String> {
     let mut lines = heads.lines();
     let (oid, name) = lines.next()?.split_once(' ')?;
-    let hex = oid.len() == 40 || oid.len() == 64;
-    (lines.next().is_none() && name == SANDBOX_REF && hex && oid.bytes().all(|b| b.is_ascii_hexdigit()))
-        .then(|| oid.to_ascii_lowercase())
+    (lines.next().is_none() && name == SANDBOX_REF && is_oid(oid)).then(|| oid.to_ascii_lowercase())
 }
 
 fn last_line(text: &str) -> &str {
@@ -326,25 +399,21 @@ impl fmt::Display for Imported {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (name, branch, short) = (&self.name, self.name.branch(), &self.commit[..self.commit.len().min(12)]);
         let work = self.status.as_ref().map(summary).unwrap_or_default();
-        let take = |path: &Path| format!("take it with `git pull {} {SANDBOX_REF}`", path.display());
+        let why = |why: &KeptBecause| match why {
+            KeptBecause::CheckedOut => "is checked out here",
+            KeptBecause::Diverged => "has commits the result lacks",
+        };
         match &self.applied {
             Applied::Created => write!(f, "sandbox {name}: branch {branch} made at {short}{work}"),
             Applied::Updated { .. } => write!(f, "sandbox {name}: branch {branch} now at {short}{work}"),
             Applied::Unchanged => write!(f, "sandbox {name}: branch {branch} unchanged at {short}{work}"),
-            Applied::Kept { path, why: KeptBecause::CheckedOut } => write!(
-                f,
-                "sandbox {name}: {branch} is checked out here, so it was left as it is; the result ({short}) is \
-                 kept in {}: {}",
-                path.display(),
-                take(path)
-            ),
-            Applied::Kept { path, why: KeptBecause::Diverged } => write!(
-                f,
-                "sandbox {name}: {branch} has commits the result lacks, so it was left as it is; the result \
-                 ({short}) is kept in {}: {}",
-                path.display(),
-                take(path)
-            ),
+            Applied::Kept { path, why: because } => {
+                write!(f, "sandbox {name}: {branch} {}, so it was left as it is; the result ({short}) ", why(because))?;
+                match path {
+                    Some(p) => write!(f, "is kept in {0}: take it with `git pull {0} {SANDBOX_REF}`", p.display()),
+                    None => write!(f, "is a commit of this repository: take it with `git merge {short}`"),
+                }
+            }
         }
     }
 }
@@ -530,6 +599,33 @@ mod tests {
     }
 
     #[test]
+    fn without_a_bundle_a_commit_the_project_has_is_taken_and_nothing_else() {
+        let f = Fixture::new();
+        let p = f.project.path();
+        let main = git(p, &["rev-parse", "main"]).trim().to_string();
+        let status = |result: &str| {
+            let text = format!(
+                r#"{{"head":"{result}","result":"{result}","branch":"main","base":"main","dirty":false,"ahead":0}}"#
+            );
+            std::fs::write(f.paths.export().join(SANDBOX_STATUS), text).unwrap();
+        };
+        status(&main);
+        let imported = f.import().unwrap();
+        assert_eq!((imported.applied, imported.commit.as_str()), (Applied::Created, main.as_str()));
+        assert_eq!(git(p, &["rev-parse", "agentvm/t1"]).trim(), main);
+        assert_eq!(f.import().unwrap().applied, Applied::Unchanged);
+
+        let only_in_the_sandbox = f.result("x.txt");
+        std::fs::remove_file(f.paths.export().join(SANDBOX_BUNDLE)).unwrap();
+        for named in [only_in_the_sandbox.as_str(), "HEAD", "main", &"0".repeat(40)] {
+            status(named);
+            let e = f.import().unwrap_err();
+            assert!(matches!(e, ImportError::NoResult { .. }), "{named}: {e}");
+        }
+        assert_eq!(git(p, &["rev-parse", "agentvm/t1"]).trim(), main);
+    }
+
+    #[test]
     fn a_checked_out_or_moved_branch_is_left_alone_and_the_bundle_kept() {
         let f = Fixture::new();
         let p = f.project.path();
@@ -539,7 +635,9 @@ mod tests {
         std::fs::write(p.join("one.txt"), "the user's edit\n").unwrap();
         f.result("two.txt");
         let imported = f.import().unwrap();
-        let Applied::Kept { path, why: KeptBecause::CheckedOut } = &imported.applied else { panic!("{imported:?}") };
+        let Applied::Kept { path: Some(path), why: KeptBecause::CheckedOut } = &imported.applied else {
+            panic!("{imported:?}")
+        };
         assert!(path.starts_with(f.paths.kept()) && path.is_file());
         assert!(imported.to_string().contains("is checked out here") && imported.to_string().contains("git pull"));
         assert_eq!(git(p, &["rev-parse", "agentvm/t1"]).trim(), first);
