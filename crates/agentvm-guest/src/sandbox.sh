@@ -43,8 +43,9 @@ prepare() {
     [ -d "$work/.git" ] && return 0
     local new="$work.new"
     rm -rf "$new"
-    # --no-local: the pack protocol, not a copy of the object files (over
-    # the share, a local clone lost loose objects) and only what is reachable.
+    # --no-local: the pack protocol reads only what is reachable and copes
+    # with the host repacking meanwhile (a local clone copies the object
+    # files, and failed when the host's background auto gc packed them).
     git -c safe.directory='*' clone -q --no-local --no-checkout --origin host "$host_repo" "$new"
     cd "$new"
     git config agentvm.name "$name"
