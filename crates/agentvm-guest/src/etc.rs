@@ -4,7 +4,7 @@
 //! and `setup_hostname` apply them to the files.
 
 use crate::error::{Error, IoContext, Result};
-use agentvm_proto::User;
+use agentvm_proto::{CaTrust, User};
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
@@ -101,20 +101,34 @@ pub fn add_to_group(root: &Path, group: &str, user: &str) -> Result<()> {
     edit_file(&root.join("etc/group"), 0o644, |c| add_member(c, group, user))
 }
 
-const CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
+/// `certs` (PEM) as the text of one file.
+fn pem_text(certs: &[String]) -> String {
+    certs.iter().map(|c| format!("{}\n", c.trim_end())).collect()
+}
 
-/// Makes the guest trust `certs` (PEM): a file of their own, and the
-/// system bundle. Nothing to do for none.
-pub fn add_ca_certs(root: &Path, certs: &[String]) -> Result<()> {
-    if certs.is_empty() {
+/// Installs the launch's trust store, built on the host: the system
+/// bundle becomes `trust.bundle` (the host's public roots) and
+/// `trust.extra` when the host sent a bundle, else the image's bundle gets
+/// `trust.extra` appended; `trust.extra` also gets a file of its own (Node
+/// reads it, on top of its own roots). Nothing to do for an empty one.
+pub fn install_trust(root: &Path, trust: &CaTrust) -> Result<()> {
+    if trust.is_empty() {
         return Ok(());
     }
-    let pem: String = certs.iter().map(|c| format!("{}\n", c.trim_end())).collect();
-    let path = root.join(agentvm_proto::spec::EXTRA_CA_PATH.trim_start_matches('/'));
-    fs::write(&path, &pem).ctx("write", &path)?;
-    edit_file(&root.join(CA_BUNDLE), 0o644, |c| {
-        format!("{c}{}{pem}", if c.is_empty() || c.ends_with('\n') { "" } else { "\n" })
-    })
+    let extra = pem_text(&trust.extra);
+    let bundle = root.join(agentvm_proto::spec::SYSTEM_BUNDLE.trim_start_matches('/'));
+    if trust.bundle.is_empty() {
+        edit_file(&bundle, 0o644, |c| {
+            format!("{c}{}{extra}", if c.is_empty() || c.ends_with('\n') { "" } else { "\n" })
+        })?;
+    } else {
+        edit_file(&bundle, 0o644, |_| pem_text(&trust.bundle) + &extra)?;
+    }
+    if !extra.is_empty() {
+        let path = root.join(agentvm_proto::spec::EXTRA_CA_PATH.trim_start_matches('/'));
+        fs::write(&path, &extra).ctx("write", &path)?;
+    }
+    Ok(())
 }
 
 /// Makes `name` resolve to `addr` in the root's /etc/hosts.
@@ -240,16 +254,41 @@ pub fn setup_hostname(root: &Path, hostname: &str) -> Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn ca_certs_get_a_file_and_join_the_bundle() {
+    /// A root with the image's bundle holding `OLD` (no final newline).
+    fn root_with_bundle() -> (tempfile::TempDir, std::path::PathBuf) {
         let root = tempfile::tempdir().unwrap();
         let certs = root.path().join("etc/ssl/certs");
         fs::create_dir_all(&certs).unwrap();
         fs::write(certs.join("ca-certificates.crt"), "OLD").unwrap();
-        add_ca_certs(root.path(), &["NEW-CA\n".to_string()]).unwrap();
+        (root, certs)
+    }
+
+    #[test]
+    fn extra_cas_alone_join_the_images_bundle_and_get_a_file() {
+        let (root, certs) = root_with_bundle();
+        install_trust(root.path(), &CaTrust { bundle: Vec::new(), extra: vec!["NEW-CA\n".into()] }).unwrap();
         assert_eq!(fs::read_to_string(certs.join("ca-certificates.crt")).unwrap(), "OLD\nNEW-CA\n");
-        assert_eq!(fs::read_to_string(certs.join("agentvm-instance-ca.pem")).unwrap(), "NEW-CA\n");
-        add_ca_certs(root.path(), &[]).unwrap();
+        assert_eq!(fs::read_to_string(certs.join("agentvm-extra-cas.pem")).unwrap(), "NEW-CA\n");
+    }
+
+    #[test]
+    fn a_host_bundle_replaces_the_images_with_the_extras_after_it() {
+        let (root, certs) = root_with_bundle();
+        let trust = CaTrust { bundle: vec!["PUBLIC-1".into(), "PUBLIC-2\n".into()], extra: vec!["COMPANY".into()] };
+        install_trust(root.path(), &trust).unwrap();
+        assert_eq!(fs::read_to_string(certs.join("ca-certificates.crt")).unwrap(), "PUBLIC-1\nPUBLIC-2\nCOMPANY\n");
+        assert_eq!(fs::read_to_string(certs.join("agentvm-extra-cas.pem")).unwrap(), "COMPANY\n");
+    }
+
+    #[test]
+    fn an_empty_trust_store_leaves_the_images_bundle_alone() {
+        let (root, certs) = root_with_bundle();
+        install_trust(root.path(), &CaTrust::default()).unwrap();
+        let bundle_only = CaTrust { bundle: vec!["PUBLIC".into()], extra: Vec::new() };
+        assert_eq!(fs::read_to_string(certs.join("ca-certificates.crt")).unwrap(), "OLD");
+        install_trust(root.path(), &bundle_only).unwrap();
+        assert_eq!(fs::read_to_string(certs.join("ca-certificates.crt")).unwrap(), "PUBLIC\n");
+        assert!(!certs.join("agentvm-extra-cas.pem").exists(), "no extras, no file");
     }
 
     #[test]

@@ -60,6 +60,9 @@ fn run() -> Result<relay::Outcome> {
     console::step(&format!("user {}", spec.user.name));
     etc::setup_user(Path::new("/"), &spec.user)?;
     etc::setup_login_path(Path::new("/"), &spec.env)?;
+    // Before the container runtimes start: their daemons verify registries.
+    console::step("install the trust store");
+    etc::install_trust(Path::new("/"), &spec.ca_trust)?;
     if let Some(s) = &spec.sandbox {
         sandbox::mount(s, &spec.user)?;
         sandbox::prepare(s, &spec.user)?;
@@ -73,7 +76,6 @@ fn run() -> Result<relay::Outcome> {
     let sigchld = sys::sigchld_fd().map_err(|e| Error::sys("signalfd(SIGCHLD)", e))?;
     // After SIGCHLD is blocked: its threads inherit the mask, so the signal
     // stays for the signalfd instead of being discarded by one of them.
-    etc::add_ca_certs(Path::new("/"), &spec.ca_certs)?;
     forward::start(&spec.host_ports, &spec.published_ports)?;
     let mut exec = exec::ExecPorts::open(&spec, groups.clone());
     port.send(&Frame::Started)?;

@@ -5,9 +5,13 @@ use serde::{Deserialize, Serialize};
 /// Where the spec lives inside the initramfs (and so in the guest's initial root).
 pub const SPEC_PATH: &str = "/agentvm/spec.json";
 
-/// Where the guest puts [`LaunchSpec::ca_certs`] (they are also appended to
-/// its system bundle).
-pub const EXTRA_CA_PATH: &str = "/etc/ssl/certs/agentvm-instance-ca.pem";
+/// The guest's system CA bundle (Debian's), which OpenSSL, curl, git and
+/// Python read by default.
+pub const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Where the guest puts [`CaTrust::extra`] (they also join its system
+/// bundle): the file `NODE_EXTRA_CA_CERTS` names.
+pub const EXTRA_CA_PATH: &str = "/etc/ssl/certs/agentvm-extra-cas.pem";
 
 /// Directory in the initramfs holding the kernel modules listed in
 /// [`LaunchSpec::modules`].
@@ -47,10 +51,9 @@ pub struct LaunchSpec {
     /// (published ports when the guest has no network interface).
     #[serde(default)]
     pub published_ports: Vec<u16>,
-    /// PEM certificates the guest must trust (the instance CA of
-    /// `--shield-secrets`), added to its system bundle.
+    /// The certificates the guest trusts, built on the host.
     #[serde(default)]
-    pub ca_certs: Vec<String>,
+    pub ca_trust: CaTrust,
     /// Container runtimes to start before the program, if any.
     #[serde(default)]
     pub containers: Option<Containers>,
@@ -91,6 +94,28 @@ pub struct ExecRequest {
     /// Initial terminal size as (rows, columns), when `tty`.
     #[serde(default)]
     pub winsize: Option<(u16, u16)>,
+}
+
+/// The guest's trust store for one launch, built on the host (PEM
+/// certificates, one per string). Empty: the image's bundle as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaTrust {
+    /// The host's public roots: with any, they and [`CaTrust::extra`] make
+    /// up [`SYSTEM_BUNDLE`] in place of the image's.
+    #[serde(default)]
+    pub bundle: Vec<String>,
+    /// The certificates beyond the public web roots (the host's company or
+    /// local CAs, the instance CA of `--shield-secrets`): they join
+    /// [`SYSTEM_BUNDLE`] and make up [`EXTRA_CA_PATH`].
+    #[serde(default)]
+    pub extra: Vec<String>,
+}
+
+impl CaTrust {
+    /// Whether the image's bundle stays as it is.
+    pub fn is_empty(&self) -> bool {
+        self.bundle.is_empty() && self.extra.is_empty()
+    }
 }
 
 /// Container runtimes and the disk that holds their storage.
@@ -190,7 +215,10 @@ mod tests {
             }),
             host_ports: vec![5432],
             published_ports: vec![8000],
-            ca_certs: vec!["-----BEGIN CERTIFICATE-----\n...".into()],
+            ca_trust: CaTrust {
+                bundle: vec!["-----BEGIN CERTIFICATE-----\nPUBLIC".into()],
+                extra: vec!["-----BEGIN CERTIFICATE-----\nEXTRA".into()],
+            },
             containers: Some(Containers { runtimes: vec!["docker".into()], disk: "serial:agentvm-cri".into() }),
             sandbox: Some(Sandbox {
                 name: "fix-1".into(),

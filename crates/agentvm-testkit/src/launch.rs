@@ -159,8 +159,13 @@ impl Launch {
             .env("XDG_CONFIG_HOME", self.dirs.path().join("config"))
             .env("XDG_RUNTIME_DIR", &self.runtime)
             .env_remove("WORK_DIR")
-            .env_remove("AGENT_HOME")
-            .envs(self.env.iter().map(|(k, v)| (k, v)));
+            .env_remove("AGENT_HOME");
+        // A proxy of the machine running the tests would change every
+        // launch's network: a test that wants one sets it with `env`.
+        for name in ["http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"] {
+            c.env_remove(name);
+        }
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 

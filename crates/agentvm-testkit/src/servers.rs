@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A port on 127.0.0.1 that was free a moment ago.
@@ -42,12 +42,17 @@ pub fn tcp_counting_server() -> u16 {
     })
 }
 
-/// An HTTP server that answers every request with `body`.
+/// An HTTP server that answers every request with `body`. It reads what
+/// the client sends until the client closes: closing a socket with unread
+/// input sends a reset, which throws away an answer not yet delivered.
 pub fn http_server(body: &'static str) -> u16 {
     serve(move |mut s| {
-        let mut request = [0u8; 4096];
-        let _ = s.read(&mut request);
-        let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut reader = BufReader::new(s.try_clone().unwrap());
+        let _ = read_head(&mut reader);
+        let _ = s.write_all(format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
     })
 }
 
@@ -66,6 +71,54 @@ pub fn http_echo_server() -> u16 {
             }
         }
     })
+}
+
+/// What a stand-in proxy was asked: each request line, in order.
+pub type ProxyLog = Arc<Mutex<Vec<String>>>;
+
+/// A stand-in company proxy (an HTTP proxy, as squid or cntlm speak it):
+/// CONNECT opens a tunnel, an absolute-form request is sent on and its
+/// answer relayed; every target name is taken to be on this host's
+/// loopback (the proxy resolves names for its clients). Logs each request
+/// line, and whether it carried credentials (` +auth`).
+pub fn http_proxy_server() -> (u16, ProxyLog) {
+    let log = ProxyLog::default();
+    let seen = log.clone();
+    let port = serve(move |client| {
+        let mut reader = BufReader::new(client.try_clone().unwrap());
+        let Some(head) = read_head(&mut reader) else { return };
+        let auth = head.iter().any(|l| l.to_lowercase().starts_with("proxy-authorization:"));
+        seen.lock().unwrap().push(format!("{}{}", head[0], if auth { " +auth" } else { "" }));
+        let mut parts = head[0].split(' ');
+        let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let (authority, path) = match target.strip_prefix("http://") {
+            Some(rest) => rest.split_at(rest.find('/').unwrap_or(rest.len())),
+            None => (target, ""),
+        };
+        let port: u16 = authority.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(80);
+        let mut client = client;
+        let Ok(mut up) = TcpStream::connect(("127.0.0.1", port)) else {
+            let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n");
+            return;
+        };
+        if method == "CONNECT" {
+            let _ = client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+            let _ = up.write_all(reader.buffer());
+        } else {
+            let path = if path.is_empty() { "/" } else { path };
+            let _ = up.write_all(format!("{method} {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes());
+        }
+        let (mut up_reader, mut client_writer) = (up.try_clone().unwrap(), client.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut up_reader, &mut client_writer);
+            let _ = client_writer.shutdown(std::net::Shutdown::Write);
+        });
+        if method == "CONNECT" {
+            let _ = std::io::copy(&mut client, &mut up);
+            let _ = up.shutdown(std::net::Shutdown::Write);
+        }
+    });
+    (port, log)
 }
 
 /// The lines of one request head, without the blank line; `None` at the
@@ -90,7 +143,12 @@ pub type Answer = fn(&str, usize) -> (Vec<String>, String);
 /// reading one request per connection (a body to its end, discarded) and
 /// answering with `answer`. Returns its port and its CA's PEM.
 pub fn https_server(name: &str, answer: Answer) -> (u16, String) {
-    let (config, ca_pem) = tls_with_test_ca(name);
+    https_server_for(&[name], answer)
+}
+
+/// [`https_server`] with a certificate for each of `names`.
+pub fn https_server_for(names: &[&str], answer: Answer) -> (u16, String) {
+    let (config, ca_pem) = tls_with_test_ca(names);
     let port = serve(move |tcp| {
         let conn = rustls::ServerConnection::new(config.clone()).unwrap();
         let mut s = rustls::StreamOwned::new(conn, tcp);
@@ -107,22 +165,37 @@ pub fn https_server(name: &str, answer: Answer) -> (u16, String) {
     (port, ca_pem)
 }
 
-/// A TLS server set-up for `name` with a certificate from a new test CA;
-/// and that CA's PEM.
-fn tls_with_test_ca(name: &str) -> (Arc<rustls::ServerConfig>, String) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+/// A new test CA and a leaf it signed for `names`, as the strictest
+/// verifiers want them (OpenSSL's X509_STRICT, which Python 3.13's default
+/// context turns on): the CA with key usages, the leaf with an Authority
+/// Key Identifier, key usage and the server-auth purpose.
+pub fn test_ca_and_leaf(names: &[&str]) -> (rcgen::Certificate, rcgen::Certificate, rcgen::KeyPair) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     // Names of their own: OpenSSL takes a leaf named as its issuer for a
     // self-signed certificate, and refuses it.
     ca_params.distinguished_name.push(DnType::CommonName, "agentvm test CA");
     let ca_key = KeyPair::generate().unwrap();
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
-    let mut leaf_params = CertificateParams::new(vec![name.to_string()]).unwrap();
-    leaf_params.distinguished_name.push(DnType::CommonName, name);
+    let mut leaf_params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    leaf_params.distinguished_name.push(DnType::CommonName, names[0]);
+    leaf_params.use_authority_key_identifier_extension = true;
+    leaf_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let leaf_key = KeyPair::generate().unwrap();
     let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    (ca, leaf, leaf_key)
+}
+
+/// A TLS server set-up for `names` with a certificate from a new test CA;
+/// and that CA's PEM.
+fn tls_with_test_ca(names: &[&str]) -> (Arc<rustls::ServerConfig>, String) {
+    let (ca, leaf, leaf_key) = test_ca_and_leaf(names);
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
@@ -200,11 +273,62 @@ mod tests {
     }
 
     #[test]
+    fn the_http_server_answers_whole_whatever_follows_the_request_head() {
+        let mut request = b"POST / HTTP/1.0\r\n\r\n".to_vec();
+        request.resize(request.len() + 200_000, b'x');
+        for _ in 0..20 {
+            assert!(exchange(http_server("WHOLE"), &request).ends_with("\r\n\r\nWHOLE"));
+        }
+    }
+
+    #[test]
+    fn the_stand_in_proxy_tunnels_and_forwards_and_logs_each_request() {
+        let target = http_server("BEHIND-THE-PROXY");
+        let (proxy, log) = http_proxy_server();
+        let plain = exchange(proxy, format!("GET http://named.test:{target}/x HTTP/1.1\r\n\r\n").as_bytes());
+        assert!(plain.ends_with("BEHIND-THE-PROXY"), "{plain}");
+        let tunnel = exchange(
+            proxy,
+            format!(
+                "CONNECT named.test:{target} HTTP/1.1\r\nProxy-Authorization: Basic eDp5\r\n\r\nGET / HTTP/1.0\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        assert!(tunnel.starts_with("HTTP/1.1 200 Connection established") && tunnel.ends_with("BEHIND-THE-PROXY"));
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                format!("GET http://named.test:{target}/x HTTP/1.1"),
+                format!("CONNECT named.test:{target} HTTP/1.1 +auth")
+            ]
+        );
+    }
+
+    #[test]
     fn a_request_is_read_with_its_body_size() {
         let request = b"POST /x HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc";
         let (head, body) = read_request(&mut &request[..]).unwrap();
         assert!(head.starts_with("post /x http/1.1\r\ncontent-length: 3"), "{head}");
         assert_eq!(body, 3);
+    }
+
+    #[test]
+    fn the_test_certificates_pass_openssls_strict_checks_for_every_name() {
+        let openssl = crate::require!(crate::skip::tool("openssl"));
+        let (ca, leaf, _) = test_ca_and_leaf(&["one.test", "two.test"]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("leaf.pem"), leaf.pem()).unwrap();
+        for name in ["one.test", "two.test"] {
+            let out = crate::process::run(
+                std::process::Command::new(&openssl)
+                    .args(["verify", "-x509_strict", "-purpose", "sslserver", "-verify_hostname", name])
+                    .args(["-CAfile", "ca.pem", "leaf.pem"])
+                    .current_dir(dir.path()),
+                b"",
+            );
+            assert!(out.status.success(), "{name}: {}{}", crate::stdout(&out), crate::stderr(&out));
+        }
     }
 
     #[test]

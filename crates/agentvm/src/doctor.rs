@@ -1,10 +1,15 @@
 //! `agentvm doctor`: checks every host requirement and says how to fix
 //! each one that fails.
 
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
+use crate::guest_env::host_ca::{self, HostCas};
 use crate::image::subids;
+use crate::net::dns::{self, Resolver};
+use crate::net::host_proxy::HostProxy;
 use crate::{paths, tools, vm::accel, vm::share};
 
 /// The outcome of one check.
@@ -31,6 +36,8 @@ const SETUP: &str = "run scripts/setup-host (as root) from the agentvm source tr
 
 /// Oldest QEMU known to run our microvm set-up (ACPI virtio-mmio discovery).
 const MIN_QEMU: (u32, u32) = (7, 2);
+/// How long the network checks may wait for an answer.
+const NET_PROBE: Duration = Duration::from_secs(2);
 
 fn ok(name: &'static str, detail: impl Into<String>) -> Check {
     Check { name, status: Status::Ok, detail: detail.into(), fix: None }
@@ -60,6 +67,9 @@ pub fn run_checks() -> Vec<Check> {
         check_dir("cache dir", paths::cache_dir()),
         check_dir("data dir", paths::data_dir()),
         check_runtime_dir(),
+        check_host_proxy(&|k| std::env::var(k).ok()),
+        check_dns(&Resolver::system()),
+        host_ca_check(&HostCas::load(&|var| std::env::var(var).ok())),
     ]
 }
 
@@ -232,6 +242,98 @@ fn check_runtime_dir() -> Check {
     }
 }
 
+/// The host's HTTP proxy in the environment `get`: where it is (never its
+/// credentials), and whether it accepts a connection.
+fn check_host_proxy(get: &dyn Fn(&str) -> Option<String>) -> Check {
+    let name = "host proxy";
+    let found = match HostProxy::from_env(get) {
+        Ok(Some(found)) => found,
+        Ok(None) => return ok(name, "none (no HTTPS_PROXY or HTTP_PROXY): the guest connects directly"),
+        Err(e) => return fail(name, e.to_string(), "fix or unset the variable"),
+    };
+    let resolver = Resolver::system();
+    for p in found.http.iter().chain(&found.https) {
+        let addrs = resolver.lookup(&p.host).map_err(|e| e.to_string());
+        let reached = addrs.and_then(|ips| {
+            let mut last = "no address".to_string();
+            for ip in ips {
+                match TcpStream::connect_timeout(&SocketAddr::new(ip, p.port), NET_PROBE) {
+                    Ok(_) => return Ok(()),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            Err(last)
+        });
+        if let Err(why) = reached {
+            return Check {
+                name,
+                status: Status::Warn,
+                detail: format!("cannot connect to {p}: {why}"),
+                fix: Some(format!("start the proxy, or unset {} for agentvm", p.var)),
+            };
+        }
+    }
+    let creds = found.http.iter().chain(&found.https).any(|p| p.has_credentials());
+    let note = if creds { " (with credentials: --network allow only, they stay on the host)" } else { "" };
+    ok(name, format!("{found}{note}: --network open hands it to the guest, --network allow connects through it"))
+}
+
+/// Whether a name server of resolv.conf answers (`--network allow`
+/// resolves names itself, with no help from the C library).
+fn check_dns(resolver: &Resolver) -> Check {
+    match resolver.probe(NET_PROBE) {
+        Ok(server) => ok("dns", format!("{} answers ({} first, then {})", server.ip(), dns::HOSTS, dns::RESOLV_CONF)),
+        Err(why) => Check {
+            name: "dns",
+            status: Status::Warn,
+            detail: format!("no name server of {} answers: {why}", dns::RESOLV_CONF),
+            fix: Some(format!(
+                "--network allow resolves names with the name servers of {}: fix it or the network (names a host proxy resolves need no DNS here)",
+                dns::RESOLV_CONF
+            )),
+        },
+    }
+}
+
+/// Where the guest's trust store comes from (`--host-ca`), and the CAs
+/// the host trusts beyond the public web roots (a company's that inspects
+/// TLS, a local one).
+pub fn host_ca_check(cas: &HostCas) -> Check {
+    let name = "host CAs";
+    let sources: Vec<String> = cas
+        .sources
+        .iter()
+        .map(|s| match s.held {
+            None => format!("{} (read already)", s.label),
+            Some(held) if held == s.new => format!("{} ({held})", s.label),
+            Some(held) => format!("{} ({held}, {} new)", s.label, s.new),
+        })
+        .collect();
+    let extra: Vec<String> = cas.extra().map(|c| host_ca::display_name(&c.der)).collect();
+    let detail = match (sources.is_empty(), extra.len()) {
+        (true, _) => "none found".to_string(),
+        (false, 0) => format!("{}: {} for the guest, all public web roots", sources.join(", "), cas.certs.len()),
+        // A distribution may still ship roots Mozilla has dropped: they count here too.
+        (false, n) => format!(
+            "{}: {} for the guest, {n} not among the current public web roots (webpki-roots): {}",
+            sources.join(", "),
+            cas.certs.len(),
+            extra.join(", ")
+        ),
+    };
+    if cas.warnings.is_empty() {
+        return ok(name, detail);
+    }
+    Check {
+        name,
+        status: Status::Warn,
+        detail: format!("{detail}; {}", cas.warnings.join("; ")),
+        fix: Some(
+            "fix or unset what the warning names; --host-ca=off gives the guest its image's public roots only".into(),
+        ),
+    }
+}
+
 /// What `agentvm doctor` prints: a line per check, with the fix under each
 /// one that is not Ok, then the verdict.
 pub fn report(checks: &[Check]) -> String {
@@ -272,6 +374,36 @@ mod tests {
     }
 
     #[test]
+    fn host_cas_name_their_sources_and_the_cas_beyond_the_public_roots() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("bundle.crt");
+        let company = host_ca::pem_of(&host_ca::tests::ca_named("Example Company Inspection CA"));
+        std::fs::write(&bundle, &company).unwrap();
+        let own = dir.path().join("own.pem");
+        std::fs::write(&own, [company.as_str(), &host_ca::pem_of(&host_ca::tests::ca_named("Own CA"))].concat())
+            .unwrap();
+        let get = |var: &str| match var {
+            "SSL_CERT_FILE" => Some(own.display().to_string()),
+            "NODE_EXTRA_CA_CERTS" => Some(bundle.display().to_string()),
+            _ => None,
+        };
+        let check = host_ca_check(&HostCas::load_from(&[&bundle], &get));
+        assert_eq!(check.status, Status::Ok);
+        assert_eq!(
+            check.detail,
+            format!(
+                "{b} (1), SSL_CERT_FILE={o} (2, 1 new), NODE_EXTRA_CA_CERTS={b} (read already): 2 for the guest, \
+                 2 not among the current public web roots (webpki-roots): Example Company Inspection CA, Own CA",
+                b = bundle.display(),
+                o = own.display()
+            )
+        );
+        let check = host_ca_check(&HostCas::load_from(&[&dir.path().join("none")], &|_| None));
+        assert_eq!(check.status, Status::Warn);
+        assert!(check.detail.starts_with("none found; --host-ca: no system CA bundle"));
+    }
+
+    #[test]
     fn report_shows_fixes_for_what_is_not_ok_and_the_verdict() {
         let checks = [
             ok("qemu", "QEMU 10.0"),
@@ -290,5 +422,40 @@ mod tests {
         assert!(!all_passed(&checks));
         assert!(all_passed(&checks[..2]));
         assert!(report(&checks[..2]).ends_with("agentvm is ready.\n"));
+    }
+
+    #[test]
+    fn the_host_proxy_is_reported_without_credentials_and_checked_for_a_listener() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let url = format!("http://me:hunter2@127.0.0.1:{port}");
+        let vars = [("HTTPS_PROXY", url.as_str())];
+        let c = check_host_proxy(&|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()));
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+        assert!(
+            c.detail.starts_with(&format!("http://127.0.0.1:{port} (from HTTPS_PROXY) (with credentials")),
+            "{c:?}"
+        );
+        assert!(!c.detail.contains("hunter2"));
+        drop(listener);
+        let c = check_host_proxy(&|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()));
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert!(c.detail.contains("cannot connect") && !c.detail.contains("hunter2"), "{c:?}");
+        assert_eq!(check_host_proxy(&|_| None).status, Status::Ok);
+        let c = check_host_proxy(&|k| (k == "http_proxy").then(|| "socks5://x:1".to_string()));
+        assert_eq!(c.status, Status::Fail, "{c:?}");
+        assert!(c.detail.contains("http_proxy"), "{c:?}");
+    }
+
+    #[test]
+    fn dns_is_reported_working_when_a_name_server_answers() {
+        let dns = crate::net::dns::tests::StandInDns::start(crate::net::dns::tests::example_zone, false);
+        let c = check_dns(&dns.resolver());
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let conf = dns::ResolvConf { nameservers: vec![silent.local_addr().unwrap()], ..Default::default() };
+        let c = check_dns(&Resolver::new(conf, String::new()));
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert!(c.detail.contains("no name server"), "{c:?}");
     }
 }

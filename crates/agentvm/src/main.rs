@@ -118,8 +118,7 @@ fn run(args: RunArgs, started: Instant) -> i32 {
 /// Prints what `--verbose` asks for and the error, if any; the exit status.
 fn report_outcome(outcome: &launch::Outcome, verbose: bool) -> i32 {
     if verbose {
-        // bench/run reads this line: the launcher's own work before QEMU.
-        eprintln!("agentvm: QEMU started {:.1} ms after agentvm", outcome.qemu_started.as_secs_f64() * 1000.0);
+        eprintln!("{}", outcome.timings_line());
     }
     if let Some(console) = &outcome.console {
         eprintln!("{}", console.heading());

@@ -313,3 +313,65 @@ fn host_edits_to_work_show_up_in_a_running_guest_with_the_default_cache() {
     assert_eq!(std::fs::read_to_string(l.work.join("seen1")).unwrap(), "before\n");
     assert_eq!(std::fs::read_to_string(l.work.join("seen2")).unwrap(), "after, and longer\n");
 }
+
+/// The JSON of `agentvm run --print-plan --json` with `flags`.
+fn print_plan(l: &Launch, flags: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--print-plan", "--json"];
+    args.extend_from_slice(flags);
+    let out = l.run_command(&mut l.command_with_flags(&args));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    serde_json::from_str(&stdout(&out)).unwrap()
+}
+
+fn strings(json: &serde_json::Value) -> Vec<&str> {
+    json.as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect()
+}
+
+#[test]
+#[ignore = "needs QEMU and the test image, though it boots nothing: scripts/test runs it"]
+fn print_plan_json_gives_a_baseline_the_machine_the_kernel_and_the_module_bytes_agentvm_loads() {
+    let l = Launch::new().cmd(&["true"]);
+    let plan = print_plan(&l, &["--accel", "tcg", "--network", "none"]);
+    assert_eq!(plan["accel"], "tcg");
+    let (machine, all) = (strings(&plan["qemu_machine_args"]), strings(&plan["qemu_args"]));
+    assert!(all.starts_with(&machine), "{machine:?}");
+    assert!(machine.windows(2).any(|w| w == ["-accel", "tcg,thread=multi"]), "{machine:?}");
+    let value_of = |flag: &str| all.windows(2).find(|w| w[0] == flag).map(|w| w[1]).unwrap();
+    assert_eq!(value_of("-kernel"), plan["kernel"]);
+    assert_eq!(value_of("-append"), plan["kernel_cmdline"]);
+    let image = &plan["image"];
+    assert!(std::path::Path::new(image["bzimage"].as_str().unwrap()).is_file(), "{image}");
+    let modules = image["boot_modules"].as_array().unwrap();
+    let files: Vec<&str> = modules.iter().map(|m| m["file"].as_str().unwrap()).collect();
+    assert_eq!(plan["spec"]["modules"].as_array().unwrap().len(), files.len());
+    assert!(files.contains(&"virtio_mmio.ko") && files.contains(&"virtio_blk.ko"), "{files:?}");
+    // The bytes named are the module up to its signature (Debian signs them).
+    let magic = b"~Module signature appended~\n";
+    for m in modules {
+        let ko = std::fs::read(m["path"].as_str().unwrap()).unwrap();
+        let len = m["unsigned_len"].as_u64().unwrap() as usize;
+        assert!(ko.starts_with(b"\x7fELF"), "{m}");
+        assert!(ko.ends_with(magic), "{m}: the test image's modules are signed");
+        assert!(len < ko.len() - magic.len() - 12, "{m}: {} bytes", ko.len());
+        let sig_len = u32::from_be_bytes(ko[ko.len() - magic.len() - 4..][..4].try_into().unwrap()) as usize;
+        assert_eq!(len + sig_len + 12 + magic.len(), ko.len(), "{m}");
+    }
+    assert!(plan["plan_ms"].as_f64().unwrap() > 0.0);
+    assert!(l.leftover_instances().is_empty());
+}
+
+#[test]
+#[ignore = "boots a VM: scripts/test runs it"]
+fn verbose_run_reports_the_launchers_clock_as_one_json_line() {
+    let l = Launch::new().cmd(&["true"]);
+    let started = Instant::now();
+    let out = l.run_command(&mut l.command_with_flags(&["--verbose"]));
+    let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let lines: Vec<&str> = err.lines().filter_map(|l| l.strip_prefix("agentvm: timings ")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    let t: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    let (plan, qemu) = (t["plan_ms"].as_f64().unwrap(), t["qemu_started_ms"].as_f64().unwrap());
+    assert!(0.0 < plan && plan <= qemu && qemu < wall_ms, "{t} in {wall_ms} ms");
+}

@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 
 use crate::guest_env::cri::Runtime;
 use crate::guest_env::devshell;
+use crate::guest_env::host_ca::HostCa;
 use crate::net::egress::AllowList;
 use crate::net::{NetBackend, NetworkMode, PortSpec};
 use crate::paths;
@@ -74,12 +75,18 @@ pub struct Settings {
     pub ports: Vec<PortSpec>,
     /// Host loopback ports opened to the guest, checked: each once.
     pub host_ports: Vec<u16>,
+    /// Whether the guest trusts the host's CA certificates.
+    pub host_ca: HostCa,
     /// Names the guest may reach under [`NetworkMode::Allow`]: the
     /// flavor's preset plus the user's.
     pub allow: AllowList,
     /// Put placeholders for the flavor's keys in the guest; the proxy puts
     /// the real ones in (implies [`NetworkMode::Allow`]).
     pub shield_secrets: bool,
+    /// The host's HTTP proxy (from agentvm's environment): handed to the
+    /// guest under [`NetworkMode::Open`], chained through by the egress
+    /// proxy under [`NetworkMode::Allow`].
+    pub host_proxy: Option<crate::net::host_proxy::HostProxy>,
     /// Container runtimes to start in the guest, in the order given.
     pub cri: Vec<Runtime>,
     /// Size of the project's container disk when it is created.
@@ -136,6 +143,8 @@ pub enum SettingsError {
     Egress(#[from] crate::net::egress::EgressError),
     #[error(transparent)]
     Shield(#[from] crate::net::shield::ShieldError),
+    #[error(transparent)]
+    HostProxy(#[from] crate::net::host_proxy::HostProxyError),
     #[error("published ports need the network: drop --network none or the ports ({0})")]
     PortsWithoutNetwork(String),
     #[error("agent home {path}: exists and is not a directory; pass a directory with --home or AGENT_HOME")]
@@ -181,7 +190,7 @@ pub fn resolve_with(
     let program = program::resolve(&layers, get_env)?;
     let containers = containers::resolve(&layers)?;
     let resources = resources::resolve(&layers, host, !containers.runtimes.is_empty())?;
-    let network = network::resolve(&layers, &program.flavor)?;
+    let network = network::resolve(&layers, &program.flavor, get_env, &program.guest_env.vars)?;
     let home_dir = storage::home(&layers, &work_dir, &guarded)?;
     let (clone, clone_disk_mib) = storage::sandbox(&layers, &work_dir)?;
     Ok(Settings {
@@ -195,8 +204,10 @@ pub fn resolve_with(
         work_cache: layers.value(|o| &o.work_cache).unwrap_or_default(),
         ports: network.ports,
         host_ports: network.host_ports,
+        host_ca: layers.value(|o| &o.host_ca).unwrap_or_default(),
         allow: network.allow,
         shield_secrets: network.shield_secrets,
+        host_proxy: network.host_proxy,
         cri: containers.runtimes,
         cri_disk_mib: containers.disk_mib,
         clone,
@@ -650,5 +661,33 @@ mod tests {
             let e = e.unwrap_err().to_string();
             assert!(e.contains("contains agentvm's config"), "{e}");
         }
+    }
+
+    #[test]
+    fn the_host_proxy_is_read_for_open_and_allow_and_its_credentials_stay_off_the_guest() {
+        let d = tempfile::tempdir().unwrap();
+        let run = |network: NetworkMode, env_flags: &[&str], vars: &[(&str, &str)]| {
+            let flags = RunOptions {
+                network: Some(network),
+                env: env_flags.iter().map(|s| s.to_string()).collect(),
+                ..req(d.path())
+            };
+            resolve_with(flags, &env(vars), Path::new("/nonexistent"), &no_trust(), HOST)
+        };
+        let plain = [("HTTPS_PROXY", "http://proxy.corp:3128"), ("NO_PROXY", "corp.example")];
+        let s = run(NetworkMode::Open, &[], &plain).unwrap();
+        let hp = s.host_proxy.unwrap();
+        assert_eq!((hp.https.unwrap().port, hp.no_proxy.text.as_str()), (3128, "corp.example"));
+
+        let secret = [("https_proxy", "http://me:hunter2@proxy.corp:3128")];
+        let e = run(NetworkMode::Open, &[], &secret).unwrap_err().to_string();
+        assert!(e.contains("https_proxy holds credentials") && e.contains("-e https_proxy"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(run(NetworkMode::Allow, &[], &secret).unwrap().host_proxy.unwrap().https.unwrap().has_credentials());
+        // Passed on by the user himself: his choice wins, agentvm hands on nothing.
+        assert_eq!(run(NetworkMode::Open, &["https_proxy"], &secret).unwrap().host_proxy, None);
+        assert_eq!(run(NetworkMode::None, &[], &[("HTTPS_PROXY", "socks5://x:1")]).unwrap().host_proxy, None);
+        let e = run(NetworkMode::Open, &[], &[("HTTPS_PROXY", "socks5://x:1")]).unwrap_err().to_string();
+        assert!(e.contains("HTTPS_PROXY is not a proxy URL agentvm can use"), "{e}");
     }
 }

@@ -1,11 +1,12 @@
 //! The guest's network: its mode and user-mode stack, the ports published
-//! from it, the host ports opened to it, the names it may reach and the
-//! keys kept from it.
+//! from it, the host ports opened to it, the names it may reach, the keys
+//! kept from it, and the host's HTTP proxy.
 
 use crate::config::flavor::Flavor;
 use crate::config::options::{Layers, Origin};
 use crate::config::SettingsError;
 use crate::net::egress::{AllowList, EgressError, PROXY_PORT};
+use crate::net::host_proxy::{self, HostProxy};
 use crate::net::shield::{self, ShieldError};
 use crate::net::{self, forwarding, NetBackend, NetworkMode, PortSpec, Proto};
 
@@ -21,10 +22,18 @@ pub struct Network {
     /// The flavor's names (its secret hosts included) and the user's.
     pub allow: AllowList,
     pub shield_secrets: bool,
+    /// The host's HTTP proxy, for the guest (open) or the egress proxy (allow).
+    pub host_proxy: Option<HostProxy>,
 }
 
-/// The network for `flavor`.
-pub fn resolve(layers: &Layers, flavor: &Flavor) -> Result<Network, SettingsError> {
+/// The network for `flavor`, given agentvm's environment (`get_env`) and
+/// the variables passed to the guest (`passed`).
+pub fn resolve(
+    layers: &Layers,
+    flavor: &Flavor,
+    get_env: &dyn Fn(&str) -> Option<String>,
+    passed: &[(String, String)],
+) -> Result<Network, SettingsError> {
     let shield_secrets = layers.value(|o| &o.shield_secrets).unwrap_or(false);
     let mode = mode(layers, shield_secrets)?;
     if shield_secrets {
@@ -49,7 +58,30 @@ pub fn resolve(layers: &Layers, flavor: &Flavor) -> Result<Network, SettingsErro
         }
     }
     let backend = layers.value(|o| &o.net_backend).unwrap_or_default();
-    Ok(Network { mode, backend, ports, host_ports, allow, shield_secrets })
+    let host_proxy = host_proxy(mode, get_env, passed)?;
+    Ok(Network { mode, backend, ports, host_ports, allow, shield_secrets, host_proxy })
+}
+
+/// The host's proxy that `mode` uses: none without a network. Under
+/// `--network open`, none when the user passes a proxy variable himself
+/// (his choice wins), and credentials are refused: they would go to the
+/// guest.
+fn host_proxy(
+    mode: NetworkMode,
+    get_env: &dyn Fn(&str) -> Option<String>,
+    passed: &[(String, String)],
+) -> Result<Option<HostProxy>, SettingsError> {
+    if mode == NetworkMode::None {
+        return Ok(None);
+    }
+    let Some(found) = HostProxy::from_env(get_env)? else { return Ok(None) };
+    if mode == NetworkMode::Open {
+        if passed.iter().any(|(name, _)| host_proxy::is_proxy_var(name)) {
+            return Ok(None);
+        }
+        found.check_for_guest()?;
+    }
+    Ok(Some(found))
 }
 
 /// The mode asked for. `--allow` or shielding alone means `--network

@@ -17,6 +17,7 @@ use serde::Deserialize;
 use crate::config::file_pattern::FilePattern;
 use crate::config::flavor::FlavorOverride;
 use crate::guest_env::devshell;
+use crate::guest_env::host_ca::HostCa;
 use crate::net::{NetBackend, NetworkMode};
 use crate::vm::share::CacheMode;
 use crate::vm::AccelChoice;
@@ -60,6 +61,13 @@ pub struct RunOptions {
     /// per-instance CA the guest trusts). Implies --network allow.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub shield_secrets: Option<bool>,
+    /// Whether the guest trusts the CA certificates the host trusts (its
+    /// system bundle and what SSL_CERT_FILE, SSL_CERT_DIR and
+    /// NODE_EXTRA_CA_CERTS name), read at each launch, so HTTPS verifies
+    /// behind a network that re-signs TLS as the host's does; off: the
+    /// image's public roots only [default: on]
+    #[arg(long, value_enum, value_name = "MODE", env = "AGENTVM_HOST_CA")]
+    pub host_ca: Option<HostCa>,
     /// Open one port of the host's loopback to the guest, where it is
     /// host.agentvm.internal:PORT (repeatable), e.g. a local database or
     /// MCP server. Works with --network none too.
@@ -68,6 +76,8 @@ pub struct RunOptions {
     /// `open`: internet through the host (the host's own services stay
     /// closed); `none`: only loopback in the guest; `allow`: no interface
     /// either, HTTP(S) through agentvm's proxy to the allowed names only.
+    /// A host proxy in HTTPS_PROXY/HTTP_PROXY (NO_PROXY) is handed to the
+    /// guest (open) or connected through (allow).
     #[arg(long, value_enum, value_name = "MODE")]
     pub network: Option<NetworkMode>,
     /// Start container runtimes in the guest: a comma-separated list of
@@ -139,6 +149,7 @@ pub struct RunOptions {
     #[arg(skip)]
     pub devshell_files: Vec<FilePattern>,
     /// Print the guest's boot log (kernel and init messages, with timings)
+    /// and the launcher's own timings (one line, `agentvm: timings {JSON}`)
     /// to stderr when the VM stops.
     #[arg(short, long)]
     #[serde(skip)]
@@ -461,6 +472,7 @@ mod tests {
         ),
         ("allow", |_| strings(&["example.org"]), |s, _| s.allow.allows("example.org")),
         ("shield_secrets", |_| true.into(), |s, _| s.shield_secrets),
+        ("host_ca", |_| "off".into(), |s, _| s.host_ca == HostCa::Off),
         ("host_ports", |_| Value::Array(vec![5432.into()]), |s, _| s.host_ports == [5432]),
         ("network", |_| "none".into(), |s, _| s.network == NetworkMode::None),
         ("cri", |_| "docker".into(), |s, _| s.cri == [Runtime::Docker]),

@@ -1,11 +1,12 @@
 //! What the guest finds when it starts, prepared on the host: the agent
-//! home's first-run files, the project's dev shell, and the container
-//! runtimes' persistent disk.
+//! home's first-run files, the project's dev shell, the container
+//! runtimes' persistent disk, and the CA certificates it trusts.
 
 pub mod cri;
 pub mod devshell;
 pub mod disk;
 pub mod home;
+pub mod host_ca;
 
 /// Where the guest sees the project (the `work` share), its working
 /// directory and git's safe directory.

@@ -75,8 +75,13 @@ impl Image {
         if pvh.is_file() {
             pvh
         } else {
-            self.dir.join(KERNEL_FILE)
+            self.bzimage()
         }
+    }
+
+    /// The compressed kernel (bzImage), which every image has.
+    pub fn bzimage(&self) -> PathBuf {
+        self.dir.join(KERNEL_FILE)
     }
 
     /// The root file system (squashfs).

@@ -489,6 +489,7 @@ mod tests {
         // The uncompressed PVH kernel is booted where the build made one.
         fs::write(dir.join("vmlinux"), b"ELF").unwrap();
         assert_eq!(image.kernel(), dir.join("vmlinux"));
+        assert_eq!(image.bzimage(), dir.join("vmlinuz"));
     }
 
     #[test]

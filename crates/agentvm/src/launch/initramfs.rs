@@ -20,9 +20,27 @@ pub struct InitramfsError {
     pub source: io::Error,
 }
 
+/// A built initramfs and the image files it took.
+#[derive(Debug)]
+pub struct Initramfs {
+    pub bytes: Vec<u8>,
+    /// The boot modules, in load order.
+    pub modules: Vec<PackedModule>,
+}
+
+/// A boot module as the initramfs holds it: the first `unsigned_len` bytes
+/// of `path`, its appended signature left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackedModule {
+    /// Its file name, e.g. `virtio_mmio.ko`.
+    pub file: String,
+    pub path: PathBuf,
+    pub unsigned_len: usize,
+}
+
 /// The initramfs: guest init as /init, the spec's boot modules (without
 /// their signatures), the spec.
-pub fn build(guest_init: &Path, image: &Image, spec: &LaunchSpec) -> Result<Vec<u8>, InitramfsError> {
+pub fn build(guest_init: &Path, image: &Image, spec: &LaunchSpec) -> Result<Initramfs, InitramfsError> {
     let read_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| InitramfsError { path, source }
@@ -30,10 +48,13 @@ pub fn build(guest_init: &Path, image: &Image, spec: &LaunchSpec) -> Result<Vec<
     let mut c = Cpio::new();
     c.file_from("init", 0o755, guest_init).map_err(read_err(guest_init))?;
     c.dir("agentvm", 0o700).dir(MODULES_DIR, 0o700);
+    let mut modules = Vec::new();
     for name in &spec.modules {
         let path = image.module_path(name);
         let ko = std::fs::read(&path).map_err(read_err(&path))?;
-        c.file(&format!("{MODULES_DIR}/{name}"), 0o600, kmod::strip_signature(&ko));
+        let unsigned = kmod::strip_signature(&ko);
+        c.file(&format!("{MODULES_DIR}/{name}"), 0o600, unsigned);
+        modules.push(PackedModule { file: name.clone(), unsigned_len: unsigned.len(), path });
     }
     c.file(SPEC_PATH, 0o600, &spec.to_bytes().expect("spec serializes"));
     // QEMU loads the initrd page-aligned just under the top of low RAM,
@@ -41,7 +62,7 @@ pub fn build(guest_init: &Path, image: &Image, spec: &LaunchSpec) -> Result<Vec<
     // size that is a whole number of pages leaves the top page to them;
     // otherwise the archive's tail can overwrite them and the guest boots
     // without ACPI: one vCPU, no devices, no power-off.
-    Ok(c.finish_padded(4096))
+    Ok(Initramfs { bytes: c.finish_padded(4096), modules })
 }
 
 /// Builds a newc ("070701") cpio archive.
@@ -120,7 +141,46 @@ impl Cpio {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::launch::plan::tests::{plan, resources, settings};
     use std::process::{Command, Stdio};
+
+    /// `body` with a signature appended as the kernel's sign-file does.
+    fn signed(body: &[u8]) -> Vec<u8> {
+        let sig = [9u8; 300];
+        let mut ko = body.to_vec();
+        ko.extend_from_slice(&sig);
+        ko.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0]);
+        ko.extend_from_slice(&(sig.len() as u32).to_be_bytes());
+        ko.extend_from_slice(b"~Module signature appended~\n");
+        ko
+    }
+
+    #[test]
+    fn build_packs_modules_unsigned_and_says_which_bytes_it_took() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("modules")).unwrap();
+        let (body, plain) = (b"\x7fELF signed body", b"\x7fELF plain");
+        std::fs::write(dir.path().join("modules/signed.ko"), signed(body)).unwrap();
+        std::fs::write(dir.path().join("modules/plain.ko"), plain).unwrap();
+        std::fs::write(dir.path().join("init"), b"init").unwrap();
+        let s = settings();
+        let mut res = resources(&s);
+        res.image.dir = dir.path().to_path_buf();
+        let mut spec = plan(&s, &res).spec;
+        spec.modules = vec!["signed.ko".into(), "plain.ko".into()];
+
+        let built = build(&dir.path().join("init"), &res.image, &spec).unwrap();
+        let packed = |file: &str, len: usize| PackedModule {
+            file: file.into(),
+            path: dir.path().join("modules").join(file),
+            unsigned_len: len,
+        };
+        assert_eq!(built.modules, [packed("signed.ko", body.len()), packed("plain.ko", plain.len())]);
+        let has = |needle: &[u8]| built.bytes.windows(needle.len()).any(|w| w == needle);
+        assert!(has(body) && has(plain));
+        assert!(!has(b"~Module signature appended~"));
+        assert_eq!(built.bytes.len() % 4096, 0);
+    }
 
     #[test]
     fn header_fields_are_hex_and_padded_to_four() {

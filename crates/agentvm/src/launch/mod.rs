@@ -71,9 +71,10 @@ pub fn run(settings: &Settings, clock: Instant, warn: &mut dyn FnMut(String)) ->
     let instance = InstanceRef { id: &prepared.instance.id, dir: &prepared.instance.dir };
     let plan = Plan::new(settings, res, instance);
     let initramfs = initramfs::build(&res.guest_init, &res.image, &plan.spec)?;
+    let planned = clock.elapsed();
 
     let egress = Egress { allow: &settings.allow, shield: resolved.shield.clone() };
-    let mut started = Started::start(&plan, res, egress, &prepared.instance.dir, &initramfs)?;
+    let mut started = Started::start(&plan, res, egress, &prepared.instance.dir, &initramfs.bytes)?;
     let qemu_started = clock.elapsed();
     prepared.record_qemu(started.qemu.child.id())?;
 
@@ -85,7 +86,7 @@ pub fn run(settings: &Settings, clock: Instant, warn: &mut dyn FnMut(String)) ->
     // The guest wrote its results before it reported the exit status.
     let sandbox = prepared.sandbox.as_ref().filter(|_| result.is_ok()).map(|s| import(s, settings));
     drop(prepared);
-    Ok(Outcome { result, qemu_started, console, sandbox })
+    Ok(Outcome { result, planned, qemu_started, console, sandbox })
 }
 
 /// Brings the sandbox's result back into the project.
@@ -105,5 +106,5 @@ pub fn plan_only(
     let dir = crate::paths::runtime_base().join(&id);
     let plan = Plan::new(settings, res, InstanceRef { id: &id, dir: &dir });
     let initramfs = initramfs::build(&res.guest_init, &res.image, &plan.spec)?;
-    Ok(print::PlanReport::new(&plan, res, initramfs.len(), clock.elapsed()))
+    Ok(print::PlanReport::new(&plan, res, &initramfs, clock.elapsed()))
 }

@@ -138,7 +138,9 @@ pub fn console_tail(path: &Path) -> String {
 pub struct Outcome {
     /// The program's exit status, or why there is none.
     pub result: Result<i32, EndError>,
-    /// When QEMU was started, after agentvm started (`--verbose`).
+    /// When the launch was planned (initramfs built), after agentvm started.
+    pub planned: Duration,
+    /// When QEMU was started, after agentvm started.
     pub qemu_started: Duration,
     /// The end of the guest console (`--verbose`).
     pub console: Option<ConsoleDump>,
@@ -147,7 +149,22 @@ pub struct Outcome {
     pub sandbox: Option<Result<Imported, ImportError>>,
 }
 
+/// What starts the line of [`Outcome::timings_line`].
+pub const TIMINGS_PREFIX: &str = "agentvm: timings ";
+
 impl Outcome {
+    /// The launcher's own clock, for `--verbose`: one line, the prefix and
+    /// a JSON object of milliseconds since agentvm started (bench/run reads
+    /// it): `plan_ms` when the plan and the initramfs were ready (as
+    /// `--print-plan` reports it), `qemu_started_ms` when QEMU was spawned,
+    /// its helpers already running. Exec and dynamic linking before `main`
+    /// are not in it.
+    pub fn timings_line(&self) -> String {
+        let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+        let json = serde_json::json!({ "plan_ms": ms(self.planned), "qemu_started_ms": ms(self.qemu_started) });
+        format!("{TIMINGS_PREFIX}{json}")
+    }
+
     /// agentvm's own exit status: the program's, unless its sandbox's
     /// result could not be brought back after it succeeded (125).
     pub fn exit_code(&self) -> i32 {
@@ -215,5 +232,20 @@ mod tests {
             "--- guest console (its last 2 KiB of 4 KiB) ---"
         );
         assert_eq!(ConsoleDump { text: vec![], total: None }.heading(), "--- guest console ---");
+    }
+
+    #[test]
+    fn timings_line_is_the_prefix_and_json_milliseconds() {
+        let outcome = Outcome {
+            result: Ok(0),
+            planned: Duration::from_micros(6_543),
+            qemu_started: Duration::from_micros(12_345),
+            console: None,
+            sandbox: None,
+        };
+        let line = outcome.timings_line();
+        let json: serde_json::Value = serde_json::from_str(line.strip_prefix(TIMINGS_PREFIX).unwrap()).unwrap();
+        assert_eq!(json, serde_json::json!({ "plan_ms": 6.5, "qemu_started_ms": 12.3 }), "{line}");
+        assert!(!line.contains('\n'));
     }
 }

@@ -14,7 +14,6 @@ use super::resources::{Resources, SandboxPlan};
 use crate::config::Settings;
 use crate::image::kmod;
 use crate::net::plan::NetworkPlan;
-use crate::net::shield;
 use crate::vm::share::{self, CacheMode, Share};
 use crate::vm::{self, VmConfig};
 
@@ -133,14 +132,10 @@ fn spec(s: &Settings, res: &Resources, shares: &[Share], id: &str) -> LaunchSpec
         },
         cwd: guest::WORK.into(),
         argv: s.argv.clone(),
-        env: res
-            .env
-            .iter()
-            .cloned()
-            .chain(net.guest_env())
-            .chain(if res.ca_pem.is_some() { shield::guest_env() } else { Vec::new() })
-            .collect(),
-        ca_certs: res.ca_pem.iter().cloned().collect(),
+        // Later wins: the program's own variables (e.g. `-e SSL_CERT_FILE`)
+        // over the trust store's.
+        env: res.trust.guest_env().into_iter().chain(res.env.iter().cloned()).chain(net.guest_env()).collect(),
+        ca_trust: res.trust.spec(),
         tty: res.tty,
         winsize: res.winsize,
         verbose: s.verbose,
@@ -184,11 +179,13 @@ pub(crate) mod tests {
     use super::*;
     use crate::config::envvars::GuestEnv;
     use crate::config::flavor::builtin_flavors;
+    use crate::guest_env::host_ca::GuestTrust;
     use crate::image::{Image, ImageMeta, Recipe};
     use crate::net::plan::Interface;
     use crate::net::{NetBackend, NetworkMode, PortSpec};
     use crate::vm::share::IdMap;
     use crate::vm::{Accel, AccelChoice};
+    use rustls::pki_types::CertificateDer;
 
     pub fn settings() -> Settings {
         Settings {
@@ -202,8 +199,10 @@ pub(crate) mod tests {
             work_cache: CacheMode::Auto,
             ports: Vec::new(),
             host_ports: Vec::new(),
+            host_ca: Default::default(),
             allow: Default::default(),
             shield_secrets: false,
+            host_proxy: None,
             cri: Vec::new(),
             cri_disk_mib: 0,
             clone: None,
@@ -233,7 +232,9 @@ pub(crate) mod tests {
         };
         let passt = Some(PathBuf::from("/usr/bin/passt"));
         let network =
-            NetworkPlan::decide(s.network, s.net_backend, &s.ports, &s.host_ports, passt).expect("a valid network").0;
+            NetworkPlan::decide(s.network, s.net_backend, &s.ports, &s.host_ports, s.host_proxy.as_ref(), passt)
+                .expect("a valid network")
+                .0;
         Resources {
             qemu: "/usr/bin/qemu-system-x86_64".into(),
             guest_init: "/bin/agentvm-guest".into(),
@@ -245,7 +246,7 @@ pub(crate) mod tests {
             nix_store: None,
             network,
             env: s.guest_env.vars.clone(),
-            ca_pem: None,
+            trust: Default::default(),
             cri_disk: None,
             sandbox: None,
             ids: IdMap::for_host(1001, 1002),
@@ -266,8 +267,9 @@ pub(crate) mod tests {
         args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].clone()).collect()
     }
 
+    /// The value the guest sees: the last one.
     fn env_of<'a>(plan: &'a Plan, name: &str) -> Option<&'a str> {
-        plan.spec.env.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        plan.spec.env.iter().rfind(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
     #[test]
@@ -319,7 +321,7 @@ pub(crate) mod tests {
         let s =
             Settings { net_backend: NetBackend::Slirp, ports: vec![PortSpec::parse("8080:80").unwrap()], ..settings() };
         let mut res = resources(&s);
-        res.network = NetworkPlan::decide(s.network, s.net_backend, &s.ports, &[], None).unwrap().0;
+        res.network = NetworkPlan::decide(s.network, s.net_backend, &s.ports, &[], None, None).unwrap().0;
         let p = plan(&s, &res);
         assert_eq!(p.fds.network, None);
         let netdev = value_of(&args(&p), "-netdev");
@@ -350,6 +352,42 @@ pub(crate) mod tests {
         assert_eq!(p.spec.host_ports, [crate::net::egress::PROXY_PORT]);
         assert_eq!(p.spec.published_ports, [80]);
         assert!(env_of(&p, "HTTPS_PROXY").is_some());
+    }
+
+    fn host_proxy(vars: &[(&str, &str)]) -> Option<crate::net::host_proxy::HostProxy> {
+        let get = |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+        crate::net::host_proxy::HostProxy::from_env(&get).unwrap()
+    }
+
+    #[test]
+    fn open_network_hands_the_host_proxy_to_the_guest_a_loopback_one_over_the_channel() {
+        let proxy = host_proxy(&[("HTTPS_PROXY", "http://127.0.0.1:3128"), ("HTTP_PROXY", "http://proxy.corp:8080")]);
+        let s = Settings { host_ports: vec![5432], host_proxy: proxy, ..settings() };
+        let p = plan(&s, &resources(&s));
+        assert_eq!(p.spec.host_ports, [5432, 3128]);
+        assert_eq!(p.fds.forwarding, Some(6), "the channel carries the proxy's port");
+        assert_eq!(env_of(&p, "https_proxy"), Some("http://host.agentvm.internal:3128"));
+        assert_eq!(env_of(&p, "HTTP_PROXY"), Some("http://proxy.corp:8080"));
+        assert!(env_of(&p, "NO_PROXY").unwrap().ends_with("localhost,127.0.0.1,::1,host.agentvm.internal"));
+        assert_eq!(p.network.upstream_proxy(), None);
+    }
+
+    #[test]
+    fn allow_mode_chains_through_the_host_proxy_and_the_guest_sees_only_agentvms() {
+        let proxy = host_proxy(&[("HTTPS_PROXY", "http://me:hunter2@127.0.0.1:3129")]);
+        let s = Settings { network: NetworkMode::Allow, host_proxy: proxy, ..settings() };
+        let p = plan(&s, &resources(&s));
+        assert_eq!(p.spec.host_ports, [crate::net::egress::PROXY_PORT], "the host proxy's port stays closed");
+        assert_eq!(env_of(&p, "HTTPS_PROXY"), Some("http://host.agentvm.internal:3128"));
+        assert!(p.network.upstream_proxy().unwrap().https.unwrap().has_credentials());
+        assert!(!p.spec.env.iter().any(|(_, v)| v.contains("hunter2")));
+        let initramfs = crate::launch::initramfs::Initramfs { bytes: Vec::new(), modules: Vec::new() };
+        let text =
+            crate::launch::print::PlanReport::new(&p, &resources(&s), &initramfs, Default::default()).to_string();
+        assert!(
+            text.contains("host proxy http://127.0.0.1:3129 (from HTTPS_PROXY)") && !text.contains("hunter2"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -383,8 +421,13 @@ pub(crate) mod tests {
         let s = settings();
         let p = plan(&s, &resources(&s));
         assert_eq!(env_of(&p, "API_KEY"), Some("s3cr3t"));
-        assert!(p.spec.ca_certs.is_empty());
+        assert!(p.spec.ca_trust.is_empty());
         assert_eq!(env_of(&p, "SSL_CERT_FILE"), None);
+    }
+
+    /// A stand-in certificate (the plan only carries it).
+    fn cert(tag: &[u8]) -> CertificateDer<'static> {
+        CertificateDer::from(tag.to_vec())
     }
 
     #[test]
@@ -392,12 +435,30 @@ pub(crate) mod tests {
         let s = Settings { network: NetworkMode::Allow, shield_secrets: true, ..settings() };
         let mut res = resources(&s);
         res.env = vec![("API_KEY".into(), "agentvm-shielded-00".into())];
-        res.ca_pem = Some("-----BEGIN CERTIFICATE-----".into());
+        res.trust = GuestTrust { public: Vec::new(), extra: vec![cert(b"instance CA")] };
         let p = plan(&s, &res);
         assert_eq!(env_of(&p, "API_KEY"), Some("agentvm-shielded-00"));
         assert!(!p.spec.env.iter().any(|(_, v)| v == "s3cr3t"));
-        assert_eq!(p.spec.ca_certs.len(), 1);
-        assert!(env_of(&p, "NODE_EXTRA_CA_CERTS").is_some());
+        assert_eq!((p.spec.ca_trust.bundle.len(), p.spec.ca_trust.extra.len()), (0, 1));
+        assert_eq!(env_of(&p, "NODE_EXTRA_CA_CERTS"), Some(agentvm_proto::spec::EXTRA_CA_PATH));
+    }
+
+    #[test]
+    fn the_hosts_cas_make_the_guests_bundle_and_the_programs_own_variables_win() {
+        let s = settings();
+        let mut res = resources(&s);
+        res.trust = GuestTrust { public: vec![cert(b"public root")], extra: vec![cert(b"company CA")] };
+        let p = plan(&s, &res);
+        assert_eq!(p.spec.ca_trust, res.trust.spec());
+        assert!(p.spec.ca_trust.bundle[0].starts_with("-----BEGIN CERTIFICATE-----\n"));
+        assert_eq!(env_of(&p, "SSL_CERT_FILE"), Some(agentvm_proto::spec::SYSTEM_BUNDLE));
+        assert_eq!(env_of(&p, "REQUESTS_CA_BUNDLE"), Some(agentvm_proto::spec::SYSTEM_BUNDLE));
+        assert_eq!(env_of(&p, "NODE_EXTRA_CA_CERTS"), Some(agentvm_proto::spec::EXTRA_CA_PATH));
+
+        res.env.push(("SSL_CERT_FILE".into(), "/work/mine.pem".into()));
+        assert_eq!(env_of(&plan(&s, &res), "SSL_CERT_FILE"), Some("/work/mine.pem"));
+        res.trust.extra.clear();
+        assert_eq!(env_of(&plan(&s, &res), "NODE_EXTRA_CA_CERTS"), None, "Node has the public roots");
     }
 
     #[test]

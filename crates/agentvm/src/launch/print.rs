@@ -9,8 +9,10 @@ use agentvm_proto::LaunchSpec;
 use serde::Serialize;
 
 use super::fds::FdPlan;
+use super::initramfs::Initramfs;
 use super::plan::Plan;
 use super::resources::Resources;
+use crate::guest_env::host_ca::{self, GuestTrust};
 use crate::net::plan::NetworkPlan;
 
 /// What an environment value is shown as.
@@ -22,6 +24,11 @@ pub struct PlanReport {
     /// The QEMU program and its arguments.
     pub qemu: String,
     pub qemu_args: Vec<String>,
+    /// The start of `qemu_args` that sets up the machine, accelerator, CPUs,
+    /// memory and sandbox (no kernel, no devices): what a baseline VM shares.
+    pub qemu_machine_args: Vec<String>,
+    /// The kernel QEMU boots.
+    pub kernel: String,
     pub kernel_cmdline: String,
     pub accel: String,
     /// Guest RAM as given to QEMU, in MiB.
@@ -32,11 +39,64 @@ pub struct PlanReport {
     pub shares: Vec<ShareReport>,
     /// The sandboxed clone (`--clone`), whose disk is /work.
     pub sandbox: Option<SandboxReport>,
+    pub image: ImageReport,
     pub initramfs_bytes: usize,
     /// The launcher's time from its start to the plan, in milliseconds.
     pub plan_ms: f64,
-    /// The launch spec, its environment's values redacted.
+    pub trust: TrustReport,
+    /// The launch spec, its environment's values redacted and its
+    /// certificates left out (see `trust`).
     pub spec: LaunchSpec,
+}
+
+/// The CA certificates the guest trusts.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrustReport {
+    /// The host's public roots, making up the guest's bundle (0: the
+    /// image's bundle stays).
+    pub public_roots: usize,
+    /// The names of the others (the host's company or local CAs, the
+    /// instance CA), which join it.
+    pub extra: Vec<String>,
+}
+
+impl TrustReport {
+    fn new(trust: &GuestTrust) -> TrustReport {
+        TrustReport { public_roots: trust.public.len(), extra: trust.extra.iter().map(host_ca::display_name).collect() }
+    }
+}
+
+impl fmt::Display for TrustReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.public_roots {
+            0 => write!(f, "the image's public roots")?,
+            n => write!(f, "the host's {n} public roots")?,
+        }
+        match self.extra.as_slice() {
+            [] => Ok(()),
+            [one] => write!(f, " + {one}"),
+            more => write!(f, " + {} other CAs (`agentvm doctor` names them)", more.len()),
+        }
+    }
+}
+
+/// The image the launch boots.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageReport {
+    pub dir: String,
+    /// The compressed kernel (bzImage), whether or not it is the one booted.
+    pub bzimage: String,
+    /// The boot modules the initramfs holds, in load order.
+    pub boot_modules: Vec<ModuleReport>,
+}
+
+/// A boot module: the initramfs holds the first `unsigned_len` bytes of
+/// `path` (the module without its appended signature).
+#[derive(Debug, Clone, Serialize)]
+pub struct ModuleReport {
+    pub file: String,
+    pub path: String,
+    pub unsigned_len: usize,
 }
 
 /// One share, for printing.
@@ -62,15 +122,18 @@ pub struct SandboxReport {
 }
 
 impl PlanReport {
-    pub fn new(plan: &Plan, res: &Resources, initramfs_bytes: usize, elapsed: Duration) -> PlanReport {
+    pub fn new(plan: &Plan, res: &Resources, initramfs: &Initramfs, elapsed: Duration) -> PlanReport {
         let lossy = |s: &std::ffi::OsStr| s.to_string_lossy().into_owned();
         let mut spec = plan.spec.clone();
+        spec.ca_trust = Default::default();
         for (_, value) in &mut spec.env {
             *value = REDACTED.into();
         }
         PlanReport {
             qemu: res.qemu.display().to_string(),
             qemu_args: plan.qemu_args().iter().map(|a| lossy(a)).collect(),
+            qemu_machine_args: crate::vm::qemu_machine_args(&plan.vm).iter().map(|a| lossy(a)).collect(),
+            kernel: plan.vm.kernel.display().to_string(),
             kernel_cmdline: plan.vm.cmdline.clone(),
             accel: plan.vm.accel.to_string(),
             memory_mib: plan.vm.memory_mib,
@@ -95,8 +158,22 @@ impl PlanReport {
                 branch: s.base.branch.clone(),
                 commit: s.base.commit.clone(),
             }),
-            initramfs_bytes,
+            image: ImageReport {
+                dir: res.image.dir.display().to_string(),
+                bzimage: res.image.bzimage().display().to_string(),
+                boot_modules: initramfs
+                    .modules
+                    .iter()
+                    .map(|m| ModuleReport {
+                        file: m.file.clone(),
+                        path: m.path.display().to_string(),
+                        unsigned_len: m.unsigned_len,
+                    })
+                    .collect(),
+            },
+            initramfs_bytes: initramfs.bytes.len(),
             plan_ms: elapsed.as_secs_f64() * 1000.0,
+            trust: TrustReport::new(&res.trust),
             spec,
         }
     }
@@ -146,6 +223,7 @@ impl fmt::Display for PlanReport {
             let mode = if s.read_only { "ro" } else { "rw" };
             writeln!(f, "share         {} {} -> {} ({mode}, cache {})", s.tag, s.host_dir, s.guest_path, s.cache)?;
         }
+        writeln!(f, "image         {}", self.image.dir)?;
         if let Some(s) = &self.sandbox {
             let from = format!("{} at {}", s.branch.as_deref().unwrap_or("detached HEAD"), s.commit);
             let when = if s.new { format!("new: a clone of {from}") } else { "existing".into() };
@@ -154,6 +232,7 @@ impl fmt::Display for PlanReport {
         writeln!(f, "modules       {}", self.spec.modules.join(" "))?;
         let env: Vec<&str> = self.spec.env.iter().map(|(name, _)| name.as_str()).collect();
         writeln!(f, "environment   {} (values redacted)", env.join(" "))?;
+        writeln!(f, "trusted CAs   {}", self.trust)?;
         writeln!(f, "kernel        {}", self.kernel_cmdline)?;
         write!(f, "qemu          {}", self.qemu)?;
         for arg in &self.qemu_args {
@@ -180,6 +259,9 @@ fn write_network(f: &mut fmt::Formatter<'_>, net: &NetworkPlan) -> fmt::Result {
     if !net.host_ports.is_empty() {
         write!(f, ", host ports {:?}", net.host_ports)?;
     }
+    if let Some(hp) = &net.host_proxy {
+        write!(f, ", host proxy {hp}")?;
+    }
     if !net.published.is_empty() {
         let ports: Vec<String> = net.published.iter().map(ToString::to_string).collect();
         write!(f, ", published {} via {}", ports.join(" "), serde_name(net.published_via))?;
@@ -190,12 +272,19 @@ fn write_network(f: &mut fmt::Formatter<'_>, net: &NetworkPlan) -> fmt::Result {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::launch::initramfs::PackedModule;
     use crate::launch::plan::tests::{plan, resources, settings};
 
     fn report() -> PlanReport {
         let s = settings();
         let res = resources(&s);
-        PlanReport::new(&plan(&s, &res), &res, 8192, Duration::from_micros(12_345))
+        let module = PackedModule {
+            file: "virtio_mmio.ko".into(),
+            path: "/img/modules/virtio_mmio.ko".into(),
+            unsigned_len: 4000,
+        };
+        let initramfs = Initramfs { bytes: vec![0; 8192], modules: vec![module] };
+        PlanReport::new(&plan(&s, &res), &res, &initramfs, Duration::from_micros(12_345))
     }
 
     #[test]
@@ -210,6 +299,7 @@ mod tests {
         assert!(text.contains("network       open: passt (/usr/bin/passt)"), "{text}");
         assert!(text.contains("share         work /p/project -> /work (rw, cache auto)"), "{text}");
         assert!(text.contains("kernel        console=ttyS0"), "{text}");
+        assert!(text.contains("image         /img\n"), "{text}");
         assert!(text.contains("-append 'console=ttyS0 "), "{text}");
         assert!(
             text.contains("qemu          /usr/bin/qemu-system-x86_64 \\\n                -name agentvm-0123456789ab"),
@@ -231,7 +321,9 @@ mod tests {
             base: RepoBase { branch: Some("main".into()), commit: "c0ffee".into() },
         };
         let res = Resources { sandbox: Some(sandbox), ..resources(&s) };
-        let text = PlanReport::new(&plan(&s, &res), &res, 1, Duration::ZERO).to_string();
+        let text =
+            PlanReport::new(&plan(&s, &res), &res, &Initramfs { bytes: vec![0], modules: Vec::new() }, Duration::ZERO)
+                .to_string();
         for part in [
             "share         work /p/project -> /agentvm/host (ro, cache auto)",
             "share         export /data/sandboxes/project-0/fix-1/export -> /agentvm/export (rw, cache auto)",
@@ -244,6 +336,28 @@ mod tests {
     }
 
     #[test]
+    fn the_trust_store_is_summed_up_not_dumped() {
+        let s = settings();
+        let mut res = resources(&s);
+        assert!(report().to_string().contains("trusted CAs   the image's public roots\n"));
+        let company = host_ca::tests::ca_named("Example Company Inspection CA");
+        res.trust = GuestTrust { public: vec![company.clone(); 3], extra: vec![company.clone()] };
+        let initramfs = Initramfs { bytes: vec![0; 4096], modules: Vec::new() };
+        let report = PlanReport::new(&plan(&s, &res), &res, &initramfs, Duration::ZERO);
+        assert!(
+            report.to_string().contains("trusted CAs   the host's 3 public roots + Example Company Inspection CA\n"),
+            "{report}"
+        );
+        let json = report.to_json();
+        assert!(!json.contains("BEGIN CERTIFICATE"), "{json}");
+        let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(json["trust"], serde_json::json!({ "public_roots": 3, "extra": ["Example Company Inspection CA"] }));
+        res.trust.extra = vec![company; 2];
+        let report = PlanReport::new(&plan(&s, &res), &res, &initramfs, Duration::ZERO);
+        assert!(report.to_string().contains(" + 2 other CAs (`agentvm doctor` names them)\n"), "{report}");
+    }
+
+    #[test]
     fn json_has_the_argv_and_the_fds_and_redacts_the_environment() {
         let json: serde_json::Value = serde_json::from_str(&report().to_json()).unwrap();
         assert_eq!(json["accel"], "tcg");
@@ -253,6 +367,17 @@ mod tests {
         assert_eq!(json["initramfs_bytes"], 8192);
         assert!(json["qemu_args"].as_array().unwrap().iter().any(|a| a == "-kernel"));
         assert!(json["kernel_cmdline"].as_str().unwrap().contains("rdinit=/init"));
+        assert_eq!(json["kernel"], "/img/vmlinuz");
+        assert_eq!(json["image"]["dir"], "/img");
+        assert_eq!(json["image"]["bzimage"], "/img/vmlinuz");
+        assert_eq!(
+            json["image"]["boot_modules"],
+            serde_json::json!([{ "file": "virtio_mmio.ko", "path": "/img/modules/virtio_mmio.ko", "unsigned_len": 4000 }])
+        );
+        // The machine part is where the whole command line starts.
+        let (machine, all) = (json["qemu_machine_args"].as_array().unwrap(), json["qemu_args"].as_array().unwrap());
+        assert!(machine.iter().any(|a| a == "-accel") && all.starts_with(machine), "{machine:?}");
+        assert!(!machine.iter().any(|a| a == "-kernel"), "{machine:?}");
         assert_eq!(json["spec"]["env"][0], serde_json::json!(["API_KEY", REDACTED]));
         assert!(!json.to_string().contains("s3cr3t"));
     }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::config::Settings;
 use crate::guest_env::cri;
 use crate::guest_env::devshell::{self, DevShell};
+use crate::guest_env::host_ca::{self, GuestTrust};
 use crate::image::{self, Image, Store};
 use crate::net::plan::NetworkPlan;
 use crate::net::shield::{self, Shield};
@@ -64,8 +65,9 @@ pub struct Resources {
     /// The program's environment: the settings', with the dev shell's and
     /// with shielded keys swapped for placeholders.
     pub env: Vec<(String, String)>,
-    /// The instance CA the guest trusts (`--shield-secrets`).
-    pub ca_pem: Option<String>,
+    /// The CA certificates the guest trusts: the host's (`--host-ca`) and
+    /// the instance CA of `--shield-secrets`.
+    pub trust: GuestTrust,
     /// The project's (or the sandbox's) container disk, when container
     /// runtimes run.
     pub cri_disk: Option<PathBuf>,
@@ -115,6 +117,7 @@ impl Resources {
             settings.net_backend,
             &settings.ports,
             &settings.host_ports,
+            settings.host_proxy.as_ref(),
             net::find_passt(),
         )?;
         if let Some(w) = net_warning {
@@ -125,6 +128,8 @@ impl Resources {
             None => settings.guest_env.vars.clone(),
         };
         let (env, shield) = shield_secrets(settings, env, warn)?;
+        let host_cas = host_ca::for_launch(settings.host_ca, &|var| std::env::var(var).ok(), warn);
+        let trust = GuestTrust::new(host_cas.as_ref(), shield.as_ref().map(|s| s.ca_der()));
         let tty = sys::interactive();
         let resources = Resources {
             qemu,
@@ -136,7 +141,7 @@ impl Resources {
             layers,
             nix_store: devshell.and_then(|d| d.nix_store),
             network,
-            ca_pem: shield.as_ref().map(|s| s.ca_pem().to_string()),
+            trust,
             env,
             cri_disk: cri_disk_path(settings, sandbox.as_ref())?,
             sandbox,

@@ -144,7 +144,10 @@ fn start_forwarding(net: &NetworkPlan, egress: Egress<'_>, dir: &Path) -> Result
     }
     let routes = forwarding::Routes {
         host_ports: net.host_ports.clone(),
-        proxy: net.proxy.then(|| egress::Proxy::new(egress.allow.clone(), egress.shield, &egress::log_path(dir))),
+        proxy: net.proxy.then(|| {
+            egress::Proxy::new(egress.allow.clone(), egress.shield, &egress::log_path(dir))
+                .through(net.upstream_proxy())
+        }),
         published: forwarding::bind_published(net.channel_published()).map_err(os("listen on a published port"))?,
     };
     let (ours, theirs) = sys::socketpair().map_err(os("socketpair"))?;

@@ -10,7 +10,7 @@
 //! to connect through.
 
 use std::io::{self, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,6 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::instance::console_log::{self, RotatingLog};
+use crate::net::dns::{DnsError, Resolver};
+use crate::net::host_proxy::{HostProxy, HostProxyError, ProxyUrl};
 use crate::net::http::{self, authority, BodyKind, HttpError, Peer, RequestHead, BODY_IDLE, HEAD_DEADLINE};
 use crate::net::shield::Shield;
 // The settings and the launch name these through the proxy's module.
@@ -61,7 +63,7 @@ pub enum ProxyError {
     #[error("egress to {host} is not allowed: {}", not_allowed_hint(.host))]
     NotAllowed { host: String },
     #[error("cannot resolve {host}: {source}")]
-    Resolve { host: String, source: io::Error },
+    Resolve { host: String, source: DnsError },
     #[error("{host} has no address")]
     NoAddress { host: String },
     #[error(
@@ -72,6 +74,8 @@ pub enum ProxyError {
     NotPublic { host: String, ip: IpAddr },
     #[error("cannot connect to {host}:{port}: {source}")]
     Connect { host: String, port: u16, source: io::Error },
+    #[error(transparent)]
+    HostProxy(#[from] HostProxyError),
 }
 
 impl ProxyError {
@@ -81,7 +85,10 @@ impl ProxyError {
             ProxyError::ReadRequest(HttpError::Timeout(_)) => 408,
             ProxyError::Http(HttpError::BodyTooLarge(_)) => 413,
             ProxyError::NotPublic { .. } | ProxyError::NotAllowed { .. } => 403,
-            ProxyError::Resolve { .. } | ProxyError::NoAddress { .. } | ProxyError::Connect { .. } => 502,
+            ProxyError::Resolve { .. }
+            | ProxyError::NoAddress { .. }
+            | ProxyError::Connect { .. }
+            | ProxyError::HostProxy(_) => 502,
             _ => 400,
         }
     }
@@ -177,6 +184,10 @@ pub enum Destination {
 }
 
 impl Destination {
+    fn is_tunnel(&self) -> bool {
+        matches!(self, Destination::Tunnel { .. })
+    }
+
     fn host_port(&self) -> (&str, u16) {
         match self {
             Destination::Tunnel { host, port } | Destination::Http { host, port, .. } => (host, *port),
@@ -276,7 +287,17 @@ pub struct Proxy {
     shield: Option<Arc<Shield>>,
     log: Arc<Mutex<Option<RotatingLog>>>,
     resolve: Arc<Vec<(String, IpAddr)>>,
+    /// The host's proxy, which upstream connections go through.
+    host_proxy: Option<Arc<HostProxy>>,
     active: Arc<AtomicUsize>,
+}
+
+/// The connection to a destination: straight to it, or to the host's
+/// proxy (`via`) for a plain HTTP request that names the whole URL. A
+/// tunnel through the host's proxy is straight to its end once set up.
+struct Upstream {
+    stream: TcpStream,
+    via: Option<ProxyUrl>,
 }
 
 /// Parses [`RESOLVE_ENV`]'s `name=address,...`; bad entries are skipped.
@@ -308,8 +329,16 @@ impl Proxy {
             shield,
             log: Arc::new(Mutex::new(log)),
             resolve: Arc::new(resolve),
+            host_proxy: None,
             active: Arc::default(),
         }
+    }
+
+    /// Connects upstream through `host_proxy` (the host's HTTP proxy), for
+    /// the targets its NO_PROXY does not name.
+    pub fn through(mut self, host_proxy: Option<HostProxy>) -> Proxy {
+        self.host_proxy = host_proxy.map(Arc::new);
+        self
     }
 
     /// A new client connection: the proxy serves it on a thread of its own
@@ -353,9 +382,13 @@ impl Proxy {
         if !self.allow.allows(host) {
             return self.refuse(&mut client.stream, &what, &ProxyError::NotAllowed { host: host.to_string() });
         }
-        let upstream = match self.dial(host, port) {
+        let Upstream { stream: upstream, via } = match self.open(&dest) {
             Ok(u) => u,
             Err(e) => return self.refuse(&mut client.stream, &what, &e),
+        };
+        let what = match self.host_proxy.as_ref().and_then(|h| h.for_target(dest.is_tunnel(), host, port)) {
+            Some(p) => format!("{what} via {p}"),
+            None => what,
         };
         match &dest {
             Destination::Tunnel { .. } if self.shield.as_ref().is_some_and(|s| s.covers(host)) => {
@@ -369,7 +402,9 @@ impl Proxy {
                 }
             }
             Destination::Tunnel { .. } => self.tunnel(client, upstream, host, &what),
-            Destination::Http { path, .. } => self.forward(client, &head, upstream, (host, port, path), &what),
+            Destination::Http { path, .. } => {
+                self.forward(client, &head, Upstream { stream: upstream, via }, (host, port, path), &what)
+            }
         }
     }
 
@@ -397,7 +432,7 @@ impl Proxy {
         &self,
         mut client: Peer<UnixStream>,
         head: &RequestHead,
-        upstream: TcpStream,
+        upstream: Upstream,
         to: (&str, u16, &str),
         what: &str,
     ) {
@@ -410,7 +445,10 @@ impl Proxy {
             Err(e) => return self.refuse(&mut client.stream, what, &e.into()),
         };
         self.note(&format!("ALLOW {what}"));
-        let mut out = format!("{} {path} HTTP/1.1\r\n", head.method).into_bytes();
+        let mut out = match &upstream.via {
+            Some(proxy) => proxy.request_line(&head.method, host, port, path),
+            None => format!("{} {path} HTTP/1.1\r\n", head.method).into_bytes(),
+        };
         http::put_header(&mut out, "Host", authority(host, port, 80).as_bytes());
         for h in head.headers.iter().filter(|h| !http::is_hop_header(h) && !h.is("host")) {
             http::put_header(&mut out, &h.name, &h.value);
@@ -420,7 +458,7 @@ impl Proxy {
         if http::expects_continue(head) && client.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err() {
             return;
         }
-        let mut up = upstream;
+        let mut up = upstream.stream;
         let _ = client.stream.set_read_timeout(Some(BODY_IDLE));
         let sent = up
             .write_all(&out)
@@ -429,8 +467,11 @@ impl Proxy {
         if let Err(e) = sent {
             return self.note(&format!("FAIL {what}: sending the request: {e}"));
         }
-        if let Err(e) = relay_response(Peer::new(up), &head.method, &mut client.stream) {
-            self.note(&format!("FAIL {what}: relaying the response: {e}"));
+        let via = upstream.via.as_ref().map(|p| (p, format!("{} {host}:{port}", head.method)));
+        match relay_response(Peer::new(up), &head.method, &mut client.stream, via) {
+            Ok(()) => {}
+            Err(e @ ProxyError::HostProxy(_)) => return self.refuse(&mut client.stream, what, &e),
+            Err(e) => self.note(&format!("FAIL {what}: relaying the response: {e}")),
         }
         // The client sees the end at once; what it sent after is only logged.
         let _ = client.stream.shutdown(Shutdown::Write);
@@ -457,16 +498,35 @@ impl Proxy {
         ));
     }
 
-    /// Resolves `host` and connects to the first address that answers,
-    /// never to a loopback, private or otherwise non-public one (checked on
-    /// the addresses actually dialled, so DNS rebinding gains nothing).
+    /// The connection for `dest`: through the host's proxy unless there is
+    /// none or its NO_PROXY names the target (the host's proxy then
+    /// resolves the name and dials), else straight to it ([`Proxy::dial`]).
+    fn open(&self, dest: &Destination) -> Result<Upstream, ProxyError> {
+        let (host, port) = dest.host_port();
+        let Some(proxy) = self.host_proxy.as_ref().and_then(|h| h.for_target(dest.is_tunnel(), host, port)) else {
+            return Ok(Upstream { stream: self.dial(host, port)?, via: None });
+        };
+        let resolver = Resolver::system();
+        Ok(match dest {
+            Destination::Tunnel { .. } => Upstream { stream: proxy.tunnel(&resolver, host, port)?, via: None },
+            Destination::Http { .. } => Upstream { stream: proxy.connect(&resolver)?, via: Some(proxy.clone()) },
+        })
+    }
+
+    /// Resolves `host` (with agentvm's own resolver: /etc/hosts, then
+    /// resolv.conf's name servers) and connects to the first address that
+    /// answers, never to a loopback, private or otherwise non-public one
+    /// (checked on the addresses actually dialled, so DNS rebinding gains
+    /// nothing).
     fn dial(&self, host: &str, port: u16) -> Result<TcpStream, ProxyError> {
         let addrs: Vec<SocketAddr> = match self.resolve.iter().find(|(n, _)| n == host) {
             Some((_, ip)) => vec![SocketAddr::new(*ip, port)],
             None => {
-                let all: Vec<SocketAddr> = (host, port)
-                    .to_socket_addrs()
+                let all: Vec<SocketAddr> = Resolver::system()
+                    .lookup(host)
                     .map_err(|source| ProxyError::Resolve { host: host.to_string(), source })?
+                    .into_iter()
+                    .map(|ip| SocketAddr::new(ip, port))
                     .collect();
                 let public: Vec<SocketAddr> = all.iter().copied().filter(|a| non_public(a.ip()).is_none()).collect();
                 if public.is_empty() {
@@ -501,7 +561,15 @@ impl Proxy {
 /// Copies the response to a `method` request: its head with `Connection:
 /// close`, then its body, to its end (a server may keep the connection
 /// open although it was asked to close it).
-fn relay_response(mut up: Peer<TcpStream>, method: &str, client: &mut UnixStream) -> Result<(), HttpError> {
+///
+/// Through the host's proxy (`via`, with what was asked of it), its asking
+/// for credentials (407) is its refusal, not the server's answer.
+fn relay_response(
+    mut up: Peer<TcpStream>,
+    method: &str,
+    client: &mut UnixStream,
+    via: Option<(&ProxyUrl, String)>,
+) -> Result<(), ProxyError> {
     let head = loop {
         let head = up.read_head(http::parse_response, None)?;
         // Interim responses (the request's Expect was answered here).
@@ -509,8 +577,11 @@ fn relay_response(mut up: Peer<TcpStream>, method: &str, client: &mut UnixStream
             break head;
         }
     };
+    if let Some((proxy, what)) = via.filter(|_| head.code == 407) {
+        return Err(proxy.refused(&what, head.code, &head.reason).into());
+    }
     let kind = http::response_body(&head, method)?;
-    client.write_all(&http::response_head_to_pass_on(&head, kind))?;
+    client.write_all(&http::response_head_to_pass_on(&head, kind)).map_err(HttpError::from)?;
     http::copy_body(&mut up, client, kind, None, &[])?;
     Ok(())
 }
@@ -537,6 +608,7 @@ pub fn log_path(instance_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::host_proxy::tests::company_proxy;
     use std::io::Read;
     use std::net::TcpListener;
 
@@ -615,6 +687,89 @@ mod tests {
         let mut p = Proxy::new(AllowList::default(), None, &log_path(dir.path()));
         p.resolve = Arc::new(Vec::new());
         (p, dir)
+    }
+
+    /// A proxy allowing `allowed.test` and `direct.test`, through the host
+    /// proxy at `port` (with credentials for HTTPS) except for
+    /// `direct.test`, which the test override maps to loopback.
+    fn chained_proxy(port: u16) -> (Proxy, tempfile::TempDir) {
+        let (p, dir) = proxy();
+        let allow = AllowList::new(&["allowed.test".into(), "direct.test".into()]).unwrap();
+        let vars = [
+            ("HTTPS_PROXY", format!("http://me:pw@127.0.0.1:{port}")),
+            ("HTTP_PROXY", format!("http://127.0.0.1:{port}")),
+            ("NO_PROXY", "direct.test".to_string()),
+        ];
+        let host_proxy = HostProxy::from_env(&|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())).unwrap();
+        let mut p = Proxy { allow: Arc::new(allow), ..p }.through(host_proxy);
+        p.resolve = Arc::new(parse_resolve("direct.test=127.0.0.1"));
+        (p, dir)
+    }
+
+    /// What the guest gets back for `request` (and `then`, sent once the
+    /// proxy answered).
+    fn exchange(p: &Proxy, request: &[u8], then: &[u8]) -> String {
+        let mut guest = p.connect().unwrap();
+        guest.write_all(request).unwrap();
+        if !then.is_empty() {
+            let mut established = [0u8; 39];
+            guest.read_exact(&mut established).unwrap();
+            assert!(established.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&established));
+            guest.write_all(then).unwrap();
+            guest.shutdown(Shutdown::Write).unwrap();
+        }
+        let mut answer = String::new();
+        let _ = guest.read_to_string(&mut answer);
+        answer
+    }
+
+    #[test]
+    fn connections_go_through_the_host_proxy_unless_no_proxy_names_them() {
+        let (port, seen) = company_proxy("HTTP/1.1 200 OK");
+        let direct = agentvm_testkit::servers::http_server("DIRECT");
+        let (p, dir) = chained_proxy(port);
+        exchange(&p, b"CONNECT allowed.test:443 HTTP/1.1\r\n\r\n", &client_hello(Some("allowed.test")));
+        let plain = exchange(&p, b"GET http://allowed.test/x HTTP/1.1\r\nProxy-Authorization: guest\r\n\r\n", b"");
+        assert!(plain.ends_with("FROM-THE-PROXY"), "{plain}");
+        let straight = exchange(&p, format!("GET http://direct.test:{direct}/ HTTP/1.1\r\n\r\n").as_bytes(), b"");
+        assert!(straight.ends_with("DIRECT"), "NO_PROXY names it: {straight}");
+        let denied = exchange(&p, b"GET http://denied.test/ HTTP/1.1\r\n\r\n", b"");
+        assert!(denied.starts_with("HTTP/1.1 403"), "the allow list decides first: {denied}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while seen.lock().unwrap().len() < 3 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                "CONNECT allowed.test:443 auth=Basic bWU6cHc=",
+                "tunnel starts with 0x16",
+                "GET http://allowed.test/x" // the guest's own credentials are dropped
+            ]
+        );
+        let log = std::fs::read_to_string(log_path(dir.path())).unwrap();
+        assert!(log.contains(&format!("ALLOW CONNECT allowed.test:443 via http://127.0.0.1:{port} (from HTTPS_PROXY)")));
+        assert!(log.contains(&format!("ALLOW GET allowed.test:80 via http://127.0.0.1:{port} (from HTTP_PROXY)")));
+        assert!(log.contains(&format!("ALLOW GET direct.test:{direct}\n")), "{log}");
+    }
+
+    #[test]
+    fn the_host_proxy_refusing_or_absent_is_a_502_that_says_so() {
+        let (port, _) = company_proxy("HTTP/1.1 407 Proxy Authentication Required");
+        let (p, dir) = chained_proxy(port);
+        let tunnel = exchange(&p, b"CONNECT allowed.test:443 HTTP/1.1\r\n\r\n", b"");
+        let refused = format!("the host proxy http://127.0.0.1:{port} (from HTTPS_PROXY) refused CONNECT allowed.test:443: 407 Proxy Authentication Required");
+        assert!(tunnel.starts_with("HTTP/1.1 502") && tunnel.contains(&refused), "{tunnel}");
+        let plain = exchange(&p, b"GET http://allowed.test/ HTTP/1.1\r\n\r\n", b"");
+        assert!(plain.starts_with("HTTP/1.1 502") && plain.contains("refused GET allowed.test:80: 407"), "{plain}");
+        let log = std::fs::read_to_string(log_path(dir.path())).unwrap();
+        assert!(log.contains(&format!("DENY CONNECT allowed.test:443 ({refused})")), "{log}");
+        assert!(!log.contains("pw") && !log.contains("bWU6cHc"), "credentials in the log: {log}");
+
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (p, _dir) = chained_proxy(closed);
+        let absent = exchange(&p, b"CONNECT allowed.test:443 HTTP/1.1\r\n\r\n", b"");
+        assert!(absent.starts_with("HTTP/1.1 502") && absent.contains("cannot connect to the host proxy"), "{absent}");
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! which cannot close it), and published ports.
 
 pub mod allow;
+pub mod dns;
 pub mod egress;
 pub mod forwarding;
+pub mod host_proxy;
 pub mod http;
 pub mod plan;
 pub mod shield;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use agentvm_proto::Network;
 
+use super::host_proxy::HostProxy;
 use super::{egress, NetBackend, NetError, NetworkMode, PortSpec, Stack};
 
 /// What is behind the guest's network interface.
@@ -40,8 +41,15 @@ pub struct NetworkPlan {
     pub interface: Interface,
     /// The allow-listing egress proxy, reached over the forwarding channel.
     pub proxy: bool,
-    /// Host loopback ports the guest may reach over the forwarding channel.
+    /// Host loopback ports the guest may reach over the forwarding channel
+    /// (the user's, and a host proxy's on loopback under open).
     pub host_ports: Vec<u16>,
+    /// The host's HTTP proxy: handed to the guest (open), or what the
+    /// egress proxy connects through (allow).
+    pub host_proxy: Option<HostProxy>,
+    /// The guest's proxy variables for the host's proxy (open).
+    #[serde(skip)]
+    host_proxy_env: Vec<(String, String)>,
     /// Published ports and the path they take.
     pub published: Vec<PortSpec>,
     pub published_via: PortPath,
@@ -54,14 +62,15 @@ impl Interface {
 }
 
 impl NetworkPlan {
-    /// Decides the network for `mode` and `backend`, given where passt is
-    /// (if installed). Returns a warning when the choice leaves the host's
-    /// loopback open to the guest.
+    /// Decides the network for `mode` and `backend`, given the host's
+    /// proxy and where passt is (if installed). Returns a warning when the
+    /// choice leaves the host's loopback open to the guest.
     pub fn decide(
         mode: NetworkMode,
         backend: NetBackend,
         published: &[PortSpec],
         host_ports: &[u16],
+        host_proxy: Option<&HostProxy>,
         passt: Option<PathBuf>,
     ) -> Result<(NetworkPlan, Option<String>), NetError> {
         let (interface, warning) = match mode {
@@ -80,11 +89,21 @@ impl NetworkPlan {
             // Checked now, so the plan's QEMU command line cannot fail.
             super::slirp_netdev(published)?;
         }
+        let host_proxy = host_proxy.filter(|_| mode != NetworkMode::None).cloned();
+        let mut host_ports = host_ports.to_vec();
+        let mut host_proxy_env = Vec::new();
+        if let (Some(hp), NetworkMode::Open) = (&host_proxy, mode) {
+            let (env, ports) = hp.guest_view(agentvm_proto::forward::HOST_NAME);
+            host_ports.extend(ports.into_iter().filter(|p| !host_ports.contains(p)).collect::<Vec<_>>());
+            host_proxy_env = env;
+        }
         let plan = NetworkPlan {
             mode,
             interface,
             proxy: mode == NetworkMode::Allow,
-            host_ports: host_ports.to_vec(),
+            host_ports,
+            host_proxy,
+            host_proxy_env,
             published: published.to_vec(),
             published_via,
         };
@@ -129,13 +148,19 @@ impl NetworkPlan {
         self.channel_published().iter().map(|p| p.guest_port).collect()
     }
 
-    /// The program's environment for this network (the proxy's variables).
+    /// The program's environment for this network: the egress proxy's
+    /// variables (allow) or the host proxy's (open).
     pub fn guest_env(&self) -> Vec<(String, String)> {
         if self.proxy {
             egress::guest_env()
         } else {
-            Vec::new()
+            self.host_proxy_env.clone()
         }
+    }
+
+    /// What the egress proxy connects through (allow only).
+    pub fn upstream_proxy(&self) -> Option<HostProxy> {
+        self.host_proxy.clone().filter(|_| self.proxy)
     }
 
     /// QEMU's `-netdev` value, with passt on QEMU's inherited fd `passt_fd`.
@@ -158,7 +183,7 @@ mod tests {
 
     fn decide(mode: NetworkMode, backend: NetBackend, passt: bool) -> NetworkPlan {
         let passt = passt.then(|| PathBuf::from("/usr/bin/passt"));
-        NetworkPlan::decide(mode, backend, &[port("8080:80")], &[5432], passt).unwrap().0
+        NetworkPlan::decide(mode, backend, &[port("8080:80")], &[5432], None, passt).unwrap().0
     }
 
     #[test]
@@ -176,12 +201,12 @@ mod tests {
     #[test]
     fn slirp_publishes_with_hostfwd_and_warns() {
         let (plan, warning) =
-            NetworkPlan::decide(NetworkMode::Open, NetBackend::Auto, &[port("8080:80")], &[], None).unwrap();
+            NetworkPlan::decide(NetworkMode::Open, NetBackend::Auto, &[port("8080:80")], &[], None, None).unwrap();
         assert_eq!(plan.interface, Interface::Slirp);
         assert!(warning.unwrap().contains("loopback"));
         assert!(plan.netdev(None).unwrap().contains("hostfwd=tcp:127.0.0.1:8080-10.0.2.15:80"));
         assert!(!plan.uses_channel());
-        let ipv6 = NetworkPlan::decide(NetworkMode::Open, NetBackend::Slirp, &[port("[::1]:8080:80")], &[], None);
+        let ipv6 = NetworkPlan::decide(NetworkMode::Open, NetBackend::Slirp, &[port("[::1]:8080:80")], &[], None, None);
         assert!(matches!(ipv6, Err(NetError::SlirpIpv6 { .. })));
     }
 
@@ -199,7 +224,7 @@ mod tests {
 
     #[test]
     fn no_network_has_no_interface_and_only_the_users_host_ports() {
-        let plan = NetworkPlan::decide(NetworkMode::None, NetBackend::Auto, &[], &[], None).unwrap().0;
+        let plan = NetworkPlan::decide(NetworkMode::None, NetBackend::Auto, &[], &[], None, None).unwrap().0;
         assert!(!plan.has_interface() && !plan.uses_channel());
         assert!(plan.guest_host_ports().is_empty() && plan.guest_env().is_empty());
     }

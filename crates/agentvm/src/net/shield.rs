@@ -123,19 +123,6 @@ fn relay_io(what: &'static str) -> impl FnOnce(io::Error) -> ShieldError {
     move |e| relay(what)(e.into())
 }
 
-/// The guest environment that makes common tools trust the instance CA
-/// (Node does not read the system bundle; Python's requests has its own).
-pub fn guest_env() -> Vec<(String, String)> {
-    vec![
-        ("NODE_EXTRA_CA_CERTS".into(), agentvm_proto::spec::EXTRA_CA_PATH.into()),
-        ("REQUESTS_CA_BUNDLE".into(), GUEST_BUNDLE.into()),
-        ("SSL_CERT_FILE".into(), GUEST_BUNDLE.into()),
-    ]
-}
-
-/// The guest's system CA bundle, which the instance CA is appended to.
-pub const GUEST_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
-
 /// A placeholder for one secret: recognisable, unguessable (128 bits from
 /// getrandom), as long as a typical key so tools that check the format are
 /// less likely to balk.
@@ -290,6 +277,11 @@ impl Shield {
     /// The CA certificate (public) the guest must trust.
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
+    }
+
+    /// [`Shield::ca_pem`] as DER.
+    pub fn ca_der(&self) -> &CertificateDer<'static> {
+        &self.ca_der
     }
 
     /// Whether secrets may go to `host`.

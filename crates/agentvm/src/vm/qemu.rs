@@ -88,6 +88,16 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
     a.0
 }
 
+/// The part of [`qemu_args`] that sets up the machine, the accelerator,
+/// the CPUs, the memory and the sandbox, without a kernel or devices: what
+/// a baseline VM shares with agentvm's (bench/run reads it from
+/// `--print-plan --json`).
+pub fn qemu_machine_args(cfg: &VmConfig) -> Vec<OsString> {
+    let mut a = Args::default();
+    machine(&mut a, cfg);
+    a.0
+}
+
 /// The machine, accelerator, CPUs, memory and sandbox.
 fn machine(a: &mut Args, cfg: &VmConfig) {
     a.flag("-name").val(format!("{},debug-threads=on", cfg.name));
@@ -403,6 +413,20 @@ mod tests {
         assert_eq!(value_of(&args, "-add-fd"), ["fd=7,set=1,opaque=console"]);
         assert!(value_of(&args, "-chardev").contains(&"file,id=console,path=/dev/fdset/1,append=on".to_string()));
         assert_eq!(value_of(&args, "-serial"), ["chardev:console"]);
+    }
+
+    #[test]
+    fn machine_args_begin_the_command_line_and_hold_no_kernel_or_device() {
+        let c = cfg();
+        let machine: Vec<String> = qemu_machine_args(&c).into_iter().map(|a| a.into_string().unwrap()).collect();
+        let all = strings(&c);
+        assert_eq!(all[..machine.len()], machine[..]);
+        for flag in ["-machine", "-accel", "-cpu", "-smp", "-m", "-object", "-sandbox"] {
+            assert!(machine.iter().any(|a| a == flag), "{flag} missing in {machine:?}");
+        }
+        for flag in ["-kernel", "-initrd", "-append", "-device", "-drive", "-chardev", "-serial"] {
+            assert!(!machine.iter().any(|a| a == flag), "{flag} in {machine:?}");
+        }
     }
 
     #[test]
