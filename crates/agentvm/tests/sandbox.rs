@@ -63,7 +63,8 @@ fn project() -> Launch {
     l
 }
 
-/// `agentvm run --clone=NAME [flags] shell -- sh -c SCRIPT` in `l`'s project.
+/// `agentvm run --clone=NAME [flags] shell -- sh -c SCRIPT` in `l`'s
+/// project (`--clone` alone when NAME is empty).
 fn in_sandbox(l: &Launch, name: &str, flags: &[&str], script: &str) -> Output {
     l.agentvm(&sandbox_args(l, name, flags, script))
 }
@@ -71,7 +72,7 @@ fn in_sandbox(l: &Launch, name: &str, flags: &[&str], script: &str) -> Output {
 fn sandbox_args(l: &Launch, name: &str, flags: &[&str], script: &str) -> Vec<String> {
     let home = l.dirs.path().join("home").display().to_string();
     let mut args: Vec<String> = ["run", "--memory", "512M", "--cpus", "1", "--home", &home].map(String::from).into();
-    args.push(format!("--clone={name}"));
+    args.push(if name.is_empty() { "--clone".into() } else { format!("--clone={name}") });
     args.extend(flags.iter().map(|f| f.to_string()));
     args.extend(["shell", "--", "sh", "-c", script].map(String::from));
     args
@@ -156,10 +157,20 @@ fn the_agents_commit_and_uncommitted_work_come_back_as_its_branch_the_project_un
     let err = stderr(&out);
     assert!(err.contains("2 commits ahead of main, its uncommitted work as the last commit"), "{err}");
 
-    // The next run finds everything as it was left: files, index, branches.
-    let out = in_sandbox(&l, "t1", &[], "cd /work; git status --porcelain; git branch --format='%(refname:short)'");
+    // The user commits meanwhile (on a branch of its own: the work tree
+    // stays as it is).
+    let tree = git(&p, &["rev-parse", "HEAD^{tree}"]);
+    let later = git(&p, &["commit-tree", tree.trim(), "-p", "HEAD", "-m", "user: later"]);
+    git(&p, &["update-ref", "refs/heads/later", later.trim()]);
+    let before = untouched_state(&p);
+
+    // The next run finds everything as it was left: files, index, branches;
+    // and `git fetch host` brings the user's later commit.
+    let script = "cd /work; git status --porcelain; git branch --format='%(refname:short)'; \
+        git fetch -q host && git log --format=%s -1 host/later";
+    let out = in_sandbox(&l, "t1", &[], script);
     assert_ok(&out);
-    assert_eq!(stdout(&out), " M a.txt\n?? draft.txt\nagent-side\nmain\n");
+    assert_eq!(stdout(&out), " M a.txt\n?? draft.txt\nagent-side\nmain\nuser: later\n");
     assert_eq!(untouched_state(&p), before, "the project changed");
 }
 
@@ -178,6 +189,11 @@ fn two_sandboxes_of_a_project_run_at_once_and_one_sandbox_runs_once() {
     let listed = l.ps();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["sandbox"], "a");
+    let out = l.agentvm(&["sandbox", "ls", "--json"]);
+    assert_ok(&out);
+    let sandboxes: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let running = sandboxes.iter().map(|s| (s["name"].as_str().unwrap(), s["running"].as_bool())).collect::<Vec<_>>();
+    assert_eq!(running, [("a", Some(true))]);
 
     let out = in_sandbox(&l, "b", &[], "echo b > /work/b.txt");
     assert_ok(&out);
@@ -342,6 +358,33 @@ fn a_normal_user_gets_a_sandbox_and_its_branch_without_root() {
     let disk = std::fs::read_dir(l.data.join("agentvm/sandboxes")).unwrap().next().unwrap().unwrap().path();
     let meta = std::fs::metadata(disk.join("mine/disk.ext4")).unwrap();
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), uid);
+}
+
+#[test]
+#[ignore = "boots a VM: scripts/test runs it"]
+fn a_sandbox_without_a_name_gets_a_new_one_and_the_projects_dev_shell() {
+    require!(skip::tool("direnv"));
+    let l = project();
+    write(&l.work, ".envrc", "export DEVSHELL_GREETING='hello from direnv'\n");
+    let allowed = Command::new("direnv")
+        .args(["allow", "."])
+        .current_dir(&l.work)
+        .env("XDG_DATA_HOME", &l.data)
+        .env("XDG_CONFIG_HOME", l.dirs.path().join("config"))
+        .status()
+        .unwrap();
+    assert!(allowed.success());
+    let out = in_sandbox(&l, "", &["--devshell"], "echo \"greeting=$DEVSHELL_GREETING\" | tee /work/greeting.txt");
+    assert_ok(&out);
+    assert_eq!(stdout(&out), "greeting=hello from direnv\n");
+    let err = stderr(&out);
+    let name = err
+        .lines()
+        .find_map(|l| l.strip_prefix("agentvm: sandbox ")?.strip_suffix(")")?.split_once(" (its work comes back as "))
+        .map(|(name, _)| name.to_string());
+    let name = name.unwrap_or_else(|| panic!("no new sandbox's name in\n{err}"));
+    assert!(err.contains(&format!("sandbox {name}: branch agentvm/{name} made at")), "{err}");
+    assert_eq!(git(&l.work, &["show", &format!("agentvm/{name}:greeting.txt")]), "greeting=hello from direnv\n");
 }
 
 #[test]
