@@ -75,6 +75,16 @@ pub enum Error {
     /// A container runtime could not be set up or did not start.
     #[error("container runtimes: {0}")]
     Containers(String),
+    /// The sandbox's tool failed (`--clone`).
+    #[error("the sandbox's {step} failed:\n{output}{full}")]
+    Sandbox {
+        /// `prepare` or `export`.
+        step: String,
+        /// The end of the tool's error output.
+        output: String,
+        /// What to do when its disk is full, or nothing.
+        full: String,
+    },
     /// The launch spec holds a value the init cannot use.
     #[error("launch spec: {0}")]
     BadSpec(String),

@@ -17,6 +17,7 @@ mod port;
 mod power;
 mod program;
 mod relay;
+mod sandbox;
 mod session;
 mod sys;
 
@@ -62,6 +63,10 @@ fn run() -> Result<relay::Outcome> {
     // Before the container runtimes start: their daemons verify registries.
     console::step("install the trust store");
     etc::install_trust(Path::new("/"), &spec.ca_trust)?;
+    if let Some(s) = &spec.sandbox {
+        sandbox::mount(s, &spec.user)?;
+        sandbox::prepare(s, &spec.user)?;
+    }
     if let Some(c) = &spec.containers {
         containers::prepare(c, &spec.user)?;
         let env = containers::start(c, &spec.user)?;
@@ -79,6 +84,13 @@ fn run() -> Result<relay::Outcome> {
     let outcome = relay::run(&mut port, child, &sigchld, &mut exec)?;
     if let relay::Outcome::Exited(code) = outcome {
         console::step(&format!("program exited with {code}"));
+        if let Some(s) = &spec.sandbox {
+            // Before the exit status: the host reads the results once the VM is off.
+            if let Err(e) = sandbox::export(s, &spec.user) {
+                console::line(&e.to_string());
+                let _ = port.send(&Frame::Stderr(format!("agentvm-guest: {e}\n").into_bytes()));
+            }
+        }
         // The host may already be gone; powering off is all that is left either way.
         let _ = port.send(&Frame::Exit(code));
     } else {

@@ -275,6 +275,39 @@ pub fn monotonic() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// A file system's size and the space left to an unprivileged user, in
+/// bytes (statvfs(2)).
+pub fn fs_space(path: &Path) -> io::Result<(u64, u64)> {
+    let p = cstr(path)?;
+    // SAFETY: statvfs is plain data.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `p` is NUL-terminated and `st` is writable.
+    check(unsafe { libc::statvfs(p.as_ptr(), &mut st) })?;
+    let frsize = st.f_frsize as u64;
+    Ok((st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize))
+}
+
+/// BLKGETSIZE64: `_IOR(0x12, 114, size_t)`.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+/// EXT4_IOC_RESIZE_FS: `_IOW('f', 16, __u64)`.
+const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
+
+/// The size of the block device open at `fd`, in bytes.
+pub fn block_device_bytes(fd: RawFd) -> io::Result<u64> {
+    let mut bytes: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 into `bytes`.
+    check(unsafe { libc::ioctl(fd, BLKGETSIZE64, &mut bytes) })?;
+    Ok(bytes)
+}
+
+/// Grows the mounted ext4 file system of the directory open at `fd` to
+/// `blocks` blocks (online resize; the same count is a no-op).
+pub fn ext4_resize(fd: RawFd, blocks: u64) -> io::Result<()> {
+    // SAFETY: EXT4_IOC_RESIZE_FS reads one u64 from the pointer.
+    check(unsafe { libc::ioctl(fd, EXT4_IOC_RESIZE_FS, &blocks) })?;
+    Ok(())
+}
+
 /// chown(2) (follows symlinks).
 pub fn chown(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
     std::os::unix::fs::chown(path, Some(uid), Some(gid))

@@ -57,6 +57,10 @@ pub struct LaunchSpec {
     /// Container runtimes to start before the program, if any.
     #[serde(default)]
     pub containers: Option<Containers>,
+    /// A sandboxed clone of the project (`--clone`): /work is on its own
+    /// disk instead of the `work` share.
+    #[serde(default)]
+    pub sandbox: Option<Sandbox>,
     /// The unprivileged user the program runs as.
     pub user: User,
     /// Working directory of the program (normally `/work`).
@@ -121,6 +125,23 @@ pub struct Containers {
     pub runtimes: Vec<String>,
     /// The storage disk (an ext4 file system), e.g. `serial:agentvm-cri`.
     pub disk: String,
+}
+
+/// A sandboxed clone: its disk holds a git clone of the project, mounted at
+/// [`crate::guest::WORK`]; the project is shared read-only at
+/// [`crate::guest::SANDBOX_HOST_REPO`] and results go to
+/// [`crate::guest::SANDBOX_EXPORT`] (both in [`LaunchSpec::mounts`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sandbox {
+    /// The sandbox's name (its branch on the host is `agentvm/NAME`).
+    pub name: String,
+    /// Its disk (an ext4 file system), e.g. `serial:agentvm-work`.
+    pub disk: String,
+    /// The host's current branch, checked out on the first run; None when
+    /// the host's HEAD is detached.
+    pub branch: Option<String>,
+    /// The host's HEAD commit, the first run's starting point.
+    pub commit: String,
 }
 
 /// A virtiofs share.
@@ -199,6 +220,12 @@ mod tests {
                 extra: vec!["-----BEGIN CERTIFICATE-----\nEXTRA".into()],
             },
             containers: Some(Containers { runtimes: vec!["docker".into()], disk: "serial:agentvm-cri".into() }),
+            sandbox: Some(Sandbox {
+                name: "fix-1".into(),
+                disk: "serial:agentvm-work".into(),
+                branch: Some("main".into()),
+                commit: "0".repeat(40),
+            }),
             user: User { name: crate::guest::USER.into(), uid: 1000, gid: 1000, home: crate::guest::HOME.into() },
             cwd: crate::guest::WORK.into(),
             argv: vec!["sh".into(), "-c".into(), "exit 7".into()],

@@ -22,7 +22,7 @@ pub enum Command {
     /// Boot a VM and run a flavor (default: claude) in it; its exit status
     /// becomes agentvm's.
     #[command(
-        after_help = "Examples:\n  agentvm run                         Claude Code in ./ (the default flavor)\n  agentvm run claude -- -p \"fix the failing test\"\n  agentvm run shell                   interactive bash in /work\n  agentvm run shell -- make test      one command; its exit status comes back\n  echo hi | agentvm run shell -- sh -c 'cat > /work/in.txt'"
+        after_help = "Examples:\n  agentvm run                         Claude Code in ./ (the default flavor)\n  agentvm run claude -- -p \"fix the failing test\"\n  agentvm run shell                   interactive bash in /work\n  agentvm run shell -- make test      one command; its exit status comes back\n  agentvm run --clone=fix claude      in a sandboxed clone; its work comes back as agentvm/fix\n  echo hi | agentvm run shell -- sh -c 'cat > /work/in.txt'"
     )]
     Run(Box<RunArgs>),
     /// Build, list and remove cached VM images.
@@ -101,6 +101,13 @@ pub enum Command {
     /// container disk (images, containers, volumes) to reclaim its space.
     #[command(subcommand)]
     Cri(CriCommand),
+    /// Sandboxed clones (`run --clone=NAME`): list them, remove them, or
+    /// bring one's work back as the branch agentvm/NAME now.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  agentvm run --clone=fix-login claude   a sandbox of ./ (made on the first run)\n  agentvm sandbox ls\n  git log main..agentvm/fix-login        what it did\n  agentvm sandbox export fix-login       its work as agentvm/fix-login, now\n  agentvm sandbox rm fix-login           its disk goes; the branch stays"
+    )]
+    Sandbox(SandboxCommand),
     /// Open a login shell in a running instance.
     Shell {
         /// Instance id or unique prefix.
@@ -218,6 +225,35 @@ pub enum FlavorCommand {
 pub enum CriCommand {
     /// Remove the project's container disk (refused while a run uses it).
     Prune {
+        /// The project [env: WORK_DIR] [default: .]
+        #[arg(short = 'w', long, value_name = "DIR")]
+        work_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// List every sandbox: its project, branch, commits ahead of the host
+    /// branch it started from, uncommitted work, disk use, whether it runs,
+    /// and its last run (as of its last export).
+    Ls {
+        /// Print a JSON array (for scripts) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove sandboxes of the project: their disk and state (refused while
+    /// one runs). Their branches agentvm/NAME stay.
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// The project [env: WORK_DIR] [default: .]
+        #[arg(short = 'w', long, value_name = "DIR")]
+        work_dir: Option<PathBuf>,
+    },
+    /// Bring a sandbox's work back as the branch agentvm/NAME now: asks the
+    /// running VM for it, or boots one (after a crash or kill -9 of agentvm).
+    Export {
+        name: String,
         /// The project [env: WORK_DIR] [default: .]
         #[arg(short = 'w', long, value_name = "DIR")]
         work_dir: Option<PathBuf>,

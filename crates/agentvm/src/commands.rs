@@ -11,7 +11,14 @@ use crate::config::{self, SettingsError};
 use crate::guest_env::cri::{self, CriError};
 use crate::image::{base_recipe, layer_recipe};
 use crate::image::{Image, ImageError, Layer, LayerRecipe, Progress, Recipe, Store};
+use crate::instance::exec::{self, ExecError, ExecOptions};
+use crate::instance::ps;
+use crate::launch::{self, LaunchError};
+use crate::net::NetworkMode;
 use crate::paths::{self, PathsError};
+use crate::sandbox::import::{ImportError, Imported};
+use crate::sandbox::store::{self, SandboxPaths, StoreError};
+use crate::sandbox::{NameError, SandboxName};
 
 /// A command that failed, with what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +39,18 @@ pub enum CommandError {
     Cri(#[from] CriError),
     #[error(transparent)]
     Paths(#[from] PathsError),
+    #[error(transparent)]
+    SandboxName(#[from] NameError),
+    #[error(transparent)]
+    Sandbox(#[from] StoreError),
+    #[error(transparent)]
+    Import(#[from] ImportError),
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error("sandbox {name}: its export failed ({why}); its work stays on its disk")]
+    ExportFailed { name: String, why: String },
 }
 
 /// The flavors as seen from the current directory (built-in, the user's,
@@ -73,6 +92,159 @@ pub fn cri_prune(dir: Option<PathBuf>, get_env: &dyn Fn(&str) -> Option<String>)
     let real = dir.canonicalize().map_err(|source| CommandError::WorkDir { path: dir, source })?;
     let disk = cri::disk_path(&paths::data_dir()?, &paths::project_home_name(&real));
     Ok(if cri::remove_disk(&disk)? { Pruned::Removed(disk) } else { Pruned::NoDisk(real) })
+}
+
+/// One row of `agentvm sandbox ls`, also its JSON form. `branch`,
+/// `ahead` and `dirty` are the sandbox's word at its last export.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SandboxRow {
+    pub name: String,
+    pub project: PathBuf,
+    /// Its checked-out branch.
+    pub branch: Option<String>,
+    /// The host branch it started from.
+    pub base: Option<String>,
+    /// Commits ahead of `base`.
+    pub ahead: Option<u64>,
+    pub dirty: Option<bool>,
+    /// What its disk takes on the host.
+    pub disk_bytes: u64,
+    pub running: bool,
+    /// Unix seconds.
+    pub last_run: Option<u64>,
+    /// The commit `agentvm/NAME` was last set to from it.
+    pub exported: Option<String>,
+}
+
+/// `agentvm sandbox ls`: every sandbox of every project.
+pub fn sandbox_ls() -> Result<Vec<SandboxRow>, CommandError> {
+    let live = ps::live_instances(&paths::runtime_base());
+    let running = |r: &store::Record| {
+        live.iter().any(|l| l.meta.sandbox.as_deref() == Some(&r.name) && l.meta.work_dir == r.project)
+    };
+    let rows = store::list(&paths::data_dir()?).into_iter().map(|l| {
+        let status = l.record.status.as_ref();
+        SandboxRow {
+            running: running(&l.record),
+            name: l.record.name.clone(),
+            project: l.record.project.clone(),
+            branch: status.and_then(|s| s.branch.clone()),
+            base: status.and_then(|s| s.base.clone()).or(l.record.base_branch.clone()),
+            ahead: status.and_then(|s| s.ahead),
+            dirty: status.map(|s| s.dirty),
+            disk_bytes: l.disk_bytes,
+            last_run: l.record.last_run,
+            exported: l.record.exported,
+        }
+    });
+    Ok(rows.collect())
+}
+
+/// The `agentvm sandbox ls` table (with its header line). What the
+/// sandboxes said about themselves is shown escaped.
+pub fn sandbox_table(rows: &[SandboxRow]) -> String {
+    let header = ["NAME", "BRANCH", "AHEAD", "DIRTY", "DISK", "RUNNING", "LAST RUN (UTC)", "PROJECT"];
+    let mut table: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    let guest = |s: &str| String::from_utf8_lossy(&crate::net::egress::printable(s.as_bytes())).into_owned();
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    for r in rows {
+        table.push(vec![
+            r.name.clone(),
+            or_dash(r.branch.as_deref().map(guest)),
+            or_dash(r.ahead.map(|n| format!("{n} ({})", r.base.as_deref().map_or("-".into(), guest)))),
+            or_dash(r.dirty.map(|d| if d { "yes" } else { "no" }.to_string())),
+            format!("{}M", r.disk_bytes >> 20),
+            if r.running { "yes" } else { "no" }.into(),
+            or_dash(r.last_run.map(crate::instance::format_utc)),
+            r.project.display().to_string(),
+        ]);
+    }
+    ps::aligned(&table)
+}
+
+/// The sandbox `name` of the project `dir` (else `$WORK_DIR`, else `.`):
+/// its name, paths and project (a real path).
+fn sandbox_of(
+    name: &str,
+    dir: Option<PathBuf>,
+    get_env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(SandboxName, SandboxPaths, PathBuf), CommandError> {
+    let name = SandboxName::parse(name)?;
+    let dir = config::project_dir(dir, get_env);
+    let project = dir.canonicalize().map_err(|source| CommandError::WorkDir { path: dir, source })?;
+    let paths = SandboxPaths::new(&paths::data_dir()?, &paths::project_home_name(&project), &name);
+    if !paths.exists() {
+        return Err(StoreError::Missing { name: name.to_string(), project }.into());
+    }
+    Ok((name, paths, project))
+}
+
+/// `agentvm sandbox rm`: removes the project's sandboxes `names` (none
+/// while one runs); their branches stay.
+pub fn sandbox_rm(
+    names: &[String],
+    dir: Option<PathBuf>,
+    get_env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<PathBuf>, CommandError> {
+    let found = names.iter().map(|n| sandbox_of(n, dir.clone(), get_env)).collect::<Result<Vec<_>, _>>()?;
+    let mut removed = Vec::new();
+    for (name, paths, project) in found {
+        store::remove(&paths, &name, &project)?;
+        removed.push(paths.dir);
+    }
+    Ok(removed)
+}
+
+/// `agentvm sandbox export`: the sandbox's work as `agentvm/NAME` now.
+/// A running sandbox is asked through an exec session; a stopped one is
+/// booted to run nothing but its export (no network, no ports).
+pub fn sandbox_export(
+    name: &str,
+    dir: Option<PathBuf>,
+    get_env: &dyn Fn(&str) -> Option<String>,
+    warn: &mut dyn FnMut(String),
+) -> Result<Imported, CommandError> {
+    let (name, paths, project) = sandbox_of(name, dir, get_env)?;
+    let live = ps::live_instances(&paths::runtime_base());
+    let running = live.iter().find(|l| l.meta.sandbox.as_deref() == Some(name.as_str()) && l.meta.work_dir == project);
+    let Some(instance) = running else { return export_by_booting(&name, &project, warn) };
+    store::empty_export_dir(&paths)?;
+    let argv = vec![agentvm_proto::guest::SANDBOX_TOOL.to_string(), "export".into()];
+    let code =
+        exec::exec(&paths::runtime_base(), &instance.meta.id, ExecOptions { argv, tty: Some(false), no_input: true })?;
+    if code != 0 {
+        return Err(CommandError::ExportFailed { name: name.to_string(), why: format!("exit status {code}") });
+    }
+    Ok(crate::sandbox::import::import(&paths, &name, &project)?)
+}
+
+/// Boots the stopped sandbox `name` of `project` to run `true`: its work
+/// comes back when that ends, as after any run.
+fn export_by_booting(
+    name: &SandboxName,
+    project: &Path,
+    warn: &mut dyn FnMut(String),
+) -> Result<Imported, CommandError> {
+    let flags = config::RunOptions {
+        clone: Some(name.to_string()),
+        flavor: Some("shell".into()),
+        args: vec!["true".into()],
+        work_dir: Some(project.to_path_buf()),
+        ..Default::default()
+    };
+    let mut settings = config::resolve(flags)?;
+    // Only the export: nothing reaches out, nothing is published.
+    settings.network = NetworkMode::None;
+    (settings.ports, settings.host_ports, settings.cri) = (Vec::new(), Vec::new(), Vec::new());
+    (settings.shield_secrets, settings.devshell, settings.clone_disk_mib) = (false, Default::default(), None);
+    settings.warnings.into_iter().for_each(&mut *warn);
+    settings.warnings = Vec::new();
+    let outcome = launch::run(&settings, std::time::Instant::now(), warn)?;
+    match (outcome.result, outcome.sandbox) {
+        (Ok(0), Some(imported)) => Ok(imported?),
+        (Ok(code), _) => Err(CommandError::ExportFailed { name: name.to_string(), why: format!("exit status {code}") }),
+        (Err(e), _) => Err(CommandError::ExportFailed { name: name.to_string(), why: e.to_string() }),
+    }
 }
 
 /// `agentvm image prune`: removes the images and layers no recipe of the

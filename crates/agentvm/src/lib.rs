@@ -15,6 +15,8 @@
 //!    the egress proxy and the shield; the accelerator, QEMU's command
 //!    line, helper processes and virtiofsd shares.
 //!
+//! [`sandbox`] keeps the sandboxed clones (`run --clone`): their disks,
+//! the project's checks, and their results brought back as branches.
 //! [`instance`] keeps each running VM's runtime dir and serves `ps`,
 //! `stop`, `logs` and `exec`; [`relay`] moves the terminal or the streams
 //! for `run`, `exec` and `shell`; [`sys`] holds the host's system calls
@@ -34,6 +36,7 @@ pub mod launch;
 pub mod net;
 pub mod paths;
 pub mod relay;
+pub mod sandbox;
 pub mod sys;
 pub mod tools;
 pub mod vm;

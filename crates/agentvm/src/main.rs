@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use agentvm::cli::{self, Command, CriCommand, FlavorCommand, ImageCommand, RunArgs};
+use agentvm::cli::{self, Command, CriCommand, FlavorCommand, ImageCommand, RunArgs, SandboxCommand};
 use agentvm::commands::{self, Built, ImageBuild, Pruned};
 use agentvm::config::{self, flavor, trust};
 use agentvm::image::{Store, TerminalProgress};
@@ -43,15 +43,16 @@ fn main() -> ExitCode {
         }
         Command::Exec { id, tty, no_tty, command } => {
             let tty = (tty || no_tty).then_some(tty);
-            exec_in(&id, exec::ExecOptions { argv: command, tty })
+            exec_in(&id, exec::ExecOptions { argv: command, tty, no_input: false })
         }
         Command::Cri(CriCommand::Prune { work_dir }) => done(cri_prune(work_dir)),
         Command::Flavor(cmd) => done(flavor_command(cmd)),
         Command::Shell { id } => {
             let tty = Some(agentvm::sys::is_tty(std::io::stdin()));
-            exec_in(&id, exec::ExecOptions { argv: Vec::new(), tty })
+            exec_in(&id, exec::ExecOptions { argv: Vec::new(), tty, no_input: false })
         }
         Command::Trust { dir, revoke, show } => done(trust_command(dir, revoke, show)),
+        Command::Sandbox(cmd) => done(sandbox_command(cmd)),
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }
@@ -94,8 +95,15 @@ fn run(args: RunArgs, started: Instant) -> i32 {
             Err(e) => fail(e),
         };
     }
+    if let Some(clone) = settings.clone.as_ref().filter(|c| c.new_name) {
+        eprintln!("agentvm: sandbox {} (its work comes back as the branch {})", clone.name, clone.name.branch());
+    }
     match launch::run(&settings, started, &mut |w: String| warn(w)) {
-        Ok(outcome) => report_outcome(&outcome, settings.verbose),
+        Ok(outcome) => {
+            let code = report_outcome(&outcome, settings.verbose);
+            report_sandbox(&outcome, &settings);
+            code
+        }
         Err(e) => {
             eprintln!("agentvm: error: {e}");
             e.exit_code()
@@ -157,6 +165,37 @@ fn confirm(question: &str) -> bool {
     let _ = std::io::stdout().flush();
     let mut answer = String::new();
     std::io::stdin().read_line(&mut answer).is_ok() && matches!(answer.trim(), "y" | "Y" | "yes")
+}
+
+/// What became of the sandbox's work (`--clone`).
+fn report_sandbox(outcome: &launch::Outcome, settings: &config::Settings) {
+    match (&outcome.sandbox, &settings.clone) {
+        (Some(Ok(imported)), _) => eprintln!("agentvm: {imported}"),
+        (Some(Err(e)), _) => eprintln!("agentvm: error: {e}"),
+        (None, Some(clone)) => eprintln!(
+            "agentvm: sandbox {0} keeps its work on its disk: `agentvm sandbox export {0}` brings it back as {1}",
+            clone.name,
+            clone.name.branch()
+        ),
+        (None, None) => {}
+    }
+}
+
+fn sandbox_command(cmd: SandboxCommand) -> Result<(), commands::CommandError> {
+    match cmd {
+        SandboxCommand::Ls { json: true } => {
+            println!("{}", serde_json::to_string_pretty(&commands::sandbox_ls()?).expect("serializable"))
+        }
+        SandboxCommand::Ls { json: false } => print!("{}", commands::sandbox_table(&commands::sandbox_ls()?)),
+        SandboxCommand::Rm { names, work_dir } => {
+            commands::sandbox_rm(&names, work_dir, &host_env)?.iter().for_each(|d| println!("removed {}", d.display()))
+        }
+        SandboxCommand::Export { name, work_dir } => {
+            let imported = commands::sandbox_export(&name, work_dir, &host_env, &mut |w: String| warn(w))?;
+            println!("{imported}");
+        }
+    }
+    Ok(())
 }
 
 fn image_command(cmd: ImageCommand) -> Result<(), commands::CommandError> {

@@ -53,7 +53,7 @@ pub use options::{EnvVarError, Layers, Origin, RunOptions};
 pub use resources::{
     parse_memory_mib, HostLimits, CRI_MEMORY_MIB, DEFAULT_MAX_CPUS, DEFAULT_MEMORY_MIB, MIN_MEMORY_MIB,
 };
-pub use storage::project_dir;
+pub use storage::{project_dir, SandboxChoice};
 
 /// The resolved, validated settings of one launch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +91,10 @@ pub struct Settings {
     pub cri: Vec<Runtime>,
     /// Size of the project's container disk when it is created.
     pub cri_disk_mib: u64,
+    /// A sandboxed clone instead of the project at /work (`--clone`).
+    pub clone: Option<SandboxChoice>,
+    /// The sandbox disk's size, when asked for (`--clone-disk-size`).
+    pub clone_disk_mib: Option<u64>,
     pub memory_mib: u64,
     pub cpus: u32,
     pub accel: AccelChoice,
@@ -151,6 +155,10 @@ pub enum SettingsError {
     Paths(#[from] paths::PathsError),
     #[error(transparent)]
     Trust(#[from] TrustError),
+    #[error(transparent)]
+    SandboxName(#[from] crate::sandbox::NameError),
+    #[error("clone disk size {0:?} is not a size: use e.g. 64G or 50000M")]
+    CloneDiskSize(String),
     #[error("{what} {path} {why}; {fix}")]
     ShareTooWide { what: &'static str, path: PathBuf, why: Exposure, fix: &'static str },
 }
@@ -184,6 +192,7 @@ pub fn resolve_with(
     let resources = resources::resolve(&layers, host, !containers.runtimes.is_empty())?;
     let network = network::resolve(&layers, &program.flavor, get_env, &program.guest_env.vars)?;
     let home_dir = storage::home(&layers, &work_dir, &guarded)?;
+    let (clone, clone_disk_mib) = storage::sandbox(&layers, &work_dir)?;
     Ok(Settings {
         work_dir,
         home_dir,
@@ -201,6 +210,8 @@ pub fn resolve_with(
         host_proxy: network.host_proxy,
         cri: containers.runtimes,
         cri_disk_mib: containers.disk_mib,
+        clone,
+        clone_disk_mib,
         memory_mib: resources.memory_mib,
         cpus: resources.cpus,
         accel: resources.accel,

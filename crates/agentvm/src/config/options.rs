@@ -89,6 +89,16 @@ pub struct RunOptions {
     /// (sparse: it takes only what is written) [default: 32G]
     #[arg(long, value_name = "SIZE")]
     pub cri_disk_size: Option<String>,
+    /// Run in a sandbox: a git clone of the project (history, branch and
+    /// uncommitted work) on a disk of its own at /work, kept between runs
+    /// of NAME; the project is only read. When the program ends, its work
+    /// comes back as the branch agentvm/NAME. Without NAME, a new one.
+    #[arg(long = "clone", value_name = "NAME", num_args = 0..=1, require_equals = true, default_missing_value = "")]
+    pub clone: Option<String>,
+    /// Size of the sandbox's disk (sparse); larger than it is grows it
+    /// [default: 64G]
+    #[arg(long, value_name = "SIZE")]
+    pub clone_disk_size: Option<String>,
     /// The user-mode network stack: passt (keeps the host's loopback
     /// closed), slirp (QEMU's own; cannot close it), or auto (passt when
     /// installed, else slirp with a warning) [default: auto]
@@ -467,6 +477,8 @@ mod tests {
         ("network", |_| "none".into(), |s, _| s.network == NetworkMode::None),
         ("cri", |_| "docker".into(), |s, _| s.cri == [Runtime::Docker]),
         ("cri_disk_size", |_| "1G".into(), |s, _| s.cri_disk_mib == 1024),
+        ("clone", |_| "t1".into(), |s, _| s.clone.as_ref().is_some_and(|c| c.name.as_str() == "t1" && !c.new_name)),
+        ("clone_disk_size", |_| "1G".into(), |s, _| s.clone_disk_mib == Some(1024)),
         ("net_backend", |_| "slirp".into(), |s, _| s.net_backend == NetBackend::Slirp),
         ("work_cache", |_| "always".into(), |s, _| s.work_cache == CacheMode::Always),
         ("work_dir", |f| path(&f.other_project), |s, f| s.work_dir == f.other_project),

@@ -5,9 +5,11 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::options::Layers;
+use crate::config::resources::parse_memory_mib;
 use crate::config::trust::TrustStore;
 use crate::config::SettingsError;
 use crate::paths;
+use crate::sandbox::{store, SandboxName};
 
 /// The project dir a command other than `run` names: `dir`, else
 /// `$WORK_DIR` (from `get_env`), else `.`.
@@ -37,6 +39,33 @@ pub fn home(layers: &Layers, work_dir: &Path, guarded: &GuardedDirs) -> Result<P
     }
     guarded.check("agent home", &home, "pass another directory with --home or AGENT_HOME")?;
     Ok(home)
+}
+
+/// The sandbox a run asks for (`--clone[=NAME]`, `clone = "NAME"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxChoice {
+    pub name: SandboxName,
+    /// The name was made up for this run (none was given).
+    pub new_name: bool,
+}
+
+/// The sandbox asked for, its name checked, or a new name when none is
+/// given; and the disk size asked for.
+pub fn sandbox(layers: &Layers, work_dir: &Path) -> Result<(Option<SandboxChoice>, Option<u64>), SettingsError> {
+    let disk_mib = match layers.value(|o| &o.clone_disk_size) {
+        None => None,
+        Some(size) => Some(parse_memory_mib(&size).map_err(|_| SettingsError::CloneDiskSize(size))?),
+    };
+    let choice = match layers.value(|o| &o.clone) {
+        None => None,
+        Some(name) if name.is_empty() => {
+            let project = store::project_dir(&paths::data_dir()?, &paths::project_home_name(work_dir));
+            let name = SandboxName::generate(|n| project.join(n.as_str()).exists());
+            Some(SandboxChoice { name, new_name: true })
+        }
+        Some(name) => Some(SandboxChoice { name: SandboxName::parse(&name)?, new_name: false }),
+    };
+    Ok((choice, disk_mib))
 }
 
 /// Why a directory may not be shared with the guest.

@@ -6,7 +6,6 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// A container runtime the guest can start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -62,11 +61,8 @@ pub enum CriError {
     DiskSize(String),
     #[error("cannot create the container disk {path}: {source}")]
     CreateDisk { path: PathBuf, source: io::Error },
-    #[error("cannot create the container disk {path}: cannot run mkfs.ext4 ({source}); install e2fsprogs")]
-    NoMkfs { path: PathBuf, source: io::Error },
-    /// mkfs.ext4 ran and failed: its own words (there is no error value).
-    #[error("cannot create the container disk {path}: mkfs.ext4 failed: {stderr}")]
-    MkfsFailed { path: PathBuf, stderr: String },
+    #[error("container disk: {0}")]
+    Disk(#[from] super::disk::DiskError),
     #[error("the container disk {path} is in use by another run of this project; stop it (agentvm ps, agentvm stop) or run without --cri")]
     InUse { path: PathBuf },
     #[error("cannot remove the container disk {path}: {source}")]
@@ -130,22 +126,7 @@ pub fn open_disk(path: &Path, size_mib: u64) -> Result<Disk, CriError> {
     std::fs::create_dir_all(dir).map_err(create_err)?;
     let lock = lock_file(path)?;
     if !path.exists() {
-        // Built beside it and renamed: an interrupted mkfs leaves no disk.
-        let tmp = path.with_extension("ext4.tmp");
-        let file = File::create(&tmp).map_err(create_err)?;
-        file.set_len(size_mib * 1024 * 1024).map_err(create_err)?;
-        drop(file);
-        let out = Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-m", "0", "-L", "agentvm-cri", "-E", "lazy_itable_init=1,lazy_journal_init=1"])
-            .arg(&tmp)
-            .output()
-            .map_err(|source| CriError::NoMkfs { path: path.to_path_buf(), source })?;
-        if !out.status.success() {
-            let _ = std::fs::remove_file(&tmp);
-            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-            return Err(CriError::MkfsFailed { path: path.to_path_buf(), stderr });
-        }
-        std::fs::rename(&tmp, path).map_err(create_err)?;
+        super::disk::create_ext4(path, size_mib, "agentvm-cri")?;
     }
     Ok(Disk { path: path.to_path_buf(), _lock: lock })
 }
@@ -164,16 +145,9 @@ pub fn remove_disk(path: &Path) -> Result<bool, CriError> {
 /// Takes the exclusive lock beside the disk; `InUse` when a run holds it.
 fn lock_file(path: &Path) -> Result<File, CriError> {
     let lock_path = path.with_extension("ext4.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|source| CriError::CreateDisk { path: lock_path.clone(), source })?;
-    if crate::sys::lock(&file, crate::sys::Lock::TryExclusive).is_err() {
-        return Err(CriError::InUse { path: path.to_path_buf() });
-    }
-    Ok(file)
+    super::disk::try_lock(&lock_path)
+        .map_err(|source| CriError::CreateDisk { path: lock_path.clone(), source })?
+        .ok_or_else(|| CriError::InUse { path: path.to_path_buf() })
 }
 
 #[cfg(test)]

@@ -114,7 +114,10 @@ pub fn memory_note(facts: &VmFacts) -> String {
          \n\
          You run inside a small Linux VM started by agentvm, as user `agent`, with passwordless sudo.\n\
          \n\
-         - `/work` is the user's project, shared live with the host: changes there are real and persist.\n\
+         - `/work` is the user's project, shared live with the host: changes there are real and persist.\n  \
+           In a sandbox (`agentvm run --clone`), `/work` is instead a git clone of it on the sandbox's own\n  \
+           disk; when the session ends your HEAD (plus your uncommitted work, as one more commit) goes back\n  \
+           to the user as the branch `agentvm/NAME`. `git fetch host` brings the user's newer commits.\n\
          - `/home/agent` (your home, with this file) persists between sessions of this project.\n\
          - Everything else (`/`, `/tmp`, packages installed with apt or `npm -g`) is on a RAM-backed overlay\n  \
            and is lost when the VM powers off. Keep what must survive under `/work` or `/home/agent`.\n\

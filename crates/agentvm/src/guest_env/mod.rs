@@ -4,6 +4,7 @@
 
 pub mod cri;
 pub mod devshell;
+pub mod disk;
 pub mod home;
 pub mod host_ca;
 

@@ -50,11 +50,13 @@ impl ExecError {
 }
 
 /// What to run: `argv` (empty: a login shell) and whether on a terminal
-/// (`None`: when stdin and stdout are terminals).
+/// (`None`: when stdin and stdout are terminals); `no_input`: the command
+/// gets an empty stdin, not agentvm's.
 #[derive(Debug, Clone, Default)]
 pub struct ExecOptions {
     pub argv: Vec<String>,
     pub tty: Option<bool>,
+    pub no_input: bool,
 }
 
 /// Runs a command in the running instance `query` (an id or unique prefix)
@@ -71,7 +73,10 @@ pub fn exec(base: &Path, query: &str, opts: ExecOptions) -> Result<i32, ExecErro
     let winsize = if tty { sys::winsize(io::stdin()) } else { None };
     let req = ExecRequest { argv: opts.argv, env, tty, winsize };
     let signals = SignalFd::block_and_open(relay::SIGNALS).map_err(os("signalfd"))?;
-    let streams = Streams::inherited().map_err(os("stdio"))?;
+    let mut streams = Streams::inherited().map_err(os("stdio"))?;
+    if opts.no_input {
+        streams.input = std::fs::File::open("/dev/null").map_err(os("open /dev/null"))?.into();
+    }
     let mut relay = Relay::new(OwnedFd::from(stream), &signals, streams, tty).map_err(os("fcntl(O_NONBLOCK)"))?;
     relay.send(&Frame::Exec(req));
     follow(&mut relay, &id)

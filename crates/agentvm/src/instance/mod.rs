@@ -39,6 +39,9 @@ pub struct InstanceMeta {
     /// Host loopback ports the guest reaches (`--host-port`).
     #[serde(default)]
     pub host_ports: Vec<u16>,
+    /// The sandbox it runs in (`--clone`).
+    #[serde(default)]
+    pub sandbox: Option<String>,
 }
 
 /// The metadata file in an instance dir.
@@ -225,6 +228,7 @@ mod tests {
             qemu_pid: None,
             ports: Vec::new(),
             host_ports: Vec::new(),
+            sandbox: None,
         }
     }
 

@@ -197,6 +197,8 @@ pub struct PsEntry {
     pub ports: Vec<String>,
     /// Host loopback ports the guest reaches as host.agentvm.internal.
     pub host_ports: Vec<u16>,
+    /// The sandbox it runs in (`--clone`).
+    pub sandbox: Option<String>,
     /// The launcher (`agentvm run`).
     pub pid: u32,
     pub qemu_pid: Option<u32>,
@@ -218,6 +220,7 @@ impl PsEntry {
             rss_mib: live.qemu_rss_kib().map(|k| k.div_ceil(1024)),
             ports: m.ports.clone(),
             host_ports: m.host_ports.clone(),
+            sandbox: m.sandbox.clone(),
             pid: m.pid,
             qemu_pid: m.qemu_pid,
         }
@@ -246,7 +249,7 @@ fn ports_cell(e: &PsEntry) -> String {
 
 /// The `agentvm ps` table (with its header line).
 pub fn format_table(entries: &[PsEntry]) -> String {
-    let header = ["ID", "FLAVOR", "STATE", "UPTIME", "CPUS", "MEMORY", "RSS", "PORTS", "PROJECT"];
+    let header = ["ID", "FLAVOR", "STATE", "UPTIME", "CPUS", "MEMORY", "RSS", "PORTS", "SANDBOX", "PROJECT"];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for e in entries {
         rows.push(vec![
@@ -258,13 +261,20 @@ pub fn format_table(entries: &[PsEntry]) -> String {
             format!("{}M", e.memory_mib),
             e.rss_mib.map_or("-".into(), |m| format!("{m}M")),
             ports_cell(e),
+            e.sandbox.clone().unwrap_or_else(|| "-".into()),
             e.work_dir.display().to_string(),
         ]);
     }
+    aligned(&rows)
+}
+
+/// `rows` (a header first) as text in aligned columns.
+pub fn aligned(rows: &[Vec<String>]) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> =
-        (0..header.len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+        (0..columns).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
-    for r in &rows {
+    for r in rows {
         let last = r.len() - 1;
         for (c, cell) in r.iter().enumerate() {
             if c == last {
@@ -459,6 +469,7 @@ mod tests {
                 qemu_pid: None,
                 ports: vec![],
                 host_ports: vec![],
+                sandbox: None,
             },
             dir: PathBuf::from("/nonexistent").join(id),
         }
@@ -505,16 +516,18 @@ mod tests {
         b.flavor = "claude".into();
         b.ports = vec!["8080:80".into()];
         b.host_ports = vec![5432];
+        b.sandbox = Some("fix-1".into());
         let t = format_table(&[a, b]);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3, "{t}");
         assert!(lines[0].starts_with("ID            FLAVOR  STATE"), "{t}");
         assert!(
-            lines[1]
-                .starts_with("aaaa00000000  shell   starting  1m      1     512M    180M  -                  /src/p"),
+            lines[1].starts_with(
+                "aaaa00000000  shell   starting  1m      1     512M    180M  -                  -        /src/p"
+            ),
             "{t}"
         );
-        assert!(lines[2].contains("claude") && lines[2].contains("-     8080:80,host:5432"), "{t}");
+        assert!(lines[2].contains("claude") && lines[2].contains("-     8080:80,host:5432  fix-1"), "{t}");
         let col = |l: &str, w: &str| l.find(w).unwrap();
         assert_eq!(col(lines[0], "PROJECT"), col(lines[1], "/src/p"));
     }

@@ -33,6 +33,7 @@ use resources::Resources;
 use start::{Egress, Started};
 
 use crate::config::Settings;
+use crate::sandbox::import::{ImportError, Imported};
 
 /// A launch that failed before the program could run; the program's own
 /// failures are exit codes instead.
@@ -66,7 +67,7 @@ impl LaunchError {
 pub fn run(settings: &Settings, clock: Instant, warn: &mut dyn FnMut(String)) -> Result<Outcome, LaunchError> {
     let resolved = Resources::resolve(settings, warn)?;
     let res = &resolved.resources;
-    let mut prepared = Prepared::new(settings, res.cri_disk.as_ref(), warn)?;
+    let mut prepared = Prepared::new(settings, res.cri_disk.as_ref(), res.sandbox.as_ref(), warn)?;
     let instance = InstanceRef { id: &prepared.instance.id, dir: &prepared.instance.dir };
     let plan = Plan::new(settings, res, instance);
     let initramfs = initramfs::build(&res.guest_init, &res.image, &plan.spec)?;
@@ -82,8 +83,15 @@ pub fn run(settings: &Settings, clock: Instant, warn: &mut dyn FnMut(String)) ->
     let console = settings.verbose.then(|| ConsoleDump::read(console_log, total));
     let result = end.into_result(outcome::console_tail(console_log));
     drop(started);
+    // The guest wrote its results before it reported the exit status.
+    let sandbox = prepared.sandbox.as_ref().filter(|_| result.is_ok()).map(|s| import(s, settings));
     drop(prepared);
-    Ok(Outcome { result, planned, qemu_started, console })
+    Ok(Outcome { result, planned, qemu_started, console, sandbox })
+}
+
+/// Brings the sandbox's result back into the project.
+fn import(s: &crate::sandbox::store::InUse, settings: &Settings) -> Result<Imported, ImportError> {
+    crate::sandbox::import::import(&s.paths, &s.name, &settings.work_dir)
 }
 
 /// Resolves and plans a launch without starting anything (`--print-plan`).

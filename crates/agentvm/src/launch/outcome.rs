@@ -7,6 +7,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use crate::instance::console_log;
+use crate::sandbox::import::{ImportError, Imported};
 use crate::vm::process;
 
 /// Lines of the guest console shown when a launch fails.
@@ -143,6 +144,9 @@ pub struct Outcome {
     pub qemu_started: Duration,
     /// The end of the guest console (`--verbose`).
     pub console: Option<ConsoleDump>,
+    /// The sandbox's result, brought back (`--clone`, once the program
+    /// reported its exit status).
+    pub sandbox: Option<Result<Imported, ImportError>>,
 }
 
 /// What starts the line of [`Outcome::timings_line`].
@@ -161,11 +165,13 @@ impl Outcome {
         format!("{TIMINGS_PREFIX}{json}")
     }
 
-    /// agentvm's own exit status.
+    /// agentvm's own exit status: the program's, unless its sandbox's
+    /// result could not be brought back after it succeeded (125).
     pub fn exit_code(&self) -> i32 {
-        match &self.result {
-            Ok(code) => *code,
-            Err(e) => e.exit_code(),
+        match (&self.result, &self.sandbox) {
+            (Ok(0), Some(Err(_))) => 125,
+            (Ok(code), _) => *code,
+            (Err(e), _) => e.exit_code(),
         }
     }
 }
@@ -235,6 +241,7 @@ mod tests {
             planned: Duration::from_micros(6_543),
             qemu_started: Duration::from_micros(12_345),
             console: None,
+            sandbox: None,
         };
         let line = outcome.timings_line();
         let json: serde_json::Value = serde_json::from_str(line.strip_prefix(TIMINGS_PREFIX).unwrap()).unwrap();

@@ -7,10 +7,10 @@
 use std::ffi::OsString;
 use std::path::Path;
 
-use agentvm_proto::{guest, Containers, LaunchSpec, Mount, User};
+use agentvm_proto::{guest, Containers, LaunchSpec, Mount, Sandbox, User};
 
 use super::fds::FdPlan;
-use super::resources::Resources;
+use super::resources::{Resources, SandboxPlan};
 use crate::config::Settings;
 use crate::image::kmod;
 use crate::net::plan::NetworkPlan;
@@ -37,7 +37,7 @@ pub struct InstanceRef<'a> {
 
 impl Plan {
     pub fn new(settings: &Settings, res: &Resources, instance: InstanceRef<'_>) -> Plan {
-        let shares = shares(settings, res.nix_store.as_deref());
+        let shares = shares(settings, res.nix_store.as_deref(), res.sandbox.as_ref());
         let network = res.network.clone();
         let fds = FdPlan::new(network.interface.is_passt(), network.uses_channel());
         let spec = spec(settings, res, &shares, instance.id);
@@ -51,17 +51,32 @@ impl Plan {
     }
 }
 
-/// The directories shared into the guest: the project, the agent home, and
-/// the host's Nix store (read-only) when the dev shell needs it.
-pub fn shares(settings: &Settings, nix_store: Option<&Path>) -> Vec<Share> {
-    let mut shares = vec![
-        Share {
-            tag: "work".into(),
-            host_dir: settings.work_dir.clone(),
-            guest_path: guest::WORK.into(),
-            read_only: false,
-            cache: settings.work_cache,
-        },
+/// The directories shared into the guest: the project (read-only beside
+/// the sandbox's export dir for `--clone`, whose /work is its disk), the
+/// agent home, and the host's Nix store (read-only) when the dev shell
+/// needs it.
+pub fn shares(settings: &Settings, nix_store: Option<&Path>, sandbox: Option<&SandboxPlan>) -> Vec<Share> {
+    let project = |guest_path: &str, read_only| Share {
+        tag: "work".into(),
+        host_dir: settings.work_dir.clone(),
+        guest_path: guest_path.into(),
+        read_only,
+        cache: settings.work_cache,
+    };
+    let mut shares = match sandbox {
+        None => vec![project(guest::WORK, false)],
+        Some(s) => vec![
+            project(guest::SANDBOX_HOST_REPO, true),
+            Share {
+                tag: "export".into(),
+                host_dir: s.paths.export(),
+                guest_path: guest::SANDBOX_EXPORT.into(),
+                read_only: false,
+                cache: CacheMode::Auto,
+            },
+        ],
+    };
+    shares.extend([
         // Other instances of the project share the home: keep revalidating.
         Share {
             tag: "home".into(),
@@ -70,7 +85,7 @@ pub fn shares(settings: &Settings, nix_store: Option<&Path>) -> Vec<Share> {
             read_only: false,
             cache: CacheMode::Auto,
         },
-    ];
+    ]);
     if let Some(store) = nix_store {
         shares.push(Share {
             tag: "nixstore".into(),
@@ -98,6 +113,12 @@ fn spec(s: &Settings, res: &Resources, shares: &[Share], id: &str) -> LaunchSpec
         containers: (!s.cri.is_empty()).then(|| Containers {
             runtimes: s.cri.iter().map(|r| r.name().to_string()).collect(),
             disk: format!("serial:{}", vm::DATA_SERIAL),
+        }),
+        sandbox: res.sandbox.as_ref().map(|sb| Sandbox {
+            name: sb.name.to_string(),
+            disk: format!("serial:{}", vm::SANDBOX_SERIAL),
+            branch: sb.base.branch.clone(),
+            commit: sb.base.commit.clone(),
         }),
         mounts: shares
             .iter()
@@ -140,8 +161,15 @@ fn vm_config(s: &Settings, res: &Resources, shares: &[Share], fds: &FdPlan, inst
         sandbox: true,
         netdev: res.network.netdev(fds.network),
         forward_fd: fds.forwarding,
-        data_disk: res.cri_disk.clone(),
+        data_disks: data_disks(res),
     }
+}
+
+/// The writable disks: the sandbox's, the container storage.
+fn data_disks(res: &Resources) -> Vec<(String, std::path::PathBuf)> {
+    let sandbox = res.sandbox.as_ref().map(|s| (vm::SANDBOX_SERIAL.to_string(), s.paths.disk()));
+    let cri = res.cri_disk.as_ref().map(|d| (vm::DATA_SERIAL.to_string(), d.clone()));
+    sandbox.into_iter().chain(cri).collect()
 }
 
 #[cfg(test)]
@@ -177,6 +205,8 @@ pub(crate) mod tests {
             host_proxy: None,
             cri: Vec::new(),
             cri_disk_mib: 0,
+            clone: None,
+            clone_disk_mib: None,
             memory_mib: 2048,
             cpus: 2,
             accel: AccelChoice::Tcg,
@@ -219,6 +249,7 @@ pub(crate) mod tests {
             env: s.guest_env.vars.clone(),
             trust: Default::default(),
             cri_disk: None,
+            sandbox: None,
             ids: IdMap::for_host(1001, 1002),
             tty: false,
             winsize: None,
@@ -445,5 +476,42 @@ pub(crate) mod tests {
         let drives = value_of(&args(&p), "-drive");
         assert_eq!(drives.len(), 3);
         assert!(drives[2].ends_with("file=/data/cri/project.ext4"));
+    }
+
+    #[test]
+    fn a_sandbox_has_its_disk_the_project_read_only_its_export_dir_and_no_writable_project() {
+        use crate::sandbox::{repo::RepoBase, store::SandboxPaths, SandboxName};
+        let s = Settings { cri: vec![crate::guest_env::cri::Runtime::Docker], ..settings() };
+        let name = SandboxName::parse("fix-1").unwrap();
+        let paths = SandboxPaths::new(Path::new("/data"), "project-0", &name);
+        let base = RepoBase { branch: None, commit: "c0ffee".into() };
+        let res = Resources {
+            cri_disk: Some(paths.containers()),
+            sandbox: Some(SandboxPlan { name, paths, base }),
+            ..resources(&s)
+        };
+        let p = plan(&s, &res);
+        let mounts: Vec<(&str, &str, bool)> =
+            p.spec.mounts.iter().map(|m| (m.tag.as_str(), m.path.as_str(), m.read_only)).collect();
+        assert_eq!(
+            mounts,
+            [
+                ("work", guest::SANDBOX_HOST_REPO, true),
+                ("export", guest::SANDBOX_EXPORT, false),
+                ("home", guest::HOME, false)
+            ]
+        );
+        assert_eq!(p.shares[0].host_dir, s.work_dir);
+        assert_eq!(p.shares[1].host_dir, Path::new("/data/sandboxes/project-0/fix-1/export"));
+        let sandbox = p.spec.sandbox.as_ref().unwrap();
+        assert_eq!(
+            (sandbox.name.as_str(), sandbox.branch.as_deref(), sandbox.commit.as_str()),
+            ("fix-1", None, "c0ffee")
+        );
+        assert_eq!(sandbox.disk, "serial:agentvm-work");
+        let drives = value_of(&args(&p), "-drive");
+        assert!(drives[1].starts_with("id=agentvm-work,") && drives[1].ends_with("fix-1/disk.ext4"), "{drives:?}");
+        assert!(drives[2].starts_with("id=agentvm-cri,") && drives[2].ends_with("fix-1/containers.ext4"), "{drives:?}");
+        assert_eq!(p.spec.cwd, guest::WORK);
     }
 }

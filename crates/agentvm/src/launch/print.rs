@@ -37,6 +37,8 @@ pub struct PlanReport {
     pub fds: FdPlan,
     pub network: NetworkPlan,
     pub shares: Vec<ShareReport>,
+    /// The sandboxed clone (`--clone`), whose disk is /work.
+    pub sandbox: Option<SandboxReport>,
     pub image: ImageReport,
     pub initramfs_bytes: usize,
     /// The guest init in it: built in, or the file AGENTVM_GUEST_INIT names.
@@ -109,6 +111,18 @@ pub struct ShareReport {
     pub cache: String,
 }
 
+/// A sandbox, for printing.
+#[derive(Debug, Clone, Serialize)]
+pub struct SandboxReport {
+    pub name: String,
+    pub disk: String,
+    /// Its disk is made by this run, which clones the project onto it.
+    pub new: bool,
+    /// Where a new one starts: the project's branch (none: detached) and commit.
+    pub branch: Option<String>,
+    pub commit: String,
+}
+
 impl PlanReport {
     pub fn new(plan: &Plan, res: &Resources, initramfs: &Initramfs, elapsed: Duration) -> PlanReport {
         let lossy = |s: &std::ffi::OsStr| s.to_string_lossy().into_owned();
@@ -139,6 +153,13 @@ impl PlanReport {
                     cache: s.cache.as_str().into(),
                 })
                 .collect(),
+            sandbox: res.sandbox.as_ref().map(|s| SandboxReport {
+                name: s.name.to_string(),
+                disk: s.paths.disk().display().to_string(),
+                new: !s.paths.exists(),
+                branch: s.base.branch.clone(),
+                commit: s.base.commit.clone(),
+            }),
             image: ImageReport {
                 dir: res.image.dir.display().to_string(),
                 bzimage: res.image.bzimage().display().to_string(),
@@ -206,6 +227,11 @@ impl fmt::Display for PlanReport {
             writeln!(f, "share         {} {} -> {} ({mode}, cache {})", s.tag, s.host_dir, s.guest_path, s.cache)?;
         }
         writeln!(f, "image         {}", self.image.dir)?;
+        if let Some(s) = &self.sandbox {
+            let from = format!("{} at {}", s.branch.as_deref().unwrap_or("detached HEAD"), s.commit);
+            let when = if s.new { format!("new: a clone of {from}") } else { "existing".into() };
+            writeln!(f, "sandbox       {} on {} -> {} ({when})", s.name, s.disk, agentvm_proto::guest::WORK)?;
+        }
         writeln!(f, "modules       {}", self.spec.modules.join(" "))?;
         let env: Vec<&str> = self.spec.env.iter().map(|(name, _)| name.as_str()).collect();
         writeln!(f, "environment   {} (values redacted)", env.join(" "))?;
@@ -284,6 +310,32 @@ mod tests {
         );
         assert!(text.contains("environment   API_KEY (values redacted)"), "{text}");
         assert!(!text.contains("s3cr3t"), "{text}");
+    }
+
+    #[test]
+    fn a_sandbox_shows_its_disk_and_the_project_read_only() {
+        use crate::launch::resources::SandboxPlan;
+        use crate::sandbox::{repo::RepoBase, store::SandboxPaths, SandboxName};
+        let s = settings();
+        let name = SandboxName::parse("fix-1").unwrap();
+        let sandbox = SandboxPlan {
+            paths: SandboxPaths::new(std::path::Path::new("/data"), "project-0", &name),
+            name,
+            base: RepoBase { branch: Some("main".into()), commit: "c0ffee".into() },
+        };
+        let res = Resources { sandbox: Some(sandbox), ..resources(&s) };
+        let text =
+            PlanReport::new(&plan(&s, &res), &res, &Initramfs { bytes: vec![0], modules: Vec::new() }, Duration::ZERO)
+                .to_string();
+        for part in [
+            "share         work /p/project -> /agentvm/host (ro, cache auto)",
+            "share         export /data/sandboxes/project-0/fix-1/export -> /agentvm/export (rw, cache auto)",
+            "sandbox       fix-1 on /data/sandboxes/project-0/fix-1/disk.ext4 -> /work (new: a clone of main at c0ffee)",
+            "file=/data/sandboxes/project-0/fix-1/disk.ext4",
+        ] {
+            assert!(text.contains(part), "{part:?} missing in\n{text}");
+        }
+        assert!(!text.contains("-> /work (rw"), "{text}");
     }
 
     #[test]

@@ -13,6 +13,9 @@ use crate::image::{self, Image, Store};
 use crate::net::plan::NetworkPlan;
 use crate::net::shield::{self, Shield};
 use crate::net::{self, NetError};
+use crate::sandbox::repo::{self, RepoBase, RepoError};
+use crate::sandbox::store::SandboxPaths;
+use crate::sandbox::SandboxName;
 use crate::sys;
 use crate::tools;
 use crate::vm::share::{self, IdMap, ShareError};
@@ -39,6 +42,8 @@ pub enum ResolveError {
     Net(#[from] NetError),
     #[error("--shield-secrets: {0}")]
     Shield(#[from] shield::ShieldError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
 }
 
 /// The host's programs and files for one launch.
@@ -63,13 +68,25 @@ pub struct Resources {
     /// The CA certificates the guest trusts: the host's (`--host-ca`) and
     /// the instance CA of `--shield-secrets`.
     pub trust: GuestTrust,
-    /// The project's container disk, when container runtimes run.
+    /// The project's (or the sandbox's) container disk, when container
+    /// runtimes run.
     pub cri_disk: Option<PathBuf>,
+    /// The sandboxed clone (`--clone`).
+    pub sandbox: Option<SandboxPlan>,
     pub ids: IdMap,
     /// Whether the program runs on a terminal (stdin and stdout are one).
     pub tty: bool,
     /// The terminal's size, when `tty`.
     pub winsize: Option<(u16, u16)>,
+}
+
+/// A sandboxed clone as the launch uses it.
+#[derive(Debug, Clone)]
+pub struct SandboxPlan {
+    pub name: SandboxName,
+    pub paths: SandboxPaths,
+    /// Where a new sandbox starts: the project's branch and commit.
+    pub base: RepoBase,
 }
 
 /// What resolving found that the later stages need besides [`Resources`].
@@ -82,6 +99,8 @@ impl Resources {
     /// Finds or builds everything the launch needs. `warn` is told what the
     /// user should know (a TCG fallback, slirp, a dev shell problem, ...).
     pub fn resolve(settings: &Settings, warn: &mut dyn FnMut(String)) -> Result<Resolved, ResolveError> {
+        // First: the project decides whether a sandbox can be made at all.
+        let sandbox = sandbox_plan(settings)?;
         let guest_init = tools::guest_init();
         if let tools::GuestInit::File(path) = &guest_init {
             path.is_file().then_some(()).ok_or_else(|| ResolveError::NoGuestInit { path: path.clone() })?;
@@ -125,7 +144,8 @@ impl Resources {
             network,
             trust,
             env,
-            cri_disk: cri_disk_path(settings)?,
+            cri_disk: cri_disk_path(settings, sandbox.as_ref())?,
+            sandbox,
             ids: IdMap::current(),
             tty,
             winsize: if tty { sys::winsize(std::io::stdin()) } else { None },
@@ -168,10 +188,24 @@ fn shield_secrets(
     Ok((shielded.env, Some(Arc::new(shielded.shield))))
 }
 
-/// Where the project's container disk is, when container runtimes run.
-fn cri_disk_path(settings: &Settings) -> Result<Option<PathBuf>, ResolveError> {
+/// The sandbox `--clone` asks for, after checking the project (what only
+/// a first run needs, only then).
+fn sandbox_plan(settings: &Settings) -> Result<Option<SandboxPlan>, ResolveError> {
+    let Some(choice) = &settings.clone else { return Ok(None) };
+    let project = crate::paths::project_home_name(&settings.work_dir);
+    let paths = SandboxPaths::new(&crate::paths::data_dir()?, &project, &choice.name);
+    let base = repo::inspect(&settings.work_dir, !paths.exists())?;
+    Ok(Some(SandboxPlan { name: choice.name.clone(), paths, base }))
+}
+
+/// Where the container disk is, when container runtimes run: the
+/// sandbox's own, else the project's.
+fn cri_disk_path(settings: &Settings, sandbox: Option<&SandboxPlan>) -> Result<Option<PathBuf>, ResolveError> {
     if settings.cri.is_empty() {
         return Ok(None);
+    }
+    if let Some(s) = sandbox {
+        return Ok(Some(s.paths.containers()));
     }
     let name = crate::paths::project_home_name(&settings.work_dir);
     Ok(Some(cri::disk_path(&crate::paths::data_dir()?, &name)))
@@ -210,5 +244,22 @@ fn prepare_devshell(settings: &Settings, warn: &mut dyn FnMut(String)) -> Result
             Ok(None)
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launch::plan::tests::settings;
+
+    #[test]
+    fn the_container_disk_is_the_sandboxs_own_with_a_sandbox() {
+        let name = SandboxName::parse("fix-1").unwrap();
+        let paths = SandboxPaths::new(std::path::Path::new("/data"), "project-0", &name);
+        let sandbox = SandboxPlan { name, paths, base: RepoBase { branch: None, commit: "c0ffee".into() } };
+        let s = Settings { cri: vec![cri::Runtime::Docker], ..settings() };
+        let disk = cri_disk_path(&s, Some(&sandbox)).unwrap().unwrap();
+        assert_eq!(disk, std::path::Path::new("/data/sandboxes/project-0/fix-1/containers.ext4"));
+        assert_eq!(cri_disk_path(&settings(), Some(&sandbox)).unwrap(), None, "no runtimes, no disk");
     }
 }

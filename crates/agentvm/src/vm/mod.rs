@@ -9,4 +9,5 @@ pub mod share_filter;
 pub use accel::{Accel, AccelChoice, AccelError};
 pub use qemu::{
     kernel_cmdline, layer_serial, qemu_args, qemu_machine_args, qemu_memory_mib, VmConfig, DATA_SERIAL, ROOT_SERIAL,
+    SANDBOX_SERIAL,
 };

@@ -37,8 +37,9 @@ pub struct VmConfig {
     pub sandbox: bool,
     /// The `-netdev` value of the guest's network (id `net0`), if any.
     pub netdev: Option<String>,
-    /// A writable disk (serial [`DATA_SERIAL`]), e.g. container storage.
-    pub data_disk: Option<PathBuf>,
+    /// Writable disks: serial ([`DATA_SERIAL`], [`SANDBOX_SERIAL`]) and
+    /// image file.
+    pub data_disks: Vec<(String, PathBuf)>,
     /// The inherited socket of the host-port forwarding channel, if any.
     pub forward_fd: Option<i32>,
 }
@@ -61,8 +62,10 @@ const CONSOLE_FDSET: u32 = 1;
 
 /// Serial number of the root image's disk.
 pub const ROOT_SERIAL: &str = "agentvm-root";
-/// Serial of the writable data disk.
+/// Serial of the container disk.
 pub const DATA_SERIAL: &str = "agentvm-cri";
+/// Serial of a sandbox's disk (`--clone`).
+pub const SANDBOX_SERIAL: &str = "agentvm-work";
 
 /// Serial number of the disk of layer `i`.
 pub fn layer_serial(i: usize) -> String {
@@ -172,14 +175,14 @@ fn disks(a: &mut Args, cfg: &VmConfig) {
     }
 }
 
-/// The writable data disk, if any.
+/// The writable data disks.
 fn data_disk(a: &mut Args, cfg: &VmConfig) {
-    if let Some(disk) = &cfg.data_disk {
+    for (serial, disk) in &cfg.data_disks {
         // Locked by QEMU too: a second VM cannot open it behind our back.
-        let mut drive = OsString::from(format!("id={DATA_SERIAL},if=none,format=raw,discard=unmap,file="));
+        let mut drive = OsString::from(format!("id={serial},if=none,format=raw,discard=unmap,file="));
         drive.push(escape_commas(disk));
         a.flag("-drive").val(drive);
-        a.flag("-device").val(format!("virtio-blk-device,drive={DATA_SERIAL},serial={DATA_SERIAL}"));
+        a.flag("-device").val(format!("virtio-blk-device,drive={serial},serial={serial}"));
     }
 }
 
@@ -278,7 +281,7 @@ mod tests {
             sandbox: true,
             netdev: None,
             forward_fd: None,
-            data_disk: None,
+            data_disks: Vec::new(),
         }
     }
 
@@ -341,7 +344,7 @@ mod tests {
 
     #[test]
     fn data_disk_is_writable_with_its_serial() {
-        let c = VmConfig { data_disk: Some("/d/p,1.ext4".into()), ..cfg() };
+        let c = VmConfig { data_disks: vec![(DATA_SERIAL.into(), "/d/p,1.ext4".into())], ..cfg() };
         let args = strings(&c);
         let drive = value_of(&args, "-drive").into_iter().find(|d| d.contains(DATA_SERIAL)).unwrap();
         assert!(!drive.contains("read-only"), "{drive}");
