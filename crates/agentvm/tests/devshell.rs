@@ -85,7 +85,7 @@ fn direnv_blocked_envrc_is_refused_before_boot_with_the_allow_hint() {
 /// A project with a self-contained flake (no inputs), evaluated by the real
 /// `nix` (Debian's nix-bin) into a private store under the test's dir, so
 /// the host's /nix is never touched. `nix` on agentvm's PATH is a wrapper
-/// that logs each call, then runs the real one.
+/// that logs each call, then runs the real one under [`nix_lock`].
 struct NixProject {
     launch: Launch,
     bin: PathBuf,
@@ -127,6 +127,11 @@ fn flake_with_greeting(expr: &str) -> String {
 /// The lock file of a flake without inputs.
 const FLAKE_LOCK: &str = "{\"nodes\":{\"root\":{}},\"root\":\"root\",\"version\":7}\n";
 
+/// The file whose lock every nix of these tests holds while it runs.
+fn nix_lock() -> PathBuf {
+    std::env::temp_dir().join("agentvm-test-nix.lock")
+}
+
 impl NixProject {
     fn new(script: &str, flake: &str) -> Result<NixProject, Skip> {
         let real = skip::tool("nix")?;
@@ -140,12 +145,14 @@ impl NixProject {
         // Nix's eval cache goes to $XDG_CACHE_HOME, which agentvm's tests
         // point at the shared image cache: give nix its own.
         let cache = launch.dirs.path().join("nixcache");
+        // One nix at a time across the tests (see `prebuild`).
         write_exec(
             &bin.join("nix"),
             &format!(
-                "#!/bin/sh\necho \"$*\" >> '{}'\nXDG_CACHE_HOME='{}' exec '{}' \"$@\"\n",
+                "#!/bin/sh\necho \"$*\" >> '{}'\nXDG_CACHE_HOME='{}' exec flock '{}' '{}' \"$@\"\n",
                 log.display(),
                 cache.display(),
+                nix_lock().display(),
                 real.display()
             ),
         );
@@ -154,15 +161,19 @@ impl NixProject {
     }
 
     /// Builds the dev shell into the private store before agentvm runs, so
-    /// agentvm's nix only evaluates. Nix 2.8 here now and then reports its
-    /// sandboxed builder "killed by signal 9", also when this test runs nix
-    /// directly (about one build in four while other tests boot VMs; not
-    /// seen in 44 builds on an idle machine): a flake of nix's sandbox
-    /// under load, not of agentvm, so the build is retried a few times.
+    /// agentvm's nix only evaluates. Nix 2.8 here kills its sandboxed
+    /// builder ("signal 9") now and then when two nix processes build at
+    /// once, even in separate stores (reproduced with two shells: about one
+    /// build in sixteen; none in sequence). So every nix of these tests
+    /// holds one lock (here and in the wrapper), and a failed build is
+    /// retried after a pause.
     fn prebuild(&self) {
         let mut last = String::new();
-        for _ in 0..4 {
-            let out = Command::new(&self.real)
+        for attempt in 0..4 {
+            std::thread::sleep(std::time::Duration::from_secs(attempt * 2));
+            let out = Command::new("flock")
+                .arg(nix_lock())
+                .arg(&self.real)
                 .args(["print-dev-env", "--json"])
                 .arg(&self.launch.work)
                 .current_dir(&self.launch.work)
