@@ -164,7 +164,9 @@ impl NixProject {
     /// agentvm's nix only evaluates. Nix 2.8 here kills its sandboxed
     /// builder ("signal 9") now and then when two nix processes build at
     /// once, even in separate stores (reproduced with two shells: about one
-    /// build in sixteen; none in sequence). So every nix of these tests
+    /// build in sixteen). Behind one lock it was rarer (one in thirty, when
+    /// a build started the moment the other ended), and none of fifteen
+    /// builds with a pause between failed. So every nix of these tests
     /// holds one lock (here and in the wrapper), and a failed build is
     /// retried after a pause.
     fn prebuild(&self) {
