@@ -7,7 +7,7 @@ restore it twice with fresh helpers and report what each restored VM saw.
 IMAGE_DIR is an agentvm base image (its vmlinux and modules/), by default
 the newest base-* in the tests' cache. Needs gcc, cpio, QEMU, passt and
 virtiofsd; writes under /tmp/agentvm-warm-spike and /dev/shm."""
-import glob, json, os, secrets, shutil, socket, subprocess, sys, threading, time
+import glob, json, os, pwd, secrets, shutil, socket, subprocess, sys, threading, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORK = "/tmp/agentvm-warm-spike"
@@ -65,10 +65,11 @@ def wait_migration(cmd):
 
 def helpers(tag):
     """A fresh passt and virtiofsd in a dir of their own (passt run as
-    root drops to nobody, so the dir is open to it)."""
+    root drops to nobody, so the dir is nobody's)."""
     d = os.path.join(WORK, tag)
     os.makedirs(os.path.join(d, "share"))
-    os.chmod(d, 0o777)
+    nobody = pwd.getpwnam("nobody")
+    os.chown(d, nobody.pw_uid, nobody.pw_gid)
     open(os.path.join(d, "share", "hello"), "w").write(f"hello from host share {tag}\n")
     passt = subprocess.Popen(["passt", "-f", "-q", "-s", f"{d}/passt.sock", "-a", "10.0.2.15", "-n", "24",
                               "-g", "10.0.2.2", "--no-dhcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
