@@ -29,7 +29,7 @@ mod tmux;
 
 pub use background::Background;
 pub use launch::{agentvm_bin, cache_dir, spawn_until_marker, Launch};
-pub use process::{my_uid, stderr, stdout};
+pub use process::{git, my_uid, stderr, stdout};
 pub use servers::http_get_until;
 pub use skip::{Skip, TestUser};
 pub use tmux::Tmux;

@@ -32,6 +32,24 @@ pub fn show(what: &str, out: &Output) {
     eprintln!("--- {what} -> {:?}\n--- stdout:\n{}\n--- stderr:\n{}", out.status, stdout(out), stderr(out));
 }
 
+/// `git ARGS` in `dir` as a user runs it: an identity for commits, `main`
+/// for new repositories, local clones allowed, no global config, any
+/// owner's repository, and never the index rewritten behind the test's back
+/// (`GIT_OPTIONAL_LOCKS=0`). Its output; panics when git fails.
+pub fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.name=agentvm test", "-c", "user.email=test@agentvm.invalid"])
+        .args(["-c", "init.defaultBranch=main", "-c", "protocol.file.allow=always", "-c", "safe.directory=*"])
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_OPTIONAL_LOCKS", "0")
+        .output()
+        .expect("git is installed");
+    assert!(out.status.success(), "git {args:?}: {}", stderr(&out));
+    stdout(&out)
+}
+
 pub fn my_uid() -> u32 {
     // SAFETY: getuid has no preconditions and cannot fail.
     unsafe { libc::getuid() }

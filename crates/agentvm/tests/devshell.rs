@@ -365,17 +365,6 @@ fn a_guest_edit_of_a_nix_file_the_flake_imports_stops_the_next_dev_shell() {
     assert_eq!(p.calls(), 1, "nix ran only for run 1");
 }
 
-/// `git ARGS` in `dir`, with an identity for commits.
-fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .args(["-c", "user.name=agentvm test", "-c", "user.email=test@agentvm.invalid"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("git is installed");
-    assert!(out.status.success(), "git {args:?}: {}", stderr(&out));
-}
-
 #[test]
 #[ignore = "boots a VM: scripts/test runs it"]
 fn guest_written_git_config_is_not_run_on_the_host_by_the_dev_shell() {

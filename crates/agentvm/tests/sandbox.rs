@@ -12,21 +12,6 @@ use std::time::{Duration, Instant};
 /// How long a VM may take to boot under TCG on a loaded machine.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// `git ARGS` in `dir` as its user runs it (never writing the index behind
-/// the test's back).
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(["-c", "user.name=u", "-c", "user.email=u@example.com", "-c", "init.defaultBranch=main"])
-        .args(["-c", "safe.directory=*"])
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_OPTIONAL_LOCKS", "0")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
 fn write(dir: &Path, name: &str, text: &str) {
     if let Some(parent) = Path::new(name).parent() {
         std::fs::create_dir_all(dir.join(parent)).unwrap();

@@ -156,21 +156,7 @@ fn read_err(dir: &Path, source: std::io::Error) -> RepoError {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::process::Command;
-
-    /// `git ARGS` in `dir` as a user runs it.
-    pub fn git(dir: &Path, args: &[&str]) -> String {
-        let out = Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"])
-            .args(["-c", "protocol.file.allow=always"])
-            .args(args)
-            .current_dir(dir)
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    }
+    pub use agentvm_testkit::git;
 
     /// A repository with one commit on main.
     pub fn repo() -> tempfile::TempDir {
