@@ -145,13 +145,15 @@ pub fn sandbox_ls() -> Result<Vec<SandboxRow>, CommandError> {
 pub fn sandbox_table(rows: &[SandboxRow]) -> String {
     let header = ["NAME", "BRANCH", "AHEAD", "DIRTY", "DISK", "RUNNING", "LAST RUN (UTC)", "PROJECT"];
     let mut table: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
-    let guest = |s: &str| String::from_utf8_lossy(&crate::net::egress::printable(s.as_bytes())).into_owned();
     let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     for r in rows {
         table.push(vec![
             r.name.clone(),
-            or_dash(r.branch.as_deref().map(guest)),
-            or_dash(r.ahead.map(|n| format!("{n} ({})", r.base.as_deref().map_or("-".into(), guest)))),
+            or_dash(r.branch.as_deref().map(crate::escape::printable_text)),
+            or_dash(
+                r.ahead
+                    .map(|n| format!("{n} ({})", r.base.as_deref().map_or("-".into(), crate::escape::printable_text))),
+            ),
             or_dash(r.dirty.map(|d| if d { "yes" } else { "no" }.to_string())),
             format!("{}M", r.disk_bytes >> 20),
             if r.running { "yes" } else { "no" }.into(),

@@ -21,13 +21,15 @@
 //! `stop`, `logs` and `exec`; [`relay`] moves the terminal or the streams
 //! for `run`, `exec` and `shell`; [`sys`] holds the host's system calls
 //! (the one place for `unsafe`); [`doctor`] checks the host;
-//! [`build_info`] is what the build put in (version, commit, guest init).
+//! [`build_info`] is what the build put in (version, commit, guest init);
+//! [`escape`] makes text a guest wrote safe to log and print.
 
 pub mod build_info;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod doctor;
+pub mod escape;
 pub mod guest_env;
 pub mod host_setup;
 pub mod image;

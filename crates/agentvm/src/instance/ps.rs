@@ -425,12 +425,12 @@ pub fn logs(base: &Path, query: &str, net: bool, follow: bool, out: &mut impl Wr
 }
 
 /// Writes what it is given with the guest's control characters escaped
-/// ([`crate::net::egress::printable`]).
+/// ([`crate::escape::printable`]).
 struct Printable<'a, W: Write>(&'a mut W);
 
 impl<W: Write> Write for Printable<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write_all(&crate::net::egress::printable(buf))?;
+        self.0.write_all(&crate::escape::printable(buf))?;
         Ok(buf.len())
     }
 

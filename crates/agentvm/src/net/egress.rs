@@ -137,32 +137,6 @@ fn non_public_v6(ip: Ipv6Addr) -> Option<&'static str> {
     }
 }
 
-/// Text from the guest as one line of printable ASCII: control characters,
-/// non-ASCII bytes and backslashes become `\xNN`, so a request cannot forge
-/// log lines or send escape sequences to the terminal that shows the log.
-pub fn escape_log(text: &str) -> String {
-    String::from_utf8(escape_bytes(text.as_bytes(), false)).unwrap_or_default()
-}
-
-/// `bytes` for a terminal: as [`escape_log`] but newlines are kept and
-/// backslashes are left alone (for printing a log written escaped).
-pub fn printable(bytes: &[u8]) -> Vec<u8> {
-    escape_bytes(bytes, true)
-}
-
-fn escape_bytes(bytes: &[u8], lines: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bytes.len());
-    for &b in bytes {
-        let keep = (b' '..=b'~').contains(&b) && (lines || b != b'\\') || (lines && b == b'\n');
-        if keep {
-            out.push(b);
-        } else {
-            out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
-        }
-    }
-    out
-}
-
 /// The guest environment that points every proxy-aware tool at the proxy.
 pub fn guest_env() -> Vec<(String, String)> {
     let url = format!("http://{}:{PROXY_PORT}", agentvm_proto::forward::HOST_NAME);
@@ -362,7 +336,7 @@ impl Proxy {
     fn note(&self, line: &str) {
         let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         if let Some(log) = self.log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            let _ = log.write(format!("{secs} {}\n", escape_log(line)).as_bytes());
+            let _ = log.write(format!("{secs} {}\n", crate::escape::log_line(line)).as_bytes());
         }
     }
 
@@ -878,12 +852,6 @@ mod tests {
             "an incomplete hello waits for the deadline only"
         );
         assert!(took < Duration::from_secs(3));
-    }
-
-    #[test]
-    fn log_text_is_escaped_and_printing_keeps_only_lines() {
-        assert_eq!(escape_log("CONNECT a\n1 ALLOW x\x1b[2J\\é"), "CONNECT a\\x0a1 ALLOW x\\x1b[2J\\x5c\\xc3\\xa9");
-        assert_eq!(printable(b"1 DENY a\n2 ALLOW \x1b]0;x\x07 \\x1b\n"), b"1 DENY a\n2 ALLOW \\x1b]0;x\\x07 \\x1b\n");
     }
 
     #[test]

@@ -131,7 +131,7 @@ fn failed<S: AsRef<OsStr>>(args: &[S], stderr: String) -> GitError {
     // The last lines say why; the guest may have had a hand in them.
     let lines: Vec<&str> = stderr.lines().collect();
     let tail = lines[lines.len().saturating_sub(5)..].join("\n");
-    let stderr = String::from_utf8_lossy(&crate::net::egress::printable(tail.as_bytes())).into_owned();
+    let stderr = crate::escape::printable_text(&tail);
     GitError::Failed { args: args.join(" "), stderr }
 }
 
