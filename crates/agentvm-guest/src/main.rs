@@ -63,10 +63,7 @@ fn run() -> Result<relay::Outcome> {
     // Before the container runtimes start: their daemons verify registries.
     console::step("install the trust store");
     etc::install_trust(Path::new("/"), &spec.ca_trust)?;
-    if let Some(s) = &spec.sandbox {
-        sandbox::mount(s, &spec.user)?;
-        sandbox::prepare(s, &spec.user)?;
-    }
+    let sandbox = spec.sandbox.as_ref().map(|s| sandbox::open(s, &spec.user)).transpose()?;
     if let Some(c) = &spec.containers {
         containers::prepare(c, &spec.user)?;
         let env = containers::start(c, &spec.user)?;
@@ -84,12 +81,15 @@ fn run() -> Result<relay::Outcome> {
     let outcome = relay::run(&mut port, child, &sigchld, &mut exec)?;
     if let relay::Outcome::Exited(code) = outcome {
         console::step(&format!("program exited with {code}"));
-        if let Some(s) = &spec.sandbox {
-            // Before the exit status: the host reads the results once the VM is off.
-            if let Err(e) = sandbox::export(s, &spec.user) {
+        if let (Some(s), Some(disk)) = (&spec.sandbox, sandbox) {
+            // Before the exit status: the host reads the results once the
+            // VM is off. No process is left to write to the disk meanwhile.
+            power::stop_all();
+            if let Err(e) = disk.export(s, &spec.user) {
                 console::line(&e.to_string());
                 let _ = port.send(&Frame::Stderr(format!("agentvm-guest: {e}\n").into_bytes()));
             }
+            disk.close();
         }
         // The host may already be gone; powering off is all that is left either way.
         let _ = port.send(&Frame::Exit(code));

@@ -21,8 +21,8 @@ fn reap_all(timeout: Duration) {
     }
 }
 
-/// Stops every process (SIGTERM, a grace period, SIGKILL), syncs and powers off.
-pub fn shutdown() -> ! {
+/// Stops every process but this one: SIGTERM, a grace period, SIGKILL.
+pub fn stop_all() {
     console::step("stopping all processes");
     if sys::kill(-1, libc::SIGTERM).is_ok() {
         reap_all(TERM_GRACE);
@@ -30,6 +30,11 @@ pub fn shutdown() -> ! {
     if sys::kill(-1, libc::SIGKILL).is_ok() {
         reap_all(TERM_GRACE);
     }
+}
+
+/// Stops every process, syncs and powers off.
+pub fn shutdown() -> ! {
+    stop_all();
     console::step("sync and power off");
     sys::sync();
     let err = sys::power_off();

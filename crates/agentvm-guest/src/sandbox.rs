@@ -2,17 +2,19 @@
 //! the host gave it), the clone's work tree bound at /work, and the guest's
 //! tool ([`SANDBOX_TOOL`], the script `sandbox.sh`) run as the agent user:
 //! `prepare` clones the project from the read-only share on the first run,
-//! `export` writes the results for the host when the program ends.
+//! `export` writes the results for the host when the program ends, unless
+//! the disk was not written since the export the host holds.
 
 use std::fs;
+use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use agentvm_proto::guest::{SANDBOX_EXPORT, SANDBOX_HOST_REPO, SANDBOX_TOOL, WORK};
+use agentvm_proto::guest::{SANDBOX_EXPORT, SANDBOX_HOST_REPO, SANDBOX_STATUS, SANDBOX_TOOL, WORK};
 use agentvm_proto::{Sandbox, User, DEFAULT_PATH};
 
 use crate::boot;
@@ -25,19 +27,74 @@ pub const SCRIPT: &str = include_str!("sandbox.sh");
 /// Where the sandbox's disk is mounted; the clone is its `work` dir.
 const DISK_MOUNT: &str = "/agentvm/sandbox";
 const WORK_TREE: &str = "/agentvm/sandbox/work";
+/// The tool's record of its last complete export, on the disk: the
+/// result's commit on the first line, then the status it wrote.
+const EXPORTED_MARK: &str = "/agentvm/sandbox/.agentvm-exported";
+/// The most of the mark that is read (a status is a few hundred bytes).
+const MARK_LIMIT: u64 = 64 << 10;
 const DISK_WAIT: Duration = Duration::from_secs(10);
 /// Below this much free space, a failure is blamed on a full disk.
 const NEARLY_FULL: u64 = 16 << 20;
 /// The end of the tool's output a failure shows.
 const OUTPUT_TAIL: usize = 2000;
 
+/// The sandbox's disk, mounted and ready for the program.
+pub struct Opened {
+    /// Its block device, e.g. `/dev/vdb`.
+    device: String,
+    /// Set when the disk's last export is what the host holds.
+    baseline: Option<Baseline>,
+}
+
+/// The disk as the program got it, when its last export is what the host
+/// holds: the mark that export left, and the disk's write counters.
+struct Baseline {
+    mark: Vec<u8>,
+    writes: String,
+}
+
+/// Mounts the disk, clones the project into it on the first run, binds
+/// the clone at /work and notes whether the host holds its last export.
+pub fn open(s: &Sandbox, user: &User) -> Result<Opened> {
+    let device = mount(s, user)?;
+    prepare(s, user)?;
+    let baseline = baseline(s, &device);
+    Ok(Opened { device, baseline })
+}
+
+impl Opened {
+    /// Writes the sandbox's results for the host (the tool's `export`);
+    /// when the disk was not written since the export the host holds,
+    /// hands the host that export's status again instead. Call it with no
+    /// other process left, so nothing writes meanwhile.
+    pub fn export(&self, s: &Sandbox, user: &User) -> Result<()> {
+        if let Some(b) = self.baseline.as_ref().filter(|b| settle(&self.device).as_ref() == Some(&b.writes)) {
+            console::step("sandbox: not written since its last export");
+            return hand_back(b, user);
+        }
+        console::step("sandbox: export");
+        run_tool(&s.name, user, &["export"])
+    }
+
+    /// Unmounts the disk (so its next mount needs no journal recovery).
+    pub fn close(self) {
+        for target in [WORK, DISK_MOUNT] {
+            if let Err(e) = sys::umount(Path::new(target)) {
+                console::line(&format!("cannot unmount {target}: {e}"));
+            }
+        }
+    }
+}
+
 /// Mounts the sandbox's disk, grows its file system to the disk's size,
-/// hands it to `user` and installs the tool.
-pub fn mount(s: &Sandbox, user: &User) -> Result<()> {
+/// hands it to `user` and installs the tool; returns the disk's device.
+fn mount(s: &Sandbox, user: &User) -> Result<String> {
     console::step(&format!("sandbox {} on {}", s.name, s.disk));
     let disk = boot::wait_for_disk(&s.disk, DISK_WAIT)?;
     fs::create_dir_all(DISK_MOUNT).ctx("create directory", DISK_MOUNT)?;
-    let flags = libc::MS_NOSUID | libc::MS_NODEV;
+    // noatime: reading must not write, or an unchanged disk would not
+    // look unchanged (see `baseline`).
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME;
     // noauto_da_alloc: a file truncated and written again is not flushed
     // on close (ext4's guard for programs that skip fsync); under TCG it
     // halved the time to write 5,000 small files.
@@ -51,7 +108,8 @@ pub fn mount(s: &Sandbox, user: &User) -> Result<()> {
     let tool = Path::new(SANDBOX_TOOL);
     fs::create_dir_all(tool.parent().expect("an absolute path")).ctx("create the directory of", tool)?;
     fs::write(tool, SCRIPT).ctx("write", tool)?;
-    fs::set_permissions(tool, fs::Permissions::from_mode(0o755)).ctx("chmod", tool)
+    fs::set_permissions(tool, fs::Permissions::from_mode(0o755)).ctx("chmod", tool)?;
+    Ok(disk)
 }
 
 /// Grows the mounted file system to the size of `disk` (the host makes a
@@ -64,9 +122,62 @@ fn grow(disk: &str) -> std::io::Result<()> {
     sys::ext4_resize(dir.as_raw_fd(), bytes / block.max(1))
 }
 
+/// Takes the mark of the last export off the disk (it speaks for one run
+/// at most: a run cut short, by a kill -9, is exported in full next time),
+/// and keeps it with the disk's write counters if the host holds that
+/// export's result.
+fn baseline(s: &Sandbox, device: &str) -> Option<Baseline> {
+    let mark = read_mark();
+    if mark.is_some() {
+        if let Err(e) = fs::remove_file(EXPORTED_MARK) {
+            console::line(&format!("cannot remove {EXPORTED_MARK}: {e}"));
+            return None;
+        }
+    }
+    let writes = settle(device)?;
+    let mark = mark?;
+    let result = mark.split(|b| *b == b'\n').next()?;
+    (s.held.as_deref().map(str::as_bytes) == Some(result)).then_some(Baseline { mark, writes })
+}
+
+fn read_mark() -> Option<Vec<u8>> {
+    let file = fs::File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(EXPORTED_MARK).ok()?;
+    let mut mark = Vec::new();
+    file.take(MARK_LIMIT).read_to_end(&mut mark).ok()?;
+    Some(mark)
+}
+
+/// Writes out everything of the disk's file system, then reads how much
+/// was written to the disk since boot: sectors written and discards (not
+/// the count of writes: an empty flush, as syncfs sends, counts as one).
+fn settle(device: &str) -> Option<String> {
+    let dir = sys::open(Path::new(DISK_MOUNT), libc::O_RDONLY | libc::O_DIRECTORY).ok()?;
+    sys::syncfs(dir.as_raw_fd()).ok()?;
+    let name = Path::new(device).file_name()?;
+    let stat = fs::read_to_string(Path::new("/sys/class/block").join(name).join("stat")).ok()?;
+    let fields: Vec<&str> = stat.split_whitespace().collect();
+    Some(format!("{} {}", fields.get(6)?, fields.get(11).unwrap_or(&"-")))
+}
+
+/// Puts the mark back and hands the host the status of the export it
+/// holds (the host then finds the result's commit in the project).
+fn hand_back(b: &Baseline, user: &User) -> Result<()> {
+    let status = b.mark.splitn(2, |byte| *byte == b'\n').nth(1).unwrap_or_default();
+    write_as(user, Path::new(EXPORTED_MARK), &b.mark)?;
+    write_as(user, &Path::new(SANDBOX_EXPORT).join(SANDBOX_STATUS), status)
+}
+
+/// Writes `path` whole (a temporary file renamed over it), owned by `user`.
+fn write_as(user: &User, path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("agentvm-tmp");
+    fs::write(&tmp, bytes).ctx("write", &tmp)?;
+    sys::chown(&tmp, user.uid, user.gid).ctx("chown", &tmp)?;
+    fs::rename(&tmp, path).ctx("rename into place", path)
+}
+
 /// On the first run, clones the project into the sandbox (the tool's
 /// `prepare`); then binds the clone's work tree at /work.
-pub fn prepare(s: &Sandbox, user: &User) -> Result<()> {
+fn prepare(s: &Sandbox, user: &User) -> Result<()> {
     if !Path::new(WORK_TREE).join(".git").is_dir() {
         console::step("sandbox: first run, cloning the project");
         let mut args = vec!["prepare", s.name.as_str(), s.commit.as_str()];
@@ -82,12 +193,6 @@ pub fn prepare(s: &Sandbox, user: &User) -> Result<()> {
     })
 }
 
-/// Writes the sandbox's results for the host (the tool's `export`).
-pub fn export(s: &Sandbox, user: &User) -> Result<()> {
-    console::step("sandbox: export");
-    run_tool(&s.name, user, &["export"])
-}
-
 /// Runs the tool with `args` as `user`, in a plain environment; a failure
 /// carries the end of its output, and says so when the disk is full.
 fn run_tool(name: &str, user: &User, args: &[&str]) -> Result<()> {
@@ -100,7 +205,7 @@ fn run_tool(name: &str, user: &User, args: &[&str]) -> Result<()> {
         .envs([("HOME", user.home.as_str()), ("USER", &user.name), ("LOGNAME", &user.name)])
         .envs([("PATH", DEFAULT_PATH), ("LANG", "C.UTF-8")])
         .envs([("AGENTVM_SANDBOX_HOST", SANDBOX_HOST_REPO), ("AGENTVM_SANDBOX_WORK", WORK_TREE)])
-        .env("AGENTVM_SANDBOX_EXPORT", SANDBOX_EXPORT)
+        .envs([("AGENTVM_SANDBOX_EXPORT", SANDBOX_EXPORT), ("AGENTVM_SANDBOX_MARK", EXPORTED_MARK)])
         .current_dir("/")
         .output()
         .map_err(|e| Error::io("run", SANDBOX_TOOL, e))?;
@@ -242,6 +347,30 @@ mod tests {
 
         let status: String = std::fs::read_to_string(d.export.join("status.json")).unwrap();
         assert!(status.contains(r#""branch":"main","base":"main","dirty":true,"ahead":1"#), "{status}");
+    }
+
+    #[test]
+    fn an_export_with_a_mark_path_records_its_result_and_status_there_and_one_without_does_not() {
+        let d = prepared();
+        let mark = d.export.parent().unwrap().join("disk/.agentvm-exported");
+        let out = tool(&d, &["export"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(!mark.exists(), "an export run through `agentvm sandbox export` left a mark");
+
+        let out = Command::new("bash")
+            .arg(&d.script)
+            .arg("export")
+            .env("AGENTVM_SANDBOX_HOST", &d.host)
+            .env("AGENTVM_SANDBOX_WORK", &d.work)
+            .env("AGENTVM_SANDBOX_EXPORT", &d.export)
+            .env("AGENTVM_SANDBOX_MARK", &mark)
+            .env("GIT_CONFIG_GLOBAL", d.export.parent().unwrap().join("gitconfig"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let status = std::fs::read_to_string(d.export.join("status.json")).unwrap();
+        let result = git(&d.work, &["rev-parse", "refs/agentvm/export"]);
+        assert_eq!(std::fs::read_to_string(&mark).unwrap(), format!("{result}{status}"));
     }
 
     #[test]

@@ -15,7 +15,10 @@
 #       if the work tree is dirty, made on a copy of the index so the
 #       sandbox's own index and work tree do not change), and status.json,
 #       which names that commit. When the host has the commit already, only
-#       status.json.
+#       status.json. With AGENTVM_SANDBOX_MARK set (by the guest init, at
+#       the end of a run, when nothing else runs), it then records the
+#       result's commit and the status there, so that the next run can tell
+#       whether the disk changed since (see sandbox.rs).
 #
 # Paths (overridable for tests): AGENTVM_SANDBOX_HOST (the host's project),
 # AGENTVM_SANDBOX_WORK (the sandbox's work tree), AGENTVM_SANDBOX_EXPORT
@@ -127,6 +130,7 @@ export_state() {
     if host_git cat-file -e "$result^{commit}" 2> /dev/null; then
         # The host has it: naming it (in the status) is all it takes.
         write_status "$head" "$result" "$dirty" "$base" "$basecommit"
+        write_mark "$result"
         return 0
     fi
 
@@ -145,6 +149,15 @@ export_state() {
     git bundle create -q "$bundle" "$ref" "${nots[@]}"
     mv -f "$bundle" "$out/result.bundle"
     write_status "$head" "$result" "$dirty" "$base" "$basecommit"
+    write_mark "$result"
+}
+
+# The record of a complete export: the result's commit, then the status.
+write_mark() {
+    local mark=${AGENTVM_SANDBOX_MARK:-}
+    [ -n "$mark" ] || return 0
+    { printf '%s\n' "$1"; cat "$out/status.json"; } > "$mark.tmp"
+    mv -f "$mark.tmp" "$mark"
 }
 
 # status.json: what `agentvm sandbox ls` shows (the host treats it as the

@@ -255,6 +255,21 @@ pub fn sync() {
     unsafe { libc::sync() }
 }
 
+/// syncfs(2): writes out everything of the file system holding `fd`.
+pub fn syncfs(fd: RawFd) -> io::Result<()> {
+    // SAFETY: syncfs has no memory effects.
+    check(unsafe { libc::syncfs(fd) })?;
+    Ok(())
+}
+
+/// umount(2).
+pub fn umount(target: &Path) -> io::Result<()> {
+    let t = cstr(target)?;
+    // SAFETY: `t` is NUL-terminated.
+    check(unsafe { libc::umount(t.as_ptr()) })?;
+    Ok(())
+}
+
 /// Powers the machine off. Returns only if reboot(2) failed.
 pub fn power_off() -> io::Error {
     // Without ACPI (e.g. its tables were not found) the kernel cannot power

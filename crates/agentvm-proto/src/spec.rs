@@ -142,6 +142,11 @@ pub struct Sandbox {
     pub branch: Option<String>,
     /// The host's HEAD commit, the first run's starting point.
     pub commit: String,
+    /// The commit the host's `agentvm/NAME` holds, when it is this
+    /// sandbox's last result: a sandbox not written since that export has
+    /// nothing new to export.
+    #[serde(default)]
+    pub held: Option<String>,
 }
 
 /// A virtiofs share.
@@ -225,6 +230,7 @@ mod tests {
                 disk: "serial:agentvm-work".into(),
                 branch: Some("main".into()),
                 commit: "0".repeat(40),
+                held: Some("1".repeat(40)),
             }),
             user: User { name: crate::guest::USER.into(), uid: 1000, gid: 1000, home: crate::guest::HOME.into() },
             cwd: crate::guest::WORK.into(),

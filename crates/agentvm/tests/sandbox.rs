@@ -288,6 +288,56 @@ fn after_a_kill_9_of_agentvm_the_sandbox_resumes_and_export_recovers_its_work() 
     assert_eq!(stdout(&out), "unsaved\n");
 }
 
+/// What the guest said about the export at the end of a `--verbose` run.
+fn export_step(out: &Output) -> &'static str {
+    let err = stderr(out);
+    match (err.contains("sandbox: not written since its last export"), err.contains("sandbox: export")) {
+        (true, false) => "skipped",
+        (false, true) => "exported",
+        _ => panic!("no word on the export, or both: {err}"),
+    }
+}
+
+#[test]
+#[ignore = "boots a VM: scripts/test runs it"]
+fn a_run_that_writes_nothing_skips_the_export_but_a_write_a_lost_branch_or_a_killed_run_exports() {
+    let l = project();
+    let p = l.work.clone();
+    let run = |script: &str| {
+        let out = in_sandbox(&l, "t1", &["--verbose"], script);
+        assert_ok(&out);
+        export_step(&out)
+    };
+    assert_eq!(run("echo one > /work/one.txt"), "exported");
+    let first = git(&p, &["rev-parse", "agentvm/t1"]);
+    let tree = git(&p, &["rev-parse", "agentvm/t1^{tree}"]);
+    // Reading (noatime) writes nothing: the host holds the result already.
+    assert_eq!(run("cat /work/one.txt > /dev/null && cd /work && git log -1 > /dev/null"), "skipped");
+    assert_eq!(git(&p, &["rev-parse", "agentvm/t1"]), first);
+
+    // The user deletes the branch: the next run brings the work back (its
+    // commit of uncommitted work made anew).
+    git(&p, &["branch", "-D", "agentvm/t1"]);
+    assert_eq!(run("true"), "exported");
+    assert_eq!(git(&p, &["rev-parse", "agentvm/t1^{tree}"]), tree);
+    assert_eq!(run("true"), "skipped");
+
+    // A run killed after writing: the next run exports its work.
+    let marker = home(&l).join("written");
+    let script = "echo two > /work/two.txt; sync; touch /home/agent/written; sleep 300";
+    let mut killed = l.spawn_with(&sandbox_args(&l, "t1", &[], script).iter().map(String::as_str).collect::<Vec<_>>());
+    killed.wait_for_file(&marker, BOOT_TIMEOUT);
+    killed.signal(libc::SIGKILL);
+    killed.wait_exit(Duration::from_secs(30));
+    l.assert_no_leftovers();
+    assert_eq!(run("true"), "exported");
+    assert_eq!(git(&p, &["show", "agentvm/t1:two.txt"]), "two\n");
+
+    // A write, however small, is seen.
+    assert_eq!(run("touch -d 2001-01-01 /work/one.txt"), "exported");
+    assert_eq!(run("true"), "skipped");
+}
+
 #[test]
 #[ignore = "boots a VM: scripts/test runs it"]
 fn a_full_disk_gives_the_guest_enospc_says_how_to_grow_it_and_a_larger_size_grows_it() {

@@ -119,6 +119,7 @@ fn spec(s: &Settings, res: &Resources, shares: &[Share], id: &str) -> LaunchSpec
             disk: format!("serial:{}", vm::SANDBOX_SERIAL),
             branch: sb.base.branch.clone(),
             commit: sb.base.commit.clone(),
+            held: sb.held.clone(),
         }),
         mounts: shares
             .iter()
@@ -487,7 +488,7 @@ pub(crate) mod tests {
         let base = RepoBase { branch: None, commit: "c0ffee".into() };
         let res = Resources {
             cri_disk: Some(paths.containers()),
-            sandbox: Some(SandboxPlan { name, paths, base }),
+            sandbox: Some(SandboxPlan { name, paths, base, held: None }),
             ..resources(&s)
         };
         let p = plan(&s, &res);

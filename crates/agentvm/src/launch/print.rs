@@ -322,6 +322,7 @@ mod tests {
             paths: SandboxPaths::new(std::path::Path::new("/data"), "project-0", &name),
             name,
             base: RepoBase { branch: Some("main".into()), commit: "c0ffee".into() },
+            held: None,
         };
         let res = Resources { sandbox: Some(sandbox), ..resources(&s) };
         let text =

@@ -87,6 +87,8 @@ pub struct SandboxPlan {
     pub paths: SandboxPaths,
     /// Where a new sandbox starts: the project's branch and commit.
     pub base: RepoBase,
+    /// The commit `agentvm/NAME` holds, when it is the sandbox's last result.
+    pub held: Option<String>,
 }
 
 /// What resolving found that the later stages need besides [`Resources`].
@@ -195,7 +197,8 @@ fn sandbox_plan(settings: &Settings) -> Result<Option<SandboxPlan>, ResolveError
     let project = crate::paths::project_home_name(&settings.work_dir);
     let paths = SandboxPaths::new(&crate::paths::data_dir()?, &project, &choice.name);
     let base = repo::inspect(&settings.work_dir, !paths.exists())?;
-    Ok(Some(SandboxPlan { name: choice.name.clone(), paths, base }))
+    let held = crate::sandbox::import::held(&paths, &choice.name, &settings.work_dir);
+    Ok(Some(SandboxPlan { name: choice.name.clone(), paths, base, held }))
 }
 
 /// Where the container disk is, when container runtimes run: the
@@ -256,7 +259,7 @@ mod tests {
     fn the_container_disk_is_the_sandboxs_own_with_a_sandbox() {
         let name = SandboxName::parse("fix-1").unwrap();
         let paths = SandboxPaths::new(std::path::Path::new("/data"), "project-0", &name);
-        let sandbox = SandboxPlan { name, paths, base: RepoBase { branch: None, commit: "c0ffee".into() } };
+        let sandbox = SandboxPlan { name, paths, base: RepoBase { branch: None, commit: "c0ffee".into() }, held: None };
         let s = Settings { cri: vec![cri::Runtime::Docker], ..settings() };
         let disk = cri_disk_path(&s, Some(&sandbox)).unwrap().unwrap();
         assert_eq!(disk, std::path::Path::new("/data/sandboxes/project-0/fix-1/containers.ext4"));

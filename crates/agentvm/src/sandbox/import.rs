@@ -153,6 +153,16 @@ pub fn import(paths: &SandboxPaths, name: &SandboxName, project: &Path) -> Resul
     Ok(Imported { name: name.clone(), commit, applied, status })
 }
 
+/// The commit `agentvm/NAME` holds in `project`, when it is the result
+/// this sandbox last brought back: a sandbox not written since has nothing
+/// new to export. None when the branch is gone, moved or unreadable.
+pub fn held(paths: &SandboxPaths, name: &SandboxName, project: &Path) -> Option<String> {
+    let exported = paths.read_record()?.exported?;
+    let user = HostGit::new(&repo::git_dir(project).ok()?);
+    let current = user.query(&["rev-parse", "-q", "--verify", &format!("{}^{{commit}}", name.branch_ref())]).ok()??;
+    (current == exported).then_some(current)
+}
+
 /// A result that may be applied.
 enum Result_ {
     /// A bundle that verified: its commit, and the scratch repository that
@@ -512,6 +522,22 @@ mod tests {
         assert_eq!(decide(Some("o"), None, "n", false), FastForward);
         assert_eq!(decide(Some("o"), Some("o"), "n", true), Keep(KeptBecause::CheckedOut));
         assert_eq!(decide(None, None, "n", true), Keep(KeptBecause::CheckedOut));
+    }
+
+    #[test]
+    fn the_branch_is_held_only_while_it_is_the_last_result_brought_back() {
+        let f = Fixture::new();
+        let held = || held(&f.paths, &f.name, &f.project());
+        assert_eq!(held(), None, "nothing brought back yet");
+        let commit = f.result("new.txt");
+        f.import().unwrap();
+        assert_eq!(held().as_deref(), Some(commit.as_str()));
+        // The user moves the branch, or deletes it: the next run exports.
+        let p = f.project.path();
+        git(p, &["branch", "-f", "agentvm/t1", "main"]);
+        assert_eq!(held(), None, "a moved branch");
+        git(p, &["branch", "-D", "agentvm/t1"]);
+        assert_eq!(held(), None, "a deleted branch");
     }
 
     #[test]
