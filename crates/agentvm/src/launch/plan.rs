@@ -191,6 +191,7 @@ pub(crate) mod tests {
         Settings {
             work_dir: "/p/project".into(),
             home_dir: "/data/homes/project".into(),
+            login: Default::default(),
             flavor: builtin_flavors()["shell"].clone(),
             argv: vec!["make".into(), "test".into()],
             guest_env: GuestEnv { vars: vec![("API_KEY".into(), "s3cr3t".into())], warnings: Vec::new() },
