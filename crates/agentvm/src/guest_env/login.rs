@@ -240,7 +240,9 @@ impl Tracked {
         let home_now = stat(&places.home, &self.rel)?;
         let held_still = settled || self.home_polled == Some(home_now);
         self.home_polled = Some(home_now);
-        if held_still && self.home_taken != Some(home_now) && self.take_home(places)? {
+        // A home that is changing wins once it holds still: the store's
+        // version must not overwrite it meanwhile.
+        if self.home_taken != Some(home_now) && (!held_still || self.take_home(places)?) {
             return Ok(());
         }
         let store_now = stat(&places.store, &self.rel)?;
@@ -251,12 +253,13 @@ impl Tracked {
     }
 
     /// Carries the home's version to the store if it differs from the one
-    /// agreed; true if it did. A file that changed while read is left for
-    /// the next poll.
+    /// agreed; true if it did, or if the file changed while read (it is
+    /// then left for the next poll).
     fn take_home(&mut self, places: &Places) -> Result<bool, LoginError> {
         let (stamp, bytes) = read_settled(&places.home, &self.rel)?;
         if Some(stamp) != self.home_polled {
-            return Ok(false);
+            self.home_polled = Some(stamp);
+            return Ok(true);
         }
         self.home_taken = Some(stamp);
         let version = bytes.as_deref().map(digest);
@@ -276,11 +279,16 @@ impl Tracked {
     /// agreed (another VM's login or refresh, or a log out).
     fn take_store(&mut self, places: &Places) -> Result<(), LoginError> {
         let (stamp, bytes) = read_settled(&places.store, &self.rel)?;
-        self.store_taken = Some(stamp);
         let version = bytes.as_deref().map(digest);
         if version == self.agreed {
+            self.store_taken = Some(stamp);
             return Ok(());
         }
+        if stat(&places.home, &self.rel)? != self.home_taken.unwrap_or(ABSENT) {
+            // The guest just changed its file: that goes first.
+            return Ok(());
+        }
+        self.store_taken = Some(stamp);
         let home_stamp = match &bytes {
             Some(b) => write(&places.home, &self.rel, b)?,
             None => remove_if(&places.home, &self.rel, self.agreed)?,
@@ -538,6 +546,21 @@ mod tests {
         std::fs::remove_file(f.store()).unwrap();
         sync.poll(false);
         assert!(!f.home().exists());
+    }
+
+    #[test]
+    fn a_change_in_the_home_not_yet_taken_is_not_overwritten_by_the_stores() {
+        let f = Fixture::new();
+        put(&f.store(), "v1");
+        let mut sync = f.start();
+        put_by_rename(&f.home(), "v2 (this VM, just now)");
+        put_by_rename(&f.store(), "v2 (another VM, a moment earlier)");
+        sync.poll(false);
+        assert_eq!(read(&f.home()), "v2 (this VM, just now)");
+        sync.poll(false);
+        assert_eq!(read(&f.store()), "v2 (this VM, just now)", "the later change wins");
+        sync.poll(false);
+        assert_eq!(read(&f.home()), "v2 (this VM, just now)");
     }
 
     #[test]
