@@ -305,6 +305,7 @@ mod tests {
         assert_eq!(s.flavor.name, "claude");
         assert_eq!(s.argv, ["claude"]);
         assert_eq!(s.accel, AccelChoice::Auto);
+        assert_eq!(s.login, LoginMode::Shared);
         assert_eq!(s.work_dir, d.path().canonicalize().unwrap());
     }
 

@@ -42,8 +42,8 @@ use crate::paths;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum LoginMode {
-    /// One login for every project: the store of the user's, synced with
-    /// each home.
+    /// One login for every project, kept in a store of the user's and
+    /// synced with each home.
     #[default]
     Shared,
     /// Each agent home keeps its own login.
