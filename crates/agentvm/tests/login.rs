@@ -2,7 +2,9 @@
 //! `login_files`): a login made in one project's VM serves another
 //! project's, while both run too, every version whole, never under /work;
 //! `--login=per-project` keeps the homes apart; the real Codex CLI's own
-//! login (a temporary file renamed over `auth.json`) is shared.
+//! login (a temporary file renamed over `auth.json`) is shared, and the real
+//! Claude Code is signed in with credentials written in another project as
+//! it writes them.
 
 use agentvm_testkit::*;
 use std::path::{Path, PathBuf};
@@ -196,4 +198,34 @@ fn the_real_codex_login_in_one_project_is_logged_in_in_another() {
         let found = files_containing(&l.work, key.as_bytes());
         assert!(found.is_empty(), "the key is under /work: {found:?}");
     }
+}
+
+#[test]
+#[ignore = "boots a VM: scripts/test runs it"]
+fn the_real_claude_code_is_signed_in_with_a_login_made_in_another_project() {
+    // Claude Code's own write needs its OAuth servers: project A writes its
+    // credentials file as Claude Code does (`.credentials.json.tmp.<8 hex>`,
+    // mode 0600, renamed over the file) from a shell in the claude image.
+    let a = Launch::new();
+    a.trusted_config("[flavors.claude]\ncommand = []\n");
+    let creds = r#"{"claudeAiOauth":{"accessToken":"sk-ant-oat01-agentvm-test","refreshToken":"sk-ant-ort01-agentvm-test","expiresAt":4102444800000,"scopes":["user:inference","user:profile"],"subscriptionType":"max"}}"#;
+    let tmp = "~/.claude/.credentials.json.tmp.5f3a9c1e";
+    let write = format!("(umask 077; printf '%s' '{creds}' > {tmp}) && mv {tmp} ~/.claude/.credentials.json");
+    let out = a.agentvm(&["run", "--memory", "1G", "claude", "--", "sh", "-c", &write]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    let b = Launch::new().same_data_as(&a);
+    let status = |flags: &[&str]| {
+        let mut args = vec!["run", "--memory", "1G"];
+        args.extend(flags);
+        args.extend(["claude", "--", "auth", "status", "--json"]);
+        let out = b.agentvm(&args);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("claude auth status: {e}: {}{}", stdout(&out), stderr(&out)));
+        (out.status.code(), v)
+    };
+    let (code, v) = status(&["--network", "none", "--login=per-project"]);
+    assert_eq!((code, &v["loggedIn"]), (Some(1), &serde_json::Value::Bool(false)), "{v}");
+    let (code, v) = status(&["--network", "none"]);
+    assert_eq!((code, &v["loggedIn"], &v["authMethod"]), (Some(0), &true.into(), &"claude.ai".into()), "{v}");
 }
