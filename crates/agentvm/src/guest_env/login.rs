@@ -147,10 +147,8 @@ impl LoginSync {
         }
         let (home_stamp, home_bytes) = read_settled(&self.places.home, rel)?;
         let (store_stamp, store_bytes) = read_settled(&self.places.store, rel)?;
-        let mut t =
-            Tracked { rel: rel.to_string(), agreed: None, home_polled: None, home_taken: None, store_taken: None };
-        t.store_taken = Some(store_stamp);
-        t.home_taken = Some(home_stamp);
+        let (home_taken, store_taken) = (Some(home_stamp), Some(store_stamp));
+        let mut t = Tracked { rel: rel.to_string(), agreed: None, home_polled: None, home_taken, store_taken };
         match (store_bytes, home_bytes) {
             (Some(store), home) => {
                 if home.as_deref() != Some(store.as_slice()) {
@@ -220,12 +218,14 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops polling after a last comparison (call once the VM is off) and
-    /// gives the sync back, with its problems.
-    pub fn finish(mut self) -> LoginSync {
+    /// Stops polling after a last comparison (call once the VM is off);
+    /// every problem the sync had.
+    pub fn finish(mut self) -> Vec<String> {
         let _ = self.stop.send(());
-        let thread = self.thread.take().expect("finished once");
-        thread.join().expect("the login sync thread does not panic")
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(sync)) => sync.problems,
+            _ => vec!["login not shared: the sync stopped unexpectedly".to_string()],
+        }
     }
 }
 
@@ -624,8 +624,8 @@ mod tests {
         std::thread::sleep(POLL * 3);
         assert_eq!(read(&f.store()), "v1");
         put(&f.home(), "v2");
-        let sync = running.finish();
+        let problems = running.finish();
         assert_eq!(read(&f.store()), "v2");
-        assert!(sync.problems().is_empty(), "{:?}", sync.problems());
+        assert!(problems.is_empty(), "{problems:?}");
     }
 }

@@ -84,7 +84,7 @@ pub fn run(settings: &Settings, clock: Instant, warn: &mut dyn FnMut(String)) ->
     let end = started.relay(res.tty)?;
     let (console_log, total) = started.stop();
     if let Some((running, reported)) = login {
-        running.finish().problems().iter().skip(reported).for_each(|p| warn(p.clone()));
+        running.finish().into_iter().skip(reported).for_each(warn);
     }
     let console = settings.verbose.then(|| ConsoleDump::read(console_log, total));
     let result = end.into_result(outcome::console_tail(console_log));
