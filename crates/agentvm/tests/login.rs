@@ -8,6 +8,7 @@
 
 use agentvm_testkit::*;
 use std::path::{Path, PathBuf};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 /// A flavor like the agents': its login file under a dir of the home.
@@ -29,12 +30,25 @@ fn store(l: &Launch, flavor: &str, rel: &str) -> PathBuf {
     l.data.join("agentvm/logins").join(flavor).join(rel)
 }
 
-/// `agentvm run [flags] logintest -- sh -c script`.
-fn run_script(l: &Launch, flags: &[&str], script: &str) -> std::process::Output {
-    let mut args = vec!["run", "--memory", "512M", "--cpus", "1"];
+/// `agentvm run --memory MEMORY [flags] rest...`.
+fn run(l: &Launch, memory: &str, flags: &[&str], rest: &[&str]) -> Output {
+    let mut args = vec!["run", "--memory", memory];
     args.extend(flags);
-    args.extend(["logintest", "--", "sh", "-c", script]);
+    args.extend(rest);
     l.agentvm(&args)
+}
+
+/// `agentvm run [flags] logintest -- sh -c script`, on one CPU.
+fn run_script(l: &Launch, flags: &[&str], script: &str) -> Output {
+    run(l, "512M", &[&["--cpus", "1"], flags].concat(), &["logintest", "--", "sh", "-c", script])
+}
+
+/// Panics if a file in one of the projects holds `secret`.
+fn assert_not_under_work(projects: &[&Launch], secret: &str) {
+    for l in projects {
+        let found = files_containing(&l.work, secret.as_bytes());
+        assert!(found.is_empty(), "the login is under /work: {found:?}");
+    }
 }
 
 fn mode(p: &Path) -> u32 {
@@ -63,10 +77,7 @@ fn a_login_written_in_one_projects_vm_is_there_in_another_projects_vm_and_never_
     let b = project(Some(&a));
     let out = run_script(&b, &[], &format!("cat ~/{LOGIN}; stat -c %a ~/{LOGIN}"));
     assert_eq!(stdout(&out), format!("{token}600\n"), "{}", stderr(&out));
-    for l in [&a, &b] {
-        let found = files_containing(&l.work, token.as_bytes());
-        assert!(found.is_empty(), "the login is under /work: {found:?}");
-    }
+    assert_not_under_work(&[&a, &b], &token);
 }
 
 #[test]
@@ -184,20 +195,14 @@ fn the_real_codex_login_in_one_project_is_logged_in_in_another() {
     // with the shared one.
     let b = Launch::new().same_data_as(&a);
     let status = |flags: &[&str]| {
-        let mut args = vec!["run", "--memory", "1G"];
-        args.extend(flags);
-        args.extend(["codex", "--", "login", "status"]);
-        let out = b.agentvm(&args);
+        let out = run(&b, "1G", flags, &["codex", "--", "login", "status"]);
         (out.status.code(), stderr(&out))
     };
     let (code, text) = status(&["--login=per-project"]);
     assert!(code == Some(1) && text.contains("Not logged in"), "{code:?} {text}");
     let (code, text) = status(&[]);
     assert!(code == Some(0) && text.contains("API key configured"), "{code:?} {text}");
-    for l in [&a, &b] {
-        let found = files_containing(&l.work, key.as_bytes());
-        assert!(found.is_empty(), "the key is under /work: {found:?}");
-    }
+    assert_not_under_work(&[&a, &b], &key);
 }
 
 #[test]
@@ -216,10 +221,7 @@ fn the_real_claude_code_is_signed_in_with_a_login_made_in_another_project() {
 
     let b = Launch::new().same_data_as(&a);
     let status = |flags: &[&str]| {
-        let mut args = vec!["run", "--memory", "1G"];
-        args.extend(flags);
-        args.extend(["claude", "--", "auth", "status", "--json"]);
-        let out = b.agentvm(&args);
+        let out = run(&b, "1G", flags, &["claude", "--", "auth", "status", "--json"]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("claude auth status: {e}: {}{}", stdout(&out), stderr(&out)));
         (out.status.code(), v)
