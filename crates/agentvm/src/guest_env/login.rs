@@ -14,13 +14,17 @@
 //! all leave a plain file in the home, which is all this needs. A file in
 //! the home is taken only once it held still for one poll and did not
 //! change while read, so a half-done in-place write never reaches the
-//! store. When both sides changed, the later change wins.
+//! store. When both sides changed, the later change wins, and a change the
+//! guest made is never overwritten before it was taken: the store's version
+//! goes into the home only while the home holds still, swapped in
+//! atomically (`RENAME_EXCHANGE`) and swapped back if the guest wrote in the
+//! moment between.
 //!
 //! The home is guest-written: its files are reached from the home's
 //! descriptor without following symlinks, read only when regular and at
 //! most [`home::MAX_READ`] bytes (the helpers of [`home`]).
 
-use std::ffi::OsStr;
+use std::ffi::{CStr, OsStr};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
@@ -152,12 +156,16 @@ impl LoginSync {
         match (store_bytes, home_bytes) {
             (Some(store), home) => {
                 if home.as_deref() != Some(store.as_slice()) {
-                    t.home_taken = Some(write(&self.places.home, rel, &store)?);
+                    // Another VM of this project may be writing it: if so, its
+                    // version goes to the store at the first poll.
+                    if let (true, now) = write(&self.places.home, rel, &store, Some(home_stamp))? {
+                        t.home_taken = Some(now);
+                    }
                 }
                 t.agreed = Some(digest(&store));
             }
             (None, Some(home)) => {
-                t.store_taken = Some(write(&self.places.store, rel, &home)?);
+                t.store_taken = Some(write(&self.places.store, rel, &home, None)?.1);
                 t.agreed = Some(digest(&home));
             }
             (None, None) => {}
@@ -267,7 +275,7 @@ impl Tracked {
             return Ok(false);
         }
         let store_stamp = match &bytes {
-            Some(b) => write(&places.store, &self.rel, b)?,
+            Some(b) => write(&places.store, &self.rel, b, None)?.1,
             None => remove_if(&places.store, &self.rel, self.agreed)?,
         };
         self.store_taken = Some(store_stamp);
@@ -284,15 +292,17 @@ impl Tracked {
             self.store_taken = Some(stamp);
             return Ok(());
         }
-        if stat(&places.home, &self.rel)? != self.home_taken.unwrap_or(ABSENT) {
-            // The guest just changed its file: that goes first.
-            return Ok(());
-        }
-        self.store_taken = Some(stamp);
+        // Unless the guest just changed its file: that goes first.
+        let home_was = self.home_taken.unwrap_or(ABSENT);
         let home_stamp = match &bytes {
-            Some(b) => write(&places.home, &self.rel, b)?,
+            Some(b) => match write(&places.home, &self.rel, b, Some(home_was))? {
+                (true, now) => now,
+                (false, _) => return Ok(()),
+            },
+            None if stat(&places.home, &self.rel)? != home_was => return Ok(()),
             None => remove_if(&places.home, &self.rel, self.agreed)?,
         };
+        self.store_taken = Some(stamp);
         self.home_taken = Some(home_stamp);
         self.home_polled = Some(home_stamp);
         self.agreed = version;
@@ -354,12 +364,14 @@ fn open_parent(root: &Path, rel: &str) -> Result<Option<(OwnedFd, String)>, Logi
 fn stat(root: &Path, rel: &str) -> Result<Stamp, LoginError> {
     let Some((dir, name)) = open_parent(root, rel)? else { return Ok(ABSENT) };
     match rustix::fs::statat(&dir, home::cstr(&name).as_c_str(), AtFlags::SYMLINK_NOFOLLOW) {
-        Ok(st) => {
-            Ok(Stamp { ino: st.st_ino, size: st.st_size, mtime: (st.st_mtime, st.st_mtime_nsec as i64), absent: false })
-        }
+        Ok(st) => Ok(stamp_of(&st)),
         Err(rustix::io::Errno::NOENT) => Ok(ABSENT),
         Err(e) => Err(LoginError::Io { what: "inspect", path: root.join(rel), source: e.into() }),
     }
+}
+
+fn stamp_of(st: &rustix::fs::Stat) -> Stamp {
+    Stamp { ino: st.st_ino, size: st.st_size, mtime: (st.st_mtime, st.st_mtime_nsec as i64), absent: false }
 }
 
 /// `root/rel`'s content (None: absent) and its stamp, which held from
@@ -376,8 +388,10 @@ fn read_settled(root: &Path, rel: &str) -> Result<(Stamp, Option<Vec<u8>>), Logi
 }
 
 /// Replaces `root/rel` with `bytes` (mode 0600) through a temporary file
-/// beside it, creating missing dirs (0700); the new file's stamp.
-fn write(root: &Path, rel: &str, bytes: &[u8]) -> Result<Stamp, LoginError> {
+/// beside it, creating missing dirs (0700); whether it did, and the stamp
+/// of the file there now. With `expected`, only if the file there still is
+/// that version: a write the guest made a moment before is never lost.
+fn write(root: &Path, rel: &str, bytes: &[u8], expected: Option<Stamp>) -> Result<(bool, Stamp), LoginError> {
     let (parents, name) = split(rel);
     let mut dir = home::open_home(root)?;
     let mut path = root.to_path_buf();
@@ -397,13 +411,45 @@ fn write(root: &Path, rel: &str, bytes: &[u8]) -> Result<Stamp, LoginError> {
         (&file).write_all(bytes)?;
         home::fchmod(&file, FILE_MODE)?;
         file.sync_all()?;
-        Ok(rustix::fs::renameat(&dir, tmp.as_c_str(), &dir, home::cstr(name).as_c_str())?)
+        put_in_place(&dir, &tmp, &home::cstr(name), expected)
     })();
-    if result.is_err() {
-        let _ = rustix::fs::unlinkat(&dir, tmp.as_c_str(), AtFlags::empty());
+    // Gone after a rename; the old file after a swap; ours if it failed.
+    let _ = rustix::fs::unlinkat(&dir, tmp.as_c_str(), AtFlags::empty());
+    let replaced = result.map_err(io_err("write"))?;
+    Ok((replaced, stat(root, rel)?))
+}
+
+/// Renames `tmp` over `name` in `dir`; with `expected`, only if `name`
+/// still is that version (else false): an absent one must stay absent
+/// until the rename, and an existing one is swapped with `tmp` atomically
+/// and swapped back if it was another version. Where the file system
+/// cannot swap, a plain rename.
+fn put_in_place(dir: &OwnedFd, tmp: &CStr, name: &CStr, expected: Option<Stamp>) -> io::Result<bool> {
+    use rustix::fs::{renameat, renameat_with, RenameFlags};
+    use rustix::io::Errno;
+    let flags = match expected {
+        None => RenameFlags::empty(),
+        Some(e) if e.absent => RenameFlags::NOREPLACE,
+        Some(_) => RenameFlags::EXCHANGE,
+    };
+    match renameat_with(dir, tmp, dir, name, flags) {
+        Ok(()) => {}
+        Err(Errno::EXIST) if flags == RenameFlags::NOREPLACE => return Ok(false),
+        Err(Errno::INVAL) if !flags.is_empty() => {
+            renameat(dir, tmp, dir, name)?;
+            return Ok(true);
+        }
+        Err(e) => return Err(e.into()),
     }
-    result.map_err(io_err("write"))?;
-    stat(root, rel)
+    if flags != RenameFlags::EXCHANGE {
+        return Ok(true);
+    }
+    let replaced = stamp_of(&rustix::fs::statat(dir, tmp, AtFlags::SYMLINK_NOFOLLOW)?);
+    if Some(replaced) == expected {
+        return Ok(true);
+    }
+    renameat_with(dir, tmp, dir, name, RenameFlags::EXCHANGE)?;
+    Ok(false)
 }
 
 /// Removes `root/rel` if it still holds the version `agreed` (a newer one
@@ -561,6 +607,24 @@ mod tests {
         assert_eq!(read(&f.store()), "v2 (this VM, just now)", "the later change wins");
         sync.poll(false);
         assert_eq!(read(&f.home()), "v2 (this VM, just now)");
+    }
+
+    #[test]
+    fn a_version_the_guest_wrote_after_it_was_looked_at_is_never_replaced() {
+        let f = Fixture::new();
+        let (home, rel) = (f.places().home, CREDS);
+        put(&f.home(), "guest v1");
+        let looked_at = stat(&home, rel).unwrap();
+        put_by_rename(&f.home(), "guest v2");
+        assert!(!write(&home, rel, b"store", Some(looked_at)).unwrap().0);
+        assert_eq!(read(&f.home()), "guest v2", "the swap was undone");
+        assert!(!write(&home, rel, b"store", Some(ABSENT)).unwrap().0, "it is no longer absent");
+        assert_eq!(read(&f.home()), "guest v2");
+        let (replaced, now) = write(&home, rel, b"store", Some(stat(&home, rel).unwrap())).unwrap();
+        assert!(replaced && now == stat(&home, rel).unwrap());
+        assert_eq!(read(&f.home()), "store");
+        let names = std::fs::read_dir(f.home().parent().unwrap()).unwrap().count();
+        assert_eq!(names, 1, "no temporary file is left");
     }
 
     #[test]
