@@ -77,7 +77,13 @@ fn a_login_written_in_one_projects_vm_is_there_in_another_projects_vm_and_never_
     let b = project(Some(&a));
     let out = run_script(&b, &[], &format!("cat ~/{LOGIN}; stat -c %a ~/{LOGIN}"));
     assert_eq!(stdout(&out), format!("{token}600\n"), "{}", stderr(&out));
-    assert_not_under_work(&[&a, &b], &token);
+    // An agent home inside a project gets no shared login.
+    let c = project(Some(&a));
+    let home = c.work.join("agent-home");
+    let out = run_script(&c, &["--home", home.to_str().unwrap()], &format!("test ! -e ~/{LOGIN}"));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("inside the work dir"), "{}", stderr(&out));
+    assert_not_under_work(&[&a, &b, &c], &token);
 }
 
 #[test]
