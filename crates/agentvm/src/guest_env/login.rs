@@ -38,7 +38,6 @@ use rustix::fs::AtFlags;
 use sha2::{Digest, Sha256};
 
 use super::home::{self, HomeError};
-use crate::config::flavor::Flavor;
 use crate::config::real_as_far_as_exists;
 use crate::paths;
 
@@ -67,22 +66,35 @@ pub enum LoginError {
     Home(#[from] HomeError),
     #[error("cannot {what} {path}: {source}")]
     Io { what: &'static str, path: PathBuf, source: io::Error },
-    #[error(transparent)]
-    Paths(#[from] paths::PathsError),
     #[error("the login file {path} would be inside the work dir {work}, which agentvm keeps the shared login out of: use an agent home outside the project (--home) or --login=per-project")]
     InsideWorkDir { path: PathBuf, work: PathBuf },
 }
 
 /// The store of `flavor`'s login files: `$XDG_DATA_HOME/agentvm/logins/<flavor>`.
-pub fn store_dir(flavor: &str) -> Result<PathBuf, LoginError> {
+pub fn store_dir(flavor: &str) -> Result<PathBuf, paths::PathsError> {
     Ok(paths::data_dir()?.join("logins").join(flavor))
 }
 
-/// Where the login files are shared: the home of this run and the store.
-#[derive(Debug, Clone)]
+/// A run's shared login: which files, between its home and the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Places {
     pub home: PathBuf,
     pub store: PathBuf,
+    /// The flavor's `login_files`, relative to both.
+    pub files: Vec<String>,
+}
+
+impl Places {
+    /// The places of a run with `--login=shared` whose flavor has login
+    /// files; None otherwise.
+    pub fn for_run(settings: &crate::config::Settings) -> Result<Option<Places>, paths::PathsError> {
+        let flavor = &settings.flavor;
+        if settings.login != LoginMode::Shared || flavor.login_files.is_empty() {
+            return Ok(None);
+        }
+        let (home, files) = (settings.home_dir.clone(), flavor.login_files.clone());
+        Ok(Some(Places { home, store: store_dir(&flavor.name)?, files }))
+    }
 }
 
 /// The login files of one run, kept in step between its home and the
@@ -122,18 +134,18 @@ struct Stamp {
 const ABSENT: Stamp = Stamp { ino: 0, size: 0, mtime: (0, 0), absent: true };
 
 impl LoginSync {
-    /// The login files of `flavor` between `home` and `store`, for a run in
-    /// `work_dir`; before boot: the store's version of each file goes into
-    /// the home, or, where the store has none, the home's into the store
-    /// (a login made before the store existed). Files that cannot be
+    /// The login files between the home and the store of `places`, for a
+    /// run in `work_dir`; before boot: the store's version of each file goes
+    /// into the home, or, where the store has none, the home's into the
+    /// store (a login made before the store existed). Files that cannot be
     /// synced are left out, each with its problem.
-    pub fn start(flavor: &Flavor, places: Places, work_dir: &Path) -> LoginSync {
+    pub fn start(places: Places, work_dir: &Path) -> LoginSync {
         let mut sync = LoginSync { places, files: Vec::new(), problems: Vec::new() };
         if let Err(e) = make_store(&sync.places.store) {
             sync.problem(&e);
             return sync;
         }
-        for rel in &flavor.login_files {
+        for rel in &sync.places.files.clone() {
             match sync.seed(rel, work_dir) {
                 Ok(tracked) => sync.files.push(tracked),
                 Err(e) => sync.problem(&e),
@@ -489,7 +501,8 @@ mod tests {
             Fixture { dir }
         }
         fn places(&self) -> Places {
-            Places { home: self.dir.path().join("home"), store: self.dir.path().join("logins/claude") }
+            let (home, store) = (self.dir.path().join("home"), self.dir.path().join("logins/claude"));
+            Places { home, store, files: builtin_flavors()["claude"].login_files.clone() }
         }
         fn home(&self) -> PathBuf {
             self.places().home.join(CREDS)
@@ -498,7 +511,7 @@ mod tests {
             self.places().store.join(CREDS)
         }
         fn start(&self) -> LoginSync {
-            LoginSync::start(&builtin_flavors()["claude"], self.places(), &self.dir.path().join("work"))
+            LoginSync::start(self.places(), &self.dir.path().join("work"))
         }
     }
 
@@ -673,9 +686,9 @@ mod tests {
     fn a_home_inside_the_work_dir_gets_no_shared_login() {
         let f = Fixture::new();
         let work = f.dir.path().join("work");
-        let places = Places { home: work.join("agent-home"), store: f.places().store };
+        let places = Places { home: work.join("agent-home"), ..f.places() };
         put(&places.store.join(CREDS), "secret login");
-        let sync = LoginSync::start(&builtin_flavors()["claude"], places.clone(), &work);
+        let sync = LoginSync::start(places.clone(), &work);
         assert!(!places.home.join(CREDS).exists());
         assert!(sync.problems()[0].contains("inside the work dir"), "{:?}", sync.problems());
     }

@@ -70,7 +70,7 @@ pub fn run(settings: &Settings, clock: Instant, warn: &mut dyn FnMut(String)) ->
     let resolved = Resources::resolve(settings, warn)?;
     let res = &resolved.resources;
     let mut prepared = Prepared::new(settings, res.cri_disk.as_ref(), res.sandbox.as_ref(), warn)?;
-    let login = share_login(settings, warn);
+    let login = share_login(res.login.clone(), &settings.work_dir, warn);
     let instance = InstanceRef { id: &prepared.instance.id, dir: &prepared.instance.dir };
     let plan = Plan::new(settings, res, instance);
     let initramfs = initramfs::build(&res.guest_init, &res.image, &plan.spec)?;
@@ -98,19 +98,12 @@ pub fn run(settings: &Settings, clock: Instant, warn: &mut dyn FnMut(String)) ->
 /// With `--login=shared`, the flavor's login files brought from the store
 /// into the home and kept in step while the VM runs; and how many problems
 /// were told already.
-fn share_login(settings: &Settings, warn: &mut dyn FnMut(String)) -> Option<(login::Running, usize)> {
-    if settings.login != login::LoginMode::Shared || settings.flavor.login_files.is_empty() {
-        return None;
-    }
-    let store = match login::store_dir(&settings.flavor.name) {
-        Ok(store) => store,
-        Err(e) => {
-            warn(format!("login not shared: {e}"));
-            return None;
-        }
-    };
-    let places = login::Places { home: settings.home_dir.clone(), store };
-    let sync = login::LoginSync::start(&settings.flavor, places, &settings.work_dir);
+fn share_login(
+    places: Option<login::Places>,
+    work_dir: &std::path::Path,
+    warn: &mut dyn FnMut(String),
+) -> Option<(login::Running, usize)> {
+    let sync = login::LoginSync::start(places?, work_dir);
     sync.problems().iter().for_each(|p| warn(p.clone()));
     let reported = sync.problems().len();
     Some((sync.spawn(), reported))

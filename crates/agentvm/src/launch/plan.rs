@@ -251,6 +251,7 @@ pub(crate) mod tests {
             trust: Default::default(),
             cri_disk: None,
             sandbox: None,
+            login: None,
             ids: IdMap::for_host(1001, 1002),
             tty: false,
             winsize: None,
