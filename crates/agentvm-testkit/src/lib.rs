@@ -9,6 +9,7 @@
 //! - [`Tmux`]: a real terminal for interactive sessions.
 //! - [`servers`]: stand-in servers on the host's loopback (TCP, HTTP, HTTPS
 //!   with a test CA) and port polling.
+//! - [`files_containing`]: where a secret ended up on the host.
 //! - [`process`]: running a command with its output shown, and the host's
 //!   process table.
 //! - [`skip`]: [`require!`] skips a test whose prerequisite is missing,
@@ -21,6 +22,7 @@
 //! builds the test images and runs them with `--ignored`.
 
 mod background;
+mod files;
 mod launch;
 pub mod process;
 pub mod servers;
@@ -28,6 +30,7 @@ pub mod skip;
 mod tmux;
 
 pub use background::Background;
+pub use files::files_containing;
 pub use launch::{agentvm_bin, cache_dir, spawn_until_marker, Launch};
 pub use process::{git, my_uid, stderr, stdout};
 pub use servers::http_get_until;

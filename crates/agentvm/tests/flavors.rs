@@ -3,7 +3,6 @@
 
 use agentvm_testkit::process::command_lines_containing;
 use agentvm_testkit::*;
-use std::path::Path;
 use std::time::Duration;
 
 fn has_version_number(s: &str) -> bool {
@@ -20,26 +19,6 @@ fn each_agent_flavor_prints_its_version_from_the_registry_package() {
         assert!(has_version_number(&stdout(&out)), "{flavor} printed no version: {}", stdout(&out));
         l.assert_no_leftovers();
     }
-}
-
-/// Every file under `dir` (following no symlinks) that contains `needle`.
-fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
-    let mut found = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else { return found };
-    for e in rd.flatten() {
-        let p = e.path();
-        let Ok(ft) = e.file_type() else { continue };
-        if ft.is_dir() {
-            found.extend(files_containing(&p, needle));
-        } else if ft.is_file() {
-            if let Ok(data) = std::fs::read(&p) {
-                if data.windows(needle.len()).any(|w| w == needle) {
-                    found.push(p.display().to_string());
-                }
-            }
-        }
-    }
-    found
 }
 
 #[test]

@@ -46,6 +46,7 @@ key_headers = { ANTHROPIC_API_KEY = ["x-api-key: {key}", "authorization: Bearer 
 secret_hosts = ["api.anthropic.com"]
 allow = ["api.anthropic.com", "console.anthropic.com", "statsig.anthropic.com", "claude.ai", "*.claude.ai", "registry.npmjs.org"]
 memory_file = ".claude/CLAUDE.md"
+login_files = [".claude/.credentials.json"]
 env = { DISABLE_AUTOUPDATER = "1" }
 
 [flavors.gemini]
@@ -57,6 +58,7 @@ key_headers = { GEMINI_API_KEY = ["x-goog-api-key: {key}"], GOOGLE_API_KEY = ["x
 secret_hosts = ["generativelanguage.googleapis.com"]
 allow = ["generativelanguage.googleapis.com", "cloudcode-pa.googleapis.com", "oauth2.googleapis.com", "accounts.google.com", "registry.npmjs.org"]
 memory_file = ".gemini/GEMINI.md"
+login_files = [".gemini/oauth_creds.json"]
 
 [flavors.codex]
 description = "Codex CLI, OpenAI's coding agent"
@@ -67,6 +69,7 @@ key_headers = { OPENAI_API_KEY = ["authorization: Bearer {key}"] }
 secret_hosts = ["api.openai.com"]
 allow = ["api.openai.com", "auth.openai.com", "chatgpt.com", "registry.npmjs.org"]
 memory_file = ".codex/AGENTS.md"
+login_files = [".codex/auth.json"]
 
 [flavors.shell]
 description = "a login shell (bash); with ARGS, ARGS is the command"
@@ -75,6 +78,9 @@ command = []
 
 /// Longest flavor name accepted.
 const MAX_NAME_LEN: usize = 64;
+/// Most login files a flavor may list, and the longest path of one.
+pub const MAX_LOGIN_FILES: usize = 16;
+const MAX_LOGIN_PATH_LEN: usize = 256;
 
 /// A resolved flavor.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -110,6 +116,11 @@ pub struct Flavor {
     /// Path under the agent home of the agent's memory note, e.g.
     /// `.claude/CLAUDE.md`.
     pub memory_file: Option<String>,
+    /// Paths under the agent home of the agent's login (OAuth) files, e.g.
+    /// `.claude/.credentials.json`: with `--login=shared` one copy serves
+    /// every project.
+    #[serde(default)]
+    pub login_files: Vec<String>,
     /// Version pin of the first npm spec (which then must carry none).
     pub version: Option<String>,
 }
@@ -128,6 +139,7 @@ pub struct FlavorOverride {
     pub key_headers: Option<BTreeMap<String, Vec<String>>>,
     pub env: Option<BTreeMap<String, String>>,
     pub memory_file: Option<String>,
+    pub login_files: Option<Vec<String>>,
     pub version: Option<String>,
 }
 
@@ -166,6 +178,12 @@ pub enum FieldError {
     NotAKey(String),
     #[error("{0:?} must be a relative path under the agent home without '..', e.g. \".claude/CLAUDE.md\"")]
     MemoryFile(String),
+    #[error("{0:?} must be a relative path of a file under the agent home without '..' (at most {MAX_LOGIN_PATH_LEN} bytes), e.g. \".claude/.credentials.json\"")]
+    LoginFile(String),
+    #[error("{0} files are listed; at most {MAX_LOGIN_FILES} are allowed")]
+    TooManyLoginFiles(usize),
+    #[error("{0:?} is listed twice; list it once")]
+    LoginFileTwice(String),
     #[error("{0:?} is not an npm version (e.g. \"1.0.30\", \"latest\")")]
     Version(String),
     #[error("{0:?} pins nothing: the flavor has no npm package; remove `version`")]
@@ -237,6 +255,7 @@ pub fn merge(
                     key_headers: BTreeMap::new(),
                     env: BTreeMap::new(),
                     memory_file: None,
+                    login_files: Vec::new(),
                     version: None,
                 };
                 apply(empty, o)
@@ -279,6 +298,9 @@ fn apply(mut f: Flavor, o: &FlavorOverride) -> Flavor {
     }
     if let Some(v) = &o.memory_file {
         f.memory_file = non_empty(v);
+    }
+    if let Some(v) = &o.login_files {
+        f.login_files = v.clone();
     }
     if let Some(v) = &o.version {
         f.version = non_empty(v);
@@ -350,6 +372,8 @@ pub fn describe(f: &Flavor) -> String {
     let _ = writeln!(out, "  env:         {}", list(&env));
     let note = f.memory_file.as_deref().map_or("(none)".to_string(), |m| format!("~/{m}"));
     let _ = writeln!(out, "  memory note: {note}");
+    let logins: Vec<String> = f.login_files.iter().map(|p| format!("~/{p}")).collect();
+    let _ = writeln!(out, "  login files: {}", list(&logins));
     out
 }
 
@@ -397,13 +421,39 @@ fn check_override(name: &str, o: &FlavorOverride) -> Result<(), FlavorError> {
         envvars::check_guest_name(var).map_err(|e| err("env", e.into()))?;
     }
     if let Some(m) = o.memory_file.as_deref().filter(|m| !m.is_empty()) {
-        if !Path::new(m).components().all(|c| matches!(c, Component::Normal(_))) {
+        if !home_relative(m) {
             return Err(err("memory_file", FieldError::MemoryFile(m.to_string())));
         }
+    }
+    if let Some(files) = &o.login_files {
+        check_login_files(files).map_err(|e| err("login_files", e))?;
     }
     if let Some(v) = &o.version {
         if v.starts_with('-') || v.chars().any(char::is_whitespace) || v.contains('@') {
             return Err(err("version", FieldError::Version(v.clone())));
+        }
+    }
+    Ok(())
+}
+
+/// A path of the agent home: relative, with plain names only (no `.`,
+/// `..` or root).
+fn home_relative(path: &str) -> bool {
+    !path.is_empty() && Path::new(path).components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// The login files: each a file's path under the home, listed once, and
+/// not too many (the host keeps and syncs each).
+fn check_login_files(files: &[String]) -> Result<(), FieldError> {
+    if files.len() > MAX_LOGIN_FILES {
+        return Err(FieldError::TooManyLoginFiles(files.len()));
+    }
+    for (i, f) in files.iter().enumerate() {
+        if !home_relative(f) || f.ends_with('/') || f.len() > MAX_LOGIN_PATH_LEN {
+            return Err(FieldError::LoginFile(f.clone()));
+        }
+        if files[..i].iter().any(|earlier| Path::new(earlier) == Path::new(f)) {
+            return Err(FieldError::LoginFileTwice(f.clone()));
         }
     }
     Ok(())
@@ -550,6 +600,45 @@ mod tests {
         assert!(bad("[flavors.x]\ncommand = [\"a\"]\nnpm = [\"--global\"]\n").contains("npm"));
         assert!(bad("[flavors.x]\ncommand = [\"a\"]\napt = [\"Bad Pkg\"]\n").contains("apt"));
         assert!(bad("[flavors]\nx = 1\n").contains("cfg.toml"));
+    }
+
+    #[test]
+    fn builtin_login_files_are_each_agents_oauth_file() {
+        let all = builtin_flavors();
+        assert_eq!(all["claude"].login_files, [".claude/.credentials.json"]);
+        assert_eq!(all["gemini"].login_files, [".gemini/oauth_creds.json"]);
+        assert_eq!(all["codex"].login_files, [".codex/auth.json"]);
+        assert!(all["shell"].login_files.is_empty());
+        assert!(describe(&all["claude"]).contains("login files: ~/.claude/.credentials.json"));
+        let all = merge(all, &layer("[flavors.mine]\ncommand = []\nlogin_files = [\"a/b.json\", \".c\"]\n")).unwrap();
+        assert_eq!(all["mine"].login_files, ["a/b.json", ".c"]);
+        let all = merge(all, &layer("[flavors.claude]\nlogin_files = []\n")).unwrap();
+        assert!(all["claude"].login_files.is_empty(), "an empty list shares nothing");
+    }
+
+    #[test]
+    fn login_files_outside_the_home_twice_or_too_many_are_refused_naming_flavor_and_field() {
+        let bad = |files: &str| {
+            parse_flavor_tables(&format!("[flavors.x]\ncommand = []\nlogin_files = {files}\n"), Path::new("c.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        for files in [
+            r#"["../x"]"#,
+            r#"["/etc/shadow"]"#,
+            r#"["a/../../x"]"#,
+            r#"["./a"]"#,
+            r#"[""]"#,
+            r#"["dir/"]"#,
+            r#"[".claude/.credentials.json", ".claude//.credentials.json"]"#,
+        ] {
+            let e = bad(files);
+            assert!(e.contains("flavor \"x\": login_files") && e.contains("c.toml"), "{files}: {e}");
+        }
+        assert!(bad(r#"["a", "a"]"#).contains("listed twice"));
+        assert!(bad(&format!("[\"{}\"]", "a".repeat(257))).contains("at most 256 bytes"));
+        let many: Vec<String> = (0..=MAX_LOGIN_FILES).map(|i| format!("\"f{i}\"")).collect();
+        assert!(bad(&format!("[{}]", many.join(","))).contains("17 files are listed; at most 16"));
     }
 
     #[test]

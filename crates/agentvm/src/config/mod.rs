@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 use crate::guest_env::cri::Runtime;
 use crate::guest_env::devshell;
 use crate::guest_env::host_ca::HostCa;
+use crate::guest_env::login::LoginMode;
 use crate::net::egress::AllowList;
 use crate::net::{NetBackend, NetworkMode, PortSpec};
 use crate::paths;
@@ -53,6 +54,7 @@ pub use options::{EnvVarError, Layers, Origin, RunOptions};
 pub use resources::{
     parse_memory_mib, HostLimits, CRI_MEMORY_MIB, DEFAULT_MAX_CPUS, DEFAULT_MEMORY_MIB, MIN_MEMORY_MIB,
 };
+pub(crate) use storage::real_as_far_as_exists;
 pub use storage::{project_dir, SandboxChoice};
 
 /// The resolved, validated settings of one launch.
@@ -62,6 +64,8 @@ pub struct Settings {
     pub work_dir: PathBuf,
     /// The persistent agent home, shared at /home/agent.
     pub home_dir: PathBuf,
+    /// Whether the flavor's login files are shared by every project.
+    pub login: LoginMode,
     pub flavor: Flavor,
     /// The program and arguments to run; empty: a login shell.
     pub argv: Vec<String>,
@@ -196,6 +200,7 @@ pub fn resolve_with(
     Ok(Settings {
         work_dir,
         home_dir,
+        login: layers.value(|o| &o.login).unwrap_or_default(),
         flavor: program.flavor,
         argv: program.argv,
         guest_env: program.guest_env,
@@ -300,6 +305,7 @@ mod tests {
         assert_eq!(s.flavor.name, "claude");
         assert_eq!(s.argv, ["claude"]);
         assert_eq!(s.accel, AccelChoice::Auto);
+        assert_eq!(s.login, LoginMode::Shared);
         assert_eq!(s.work_dir, d.path().canonicalize().unwrap());
     }
 

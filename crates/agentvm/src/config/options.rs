@@ -18,6 +18,7 @@ use crate::config::file_pattern::FilePattern;
 use crate::config::flavor::FlavorOverride;
 use crate::guest_env::devshell;
 use crate::guest_env::host_ca::HostCa;
+use crate::guest_env::login::LoginMode;
 use crate::net::{NetBackend, NetworkMode};
 use crate::vm::share::CacheMode;
 use crate::vm::AccelChoice;
@@ -113,6 +114,13 @@ pub struct RunOptions {
     #[arg(short = 'w', long, value_name = "DIR", env = "WORK_DIR")]
     #[serde(skip)]
     pub work_dir: Option<PathBuf>,
+    /// Where the agent's login (e.g. Claude Code's OAuth credentials, the
+    /// flavor's login_files) lives: shared (log in once: every project's
+    /// home gets the same login, kept by agentvm outside the projects, and
+    /// a refresh in one VM reaches the others) or per-project (each agent
+    /// home keeps its own) [default: shared]
+    #[arg(long, value_enum, value_name = "MODE", env = "AGENTVM_LOGIN")]
+    pub login: Option<LoginMode>,
     /// Persistent agent home, shared at /home/agent (in a config file:
     /// relative to the file's directory) [default: per project under
     /// $XDG_DATA_HOME/agentvm/homes]
@@ -483,6 +491,7 @@ mod tests {
         ("work_cache", |_| "always".into(), |s, _| s.work_cache == CacheMode::Always),
         ("work_dir", |f| path(&f.other_project), |s, f| s.work_dir == f.other_project),
         ("home", |f| path(&f.home), |s, f| s.home_dir == f.home),
+        ("login", |_| "per-project".into(), |s, _| s.login == LoginMode::PerProject),
         ("memory", |_| "1G".into(), |s, _| s.memory_mib == 1024),
         ("cpus", |_| 2.into(), |s, _| s.cpus == 2),
         ("accel", |_| "tcg".into(), |s, _| s.accel == AccelChoice::Tcg),

@@ -162,7 +162,7 @@ fn real_parent(p: &Path) -> PathBuf {
 
 /// `p` with its longest existing ancestor resolved to a real path (the rest
 /// may not exist yet).
-fn real_as_far_as_exists(p: &Path) -> PathBuf {
+pub(crate) fn real_as_far_as_exists(p: &Path) -> PathBuf {
     let mut missing = Vec::new();
     let mut at = p;
     loop {

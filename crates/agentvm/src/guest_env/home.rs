@@ -411,29 +411,29 @@ fn write_note_once(home: &Path, rel: &str, contents: &str) -> Result<bool, HomeE
 // ---------------------------------------------------------------------------
 // Small fd-relative helpers
 
-fn cstr(s: &str) -> CString {
+pub(super) fn cstr(s: &str) -> CString {
     CString::new(s).expect("names built here hold no NUL")
 }
 
-fn unique() -> String {
+pub(super) fn unique() -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     format!("{}-{nanos}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
-fn openat(dir: &OwnedFd, name: &CString, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+pub(super) fn openat(dir: &OwnedFd, name: &CString, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
     Ok(rustix::fs::openat(dir, name.as_c_str(), OFlags::from_bits_retain(flags as u32), Mode::from_raw_mode(mode))?)
 }
 
 /// The home directory itself (chosen by the host user, so followed).
-fn open_home(home: &Path) -> Result<OwnedFd, HomeError> {
+pub(super) fn open_home(home: &Path) -> Result<OwnedFd, HomeError> {
     rustix::fs::open(home, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| HomeError::Io { what: "open", path: home.into(), source: e.into() })
 }
 
 /// Opens the subdirectory `name` of `dir` without following a symlink,
 /// creating it if missing.
-fn open_or_create_dir(dir: &OwnedFd, name: &std::ffi::OsStr, path: &Path) -> Result<OwnedFd, HomeError> {
+pub(super) fn open_or_create_dir(dir: &OwnedFd, name: &std::ffi::OsStr, path: &Path) -> Result<OwnedFd, HomeError> {
     let c = CString::new(name.as_bytes()).map_err(|_| HomeError::NotPlain { path: path.into(), kind: "directory" })?;
     let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
     for _ in 0..2 {
@@ -459,7 +459,11 @@ fn open_or_create_dir(dir: &OwnedFd, name: &std::ffi::OsStr, path: &Path) -> Res
 /// The contents and permission bits of the regular file `name` in `dir`;
 /// None if it does not exist; an error if it is a symlink, not a file, or
 /// larger than [`MAX_READ`] (then nothing of it is read).
-fn read_nofollow(dir: &OwnedFd, name: &str, path: &Path) -> Result<Option<(Vec<u8>, libc::mode_t)>, HomeError> {
+pub(super) fn read_nofollow(
+    dir: &OwnedFd,
+    name: &str,
+    path: &Path,
+) -> Result<Option<(Vec<u8>, libc::mode_t)>, HomeError> {
     let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
     let fd = match openat(dir, &cstr(name), flags, 0) {
         Ok(fd) => fd,
@@ -500,7 +504,7 @@ fn exists_nofollow(dir: &OwnedFd, name: &CString) -> io::Result<bool> {
     }
 }
 
-fn fchmod(file: &File, mode: libc::mode_t) -> io::Result<()> {
+pub(super) fn fchmod(file: &File, mode: libc::mode_t) -> io::Result<()> {
     Ok(rustix::fs::fchmod(file, Mode::from_raw_mode(mode))?)
 }
 

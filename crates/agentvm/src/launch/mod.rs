@@ -4,7 +4,8 @@
 //! 1. [`resources`]: what the host brings (programs, accelerator, dev
 //!    shell, image, network plan, the program's environment).
 //! 2. [`prepare`]: the host state the run keeps (agent home, container
-//!    disk, instance dir).
+//!    disk, instance dir); the shared login comes into the home and is
+//!    kept in step with the store while the VM runs.
 //! 3. [`plan`] (pure): shares, spec, network and fd plans, QEMU's argv.
 //! 4. [`initramfs`]: the guest init, modules and spec, in memory.
 //! 5. [`start`]: the helpers and QEMU; dropping them stops and reaps all.
@@ -33,6 +34,7 @@ use resources::Resources;
 use start::{Egress, Started};
 
 use crate::config::Settings;
+use crate::guest_env::login;
 use crate::sandbox::import::{ImportError, Imported};
 
 /// A launch that failed before the program could run; the program's own
@@ -68,6 +70,7 @@ pub fn run(settings: &Settings, clock: Instant, warn: &mut dyn FnMut(String)) ->
     let resolved = Resources::resolve(settings, warn)?;
     let res = &resolved.resources;
     let mut prepared = Prepared::new(settings, res.cri_disk.as_ref(), res.sandbox.as_ref(), warn)?;
+    let login = share_login(res.login.clone(), &settings.work_dir, warn);
     let instance = InstanceRef { id: &prepared.instance.id, dir: &prepared.instance.dir };
     let plan = Plan::new(settings, res, instance);
     let initramfs = initramfs::build(&res.guest_init, &res.image, &plan.spec)?;
@@ -80,6 +83,9 @@ pub fn run(settings: &Settings, clock: Instant, warn: &mut dyn FnMut(String)) ->
 
     let end = started.relay(res.tty)?;
     let (console_log, total) = started.stop();
+    if let Some((running, reported)) = login {
+        running.finish().into_iter().skip(reported).for_each(warn);
+    }
     let console = settings.verbose.then(|| ConsoleDump::read(console_log, total));
     let result = end.into_result(outcome::console_tail(console_log));
     drop(started);
@@ -87,6 +93,20 @@ pub fn run(settings: &Settings, clock: Instant, warn: &mut dyn FnMut(String)) ->
     let sandbox = prepared.sandbox.as_ref().filter(|_| result.is_ok()).map(|s| import(s, settings));
     drop(prepared);
     Ok(Outcome { result, planned, qemu_started, console, sandbox })
+}
+
+/// With `--login=shared`, the flavor's login files brought from the store
+/// into the home and kept in step while the VM runs; and how many problems
+/// were told already.
+fn share_login(
+    places: Option<login::Places>,
+    work_dir: &std::path::Path,
+    warn: &mut dyn FnMut(String),
+) -> Option<(login::Running, usize)> {
+    let sync = login::LoginSync::start(places?, work_dir);
+    sync.problems().iter().for_each(|p| warn(p.clone()));
+    let reported = sync.problems().len();
+    Some((sync.spawn(), reported))
 }
 
 /// Brings the sandbox's result back into the project.

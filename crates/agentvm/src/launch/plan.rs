@@ -192,6 +192,7 @@ pub(crate) mod tests {
         Settings {
             work_dir: "/p/project".into(),
             home_dir: "/data/homes/project".into(),
+            login: Default::default(),
             flavor: builtin_flavors()["shell"].clone(),
             argv: vec!["make".into(), "test".into()],
             guest_env: GuestEnv { vars: vec![("API_KEY".into(), "s3cr3t".into())], warnings: Vec::new() },
@@ -251,6 +252,7 @@ pub(crate) mod tests {
             trust: Default::default(),
             cri_disk: None,
             sandbox: None,
+            login: None,
             ids: IdMap::for_host(1001, 1002),
             tty: false,
             winsize: None,

@@ -39,6 +39,8 @@ pub struct PlanReport {
     pub shares: Vec<ShareReport>,
     /// The sandboxed clone (`--clone`), whose disk is /work.
     pub sandbox: Option<SandboxReport>,
+    /// The login files shared with every project (`--login=shared`).
+    pub login: Option<LoginReport>,
     pub image: ImageReport,
     pub initramfs_bytes: usize,
     /// The guest init in it: built in, or the file AGENTVM_GUEST_INIT names.
@@ -123,6 +125,14 @@ pub struct SandboxReport {
     pub commit: String,
 }
 
+/// The shared login: its files, kept in step between the agent home and
+/// the store.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoginReport {
+    pub store: String,
+    pub files: Vec<String>,
+}
+
 impl PlanReport {
     pub fn new(plan: &Plan, res: &Resources, initramfs: &Initramfs, elapsed: Duration) -> PlanReport {
         let lossy = |s: &std::ffi::OsStr| s.to_string_lossy().into_owned();
@@ -160,6 +170,10 @@ impl PlanReport {
                 branch: s.base.branch.clone(),
                 commit: s.base.commit.clone(),
             }),
+            login: res
+                .login
+                .as_ref()
+                .map(|l| LoginReport { store: l.store.display().to_string(), files: l.files.clone() }),
             image: ImageReport {
                 dir: res.image.dir.display().to_string(),
                 bzimage: res.image.bzimage().display().to_string(),
@@ -225,6 +239,9 @@ impl fmt::Display for PlanReport {
         for s in &self.shares {
             let mode = if s.read_only { "ro" } else { "rw" };
             writeln!(f, "share         {} {} -> {} ({mode}, cache {})", s.tag, s.host_dir, s.guest_path, s.cache)?;
+        }
+        if let Some(l) = &self.login {
+            writeln!(f, "login         shared with {}: {}", l.store, l.files.join(" "))?;
         }
         writeln!(f, "image         {}", self.image.dir)?;
         if let Some(s) = &self.sandbox {
@@ -337,6 +354,24 @@ mod tests {
             assert!(text.contains(part), "{part:?} missing in\n{text}");
         }
         assert!(!text.contains("-> /work (rw"), "{text}");
+    }
+
+    #[test]
+    fn a_shared_login_shows_its_store_and_files() {
+        let s = settings();
+        assert!(!report().to_string().contains("login "), "none without login files");
+        let login = crate::guest_env::login::Places {
+            home: s.home_dir.clone(),
+            store: "/data/logins/claude".into(),
+            files: vec![".claude/.credentials.json".into()],
+        };
+        let res = Resources { login: Some(login), ..resources(&s) };
+        let report =
+            PlanReport::new(&plan(&s, &res), &res, &Initramfs { bytes: vec![0], modules: Vec::new() }, Duration::ZERO);
+        let text = report.to_string();
+        assert!(text.contains("login         shared with /data/logins/claude: .claude/.credentials.json\n"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert_eq!(json["login"]["files"][0], ".claude/.credentials.json");
     }
 
     #[test]

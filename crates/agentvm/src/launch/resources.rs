@@ -9,6 +9,7 @@ use crate::config::Settings;
 use crate::guest_env::cri;
 use crate::guest_env::devshell::{self, DevShell};
 use crate::guest_env::host_ca::{self, GuestTrust};
+use crate::guest_env::login;
 use crate::image::{self, Image, Store};
 use crate::net::plan::NetworkPlan;
 use crate::net::shield::{self, Shield};
@@ -73,6 +74,8 @@ pub struct Resources {
     pub cri_disk: Option<PathBuf>,
     /// The sandboxed clone (`--clone`).
     pub sandbox: Option<SandboxPlan>,
+    /// The login files shared with every project (`--login=shared`).
+    pub login: Option<login::Places>,
     pub ids: IdMap,
     /// Whether the program runs on a terminal (stdin and stdout are one).
     pub tty: bool,
@@ -148,6 +151,7 @@ impl Resources {
             env,
             cri_disk: cri_disk_path(settings, sandbox.as_ref())?,
             sandbox,
+            login: login::Places::for_run(settings)?,
             ids: IdMap::current(),
             tty,
             winsize: if tty { sys::winsize(std::io::stdin()) } else { None },
