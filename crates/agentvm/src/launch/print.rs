@@ -39,6 +39,9 @@ pub struct PlanReport {
     pub shares: Vec<ShareReport>,
     /// The sandboxed clone (`--clone`), whose disk is /work.
     pub sandbox: Option<SandboxReport>,
+    /// What of the host's clipboard the guest gets and the host tool that
+    /// reads it, e.g. `images: /usr/bin/xclip (DISPLAY=:0)`; None: off.
+    pub clipboard: Option<String>,
     pub image: ImageReport,
     pub initramfs_bytes: usize,
     /// The guest init in it: built in, or the file AGENTVM_GUEST_INIT names.
@@ -160,6 +163,7 @@ impl PlanReport {
                 branch: s.base.branch.clone(),
                 commit: s.base.commit.clone(),
             }),
+            clipboard: res.clipboard.as_ref().map(|host| format!("{}: {}", plan.clipboard.name(), host.describe())),
             image: ImageReport {
                 dir: res.image.dir.display().to_string(),
                 bzimage: res.image.bzimage().display().to_string(),
@@ -214,17 +218,21 @@ impl fmt::Display for PlanReport {
         let fds = &self.fds;
         writeln!(
             f,
-            "fds           control {}, initramfs {}, network {}, forwarding {}, console {}",
+            "fds           control {}, initramfs {}, network {}, forwarding {}, console {}, clipboard {}",
             fds.control,
             fds.initramfs,
             optional_fd(fds.network),
             optional_fd(fds.forwarding),
-            fds.console
+            fds.console,
+            optional_fd(fds.clipboard)
         )?;
         write_network(f, &self.network)?;
         for s in &self.shares {
             let mode = if s.read_only { "ro" } else { "rw" };
             writeln!(f, "share         {} {} -> {} ({mode}, cache {})", s.tag, s.host_dir, s.guest_path, s.cache)?;
+        }
+        if let Some(clipboard) = &self.clipboard {
+            writeln!(f, "clipboard     {clipboard}")?;
         }
         writeln!(f, "image         {}", self.image.dir)?;
         if let Some(s) = &self.sandbox {
@@ -298,7 +306,10 @@ mod tests {
         {
             assert!(text.contains(part), "{part:?} missing in\n{text}");
         }
-        assert!(text.contains("fds           control 3, initramfs 4, network 5, forwarding -, console 7"), "{text}");
+        assert!(
+            text.contains("fds           control 3, initramfs 4, network 5, forwarding -, console 7, clipboard -"),
+            "{text}"
+        );
         assert!(text.contains("network       open: passt (/usr/bin/passt)"), "{text}");
         assert!(text.contains("share         work /p/project -> /work (rw, cache auto)"), "{text}");
         assert!(text.contains("kernel        console=ttyS0"), "{text}");
