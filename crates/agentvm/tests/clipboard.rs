@@ -73,7 +73,8 @@ impl Xvfb {
 
 impl Drop for Xvfb {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SIGTERM: Xvfb then removes its lock file and socket.
+        process::kill(self.child.id(), libc::SIGTERM);
         let _ = self.child.wait();
     }
 }
@@ -82,16 +83,15 @@ impl Drop for Xvfb {
 /// every byte value shows up), as a screenshot tool would put it.
 fn png(side: u32) -> Vec<u8> {
     let mut seed = 0x2545_f491u32;
-    let mut raw = Vec::new();
-    for _ in 0..side {
-        raw.push(0); // filter: none
-        for _ in 0..side * 3 {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            raw.push(seed as u8);
-        }
-    }
+    let mut noise = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        seed as u8
+    };
+    // Each row: filter type 0 (none), then its RGB bytes.
+    let row_len = 1 + side as usize * 3;
+    let raw: Vec<u8> = (0..side as usize * row_len).map(|i| if i % row_len == 0 { 0 } else { noise() }).collect();
     let mut zlib = vec![0x78, 0x01];
     let blocks: Vec<&[u8]> = raw.chunks(65535).collect();
     for (i, block) in blocks.iter().enumerate() {
@@ -243,4 +243,91 @@ fn without_a_host_session_the_tools_fail_with_a_message() {
             && err.contains("wl-paste: no clipboard on the host"),
         "{err}"
     );
+}
+
+/// The API key the stand-in API takes; its last 20 characters are what
+/// Claude Code records as approved.
+const KEY: &str = "sk-ant-api03-clipboard-test-key-0123456789";
+
+/// An agent home where Claude Code opens on its prompt (onboarding done,
+/// the key approved, /work trusted), with stand-ins in `logbin` that log
+/// each xclip and wl-paste call to /work/calls.log before running it.
+fn claude_home(home: &std::path::Path) {
+    let approved = &KEY[KEY.len() - 20..];
+    let config = serde_json::json!({
+        "hasCompletedOnboarding": true,
+        "theme": "dark",
+        "customApiKeyResponses": {"approved": [approved], "rejected": []},
+        "projects": {"/work": {"hasTrustDialogAccepted": true, "hasCompletedProjectOnboarding": true}},
+    });
+    std::fs::create_dir_all(home.join("logbin")).unwrap();
+    std::fs::write(home.join(".claude.json"), config.to_string()).unwrap();
+    for tool in ["xclip", "wl-paste"] {
+        let script = format!("#!/bin/sh\necho \"{tool} $*\" >> /work/calls.log\nexec /usr/local/bin/{tool} \"$@\"\n");
+        let path = home.join("logbin").join(tool);
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | (b as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            let c = if i <= chunk.len() { ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' };
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The images (base64) of every message the stand-in API was sent.
+fn sent_images(requests: &servers::RequestLog) -> Vec<String> {
+    let mut images = Vec::new();
+    for (_, body) in requests.lock().unwrap().iter() {
+        let Ok(request) = serde_json::from_str::<serde_json::Value>(body) else { continue };
+        let messages = request["messages"].as_array().cloned().unwrap_or_default();
+        for block in messages.iter().filter_map(|m| m["content"].as_array()).flatten() {
+            if block["type"] == "image" {
+                images.push(block["source"]["data"].as_str().unwrap_or_default().to_string());
+            }
+        }
+    }
+    images
+}
+
+#[test]
+#[ignore = "boots a VM: scripts/test runs it"]
+fn claude_code_pastes_the_host_clipboard_image_with_ctrl_v_and_sends_it() {
+    require!(skip::tool("tmux"));
+    let x = require!(Xvfb::start());
+    let image = png(32);
+    x.set("image/png", &image);
+    let (port, requests) = servers::messages_api_server("A small square of noise.");
+    let l = Launch::new().env("DISPLAY", &x.display).env("WAYLAND_DISPLAY", "").env("ANTHROPIC_API_KEY", KEY);
+    let home = l.dirs.path().join("claude-home");
+    claude_home(&home);
+    let (port, home) = (port.to_string(), home.display().to_string());
+    let base_url = format!("ANTHROPIC_BASE_URL=http://host.agentvm.internal:{port}");
+    let path = format!("PATH=/home/agent/logbin:{}", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    let mut args = vec!["run", "--memory", "2G", "--clipboard", "--host-port", &port, "--home", &home];
+    args.extend(["-e", "ANTHROPIC_API_KEY", "-e", &base_url, "-e", &path, "-e", "DISABLE_TELEMETRY=1"]);
+    args.extend(["-e", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1", "claude"]);
+    let t = Tmux::start(&l, 120, 40, &args);
+    t.wait_for_within("? for shortcuts", Duration::from_secs(600));
+    t.key("C-v"); // Claude Code's image paste on Linux
+    t.wait_for_within("[Image #1]", Duration::from_secs(120));
+    t.send("What is in this image?");
+    let screen = t.wait_for_within("A small square of noise.", Duration::from_secs(300));
+    eprintln!("Claude Code after the paste:\n{screen}");
+    let calls = text(&l, "calls.log");
+    assert!(
+        calls.starts_with("xclip -selection clipboard -t TARGETS -o\nxclip -selection clipboard -t image/png -o\n"),
+        "Claude Code asked otherwise:\n{calls}"
+    );
+    assert_eq!(sent_images(&requests), [base64(&image)], "the image Claude Code sent is not the host's");
+    drop(t);
+    l.assert_no_leftovers_within(Duration::from_secs(30));
 }
