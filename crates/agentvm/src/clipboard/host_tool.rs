@@ -271,7 +271,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failing_tool_is_quoted_and_a_big_or_slow_one_is_cut_off() {
+    fn a_failing_tool_is_quoted_and_a_big_one_is_cut_off() {
         let dir = bin(&[
             ("fails", "echo 'Error: target image/png not available' >&2; exit 1"),
             ("big", &format!("head -c {} /dev/zero", MAX_DATA + 10)),

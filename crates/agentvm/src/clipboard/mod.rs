@@ -78,7 +78,7 @@ impl Service {
                 "agentvm shares {} of the host's clipboard with this VM (--clipboard={}): {} needs --clipboard=all",
                 self.shared(),
                 self.mode.name(),
-                kind.mime()
+                if kind.is_image() { kind.mime() } else { "text" }
             )),
             Request::Read(kind) => self.host.read(kind).map(Reply::Data),
             Request::Write(..) if !self.mode.writes() => Err(format!(

@@ -355,6 +355,19 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_clipboard_is_a_port_of_its_own_and_off_leaves_none() {
+        let s = Settings { clipboard: ClipboardMode::Images, ..settings() };
+        let p = plan(&s, &resources(&s));
+        assert!(p.spec.clipboard);
+        assert_eq!(p.fds.clipboard, Some(8));
+        assert!(value_of(&args(&p), "-chardev").contains(&"socket,id=clip,fd=8".to_string()));
+        assert_eq!(env_of(&p, "XDG_SESSION_TYPE"), Some("x11"), "Gemini CLI looks for xclip only in a session");
+        let off = plan(&settings(), &resources(&settings()));
+        assert!(!off.spec.clipboard && off.fds.clipboard.is_none() && env_of(&off, "XDG_SESSION_TYPE").is_none());
+        assert!(!value_of(&args(&off), "-device").iter().any(|d| d.contains("org.agentvm.clip")));
+    }
+
+    #[test]
     fn no_network_has_no_interface_no_network_modules_and_no_channel() {
         let s = Settings { network: NetworkMode::None, ..settings() };
         let p = plan(&s, &resources(&s));

@@ -350,6 +350,18 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_clipboard_shows_its_mode_and_the_host_tool() {
+        let s = crate::config::Settings { clipboard: crate::clipboard::ClipboardMode::All, ..settings() };
+        let mut res = resources(&s);
+        res.clipboard = Some(crate::clipboard::HostClipboard::missing("no session".into()));
+        let initramfs = Initramfs { bytes: Vec::new(), modules: Vec::new() };
+        let text = PlanReport::new(&plan(&s, &res), &res, &initramfs, Duration::ZERO).to_string();
+        assert!(text.contains("clipboard     all: none: no session"), "{text}");
+        assert!(text.contains("console 7, clipboard 8"), "{text}");
+        assert!(!report().to_string().contains("clipboard     "), "off shows no clipboard line");
+    }
+
+    #[test]
     fn the_trust_store_is_summed_up_not_dumped() {
         let s = settings();
         let mut res = resources(&s);
