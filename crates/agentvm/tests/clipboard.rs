@@ -4,7 +4,6 @@
 //! wl-paste and wl-copy, as Claude Code and Gemini CLI run them.
 
 use agentvm_testkit::*;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -18,27 +17,19 @@ impl Xvfb {
     fn start() -> Result<Xvfb, Skip> {
         let xvfb = skip::tool("Xvfb")?;
         skip::tool("xclip")?;
-        // Displays from 140 up: clear of a desktop's and of other tests'.
-        for n in 140..200 {
-            let taken = [format!("/tmp/.X{n}-lock"), format!("/tmp/.X11-unix/X{n}")];
-            if taken.iter().any(|p| std::path::Path::new(p).exists()) {
-                continue;
-            }
-            let child = Command::new(&xvfb)
-                .args([format!(":{n}").as_str(), "-nolisten", "tcp", "-screen", "0", "64x64x24"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            let x = Xvfb { child, display: format!(":{n}") };
-            let socket = PathBuf::from(format!("/tmp/.X11-unix/X{n}"));
-            if process::poll(Duration::from_secs(10), Duration::from_millis(50), || socket.exists().then_some(()))
-                .is_some()
-            {
-                return Ok(x);
-            }
-        }
-        panic!("no Xvfb started on displays :140 to :199");
+        // -displayfd: Xvfb takes a free display itself and, once it
+        // accepts clients, writes its number to stdout (no race with
+        // other tests or desktops).
+        let mut child = Command::new(&xvfb)
+            .args(["-displayfd", "1", "-nolisten", "tcp", "-screen", "0", "64x64x24"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        let number: u32 = line.trim().parse().unwrap_or_else(|_| panic!("Xvfb -displayfd wrote {line:?}"));
+        Ok(Xvfb { child, display: format!(":{number}") })
     }
 
     /// The host's xclip on this display.
