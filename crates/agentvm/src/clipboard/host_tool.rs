@@ -23,6 +23,25 @@ const TOOL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of the tool's error output a refusal quotes.
 const ERROR_BYTES: usize = 512;
 
+/// Why the host's clipboard gave nothing (the guest's tool prints it).
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error("no clipboard on the host: {0}")]
+    NoClipboard(String),
+    #[error("cannot run the host's {tool}: {source}")]
+    Spawn { tool: String, source: std::io::Error },
+    #[error("the host's {tool} failed ({status}): {message}")]
+    Failed { tool: String, status: String, message: String },
+    #[error("the host's {tool} did not answer within {} s", TOOL_TIMEOUT.as_secs())]
+    Timeout { tool: String },
+    #[error("the host's clipboard holds more than {} MiB, the most agentvm passes on", MAX_DATA >> 20)]
+    TooBig,
+    #[error("the host's clipboard tool is xsel, which knows only text: install xclip for images")]
+    XselTextOnly,
+    #[error("the host has wl-paste but no wl-copy: install wl-clipboard")]
+    NoWlCopy,
+}
+
 /// The tool that reaches the host's clipboard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostTool {
@@ -88,12 +107,12 @@ impl HostClipboard {
         }
     }
 
-    fn tool(&self) -> Result<&HostTool, String> {
-        self.tool.as_ref().map(|(t, _)| t).map_err(|why| format!("no clipboard on the host: {why}"))
+    fn tool(&self) -> Result<&HostTool, ToolError> {
+        self.tool.as_ref().map(|(t, _)| t).map_err(|why| ToolError::NoClipboard(why.clone()))
     }
 
     /// The shared kinds the clipboard holds.
-    pub fn types(&self) -> Result<Vec<Kind>, String> {
+    pub fn types(&self) -> Result<Vec<Kind>, ToolError> {
         let listing = match self.tool()? {
             HostTool::Wayland { paste, .. } => run(paste, &["--list-types"], None)?,
             HostTool::Xclip(xclip) => run(xclip, &["-selection", "clipboard", "-t", "TARGETS", "-o"], None)?,
@@ -106,7 +125,7 @@ impl HostClipboard {
     }
 
     /// The clipboard's content as `kind`.
-    pub fn read(&self, kind: Kind) -> Result<Vec<u8>, String> {
+    pub fn read(&self, kind: Kind) -> Result<Vec<u8>, ToolError> {
         match self.tool()? {
             HostTool::Wayland { paste, .. } => {
                 // "text" lets wl-paste take whichever text type is offered.
@@ -115,24 +134,22 @@ impl HostClipboard {
             }
             HostTool::Xclip(xclip) => run(xclip, &["-selection", "clipboard", "-t", x_target(kind), "-o"], None),
             HostTool::Xsel(xsel) if kind == Kind::Text => run(xsel, &["--clipboard", "--output"], None),
-            HostTool::Xsel(_) => Err(XSEL_TEXT_ONLY.into()),
+            HostTool::Xsel(_) => Err(ToolError::XselTextOnly),
         }
     }
 
     /// Sets the clipboard to `data` as `kind`.
-    pub fn write(&self, kind: Kind, data: &[u8]) -> Result<(), String> {
+    pub fn write(&self, kind: Kind, data: &[u8]) -> Result<(), ToolError> {
         let written = match self.tool()? {
             HostTool::Wayland { copy: Some(copy), .. } => run(copy, &["--type", kind.mime()], Some(data)),
-            HostTool::Wayland { copy: None, .. } => return Err("the host has wl-paste but no wl-copy".into()),
+            HostTool::Wayland { copy: None, .. } => return Err(ToolError::NoWlCopy),
             HostTool::Xclip(xclip) => run(xclip, &["-selection", "clipboard", "-t", x_target(kind), "-i"], Some(data)),
             HostTool::Xsel(xsel) if kind == Kind::Text => run(xsel, &["--clipboard", "--input"], Some(data)),
-            HostTool::Xsel(_) => return Err(XSEL_TEXT_ONLY.into()),
+            HostTool::Xsel(_) => return Err(ToolError::XselTextOnly),
         };
         written.map(drop)
     }
 }
-
-const XSEL_TEXT_ONLY: &str = "the host's clipboard tool is xsel, which knows only text: install xclip for images";
 
 /// The X target xclip asks for.
 fn x_target(kind: Kind) -> &'static str {
@@ -156,14 +173,15 @@ fn parse_types(listing: &str) -> Vec<Kind> {
 /// Runs `program args` and returns its output. With `input`, it is fed
 /// `input` and its output is not read: xclip and wl-copy stay behind to
 /// serve the selection, holding whatever they inherited.
-fn run(program: &std::path::Path, args: &[&str], input: Option<&[u8]>) -> Result<Vec<u8>, String> {
-    let name = program.file_name().map_or_else(|| program.display().to_string(), |n| n.to_string_lossy().into_owned());
+fn run(program: &std::path::Path, args: &[&str], input: Option<&[u8]>) -> Result<Vec<u8>, ToolError> {
+    let tool = program.file_name().map_or_else(|| program.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let spawn_failed = |source| ToolError::Spawn { tool: tool.clone(), source };
     let piped = |yes: bool| if yes { Stdio::piped() } else { Stdio::null() };
     let mut cmd = Command::new(program);
     cmd.args(args).stdin(piped(input.is_some())).stdout(piped(input.is_none())).stderr(piped(input.is_none()));
-    let inherited = Inherited::new(&[]).map_err(|e| format!("cannot run the host's {name}: {e}"))?;
+    let inherited = Inherited::new(&[]).map_err(spawn_failed)?;
     supervise_child(&mut cmd, &inherited);
-    let mut child = cmd.spawn().map_err(|e| format!("cannot run the host's {name}: {e}"))?;
+    let mut child = cmd.spawn().map_err(spawn_failed)?;
     if let (Some(mut stdin), Some(data)) = (child.stdin.take(), input) {
         let data = data.to_vec();
         std::thread::spawn(move || stdin.write_all(&data));
@@ -175,12 +193,12 @@ fn run(program: &std::path::Path, args: &[&str], input: Option<&[u8]>) -> Result
     let out = out.map(|t| t.join().unwrap_or_default()).unwrap_or_default();
     let err = err.map(|t| t.join().unwrap_or_default()).unwrap_or_default();
     if over.load(Ordering::Relaxed) {
-        return Err(format!("the host's clipboard holds more than {} MiB, the most agentvm passes on", MAX_DATA >> 20));
+        return Err(ToolError::TooBig);
     }
     match status {
         Some(s) if s.success() => Ok(out),
-        Some(s) => Err(format!("the host's {name} failed ({}): {}", crate::vm::process::describe(s), last_line(&err))),
-        None => Err(format!("the host's {name} did not answer within {} s", TOOL_TIMEOUT.as_secs())),
+        Some(s) => Err(ToolError::Failed { tool, status: crate::vm::process::describe(s), message: last_line(&err) }),
+        None => Err(ToolError::Timeout { tool }),
     }
 }
 
@@ -261,7 +279,7 @@ mod tests {
         let empty = tempfile::tempdir().unwrap();
         let no_tool = HostClipboard::detect(&env(&[("DISPLAY", ":0")]), empty.path().as_os_str());
         assert!(no_tool.problem().unwrap().contains("neither xclip nor xsel"), "{no_tool:?}");
-        assert!(no_tool.read(Kind::Png).unwrap_err().starts_with("no clipboard on the host"));
+        assert!(no_tool.read(Kind::Png).unwrap_err().to_string().starts_with("no clipboard on the host"));
     }
 
     #[test]
@@ -278,9 +296,9 @@ mod tests {
             ("echoes", "printf '%s' \"$*\""),
         ]);
         let at = |name: &str| dir.path().join(name);
-        let e = run(&at("fails"), &[], None).unwrap_err();
+        let e = run(&at("fails"), &[], None).unwrap_err().to_string();
         assert!(e.contains("the host's fails failed") && e.contains("target image/png not available"), "{e}");
-        let e = run(&at("big"), &[], None).unwrap_err();
+        let e = run(&at("big"), &[], None).unwrap_err().to_string();
         assert!(e.contains("more than 32 MiB"), "{e}");
         assert_eq!(run(&at("echoes"), &["-t", "image/png"], None).unwrap(), b"-t image/png");
     }

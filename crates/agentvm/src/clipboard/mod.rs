@@ -16,7 +16,18 @@ use std::os::unix::net::UnixStream;
 
 use agentvm_proto::clipboard::{Kind, Reply, Request};
 
-pub use host_tool::{HostClipboard, HostTool};
+pub use host_tool::{HostClipboard, HostTool, ToolError};
+
+/// Why a request of the guest is refused (the guest's tool prints it).
+#[derive(Debug, thiserror::Error)]
+pub enum ClipboardError {
+    #[error("agentvm shares only images of the host's clipboard with this VM (--clipboard=images): {what} needs --clipboard=all")]
+    NotShared { what: &'static str },
+    #[error("agentvm lets this VM set the host's clipboard only with --clipboard=all (it is {})", .mode.name())]
+    WriteNotAllowed { mode: ClipboardMode },
+    #[error(transparent)]
+    Host(#[from] ToolError),
+}
 
 /// What of the host's clipboard the guest gets (`--clipboard`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
@@ -70,32 +81,25 @@ pub struct Service {
 impl Service {
     /// The reply to one request from the guest.
     pub fn answer(&self, request: Request) -> Reply {
-        let reply = match request {
-            Request::Types => {
-                self.host.types().map(|kinds| Reply::Types(kinds.into_iter().filter(|k| self.mode.reads(*k)).collect()))
-            }
-            Request::Read(kind) if !self.mode.reads(kind) => Err(format!(
-                "agentvm shares {} of the host's clipboard with this VM (--clipboard={}): {} needs --clipboard=all",
-                self.shared(),
-                self.mode.name(),
-                if kind.is_image() { kind.mime() } else { "text" }
-            )),
-            Request::Read(kind) => self.host.read(kind).map(Reply::Data),
-            Request::Write(..) if !self.mode.writes() => Err(format!(
-                "agentvm lets this VM set the host's clipboard only with --clipboard=all (it is {})",
-                self.mode.name()
-            )),
-            Request::Write(kind, data) => self.host.write(kind, &data).map(|()| Reply::Done),
-        };
-        reply.unwrap_or_else(Reply::Refused)
+        self.try_answer(request).unwrap_or_else(|e| Reply::Refused(e.to_string()))
     }
 
-    fn shared(&self) -> &'static str {
-        match self.mode {
-            ClipboardMode::All => "images and text",
-            ClipboardMode::Images => "only images",
-            ClipboardMode::Off => "nothing",
-        }
+    fn try_answer(&self, request: Request) -> Result<Reply, ClipboardError> {
+        Ok(match request {
+            Request::Types => Reply::Types(self.host.types()?.into_iter().filter(|k| self.mode.reads(*k)).collect()),
+            // Off has no channel at all: only text under images gets here.
+            Request::Read(kind) if !self.mode.reads(kind) => {
+                return Err(ClipboardError::NotShared { what: if kind.is_image() { kind.mime() } else { "text" } })
+            }
+            Request::Read(kind) => Reply::Data(self.host.read(kind)?),
+            Request::Write(..) if !self.mode.writes() => {
+                return Err(ClipboardError::WriteNotAllowed { mode: self.mode })
+            }
+            Request::Write(kind, data) => {
+                self.host.write(kind, &data)?;
+                Reply::Done
+            }
+        })
     }
 
     /// Answers the guest's requests on `channel` (the launcher's end of the
