@@ -200,6 +200,7 @@ fn all_shares_text_and_lets_the_guest_set_the_host_clipboard() {
         xsel --clipboard --output > /work/xsel.txt
         wl-paste > /work/wl-paste.txt
         wl-paste --list-types > /work/types.txt
+        head -c 33554433 /dev/zero | wl-copy 2> /work/big-copy.err; echo $? > /work/big-copy.status
         printf 'from the guest' | wl-copy --type text/plain && echo copied";
     let l = x.launch(script);
     let out = l.run_command(&mut l.command_with_flags(&["--clipboard=all"]));
@@ -209,6 +210,8 @@ fn all_shares_text_and_lets_the_guest_set_the_host_clipboard() {
     assert_eq!(text(&l, "wl-paste.txt"), "héllo from the host\n", "wl-paste ends text with a newline");
     assert_eq!(text(&l, "types.txt"), "text/plain;charset=utf-8\ntext/plain\n");
     assert_eq!(x.get("UTF8_STRING"), b"from the guest");
+    assert_eq!(text(&l, "big-copy.status").trim(), "1");
+    assert!(text(&l, "big-copy.err").contains("over 32 MiB"), "{}", text(&l, "big-copy.err"));
 
     // An image from the guest, with xclip as a program would set it.
     let l = x.launch("xclip -selection clipboard -t image/png -i /work/image.png && echo set");
@@ -216,6 +219,13 @@ fn all_shares_text_and_lets_the_guest_set_the_host_clipboard() {
     let out = l.run_command(&mut l.command_with_flags(&["--clipboard=all"]));
     assert_eq!(stdout(&out), "set\n", "{}", stderr(&out));
     assert_eq!(x.get("image/png"), image);
+
+    // More than the limit on the host's clipboard: refused, not cut short.
+    x.set("image/png", &vec![7; (32 << 20) + 1]);
+    let l = x.launch("xclip -selection clipboard -t image/png -o | wc -c");
+    let out = l.run_command(&mut l.command_with_flags(&["--clipboard=all"]));
+    assert_eq!(stdout(&out).trim(), "0", "{}", stderr(&out));
+    assert!(stderr(&out).contains("xclip: the host's clipboard holds more than 32 MiB"), "{}", stderr(&out));
 }
 
 #[test]
