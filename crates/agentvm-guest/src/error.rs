@@ -85,6 +85,9 @@ pub enum Error {
         /// What to do when its disk is full, or nothing.
         full: String,
     },
+    /// The host clipboard's channel could not be set up (`--clipboard`).
+    #[error("clipboard: {0}")]
+    Clipboard(String),
     /// The launch spec holds a value the init cannot use.
     #[error("launch spec: {0}")]
     BadSpec(String),

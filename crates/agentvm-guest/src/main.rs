@@ -6,6 +6,8 @@
 //! code, and powers the VM off. See `agentvm_proto` for the contract.
 
 mod boot;
+mod clipboard;
+mod clipboard_tools;
 mod console;
 mod containers;
 mod error;
@@ -30,6 +32,11 @@ use std::time::Duration;
 const PORT_WAIT: Duration = Duration::from_secs(5);
 
 fn main() {
+    // Called as a clipboard tool (a link the init made with --clipboard).
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(code) = clipboard_tools::run_if_tool(&args) {
+        std::process::exit(code);
+    }
     if sys::getpid() != 1 {
         eprintln!("agentvm-guest: must run as PID 1 inside an agentvm guest (it powers the machine off)");
         std::process::exit(2);
@@ -74,6 +81,9 @@ fn run() -> Result<relay::Outcome> {
     // After SIGCHLD is blocked: its threads inherit the mask, so the signal
     // stays for the signalfd instead of being discarded by one of them.
     forward::start(&spec.host_ports, &spec.published_ports)?;
+    if spec.clipboard {
+        clipboard::start()?;
+    }
     let mut exec = exec::ExecPorts::open(&spec, groups.clone());
     port.send(&Frame::Started)?;
     console::step("start the program");

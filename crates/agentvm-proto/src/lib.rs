@@ -8,7 +8,10 @@
 //! * [`guest`]: the guest's paths and user, which both sides rely on.
 //! * [`forward`]: TCP connections from the guest to the host ports the user
 //!   opened, over a second virtio-serial port.
+//! * [`clipboard`]: the host's clipboard for the guest's clipboard tools,
+//!   over a virtio-serial port of its own.
 
+pub mod clipboard;
 pub mod forward;
 pub mod frame;
 pub mod guest;

@@ -51,6 +51,11 @@ pub struct LaunchSpec {
     /// (published ports when the guest has no network interface).
     #[serde(default)]
     pub published_ports: Vec<u16>,
+    /// Whether the guest gets clipboard tools (`xclip`, `xsel`, `wl-paste`,
+    /// `wl-copy`) that ask the host over the clipboard port
+    /// ([`crate::clipboard`]).
+    #[serde(default)]
+    pub clipboard: bool,
     /// The certificates the guest trusts, built on the host.
     #[serde(default)]
     pub ca_trust: CaTrust,
@@ -220,6 +225,7 @@ mod tests {
             }),
             host_ports: vec![5432],
             published_ports: vec![8000],
+            clipboard: true,
             ca_trust: CaTrust {
                 bundle: vec!["-----BEGIN CERTIFICATE-----\nPUBLIC".into()],
                 extra: vec!["-----BEGIN CERTIFICATE-----\nEXTRA".into()],

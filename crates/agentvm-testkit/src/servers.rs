@@ -249,6 +249,83 @@ pub fn http_get_until(port: u16, path: &str, token: &str, timeout: Duration) -> 
         .unwrap_or_else(|| panic!("127.0.0.1:{port}{path} never answered with {token}: {body:?}"))
 }
 
+/// What a stand-in API was sent: each request's line and body, in order.
+pub type RequestLog = Arc<Mutex<Vec<(String, String)>>>;
+
+/// A stand-in of Anthropic's Messages API (what `ANTHROPIC_BASE_URL`
+/// points Claude Code at), HTTP/1.1 with keep-alive: `POST /v1/messages`
+/// gets a short assistant answer, as server-sent events when the request
+/// asks to stream, else as JSON; anything else a 404. Logs every request.
+pub fn messages_api_server(answer: &'static str) -> (u16, RequestLog) {
+    let log = RequestLog::default();
+    let seen = log.clone();
+    let port = serve(move |s| {
+        let mut reader = BufReader::new(s.try_clone().unwrap());
+        let mut s = s;
+        while let Some(head) = read_head(&mut reader) {
+            let length = head.iter().find_map(|l| {
+                let l = l.to_lowercase();
+                l.strip_prefix("content-length:").and_then(|n| n.trim().parse::<usize>().ok())
+            });
+            let mut body = vec![0; length.unwrap_or(0)];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+            let body = String::from_utf8_lossy(&body).into_owned();
+            let is_messages = head[0].starts_with("POST /v1/messages?") || head[0].starts_with("POST /v1/messages ");
+            let (kind, reply) = match (is_messages, body.contains("\"stream\":true")) {
+                (true, true) => ("text/event-stream", message_events(answer)),
+                (true, false) => ("application/json", message_json(answer).to_string()),
+                (false, _) => (
+                    "application/json",
+                    r#"{"type":"error","error":{"type":"not_found_error","message":"stand-in"}}"#.into(),
+                ),
+            };
+            let status = if is_messages { "200 OK" } else { "404 Not Found" };
+            seen.lock().unwrap().push((head[0].clone(), body));
+            let head = format!("HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\n\r\n", reply.len());
+            if s.write_all(head.as_bytes()).and_then(|()| s.write_all(reply.as_bytes())).is_err() {
+                return;
+            }
+        }
+    });
+    (port, log)
+}
+
+fn message_json(answer: &str) -> serde_json::Value {
+    serde_json::json!({
+        "id": "msg_standin", "type": "message", "role": "assistant", "model": "claude-standin",
+        "content": [{"type": "text", "text": answer}],
+        "stop_reason": "end_turn", "stop_sequence": null,
+        "usage": {"input_tokens": 1, "output_tokens": 1}
+    })
+}
+
+/// The Messages API's stream of one text answer.
+fn message_events(answer: &str) -> String {
+    let mut start = message_json("");
+    start["content"] = serde_json::json!([]);
+    start["stop_reason"] = serde_json::Value::Null;
+    let events = [
+        ("message_start", serde_json::json!({"type": "message_start", "message": start})),
+        (
+            "content_block_start",
+            serde_json::json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        (
+            "content_block_delta",
+            serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": answer}}),
+        ),
+        ("content_block_stop", serde_json::json!({"type": "content_block_stop", "index": 0})),
+        (
+            "message_delta",
+            serde_json::json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 1}}),
+        ),
+        ("message_stop", serde_json::json!({"type": "message_stop"})),
+    ];
+    events.iter().map(|(name, data)| format!("event: {name}\ndata: {data}\n\n")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,10 +22,12 @@
 //! for `run`, `exec` and `shell`; [`sys`] holds the host's system calls
 //! (the one place for `unsafe`); [`doctor`] checks the host;
 //! [`build_info`] is what the build put in (version, commit, guest init);
-//! [`escape`] makes text a guest wrote safe to log and print.
+//! [`escape`] makes text a guest wrote safe to log and print; [`clipboard`]
+//! answers the guest's clipboard tools from the host's clipboard.
 
 pub mod build_info;
 pub mod cli;
+pub mod clipboard;
 pub mod commands;
 pub mod config;
 pub mod doctor;

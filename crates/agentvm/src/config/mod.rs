@@ -34,6 +34,7 @@ pub mod trust;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::clipboard::ClipboardMode;
 use crate::guest_env::cri::Runtime;
 use crate::guest_env::devshell;
 use crate::guest_env::host_ca::HostCa;
@@ -81,6 +82,8 @@ pub struct Settings {
     pub host_ports: Vec<u16>,
     /// Whether the guest trusts the host's CA certificates.
     pub host_ca: HostCa,
+    /// What of the host's clipboard the guest's clipboard tools get.
+    pub clipboard: ClipboardMode,
     /// Names the guest may reach under [`NetworkMode::Allow`]: the
     /// flavor's preset plus the user's.
     pub allow: AllowList,
@@ -210,6 +213,7 @@ pub fn resolve_with(
         ports: network.ports,
         host_ports: network.host_ports,
         host_ca: layers.value(|o| &o.host_ca).unwrap_or_default(),
+        clipboard: layers.value(|o| &o.clipboard).unwrap_or_default(),
         allow: network.allow,
         shield_secrets: network.shield_secrets,
         host_proxy: network.host_proxy,

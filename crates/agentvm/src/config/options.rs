@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use clap::{Args, FromArgMatches};
 use serde::Deserialize;
 
+use crate::clipboard::ClipboardMode;
 use crate::config::file_pattern::FilePattern;
 use crate::config::flavor::FlavorOverride;
 use crate::guest_env::devshell;
@@ -69,6 +70,20 @@ pub struct RunOptions {
     /// image's public roots only [default: on]
     #[arg(long, value_enum, value_name = "MODE", env = "AGENTVM_HOST_CA")]
     pub host_ca: Option<HostCa>,
+    /// Share the host's clipboard with the guest's xclip, xsel, wl-paste and
+    /// wl-copy (read on the host, only when a tool in the guest asks):
+    /// images (PNG, JPEG; what --clipboard alone means), all (text too, and
+    /// the guest may set the host's clipboard), off [default: off]
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "images",
+        env = "AGENTVM_CLIPBOARD"
+    )]
+    pub clipboard: Option<ClipboardMode>,
     /// Open one port of the host's loopback to the guest, where it is
     /// host.agentvm.internal:PORT (repeatable), e.g. a local database or
     /// MCP server. Works with --network none too.
@@ -482,6 +497,7 @@ mod tests {
         ("shield_secrets", |_| true.into(), |s, _| s.shield_secrets),
         ("host_ca", |_| "off".into(), |s, _| s.host_ca == HostCa::Off),
         ("host_ports", |_| Value::Array(vec![5432.into()]), |s, _| s.host_ports == [5432]),
+        ("clipboard", |_| "all".into(), |s, _| s.clipboard == ClipboardMode::All),
         ("network", |_| "none".into(), |s, _| s.network == NetworkMode::None),
         ("cri", |_| "docker".into(), |s, _| s.cri == [Runtime::Docker]),
         ("cri_disk_size", |_| "1G".into(), |s, _| s.cri_disk_mib == 1024),

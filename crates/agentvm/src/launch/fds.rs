@@ -17,17 +17,21 @@ pub struct FdPlan {
     pub forwarding: Option<RawFd>,
     /// The write end of the serial console's pipe.
     pub console: RawFd,
+    /// The clipboard channel's socket (`--clipboard`).
+    pub clipboard: Option<RawFd>,
 }
 
 impl FdPlan {
-    /// The numbers for a launch with or without passt and the channel.
-    pub fn new(passt: bool, forwarding: bool) -> FdPlan {
+    /// The numbers for a launch with or without passt, the forwarding
+    /// channel and the clipboard channel.
+    pub fn new(passt: bool, forwarding: bool, clipboard: bool) -> FdPlan {
         FdPlan {
             control: 3,
             initramfs: 4,
             network: passt.then_some(5),
             forwarding: forwarding.then_some(6),
             console: 7,
+            clipboard: clipboard.then_some(8),
         }
     }
 
@@ -46,6 +50,9 @@ impl FdPlan {
             pass.push((fd.as_fd(), target));
         }
         pass.push((ends.console.as_fd(), self.console));
+        if let (Some(fd), Some(target)) = (&ends.clipboard, self.clipboard) {
+            pass.push((fd.as_fd(), target));
+        }
         pass
     }
 }
@@ -58,6 +65,7 @@ pub struct QemuEnds {
     pub network: Option<OwnedFd>,
     pub forwarding: Option<OwnedFd>,
     pub console: OwnedFd,
+    pub clipboard: Option<OwnedFd>,
 }
 
 #[cfg(test)]
@@ -66,19 +74,26 @@ mod tests {
 
     #[test]
     fn numbers_are_fixed_and_optional_channels_absent_when_unused() {
-        let all = FdPlan::new(true, true);
+        let all = FdPlan::new(true, true, true);
         assert_eq!((all.control, all.initramfs, all.network, all.forwarding, all.console), (3, 4, Some(5), Some(6), 7));
-        let none = FdPlan::new(false, false);
-        assert_eq!((none.network, none.forwarding), (None, None));
+        assert_eq!(all.clipboard, Some(8));
+        let none = FdPlan::new(false, false, false);
+        assert_eq!((none.network, none.forwarding, none.clipboard), (None, None, None));
         assert_eq!(none.initrd_path(), PathBuf::from("/proc/self/fd/4"));
     }
 
     #[test]
     fn pass_maps_each_end_to_its_number() {
         let end = || crate::sys::memfd_with("t", b"").unwrap();
-        let ends =
-            QemuEnds { control: end(), initramfs: end(), network: None, forwarding: Some(end()), console: end() };
-        let targets: Vec<RawFd> = FdPlan::new(false, true).pass(&ends).iter().map(|(_, t)| *t).collect();
-        assert_eq!(targets, [3, 4, 6, 7]);
+        let ends = QemuEnds {
+            control: end(),
+            initramfs: end(),
+            network: None,
+            forwarding: Some(end()),
+            console: end(),
+            clipboard: Some(end()),
+        };
+        let targets: Vec<RawFd> = FdPlan::new(false, true, true).pass(&ends).iter().map(|(_, t)| *t).collect();
+        assert_eq!(targets, [3, 4, 6, 7, 8]);
     }
 }

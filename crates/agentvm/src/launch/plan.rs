@@ -11,6 +11,7 @@ use agentvm_proto::{guest, Containers, LaunchSpec, Mount, Sandbox, User};
 
 use super::fds::FdPlan;
 use super::resources::{Resources, SandboxPlan};
+use crate::clipboard::ClipboardMode;
 use crate::config::Settings;
 use crate::image::kmod;
 use crate::net::plan::NetworkPlan;
@@ -23,6 +24,8 @@ pub struct Plan {
     pub shares: Vec<Share>,
     pub network: NetworkPlan,
     pub fds: FdPlan,
+    /// What of the host's clipboard the guest gets (its own port when on).
+    pub clipboard: ClipboardMode,
     /// What the guest init is told (in the initramfs).
     pub spec: LaunchSpec,
     pub vm: VmConfig,
@@ -39,10 +42,10 @@ impl Plan {
     pub fn new(settings: &Settings, res: &Resources, instance: InstanceRef<'_>) -> Plan {
         let shares = shares(settings, res.nix_store.as_deref(), res.sandbox.as_ref());
         let network = res.network.clone();
-        let fds = FdPlan::new(network.interface.is_passt(), network.uses_channel());
+        let fds = FdPlan::new(network.interface.is_passt(), network.uses_channel(), settings.clipboard.is_on());
         let spec = spec(settings, res, &shares, instance.id);
         let vm = vm_config(settings, res, &shares, &fds, instance);
-        Plan { shares, network, fds, spec, vm }
+        Plan { shares, network, fds, clipboard: settings.clipboard, spec, vm }
     }
 
     /// QEMU's argument vector (without the program).
@@ -135,12 +138,27 @@ fn spec(s: &Settings, res: &Resources, shares: &[Share], id: &str) -> LaunchSpec
         argv: s.argv.clone(),
         // Later wins: the program's own variables (e.g. `-e SSL_CERT_FILE`)
         // over the trust store's.
-        env: res.trust.guest_env().into_iter().chain(res.env.iter().cloned()).chain(net.guest_env()).collect(),
+        env: res
+            .trust
+            .guest_env()
+            .into_iter()
+            .chain(clipboard_env(s))
+            .chain(res.env.iter().cloned())
+            .chain(net.guest_env())
+            .collect(),
+        clipboard: s.clipboard.is_on(),
         ca_trust: res.trust.spec(),
         tty: res.tty,
         winsize: res.winsize,
         verbose: s.verbose,
     }
+}
+
+/// With the clipboard shared, `XDG_SESSION_TYPE=x11`: Gemini CLI looks
+/// for a clipboard tool only in a session it knows (Claude Code just tries
+/// xclip and wl-paste). Not `DISPLAY`: programs would try to open it.
+fn clipboard_env(s: &Settings) -> Option<(String, String)> {
+    s.clipboard.is_on().then(|| ("XDG_SESSION_TYPE".to_string(), "x11".to_string()))
 }
 
 /// What QEMU is given.
@@ -162,6 +180,7 @@ fn vm_config(s: &Settings, res: &Resources, shares: &[Share], fds: &FdPlan, inst
         sandbox: true,
         netdev: res.network.netdev(fds.network),
         forward_fd: fds.forwarding,
+        clipboard_fd: fds.clipboard,
         data_disks: data_disks(res),
     }
 }
@@ -202,6 +221,7 @@ pub(crate) mod tests {
             ports: Vec::new(),
             host_ports: Vec::new(),
             host_ca: Default::default(),
+            clipboard: Default::default(),
             allow: Default::default(),
             shield_secrets: false,
             host_proxy: None,
@@ -254,6 +274,7 @@ pub(crate) mod tests {
             sandbox: None,
             login: None,
             ids: IdMap::for_host(1001, 1002),
+            clipboard: None,
             tty: false,
             winsize: None,
         }
@@ -334,6 +355,19 @@ pub(crate) mod tests {
             "{netdev:?}"
         );
         assert!(p.spec.published_ports.is_empty());
+    }
+
+    #[test]
+    fn the_clipboard_is_a_port_of_its_own_and_off_leaves_none() {
+        let s = Settings { clipboard: ClipboardMode::Images, ..settings() };
+        let p = plan(&s, &resources(&s));
+        assert!(p.spec.clipboard);
+        assert_eq!(p.fds.clipboard, Some(8));
+        assert!(value_of(&args(&p), "-chardev").contains(&"socket,id=clip,fd=8".to_string()));
+        assert_eq!(env_of(&p, "XDG_SESSION_TYPE"), Some("x11"), "Gemini CLI looks for xclip only in a session");
+        let off = plan(&settings(), &resources(&settings()));
+        assert!(!off.spec.clipboard && off.fds.clipboard.is_none() && env_of(&off, "XDG_SESSION_TYPE").is_none());
+        assert!(!value_of(&args(&off), "-device").iter().any(|d| d.contains("org.agentvm.clip")));
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub struct PlanReport {
     pub sandbox: Option<SandboxReport>,
     /// The login files shared with every project (`--login=shared`).
     pub login: Option<LoginReport>,
+    /// What of the host's clipboard the guest gets and the host tool that
+    /// reads it, e.g. `images: /usr/bin/xclip (DISPLAY=:0)`; None: off.
+    pub clipboard: Option<String>,
     pub image: ImageReport,
     pub initramfs_bytes: usize,
     /// The guest init in it: built in, or the file AGENTVM_GUEST_INIT names.
@@ -174,6 +177,7 @@ impl PlanReport {
                 .login
                 .as_ref()
                 .map(|l| LoginReport { store: l.store.display().to_string(), files: l.files.clone() }),
+            clipboard: res.clipboard.as_ref().map(|host| format!("{}: {}", plan.clipboard.name(), host.describe())),
             image: ImageReport {
                 dir: res.image.dir.display().to_string(),
                 bzimage: res.image.bzimage().display().to_string(),
@@ -228,12 +232,13 @@ impl fmt::Display for PlanReport {
         let fds = &self.fds;
         writeln!(
             f,
-            "fds           control {}, initramfs {}, network {}, forwarding {}, console {}",
+            "fds           control {}, initramfs {}, network {}, forwarding {}, console {}, clipboard {}",
             fds.control,
             fds.initramfs,
             optional_fd(fds.network),
             optional_fd(fds.forwarding),
-            fds.console
+            fds.console,
+            optional_fd(fds.clipboard)
         )?;
         write_network(f, &self.network)?;
         for s in &self.shares {
@@ -242,6 +247,9 @@ impl fmt::Display for PlanReport {
         }
         if let Some(l) = &self.login {
             writeln!(f, "login         shared with {}: {}", l.store, l.files.join(" "))?;
+        }
+        if let Some(clipboard) = &self.clipboard {
+            writeln!(f, "clipboard     {clipboard}")?;
         }
         writeln!(f, "image         {}", self.image.dir)?;
         if let Some(s) = &self.sandbox {
@@ -315,7 +323,10 @@ mod tests {
         {
             assert!(text.contains(part), "{part:?} missing in\n{text}");
         }
-        assert!(text.contains("fds           control 3, initramfs 4, network 5, forwarding -, console 7"), "{text}");
+        assert!(
+            text.contains("fds           control 3, initramfs 4, network 5, forwarding -, console 7, clipboard -"),
+            "{text}"
+        );
         assert!(text.contains("network       open: passt (/usr/bin/passt)"), "{text}");
         assert!(text.contains("share         work /p/project -> /work (rw, cache auto)"), "{text}");
         assert!(text.contains("kernel        console=ttyS0"), "{text}");
@@ -372,6 +383,18 @@ mod tests {
         assert!(text.contains("login         shared with /data/logins/claude: .claude/.credentials.json\n"), "{text}");
         let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
         assert_eq!(json["login"]["files"][0], ".claude/.credentials.json");
+    }
+
+    #[test]
+    fn a_shared_clipboard_shows_its_mode_and_the_host_tool() {
+        let s = crate::config::Settings { clipboard: crate::clipboard::ClipboardMode::All, ..settings() };
+        let mut res = resources(&s);
+        res.clipboard = Some(crate::clipboard::HostClipboard::missing("no session".into()));
+        let initramfs = Initramfs { bytes: Vec::new(), modules: Vec::new() };
+        let text = PlanReport::new(&plan(&s, &res), &res, &initramfs, Duration::ZERO).to_string();
+        assert!(text.contains("clipboard     all: none: no session"), "{text}");
+        assert!(text.contains("console 7, clipboard 8"), "{text}");
+        assert!(!report().to_string().contains("clipboard     "), "off shows no clipboard line");
     }
 
     #[test]

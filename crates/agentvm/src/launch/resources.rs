@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::clipboard::HostClipboard;
 use crate::config::Settings;
 use crate::guest_env::cri;
 use crate::guest_env::devshell::{self, DevShell};
@@ -77,6 +78,8 @@ pub struct Resources {
     /// The login files shared with every project (`--login=shared`).
     pub login: Option<login::Places>,
     pub ids: IdMap,
+    /// The host's clipboard tool, when the clipboard is shared.
+    pub clipboard: Option<HostClipboard>,
     /// Whether the program runs on a terminal (stdin and stdout are one).
     pub tty: bool,
     /// The terminal's size, when `tty`.
@@ -137,6 +140,7 @@ impl Resources {
         let host_cas = host_ca::for_launch(settings.host_ca, &|var| std::env::var(var).ok(), warn);
         let trust = GuestTrust::new(host_cas.as_ref(), shield.as_ref().map(|s| s.ca_der()));
         let tty = sys::interactive();
+        let clipboard = host_clipboard(settings, warn);
         let resources = Resources {
             qemu,
             guest_init,
@@ -153,11 +157,26 @@ impl Resources {
             sandbox,
             login: login::Places::for_run(settings)?,
             ids: IdMap::current(),
+            clipboard,
             tty,
             winsize: if tty { sys::winsize(std::io::stdin()) } else { None },
         };
         Ok(Resolved { resources, shield })
     }
+}
+
+/// The host's clipboard tool when `--clipboard` shares it; without one the
+/// launch goes on (the guest's tools then say why) after a warning.
+fn host_clipboard(settings: &Settings, warn: &mut dyn FnMut(String)) -> Option<HostClipboard> {
+    if !settings.clipboard.is_on() {
+        return None;
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let host = HostClipboard::detect(&|var| std::env::var(var).ok(), &path);
+    if let Some(why) = host.problem() {
+        warn(format!("--clipboard: {why}; the guest's clipboard tools will fail"));
+    }
+    Some(host)
 }
 
 /// The flavor's base image and agent layer, built if missing.

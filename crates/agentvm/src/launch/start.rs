@@ -13,6 +13,7 @@ use std::time::Duration;
 use super::fds::QemuEnds;
 use super::plan::Plan;
 use super::resources::Resources;
+use crate::clipboard;
 use crate::instance::console_log;
 use crate::net::egress::{self, AllowList};
 use crate::net::plan::{Interface, NetworkPlan};
@@ -90,7 +91,8 @@ impl Started {
         let console = console_log::Recorder::start(std::fs::File::from(console_ours), &console_path)
             .map_err(os("record the guest console"))?;
         let forwarding = start_forwarding(&plan.network, egress, dir)?;
-        let ends = QemuEnds { control: control_qemu, initramfs, network, forwarding, console: console_qemu };
+        let clipboard = start_clipboard(plan, res)?;
+        let ends = QemuEnds { control: control_qemu, initramfs, network, forwarding, console: console_qemu, clipboard };
         let mut cmd = Command::new(&res.qemu);
         cmd.args(plan.qemu_args());
         let qemu =
@@ -135,6 +137,20 @@ fn start_network(net: &NetworkPlan, dir: &Path, helpers: &mut Vec<Helper>) -> Re
     let (passt, fd) = net::start_passt(bin, &net.published, dir)?;
     helpers.push(passt);
     Ok(Some(fd))
+}
+
+/// Starts answering the guest's clipboard tools when the clipboard is
+/// shared; QEMU's end of their channel.
+fn start_clipboard(plan: &Plan, res: &Resources) -> Result<Option<OwnedFd>, StartError> {
+    if !plan.clipboard.is_on() {
+        return Ok(None);
+    }
+    let looked_for = res.clipboard.clone();
+    let host = looked_for.unwrap_or_else(|| clipboard::HostClipboard::missing("it was not looked for".into()));
+    let (ours, theirs) = sys::socketpair().map_err(os("socketpair"))?;
+    let service = clipboard::Service { mode: plan.clipboard, host };
+    service.serve(UnixStream::from(ours)).map_err(os("start the clipboard service"))?;
+    Ok(Some(theirs))
 }
 
 /// Starts serving the forwarding channel when the plan uses it; QEMU's end.

@@ -42,6 +42,8 @@ pub struct VmConfig {
     pub data_disks: Vec<(String, PathBuf)>,
     /// The inherited socket of the host-port forwarding channel, if any.
     pub forward_fd: Option<i32>,
+    /// The inherited socket of the clipboard channel (`--clipboard`), if any.
+    pub clipboard_fd: Option<i32>,
 }
 
 /// The guest RAM to give QEMU for a requested size. With exactly 2 GiB, the
@@ -141,10 +143,11 @@ fn serial_console(a: &mut Args, cfg: &VmConfig) {
     a.flag("-serial").val("chardev:console");
 }
 
-/// The control port, the exec ports and the forwarding channel.
+/// The control port, the exec ports, the forwarding and clipboard channels.
 fn virtio_serial_ports(a: &mut Args, cfg: &VmConfig) {
     // Port 0 is reserved for a console; the control port, then the exec ports.
-    let ports = 2 + cfg.exec_sockets.len() + usize::from(cfg.forward_fd.is_some());
+    let ports =
+        2 + cfg.exec_sockets.len() + usize::from(cfg.forward_fd.is_some()) + usize::from(cfg.clipboard_fd.is_some());
     a.flag("-device").val(format!("virtio-serial-device,max_ports={ports}"));
     a.flag("-chardev").val(format!("socket,id=ctl,fd={}", cfg.control_fd));
     a.flag("-device").val(format!("virtserialport,chardev=ctl,name={}", agentvm_proto::PORT_NAME));
@@ -158,6 +161,10 @@ fn virtio_serial_ports(a: &mut Args, cfg: &VmConfig) {
     if let Some(fd) = cfg.forward_fd {
         a.flag("-chardev").val(format!("socket,id=fwd,fd={fd}"));
         a.flag("-device").val(format!("virtserialport,chardev=fwd,name={}", agentvm_proto::forward::PORT_NAME));
+    }
+    if let Some(fd) = cfg.clipboard_fd {
+        a.flag("-chardev").val(format!("socket,id=clip,fd={fd}"));
+        a.flag("-device").val(format!("virtserialport,chardev=clip,name={}", agentvm_proto::clipboard::PORT_NAME));
     }
 }
 
@@ -281,6 +288,7 @@ mod tests {
             sandbox: true,
             netdev: None,
             forward_fd: None,
+            clipboard_fd: None,
             data_disks: Vec::new(),
         }
     }
@@ -340,6 +348,18 @@ mod tests {
         assert!(devices.contains(&"virtserialport,chardev=fwd,name=org.agentvm.fwd".to_string()));
         assert!(devices.contains(&"virtio-serial-device,max_ports=3".to_string()));
         assert!(!value_of(&strings(&cfg()), "-chardev").iter().any(|c| c.contains("id=fwd")));
+    }
+
+    #[test]
+    fn clipboard_channel_is_a_port_only_when_shared() {
+        let c = VmConfig { forward_fd: Some(6), clipboard_fd: Some(8), ..cfg() };
+        let args = strings(&c);
+        assert!(value_of(&args, "-chardev").contains(&"socket,id=clip,fd=8".to_string()));
+        let devices = value_of(&args, "-device");
+        assert!(devices.contains(&"virtserialport,chardev=clip,name=org.agentvm.clip".to_string()));
+        assert!(devices.contains(&"virtio-serial-device,max_ports=4".to_string()));
+        let off = strings(&cfg());
+        assert!(!value_of(&off, "-device").iter().any(|d| d.contains("org.agentvm.clip")));
     }
 
     #[test]
