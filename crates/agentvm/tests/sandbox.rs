@@ -393,6 +393,13 @@ fn a_normal_user_gets_a_sandbox_and_its_branch_without_root() {
     let disk = std::fs::read_dir(l.data.join("agentvm/sandboxes")).unwrap().next().unwrap().unwrap().path();
     let meta = std::fs::metadata(disk.join("mine/disk.ext4")).unwrap();
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), uid);
+
+    // A run that writes nothing hands back the last status instead of
+    // exporting, through the user's own virtiofsd.
+    let out = in_sandbox(&l, "mine", &["--verbose"], "true");
+    assert_ok(&out);
+    assert_eq!(export_step(&out), "skipped");
+    assert!(stderr(&out).contains("branch agentvm/mine unchanged"), "{}", stderr(&out));
 }
 
 #[test]
