@@ -139,6 +139,7 @@ fn spec(s: &Settings, res: &Resources, shares: &[Share], id: &str) -> LaunchSpec
         tty: res.tty,
         winsize: res.winsize,
         verbose: s.verbose,
+        template: false,
     }
 }
 
