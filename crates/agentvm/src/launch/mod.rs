@@ -19,6 +19,7 @@ pub mod prepare;
 pub mod print;
 pub mod resources;
 pub mod start;
+pub mod warm;
 pub mod watch;
 
 use std::time::Instant;
@@ -31,6 +32,7 @@ use plan::InstanceRef;
 use prepare::Prepared;
 use resources::Resources;
 use start::{Egress, Started};
+use warm::{Restore, StartMode, WarmPlan};
 
 use crate::config::Settings;
 use crate::sandbox::import::{ImportError, Imported};
@@ -70,11 +72,10 @@ pub fn run(settings: &Settings, clock: Instant, warn: &mut dyn FnMut(String)) ->
     let mut prepared = Prepared::new(settings, res.cri_disk.as_ref(), res.sandbox.as_ref(), warn)?;
     let instance = InstanceRef { id: &prepared.instance.id, dir: &prepared.instance.dir };
     let plan = Plan::new(settings, res, instance);
-    let initramfs = initramfs::build(&res.guest_init, &res.image, &plan.spec)?;
     let planned = clock.elapsed();
 
     let egress = Egress { allow: &settings.allow, shield: resolved.shield.clone() };
-    let mut started = Started::start(&plan, res, egress, &prepared.instance.dir, &initramfs.bytes)?;
+    let mut started = start_vm(settings.start, &plan, res, egress, &prepared.instance.dir, warn)?;
     let qemu_started = clock.elapsed();
     prepared.record_qemu(started.qemu.child.id())?;
 
@@ -87,6 +88,46 @@ pub fn run(settings: &Settings, clock: Instant, warn: &mut dyn FnMut(String)) ->
     let sandbox = prepared.sandbox.as_ref().filter(|_| result.is_ok()).map(|s| import(s, settings));
     drop(prepared);
     Ok(Outcome { result, planned, qemu_started, console, sandbox })
+}
+
+/// Starts the VM warm when asked and a template can serve, else cold (with
+/// one line saying why a warm start was asked for and did not happen).
+fn start_vm(
+    mode: StartMode,
+    plan: &Plan,
+    res: &Resources,
+    egress: Egress<'_>,
+    dir: &std::path::Path,
+    warn: &mut dyn FnMut(String),
+) -> Result<Started, LaunchError> {
+    if mode == StartMode::Warm {
+        match start_warm(plan, res, egress.clone(), dir) {
+            Ok(started) => return Ok(started),
+            Err(e) => warn(format!("warm start: {e}; starting cold")),
+        }
+        // The attempt's helpers are gone; their sockets are in the way.
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.path().extension().is_some_and(|e| e == "sock") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    let initramfs = initramfs::build(&res.guest_init, &res.image, &plan.spec)?;
+    Ok(Started::start(plan, res, egress, dir, &initramfs.bytes, None)?)
+}
+
+/// A VM restored from the template of `plan`'s shape (made first if missing).
+fn start_warm(
+    plan: &Plan,
+    res: &Resources,
+    egress: Egress<'_>,
+    dir: &std::path::Path,
+) -> Result<Started, start::StartError> {
+    let warm = WarmPlan::new(plan, res)?;
+    let template = warm::ensure_template(&warm, plan, res)?;
+    let restore = Restore::new(&template)?;
+    let plan = Plan { vm: warm::restore_vm(&plan.vm), ..plan.clone() };
+    Started::start(&plan, res, egress, dir, &warm.initramfs.bytes, Some(&restore))
 }
 
 /// Brings the sandbox's result back into the project.

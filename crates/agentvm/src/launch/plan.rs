@@ -163,6 +163,9 @@ fn vm_config(s: &Settings, res: &Resources, shares: &[Share], fds: &FdPlan, inst
         netdev: res.network.netdev(fds.network),
         forward_fd: fds.forwarding,
         data_disks: data_disks(res),
+        memory_file: None,
+        qmp_fd: None,
+        incoming: false,
     }
 }
 
@@ -214,6 +217,7 @@ pub(crate) mod tests {
             devshell: Default::default(),
             devshell_files: Vec::new(),
             verbose: false,
+            start: Default::default(),
             warnings: Vec::new(),
         }
     }
