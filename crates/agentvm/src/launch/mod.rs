@@ -127,7 +127,7 @@ fn start_warm(
     let template = warm::ensure_template(&warm, plan, res)?;
     let restore = Restore::new(&template)?;
     let plan = Plan { vm: warm::restore_vm(&plan.vm), ..plan.clone() };
-    Started::start(&plan, res, egress, dir, &warm.initramfs.bytes, Some(&restore))
+    Started::start(&plan, res, egress, dir, &warm.initramfs.bytes, Some(restore))
 }
 
 /// Brings the sandbox's result back into the project.

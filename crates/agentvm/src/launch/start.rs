@@ -89,7 +89,7 @@ impl Started {
         egress: Egress<'_>,
         dir: &Path,
         initramfs: &[u8],
-        restore: Option<&Restore>,
+        restore: Option<Restore>,
     ) -> Result<Started, StartError> {
         let signals = SignalFd::block_and_open(relay::SIGNALS_AND_CHILDREN).map_err(os("signalfd"))?;
         let initramfs = sys::memfd_with("agentvm-initramfs", initramfs).map_err(os("memfd_create"))?;
@@ -108,13 +108,17 @@ impl Started {
         let mut cmd = Command::new(&res.qemu);
         cmd.args(plan.qemu_args());
         let mut pass = plan.fds.pass(&ends);
-        if let Some(r) = restore {
-            pass.extend([(r.qmp_qemu.as_fd(), warm::QMP_FD), (r.ram.as_fd(), warm::RAM_FD)]);
+        if let Some(r) = &restore {
+            let qemu_ends = [(&r.qmp_qemu, warm::QMP_FD), (&r.ram, warm::RAM_FD)];
+            pass.extend(qemu_ends.into_iter().filter_map(|(fd, target)| Some((fd.as_ref()?.as_fd(), target))));
         }
         let qemu = process::spawn("QEMU", cmd, &pass, &dir.join("qemu.log")).map_err(StartError::Qemu)?;
+        drop(pass);
+        drop(ends);
         let started = Started { signals, qemu, helpers, control: Some(control), console: Some(console), console_path };
-        if let Some(r) = restore {
-            r.load()?;
+        if let Some(mut r) = restore {
+            r.qemu_has_its_ends();
+            r.load(&dir.join("qemu.log"))?;
             warm::hand_over(started.control.as_ref().expect("not relayed yet"), &plan.spec)?;
         }
         Ok(started)

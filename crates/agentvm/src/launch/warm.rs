@@ -78,6 +78,8 @@ pub enum WarmError {
     Guest(String),
     #[error("the launch spec is {0} bytes, over the control port's {MAX_PAYLOAD}")]
     SpecTooLarge(usize),
+    #[error("QEMU could not load the template {template}{}: {source} (it is removed: the next warm start makes a new one)", .qemu_said.as_deref().map(|s| format!(" ({s})")).unwrap_or_default())]
+    Refused { template: String, qemu_said: Option<String>, source: QmpError },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> WarmError {
@@ -165,6 +167,11 @@ pub fn shape_in(vm: &VmConfig, dir: &Path) -> VmConfig {
     }
 }
 
+/// The key of the template that restores `vm` (a cold start's config).
+pub fn plan_key(vm: &VmConfig, qemu: &str, initramfs: &[u8]) -> String {
+    template_key(qemu, &shape_in(&restore_vm(vm), Path::new("/t")), initramfs)
+}
+
 /// The template key: QEMU's identity, the shape's command line and the
 /// template's initramfs (guest init, modules, the image's part of the spec).
 pub fn template_key(qemu: &str, shape: &VmConfig, initramfs: &[u8]) -> String {
@@ -209,13 +216,15 @@ fn make_template(dir: &Path, warm: &WarmPlan, plan: &Plan, res: &Resources) -> R
         helpers.push(share::start(&share, res.ids, dir)?.0);
     }
     let vm = VmConfig { qmp_fd: Some(QMP_FD), ..shape_in(&plan.vm, dir) };
-    let ends = TemplateEnds::new(dir, &warm.initramfs.bytes)?;
+    let mut ends = TemplateEnds::new(dir, &warm.initramfs.bytes)?;
     let mut cmd = std::process::Command::new(&res.qemu);
     cmd.args(vm::qemu_args(&vm));
     let pass = ends.pass(plan);
     let mut qemu = process::spawn("QEMU (template)", cmd, &pass, &dir.join("qemu.log"))
         .map_err(io_err("start QEMU for the template"))?;
     drop(pass);
+    // QEMU has them now: with ours closed, its exit reads as end of file.
+    ends.qemu.clear();
     let saved = save_when_ready(&ends, dir, &mut qemu);
     qemu.stop(QEMU_EXIT);
     for h in &mut helpers {
@@ -305,10 +314,11 @@ impl TemplateEnds {
 /// A restore's own pieces: the RAM copy and the QMP socket (QEMU's ends
 /// and ours), and the state to load.
 pub struct Restore {
-    pub ram: OwnedFd,
+    /// QEMU's ends, until it has them: the RAM copy and its QMP socket.
+    pub ram: Option<OwnedFd>,
+    pub qmp_qemu: Option<OwnedFd>,
     pub qmp: OwnedFd,
-    pub qmp_qemu: OwnedFd,
-    pub state: PathBuf,
+    pub template: Template,
 }
 
 impl Restore {
@@ -317,16 +327,31 @@ impl Restore {
     pub fn new(template: &Template) -> Result<Restore, WarmError> {
         let ram = sparse_copy_to_memfd(&template.ram())?;
         let (qmp, qmp_qemu) = sys::socketpair().map_err(io_err("socketpair"))?;
-        Ok(Restore { ram, qmp, qmp_qemu, state: template.state() })
+        Ok(Restore { ram: Some(ram), qmp, qmp_qemu: Some(qmp_qemu), template: template.clone() })
     }
 
-    /// Loads the state into the waiting QEMU and lets it run.
-    pub fn load(&self) -> Result<(), WarmError> {
+    /// Closes our copies of QEMU's ends once it runs, so that its exit
+    /// reads as end of file instead of a wait for the time limit.
+    pub fn qemu_has_its_ends(&mut self) {
+        self.ram = None;
+        self.qmp_qemu = None;
+    }
+
+    /// Loads the state into the waiting QEMU and lets it run. A state
+    /// QEMU refuses is removed with its template (`qemu_log` tells why).
+    pub fn load(&self, qemu_log: &Path) -> Result<(), WarmError> {
         let stream = UnixStream::from(self.qmp.try_clone().map_err(io_err("dup the QMP socket"))?);
         let mut qmp = Qmp::connect(stream, QMP_ANSWER)?;
         qmp.ignore_shared_ram()?;
-        qmp.execute("migrate-incoming", json!({ "uri": format!("file:{}", self.state.display()) }))?;
-        qmp.wait_migration(RESTORE)?;
+        let uri = format!("file:{}", self.template.state().display());
+        let loaded = qmp.execute("migrate-incoming", json!({ "uri": uri })).and_then(|_| qmp.wait_migration(RESTORE));
+        if let Err(source) = loaded {
+            if let Ok(store) = Store::default_dir().map(Store::open) {
+                let _ = Templates::new(&store).remove(&self.template.name());
+            }
+            let qemu_said = last_line(qemu_log);
+            return Err(WarmError::Refused { template: self.template.name(), qemu_said, source });
+        }
         qmp.execute("cont", json!({}))?;
         Ok(())
     }
@@ -387,6 +412,18 @@ fn read_frame(fd: &OwnedFd, limit: Duration) -> Result<Frame, WarmError> {
     }
 }
 
+/// The last line QEMU logged (of its last KiB), escaped: why it refused.
+fn last_line(log: &Path) -> Option<String> {
+    let mut f = File::open(log).ok()?;
+    let len = f.metadata().ok()?.len();
+    let mut tail = Vec::new();
+    std::io::Seek::seek(&mut f, io::SeekFrom::Start(len.saturating_sub(1024))).ok()?;
+    f.take(1024).read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
+    Some(crate::escape::log_line(line.trim()))
+}
+
 /// A frame's kind, for a message (never its payload: it may be the guest's words).
 fn frame_name(frame: &Frame) -> &'static str {
     match frame {
@@ -424,4 +461,94 @@ pub fn sparse_copy_to_memfd(path: &Path) -> Result<OwnedFd, WarmError> {
         }
     }
     Ok(OwnedFd::from(dst))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launch::plan::tests::{plan, resources, settings};
+    use crate::launch::plan::InstanceRef;
+
+    fn key(vm: &VmConfig) -> String {
+        plan_key(vm, "qemu 1", b"initramfs")
+    }
+
+    #[test]
+    fn key_is_the_same_for_every_instance_of_a_shape() {
+        let s = settings();
+        let res = resources(&s);
+        let a = plan(&s, &res);
+        let b = Plan::new(&s, &res, InstanceRef { id: "fedcba987654", dir: Path::new("/run/user/7/agentvm/x") });
+        assert_ne!(vm::qemu_args(&a.vm), vm::qemu_args(&b.vm), "per-run paths differ");
+        assert_eq!(key(&a.vm), key(&b.vm));
+    }
+
+    #[test]
+    fn key_changes_with_what_a_restore_must_match() {
+        let s = settings();
+        let vm = plan(&s, &resources(&s)).vm;
+        let base = key(&vm);
+        let changed = [
+            VmConfig { memory_mib: vm.memory_mib * 2, ..vm.clone() },
+            VmConfig { cpus: vm.cpus + 1, ..vm.clone() },
+            VmConfig { accel: vm::Accel::Kvm, ..vm.clone() },
+            VmConfig { root_image: "/img/base-other/root.squashfs".into(), ..vm.clone() },
+            VmConfig { layers: vec!["/img/layer-claude-1/layer.squashfs".into()], ..vm.clone() },
+            VmConfig { kernel: "/img2/vmlinux".into(), ..vm.clone() },
+            VmConfig { netdev: None, ..vm.clone() },
+        ];
+        for other in &changed {
+            assert_ne!(key(other), base, "{other:?}");
+        }
+        assert_ne!(plan_key(&vm, "qemu 2", b"initramfs"), base, "another QEMU");
+        assert_ne!(plan_key(&vm, "qemu 1", b"another init"), base, "another guest init or modules");
+    }
+
+    #[test]
+    fn a_restore_runs_the_cold_command_line_with_ram_from_the_copy_and_a_monitor() {
+        let s = settings();
+        let vm = plan(&s, &resources(&s)).vm;
+        let strings = |vm: &VmConfig| -> Vec<String> {
+            vm::qemu_args(vm).into_iter().map(|a| a.into_string().unwrap()).collect()
+        };
+        let cold = strings(&vm);
+        let warm = strings(&restore_vm(&vm));
+        let ram =
+            format!("memory-backend-file,id=mem,size={}M,share=on,mem-path=/proc/self/fd/{RAM_FD}", vm.memory_mib);
+        let memfd = format!("memory-backend-memfd,id=mem,size={}M,share=on", vm.memory_mib);
+        let mut expected: Vec<String> =
+            cold.iter().map(|a| if *a == memfd { ram.clone() } else { a.clone() }).collect();
+        expected.extend(
+            ["-chardev", &format!("socket,id=qmp,fd={QMP_FD}"), "-mon", "chardev=qmp,mode=control"].map(String::from),
+        );
+        expected.extend(["-incoming", "defer"].map(String::from));
+        assert_eq!(warm, expected);
+    }
+
+    #[test]
+    fn the_template_spec_carries_the_image_and_nothing_of_the_launch() {
+        let s = settings();
+        let spec = plan(&s, &resources(&s)).spec;
+        let t = template_spec(&spec);
+        assert!(t.template);
+        assert_eq!((&t.modules, &t.root_device, &t.layers), (&spec.modules, &spec.root_device, &spec.layers));
+        assert!(t.env.is_empty() && t.argv.is_empty() && t.mounts.is_empty() && t.network.is_none());
+        assert!(!String::from_utf8(t.to_bytes().unwrap()).unwrap().contains("s3cr3t"));
+    }
+
+    #[test]
+    fn a_sparse_copy_keeps_data_and_holes() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("ram");
+        let f = File::create(&path).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_all_at(b"start", 0).unwrap();
+        f.write_all_at(b"middle", 5 << 20).unwrap();
+        let copy = File::from(sparse_copy_to_memfd(&path).unwrap());
+        assert_eq!(copy.metadata().unwrap().len(), 8 << 20);
+        let mut got = [0u8; 6];
+        copy.read_exact_at(&mut got, 5 << 20).unwrap();
+        assert_eq!(&got, b"middle");
+        assert!(copy.metadata().unwrap().blocks() * 512 < 4 << 20, "holes stay holes");
+    }
 }
