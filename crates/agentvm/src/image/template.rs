@@ -154,14 +154,20 @@ impl<'a> Templates<'a> {
         Ok(removed)
     }
 
+    /// Whether `prune` keeps `t`: its image and layers are in the store
+    /// and this agentvm made it.
+    pub fn is_current(&self, t: &Template) -> bool {
+        let dir = self.store.dir();
+        std::iter::once(&t.meta.image).chain(&t.meta.layers).all(|d| dir.join(d).is_dir())
+            && t.meta.built_by == crate::build_info::VERSION_LONG
+    }
+
     /// Removes the templates whose image or a layer is no longer in the
     /// store, or that an older agentvm made (its guest init differs).
     pub fn prune(&self) -> Result<Vec<PathBuf>, ImageError> {
         let mut removed = Vec::new();
         for t in self.list()? {
-            let dir = self.store.dir();
-            let gone = std::iter::once(&t.meta.image).chain(&t.meta.layers).any(|d| !dir.join(d).is_dir());
-            if gone || t.meta.built_by != crate::build_info::VERSION_LONG {
+            if !self.is_current(&t) {
                 self.store.discard(&t.dir)?;
                 removed.push(t.dir);
             }

@@ -147,5 +147,19 @@ pub fn plan_only(
     let dir = crate::paths::runtime_base().join(&id);
     let plan = Plan::new(settings, res, InstanceRef { id: &id, dir: &dir });
     let initramfs = initramfs::build(&res.guest_init, &res.image, &plan.spec)?;
-    Ok(print::PlanReport::new(&plan, res, &initramfs, clock.elapsed()))
+    let mut report = print::PlanReport::new(&plan, res, &initramfs, clock.elapsed());
+    if settings.start == StartMode::Warm {
+        report.start = match WarmPlan::new(&plan, res) {
+            Ok(warm) => print::StartReport {
+                mode: "warm".into(),
+                template_ready: warm::find_template(&warm.key).is_some(),
+                template_key: Some(warm.key),
+                cold_because: None,
+            },
+            Err(e) => {
+                print::StartReport { mode: "cold".into(), cold_because: Some(e.to_string()), ..Default::default() }
+            }
+        };
+    }
+    Ok(report)
 }

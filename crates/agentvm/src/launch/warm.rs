@@ -196,6 +196,11 @@ fn qemu_identity(qemu: &Path) -> String {
     }
 }
 
+/// The published template of `key`, if there is one.
+pub fn find_template(key: &str) -> Option<Template> {
+    Templates::new(&Store::open(Store::default_dir().ok()?)).find(key)
+}
+
 /// The template of `warm`'s key, made first (one cold boot and a save)
 /// when the store has none.
 pub fn ensure_template(warm: &WarmPlan, plan: &Plan, res: &Resources) -> Result<Template, WarmError> {
