@@ -183,9 +183,17 @@ fn symlink(target: &str, link: &str) -> Result<()> {
     std::os::unix::fs::symlink(target, link).ctx("create symlink", link)
 }
 
-/// The mounts and links a program expects in the new root: devpts, shm, /run,
-/// /tmp, /dev/fd and friends, cgroup2; plus hostname and loopback.
+/// The mounts and links a program expects in the new root, then the
+/// launch's hostname and loopback.
 pub fn setup_system(spec: &LaunchSpec) -> Result<()> {
+    system_mounts()?;
+    name_and_loopback(spec)
+}
+
+/// The mounts and links a program expects in the new root: devpts, shm,
+/// /run, /tmp, /dev/fd and friends, cgroup2 (the same for every launch, so
+/// a template has them).
+pub fn system_mounts() -> Result<()> {
     mkdir_p(Path::new("/dev/pts"), 0o755)?;
     mount(
         "devpts",
@@ -217,6 +225,11 @@ pub fn setup_system(spec: &LaunchSpec) -> Result<()> {
             step(&format!("{e} (ignored)"));
         }
     }
+    Ok(())
+}
+
+/// The launch's hostname, and loopback up.
+pub fn name_and_loopback(spec: &LaunchSpec) -> Result<()> {
     step(&format!("hostname {}", spec.hostname));
     crate::etc::setup_hostname(Path::new("/"), &spec.hostname)?;
     step("loopback up");

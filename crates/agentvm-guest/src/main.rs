@@ -22,6 +22,7 @@ mod relay;
 mod sandbox;
 mod session;
 mod sys;
+mod warm;
 
 use agentvm_proto::Frame;
 use error::{Error, Result};
@@ -51,15 +52,10 @@ fn main() {
 /// The whole life of the guest up to power-off.
 fn run() -> Result<relay::Outcome> {
     boot::early_mounts()?;
-    let mut spec = boot::read_spec()?;
+    let spec = boot::read_spec()?;
     console::set_verbose(spec.verbose);
     console::step("spec read");
-    boot::load_modules(&spec.modules)?;
-    console::step("find the control port");
-    let mut port = port::Port::open(PORT_WAIT)?;
-    boot::mount_root(&spec)?;
-    boot::switch_root()?;
-    boot::setup_system(&spec)?;
+    let (mut spec, mut port) = if spec.template { warm::boot_template(&spec)? } else { cold_boot(spec)? };
     boot::mount_shares(&spec.mounts)?;
     if let Some(net) = &spec.network {
         net::configure(net)?;
@@ -107,4 +103,15 @@ fn run() -> Result<relay::Outcome> {
         console::step("host closed the control port");
     }
     Ok(outcome)
+}
+
+/// A boot from the initramfs' spec: modules, control port, root, system.
+fn cold_boot(spec: agentvm_proto::LaunchSpec) -> Result<(agentvm_proto::LaunchSpec, port::Port)> {
+    boot::load_modules(&spec.modules)?;
+    console::step("find the control port");
+    let port = port::Port::open(PORT_WAIT)?;
+    boot::mount_root(&spec)?;
+    boot::switch_root()?;
+    boot::setup_system(&spec)?;
+    Ok((spec, port))
 }

@@ -70,6 +70,35 @@ pub fn sethostname(name: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Steps CLOCK_REALTIME to `ns` nanoseconds since the Unix epoch.
+pub fn set_realtime(ns: u64) -> io::Result<()> {
+    let ts = libc::timespec { tv_sec: (ns / 1_000_000_000) as libc::time_t, tv_nsec: (ns % 1_000_000_000) as _ };
+    // SAFETY: clock_settime reads the timespec that lives across the call.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })?;
+    Ok(())
+}
+
+/// RNDADDENTROPY: `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// RNDRESEEDCRNG: `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Credits `seed` to the kernel's entropy pool (RNDADDENTROPY, as many
+/// bits as it has) and makes the CRNG reseed from it at once
+/// (RNDRESEEDCRNG), through the random device open at `fd`.
+pub fn add_entropy_and_reseed(fd: RawFd, seed: &[u8; 32]) -> io::Result<()> {
+    // struct rand_pool_info: int entropy_count (bits), int buf_size (bytes), then the bytes.
+    let mut info = [0u8; 8 + 32];
+    info[..4].copy_from_slice(&(8 * seed.len() as i32).to_ne_bytes());
+    info[4..8].copy_from_slice(&(seed.len() as i32).to_ne_bytes());
+    info[8..].copy_from_slice(seed);
+    // SAFETY: RNDADDENTROPY reads a rand_pool_info of 8 + buf_size bytes, all in `info`.
+    check(unsafe { libc::ioctl(fd, RNDADDENTROPY, info.as_ptr()) })?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    check(unsafe { libc::ioctl(fd, RNDRESEEDCRNG) })?;
+    Ok(())
+}
+
 /// Brings the loopback interface up (SIOCGIFFLAGS / SIOCSIFFLAGS on `lo`).
 pub fn loopback_up() -> io::Result<()> {
     // SAFETY: plain socket(2) call; the result is checked and owned below.

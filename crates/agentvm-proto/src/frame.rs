@@ -4,7 +4,7 @@
 //! payload. One channel carries everything, so stdout and stderr stay apart
 //! and the exit status cannot be confused with program output.
 
-use crate::spec::ExecRequest;
+use crate::spec::{ExecRequest, WarmLaunch};
 
 /// The virtio-serial port name both sides use (`/dev/virtio-ports/<name>`).
 pub const PORT_NAME: &str = "org.agentvm.ctl";
@@ -42,6 +42,9 @@ pub enum Frame {
     Signal(u8),
     /// Start a program (first frame on an exec port; JSON payload).
     Exec(ExecRequest),
+    /// The launch for a VM restored from a template (JSON payload); the
+    /// guest answers [`Frame::Resumed`] before it does anything else.
+    Warm(Box<WarmLaunch>),
 
     // guest -> host
     /// The program is about to start (the guest booted).
@@ -54,6 +57,10 @@ pub enum Frame {
     Exit(i32),
     /// The guest init failed before or while starting the program.
     InitError(String),
+    /// A template boot is ready to be saved: nothing of a launch is in it yet.
+    TemplateReady,
+    /// A restored VM took its [`Frame::Warm`] launch and goes on with it.
+    Resumed,
 }
 
 /// A byte stream that is not a valid frame sequence.
@@ -73,11 +80,14 @@ mod kind {
     pub const RESIZE: u8 = 3;
     pub const SIGNAL: u8 = 4;
     pub const EXEC: u8 = 5;
+    pub const WARM: u8 = 6;
     pub const STARTED: u8 = 16;
     pub const STDOUT: u8 = 17;
     pub const STDERR: u8 = 18;
     pub const EXIT: u8 = 19;
     pub const INIT_ERROR: u8 = 20;
+    pub const TEMPLATE_READY: u8 = 21;
+    pub const RESUMED: u8 = 22;
 }
 
 impl Frame {
@@ -93,11 +103,14 @@ impl Frame {
             }
             Frame::Signal(s) => (kind::SIGNAL, vec![*s].into()),
             Frame::Exec(req) => (kind::EXEC, serde_json::to_vec(req).expect("serializable").into()),
+            Frame::Warm(launch) => (kind::WARM, serde_json::to_vec(launch).expect("serializable").into()),
             Frame::Started => (kind::STARTED, (&[][..]).into()),
             Frame::Stdout(d) => (kind::STDOUT, d.into()),
             Frame::Stderr(d) => (kind::STDERR, d.into()),
             Frame::Exit(code) => (kind::EXIT, code.to_le_bytes().to_vec().into()),
             Frame::InitError(msg) => (kind::INIT_ERROR, msg.as_bytes().into()),
+            Frame::TemplateReady => (kind::TEMPLATE_READY, (&[][..]).into()),
+            Frame::Resumed => (kind::RESUMED, (&[][..]).into()),
         };
         out.push(k);
         out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -122,11 +135,14 @@ impl Frame {
             }
             kind::SIGNAL => Frame::Signal(*p.first().filter(|_| p.len() == 1).ok_or_else(bad)?),
             kind::EXEC => Frame::Exec(serde_json::from_slice(p).map_err(|_| bad())?),
+            kind::WARM => Frame::Warm(serde_json::from_slice(p).map_err(|_| bad())?),
             kind::STARTED => Frame::Started,
             kind::STDOUT => Frame::Stdout(p.to_vec()),
             kind::STDERR => Frame::Stderr(p.to_vec()),
             kind::EXIT => Frame::Exit(i32::from_le_bytes(p.try_into().map_err(|_| bad())?)),
             kind::INIT_ERROR => Frame::InitError(String::from_utf8_lossy(p).into_owned()),
+            kind::TEMPLATE_READY => Frame::TemplateReady,
+            kind::RESUMED => Frame::Resumed,
             other => return Err(FrameError::UnknownKind(other)),
         })
     }
@@ -187,6 +203,8 @@ mod tests {
             Frame::Stderr(Vec::new()),
             Frame::Exit(-3),
             Frame::InitError("mount failed: /work".into()),
+            Frame::TemplateReady,
+            Frame::Resumed,
         ]
     }
 
@@ -205,6 +223,19 @@ mod tests {
             }
         }
         assert_eq!(got, all_frames());
+    }
+
+    #[test]
+    fn warm_launch_roundtrips_with_its_spec() {
+        let warm = Frame::Warm(Box::new(WarmLaunch {
+            spec: crate::spec::tests::sample(),
+            clock_ns: 1_700_000_000_123_456_789,
+            seed: "ab".repeat(32),
+            machine_id: "0f".repeat(16),
+        }));
+        let mut r = FrameReader::new();
+        r.push(&warm.to_bytes());
+        assert_eq!(r.next_frame().unwrap(), Some(warm));
     }
 
     #[test]

@@ -19,6 +19,6 @@ pub mod spec;
 
 pub use frame::{exec_port_name, Frame, FrameError, FrameReader, EXEC_PORTS, PORT_NAME};
 pub use spec::{
-    CaTrust, Containers, ExecRequest, LaunchSpec, Mount, Network, Sandbox, SpecError, User, DEFAULT_PATH, MODULES_DIR,
-    SPEC_PATH,
+    CaTrust, Containers, ExecRequest, LaunchSpec, Mount, Network, Sandbox, SpecError, User, WarmLaunch, DEFAULT_PATH,
+    MODULES_DIR, SPEC_PATH,
 };

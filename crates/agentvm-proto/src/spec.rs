@@ -81,6 +81,31 @@ pub struct LaunchSpec {
     pub winsize: Option<(u16, u16)>,
     /// Print the guest init's progress on the console (for debugging boots).
     pub verbose: bool,
+    /// A template boot (warm starts): the guest mounts the root and layers,
+    /// binds only the control port, the balloon and the image's disks, sends
+    /// [`crate::Frame::TemplateReady`] and waits for [`crate::Frame::Warm`],
+    /// which carries the real spec. This spec then holds no program, user
+    /// data or secret.
+    #[serde(default)]
+    pub template: bool,
+}
+
+/// What a VM restored from a template gets over the control port
+/// ([`crate::Frame::Warm`]): the launch's spec and what makes it a VM of its
+/// own rather than a copy of the template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarmLaunch {
+    /// The launch, as a cold boot would read it from the initramfs.
+    pub spec: LaunchSpec,
+    /// The host's wall clock, in nanoseconds since the Unix epoch: the
+    /// template's clock stopped when it was saved.
+    pub clock_ns: u64,
+    /// 32 random bytes from the host, as 64 hex digits: credited to the
+    /// guest's entropy pool and the RNG reseeded, so no two VMs of one
+    /// template share a random stream.
+    pub seed: String,
+    /// The guest's `/etc/machine-id` (32 hex digits).
+    pub machine_id: String,
 }
 
 /// A second program in a running VM (`agentvm exec`), sent in
@@ -207,10 +232,10 @@ impl LaunchSpec {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sample() -> LaunchSpec {
+    pub(crate) fn sample() -> LaunchSpec {
         LaunchSpec {
             hostname: "agentvm".into(),
             modules: vec!["virtio.ko".into()],
@@ -245,6 +270,7 @@ mod tests {
             tty: false,
             winsize: None,
             verbose: false,
+            template: false,
         }
     }
 
@@ -252,6 +278,14 @@ mod tests {
     fn spec_roundtrip_preserves_every_field() {
         let spec = sample();
         assert_eq!(LaunchSpec::from_bytes(&spec.to_bytes().unwrap()).unwrap(), spec);
+    }
+
+    #[test]
+    fn spec_without_template_field_is_a_cold_boot() {
+        let mut json: serde_json::Value = serde_json::from_slice(&sample().to_bytes().unwrap()).unwrap();
+        json.as_object_mut().unwrap().remove("template");
+        let spec = LaunchSpec::from_bytes(&serde_json::to_vec(&json).unwrap()).unwrap();
+        assert!(!spec.template);
     }
 
     #[test]

@@ -279,13 +279,16 @@ pub enum ImageCommand {
         #[arg(long)]
         cri: bool,
     },
-    /// List cached images and layers, with the agent versions they hold.
+    /// List cached images and layers, with the agent versions they hold,
+    /// and the warm-start templates.
     Ls,
-    /// Remove cached images by name, directory name or key prefix.
+    /// Remove cached images by name, directory name or key prefix; warm-start
+    /// templates by name (template-KEY) or all of them (templates).
     Rm {
         #[arg(required = true)]
         images: Vec<String>,
     },
-    /// Remove images no current recipe uses, and leftovers of failed builds.
+    /// Remove images no current recipe uses, templates of images gone or of
+    /// another agentvm, and leftovers of failed builds.
     Prune,
 }

@@ -2,6 +2,7 @@
 //! command line, calls one of these and prints what comes back (warnings
 //! included).
 
+use crate::image::template::Templates;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -255,7 +256,9 @@ fn export_by_booting(
 pub fn image_prune(store: &Store) -> Result<(Vec<PathBuf>, Option<String>), CommandError> {
     let (flavors, warning) = flavors_here()?;
     let (bases, layers) = current_recipes(&flavors);
-    Ok((store.prune(&bases, &layers)?, warning))
+    let mut removed = store.prune(&bases, &layers)?;
+    removed.extend(Templates::new(store).prune()?);
+    Ok((removed, warning))
 }
 
 /// What the flavors build now: the base images (with and without the
@@ -346,7 +349,35 @@ fn list_cached(store: &Store, flavors: &BTreeMap<String, Flavor>) -> Result<Vec<
         built_by: l.meta.built_by,
         dir: l.dir,
     }));
+    let templates = Templates::new(store);
+    listed.extend(templates.list()?.into_iter().map(|t| Listed {
+        state: if templates.is_current(&t) { RecipeState::Current } else { RecipeState::OldRecipe },
+        contents: format!(
+            "warm-start template: {} MiB, {} CPUs, {} of {}",
+            t.meta.memory_mib,
+            t.meta.cpus,
+            t.meta.accel,
+            std::iter::once(&t.meta.image).chain(&t.meta.layers).cloned().collect::<Vec<_>>().join(" + ")
+        ),
+        size_bytes: t.meta.ram_used,
+        created: t.meta.created,
+        built_by: t.meta.built_by,
+        dir: t.dir,
+    }));
     Ok(listed)
+}
+
+/// `agentvm image rm NAME`: the images and layers `name` matches, or the
+/// warm-start templates (`template-<key16>`, or `templates` for all).
+pub fn image_remove(store: &Store, name: &str) -> Result<Vec<PathBuf>, ImageError> {
+    if name == "templates" || name.starts_with(crate::image::template::PREFIX) {
+        let removed = Templates::new(store).remove(name)?;
+        if removed.is_empty() {
+            return Err(ImageError::NoMatch { query: name.to_string(), dir: store.dir().to_path_buf() });
+        }
+        return Ok(removed);
+    }
+    Ok(store.remove(name)?.into_iter().map(|e| e.dir).collect())
 }
 
 /// `package@version, ...`

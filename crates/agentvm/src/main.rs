@@ -221,7 +221,7 @@ fn image_command(cmd: ImageCommand) -> Result<(), commands::CommandError> {
         }
         ImageCommand::Rm { images } => {
             for name in images {
-                store.remove(&name)?.iter().for_each(|entry| println!("removed {}", entry.dir.display()));
+                commands::image_remove(&store, &name)?.iter().for_each(|dir| println!("removed {}", dir.display()));
             }
         }
         ImageCommand::Prune => {

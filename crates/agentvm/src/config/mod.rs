@@ -39,6 +39,7 @@ use crate::guest_env::cri::Runtime;
 use crate::guest_env::devshell;
 use crate::guest_env::host_ca::HostCa;
 use crate::guest_env::login::LoginMode;
+use crate::launch::warm::StartMode;
 use crate::net::egress::AllowList;
 use crate::net::{NetBackend, NetworkMode, PortSpec};
 use crate::paths;
@@ -110,6 +111,8 @@ pub struct Settings {
     /// Project files the dev shell reads besides the Nix files.
     pub devshell_files: Vec<FilePattern>,
     pub verbose: bool,
+    /// Boot the VM or restore it from a template (`--start`).
+    pub start: StartMode,
     /// Things the user should know (printed by the caller as warnings),
     /// e.g. an untrusted project config that was ignored.
     pub warnings: Vec<String>,
@@ -227,8 +230,19 @@ pub fn resolve_with(
         devshell: program.devshell,
         devshell_files: program.devshell_files,
         verbose: layers.layer(Origin::Flags).verbose,
+        start: start_mode(&layers),
         warnings: project_warning.into_iter().collect(),
     })
+}
+
+/// `--warm` and `--cold` are `--start` for short.
+fn start_mode(layers: &Layers) -> StartMode {
+    let flags = layers.layer(Origin::Flags);
+    match (flags.warm, flags.cold) {
+        (true, _) => StartMode::Warm,
+        (_, true) => StartMode::Cold,
+        _ => layers.value(|o| &o.start).unwrap_or_default(),
+    }
 }
 
 /// The user's config (`~/.config/agentvm/config.toml`); none is an empty layer.

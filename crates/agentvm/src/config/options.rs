@@ -20,6 +20,7 @@ use crate::config::flavor::FlavorOverride;
 use crate::guest_env::devshell;
 use crate::guest_env::host_ca::HostCa;
 use crate::guest_env::login::LoginMode;
+use crate::launch::warm::StartMode;
 use crate::net::{NetBackend, NetworkMode};
 use crate::vm::share::CacheMode;
 use crate::vm::AccelChoice;
@@ -125,6 +126,19 @@ pub struct RunOptions {
     /// may look stale), metadata, never [default: auto]
     #[arg(long, value_enum, value_name = "MODE", env = "AGENTVM_WORK_CACHE")]
     pub work_cache: Option<CacheMode>,
+    /// How the VM starts: cold (boots) or warm (restored from a template
+    /// of the VM's shape, made on its first use; a cold start, with a line
+    /// saying why, when no template can serve) [default: cold]
+    #[arg(long, value_enum, value_name = "MODE", env = "AGENTVM_START")]
+    pub start: Option<StartMode>,
+    /// Same as --start=warm
+    #[arg(long, conflicts_with_all = ["start", "cold"])]
+    #[serde(skip)]
+    pub warm: bool,
+    /// Same as --start=cold
+    #[arg(long, conflicts_with = "start")]
+    #[serde(skip)]
+    pub cold: bool,
     /// Project directory shared at /work [default: .]
     #[arg(short = 'w', long, value_name = "DIR", env = "WORK_DIR")]
     #[serde(skip)]
@@ -505,6 +519,9 @@ mod tests {
         ("clone_disk_size", |_| "1G".into(), |s, _| s.clone_disk_mib == Some(1024)),
         ("net_backend", |_| "slirp".into(), |s, _| s.net_backend == NetBackend::Slirp),
         ("work_cache", |_| "always".into(), |s, _| s.work_cache == CacheMode::Always),
+        ("start", |_| "warm".into(), |s, _| s.start == StartMode::Warm),
+        ("warm", |_| true.into(), |s, _| s.start == StartMode::Warm),
+        ("cold", |_| true.into(), |s, _| s.start == StartMode::Cold),
         ("work_dir", |f| path(&f.other_project), |s, f| s.work_dir == f.other_project),
         ("home", |f| path(&f.home), |s, f| s.home_dir == f.home),
         ("login", |_| "per-project".into(), |s, _| s.login == LoginMode::PerProject),

@@ -40,6 +40,7 @@ mod pvh;
 mod recipe;
 mod store;
 pub mod subids;
+pub mod template;
 
 pub use error::{ImageError, ManifestError};
 pub use flavor_recipes::{base_recipe, layer_recipe};

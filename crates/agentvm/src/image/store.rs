@@ -8,6 +8,9 @@
 //! - `.lock-<dir name>`: flock(2)ed while a build of that key runs.
 //! - `.trash-...`: an image or layer being deleted.
 //!
+//! - `template-<key16>/`: a warm-start template (`super::template`), built
+//!   and published the same way.
+//!
 //! Images and layers share the directory, the locking, the publishing and
 //! the cleanup; they differ in their build and their metadata file
 //! (`image.json`, `layer.json`).
@@ -320,7 +323,7 @@ impl Store {
     }
 
     /// Takes the build lock of `dir_name`, waiting (and saying so) while another process holds it.
-    fn lock(&self, dir_name: &str, progress: &mut dyn Progress) -> Result<File, ImageError> {
+    pub(crate) fn lock(&self, dir_name: &str, progress: &mut dyn Progress) -> Result<File, ImageError> {
         if let Some(lock) = self.try_lock(dir_name)? {
             return Ok(lock);
         }
@@ -358,7 +361,7 @@ impl Store {
 
     /// Removes the temporary directories of earlier builds of `dir_name`:
     /// with its lock held, none of them can be alive.
-    fn remove_dead_builds(&self, dir_name: &str) -> Result<(), ImageError> {
+    pub(crate) fn remove_dead_builds(&self, dir_name: &str) -> Result<(), ImageError> {
         for path in self.entries()? {
             let name = file_name(&path);
             if name.strip_prefix(BUILD_PREFIX).map(build_dir_key) == Some(dir_name) {
@@ -369,7 +372,7 @@ impl Store {
     }
 
     /// Moves `tmp` to `dir` in one step, replacing an existing image.
-    fn publish(&self, tmp: &Path, dir: &Path) -> Result<(), ImageError> {
+    pub(crate) fn publish(&self, tmp: &Path, dir: &Path) -> Result<(), ImageError> {
         match fs::rename(tmp, dir) {
             Ok(()) => return Ok(()),
             Err(e) if !dir.exists() => return Err(ImageError::io("cannot rename to", dir)(e)),
@@ -388,7 +391,7 @@ impl Store {
 
     /// Deletes an image directory: first renamed away, so it vanishes from
     /// view at once and a half-deleted image is never found.
-    fn discard(&self, dir: &Path) -> Result<(), ImageError> {
+    pub(crate) fn discard(&self, dir: &Path) -> Result<(), ImageError> {
         let trash = self.trash_path(dir);
         fs::rename(dir, &trash).map_err(ImageError::io("cannot remove", dir))?;
         remove_tree(&trash)
@@ -400,7 +403,7 @@ impl Store {
     }
 
     /// Paths of the entries of the images directory (none if it does not exist).
-    fn entries(&self) -> Result<Vec<PathBuf>, ImageError> {
+    pub(crate) fn entries(&self) -> Result<Vec<PathBuf>, ImageError> {
         match fs::read_dir(&self.dir) {
             Ok(rd) => Ok(rd.filter_map(|e| e.ok().map(|e| e.path())).collect()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),

@@ -20,6 +20,7 @@ pub mod prepare;
 pub mod print;
 pub mod resources;
 pub mod start;
+pub mod warm;
 pub mod watch;
 
 use std::time::Instant;
@@ -32,6 +33,7 @@ use plan::InstanceRef;
 use prepare::Prepared;
 use resources::Resources;
 use start::{Egress, Started};
+use warm::{Restore, StartMode, WarmPlan};
 
 use crate::config::Settings;
 use crate::guest_env::login;
@@ -73,11 +75,10 @@ pub fn run(settings: &Settings, clock: Instant, warn: &mut dyn FnMut(String)) ->
     let login = share_login(res.login.clone(), &settings.work_dir, warn);
     let instance = InstanceRef { id: &prepared.instance.id, dir: &prepared.instance.dir };
     let plan = Plan::new(settings, res, instance);
-    let initramfs = initramfs::build(&res.guest_init, &res.image, &plan.spec)?;
     let planned = clock.elapsed();
 
     let egress = Egress { allow: &settings.allow, shield: resolved.shield.clone() };
-    let mut started = Started::start(&plan, res, egress, &prepared.instance.dir, &initramfs.bytes)?;
+    let mut started = start_vm(settings.start, &plan, res, egress, &prepared.instance.dir, warn)?;
     let qemu_started = clock.elapsed();
     prepared.record_qemu(started.qemu.child.id())?;
 
@@ -109,6 +110,46 @@ fn share_login(
     Some((sync.spawn(), reported))
 }
 
+/// Starts the VM warm when asked and a template can serve, else cold (with
+/// one line saying why a warm start was asked for and did not happen).
+fn start_vm(
+    mode: StartMode,
+    plan: &Plan,
+    res: &Resources,
+    egress: Egress<'_>,
+    dir: &std::path::Path,
+    warn: &mut dyn FnMut(String),
+) -> Result<Started, LaunchError> {
+    if mode == StartMode::Warm {
+        match start_warm(plan, res, egress.clone(), dir) {
+            Ok(started) => return Ok(started),
+            Err(e) => warn(format!("warm start: {e}; starting cold")),
+        }
+        // The attempt's helpers are gone; their sockets are in the way.
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.path().extension().is_some_and(|e| e == "sock") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    let initramfs = initramfs::build(&res.guest_init, &res.image, &plan.spec)?;
+    Ok(Started::start(plan, res, egress, dir, &initramfs.bytes, None)?)
+}
+
+/// A VM restored from the template of `plan`'s shape (made first if missing).
+fn start_warm(
+    plan: &Plan,
+    res: &Resources,
+    egress: Egress<'_>,
+    dir: &std::path::Path,
+) -> Result<Started, start::StartError> {
+    let warm = WarmPlan::new(plan, res)?;
+    let template = warm::ensure_template(&warm, plan, res)?;
+    let restore = Restore::new(&template)?;
+    let plan = Plan { vm: warm::restore_vm(&plan.vm), ..plan.clone() };
+    Started::start(&plan, res, egress, dir, &warm.initramfs.bytes, Some(restore))
+}
+
 /// Brings the sandbox's result back into the project.
 fn import(s: &crate::sandbox::store::InUse, settings: &Settings) -> Result<Imported, ImportError> {
     crate::sandbox::import::import(&s.paths, &s.name, &settings.work_dir)
@@ -126,5 +167,19 @@ pub fn plan_only(
     let dir = crate::paths::runtime_base().join(&id);
     let plan = Plan::new(settings, res, InstanceRef { id: &id, dir: &dir });
     let initramfs = initramfs::build(&res.guest_init, &res.image, &plan.spec)?;
-    Ok(print::PlanReport::new(&plan, res, &initramfs, clock.elapsed()))
+    let mut report = print::PlanReport::new(&plan, res, &initramfs, clock.elapsed());
+    if settings.start == StartMode::Warm {
+        report.start = match WarmPlan::new(&plan, res) {
+            Ok(warm) => print::StartReport {
+                mode: "warm".into(),
+                template_ready: warm::find_template(&warm.key).is_some(),
+                template_key: Some(warm.key),
+                cold_because: None,
+            },
+            Err(e) => {
+                print::StartReport { mode: "cold".into(), cold_because: Some(e.to_string()), ..Default::default() }
+            }
+        };
+    }
+    Ok(report)
 }

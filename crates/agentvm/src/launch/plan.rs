@@ -151,6 +151,7 @@ fn spec(s: &Settings, res: &Resources, shares: &[Share], id: &str) -> LaunchSpec
         tty: res.tty,
         winsize: res.winsize,
         verbose: s.verbose,
+        template: false,
     }
 }
 
@@ -182,6 +183,9 @@ fn vm_config(s: &Settings, res: &Resources, shares: &[Share], fds: &FdPlan, inst
         forward_fd: fds.forwarding,
         clipboard_fd: fds.clipboard,
         data_disks: data_disks(res),
+        memory_file: None,
+        qmp_fd: None,
+        incoming: false,
     }
 }
 
@@ -235,6 +239,7 @@ pub(crate) mod tests {
             devshell: Default::default(),
             devshell_files: Vec::new(),
             verbose: false,
+            start: Default::default(),
             warnings: Vec::new(),
         }
     }

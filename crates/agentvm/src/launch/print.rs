@@ -54,6 +54,35 @@ pub struct PlanReport {
     /// The launch spec, its environment's values redacted and its
     /// certificates left out (see `trust`).
     pub spec: LaunchSpec,
+    /// How the VM starts (`--start`).
+    pub start: StartReport,
+}
+
+/// How the VM starts: booted, or restored from a template.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StartReport {
+    /// `warm` or `cold`.
+    pub mode: String,
+    /// The template's key, when warm.
+    pub template_key: Option<String>,
+    /// Whether that template is made already (else the run makes it first).
+    pub template_ready: bool,
+    /// Why a warm start asked for would start cold.
+    pub cold_because: Option<String>,
+}
+
+impl fmt::Display for StartReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.mode)?;
+        if let Some(key) = &self.template_key {
+            let made = if self.template_ready { "made" } else { "made by this run" };
+            write!(f, " from template {key} ({made})")?;
+        }
+        match &self.cold_because {
+            Some(why) => write!(f, " (warm asked for: {why})"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The CA certificates the guest trusts.
@@ -196,6 +225,7 @@ impl PlanReport {
             plan_ms: elapsed.as_secs_f64() * 1000.0,
             trust: TrustReport::new(&res.trust),
             spec,
+            start: StartReport { mode: "cold".into(), ..Default::default() },
         }
     }
 
@@ -229,6 +259,7 @@ impl fmt::Display for PlanReport {
         writeln!(f, "memory        {} MiB, {} CPUs", self.memory_mib, self.cpus)?;
         writeln!(f, "initramfs     {} bytes, guest init {}", self.initramfs_bytes, self.guest_init)?;
         writeln!(f, "planned in    {:.1} ms", self.plan_ms)?;
+        writeln!(f, "start         {}", self.start)?;
         let fds = &self.fds;
         writeln!(
             f,

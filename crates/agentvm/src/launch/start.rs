@@ -3,7 +3,7 @@
 //! from the plan. Dropping [`Started`] stops and reaps every one of them.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,6 +13,7 @@ use std::time::Duration;
 use super::fds::QemuEnds;
 use super::plan::Plan;
 use super::resources::Resources;
+use super::warm::{self, Restore, WarmError};
 use crate::clipboard;
 use crate::instance::console_log;
 use crate::net::egress::{self, AllowList};
@@ -43,6 +44,14 @@ pub enum StartError {
     Net(#[from] NetError),
     #[error("cannot start QEMU: {0}")]
     Qemu(#[source] io::Error),
+    #[error(transparent)]
+    Warm(Box<WarmError>),
+}
+
+impl From<WarmError> for StartError {
+    fn from(e: WarmError) -> StartError {
+        StartError::Warm(Box::new(e))
+    }
 }
 
 fn os(what: &'static str) -> impl FnOnce(io::Error) -> StartError {
@@ -51,6 +60,7 @@ fn os(what: &'static str) -> impl FnOnce(io::Error) -> StartError {
 
 /// What the network needs besides the plan: the proxy's allow list and the
 /// shield (`--network allow`, `--shield-secrets`).
+#[derive(Clone)]
 pub struct Egress<'a> {
     pub allow: &'a AllowList,
     pub shield: Option<Arc<Shield>>,
@@ -70,13 +80,17 @@ pub struct Started {
 }
 
 impl Started {
-    /// Starts the helpers, then QEMU with `initramfs`, in the instance dir.
+    /// Starts the helpers, then QEMU with `initramfs`, in the instance dir;
+    /// with `restore`, QEMU loads a template's state and the guest gets
+    /// the spec over the control port (dropping the result on an error
+    /// stops everything started).
     pub fn start(
         plan: &Plan,
         res: &Resources,
         egress: Egress<'_>,
         dir: &Path,
         initramfs: &[u8],
+        restore: Option<Restore>,
     ) -> Result<Started, StartError> {
         let signals = SignalFd::block_and_open(relay::SIGNALS_AND_CHILDREN).map_err(os("signalfd"))?;
         let initramfs = sys::memfd_with("agentvm-initramfs", initramfs).map_err(os("memfd_create"))?;
@@ -95,9 +109,21 @@ impl Started {
         let ends = QemuEnds { control: control_qemu, initramfs, network, forwarding, console: console_qemu, clipboard };
         let mut cmd = Command::new(&res.qemu);
         cmd.args(plan.qemu_args());
-        let qemu =
-            process::spawn("QEMU", cmd, &plan.fds.pass(&ends), &dir.join("qemu.log")).map_err(StartError::Qemu)?;
-        Ok(Started { signals, qemu, helpers, control: Some(control), console: Some(console), console_path })
+        let mut pass = plan.fds.pass(&ends);
+        if let Some(r) = &restore {
+            let qemu_ends = [(&r.qmp_qemu, warm::QMP_FD), (&r.ram, warm::RAM_FD)];
+            pass.extend(qemu_ends.into_iter().filter_map(|(fd, target)| Some((fd.as_ref()?.as_fd(), target))));
+        }
+        let qemu = process::spawn("QEMU", cmd, &pass, &dir.join("qemu.log")).map_err(StartError::Qemu)?;
+        drop(pass);
+        drop(ends);
+        let started = Started { signals, qemu, helpers, control: Some(control), console: Some(console), console_path };
+        if let Some(mut r) = restore {
+            r.qemu_has_its_ends();
+            r.load(&dir.join("qemu.log"))?;
+            warm::hand_over(started.control.as_ref().expect("not relayed yet"), &plan.spec)?;
+        }
+        Ok(started)
     }
 
     /// Relays the terminal or the streams until QEMU exits.

@@ -13,6 +13,26 @@ pub fn memfd_with(name: &str, data: &[u8]) -> io::Result<OwnedFd> {
     Ok(OwnedFd::from(file))
 }
 
+/// The byte ranges of `file` (of length `len`) that hold data, found with
+/// SEEK_DATA and SEEK_HOLE: a sparse file's holes are left out.
+pub fn data_ranges(file: &std::fs::File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    use rustix::fs::{seek, SeekFrom};
+    let mut ranges = Vec::new();
+    let mut at = 0;
+    while at < len {
+        let start = match seek(file, SeekFrom::Data(at)) {
+            Ok(start) => start,
+            // No data after `at`.
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let end = seek(file, SeekFrom::Hole(start))?.min(len);
+        ranges.push((start, end));
+        at = end;
+    }
+    Ok(ranges)
+}
+
 /// A connected pair of Unix stream sockets, both close-on-exec.
 pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     use rustix::net::{AddressFamily, SocketFlags, SocketType};

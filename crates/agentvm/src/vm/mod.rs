@@ -3,6 +3,7 @@
 pub mod accel;
 pub mod process;
 pub mod qemu;
+pub mod qmp;
 pub mod share;
 pub mod share_filter;
 

@@ -44,6 +44,14 @@ pub struct VmConfig {
     pub forward_fd: Option<i32>,
     /// The inherited socket of the clipboard channel (`--clipboard`), if any.
     pub clipboard_fd: Option<i32>,
+    /// Guest RAM in this file (`memory-backend-file`, shared) instead of an
+    /// anonymous memfd: a warm-start template's RAM, or a restored VM's
+    /// copy of it.
+    pub memory_file: Option<PathBuf>,
+    /// The inherited socket of a QMP monitor (saving and restoring VMs).
+    pub qmp_fd: Option<i32>,
+    /// Wait for a saved state (`-incoming defer`, then QMP) instead of booting.
+    pub incoming: bool,
 }
 
 /// The guest RAM to give QEMU for a requested size. With exactly 2 GiB, the
@@ -87,6 +95,7 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
     data_disk(&mut a, cfg);
     network(&mut a, cfg);
     shares(&mut a, cfg);
+    monitor(&mut a, cfg);
     a.0
 }
 
@@ -117,7 +126,15 @@ fn machine(a: &mut Args, cfg: &VmConfig) {
     a.flag("-smp").val(cfg.cpus.to_string());
     a.flag("-m").val(format!("{}M", cfg.memory_mib));
     // vhost-user (virtiofsd) needs guest RAM in shareable memory.
-    a.flag("-object").val(format!("memory-backend-memfd,id=mem,size={}M,share=on", cfg.memory_mib));
+    match &cfg.memory_file {
+        None => a.flag("-object").val(format!("memory-backend-memfd,id=mem,size={}M,share=on", cfg.memory_mib)),
+        Some(file) => {
+            let mut backend =
+                OsString::from(format!("memory-backend-file,id=mem,size={}M,share=on,mem-path=", cfg.memory_mib));
+            backend.push(escape_commas(file));
+            a.flag("-object").val(backend)
+        }
+    };
     a.flag("-nodefaults").flag("-no-user-config").flag("-no-reboot");
     a.flag("-display").val("none");
     if cfg.sandbox {
@@ -211,6 +228,17 @@ fn shares(a: &mut Args, cfg: &VmConfig) {
     }
 }
 
+/// The QMP monitor and the wait for a saved state, when asked for.
+fn monitor(a: &mut Args, cfg: &VmConfig) {
+    if let Some(fd) = cfg.qmp_fd {
+        a.flag("-chardev").val(format!("socket,id=qmp,fd={fd}"));
+        a.flag("-mon").val("chardev=qmp,mode=control");
+    }
+    if cfg.incoming {
+        a.flag("-incoming").val("defer");
+    }
+}
+
 /// The kernel command line for our guest init.
 pub fn kernel_cmdline(tsc_khz: Option<u64>, verbose: bool) -> String {
     let mut c = vec![
@@ -290,6 +318,9 @@ mod tests {
             forward_fd: None,
             clipboard_fd: None,
             data_disks: Vec::new(),
+            memory_file: None,
+            qmp_fd: None,
+            incoming: false,
         }
     }
 
@@ -318,6 +349,18 @@ mod tests {
         assert_eq!(value_of(&args, "-m"), ["4096M"]);
         assert!(value_of(&args, "-object").contains(&"memory-backend-memfd,id=mem,size=4096M,share=on".to_string()));
         assert!(value_of(&args, "-machine")[0].contains("memory-backend=mem"));
+    }
+
+    #[test]
+    fn a_memory_file_replaces_the_memfd_and_restores_wait_on_qmp() {
+        let c = VmConfig { memory_file: Some("/t/ram,1".into()), qmp_fd: Some(8), incoming: true, ..cfg() };
+        let args = strings(&c);
+        let objects = value_of(&args, "-object");
+        assert_eq!(objects, ["memory-backend-file,id=mem,size=4096M,share=on,mem-path=/t/ram,,1"]);
+        assert!(value_of(&args, "-chardev").contains(&"socket,id=qmp,fd=8".to_string()));
+        assert_eq!(value_of(&args, "-mon"), ["chardev=qmp,mode=control"]);
+        assert_eq!(value_of(&args, "-incoming"), ["defer"]);
+        assert!(value_of(&strings(&cfg()), "-incoming").is_empty());
     }
 
     #[test]

@@ -1,0 +1,571 @@
+//! Warm starts (issue 17): a new VM restored from a template of its shape
+//! instead of booted.
+//!
+//! A template is a VM booted once with a template spec (the guest mounts the
+//! image and waits for its launch, with the shares' and the network's
+//! drivers not bound), saved by QMP with its RAM in a file. A warm start
+//! copies that RAM into a memfd, starts QEMU with the same command line as
+//! a cold start (plus `-incoming defer`), fresh helpers as always, loads the
+//! saved state, and sends the launch over the control port
+//! ([`Frame::Warm`]): the spec, the host's clock, a random seed and a machine
+//! id, so each VM is its own. Anything that keeps a template from serving
+//! is a [`WarmError`], and the caller starts cold instead.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use agentvm_proto::frame::MAX_PAYLOAD;
+use agentvm_proto::{Frame, FrameReader, LaunchSpec, User, WarmLaunch};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::initramfs::{self, Initramfs, InitramfsError};
+use super::plan::Plan;
+use super::resources::Resources;
+use crate::image::template::{self, Template, TemplateMeta, Templates};
+use crate::image::{ImageError, Store};
+use crate::sys;
+use crate::vm::process::{self, Helper};
+use crate::vm::qmp::{Qmp, QmpError};
+use crate::vm::share::{self, Share, ShareError};
+use crate::vm::{self, VmConfig};
+
+/// How a run starts its VM (`--start`, `AGENTVM_START`, `start = ...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StartMode {
+    /// Boot the kernel and the guest init.
+    #[default]
+    Cold,
+    /// Restore a template of the VM's shape (made on first use); a cold
+    /// start, with a line saying why, when no template can serve.
+    Warm,
+}
+
+/// Where QEMU finds the QMP socket and the RAM copy of a warm start: after
+/// every number of [`super::fds::FdPlan`].
+pub const QMP_FD: i32 = 9;
+pub const RAM_FD: i32 = 10;
+
+/// Bounds on a template's making and a restore (TCG on a busy host).
+const TEMPLATE_BOOT: Duration = Duration::from_secs(180);
+const SAVE: Duration = Duration::from_secs(60);
+const QMP_ANSWER: Duration = Duration::from_secs(10);
+const RESTORE: Duration = Duration::from_secs(30);
+const GUEST_ANSWER: Duration = Duration::from_secs(10);
+const QEMU_EXIT: Duration = Duration::from_secs(10);
+
+/// Why a template cannot serve this launch (the run then starts cold).
+#[derive(Debug, thiserror::Error)]
+pub enum WarmError {
+    #[error("not yet for {0}")]
+    Unsupported(&'static str),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Initramfs(#[from] InitramfsError),
+    #[error(transparent)]
+    Share(#[from] ShareError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error("the guest {0}")]
+    Guest(String),
+    #[error("the launch spec is {0} bytes, over the control port's {MAX_PAYLOAD}")]
+    SpecTooLarge(usize),
+    #[error("QEMU could not load the template {template}{}: {source} (it is removed: the next warm start makes a new one)", .qemu_said.as_deref().map(|s| format!(" ({s})")).unwrap_or_default())]
+    Refused { template: String, qemu_said: Option<String>, source: QmpError },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> WarmError {
+    let what = what.into();
+    move |source| WarmError::Io { what, source }
+}
+
+/// What a warm start of one plan uses: the template's key, its initramfs
+/// (the same bytes the template booted) and, once found or made, the template.
+pub struct WarmPlan {
+    pub key: String,
+    pub initramfs: Initramfs,
+}
+
+impl WarmPlan {
+    /// The template's key and initramfs for `plan`, or why warm starts do
+    /// not cover it yet.
+    pub fn new(plan: &Plan, res: &Resources) -> Result<WarmPlan, WarmError> {
+        if !plan.vm.data_disks.is_empty() {
+            return Err(WarmError::Unsupported("--clone and --cri (their disks)"));
+        }
+        if plan.network.interface == crate::net::plan::Interface::Slirp {
+            return Err(WarmError::Unsupported("the slirp network back end"));
+        }
+        let initramfs = initramfs::build(&res.guest_init, &res.image, &template_spec(&plan.spec))?;
+        let key = template_key(
+            &qemu_identity(&res.qemu),
+            &shape_in(&restore_vm(&plan.vm), Path::new("/t")),
+            &initramfs.bytes,
+        );
+        Ok(WarmPlan { key, initramfs })
+    }
+}
+
+/// The spec a template boots with: the image's part of `spec` only (no
+/// program, user data or secret).
+pub fn template_spec(spec: &LaunchSpec) -> LaunchSpec {
+    LaunchSpec {
+        hostname: "agentvm-template".into(),
+        modules: spec.modules.clone(),
+        root_device: spec.root_device.clone(),
+        root_fstype: spec.root_fstype.clone(),
+        layers: spec.layers.clone(),
+        mounts: Vec::new(),
+        network: None,
+        host_ports: Vec::new(),
+        published_ports: Vec::new(),
+        ca_trust: Default::default(),
+        containers: None,
+        sandbox: None,
+        user: User { name: String::new(), uid: 0, gid: 0, home: String::new() },
+        cwd: "/".into(),
+        argv: Vec::new(),
+        env: Vec::new(),
+        tty: false,
+        winsize: None,
+        verbose: spec.verbose,
+        clipboard: false,
+        template: true,
+    }
+}
+
+/// QEMU's config for restoring `vm`: the same machine and devices, RAM
+/// from the memfd at [`RAM_FD`], a QMP monitor, and a wait for the state.
+pub fn restore_vm(vm: &VmConfig) -> VmConfig {
+    VmConfig {
+        memory_file: Some(PathBuf::from(format!("/proc/self/fd/{RAM_FD}"))),
+        qmp_fd: Some(QMP_FD),
+        incoming: true,
+        ..vm.clone()
+    }
+}
+
+/// `vm` with its per-run parts (name, socket paths, RAM file) put under
+/// `dir`: the template's shape. What stays is what a restore must match:
+/// machine, accelerator, CPUs, memory, kernel, command line, image and
+/// layer files, and every device.
+pub fn shape_in(vm: &VmConfig, dir: &Path) -> VmConfig {
+    VmConfig {
+        name: "agentvm-template".into(),
+        shares: vm.shares.iter().map(|(tag, _)| (tag.clone(), share::socket_path(dir, tag))).collect(),
+        exec_sockets: (0..vm.exec_sockets.len()).map(|i| dir.join(format!("exec-{i}.sock"))).collect(),
+        memory_file: Some(dir.join(template::RAM_FILE)),
+        incoming: false,
+        ..vm.clone()
+    }
+}
+
+/// The key of the template that restores `vm` (a cold start's config).
+pub fn plan_key(vm: &VmConfig, qemu: &str, initramfs: &[u8]) -> String {
+    template_key(qemu, &shape_in(&restore_vm(vm), Path::new("/t")), initramfs)
+}
+
+/// The template key: QEMU's identity, the shape's command line and the
+/// template's initramfs (guest init, modules, the image's part of the spec).
+pub fn template_key(qemu: &str, shape: &VmConfig, initramfs: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"agentvm template 1\0");
+    h.update(qemu.as_bytes());
+    h.update(b"\0");
+    for arg in vm::qemu_args(shape) {
+        h.update(arg.as_encoded_bytes());
+        h.update(b"\0");
+    }
+    h.update(Sha256::digest(initramfs));
+    format!("{:x}", h.finalize())
+}
+
+/// QEMU's binary as a key part: its path, size and change time (an upgrade
+/// changes them; `--version` would cost a process per launch).
+fn qemu_identity(qemu: &Path) -> String {
+    match fs::metadata(qemu) {
+        Ok(m) => format!("{} {} {}.{}", qemu.display(), m.len(), m.ctime(), m.ctime_nsec()),
+        Err(_) => qemu.display().to_string(),
+    }
+}
+
+/// The published template of `key`, if there is one.
+pub fn find_template(key: &str) -> Option<Template> {
+    Templates::new(&Store::open(Store::default_dir().ok()?)).find(key)
+}
+
+/// The template of `warm`'s key, made first (one cold boot and a save)
+/// when the store has none.
+pub fn ensure_template(warm: &WarmPlan, plan: &Plan, res: &Resources) -> Result<Template, WarmError> {
+    let store = Store::open(Store::default_dir()?);
+    Templates::new(&store).ensure(&warm.key, |tmp| {
+        eprintln!("agentvm: making a warm-start template for this VM's shape (once)");
+        make_template(tmp, warm, plan, res)
+    })
+}
+
+/// Boots the template in `dir`, waits for the guest to be ready, saves it.
+fn make_template(dir: &Path, warm: &WarmPlan, plan: &Plan, res: &Resources) -> Result<TemplateMeta, WarmError> {
+    let empty = dir.join("empty");
+    fs::create_dir(&empty).map_err(io_err(format!("create {}", empty.display())))?;
+    let mut helpers = Vec::new();
+    for s in &plan.shares {
+        let share = Share { host_dir: empty.clone(), read_only: true, ..s.clone() };
+        helpers.push(share::start(&share, res.ids, dir)?.0);
+    }
+    let vm = VmConfig { qmp_fd: Some(QMP_FD), ..shape_in(&plan.vm, dir) };
+    let mut ends = TemplateEnds::new(dir, &warm.initramfs.bytes)?;
+    let mut cmd = std::process::Command::new(&res.qemu);
+    cmd.args(vm::qemu_args(&vm));
+    let pass = ends.pass(plan);
+    let mut qemu = process::spawn("QEMU (template)", cmd, &pass, &dir.join("qemu.log"))
+        .map_err(io_err("start QEMU for the template"))?;
+    drop(pass);
+    // QEMU has them now: with ours closed, its exit reads as end of file.
+    ends.qemu.clear();
+    let saved = save_when_ready(&ends, dir, &mut qemu);
+    qemu.stop(QEMU_EXIT);
+    for h in &mut helpers {
+        h.stop(QEMU_EXIT);
+    }
+    saved?;
+    for entry in fs::read_dir(dir).map_err(io_err("read the template dir"))?.flatten() {
+        if entry.path().extension().is_some_and(|e| e == "sock") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    let _ = fs::remove_dir(&empty);
+    let ram_used = fs::metadata(dir.join(template::RAM_FILE)).map(|m| m.blocks() * 512).unwrap_or(0);
+    let name = |p: &Path| p.parent().and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned());
+    Ok(TemplateMeta {
+        key: warm.key.clone(),
+        created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        image: res.image.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        layers: res.layers.iter().filter_map(|l| name(l)).collect(),
+        memory_mib: plan.vm.memory_mib,
+        cpus: plan.vm.cpus,
+        accel: format!("{:?}", plan.vm.accel).to_lowercase(),
+        ram_used,
+        built_by: crate::build_info::VERSION_LONG.into(),
+    })
+}
+
+/// Waits for the template guest's [`Frame::TemplateReady`], then stops the
+/// VM and saves its device state (the RAM stays in its file).
+fn save_when_ready(ends: &TemplateEnds, dir: &Path, qemu: &mut Helper) -> Result<(), WarmError> {
+    match read_frame(&ends.control, TEMPLATE_BOOT)? {
+        Frame::TemplateReady => {}
+        other => return Err(WarmError::Guest(format!("sent {} instead of TemplateReady", frame_name(&other)))),
+    }
+    let stream = UnixStream::from(ends.qmp.try_clone().map_err(io_err("dup the QMP socket"))?);
+    let mut qmp = Qmp::connect(stream, QMP_ANSWER)?;
+    qmp.execute("stop", json!({}))?;
+    qmp.ignore_shared_ram()?;
+    let uri = format!("file:{}", dir.join(template::STATE_FILE).display());
+    qmp.execute("migrate", json!({ "uri": uri }))?;
+    qmp.wait_migration(SAVE)?;
+    let _ = qmp.execute("quit", json!({}));
+    let deadline = Instant::now() + QEMU_EXIT;
+    while qemu.poll().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Our ends of the template VM's channels, and QEMU's.
+struct TemplateEnds {
+    control: OwnedFd,
+    qmp: OwnedFd,
+    /// Ends nothing reads: the network's and the forwarding channel's
+    /// (their drivers are not bound in a template).
+    _idle: Vec<OwnedFd>,
+    qemu: Vec<OwnedFd>,
+}
+
+impl TemplateEnds {
+    fn new(dir: &Path, initramfs: &[u8]) -> Result<TemplateEnds, WarmError> {
+        let pair = || sys::socketpair().map_err(io_err("socketpair"));
+        let (control, control_qemu) = pair()?;
+        let (qmp, qmp_qemu) = pair()?;
+        let (net, net_qemu) = pair()?;
+        let (fwd, fwd_qemu) = pair()?;
+        let initrd = sys::memfd_with("agentvm-template-initramfs", initramfs).map_err(io_err("memfd_create"))?;
+        let log = dir.join("console.log");
+        let console = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log)
+            .map_err(io_err(format!("create {}", log.display())))?;
+        let qemu = vec![control_qemu, initrd, net_qemu, fwd_qemu, OwnedFd::from(console), qmp_qemu];
+        Ok(TemplateEnds { control, qmp, _idle: vec![net, fwd], qemu })
+    }
+
+    /// QEMU's ends at the numbers the plan's command line names.
+    fn pass(&self, plan: &Plan) -> Vec<(std::os::fd::BorrowedFd<'_>, i32)> {
+        let f = &plan.fds;
+        let targets = [Some(f.control), Some(f.initramfs), f.network, f.forwarding, Some(f.console), Some(QMP_FD)];
+        self.qemu.iter().zip(targets).filter_map(|(fd, t)| Some((fd.as_fd(), t?))).collect()
+    }
+}
+
+/// A restore's own pieces: the RAM copy and the QMP socket (QEMU's ends
+/// and ours), and the state to load.
+pub struct Restore {
+    /// QEMU's ends, until it has them: the RAM copy and its QMP socket.
+    pub ram: Option<OwnedFd>,
+    pub qmp_qemu: Option<OwnedFd>,
+    pub qmp: OwnedFd,
+    pub template: Template,
+}
+
+impl Restore {
+    /// Copies the template's RAM into a new memfd (its data only: holes
+    /// stay holes) and opens the QMP socket pair.
+    pub fn new(template: &Template) -> Result<Restore, WarmError> {
+        let ram = sparse_copy_to_memfd(&template.ram())?;
+        let (qmp, qmp_qemu) = sys::socketpair().map_err(io_err("socketpair"))?;
+        Ok(Restore { ram: Some(ram), qmp, qmp_qemu: Some(qmp_qemu), template: template.clone() })
+    }
+
+    /// Closes our copies of QEMU's ends once it runs, so that its exit
+    /// reads as end of file instead of a wait for the time limit.
+    pub fn qemu_has_its_ends(&mut self) {
+        self.ram = None;
+        self.qmp_qemu = None;
+    }
+
+    /// Loads the state into the waiting QEMU and lets it run. A state
+    /// QEMU refuses is removed with its template (`qemu_log` tells why).
+    pub fn load(&self, qemu_log: &Path) -> Result<(), WarmError> {
+        let stream = UnixStream::from(self.qmp.try_clone().map_err(io_err("dup the QMP socket"))?);
+        let mut qmp = Qmp::connect(stream, QMP_ANSWER)?;
+        qmp.ignore_shared_ram()?;
+        let uri = format!("file:{}", self.template.state().display());
+        let loaded = qmp.execute("migrate-incoming", json!({ "uri": uri })).and_then(|_| qmp.wait_migration(RESTORE));
+        if let Err(source) = loaded {
+            if let Ok(store) = Store::default_dir().map(Store::open) {
+                let _ = Templates::new(&store).remove(&self.template.name());
+            }
+            let qemu_said = last_line(qemu_log);
+            return Err(WarmError::Refused { template: self.template.name(), qemu_said, source });
+        }
+        qmp.execute("cont", json!({}))?;
+        Ok(())
+    }
+}
+
+/// Sends the launch to the restored guest and waits for it to take it.
+pub fn hand_over(control: &OwnedFd, spec: &LaunchSpec) -> Result<(), WarmError> {
+    let mut seed = [0u8; 32];
+    let mut machine_id = [0u8; 16];
+    fill_random(&mut seed)?;
+    fill_random(&mut machine_id)?;
+    let launch = WarmLaunch {
+        spec: spec.clone(),
+        clock_ns: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
+        seed: hex(&seed),
+        machine_id: hex(&machine_id),
+    };
+    let bytes = Frame::Warm(Box::new(launch)).to_bytes();
+    if bytes.len() - 5 > MAX_PAYLOAD {
+        return Err(WarmError::SpecTooLarge(bytes.len()));
+    }
+    let mut stream = UnixStream::from(control.try_clone().map_err(io_err("dup the control socket"))?);
+    stream.set_write_timeout(Some(GUEST_ANSWER)).map_err(io_err("set a timeout"))?;
+    io::Write::write_all(&mut stream, &bytes).map_err(io_err("send the launch to the guest"))?;
+    match read_frame(control, GUEST_ANSWER)? {
+        Frame::Resumed => Ok(()),
+        other => Err(WarmError::Guest(format!("sent {} instead of Resumed", frame_name(&other)))),
+    }
+}
+
+/// Reads exactly one frame from `fd` (nothing after it: the relay reads
+/// the rest), within `limit`.
+fn read_frame(fd: &OwnedFd, limit: Duration) -> Result<Frame, WarmError> {
+    let mut stream = UnixStream::from(fd.try_clone().map_err(io_err("dup the control socket"))?);
+    stream.set_read_timeout(Some(limit)).map_err(io_err("set a timeout"))?;
+    let not_in_time = |e: io::Error| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            WarmError::Guest(format!("did not answer within {} s", limit.as_secs()))
+        }
+        io::ErrorKind::UnexpectedEof => WarmError::Guest("closed the control port (did QEMU exit?)".into()),
+        _ => WarmError::Io { what: "read the control port".into(), source: e },
+    };
+    let mut header = [0u8; 5];
+    stream.read_exact(&mut header).map_err(not_in_time)?;
+    let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len > 64 * 1024 {
+        return Err(WarmError::Guest(format!("sent a frame of {len} bytes before its launch")));
+    }
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).map_err(not_in_time)?;
+    let mut reader = FrameReader::new();
+    reader.push(&header);
+    reader.push(&payload);
+    match reader.next_frame() {
+        Ok(Some(frame)) => Ok(frame),
+        Ok(None) => Err(WarmError::Guest("sent half a frame".into())),
+        Err(e) => Err(WarmError::Guest(format!("sent a bad frame: {e}"))),
+    }
+}
+
+/// The last line QEMU logged (of its last KiB), escaped: why it refused.
+fn last_line(log: &Path) -> Option<String> {
+    let mut f = File::open(log).ok()?;
+    let len = f.metadata().ok()?.len();
+    let mut tail = Vec::new();
+    std::io::Seek::seek(&mut f, io::SeekFrom::Start(len.saturating_sub(1024))).ok()?;
+    f.take(1024).read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
+    Some(crate::escape::log_line(line.trim()))
+}
+
+/// A frame's kind, for a message (never its payload: it may be the guest's words).
+fn frame_name(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::InitError(_) => "an init error",
+        Frame::TemplateReady => "TemplateReady",
+        Frame::Resumed => "Resumed",
+        Frame::Started => "Started",
+        _ => "another frame",
+    }
+}
+
+fn fill_random(buf: &mut [u8]) -> Result<(), WarmError> {
+    File::open("/dev/urandom").and_then(|mut f| f.read_exact(buf)).map_err(io_err("read /dev/urandom"))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A memfd as large as `path` holding its data; what `path` leaves as holes
+/// stays holes (a template's RAM file is mostly holes).
+pub fn sparse_copy_to_memfd(path: &Path) -> Result<OwnedFd, WarmError> {
+    let src = File::open(path).map_err(io_err(format!("open {}", path.display())))?;
+    let len = src.metadata().map_err(io_err(format!("stat {}", path.display())))?.len();
+    let dst = File::from(sys::memfd_with("agentvm-ram", b"").map_err(io_err("memfd_create"))?);
+    dst.set_len(len).map_err(io_err("size the RAM copy"))?;
+    let mut buf = vec![0u8; 1 << 20];
+    for (start, end) in sys::data_ranges(&src, len).map_err(io_err(format!("read {}", path.display())))? {
+        let mut at = start;
+        while at < end {
+            let n = buf.len().min((end - at) as usize);
+            src.read_exact_at(&mut buf[..n], at).map_err(io_err(format!("read {}", path.display())))?;
+            dst.write_all_at(&buf[..n], at).map_err(io_err("write the RAM copy"))?;
+            at += n as u64;
+        }
+    }
+    Ok(OwnedFd::from(dst))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launch::plan::tests::{plan, resources, settings};
+    use crate::launch::plan::InstanceRef;
+
+    fn key(vm: &VmConfig) -> String {
+        plan_key(vm, "qemu 1", b"initramfs")
+    }
+
+    #[test]
+    fn a_restores_own_fds_come_after_every_channel_of_the_plan() {
+        let all = crate::launch::fds::FdPlan::new(true, true, true);
+        let planned = [Some(all.control), Some(all.initramfs), all.network, all.forwarding, Some(all.console)];
+        let highest = planned.into_iter().chain([all.clipboard]).flatten().max().unwrap();
+        let restore = [QMP_FD, RAM_FD];
+        assert!(restore.iter().all(|fd| *fd > highest), "{restore:?} collide with the plan's (up to {highest})");
+        assert_ne!(restore[0], restore[1]);
+    }
+
+    #[test]
+    fn key_is_the_same_for_every_instance_of_a_shape() {
+        let s = settings();
+        let res = resources(&s);
+        let a = plan(&s, &res);
+        let b = Plan::new(&s, &res, InstanceRef { id: "fedcba987654", dir: Path::new("/run/user/7/agentvm/x") });
+        assert_ne!(vm::qemu_args(&a.vm), vm::qemu_args(&b.vm), "per-run paths differ");
+        assert_eq!(key(&a.vm), key(&b.vm));
+    }
+
+    #[test]
+    fn key_changes_with_what_a_restore_must_match() {
+        let s = settings();
+        let vm = plan(&s, &resources(&s)).vm;
+        let base = key(&vm);
+        let changed = [
+            VmConfig { memory_mib: vm.memory_mib * 2, ..vm.clone() },
+            VmConfig { cpus: vm.cpus + 1, ..vm.clone() },
+            VmConfig { accel: vm::Accel::Kvm, ..vm.clone() },
+            VmConfig { root_image: "/img/base-other/root.squashfs".into(), ..vm.clone() },
+            VmConfig { layers: vec!["/img/layer-claude-1/layer.squashfs".into()], ..vm.clone() },
+            VmConfig { kernel: "/img2/vmlinux".into(), ..vm.clone() },
+            VmConfig { netdev: None, ..vm.clone() },
+        ];
+        for other in &changed {
+            assert_ne!(key(other), base, "{other:?}");
+        }
+        assert_ne!(plan_key(&vm, "qemu 2", b"initramfs"), base, "another QEMU");
+        assert_ne!(plan_key(&vm, "qemu 1", b"another init"), base, "another guest init or modules");
+    }
+
+    #[test]
+    fn a_restore_runs_the_cold_command_line_with_ram_from_the_copy_and_a_monitor() {
+        let s = settings();
+        let vm = plan(&s, &resources(&s)).vm;
+        let strings = |vm: &VmConfig| -> Vec<String> {
+            vm::qemu_args(vm).into_iter().map(|a| a.into_string().unwrap()).collect()
+        };
+        let cold = strings(&vm);
+        let warm = strings(&restore_vm(&vm));
+        let ram =
+            format!("memory-backend-file,id=mem,size={}M,share=on,mem-path=/proc/self/fd/{RAM_FD}", vm.memory_mib);
+        let memfd = format!("memory-backend-memfd,id=mem,size={}M,share=on", vm.memory_mib);
+        let mut expected: Vec<String> =
+            cold.iter().map(|a| if *a == memfd { ram.clone() } else { a.clone() }).collect();
+        expected.extend(
+            ["-chardev", &format!("socket,id=qmp,fd={QMP_FD}"), "-mon", "chardev=qmp,mode=control"].map(String::from),
+        );
+        expected.extend(["-incoming", "defer"].map(String::from));
+        assert_eq!(warm, expected);
+    }
+
+    #[test]
+    fn the_template_spec_carries_the_image_and_nothing_of_the_launch() {
+        let s = settings();
+        let spec = plan(&s, &resources(&s)).spec;
+        let t = template_spec(&spec);
+        assert!(t.template);
+        assert_eq!((&t.modules, &t.root_device, &t.layers), (&spec.modules, &spec.root_device, &spec.layers));
+        assert!(t.env.is_empty() && t.argv.is_empty() && t.mounts.is_empty() && t.network.is_none());
+        assert!(!String::from_utf8(t.to_bytes().unwrap()).unwrap().contains("s3cr3t"));
+    }
+
+    #[test]
+    fn a_sparse_copy_keeps_data_and_holes() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("ram");
+        let f = File::create(&path).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_all_at(b"start", 0).unwrap();
+        f.write_all_at(b"middle", 5 << 20).unwrap();
+        let copy = File::from(sparse_copy_to_memfd(&path).unwrap());
+        assert_eq!(copy.metadata().unwrap().len(), 8 << 20);
+        let mut got = [0u8; 6];
+        copy.read_exact_at(&mut got, 5 << 20).unwrap();
+        assert_eq!(&got, b"middle");
+        assert!(copy.metadata().unwrap().blocks() * 512 < 4 << 20, "holes stay holes");
+    }
+}

@@ -1,0 +1,176 @@
+//! End-to-end tests of warm starts (`--warm`, issue 17): VMs restored from
+//! a template of their shape, made on first use in the shared image cache.
+
+use agentvm_testkit::servers::{free_port, http_get_until, tcp_token_server};
+use agentvm_testkit::*;
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The line a fallback to a cold start prints.
+const FELL_BACK: &str = "starting cold";
+
+/// `--print-plan --json` of `l` with `flags`: its `start` part.
+fn start_plan(l: &Launch, flags: &[&str]) -> serde_json::Value {
+    let mut cmd = l.command_with_flags(&[flags, &["--print-plan", "--json"]].concat());
+    let out = l.run_command(&mut cmd);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()["start"].clone()
+}
+
+/// The directory of the template `key` in the shared cache.
+fn template_dir(key: &str) -> PathBuf {
+    cache_dir().join("agentvm/images").join(format!("template-{}", &key[..16]))
+}
+
+fn run_with(l: &Launch, flags: &[&str]) -> Output {
+    l.run_command(&mut l.command_with_flags(flags))
+}
+
+/// Runs `l` warm until a template serves it (the first run may make it).
+fn warm_run(l: &Launch, flags: &[&str]) -> Output {
+    let out = run_with(l, &[&["--warm"], flags].concat());
+    assert!(!stderr(&out).contains(FELL_BACK), "the warm start fell back: {}", stderr(&out));
+    out
+}
+
+#[test]
+#[ignore = "boots a VM: scripts/test runs it"]
+fn warm_run_gives_what_a_cold_run_gives_for_work_home_network_and_exit_code() {
+    let opened = tcp_token_server("WARM-HOST-PORT-TOKEN");
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(home.path().join("marker"), "from the home\n").unwrap();
+    let script = "cat /work/in.txt ~/marker; echo \"$RUN\" > /work/out-\"$RUN\"; \
+         ip -o -4 addr show dev eth0 | grep -o 'inet [0-9./]*'; ip route | grep -c '^default via'; \
+         timeout 5 bash -c \"cat < /dev/tcp/host.agentvm.internal/$OPENED\"; echo; \
+         cd /tmp && echo served > t && (python3 -m http.server 8000 >/dev/null 2>&1 &); \
+         for i in $(seq 600); do [ -e /work/fetched ] && break; sleep 0.1; done; cat /work/fetched; rm /work/fetched; exit 7";
+    let l = Launch::new().shell(script);
+    std::fs::write(l.work.join("in.txt"), "input\n").unwrap();
+    let mut outputs = Vec::new();
+    for mode in ["--cold", "--warm"] {
+        let port = free_port();
+        let (publish, opened) = (format!("{port}:8000"), opened.to_string());
+        let work = l.work.clone();
+        let host = std::thread::spawn(move || {
+            http_get_until(port, "/t", "served", Duration::from_secs(180));
+            std::fs::write(work.join("fetched"), "fetched over passt\n").unwrap();
+        });
+        let run = format!("RUN={}", &mode[2..]);
+        let home = home.path().to_str().unwrap();
+        let flags = [
+            mode,
+            "--home",
+            home,
+            "-e",
+            &run,
+            "-e",
+            &format!("OPENED={opened}"),
+            "--host-port",
+            &opened,
+            "-p",
+            &publish,
+        ];
+        let out = run_with(&l, &flags);
+        host.join().unwrap();
+        assert!(!stderr(&out).contains(FELL_BACK), "{}", stderr(&out));
+        outputs.push(out);
+    }
+    let expected = "input\nfrom the home\ninet 10.0.2.15/24\n1\nWARM-HOST-PORT-TOKEN\nfetched over passt\n";
+    for (out, run) in outputs.iter().zip(["cold", "warm"]) {
+        assert_eq!(out.status.code(), Some(7), "{run}: {}", stderr(out));
+        assert_eq!(stdout(out), expected, "{run}: {}", stderr(out));
+        assert_eq!(std::fs::read_to_string(l.work.join(format!("out-{run}"))).unwrap(), format!("{run}\n"));
+    }
+    l.assert_no_leftovers();
+}
+
+#[test]
+#[ignore = "boots a VM: scripts/test runs it"]
+fn two_warm_vms_of_one_template_differ_in_randomness_boot_id_and_names_and_have_the_hosts_clock() {
+    let script = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
+                  cat /proc/sys/kernel/random/boot_id; hostname; cat /etc/machine-id; date +%s.%N";
+    let l = Launch::new().shell(script);
+    // Made now if missing; then old enough that a clock not stepped shows.
+    warm_run(&l, &[]);
+    std::thread::sleep(Duration::from_secs(5));
+    let now = || SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let before = now();
+        let out = warm_run(&l, &[]);
+        let after = now();
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let lines: Vec<String> = stdout(&out).lines().map(String::from).collect();
+        assert_eq!(lines.len(), 5, "{lines:?}");
+        let guest_clock: f64 = lines[4].parse().unwrap();
+        assert!(guest_clock > before - 1.0 && guest_clock < after + 1.0, "guest {guest_clock}, host {before}..{after}");
+        seen.push(lines);
+    }
+    for (i, what) in ["/dev/urandom", "boot_id", "hostname", "machine-id"].iter().enumerate() {
+        assert_ne!(seen[0][i], seen[1][i], "two warm VMs share their {what}");
+    }
+}
+
+#[test]
+#[ignore = "boots a VM: scripts/test runs it"]
+fn a_corrupted_template_falls_back_to_a_cold_start_with_one_line_and_the_run_succeeds() {
+    // A shape of its own: no other test uses this template.
+    let l = Launch::new().shell("echo ran");
+    let flags = ["--network", "none"];
+    let out = warm_run(&l, &flags);
+    assert_eq!(stdout(&out), "ran\n");
+    let plan = start_plan(&l, &[&["--warm"][..], &flags].concat());
+    assert_eq!(plan["template_ready"], true, "{plan}");
+    let state = template_dir(plan["template_key"].as_str().unwrap()).join("state");
+    let f = std::fs::OpenOptions::new().write(true).open(&state).unwrap();
+    f.set_len(f.metadata().unwrap().len() / 2).unwrap();
+    let out = run_with(&l, &[&["--warm"][..], &flags].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "ran\n");
+    let err = stderr(&out);
+    let said: Vec<&str> = err.lines().filter(|l| l.contains("warm start")).collect();
+    assert_eq!(said.len(), 1, "{}", stderr(&out));
+    assert!(said[0].contains("could not load the template") && said[0].ends_with(FELL_BACK), "{}", said[0]);
+    // The broken template is gone: the next warm start makes a new one and uses it.
+    let out = warm_run(&l, &flags);
+    assert_eq!(stdout(&out), "ran\n");
+    l.assert_no_leftovers();
+}
+
+#[test]
+#[ignore = "boots a VM: scripts/test runs it"]
+fn another_image_or_layer_gets_a_template_of_its_own() {
+    let l = Launch::new().shell("true");
+    // The claude flavor's layer, with a command that runs without a key.
+    let config = l.dirs.path().join("config/agentvm");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(config.join("config.toml"), "[flavors.claude]\ncommand = [\"sh\", \"-c\"]\n").unwrap();
+    let shell = start_plan(&l, &["--warm"]);
+    let mut claude_cmd =
+        l.command_with(&["run", "--memory", "512M", "--cpus", "1", "--warm", "--print-plan", "--json", "claude"]);
+    let claude: serde_json::Value = serde_json::from_str(&stdout(&l.run_command(&mut claude_cmd))).unwrap();
+    let (shell_key, claude_key) =
+        (shell["template_key"].as_str().unwrap(), claude["start"]["template_key"].as_str().unwrap());
+    assert_ne!(shell_key, claude_key, "the layer must change the key");
+    let cri = start_plan(&l, &["--warm", "--cri", "docker"]);
+    assert_eq!(cri["mode"], "cold", "{cri}");
+    let args = [
+        "run",
+        "--memory",
+        "512M",
+        "--cpus",
+        "1",
+        "--warm",
+        "claude",
+        "--",
+        "command -v claude >/dev/null && echo layer",
+    ];
+    let out = l.agentvm(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!stderr(&out).contains(FELL_BACK), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "layer\n");
+    assert!(template_dir(claude_key).join("template.json").is_file());
+    let listed = stdout(&l.agentvm(&["image", "ls"]));
+    assert!(listed.contains(&format!("template-{}", &claude_key[..16])), "{listed}");
+}
