@@ -174,3 +174,20 @@ fn another_image_or_layer_gets_a_template_of_its_own() {
     let listed = stdout(&l.agentvm(&["image", "ls"]));
     assert!(listed.contains(&format!("template-{}", &claude_key[..16])), "{listed}");
 }
+
+#[test]
+#[ignore = "boots a VM: scripts/test runs it"]
+fn a_warm_vm_with_the_clipboard_channel_is_made_and_restored_and_its_tools_answer() {
+    // A shape of its own (the clipboard's port), made on the first run.
+    let l = Launch::new().shell("xclip -selection clipboard -t TARGETS -o; echo \"rc=$?\"");
+    for _ in 0..2 {
+        let mut cmd = l.command_with_flags(&["--warm", "--clipboard", "--network", "none"]);
+        cmd.env_remove("DISPLAY").env_remove("WAYLAND_DISPLAY");
+        let out = l.run_command(&mut cmd);
+        let err = stderr(&out);
+        assert!(!err.contains(FELL_BACK), "{err}");
+        assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "rc=1\n"), "{err}");
+        assert!(err.contains("xclip: no clipboard on the host"), "{err}");
+    }
+    l.assert_no_leftovers();
+}

@@ -24,6 +24,7 @@ use agentvm_proto::{Frame, FrameReader, LaunchSpec, User, WarmLaunch};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use super::fds::QemuEnds;
 use super::initramfs::{self, Initramfs, InitramfsError};
 use super::plan::Plan;
 use super::resources::Resources;
@@ -223,7 +224,7 @@ fn make_template(dir: &Path, warm: &WarmPlan, plan: &Plan, res: &Resources) -> R
         helpers.push(share::start(&share, res.ids, dir)?.0);
     }
     let vm = VmConfig { qmp_fd: Some(QMP_FD), ..shape_in(&plan.vm, dir) };
-    let mut ends = TemplateEnds::new(dir, &warm.initramfs.bytes)?;
+    let mut ends = TemplateEnds::new(dir, &warm.initramfs.bytes, plan)?;
     let mut cmd = std::process::Command::new(&res.qemu);
     cmd.args(vm::qemu_args(&vm));
     let pass = ends.pass(plan);
@@ -231,10 +232,17 @@ fn make_template(dir: &Path, warm: &WarmPlan, plan: &Plan, res: &Resources) -> R
         .map_err(io_err("start QEMU for the template"))?;
     drop(pass);
     // QEMU has them now: with ours closed, its exit reads as end of file.
-    ends.qemu.clear();
+    ends.qemu = None;
     let saved = save_when_ready(&ends, dir, &mut qemu);
+    // A saved template's QEMU quits by itself; one that failed may still
+    // wait, and virtiofsd waits for a QEMU that never came: end them now,
+    // not after the grace period (the cold start waits for this).
+    if saved.is_err() {
+        qemu.signal(libc::SIGTERM);
+    }
     qemu.stop(QEMU_EXIT);
     for h in &mut helpers {
+        h.signal(libc::SIGTERM);
         h.stop(QEMU_EXIT);
     }
     saved?;
@@ -285,20 +293,31 @@ fn save_when_ready(ends: &TemplateEnds, dir: &Path, qemu: &mut Helper) -> Result
 struct TemplateEnds {
     control: OwnedFd,
     qmp: OwnedFd,
-    /// Ends nothing reads: the network's and the forwarding channel's
-    /// (their drivers are not bound in a template).
+    /// Ends nothing reads: the network's, the forwarding channel's and the
+    /// clipboard's (their drivers or tools are not set up in a template).
     _idle: Vec<OwnedFd>,
-    qemu: Vec<OwnedFd>,
+    /// QEMU's ends, until it has them: every channel the plan numbers, and
+    /// the QMP socket.
+    qemu: Option<(QemuEnds, OwnedFd)>,
 }
 
 impl TemplateEnds {
-    fn new(dir: &Path, initramfs: &[u8]) -> Result<TemplateEnds, WarmError> {
+    /// A socket pair for each channel `plan` gives QEMU (the same set, so
+    /// the template's command line is the plan's).
+    fn new(dir: &Path, initramfs: &[u8], plan: &Plan) -> Result<TemplateEnds, WarmError> {
         let pair = || sys::socketpair().map_err(io_err("socketpair"));
+        let mut idle = Vec::new();
+        let mut optional = |wanted: Option<i32>| -> Result<Option<OwnedFd>, WarmError> {
+            let Some(_) = wanted else { return Ok(None) };
+            let (ours, qemus) = pair()?;
+            idle.push(ours);
+            Ok(Some(qemus))
+        };
+        let (network, forwarding, clipboard) =
+            (optional(plan.fds.network)?, optional(plan.fds.forwarding)?, optional(plan.fds.clipboard)?);
         let (control, control_qemu) = pair()?;
         let (qmp, qmp_qemu) = pair()?;
-        let (net, net_qemu) = pair()?;
-        let (fwd, fwd_qemu) = pair()?;
-        let initrd = sys::memfd_with("agentvm-template-initramfs", initramfs).map_err(io_err("memfd_create"))?;
+        let initramfs = sys::memfd_with("agentvm-template-initramfs", initramfs).map_err(io_err("memfd_create"))?;
         let log = dir.join("console.log");
         let console = fs::OpenOptions::new()
             .create(true)
@@ -306,15 +325,17 @@ impl TemplateEnds {
             .mode(0o600)
             .open(&log)
             .map_err(io_err(format!("create {}", log.display())))?;
-        let qemu = vec![control_qemu, initrd, net_qemu, fwd_qemu, OwnedFd::from(console), qmp_qemu];
-        Ok(TemplateEnds { control, qmp, _idle: vec![net, fwd], qemu })
+        let console = OwnedFd::from(console);
+        let ends = QemuEnds { control: control_qemu, initramfs, network, forwarding, console, clipboard };
+        Ok(TemplateEnds { control, qmp, _idle: idle, qemu: Some((ends, qmp_qemu)) })
     }
 
     /// QEMU's ends at the numbers the plan's command line names.
     fn pass(&self, plan: &Plan) -> Vec<(std::os::fd::BorrowedFd<'_>, i32)> {
-        let f = &plan.fds;
-        let targets = [Some(f.control), Some(f.initramfs), f.network, f.forwarding, Some(f.console), Some(QMP_FD)];
-        self.qemu.iter().zip(targets).filter_map(|(fd, t)| Some((fd.as_fd(), t?))).collect()
+        let Some((ends, qmp)) = &self.qemu else { return Vec::new() };
+        let mut pass = plan.fds.pass(ends);
+        pass.push((qmp.as_fd(), QMP_FD));
+        pass
     }
 }
 
