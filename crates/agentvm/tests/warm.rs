@@ -122,7 +122,10 @@ fn a_corrupted_template_falls_back_to_a_cold_start_with_one_line_and_the_run_suc
     assert_eq!(stdout(&out), "ran\n");
     let plan = start_plan(&l, &[&["--warm"][..], &flags].concat());
     assert_eq!(plan["template_ready"], true, "{plan}");
-    let state = template_dir(plan["template_key"].as_str().unwrap()).join("state");
+    let template = template_dir(plan["template_key"].as_str().unwrap());
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&template).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700, "a template is its user's alone");
+    let state = template.join("state");
     let f = std::fs::OpenOptions::new().write(true).open(&state).unwrap();
     f.set_len(f.metadata().unwrap().len() / 2).unwrap();
     let out = run_with(&l, &[&["--warm"][..], &flags].concat());

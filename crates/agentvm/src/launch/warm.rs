@@ -14,7 +14,7 @@
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -216,6 +216,9 @@ pub fn ensure_template(warm: &WarmPlan, plan: &Plan, res: &Resources) -> Result<
 
 /// Boots the template in `dir`, waits for the guest to be ready, saves it.
 fn make_template(dir: &Path, warm: &WarmPlan, plan: &Plan, res: &Resources) -> Result<TemplateMeta, WarmError> {
+    // The user's alone: the RAM file holds the guest's memory (its kernel's
+    // random state before a restore reseeds it, among the rest).
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(format!("chmod {}", dir.display())))?;
     let empty = dir.join("empty");
     fs::create_dir(&empty).map_err(io_err(format!("create {}", empty.display())))?;
     let mut helpers = Vec::new();
