@@ -26,7 +26,8 @@ pub fn exec_port_name(i: usize) -> String {
 /// Largest payload accepted; bigger lengths mean a corrupt stream.
 pub const MAX_PAYLOAD: usize = 1 << 20;
 
-const HEADER_LEN: usize = 5;
+/// A frame's kind byte and its payload's length (u32, little-endian).
+pub const HEADER_LEN: usize = 5;
 
 /// One message on the channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,6 +149,26 @@ impl Frame {
     }
 }
 
+/// Reads one whole frame from `r`, and nothing after it (what follows stays
+/// for the next reader). A payload over `max` bytes (at most
+/// [`MAX_PAYLOAD`]) is refused before it is read.
+pub fn read_one(r: &mut impl std::io::Read, max: usize) -> std::io::Result<Result<Frame, FrameError>> {
+    let mut header = [0u8; HEADER_LEN];
+    r.read_exact(&mut header)?;
+    let len = payload_len(&header);
+    if len > max.min(MAX_PAYLOAD) {
+        return Ok(Err(FrameError::TooLong(len)));
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload)?;
+    Ok(Frame::decode(header[0], &payload))
+}
+
+/// The payload length a frame's header announces.
+fn payload_len(header: &[u8]) -> usize {
+    u32::from_le_bytes(header[1..HEADER_LEN].try_into().expect("a whole header")) as usize
+}
+
 /// Incremental decoder: feed it bytes as they arrive, take whole frames out.
 #[derive(Debug, Default)]
 pub struct FrameReader {
@@ -169,7 +190,7 @@ impl FrameReader {
         if self.buf.len() < HEADER_LEN {
             return Ok(None);
         }
-        let len = u32::from_le_bytes(self.buf[1..HEADER_LEN].try_into().unwrap()) as usize;
+        let len = payload_len(&self.buf);
         if len > MAX_PAYLOAD {
             return Err(FrameError::TooLong(len));
         }
@@ -185,6 +206,20 @@ impl FrameReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_one_takes_one_frame_and_leaves_the_rest_and_refuses_a_long_one_unread() {
+        let mut bytes = Frame::Signal(15).to_bytes();
+        bytes.extend(Frame::Stdout(b"next".to_vec()).to_bytes());
+        let mut r = std::io::Cursor::new(bytes);
+        assert_eq!(read_one(&mut r, 64).unwrap().unwrap(), Frame::Signal(15));
+        assert_eq!(read_one(&mut r, 64).unwrap().unwrap(), Frame::Stdout(b"next".to_vec()));
+        assert!(read_one(&mut r, 64).is_err(), "nothing left");
+
+        let mut r = std::io::Cursor::new(Frame::Stdout(vec![0; 100]).to_bytes());
+        assert!(matches!(read_one(&mut r, 99).unwrap(), Err(FrameError::TooLong(100))));
+        assert_eq!(r.position(), HEADER_LEN as u64, "the payload was read");
+    }
 
     fn all_frames() -> Vec<Frame> {
         vec![

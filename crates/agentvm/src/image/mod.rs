@@ -47,6 +47,8 @@ pub use flavor_recipes::{base_recipe, layer_recipe};
 pub use layer::{package_name, Layer, LayerMeta, LayerRecipe, LAYER_FILE, LAYER_FORMAT, LAYER_META_FILE};
 pub use meta::{Image, ImageMeta};
 pub use progress::{NullProgress, Progress, TerminalProgress};
+/// Lowercase hex of bytes (image and template keys).
+pub(crate) use recipe::hex;
 pub use recipe::{Recipe, BASE_PACKAGES, DEFAULT_MIRROR, DEFAULT_SUITE, RECIPE_FORMAT};
 pub use store::{CacheEntry, EntryKind, Store};
 

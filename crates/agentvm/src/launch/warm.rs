@@ -19,8 +19,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use agentvm_proto::frame::MAX_PAYLOAD;
-use agentvm_proto::{Frame, FrameReader, LaunchSpec, User, WarmLaunch};
+use agentvm_proto::frame::{self, MAX_PAYLOAD};
+use agentvm_proto::{Frame, FrameError, LaunchSpec, User, WarmLaunch};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -28,6 +28,7 @@ use super::fds::QemuEnds;
 use super::initramfs::{self, Initramfs, InitramfsError};
 use super::plan::Plan;
 use super::resources::Resources;
+use crate::image::hex;
 use crate::image::template::{self, Template, TemplateMeta, Templates};
 use crate::image::{ImageError, Store};
 use crate::sys;
@@ -60,6 +61,8 @@ const QMP_ANSWER: Duration = Duration::from_secs(10);
 const RESTORE: Duration = Duration::from_secs(30);
 const GUEST_ANSWER: Duration = Duration::from_secs(10);
 const QEMU_EXIT: Duration = Duration::from_secs(10);
+/// The most a guest may send before its launch (its frames then are tiny).
+const BEFORE_LAUNCH: usize = 64 << 10;
 
 /// Why a template cannot serve this launch (the run then starts cold).
 #[derive(Debug, thiserror::Error)]
@@ -107,11 +110,7 @@ impl WarmPlan {
             return Err(WarmError::Unsupported("the slirp network back end"));
         }
         let initramfs = initramfs::build(&res.guest_init, &res.image, &template_spec(&plan.spec))?;
-        let key = template_key(
-            &qemu_identity(&res.qemu),
-            &shape_in(&restore_vm(&plan.vm), Path::new("/t")),
-            &initramfs.bytes,
-        );
+        let key = plan_key(&plan.vm, &qemu_identity(&res.qemu), &initramfs.bytes);
         Ok(WarmPlan { key, initramfs })
     }
 }
@@ -392,8 +391,9 @@ impl Restore {
 pub fn hand_over(control: &OwnedFd, spec: &LaunchSpec) -> Result<(), WarmError> {
     let mut seed = [0u8; 32];
     let mut machine_id = [0u8; 16];
-    fill_random(&mut seed)?;
-    fill_random(&mut machine_id)?;
+    for buf in [&mut seed[..], &mut machine_id[..]] {
+        sys::random_bytes(buf).map_err(io_err("getrandom"))?;
+    }
     let launch = WarmLaunch {
         spec: spec.clone(),
         clock_ns: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
@@ -401,7 +401,7 @@ pub fn hand_over(control: &OwnedFd, spec: &LaunchSpec) -> Result<(), WarmError> 
         machine_id: hex(&machine_id),
     };
     let bytes = Frame::Warm(Box::new(launch)).to_bytes();
-    if bytes.len() - 5 > MAX_PAYLOAD {
+    if bytes.len() - frame::HEADER_LEN > MAX_PAYLOAD {
         return Err(WarmError::SpecTooLarge(bytes.len()));
     }
     let mut stream = UnixStream::from(control.try_clone().map_err(io_err("dup the control socket"))?);
@@ -425,21 +425,13 @@ fn read_frame(fd: &OwnedFd, limit: Duration) -> Result<Frame, WarmError> {
         io::ErrorKind::UnexpectedEof => WarmError::Guest("closed the control port (did QEMU exit?)".into()),
         _ => WarmError::Io { what: "read the control port".into(), source: e },
     };
-    let mut header = [0u8; 5];
-    stream.read_exact(&mut header).map_err(not_in_time)?;
-    let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if len > 64 * 1024 {
-        return Err(WarmError::Guest(format!("sent a frame of {len} bytes before its launch")));
-    }
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).map_err(not_in_time)?;
-    let mut reader = FrameReader::new();
-    reader.push(&header);
-    reader.push(&payload);
-    match reader.next_frame() {
-        Ok(Some(frame)) => Ok(frame),
-        Ok(None) => Err(WarmError::Guest("sent half a frame".into())),
-        Err(e) => Err(WarmError::Guest(format!("sent a bad frame: {e}"))),
+    match frame::read_one(&mut stream, BEFORE_LAUNCH) {
+        Ok(Ok(frame)) => Ok(frame),
+        Ok(Err(FrameError::TooLong(len))) => {
+            Err(WarmError::Guest(format!("sent a frame of {len} bytes before its launch")))
+        }
+        Ok(Err(e)) => Err(WarmError::Guest(format!("sent a bad frame: {e}"))),
+        Err(e) => Err(not_in_time(e)),
     }
 }
 
@@ -450,9 +442,8 @@ fn last_line(log: &Path) -> Option<String> {
     let mut tail = Vec::new();
     std::io::Seek::seek(&mut f, io::SeekFrom::Start(len.saturating_sub(1024))).ok()?;
     f.take(1024).read_to_end(&mut tail).ok()?;
-    let text = String::from_utf8_lossy(&tail);
-    let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
-    Some(crate::escape::log_line(line.trim()))
+    let line = process::tail_lines(&tail, 1);
+    (!line.is_empty()).then(|| crate::escape::log_line(line.trim()))
 }
 
 /// A frame's kind, for a message (never its payload: it may be the guest's words).
@@ -464,14 +455,6 @@ fn frame_name(frame: &Frame) -> &'static str {
         Frame::Started => "Started",
         _ => "another frame",
     }
-}
-
-fn fill_random(buf: &mut [u8]) -> Result<(), WarmError> {
-    File::open("/dev/urandom").and_then(|mut f| f.read_exact(buf)).map_err(io_err("read /dev/urandom"))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A memfd as large as `path` holding its data; what `path` leaves as holes
