@@ -157,7 +157,8 @@ fn another_image_or_layer_gets_a_template_of_its_own() {
         (shell["template_key"].as_str().unwrap(), claude["start"]["template_key"].as_str().unwrap());
     assert_ne!(shell_key, claude_key, "the layer must change the key");
     let cri = start_plan(&l, &["--warm", "--cri", "docker"]);
-    assert_eq!(cri["mode"], "cold", "{cri}");
+    assert_eq!(cri["mode"], "warm", "{cri}");
+    assert_ne!(cri["template_key"], shell["template_key"], "the storage disk must change the key");
     let args = [
         "run",
         "--memory",
@@ -192,5 +193,31 @@ fn a_warm_vm_with_the_clipboard_channel_is_made_and_restored_and_its_tools_answe
         assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "rc=1\n"), "{err}");
         assert!(err.contains("xclip: no clipboard on the host"), "{err}");
     }
+    l.assert_no_leftovers();
+}
+
+#[test]
+#[ignore = "boots a VM: scripts/test runs it"]
+fn warm_runs_with_a_sandbox_and_container_storage_use_and_keep_their_own_disks() {
+    // The template's guest bound empty stand-ins of these disks: each run
+    // must mount its own, find what the last run left there, and export.
+    let l = Launch::new();
+    git(&l.work, &["init", "-q"]);
+    std::fs::write(l.work.join("a.txt"), "a\n").unwrap();
+    git(&l.work, &["add", "-A"]);
+    git(&l.work, &["commit", "-qm", "first"]);
+    let flags = ["--warm", "--memory", "2G", "--clone=w", "--cri", "docker", "shell", "--", "sh", "-c"];
+    let first = "set -e; echo kept > /work/kept.txt; git -C /work add kept.txt; \
+        git -C /work -c user.name=t -c user.email=t@t commit -qm kept; docker volume create warmvol >/dev/null";
+    let second = "cat /work/kept.txt; git -C /work log -1 --format=%s; docker volume ls -q";
+    let mut outputs = Vec::new();
+    for script in [first, second] {
+        let out = l.agentvm(&[&["run"], &flags[..], &[script]].concat());
+        assert!(!stderr(&out).contains(FELL_BACK), "the warm start fell back: {}", stderr(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        outputs.push(stdout(&out));
+    }
+    assert_eq!(outputs[1], "kept\nkept\nwarmvol\n");
+    assert_eq!(git(&l.work, &["log", "-1", "--format=%s", "agentvm/w"]), "kept\n");
     l.assert_no_leftovers();
 }

@@ -67,8 +67,6 @@ const BEFORE_LAUNCH: usize = 64 << 10;
 /// Why a template cannot serve this launch (the run then starts cold).
 #[derive(Debug, thiserror::Error)]
 pub enum WarmError {
-    #[error("not yet for {0}")]
-    Unsupported(&'static str),
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]
@@ -100,15 +98,8 @@ pub struct WarmPlan {
 }
 
 impl WarmPlan {
-    /// The template's key and initramfs for `plan`, or why warm starts do
-    /// not cover it yet.
+    /// The template's key and initramfs for `plan`.
     pub fn new(plan: &Plan, res: &Resources) -> Result<WarmPlan, WarmError> {
-        if !plan.vm.data_disks.is_empty() {
-            return Err(WarmError::Unsupported("--clone and --cri (their disks)"));
-        }
-        if plan.network.interface == crate::net::plan::Interface::Slirp {
-            return Err(WarmError::Unsupported("the slirp network back end"));
-        }
         let initramfs = initramfs::build(&res.guest_init, &res.image, &template_spec(&plan.spec))?;
         let key = plan_key(&plan.vm, &qemu_identity(&res.qemu), &initramfs.bytes);
         Ok(WarmPlan { key, initramfs })
@@ -163,20 +154,39 @@ pub fn shape_in(vm: &VmConfig, dir: &Path) -> VmConfig {
         name: "agentvm-template".into(),
         shares: vm.shares.iter().map(|(tag, _)| (tag.clone(), share::socket_path(dir, tag))).collect(),
         exec_sockets: (0..vm.exec_sockets.len()).map(|i| dir.join(format!("exec-{i}.sock"))).collect(),
+        data_disks: vm.data_disks.iter().map(|(serial, _)| (serial.clone(), stand_in_disk(dir, serial))).collect(),
         memory_file: Some(dir.join(template::RAM_FILE)),
         incoming: false,
         ..vm.clone()
     }
 }
 
-/// The key of the template that restores `vm` (a cold start's config).
-pub fn plan_key(vm: &VmConfig, qemu: &str, initramfs: &[u8]) -> String {
-    template_key(qemu, &shape_in(&restore_vm(vm), Path::new("/t")), initramfs)
+/// Where a template keeps the empty stand-in for the data disk `serial`
+/// (a sandbox's or the container storage): the template's guest binds a
+/// disk of the run's size, and the restore opens the run's own file. The
+/// guest caches none of the stand-in's blocks: the kernel drops a disk's
+/// cache when the bind's partition scan closes it.
+fn stand_in_disk(dir: &Path, serial: &str) -> PathBuf {
+    dir.join(format!("disk-{serial}.img"))
 }
 
-/// The template key: QEMU's identity, the shape's command line and the
-/// template's initramfs (guest init, modules, the image's part of the spec).
-pub fn template_key(qemu: &str, shape: &VmConfig, initramfs: &[u8]) -> String {
+/// The key of the template that restores `vm` (a cold start's config).
+pub fn plan_key(vm: &VmConfig, qemu: &str, initramfs: &[u8]) -> String {
+    let disks = data_disk_sizes(vm);
+    template_key(qemu, &shape_in(&restore_vm(vm), Path::new("/t")), &disks, initramfs)
+}
+
+/// Each data disk's size in bytes (0 when it cannot be read: the restore
+/// then fails and the run starts cold). The guest learns a disk's size
+/// when its driver binds, in the template, so the size is part of the shape.
+fn data_disk_sizes(vm: &VmConfig) -> Vec<u64> {
+    vm.data_disks.iter().map(|(_, path)| fs::metadata(path).map_or(0, |m| m.len())).collect()
+}
+
+/// The template key: QEMU's identity, the shape's command line, its data
+/// disks' sizes and the template's initramfs (guest init, modules, the
+/// image's part of the spec).
+pub fn template_key(qemu: &str, shape: &VmConfig, disk_sizes: &[u64], initramfs: &[u8]) -> String {
     let mut h = Sha256::new();
     h.update(b"agentvm template 1\0");
     h.update(qemu.as_bytes());
@@ -184,6 +194,9 @@ pub fn template_key(qemu: &str, shape: &VmConfig, initramfs: &[u8]) -> String {
     for arg in vm::qemu_args(shape) {
         h.update(arg.as_encoded_bytes());
         h.update(b"\0");
+    }
+    for size in disk_sizes {
+        h.update(size.to_le_bytes());
     }
     h.update(Sha256::digest(initramfs));
     format!("{:x}", h.finalize())
@@ -226,6 +239,7 @@ fn make_template(dir: &Path, warm: &WarmPlan, plan: &Plan, res: &Resources) -> R
         helpers.push(share::start(&share, res.ids, dir)?.0);
     }
     let vm = VmConfig { qmp_fd: Some(QMP_FD), ..shape_in(&plan.vm, dir) };
+    make_stand_in_disks(&plan.vm, &vm)?;
     let mut ends = TemplateEnds::new(dir, &warm.initramfs.bytes, plan)?;
     let mut cmd = std::process::Command::new(&res.qemu);
     cmd.args(vm::qemu_args(&vm));
@@ -249,7 +263,8 @@ fn make_template(dir: &Path, warm: &WarmPlan, plan: &Plan, res: &Resources) -> R
     }
     saved?;
     for entry in fs::read_dir(dir).map_err(io_err("read the template dir"))?.flatten() {
-        if entry.path().extension().is_some_and(|e| e == "sock") {
+        // Sockets of the helpers, and the stand-in disks a restore replaces.
+        if entry.path().extension().is_some_and(|e| e == "sock" || e == "img") {
             let _ = fs::remove_file(entry.path());
         }
     }
@@ -267,6 +282,16 @@ fn make_template(dir: &Path, warm: &WarmPlan, plan: &Plan, res: &Resources) -> R
         ram_used,
         built_by: crate::build_info::VERSION_LONG.into(),
     })
+}
+
+/// Sparse, empty files of the run's data disks' sizes at the template's
+/// disk paths (`shape`'s), for the template's guest to bind.
+fn make_stand_in_disks(vm: &VmConfig, shape: &VmConfig) -> Result<(), WarmError> {
+    for ((_, stand_in), size) in shape.data_disks.iter().zip(data_disk_sizes(vm)) {
+        let file = File::create(stand_in).map_err(io_err(format!("create {}", stand_in.display())))?;
+        file.set_len(size).map_err(io_err(format!("size {}", stand_in.display())))?;
+    }
+    Ok(())
 }
 
 /// Waits for the template guest's [`Frame::TemplateReady`], then stops the
