@@ -233,7 +233,7 @@ pub fn name_and_loopback(spec: &LaunchSpec) -> Result<()> {
     step(&format!("hostname {}", spec.hostname));
     crate::etc::setup_hostname(Path::new("/"), &spec.hostname)?;
     step("loopback up");
-    sys::loopback_up().map_err(|e| Error::sys("bringing up interface lo (SIOCSIFFLAGS)", e))
+    sys::interface_up("lo").map_err(|e| Error::sys("bringing up interface lo (SIOCSIFFLAGS)", e))
 }
 
 /// Mounts the virtiofs shares.

@@ -99,17 +99,44 @@ pub fn add_entropy_and_reseed(fd: RawFd, seed: &[u8; 32]) -> io::Result<()> {
     Ok(())
 }
 
-/// Brings the loopback interface up (SIOCGIFFLAGS / SIOCSIFFLAGS on `lo`).
-pub fn loopback_up() -> io::Result<()> {
+/// An IPv4 datagram socket for interface and route ioctls.
+fn inet_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2) call; the result is checked and owned below.
     let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: `fd` is a fresh descriptor we own.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An `ifreq` naming interface `name` (shorter than IFNAMSIZ), all else zero.
+fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
+    if name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad interface name {name:?}")));
+    }
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
     }
+    Ok(req)
+}
+
+/// `ip` as the generic socket address the interface and route ioctls take.
+fn sockaddr_v4(ip: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr are both 16 bytes of plain old data;
+    // the kernel reads a sockaddr of family AF_INET as a sockaddr_in.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// Brings interface `name` up (SIOCGIFFLAGS / SIOCSIFFLAGS).
+pub fn interface_up(name: &str) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let mut req = ifreq_for(name)?;
     // SAFETY: SIOCGIFFLAGS reads the interface name and writes the flags into `req`.
     check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
     // SAFETY: the union member ifru_flags is the one SIOCGIFFLAGS filled in.
@@ -118,6 +145,37 @@ pub fn loopback_up() -> io::Result<()> {
     }
     // SAFETY: SIOCSIFFLAGS reads the name and flags from `req`.
     check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) })?;
+    Ok(())
+}
+
+/// Gives interface `name` the IPv4 address `ip` with network `netmask`
+/// (SIOCSIFADDR, SIOCSIFNETMASK); the kernel adds the subnet's route once
+/// the interface is up.
+pub fn set_ipv4_address(name: &str, ip: std::net::Ipv4Addr, netmask: std::net::Ipv4Addr) -> io::Result<()> {
+    let sock = inet_socket()?;
+    for (request, value) in [(libc::SIOCSIFADDR, ip), (libc::SIOCSIFNETMASK, netmask)] {
+        let mut req = ifreq_for(name)?;
+        req.ifr_ifru.ifru_addr = sockaddr_v4(value);
+        // SAFETY: both requests read the name and the address from `req`.
+        check(unsafe { libc::ioctl(sock.as_raw_fd(), request, &req) })?;
+    }
+    Ok(())
+}
+
+/// Adds the default IPv4 route through `gateway` on interface `name` (SIOCADDRT).
+pub fn add_default_route(name: &str, gateway: std::net::Ipv4Addr) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let mut dev = cstr(name)?.into_bytes_with_nul();
+    // SAFETY: rtentry is plain old data; all-zero is a valid value.
+    let mut route: libc::rtentry = unsafe { std::mem::zeroed() };
+    route.rt_dst = sockaddr_v4(std::net::Ipv4Addr::UNSPECIFIED);
+    route.rt_genmask = sockaddr_v4(std::net::Ipv4Addr::UNSPECIFIED);
+    route.rt_gateway = sockaddr_v4(gateway);
+    route.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+    route.rt_dev = dev.as_mut_ptr().cast();
+    // SAFETY: SIOCADDRT reads `route` and the NUL-terminated name `rt_dev`
+    // points to, which `dev` keeps alive until the call returns.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT, &route) })?;
     Ok(())
 }
 
