@@ -252,7 +252,8 @@ fn interactive_session_has_the_terminal_size_follows_resize_and_restores_the_ter
     assert!(after.contains(" icanon") && after.contains(" echo "), "{after}");
 }
 
-/// Resident KiB of the guest RAM (QEMU's memfd mapping) of `qemu`.
+/// Resident KiB of the guest RAM (QEMU's memfd mapping: its own, or a warm
+/// start's copy of the template's RAM) of `qemu`.
 fn guest_ram_resident_kib(qemu: u32) -> u64 {
     let smaps = std::fs::read_to_string(format!("/proc/{qemu}/smaps")).unwrap();
     let mut in_ram = false;
@@ -260,7 +261,7 @@ fn guest_ram_resident_kib(qemu: u32) -> u64 {
     for line in smaps.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
         if !first.ends_with(':') {
-            in_ram = line.contains("memfd:memory-backend-memfd");
+            in_ram = line.contains("memfd:memory-backend-memfd") || line.contains("memfd:agentvm-ram");
         } else if in_ram && first == "Rss:" {
             kib += line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap();
         }
