@@ -127,7 +127,7 @@ fn watch_plan(s: &Settings, res: &Resources) -> WatchPlan {
         None => WatchPlan::Off {
             why: format!(
                 "the image {} has no {} (built before agentvm had it, or its build failed: see its build.log); \
-                 file watchers in the VM see only the VM's own changes; `agentvm image build --force` makes a new one",
+                 file watchers in the VM see only the VM's own changes; `agentvm image build --refresh --base` makes a new one",
                 res.image.dir.display(),
                 agentvm_proto::watch::MODULE_FILE
             ),
@@ -437,7 +437,10 @@ pub(crate) mod tests {
         let mut res = resources(&settings());
         res.image.meta.watch_module = None;
         let WatchPlan::Off { why, tell: true } = plan(&settings(), &res).watch else { panic!("on without a module") };
-        assert!(why.contains("has no agentvm_notify.ko") && why.contains("agentvm image build --force"), "{why}");
+        assert!(
+            why.contains("has no agentvm_notify.ko") && why.contains("agentvm image build --refresh --base"),
+            "{why}"
+        );
     }
 
     #[test]
