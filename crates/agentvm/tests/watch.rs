@@ -34,6 +34,11 @@ touch out/ready
 while [ ! -e out/done ]; do sleep 0.1; done
 for f in gone.txt old.txt renamed.txt new.txt; do [ -e "$f" ] && echo "exists $f" || echo "absent $f"; done
 cat a.txt
+N=/dev/agentvm-notify
+printf 'Mf../etc/hostname' | sudo tee $N >/dev/null 2>&1 && echo "module took ../" || echo "module refused ../"
+printf 'Mflink/hostname' | sudo tee $N >/dev/null 2>&1 && echo "module took a symlink" || echo "module refused a symlink"
+printf 'Rfa.txt' | sudo tee $N >/dev/null 2>&1 && echo "module took half a rename" || echo "module refused half a rename"
+printf 'Mfa.txt' 2>/dev/null > $N && echo "a user wrote the device" || echo "a user cannot write the device"
 "#;
 
 /// Every regular file under `dir` but out/, with its content.
@@ -47,7 +52,10 @@ fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             if rel == "out" {
                 continue;
             }
-            if entry.file_type().unwrap().is_dir() {
+            let kind = entry.file_type().unwrap();
+            if kind.is_symlink() {
+                files.insert(rel, fs::read_link(&path).unwrap().into_os_string().into_encoded_bytes());
+            } else if kind.is_dir() {
                 todo.push(path);
             } else {
                 files.insert(rel, fs::read(&path).unwrap());
@@ -71,6 +79,7 @@ fn project() -> Launch {
     ] {
         fs::write(l.work.join(name), text).unwrap();
     }
+    std::os::unix::fs::symlink("/etc", l.work.join("link")).unwrap();
     l
 }
 
@@ -147,6 +156,14 @@ fn inotifywait_and_node_fs_watch_see_host_edits_new_files_deletions_and_renames_
     for line in ["absent gone.txt", "absent old.txt", "exists renamed.txt", "exists new.txt", "edited again"] {
         assert!(said.contains(line), "the guest's stat disagrees with the host: {line:?} missing in\n{said}");
     }
+    for line in [
+        "module refused ../",
+        "module refused a symlink",
+        "module refused half a rename",
+        "a user cannot write the device",
+    ] {
+        assert!(said.contains(line), "{line:?} missing in\n{said}");
+    }
 
     // The host's tree is what it was plus the test's own changes only.
     want.insert("a.txt".into(), b"edited again\n".to_vec());
@@ -175,4 +192,67 @@ fn watch_false_delivers_nothing_and_says_so_in_the_plan() {
     let out = vm.wait_exit(Duration::from_secs(60));
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!((log(&l, "inotify.log"), log(&l, "node.log")), (String::new(), String::new()));
+}
+
+#[test]
+#[ignore = "boots a VM: scripts/test runs it"]
+fn a_warm_start_hears_host_edits_too() {
+    let l = project().shell(WATCHERS);
+    let w = l.work.clone();
+    let mut vm = l.spawn_command(&mut l.command_with_flags(&["--warm"]));
+    vm.wait_for_file(&w.join("out/ready"), BOOT);
+    let edit = || fs::write(w.join("a.txt"), "edited on the host\n").unwrap();
+    expect(&l, "edit in a restored VM", edit, &["MODIFY /work/a.txt"], &["change a.txt"]);
+    fs::write(w.join("out/done"), "").unwrap();
+    let out = vm.wait_exit(Duration::from_secs(60));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("starting cold"), "the start was warm: {}", stderr(&out));
+}
+
+/// A copy of the test cache's base image, its watch module replaced by
+/// `module` (the store finds it by the same directory name).
+fn cache_with_watch_module(module: &[u8]) -> tempfile::TempDir {
+    let images = cache_dir().join("agentvm/images");
+    let newest = fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("base-"))
+        .filter_map(|e| {
+            let meta: serde_json::Value = serde_json::from_slice(&fs::read(e.path().join("image.json")).ok()?).ok()?;
+            meta["watch_module"].is_string().then(|| (meta["created"].as_u64().unwrap_or(0), e.path()))
+        })
+        .max()
+        .expect("a base image with the watch module (the other tests build it)")
+        .1;
+    let copy = tempfile::tempdir().unwrap();
+    let dst = copy.path().join("agentvm/images").join(newest.file_name().unwrap());
+    fs::create_dir_all(&dst).unwrap();
+    assert!(std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", newest.display()))
+        .arg(&dst)
+        .status()
+        .unwrap()
+        .success());
+    fs::write(dst.join("modules/agentvm_notify.ko"), module).unwrap();
+    copy
+}
+
+#[test]
+#[ignore = "boots a VM: scripts/test runs it"]
+fn a_watch_module_that_does_not_load_leaves_watching_off_with_one_line_and_the_run_goes_on() {
+    // Make sure the image exists before copying it.
+    let first = Launch::new().cmd(&["true"]).run();
+    assert!(first.status.success(), "{}", stderr(&first));
+    let cache = cache_with_watch_module(b"not a kernel module");
+    let l = Launch::new().env("XDG_CACHE_HOME", &cache.path().to_string_lossy()).shell("echo ran");
+    let out = l.run();
+    assert!(out.status.success() && stdout(&out).contains("ran"), "{}", stderr(&out));
+    let said = stderr(&out);
+    let lines: Vec<&str> = said.lines().filter(|line| line.contains("watch")).map(str::trim).collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("agentvm-guest: watch: off: cannot load kernel module agentvm_notify.ko"),
+        "{lines:?}"
+    );
 }
