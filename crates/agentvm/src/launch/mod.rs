@@ -79,10 +79,12 @@ pub fn run(settings: &Settings, clock: Instant, warn: &mut dyn FnMut(String)) ->
     let planned = clock.elapsed();
 
     let egress = Egress { allow: &settings.allow, shield: resolved.shield.clone() };
-    let watch = start::start_watch(&plan, warn)?;
-    let vm = VmStart { mode: settings.start, plan: &plan, res, egress, watch: watch.as_ref() };
+    let watch = start::watch_channel(&plan, warn)?;
+    let vm = VmStart { mode: settings.start, plan: &plan, res, egress, watch: watch.as_ref().map(|w| &w.qemu) };
     let mut started = start_vm(vm, &prepared.instance.dir, warn)?;
-    drop(watch);
+    if let Some(watch) = watch {
+        watch.serve();
+    }
     let qemu_started = clock.elapsed();
     prepared.record_qemu(started.qemu.child.id())?;
 

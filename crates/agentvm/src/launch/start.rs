@@ -183,11 +183,29 @@ fn start_clipboard(plan: &Plan, res: &Resources) -> Result<Option<OwnedFd>, Star
     Ok(Some(theirs))
 }
 
-/// Starts sending the host's changes when the plan watches; QEMU's end of
-/// their channel (kept for a second start after a failed warm one).
-/// Watching that cannot start is a line, never a failed run: the guest then
-/// finds its port closed.
-pub fn start_watch(plan: &Plan, warn: &mut dyn FnMut(String)) -> Result<Option<OwnedFd>, StartError> {
+/// The watch channel of a launch: QEMU's end, and ours with the project's
+/// watches, served once the VM started.
+pub struct WatchChannel {
+    /// QEMU's end (kept for a second start after a failed warm one).
+    pub qemu: OwnedFd,
+    service: Option<(Watcher, UnixStream)>,
+}
+
+impl WatchChannel {
+    /// Starts sending the changes, on a thread made now: after the start
+    /// blocked the signals its signalfd takes, so the thread inherits that
+    /// mask and a SIGTERM cannot end agentvm through it.
+    pub fn serve(self) {
+        if let Some((watcher, port)) = self.service {
+            watcher.serve(port);
+        }
+    }
+}
+
+/// The project's watches and the channel to the guest when the plan
+/// watches. Watching that cannot start is a line, never a failed run: the
+/// guest then finds its port closed.
+pub fn watch_channel(plan: &Plan, warn: &mut dyn FnMut(String)) -> Result<Option<WatchChannel>, StartError> {
     let project = match &plan.watch {
         WatchPlan::On { project } => project,
         WatchPlan::Off { why, tell } => {
@@ -197,12 +215,15 @@ pub fn start_watch(plan: &Plan, warn: &mut dyn FnMut(String)) -> Result<Option<O
             return Ok(None);
         }
     };
-    let (ours, theirs) = sys::socketpair().map_err(os("socketpair"))?;
-    match Watcher::new(project, warn) {
-        Ok(watcher) => watcher.serve(UnixStream::from(ours)),
-        Err(e) => warn(e.to_string()),
-    }
-    Ok(Some(theirs))
+    let (ours, qemu) = sys::socketpair().map_err(os("socketpair"))?;
+    let service = match Watcher::new(project, warn) {
+        Ok(watcher) => Some((watcher, UnixStream::from(ours))),
+        Err(e) => {
+            warn(e.to_string());
+            None
+        }
+    };
+    Ok(Some(WatchChannel { qemu, service }))
 }
 
 /// Starts serving the forwarding channel when the plan uses it; QEMU's end.
