@@ -210,8 +210,14 @@ impl Tree {
                 None if ignored => {}
                 None => self.created(path, is_dir, out),
             }
-        } else if ignored {
-        } else if mask.contains(EventMask::CREATE) {
+        } else if !ignored {
+            self.changed(mask, path, is_dir, out);
+        }
+    }
+
+    /// A create, delete or modify of a path that is not ignored.
+    fn changed(&mut self, mask: EventMask, path: Vec<u8>, is_dir: bool, out: &mut dyn FnMut(Change)) {
+        if mask.contains(EventMask::CREATE) {
             self.created(path, is_dir, out);
         } else if mask.contains(EventMask::DELETE) {
             out(Change::Delete { path, dir: is_dir });
