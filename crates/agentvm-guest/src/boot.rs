@@ -63,7 +63,8 @@ pub fn read_spec() -> Result<LaunchSpec> {
 }
 
 /// Loads the modules in order from [`MODULES_DIR`], then deletes them from
-/// the initramfs to give the memory back.
+/// the initramfs to give the memory back. Only the watch module may fail
+/// (watching is then off).
 pub fn load_modules(names: &[String]) -> Result<()> {
     for name in names {
         if name.is_empty() || name.contains('/') {
@@ -77,6 +78,9 @@ pub fn load_modules(names: &[String]) -> Result<()> {
         match sys::finit_module(fd.as_raw_fd(), flags) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(source) if crate::watch::is_module(name) => {
+                crate::watch::module_failed(format!("cannot load kernel module {name}: {source}"));
+            }
             Err(source) => {
                 let hint = match source.raw_os_error() {
                     Some(libc::ENOENT) => " (unknown symbol: is a module it depends on missing or listed after it?)",

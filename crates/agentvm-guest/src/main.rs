@@ -23,6 +23,7 @@ mod sandbox;
 mod session;
 mod sys;
 mod warm;
+mod watch;
 
 use agentvm_proto::Frame;
 use error::{Error, Result};
@@ -80,7 +81,11 @@ fn run() -> Result<relay::Outcome> {
     if spec.clipboard {
         clipboard::start()?;
     }
+    let watch_off = if spec.watch { watch::start() } else { None };
     let mut exec = exec::ExecPorts::open(&spec, groups.clone());
+    if let Some(line) = watch_off {
+        port.send(&Frame::Stderr(line.into_bytes()))?;
+    }
     port.send(&Frame::Started)?;
     console::step("start the program");
     let child = program::spawn(&spec, groups)?;

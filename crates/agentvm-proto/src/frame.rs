@@ -5,6 +5,7 @@
 //! and the exit status cannot be confused with program output.
 
 use crate::spec::{ExecRequest, WarmLaunch};
+use crate::watch::{self, Change};
 
 /// The virtio-serial port name both sides use (`/dev/virtio-ports/<name>`).
 pub const PORT_NAME: &str = "org.agentvm.ctl";
@@ -46,6 +47,9 @@ pub enum Frame {
     /// The launch for a VM restored from a template (JSON payload); the
     /// guest answers [`Frame::Resumed`] before it does anything else.
     Warm(Box<WarmLaunch>),
+    /// Files the host saw change under the project (on the watch port,
+    /// [`crate::watch::PORT_NAME`], only).
+    Changes(Vec<Change>),
 
     // guest -> host
     /// The program is about to start (the guest booted).
@@ -82,6 +86,7 @@ mod kind {
     pub const SIGNAL: u8 = 4;
     pub const EXEC: u8 = 5;
     pub const WARM: u8 = 6;
+    pub const CHANGES: u8 = 7;
     pub const STARTED: u8 = 16;
     pub const STDOUT: u8 = 17;
     pub const STDERR: u8 = 18;
@@ -105,6 +110,7 @@ impl Frame {
             Frame::Signal(s) => (kind::SIGNAL, vec![*s].into()),
             Frame::Exec(req) => (kind::EXEC, serde_json::to_vec(req).expect("serializable").into()),
             Frame::Warm(launch) => (kind::WARM, serde_json::to_vec(launch).expect("serializable").into()),
+            Frame::Changes(changes) => (kind::CHANGES, watch::encode_batch(changes).into()),
             Frame::Started => (kind::STARTED, (&[][..]).into()),
             Frame::Stdout(d) => (kind::STDOUT, d.into()),
             Frame::Stderr(d) => (kind::STDERR, d.into()),
@@ -137,6 +143,7 @@ impl Frame {
             kind::SIGNAL => Frame::Signal(*p.first().filter(|_| p.len() == 1).ok_or_else(bad)?),
             kind::EXEC => Frame::Exec(serde_json::from_slice(p).map_err(|_| bad())?),
             kind::WARM => Frame::Warm(serde_json::from_slice(p).map_err(|_| bad())?),
+            kind::CHANGES => Frame::Changes(watch::decode_batch(p).map_err(|_| bad())?),
             kind::STARTED => Frame::Started,
             kind::STDOUT => Frame::Stdout(p.to_vec()),
             kind::STDERR => Frame::Stderr(p.to_vec()),
@@ -233,6 +240,7 @@ mod tests {
                 tty: true,
                 winsize: Some((24, 80)),
             }),
+            Frame::Changes(vec![Change::Create { path: b"a/b".to_vec(), dir: false }, Change::Rescan]),
             Frame::Started,
             Frame::Stdout(vec![0, 255, 10]),
             Frame::Stderr(Vec::new()),
@@ -304,6 +312,13 @@ mod tests {
     fn exec_port_names_are_numbered() {
         assert_eq!(exec_port_name(0), "org.agentvm.exec.0");
         assert_eq!(exec_port_name(EXEC_PORTS - 1), "org.agentvm.exec.3");
+    }
+
+    #[test]
+    fn a_change_naming_a_path_outside_work_is_a_bad_payload() {
+        let mut r = FrameReader::new();
+        r.push(&[7, 6, 0, 0, 0, b'D', b'f', 2, 0, b'.', b'.']);
+        assert!(matches!(r.next_frame(), Err(FrameError::BadPayload { kind: 7, .. })));
     }
 
     #[test]

@@ -10,12 +10,15 @@
 //!   opened, over a second virtio-serial port.
 //! * [`clipboard`]: the host's clipboard for the guest's clipboard tools,
 //!   over a virtio-serial port of its own.
+//! * [`watch`]: changes the host saw under the project, for the guest's
+//!   file watchers, over a virtio-serial port of its own.
 
 pub mod clipboard;
 pub mod forward;
 pub mod frame;
 pub mod guest;
 pub mod spec;
+pub mod watch;
 
 pub use frame::{exec_port_name, Frame, FrameError, FrameReader, EXEC_PORTS, PORT_NAME};
 pub use spec::{

@@ -56,6 +56,12 @@ pub struct LaunchSpec {
     /// ([`crate::clipboard`]).
     #[serde(default)]
     pub clipboard: bool,
+    /// Whether the host sends its changes under /work for the guest's file
+    /// watchers ([`crate::watch`]); the module that raises them,
+    /// [`crate::watch::MODULE_FILE`], is then one of `modules`, and the
+    /// guest goes on without watching when it does not load.
+    #[serde(default)]
+    pub watch: bool,
     /// The certificates the guest trusts, built on the host.
     #[serde(default)]
     pub ca_trust: CaTrust,
@@ -251,6 +257,7 @@ pub(crate) mod tests {
             host_ports: vec![5432],
             published_ports: vec![8000],
             clipboard: true,
+            watch: true,
             ca_trust: CaTrust {
                 bundle: vec!["-----BEGIN CERTIFICATE-----\nPUBLIC".into()],
                 extra: vec!["-----BEGIN CERTIFICATE-----\nEXTRA".into()],

@@ -492,6 +492,7 @@ mod tests {
             recipe: recipe.clone(),
             kernel_release: "6.12-test".into(),
             modules: Vec::new(),
+            watch_module: None,
             created: 1,
             size_bytes: 2,
             compressor: "lz4".into(),

@@ -23,7 +23,8 @@
 //! (the one place for `unsafe`); [`doctor`] checks the host;
 //! [`build_info`] is what the build put in (version, commit, guest init);
 //! [`escape`] makes text a guest wrote safe to log and print; [`clipboard`]
-//! answers the guest's clipboard tools from the host's clipboard.
+//! answers the guest's clipboard tools from the host's clipboard; [`watch`]
+//! tells the guest's file watchers what changed on the host.
 
 pub mod build_info;
 pub mod cli;
@@ -44,3 +45,4 @@ pub mod sandbox;
 pub mod sys;
 pub mod tools;
 pub mod vm;
+pub mod watch;

@@ -77,6 +77,9 @@ pub struct Settings {
     pub net_backend: NetBackend,
     /// virtiofs caching of the work share.
     pub work_cache: CacheMode,
+    /// Whether the host's changes under the project reach the guest's
+    /// file watchers (`watch`, on by default).
+    pub watch: bool,
     /// Published ports, checked: valid, unique, free at resolve time.
     pub ports: Vec<PortSpec>,
     /// Host loopback ports opened to the guest, checked: each once.
@@ -213,6 +216,7 @@ pub fn resolve_with(
         network: network.mode,
         net_backend: network.backend,
         work_cache: layers.value(|o| &o.work_cache).unwrap_or_default(),
+        watch: layers.value(|o| &o.watch).unwrap_or(true),
         ports: network.ports,
         host_ports: network.host_ports,
         host_ca: layers.value(|o| &o.host_ca).unwrap_or_default(),

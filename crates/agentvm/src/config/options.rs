@@ -126,6 +126,20 @@ pub struct RunOptions {
     /// may look stale), metadata, never [default: auto]
     #[arg(long, value_enum, value_name = "MODE", env = "AGENTVM_WORK_CACHE")]
     pub work_cache: Option<CacheMode>,
+    /// Tell the guest's file watchers (dev servers, jest --watch, tsc
+    /// --watch) what changes on the host under /work, which virtiofs does
+    /// not: agentvm watches the project, less .git and what .gitignore
+    /// ignores, and the guest raises the events (--watch=false: only the
+    /// guest's own changes) [default: true]
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        env = "AGENTVM_WATCH"
+    )]
+    pub watch: Option<bool>,
     /// How the VM starts: cold (boots) or warm (restored from a template
     /// of the VM's shape, made on its first use; a cold start, with a line
     /// saying why, when no template can serve) [default: cold]
@@ -519,6 +533,7 @@ mod tests {
         ("clone_disk_size", |_| "1G".into(), |s, _| s.clone_disk_mib == Some(1024)),
         ("net_backend", |_| "slirp".into(), |s, _| s.net_backend == NetBackend::Slirp),
         ("work_cache", |_| "always".into(), |s, _| s.work_cache == CacheMode::Always),
+        ("watch", |_| false.into(), |s, _| !s.watch),
         ("start", |_| "warm".into(), |s, _| s.start == StartMode::Warm),
         ("warm", |_| true.into(), |s, _| s.start == StartMode::Warm),
         ("cold", |_| true.into(), |s, _| s.start == StartMode::Cold),

@@ -15,6 +15,7 @@ use super::progress::Progress;
 use super::pvh;
 use super::recipe::Recipe;
 use super::subids::{self, user_name};
+use super::watch_module;
 use crate::tools;
 
 /// The tarball mmdebstrap writes, deleted once the squashfs exists.
@@ -49,7 +50,7 @@ pub(crate) enum Mode {
 }
 
 impl Mode {
-    fn as_arg(self) -> &'static str {
+    pub(super) fn as_arg(self) -> &'static str {
         match self {
             Mode::Root => "--mode=root",
             Mode::Unshare => "--mode=unshare",
@@ -106,6 +107,9 @@ pub(crate) fn build_in(
     let modules = install_boot_modules(&mut steps, dir, &root)?;
     remove_dir(&dir.join(ALL_MODULES_DIR))?;
 
+    steps.begin("watch module");
+    let watch_module = watch_module::install(&mut steps, dir, recipe, mode, &root.release)?;
+
     steps.begin("metadata");
     collect_logs(dir)?;
     make_world_readable(dir)?;
@@ -115,6 +119,7 @@ pub(crate) fn build_in(
         recipe: recipe.clone(),
         kernel_release: root.release.clone(),
         modules,
+        watch_module,
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         size_bytes: 0,
         compressor: compressor.to_string(),
@@ -436,7 +441,7 @@ impl<'a> Steps<'a> {
     }
 
     /// Writes a remark to the step's log.
-    fn note(&self, text: &str) -> Result<(), ImageError> {
+    pub(super) fn note(&self, text: &str) -> Result<(), ImageError> {
         self.log_file(&format!("# {text}")).map(drop)
     }
 

@@ -34,6 +34,10 @@ pub struct ImageMeta {
     pub kernel_release: String,
     /// Boot module file names under `modules/`, in load order.
     pub modules: Vec<String>,
+    /// The watch module's file under `modules/` (loaded only when the host
+    /// sends its changes); None when its build failed or the image is older.
+    #[serde(default)]
+    pub watch_module: Option<String>,
     /// Build time, seconds since the Unix epoch.
     pub created: u64,
     /// Total size of the image directory in bytes.

@@ -41,6 +41,7 @@ mod recipe;
 mod store;
 pub mod subids;
 pub mod template;
+mod watch_module;
 
 pub use error::{ImageError, ManifestError};
 pub use flavor_recipes::{base_recipe, layer_recipe};

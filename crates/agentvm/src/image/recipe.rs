@@ -8,7 +8,7 @@ use super::ImageError;
 /// Version of the build procedure. Bump it whenever a change to the build
 /// (mmdebstrap options, file system format, layout) should invalidate every
 /// cached image; it is part of every key.
-pub const RECIPE_FORMAT: u32 = 2;
+pub const RECIPE_FORMAT: u32 = 3;
 
 /// The Debian suite images are built from by default.
 pub const DEFAULT_SUITE: &str = "trixie";
@@ -48,6 +48,8 @@ pub const BASE_PACKAGES: &[&str] = &[
     "python3",
     "nodejs",
     "npm",
+    // File watchers' own tool, and what tests of host changes watch with.
+    "inotify-tools",
 ];
 
 /// The inputs of an image build. Equal recipes give equal keys, so an image

@@ -452,6 +452,7 @@ mod tests {
             recipe: recipe.clone(),
             kernel_release: "6.12-test".into(),
             modules: vec!["overlay.ko".into()],
+            watch_module: None,
             created,
             size_bytes: 14,
             compressor: "lz4".into(),

@@ -19,12 +19,19 @@ pub struct FdPlan {
     pub console: RawFd,
     /// The clipboard channel's socket (`--clipboard`).
     pub clipboard: Option<RawFd>,
+    /// The watch channel's socket (host changes for the guest's watchers).
+    pub watch: Option<RawFd>,
 }
+
+/// Where QEMU finds a warm start's QMP socket and RAM copy: after every
+/// number of [`FdPlan`].
+pub const QMP_FD: RawFd = 10;
+pub const RAM_FD: RawFd = 11;
 
 impl FdPlan {
     /// The numbers for a launch with or without passt, the forwarding
-    /// channel and the clipboard channel.
-    pub fn new(passt: bool, forwarding: bool, clipboard: bool) -> FdPlan {
+    /// channel, the clipboard channel and the watch channel.
+    pub fn new(passt: bool, forwarding: bool, clipboard: bool, watch: bool) -> FdPlan {
         FdPlan {
             control: 3,
             initramfs: 4,
@@ -32,6 +39,7 @@ impl FdPlan {
             forwarding: forwarding.then_some(6),
             console: 7,
             clipboard: clipboard.then_some(8),
+            watch: watch.then_some(9),
         }
     }
 
@@ -53,6 +61,9 @@ impl FdPlan {
         if let (Some(fd), Some(target)) = (&ends.clipboard, self.clipboard) {
             pass.push((fd.as_fd(), target));
         }
+        if let (Some(fd), Some(target)) = (&ends.watch, self.watch) {
+            pass.push((fd.as_fd(), target));
+        }
         pass
     }
 }
@@ -66,6 +77,7 @@ pub struct QemuEnds {
     pub forwarding: Option<OwnedFd>,
     pub console: OwnedFd,
     pub clipboard: Option<OwnedFd>,
+    pub watch: Option<OwnedFd>,
 }
 
 #[cfg(test)]
@@ -74,11 +86,11 @@ mod tests {
 
     #[test]
     fn numbers_are_fixed_and_optional_channels_absent_when_unused() {
-        let all = FdPlan::new(true, true, true);
+        let all = FdPlan::new(true, true, true, true);
         assert_eq!((all.control, all.initramfs, all.network, all.forwarding, all.console), (3, 4, Some(5), Some(6), 7));
-        assert_eq!(all.clipboard, Some(8));
-        let none = FdPlan::new(false, false, false);
-        assert_eq!((none.network, none.forwarding, none.clipboard), (None, None, None));
+        assert_eq!((all.clipboard, all.watch), (Some(8), Some(9)));
+        let none = FdPlan::new(false, false, false, false);
+        assert_eq!((none.network, none.forwarding, none.clipboard, none.watch), (None, None, None, None));
         assert_eq!(none.initrd_path(), PathBuf::from("/proc/self/fd/4"));
     }
 
@@ -92,8 +104,9 @@ mod tests {
             forwarding: Some(end()),
             console: end(),
             clipboard: Some(end()),
+            watch: Some(end()),
         };
-        let targets: Vec<RawFd> = FdPlan::new(false, true, true).pass(&ends).iter().map(|(_, t)| *t).collect();
-        assert_eq!(targets, [3, 4, 6, 7, 8]);
+        let targets: Vec<RawFd> = FdPlan::new(false, true, true, true).pass(&ends).iter().map(|(_, t)| *t).collect();
+        assert_eq!(targets, [3, 4, 6, 7, 8, 9]);
     }
 }

@@ -23,6 +23,7 @@ pub mod start;
 pub mod warm;
 pub mod watch;
 
+use std::os::fd::OwnedFd;
 use std::time::Instant;
 
 pub use outcome::{EndError, Outcome};
@@ -78,7 +79,12 @@ pub fn run(settings: &Settings, clock: Instant, warn: &mut dyn FnMut(String)) ->
     let planned = clock.elapsed();
 
     let egress = Egress { allow: &settings.allow, shield: resolved.shield.clone() };
-    let mut started = start_vm(settings.start, &plan, res, egress, &prepared.instance.dir, warn)?;
+    let watch = start::watch_channel(&plan, warn)?;
+    let vm = VmStart { mode: settings.start, plan: &plan, res, egress, watch: watch.as_ref().map(|w| &w.qemu) };
+    let mut started = start_vm(vm, &prepared.instance.dir, warn)?;
+    if let Some(watch) = watch {
+        watch.serve();
+    }
     let qemu_started = clock.elapsed();
     prepared.record_qemu(started.qemu.child.id())?;
 
@@ -112,16 +118,20 @@ fn share_login(
 
 /// Starts the VM warm when asked and a template can serve, else cold (with
 /// one line saying why a warm start was asked for and did not happen).
-fn start_vm(
+/// What starting the VM takes.
+struct VmStart<'a> {
     mode: StartMode,
-    plan: &Plan,
-    res: &Resources,
-    egress: Egress<'_>,
-    dir: &std::path::Path,
-    warn: &mut dyn FnMut(String),
-) -> Result<Started, LaunchError> {
+    plan: &'a Plan,
+    res: &'a Resources,
+    egress: Egress<'a>,
+    /// QEMU's end of the watch channel, when watching.
+    watch: Option<&'a OwnedFd>,
+}
+
+fn start_vm(vm: VmStart<'_>, dir: &std::path::Path, warn: &mut dyn FnMut(String)) -> Result<Started, LaunchError> {
+    let VmStart { mode, plan, res, egress, watch } = vm;
     if mode == StartMode::Warm {
-        match start_warm(plan, res, egress.clone(), dir) {
+        match start_warm(plan, res, egress.clone(), dir, watch) {
             Ok(started) => return Ok(started),
             Err(e) => warn(format!("warm start: {e}; starting cold")),
         }
@@ -133,7 +143,7 @@ fn start_vm(
         }
     }
     let initramfs = initramfs::build(&res.guest_init, &res.image, &plan.spec)?;
-    Ok(Started::start(plan, res, egress, dir, &initramfs.bytes, None)?)
+    Ok(Started::start(plan, res, egress, dir, &initramfs.bytes, None, watch)?)
 }
 
 /// A VM restored from the template of `plan`'s shape (made first if missing).
@@ -142,12 +152,13 @@ fn start_warm(
     res: &Resources,
     egress: Egress<'_>,
     dir: &std::path::Path,
+    watch: Option<&OwnedFd>,
 ) -> Result<Started, start::StartError> {
     let warm = WarmPlan::new(plan, res)?;
     let template = warm::ensure_template(&warm, plan, res)?;
     let restore = Restore::new(&template)?;
     let plan = Plan { vm: warm::restore_vm(&plan.vm), ..plan.clone() };
-    Started::start(&plan, res, egress, dir, &warm.initramfs.bytes, Some(restore))
+    Started::start(&plan, res, egress, dir, &warm.initramfs.bytes, Some(restore), watch)
 }
 
 /// Brings the sandbox's result back into the project.

@@ -17,6 +17,7 @@ use crate::image::kmod;
 use crate::net::plan::NetworkPlan;
 use crate::vm::share::{self, CacheMode, Share};
 use crate::vm::{self, VmConfig};
+use crate::watch::WatchPlan;
 
 /// One launch, decided.
 #[derive(Debug, Clone)]
@@ -26,6 +27,9 @@ pub struct Plan {
     pub fds: FdPlan,
     /// What of the host's clipboard the guest gets (its own port when on).
     pub clipboard: ClipboardMode,
+    /// Whether the host's changes under the project reach the guest's
+    /// file watchers (their own port when on).
+    pub watch: WatchPlan,
     /// What the guest init is told (in the initramfs).
     pub spec: LaunchSpec,
     pub vm: VmConfig,
@@ -42,10 +46,16 @@ impl Plan {
     pub fn new(settings: &Settings, res: &Resources, instance: InstanceRef<'_>) -> Plan {
         let shares = shares(settings, res.nix_store.as_deref(), res.sandbox.as_ref());
         let network = res.network.clone();
-        let fds = FdPlan::new(network.interface.is_passt(), network.uses_channel(), settings.clipboard.is_on());
-        let spec = spec(settings, res, &shares, instance.id);
+        let watch = watch_plan(settings, res);
+        let fds = FdPlan::new(
+            network.interface.is_passt(),
+            network.uses_channel(),
+            settings.clipboard.is_on(),
+            watch.is_on(),
+        );
+        let spec = spec(settings, res, &shares, instance.id, watch.is_on());
         let vm = vm_config(settings, res, &shares, &fds, instance);
-        Plan { shares, network, fds, clipboard: settings.clipboard, spec, vm }
+        Plan { shares, network, fds, clipboard: settings.clipboard, watch, spec, vm }
     }
 
     /// QEMU's argument vector (without the program).
@@ -101,12 +111,41 @@ pub fn shares(settings: &Settings, nix_store: Option<&Path>, sandbox: Option<&Sa
     shares
 }
 
+/// Whether the host's changes reach the guest: asked for (the default),
+/// the project shared as /work (a clone's /work is its own disk), and the
+/// image has the guest's module.
+fn watch_plan(s: &Settings, res: &Resources) -> WatchPlan {
+    let off = |why: &str, tell| WatchPlan::Off { why: why.to_string(), tell };
+    if !s.watch {
+        return off("watch = false", false);
+    }
+    if res.sandbox.is_some() {
+        return off("--clone: /work is the clone's own disk", false);
+    }
+    match &res.image.meta.watch_module {
+        Some(_) => WatchPlan::On { project: s.work_dir.clone() },
+        None => WatchPlan::Off {
+            why: format!(
+                "the image {} has no {} (built before agentvm had it, or its build failed: see its build.log); \
+                 file watchers in the VM see only the VM's own changes; `agentvm image build --refresh --base` makes a new one",
+                res.image.dir.display(),
+                agentvm_proto::watch::MODULE_FILE
+            ),
+            tell: true,
+        },
+    }
+}
+
 /// The guest's view of this launch.
-fn spec(s: &Settings, res: &Resources, shares: &[Share], id: &str) -> LaunchSpec {
+fn spec(s: &Settings, res: &Resources, shares: &[Share], id: &str, watch: bool) -> LaunchSpec {
     let net = &res.network;
+    let mut modules = kmod::modules_for_launch(&res.image.meta.modules, net.has_interface());
+    if let Some(module) = res.image.meta.watch_module.as_ref().filter(|_| watch) {
+        modules.push(module.clone());
+    }
     LaunchSpec {
         hostname: format!("agentvm-{}", &id[..6]),
-        modules: kmod::modules_for_launch(&res.image.meta.modules, net.has_interface()),
+        modules,
         root_device: format!("serial:{}", vm::ROOT_SERIAL),
         root_fstype: "squashfs".into(),
         layers: (0..res.layers.len()).map(|i| format!("serial:{}", vm::layer_serial(i))).collect(),
@@ -147,6 +186,7 @@ fn spec(s: &Settings, res: &Resources, shares: &[Share], id: &str) -> LaunchSpec
             .chain(net.guest_env())
             .collect(),
         clipboard: s.clipboard.is_on(),
+        watch,
         ca_trust: res.trust.spec(),
         tty: res.tty,
         winsize: res.winsize,
@@ -182,6 +222,7 @@ fn vm_config(s: &Settings, res: &Resources, shares: &[Share], fds: &FdPlan, inst
         netdev: res.network.netdev(fds.network),
         forward_fd: fds.forwarding,
         clipboard_fd: fds.clipboard,
+        watch_fd: fds.watch,
         data_disks: data_disks(res),
         memory_file: None,
         qmp_fd: None,
@@ -222,6 +263,7 @@ pub(crate) mod tests {
             network: NetworkMode::Open,
             net_backend: NetBackend::Auto,
             work_cache: CacheMode::Auto,
+            watch: true,
             ports: Vec::new(),
             host_ports: Vec::new(),
             host_ca: Default::default(),
@@ -252,6 +294,7 @@ pub(crate) mod tests {
             recipe: Recipe::base(),
             kernel_release: "6.12".into(),
             modules: modules.iter().map(|m| m.to_string()).collect(),
+            watch_module: Some("agentvm_notify.ko".into()),
             created: 0,
             size_bytes: 0,
             compressor: "lz4".into(),
@@ -373,6 +416,31 @@ pub(crate) mod tests {
         let off = plan(&settings(), &resources(&settings()));
         assert!(!off.spec.clipboard && off.fds.clipboard.is_none() && env_of(&off, "XDG_SESSION_TYPE").is_none());
         assert!(!value_of(&args(&off), "-device").iter().any(|d| d.contains("org.agentvm.clip")));
+    }
+
+    #[test]
+    fn watching_loads_the_module_last_and_has_a_port_of_its_own() {
+        let p = plan(&settings(), &resources(&settings()));
+        assert_eq!(p.watch, WatchPlan::On { project: "/p/project".into() });
+        assert!(p.spec.watch && p.spec.modules.last().map(String::as_str) == Some("agentvm_notify.ko"));
+        assert_eq!(p.fds.watch, Some(9));
+        assert!(value_of(&args(&p), "-device").contains(&"virtserialport,chardev=watch,name=org.agentvm.watch".into()));
+    }
+
+    #[test]
+    fn watching_is_off_when_asked_for_a_clone_or_without_the_module_and_only_the_last_is_told() {
+        let s = Settings { watch: false, ..settings() };
+        let off = plan(&s, &resources(&s));
+        assert!(matches!(off.watch, WatchPlan::Off { tell: false, .. }));
+        assert!(!off.spec.watch && !off.spec.modules.iter().any(|m| m.contains("notify")) && off.fds.watch.is_none());
+        assert!(!value_of(&args(&off), "-device").iter().any(|d| d.contains("org.agentvm.watch")));
+        let mut res = resources(&settings());
+        res.image.meta.watch_module = None;
+        let WatchPlan::Off { why, tell: true } = plan(&settings(), &res).watch else { panic!("on without a module") };
+        assert!(
+            why.contains("has no agentvm_notify.ko") && why.contains("agentvm image build --refresh --base"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub struct PlanReport {
     /// What of the host's clipboard the guest gets and the host tool that
     /// reads it, e.g. `images: /usr/bin/xclip (DISPLAY=:0)`; None: off.
     pub clipboard: Option<String>,
+    /// Whether the host's changes reach the guest's file watchers, e.g.
+    /// `on: /p/project -> /work` or `off: watch = false`.
+    pub watch: String,
     pub image: ImageReport,
     pub initramfs_bytes: usize,
     /// The guest init in it: built in, or the file AGENTVM_GUEST_INIT names.
@@ -207,6 +210,7 @@ impl PlanReport {
                 .as_ref()
                 .map(|l| LoginReport { store: l.store.display().to_string(), files: l.files.clone() }),
             clipboard: res.clipboard.as_ref().map(|host| format!("{}: {}", plan.clipboard.name(), host.describe())),
+            watch: plan.watch.describe(),
             image: ImageReport {
                 dir: res.image.dir.display().to_string(),
                 bzimage: res.image.bzimage().display().to_string(),
@@ -263,13 +267,14 @@ impl fmt::Display for PlanReport {
         let fds = &self.fds;
         writeln!(
             f,
-            "fds           control {}, initramfs {}, network {}, forwarding {}, console {}, clipboard {}",
+            "fds           control {}, initramfs {}, network {}, forwarding {}, console {}, clipboard {}, watch {}",
             fds.control,
             fds.initramfs,
             optional_fd(fds.network),
             optional_fd(fds.forwarding),
             fds.console,
-            optional_fd(fds.clipboard)
+            optional_fd(fds.clipboard),
+            optional_fd(fds.watch)
         )?;
         write_network(f, &self.network)?;
         for s in &self.shares {
@@ -282,6 +287,7 @@ impl fmt::Display for PlanReport {
         if let Some(clipboard) = &self.clipboard {
             writeln!(f, "clipboard     {clipboard}")?;
         }
+        writeln!(f, "watch         {}", self.watch)?;
         writeln!(f, "image         {}", self.image.dir)?;
         if let Some(s) = &self.sandbox {
             let from = format!("{} at {}", s.branch.as_deref().unwrap_or("detached HEAD"), s.commit);
@@ -355,10 +361,13 @@ mod tests {
             assert!(text.contains(part), "{part:?} missing in\n{text}");
         }
         assert!(
-            text.contains("fds           control 3, initramfs 4, network 5, forwarding -, console 7, clipboard -"),
+            text.contains(
+                "fds           control 3, initramfs 4, network 5, forwarding -, console 7, clipboard -, watch 9"
+            ),
             "{text}"
         );
         assert!(text.contains("network       open: passt (/usr/bin/passt)"), "{text}");
+        assert!(text.contains("watch         on: /p/project -> /work"), "{text}");
         assert!(text.contains("share         work /p/project -> /work (rw, cache auto)"), "{text}");
         assert!(text.contains("kernel        console=ttyS0"), "{text}");
         assert!(text.contains("image         /img\n"), "{text}");

@@ -24,6 +24,7 @@ use crate::relay::{self, Relay, Streams};
 use crate::sys::{self, SignalFd};
 use crate::vm::process::{self, Helper};
 use crate::vm::share::{self, ShareError};
+use crate::watch::{WatchPlan, Watcher};
 
 /// Capacity asked for the console pipe.
 const CONSOLE_PIPE_BYTES: usize = 1 << 20;
@@ -91,6 +92,7 @@ impl Started {
         dir: &Path,
         initramfs: &[u8],
         restore: Option<Restore>,
+        watch: Option<&OwnedFd>,
     ) -> Result<Started, StartError> {
         let signals = SignalFd::block_and_open(relay::SIGNALS_AND_CHILDREN).map_err(os("signalfd"))?;
         let initramfs = sys::memfd_with("agentvm-initramfs", initramfs).map_err(os("memfd_create"))?;
@@ -106,7 +108,9 @@ impl Started {
             .map_err(os("record the guest console"))?;
         let forwarding = start_forwarding(&plan.network, egress, dir)?;
         let clipboard = start_clipboard(plan, res)?;
-        let ends = QemuEnds { control: control_qemu, initramfs, network, forwarding, console: console_qemu, clipboard };
+        let watch = watch.map(OwnedFd::try_clone).transpose().map_err(os("dup the watch channel"))?;
+        let ends =
+            QemuEnds { control: control_qemu, initramfs, network, forwarding, console: console_qemu, clipboard, watch };
         let mut cmd = Command::new(&res.qemu);
         cmd.args(plan.qemu_args());
         let mut pass = plan.fds.pass(&ends);
@@ -177,6 +181,49 @@ fn start_clipboard(plan: &Plan, res: &Resources) -> Result<Option<OwnedFd>, Star
     let service = clipboard::Service { mode: plan.clipboard, host };
     service.serve(UnixStream::from(ours)).map_err(os("start the clipboard service"))?;
     Ok(Some(theirs))
+}
+
+/// The watch channel of a launch: QEMU's end, and ours with the project's
+/// watches, served once the VM started.
+pub struct WatchChannel {
+    /// QEMU's end (kept for a second start after a failed warm one).
+    pub qemu: OwnedFd,
+    service: Option<(Watcher, UnixStream)>,
+}
+
+impl WatchChannel {
+    /// Starts sending the changes, on a thread made now: after the start
+    /// blocked the signals its signalfd takes, so the thread inherits that
+    /// mask and a SIGTERM cannot end agentvm through it.
+    pub fn serve(self) {
+        if let Some((watcher, port)) = self.service {
+            watcher.serve(port);
+        }
+    }
+}
+
+/// The project's watches and the channel to the guest when the plan
+/// watches. Watching that cannot start is a line, never a failed run: the
+/// guest then finds its port closed.
+pub fn watch_channel(plan: &Plan, warn: &mut dyn FnMut(String)) -> Result<Option<WatchChannel>, StartError> {
+    let project = match &plan.watch {
+        WatchPlan::On { project } => project,
+        WatchPlan::Off { why, tell } => {
+            if *tell {
+                warn(format!("watch: off: {why}"));
+            }
+            return Ok(None);
+        }
+    };
+    let (ours, qemu) = sys::socketpair().map_err(os("socketpair"))?;
+    let service = match Watcher::new(project, warn) {
+        Ok(watcher) => Some((watcher, UnixStream::from(ours))),
+        Err(e) => {
+            warn(e.to_string());
+            None
+        }
+    };
+    Ok(Some(WatchChannel { qemu, service }))
 }
 
 /// Starts serving the forwarding channel when the plan uses it; QEMU's end.

@@ -49,10 +49,7 @@ pub enum StartMode {
     Warm,
 }
 
-/// Where QEMU finds the QMP socket and the RAM copy of a warm start: after
-/// every number of [`super::fds::FdPlan`].
-pub const QMP_FD: i32 = 9;
-pub const RAM_FD: i32 = 10;
+pub use super::fds::{QMP_FD, RAM_FD};
 
 /// Bounds on a template's making and a restore (TCG on a busy host).
 const TEMPLATE_BOOT: Duration = Duration::from_secs(180);
@@ -130,6 +127,7 @@ pub fn template_spec(spec: &LaunchSpec) -> LaunchSpec {
         winsize: None,
         verbose: spec.verbose,
         clipboard: false,
+        watch: false,
         template: true,
     }
 }
@@ -340,8 +338,12 @@ impl TemplateEnds {
             idle.push(ours);
             Ok(Some(qemus))
         };
-        let (network, forwarding, clipboard) =
-            (optional(plan.fds.network)?, optional(plan.fds.forwarding)?, optional(plan.fds.clipboard)?);
+        let (network, forwarding, clipboard, watch) = (
+            optional(plan.fds.network)?,
+            optional(plan.fds.forwarding)?,
+            optional(plan.fds.clipboard)?,
+            optional(plan.fds.watch)?,
+        );
         let (control, control_qemu) = pair()?;
         let (qmp, qmp_qemu) = pair()?;
         let initramfs = sys::memfd_with("agentvm-template-initramfs", initramfs).map_err(io_err("memfd_create"))?;
@@ -353,7 +355,7 @@ impl TemplateEnds {
             .open(&log)
             .map_err(io_err(format!("create {}", log.display())))?;
         let console = OwnedFd::from(console);
-        let ends = QemuEnds { control: control_qemu, initramfs, network, forwarding, console, clipboard };
+        let ends = QemuEnds { control: control_qemu, initramfs, network, forwarding, console, clipboard, watch };
         Ok(TemplateEnds { control, qmp, _idle: idle, qemu: Some((ends, qmp_qemu)) })
     }
 
@@ -514,9 +516,9 @@ mod tests {
 
     #[test]
     fn a_restores_own_fds_come_after_every_channel_of_the_plan() {
-        let all = crate::launch::fds::FdPlan::new(true, true, true);
+        let all = crate::launch::fds::FdPlan::new(true, true, true, true);
         let planned = [Some(all.control), Some(all.initramfs), all.network, all.forwarding, Some(all.console)];
-        let highest = planned.into_iter().chain([all.clipboard]).flatten().max().unwrap();
+        let highest = planned.into_iter().chain([all.clipboard, all.watch]).flatten().max().unwrap();
         let restore = [QMP_FD, RAM_FD];
         assert!(restore.iter().all(|fd| *fd > highest), "{restore:?} collide with the plan's (up to {highest})");
         assert_ne!(restore[0], restore[1]);

@@ -44,6 +44,8 @@ pub struct VmConfig {
     pub forward_fd: Option<i32>,
     /// The inherited socket of the clipboard channel (`--clipboard`), if any.
     pub clipboard_fd: Option<i32>,
+    /// The inherited socket of the watch channel (host changes), if any.
+    pub watch_fd: Option<i32>,
     /// Guest RAM in this file (`memory-backend-file`, shared) instead of an
     /// anonymous memfd: a warm-start template's RAM, or a restored VM's
     /// copy of it.
@@ -163,8 +165,8 @@ fn serial_console(a: &mut Args, cfg: &VmConfig) {
 /// The control port, the exec ports, the forwarding and clipboard channels.
 fn virtio_serial_ports(a: &mut Args, cfg: &VmConfig) {
     // Port 0 is reserved for a console; the control port, then the exec ports.
-    let ports =
-        2 + cfg.exec_sockets.len() + usize::from(cfg.forward_fd.is_some()) + usize::from(cfg.clipboard_fd.is_some());
+    let channels = [cfg.forward_fd, cfg.clipboard_fd, cfg.watch_fd];
+    let ports = 2 + cfg.exec_sockets.len() + channels.iter().flatten().count();
     a.flag("-device").val(format!("virtio-serial-device,max_ports={ports}"));
     a.flag("-chardev").val(format!("socket,id=ctl,fd={}", cfg.control_fd));
     a.flag("-device").val(format!("virtserialport,chardev=ctl,name={}", agentvm_proto::PORT_NAME));
@@ -182,6 +184,10 @@ fn virtio_serial_ports(a: &mut Args, cfg: &VmConfig) {
     if let Some(fd) = cfg.clipboard_fd {
         a.flag("-chardev").val(format!("socket,id=clip,fd={fd}"));
         a.flag("-device").val(format!("virtserialport,chardev=clip,name={}", agentvm_proto::clipboard::PORT_NAME));
+    }
+    if let Some(fd) = cfg.watch_fd {
+        a.flag("-chardev").val(format!("socket,id=watch,fd={fd}"));
+        a.flag("-device").val(format!("virtserialport,chardev=watch,name={}", agentvm_proto::watch::PORT_NAME));
     }
 }
 
@@ -317,6 +323,7 @@ mod tests {
             netdev: None,
             forward_fd: None,
             clipboard_fd: None,
+            watch_fd: None,
             data_disks: Vec::new(),
             memory_file: None,
             qmp_fd: None,
@@ -403,6 +410,17 @@ mod tests {
         assert!(devices.contains(&"virtio-serial-device,max_ports=4".to_string()));
         let off = strings(&cfg());
         assert!(!value_of(&off, "-device").iter().any(|d| d.contains("org.agentvm.clip")));
+    }
+
+    #[test]
+    fn watch_channel_is_a_port_only_when_on() {
+        let c = VmConfig { clipboard_fd: Some(8), watch_fd: Some(9), ..cfg() };
+        let args = strings(&c);
+        assert!(value_of(&args, "-chardev").contains(&"socket,id=watch,fd=9".to_string()));
+        let devices = value_of(&args, "-device");
+        assert!(devices.contains(&"virtserialport,chardev=watch,name=org.agentvm.watch".to_string()));
+        assert!(devices.contains(&"virtio-serial-device,max_ports=4".to_string()), "{devices:?}");
+        assert!(!value_of(&strings(&cfg()), "-device").iter().any(|d| d.contains("org.agentvm.watch")));
     }
 
     #[test]
