@@ -261,7 +261,8 @@ fn guest_ram_resident_kib(qemu: u32) -> u64 {
     for line in smaps.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
         if !first.ends_with(':') {
-            in_ram = line.contains("memfd:memory-backend-memfd") || line.contains("memfd:agentvm-ram");
+            in_ram = line.contains("memfd:memory-backend-memfd")
+                || line.contains(&format!("memfd:{}", agentvm::launch::warm::RAM_COPY_NAME));
         } else if in_ram && first == "Rss:" {
             kib += line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap();
         }

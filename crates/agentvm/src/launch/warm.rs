@@ -51,6 +51,10 @@ pub enum StartMode {
 
 pub use super::fds::{QMP_FD, RAM_FD};
 
+/// The name of a warm start's RAM copy (a memfd: `/memfd:agentvm-ram` in
+/// QEMU's maps).
+pub const RAM_COPY_NAME: &str = "agentvm-ram";
+
 /// Bounds on a template's making and a restore (TCG on a busy host).
 const TEMPLATE_BOOT: Duration = Duration::from_secs(180);
 const SAVE: Duration = Duration::from_secs(60);
@@ -489,7 +493,7 @@ fn frame_name(frame: &Frame) -> &'static str {
 pub fn sparse_copy_to_memfd(path: &Path) -> Result<OwnedFd, WarmError> {
     let src = File::open(path).map_err(io_err(format!("open {}", path.display())))?;
     let len = src.metadata().map_err(io_err(format!("stat {}", path.display())))?.len();
-    let dst = File::from(sys::memfd_with("agentvm-ram", b"").map_err(io_err("memfd_create"))?);
+    let dst = File::from(sys::memfd_with(RAM_COPY_NAME, b"").map_err(io_err("memfd_create"))?);
     dst.set_len(len).map_err(io_err("size the RAM copy"))?;
     let mut buf = vec![0u8; 1 << 20];
     for (start, end) in sys::data_ranges(&src, len).map_err(io_err(format!("read {}", path.display())))? {
