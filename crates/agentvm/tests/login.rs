@@ -120,6 +120,7 @@ const PAUSE: &str = "1.2";
 /// (Gemini CLI); in the background, reads the home's file and notes each
 /// writer seen and each read that is not a whole version.
 fn rewrite_loop(writer: &str, in_place: bool) -> String {
+    let other = if writer == "A" { "B" } else { "A" };
     let write = if in_place {
         format!("printf '%s\\n' \"$v\" > ~/{LOGIN}")
     } else {
@@ -131,11 +132,14 @@ touch /work/ready; while [ ! -e /work/go ]; do sleep 0.1; done
 ( while [ ! -e /tmp/done ]; do
     c=$(cat ~/{LOGIN} 2>/dev/null) || continue
     case "$c" in '{{"writer":"'?'","n":'*',"pad":"'"$pad"'"}}') echo "${{c#*writer\":\"}}" | cut -c1 ;; '') ;; *) echo partial ;; esac
-  done | sort -u > /work/seen ) &
+  done > /tmp/seen.raw; sort -u /tmp/seen.raw > /work/seen ) &
 i=0; while [ $i -lt {REWRITES} ]; do
   v='{{"writer":"{writer}","n":'$i',"pad":"'$pad'"}}'; {write}; i=$((i+1)); sleep {PAUSE}
 done
-sleep 3; touch /tmp/done; wait"#
+# Until the other VM's version has come through (a loaded host may need
+# longer than the writes took), at most 60 s.
+t=0; while [ $t -lt 600 ] && ! grep -q '^{other}$' /tmp/seen.raw; do sleep 0.1; t=$((t+1)); done
+sleep 1; touch /tmp/done; wait"#
     )
 }
 
