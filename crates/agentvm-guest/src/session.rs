@@ -332,12 +332,21 @@ mod tests {
         let (mut s, _in_r, out_w, err_w) = session_on_pipes();
         sys::write(out_w.as_raw_fd(), b"out").unwrap();
         assert_eq!(s.ready(Slot::Output(0)), Some(Frame::Stdout(b"out".to_vec())));
+        // Asking "finished?" as of before the exit keeps the drain timeout
+        // out of it: only closed streams can finish the session.
+        let before_exit = Instant::now();
         s.exited(3 << 8);
-        assert_eq!(s.finished(Instant::now()), None, "streams still open");
+        assert_eq!(s.finished(before_exit), None, "streams still open");
         drop((out_w, err_w));
-        assert_eq!(s.ready(Slot::Output(0)), None);
-        assert_eq!(s.ready(Slot::Output(1)), None);
-        assert_eq!(s.finished(Instant::now()), Some(3));
+        // Another test's child may hold copies of the write ends between its
+        // fork and exec, so the end of the streams can show a moment later.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.finished(before_exit).is_none() && Instant::now() < deadline {
+            assert_eq!(s.ready(Slot::Output(0)), None);
+            assert_eq!(s.ready(Slot::Output(1)), None);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(s.finished(before_exit), Some(3));
     }
 
     #[test]
