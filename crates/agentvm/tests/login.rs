@@ -118,7 +118,11 @@ const PAUSE: &str = "1.2";
 /// Rewrites the login [`REWRITES`] times, each version one whole line of
 /// JSON with 4 KiB of padding: by rename (Claude Code, Codex) or in place
 /// (Gemini CLI); in the background, reads the home's file and notes each
-/// writer seen and each read that is not a whole version.
+/// writer seen and each read that is not a whole version. A says when its
+/// writes are done (/work/written); B writes its last version only when
+/// the host says so (/work/last), so the latest change is B's and must
+/// reach A: while both write, "the later change wins" may let A's own
+/// versions win every time.
 fn rewrite_loop(writer: &str, in_place: bool) -> String {
     let other = if writer == "A" { "B" } else { "A" };
     let write = if in_place {
@@ -126,16 +130,24 @@ fn rewrite_loop(writer: &str, in_place: bool) -> String {
     } else {
         format!("printf '%s\\n' \"$v\" > ~/{LOGIN}.tmp.$i && mv ~/{LOGIN}.tmp.$i ~/{LOGIN}")
     };
+    let (first, then) = if writer == "A" {
+        (REWRITES, "touch /work/written".to_string())
+    } else {
+        let last = REWRITES - 1;
+        (last, format!("while [ ! -e /work/last ]; do sleep 0.1; done; i={last}; v=$(version $i); {write}"))
+    };
     format!(
         r#"mkdir -p ~/.test; pad=$(head -c 4096 /dev/zero | tr '\0' x)
+version() {{ echo '{{"writer":"{writer}","n":'$1',"pad":"'$pad'"}}'; }}
 touch /work/ready; while [ ! -e /work/go ]; do sleep 0.1; done
 ( while [ ! -e /tmp/done ]; do
     c=$(cat ~/{LOGIN} 2>/dev/null) || continue
     case "$c" in '{{"writer":"'?'","n":'*',"pad":"'"$pad"'"}}') echo "${{c#*writer\":\"}}" | cut -c1 ;; '') ;; *) echo partial ;; esac
   done > /tmp/seen.raw; sort -u /tmp/seen.raw > /work/seen ) &
-i=0; while [ $i -lt {REWRITES} ]; do
-  v='{{"writer":"{writer}","n":'$i',"pad":"'$pad'"}}'; {write}; i=$((i+1)); sleep {PAUSE}
+i=0; while [ $i -lt {first} ]; do
+  v=$(version $i); {write}; i=$((i+1)); sleep {PAUSE}
 done
+{then}
 # Until the other VM's version has come through (a loaded host may need
 # longer than the writes took), at most 60 s.
 t=0; while [ $t -lt 600 ] && ! grep -q '^{other}$' /tmp/seen.raw; do sleep 0.1; t=$((t+1)); done
@@ -171,6 +183,11 @@ fn two_vms_rewriting_the_login_at_once_share_it_and_every_read_is_whole() {
                 serde_json::from_str(&text).unwrap_or_else(|e| panic!("a partial store file ({e}): {text:?}"));
             writers.insert(v["writer"].as_str().unwrap().to_string());
             reads += 1;
+            // A's last version reached the store: now B's last one.
+            let a_done = v["writer"] == "A" && v["n"] == REWRITES - 1 && a.work.join("written").exists();
+            if a_done && !b.work.join("last").exists() {
+                std::fs::write(b.work.join("last"), "").unwrap();
+            }
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -182,11 +199,11 @@ fn two_vms_rewriting_the_login_at_once_share_it_and_every_read_is_whole() {
     assert_eq!(writers.into_iter().collect::<Vec<_>>(), ["A", "B"]);
     // A's home got B's versions while both ran, and A never read a partial
     // one (B's own reads may catch its in-place writes half-way: that is
-    // the CLI's own pattern, in its own home).
+    // the CLI's own pattern, in its own home); the store ends with B's last.
     assert_eq!(std::fs::read_to_string(a.work.join("seen")).unwrap(), "A\nB\n");
     assert!(std::fs::read_to_string(b.work.join("seen")).unwrap().contains('A'));
     let last: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stored).unwrap()).unwrap();
-    assert_eq!(last["n"], REWRITES - 1, "the store ends with a last version: {}", last["writer"]);
+    assert_eq!((&last["writer"], &last["n"]), (&"B".into(), &(REWRITES - 1).into()), "the store's last version");
 }
 
 #[test]

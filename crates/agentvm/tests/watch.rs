@@ -22,14 +22,16 @@ const WITHIN: Duration = Duration::from_secs(1);
 /// then what the guest's `stat` says of the renamed and deleted files.
 const WATCHERS: &str = r#"
 cd /work
-stdbuf -oL inotifywait -m -r -q --exclude '^/work/out' -e modify,create,delete,moved_from,moved_to \
+stdbuf -oL inotifywait -m -r --exclude '^/work/out' -e modify,create,delete,moved_from,moved_to \
   --format '%e %w%f' /work > out/inotify.log 2> out/inotify.err &
 node -e '
 const fs = require("fs");
 fs.watch("/work", (event, name) => fs.appendFileSync("/work/out/node.log", event + " " + name + "\n"));
+fs.writeFileSync("/work/out/node.ready", "");
 setInterval(() => {}, 1000);
 ' &
-sleep 2
+# Ready once both watchers are (node starts slowly on a loaded host).
+until grep -q 'Watches established' out/inotify.err 2>/dev/null && [ -e out/node.ready ]; do sleep 0.1; done
 touch out/ready
 while [ ! -e out/done ]; do sleep 0.1; done
 for f in gone.txt old.txt renamed.txt new.txt; do [ -e "$f" ] && echo "exists $f" || echo "absent $f"; done
