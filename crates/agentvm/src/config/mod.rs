@@ -239,14 +239,18 @@ pub fn resolve_with(
     })
 }
 
-/// `--warm` and `--cold` are `--start` for short.
+/// `--warm[=BOOL]` (`warm = BOOL`) and `--cold` are `--start` for short;
+/// the latest source of `start` and `warm` wins.
 fn start_mode(layers: &Layers) -> StartMode {
-    let flags = layers.layer(Origin::Flags);
-    match (flags.warm, flags.cold) {
-        (true, _) => StartMode::Warm,
-        (_, true) => StartMode::Cold,
-        _ => layers.value(|o| &o.start).unwrap_or_default(),
+    if layers.layer(Origin::Flags).cold {
+        return StartMode::Cold;
     }
+    let warm = layers.value_from(|o| &o.warm).map(|(on, origin)| {
+        let mode = if on { StartMode::Warm } else { StartMode::Cold };
+        (mode, origin)
+    });
+    let start = layers.value_from(|o| &o.start);
+    [start, warm].into_iter().flatten().max_by_key(|(_, origin)| *origin).map(|(mode, _)| mode).unwrap_or_default()
 }
 
 /// The user's config (`~/.config/agentvm/config.toml`); none is an empty layer.
@@ -289,6 +293,20 @@ mod tests {
 
     fn req(dir: &Path) -> RunOptions {
         RunOptions { work_dir: Some(dir.into()), home: Some(dir.join("h")), ..Default::default() }
+    }
+
+    #[test]
+    fn start_is_warm_unless_the_latest_of_start_warm_and_cold_says_cold() {
+        let none = RunOptions::default;
+        let warm = |on| RunOptions { warm: Some(on), ..Default::default() };
+        let start = |mode| RunOptions { start: Some(mode), ..Default::default() };
+        let cold = RunOptions { cold: true, ..Default::default() };
+        let mode = |user, project, env, flags| start_mode(&Layers::new(user, project, env, flags));
+        assert_eq!(mode(none(), none(), none(), none()), StartMode::Warm);
+        assert_eq!(mode(warm(false), none(), none(), none()), StartMode::Cold);
+        assert_eq!(mode(warm(false), none(), start(StartMode::Warm), none()), StartMode::Warm);
+        assert_eq!(mode(start(StartMode::Cold), warm(true), none(), none()), StartMode::Warm);
+        assert_eq!(mode(none(), none(), start(StartMode::Warm), cold), StartMode::Cold);
     }
 
     /// A trust store that trusts nothing.

@@ -142,13 +142,20 @@ pub struct RunOptions {
     pub watch: Option<bool>,
     /// How the VM starts: cold (boots) or warm (restored from a template
     /// of the VM's shape, made on its first use; a cold start, with a line
-    /// saying why, when no template can serve) [default: cold]
+    /// saying why, when no template can serve) [default: warm]
     #[arg(long, value_enum, value_name = "MODE", env = "AGENTVM_START")]
     pub start: Option<StartMode>,
-    /// Same as --start=warm
-    #[arg(long, conflicts_with_all = ["start", "cold"])]
-    #[serde(skip)]
-    pub warm: bool,
+    /// Same as --start=warm (--warm=false: --start=cold); `warm = false`
+    /// in a config is `start = "cold"`
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        conflicts_with_all = ["start", "cold"]
+    )]
+    pub warm: Option<bool>,
     /// Same as --start=cold
     #[arg(long, conflicts_with = "start")]
     #[serde(skip)]
@@ -534,8 +541,8 @@ mod tests {
         ("net_backend", |_| "slirp".into(), |s, _| s.net_backend == NetBackend::Slirp),
         ("work_cache", |_| "always".into(), |s, _| s.work_cache == CacheMode::Always),
         ("watch", |_| false.into(), |s, _| !s.watch),
-        ("start", |_| "warm".into(), |s, _| s.start == StartMode::Warm),
-        ("warm", |_| true.into(), |s, _| s.start == StartMode::Warm),
+        ("start", |_| "cold".into(), |s, _| s.start == StartMode::Cold),
+        ("warm", |_| false.into(), |s, _| s.start == StartMode::Cold),
         ("cold", |_| true.into(), |s, _| s.start == StartMode::Cold),
         ("work_dir", |f| path(&f.other_project), |s, f| s.work_dir == f.other_project),
         ("home", |f| path(&f.home), |s, f| s.home_dir == f.home),

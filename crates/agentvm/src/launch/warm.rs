@@ -42,10 +42,10 @@ use crate::vm::{self, VmConfig};
 #[serde(rename_all = "lowercase")]
 pub enum StartMode {
     /// Boot the kernel and the guest init.
-    #[default]
     Cold,
     /// Restore a template of the VM's shape (made on first use); a cold
     /// start, with a line saying why, when no template can serve.
+    #[default]
     Warm,
 }
 
