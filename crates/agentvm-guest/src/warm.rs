@@ -49,6 +49,7 @@ pub fn boot_template(template: &LaunchSpec) -> Result<(LaunchSpec, Port)> {
     boot::mount_root(template)?;
     boot::switch_root()?;
     boot::system_mounts()?;
+    preload_the_c_library();
     port.send(&Frame::TemplateReady)?;
     step("template ready");
     let launch = wait_for_launch(&mut port)?;
@@ -59,6 +60,16 @@ pub fn boot_template(template: &LaunchSpec) -> Result<(LaunchSpec, Port)> {
         bind(kind)?;
     }
     Ok((launch.spec, port))
+}
+
+/// Runs a dynamically linked program once, so that the dynamic loader and
+/// the C library every program needs are in the page cache of each VM
+/// restored from the template: reading them from the compressed image took
+/// each warm start's program tens of ms under TCG. An image without it
+/// only misses the gain.
+fn preload_the_c_library() {
+    step("preload the C library");
+    let _ = std::process::Command::new("/usr/bin/true").env_clear().status();
 }
 
 /// Reads the control port until the host sends the launch.
