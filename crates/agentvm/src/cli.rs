@@ -278,6 +278,11 @@ pub enum ImageCommand {
         /// Also build the image with the container runtimes (for --cri).
         #[arg(long)]
         cri: bool,
+        /// Also make the warm-start template of a plain `agentvm run FLAVOR`
+        /// in this project for each flavor named (none named: of a plain
+        /// `agentvm run`), so that no run waits for it.
+        #[arg(long)]
+        warm: bool,
     },
     /// List cached images and layers, with the agent versions they hold,
     /// and the warm-start templates.

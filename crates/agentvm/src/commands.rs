@@ -2,7 +2,7 @@
 //! command line, calls one of these and prints what comes back (warnings
 //! included).
 
-use crate::image::template::Templates;
+use crate::image::template::{Template, Templates};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -443,6 +443,26 @@ impl ImageBuild {
             Step::Layer(layer) => store.ensure_layer(&layer, progress).map(Built::Layer),
         })
     }
+}
+
+/// The warm-start templates of a plain `agentvm run FLAVOR` in the current
+/// project for each of `flavors` (none: of a plain `agentvm run`), made
+/// unless the store has them (`agentvm image build --warm`); with the name
+/// of the flavor each serves.
+pub fn warm_templates(
+    flavors: &[String],
+    warn: &mut dyn FnMut(String),
+) -> Result<Vec<(String, Template)>, CommandError> {
+    let runs: Vec<Option<String>> =
+        if flavors.is_empty() { vec![None] } else { flavors.iter().cloned().map(Some).collect() };
+    let mut made = Vec::new();
+    for flavor in runs {
+        let settings = config::resolve(config::RunOptions { flavor, ..Default::default() })?;
+        settings.warnings.iter().chain(&settings.guest_env.warnings).for_each(|w| warn(w.clone()));
+        let template = launch::make_template(&settings, warn)?;
+        made.push((settings.flavor.name.clone(), template));
+    }
+    Ok(made)
 }
 
 impl Built {

@@ -201,7 +201,7 @@ fn sandbox_command(cmd: SandboxCommand) -> Result<(), commands::CommandError> {
 fn image_command(cmd: ImageCommand) -> Result<(), commands::CommandError> {
     let store = Store::open(Store::default_dir()?);
     match cmd {
-        ImageCommand::Build { flavors, refresh, base, cri } => {
+        ImageCommand::Build { flavors, refresh, base, cri, warm } => {
             let (known, warning) = commands::flavors_here()?;
             warning.into_iter().for_each(warn);
             let build = ImageBuild::plan(&known, &flavors, refresh, base, cri)?;
@@ -211,6 +211,11 @@ fn image_command(cmd: ImageCommand) -> Result<(), commands::CommandError> {
                     Built::Layer(layer) => {
                         println!("{} ({})", layer.dir.display(), commands::versions(&layer.meta.versions))
                     }
+                }
+            }
+            if warm {
+                for (flavor, template) in commands::warm_templates(&flavors, &mut |w: String| warn(w))? {
+                    println!("{} (warm start of {flavor})", template.dir.display());
                 }
             }
         }

@@ -221,3 +221,40 @@ fn warm_runs_with_a_sandbox_and_container_storage_use_and_keep_their_own_disks()
     assert_eq!(git(&l.work, &["log", "-1", "--format=%s", "agentvm/w"]), "kept\n");
     l.assert_no_leftovers();
 }
+
+#[test]
+#[ignore = "boots a VM: scripts/test runs it"]
+fn image_build_warm_makes_the_template_that_a_plain_run_then_restores() {
+    let l = Launch::new();
+    // A plain run's shape of its own, from the user config both commands read.
+    let config = l.dirs.path().join("config/agentvm");
+    std::fs::create_dir_all(&config).unwrap();
+    let settings = "flavor = \"shell\"\nmemory = \"576M\"\ncpus = 1\nnetwork = \"none\"\n";
+    std::fs::write(config.join("config.toml"), settings).unwrap();
+    let plan = |l: &Launch| {
+        let out = l.run_command(&mut l.command_with(&["run", "--print-plan", "--json"]));
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()["start"].clone()
+    };
+    let key = plan(&l)["template_key"].as_str().unwrap().to_string();
+    let name = format!("template-{}", &key[..16]);
+    // Left by an earlier run of this test on this machine.
+    if template_dir(&key).exists() {
+        assert!(l.agentvm(&["image", "rm", &name]).status.success());
+    }
+    let making = "making a warm-start template";
+    let build = l.agentvm(&["image", "build", "--warm"]);
+    assert_eq!(build.status.code(), Some(0), "{}", stderr(&build));
+    assert!(stderr(&build).contains(making), "{}", stderr(&build));
+    assert!(stdout(&build).contains(&format!("{name} (warm start of shell)")), "{}", stdout(&build));
+    assert_eq!(plan(&l)["template_ready"], true);
+
+    let out = l.run_command(&mut l.command_with(&["run", "--", "sh", "-c", "echo ran"]));
+    assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "ran\n"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains(making) && !stderr(&out).contains(FELL_BACK), "{}", stderr(&out));
+    let again = l.agentvm(&["image", "build", "--warm"]);
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    assert!(!stderr(&again).contains(making), "made twice: {}", stderr(&again));
+    assert!(l.agentvm(&["image", "rm", &name]).status.success());
+    l.assert_no_leftovers();
+}

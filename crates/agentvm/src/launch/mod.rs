@@ -34,10 +34,11 @@ use plan::InstanceRef;
 use prepare::Prepared;
 use resources::Resources;
 use start::{Egress, Started};
-use warm::{Restore, StartMode, WarmPlan};
+use warm::{StartMode, WarmPlan};
 
 use crate::config::Settings;
 use crate::guest_env::login;
+use crate::image::template::Template;
 use crate::sandbox::import::{ImportError, Imported};
 
 /// A launch that failed before the program could run; the program's own
@@ -52,11 +53,19 @@ pub enum LaunchError {
     Initramfs(#[from] initramfs::InitramfsError),
     #[error(transparent)]
     Start(#[from] start::StartError),
+    #[error("warm-start template: {0}")]
+    Template(Box<warm::WarmError>),
 }
 
 impl From<resources::ResolveError> for LaunchError {
     fn from(e: resources::ResolveError) -> LaunchError {
         LaunchError::Resolve(Box::new(e))
+    }
+}
+
+impl From<warm::WarmError> for LaunchError {
+    fn from(e: warm::WarmError) -> LaunchError {
+        LaunchError::Template(Box::new(e))
     }
 }
 
@@ -116,8 +125,6 @@ fn share_login(
     Some((sync.spawn(), reported))
 }
 
-/// Starts the VM warm when asked and a template can serve, else cold (with
-/// one line saying why a warm start was asked for and did not happen).
 /// What starting the VM takes.
 struct VmStart<'a> {
     mode: StartMode,
@@ -128,6 +135,8 @@ struct VmStart<'a> {
     watch: Option<&'a OwnedFd>,
 }
 
+/// Starts the VM warm when asked and a template can serve, else cold (with
+/// one line saying why a warm start was asked for and did not happen).
 fn start_vm(vm: VmStart<'_>, dir: &std::path::Path, warn: &mut dyn FnMut(String)) -> Result<Started, LaunchError> {
     let VmStart { mode, plan, res, egress, watch } = vm;
     if mode == StartMode::Warm {
@@ -156,14 +165,26 @@ fn start_warm(
 ) -> Result<Started, start::StartError> {
     let warm = WarmPlan::new(plan, res)?;
     let template = warm::ensure_template(&warm, plan, res)?;
-    let restore = Restore::new(&template)?;
     let plan = Plan { vm: warm::restore_vm(&plan.vm), ..plan.clone() };
-    Started::start(&plan, res, egress, dir, &warm.initramfs.bytes, Some(restore), watch)
+    Started::start(&plan, res, egress, dir, &warm.initramfs.bytes, Some(&template), watch)
 }
 
 /// Brings the sandbox's result back into the project.
 fn import(s: &crate::sandbox::store::InUse, settings: &Settings) -> Result<Imported, ImportError> {
     crate::sandbox::import::import(&s.paths, &s.name, &settings.work_dir)
+}
+
+/// The warm-start template of the settings' run, made now (one cold boot
+/// and a save) unless the store has it: what the run's first warm start
+/// would do (`agentvm image build --warm`).
+pub fn make_template(settings: &Settings, warn: &mut dyn FnMut(String)) -> Result<Template, LaunchError> {
+    let resolved = Resources::resolve(settings, warn)?;
+    let res = &resolved.resources;
+    let id = crate::instance::new_id();
+    let dir = crate::paths::runtime_base().join(&id);
+    let plan = Plan::new(settings, res, InstanceRef { id: &id, dir: &dir });
+    let warm = WarmPlan::new(&plan, res)?;
+    Ok(warm::ensure_template(&warm, &plan, res)?)
 }
 
 /// Resolves and plans a launch without starting anything (`--print-plan`).

@@ -15,6 +15,7 @@ use super::plan::Plan;
 use super::resources::Resources;
 use super::warm::{self, Restore, WarmError};
 use crate::clipboard;
+use crate::image::template::Template;
 use crate::instance::console_log;
 use crate::net::egress::{self, AllowList};
 use crate::net::plan::{Interface, NetworkPlan};
@@ -82,19 +83,22 @@ pub struct Started {
 
 impl Started {
     /// Starts the helpers, then QEMU with `initramfs`, in the instance dir;
-    /// with `restore`, QEMU loads a template's state and the guest gets
-    /// the spec over the control port (dropping the result on an error
-    /// stops everything started).
+    /// with `template`, QEMU loads its state into a copy of its RAM (made
+    /// while the helpers and QEMU start) and the guest gets the spec over
+    /// the control port (dropping the result on an error stops everything
+    /// started).
     pub fn start(
         plan: &Plan,
         res: &Resources,
         egress: Egress<'_>,
         dir: &Path,
         initramfs: &[u8],
-        restore: Option<Restore>,
+        template: Option<&Template>,
         watch: Option<&OwnedFd>,
     ) -> Result<Started, StartError> {
         let signals = SignalFd::block_and_open(relay::SIGNALS_AND_CHILDREN).map_err(os("signalfd"))?;
+        // After the signals are blocked: the copy's thread inherits that.
+        let restore = template.map(Restore::new).transpose()?;
         let initramfs = sys::memfd_with("agentvm-initramfs", initramfs).map_err(os("memfd_create"))?;
         let mut helpers = Vec::new();
         for s in &plan.shares {

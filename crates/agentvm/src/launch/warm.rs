@@ -380,15 +380,19 @@ pub struct Restore {
     pub qmp_qemu: Option<OwnedFd>,
     pub qmp: OwnedFd,
     pub template: Template,
+    /// The thread filling the RAM copy, until the load waits for it.
+    copying: Option<RamCopying>,
 }
 
 impl Restore {
-    /// Copies the template's RAM into a new memfd (its data only: holes
-    /// stay holes) and opens the QMP socket pair.
+    /// Starts copying the template's RAM into a new memfd (its data only:
+    /// holes stay holes) and opens the QMP socket pair. QEMU may map the
+    /// copy meanwhile: it touches no guest RAM before the load.
     pub fn new(template: &Template) -> Result<Restore, WarmError> {
-        let ram = sparse_copy_to_memfd(&template.ram())?;
+        let (ram, copying) = start_sparse_copy_to_memfd(&template.ram())?;
         let (qmp, qmp_qemu) = sys::socketpair().map_err(io_err("socketpair"))?;
-        Ok(Restore { ram: Some(ram), qmp, qmp_qemu: Some(qmp_qemu), template: template.clone() })
+        let template = template.clone();
+        Ok(Restore { ram: Some(ram), qmp, qmp_qemu: Some(qmp_qemu), template, copying: Some(copying) })
     }
 
     /// Closes our copies of QEMU's ends once it runs, so that its exit
@@ -398,9 +402,13 @@ impl Restore {
         self.qmp_qemu = None;
     }
 
-    /// Loads the state into the waiting QEMU and lets it run. A state
-    /// QEMU refuses is removed with its template (`qemu_log` tells why).
-    pub fn load(&self, qemu_log: &Path) -> Result<(), WarmError> {
+    /// Loads the state into the waiting QEMU (once the RAM copy is whole:
+    /// loading reads the devices' rings from guest RAM) and lets it run. A
+    /// state QEMU refuses is removed with its template (`qemu_log` tells why).
+    pub fn load(&mut self, qemu_log: &Path) -> Result<(), WarmError> {
+        if let Some(copying) = self.copying.take() {
+            copying.wait()?;
+        }
         let stream = UnixStream::from(self.qmp.try_clone().map_err(io_err("dup the QMP socket"))?);
         let mut qmp = Qmp::connect(stream, QMP_ANSWER)?;
         qmp.ignore_shared_ram()?;
@@ -488,15 +496,35 @@ fn frame_name(frame: &Frame) -> &'static str {
     }
 }
 
-/// A memfd as large as `path` holding its data; what `path` leaves as holes
-/// stays holes (a template's RAM file is mostly holes).
-pub fn sparse_copy_to_memfd(path: &Path) -> Result<OwnedFd, WarmError> {
+/// A RAM copy being filled by its thread.
+pub struct RamCopying(std::thread::JoinHandle<Result<(), WarmError>>);
+
+impl RamCopying {
+    /// Waits until the copy is whole.
+    pub fn wait(self) -> Result<(), WarmError> {
+        let panicked = || io_err("copy the template's RAM")(io::Error::other("the copying thread panicked"));
+        self.0.join().unwrap_or_else(|_| Err(panicked()))
+    }
+}
+
+/// A memfd as large as `path`, already sized, and the thread copying
+/// `path`'s data into it; what `path` leaves as holes stays holes (a
+/// template's RAM file is mostly holes).
+pub fn start_sparse_copy_to_memfd(path: &Path) -> Result<(OwnedFd, RamCopying), WarmError> {
     let src = File::open(path).map_err(io_err(format!("open {}", path.display())))?;
     let len = src.metadata().map_err(io_err(format!("stat {}", path.display())))?.len();
     let dst = File::from(sys::memfd_with(RAM_COPY_NAME, b"").map_err(io_err("memfd_create"))?);
     dst.set_len(len).map_err(io_err("size the RAM copy"))?;
+    let writer = dst.try_clone().map_err(io_err("dup the RAM copy"))?;
+    let path = path.to_path_buf();
+    let copying = std::thread::spawn(move || copy_data(&src, &writer, len, &path));
+    Ok((OwnedFd::from(dst), RamCopying(copying)))
+}
+
+/// Copies the data ranges of `src` (`path`, `len` bytes) into `dst`.
+fn copy_data(src: &File, dst: &File, len: u64, path: &Path) -> Result<(), WarmError> {
     let mut buf = vec![0u8; 1 << 20];
-    for (start, end) in sys::data_ranges(&src, len).map_err(io_err(format!("read {}", path.display())))? {
+    for (start, end) in sys::data_ranges(src, len).map_err(io_err(format!("read {}", path.display())))? {
         let mut at = start;
         while at < end {
             let n = buf.len().min((end - at) as usize);
@@ -505,7 +533,7 @@ pub fn sparse_copy_to_memfd(path: &Path) -> Result<OwnedFd, WarmError> {
             at += n as u64;
         }
     }
-    Ok(OwnedFd::from(dst))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -599,7 +627,9 @@ mod tests {
         f.set_len(8 << 20).unwrap();
         f.write_all_at(b"start", 0).unwrap();
         f.write_all_at(b"middle", 5 << 20).unwrap();
-        let copy = File::from(sparse_copy_to_memfd(&path).unwrap());
+        let (copy, copying) = start_sparse_copy_to_memfd(&path).unwrap();
+        copying.wait().unwrap();
+        let copy = File::from(copy);
         assert_eq!(copy.metadata().unwrap().len(), 8 << 20);
         let mut got = [0u8; 6];
         copy.read_exact_at(&mut got, 5 << 20).unwrap();
