@@ -92,16 +92,20 @@ fn run() -> Result<relay::Outcome> {
     let outcome = relay::run(&mut port, child, &sigchld, &mut exec)?;
     if let relay::Outcome::Exited(code) = outcome {
         console::step(&format!("program exited with {code}"));
+        // Everything is stopped and written before the exit status: the
+        // host ends the VM as soon as it has it, without waiting for the
+        // kernel's power-off.
+        power::stop_all();
         if let (Some(s), Some(disk)) = (&spec.sandbox, sandbox) {
-            // Before the exit status: the host reads the results once the
-            // VM is off. No process is left to write to the disk meanwhile.
-            power::stop_all();
+            // The host reads the results once it has the exit status. No
+            // process is left to write to the disk meanwhile.
             if let Err(e) = disk.export(s, &spec.user) {
                 console::line(&e.to_string());
                 let _ = port.send(&Frame::Stderr(format!("agentvm-guest: {e}\n").into_bytes()));
             }
             disk.close();
         }
+        power::sync();
         // The host may already be gone; powering off is all that is left either way.
         let _ = port.send(&Frame::Exit(code));
     } else {

@@ -32,11 +32,17 @@ pub fn stop_all() {
     }
 }
 
+/// Writes every file system's dirty data out.
+pub fn sync() {
+    console::step("sync");
+    sys::sync();
+}
+
 /// Stops every process, syncs and powers off.
 pub fn shutdown() -> ! {
     stop_all();
-    console::step("sync and power off");
-    sys::sync();
+    sync();
+    console::step("power off");
     let err = sys::power_off();
     console::line(&format!("power-off failed: {err}; halting here"));
     loop {

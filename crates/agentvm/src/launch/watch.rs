@@ -56,7 +56,7 @@ impl Watch<'_> {
         match event {
             Event::Frame(Frame::Exit(code)) => {
                 self.end.exit = Some(code);
-                self.grant_grace();
+                self.end_the_vm();
             }
             Event::Frame(Frame::InitError(message)) => {
                 self.end.init_error = Some(message);
@@ -81,6 +81,15 @@ impl Watch<'_> {
                 self.kill_at = Some(Instant::now() + STOP_GRACE);
             }
         }
+    }
+
+    /// The guest stopped its processes and wrote its file systems out
+    /// before it sent the exit status: ending QEMU now skips only the
+    /// kernel's power-off (60-100 ms of every run under TCG).
+    fn end_the_vm(&mut self) {
+        self.qemu.signal(libc::SIGTERM);
+        self.end.we_stopped_qemu = true;
+        self.grant_grace();
     }
 
     /// The guest powers off by itself once the program ended; give it time.
