@@ -271,7 +271,15 @@ fn make_template(dir: &Path, warm: &WarmPlan, plan: &Plan, res: &Resources) -> R
         }
     }
     let _ = fs::remove_dir(&empty);
-    let ram_used = fs::metadata(dir.join(template::RAM_FILE)).map(|m| m.blocks() * 512).unwrap_or(0);
+    // Half the saved RAM's pages are zeros its kernel wrote: as holes, no
+    // warm start copies them. A file system that cannot punch holes only
+    // keeps that cost.
+    let ram = dir.join(template::RAM_FILE);
+    if let Ok(file) = fs::OpenOptions::new().read(true).write(true).open(&ram) {
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = sys::punch_zero_pages(&file, len);
+    }
+    let ram_used = fs::metadata(&ram).map(|m| m.blocks() * 512).unwrap_or(0);
     let name = |p: &Path| p.parent().and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned());
     Ok(TemplateMeta {
         key: warm.key.clone(),

@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 
-pub use fd::{data_ranges, memfd_with, pipe, set_nonblocking, socketpair};
+pub use fd::{data_ranges, memfd_with, pipe, punch_zero_pages, set_nonblocking, socketpair};
 pub use process::{kill, pid_alive, pidfd_open, pidfd_send_signal};
 pub use signals::{SignalFd, Signals};
 pub use terminal::{interactive, is_tty, winsize, RawMode};
