@@ -49,6 +49,9 @@ pub fn boot_template(template: &LaunchSpec) -> Result<(LaunchSpec, Port)> {
     boot::mount_root(template)?;
     boot::switch_root()?;
     boot::system_mounts()?;
+    // The host's public roots (the same for every launch of this template).
+    step("install the trust store");
+    crate::etc::install_trust(Path::new("/"), &template.ca_trust)?;
     preload_the_c_library();
     port.send(&Frame::TemplateReady)?;
     step("template ready");

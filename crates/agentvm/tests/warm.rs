@@ -258,3 +258,19 @@ fn image_build_warm_makes_the_template_that_a_plain_run_then_restores() {
     assert!(l.agentvm(&["image", "rm", &name]).status.success());
     l.assert_no_leftovers();
 }
+
+#[test]
+#[ignore = "boots a VM: scripts/test runs it"]
+fn a_warm_vms_trust_store_is_a_cold_vms_byte_for_byte() {
+    // The template installs the host's public roots; each launch adds its extras.
+    let l = Launch::new().shell(
+        "cat /etc/ssl/certs/ca-certificates.crt | sha256sum; grep -c 'BEGIN CERT' /etc/ssl/certs/ca-certificates.crt",
+    );
+    let cold = run_with(&l, &["--cold"]);
+    let warm = warm_run(&l, &[]);
+    for (out, run) in [(&cold, "cold"), (&warm, "warm")] {
+        assert_eq!(out.status.code(), Some(0), "{run}: {}", stderr(out));
+    }
+    assert_eq!(stdout(&warm), stdout(&cold), "{}", stderr(&warm));
+    l.assert_no_leftovers();
+}

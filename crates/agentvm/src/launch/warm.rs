@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agentvm_proto::frame::{self, MAX_PAYLOAD};
-use agentvm_proto::{Frame, FrameError, LaunchSpec, User, WarmLaunch};
+use agentvm_proto::{CaTrust, Frame, FrameError, LaunchSpec, User, WarmLaunch};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -120,7 +120,10 @@ pub fn template_spec(spec: &LaunchSpec) -> LaunchSpec {
         network: None,
         host_ports: Vec::new(),
         published_ports: Vec::new(),
-        ca_trust: Default::default(),
+        // The host's public roots are the same for every launch: installed
+        // in the template, no warm start sends or writes their 200 KB. The
+        // extras (company CAs, an instance's CA) come with each launch.
+        ca_trust: CaTrust { bundle: spec.ca_trust.bundle.clone(), extra: Vec::new() },
         containers: None,
         sandbox: None,
         user: User { name: String::new(), uid: 0, gid: 0, home: String::new() },
@@ -134,6 +137,14 @@ pub fn template_spec(spec: &LaunchSpec) -> LaunchSpec {
         watch: false,
         template: true,
     }
+}
+
+/// The spec a warm start sends: `spec` without what its template (made
+/// from [`template_spec`]) installed already.
+fn warm_launch_spec(spec: &LaunchSpec) -> LaunchSpec {
+    let mut spec = spec.clone();
+    spec.ca_trust.bundle = Vec::new();
+    spec
 }
 
 /// QEMU's config for restoring `vm`: the same machine and devices, RAM
@@ -442,7 +453,7 @@ pub fn hand_over(control: &OwnedFd, spec: &LaunchSpec) -> Result<(), WarmError> 
         sys::random_bytes(buf).map_err(io_err("getrandom"))?;
     }
     let launch = WarmLaunch {
-        spec: spec.clone(),
+        spec: warm_launch_spec(spec),
         clock_ns: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
         seed: hex(&seed),
         machine_id: hex(&machine_id),
@@ -625,6 +636,17 @@ mod tests {
         assert_eq!((&t.modules, &t.root_device, &t.layers), (&spec.modules, &spec.root_device, &spec.layers));
         assert!(t.env.is_empty() && t.argv.is_empty() && t.mounts.is_empty() && t.network.is_none());
         assert!(!String::from_utf8(t.to_bytes().unwrap()).unwrap().contains("s3cr3t"));
+    }
+
+    #[test]
+    fn the_template_installs_the_public_roots_and_each_launch_brings_its_extras() {
+        let mut spec = plan(&settings(), &resources(&settings())).spec;
+        spec.ca_trust = CaTrust { bundle: vec!["public root".into()], extra: vec!["company CA".into()] };
+        let template = template_spec(&spec);
+        assert_eq!(template.ca_trust, CaTrust { bundle: vec!["public root".into()], extra: vec![] });
+        let launch = warm_launch_spec(&spec);
+        assert_eq!(launch.ca_trust, CaTrust { bundle: vec![], extra: vec!["company CA".into()] });
+        assert_eq!(LaunchSpec { ca_trust: spec.ca_trust.clone(), ..launch }, spec, "only the roots are left out");
     }
 
     #[test]
