@@ -163,7 +163,13 @@ mod tests {
     fn zero_pages_become_holes_and_the_file_reads_the_same() {
         use std::os::unix::fs::{FileExt, MetadataExt};
         let d = tempfile::tempdir().unwrap();
-        let file = std::fs::OpenOptions::new().create(true).read(true).write(true).open(d.path().join("ram")).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(d.path().join("ram"))
+            .unwrap();
         let page = |n: u64| n * 4096;
         // Pages: 0 data, 1-3 written zeros, 4 data, 5-9 written zeros, then a hole.
         file.write_all_at(&[0u8; 10 * 4096], 0).unwrap();
